@@ -1,0 +1,205 @@
+//! Checks on names, addresses and numbers that arrive from the network, with the limits the
+//! API documents (see `proto/tsbroker/v1/types.proto`).
+
+use std::fmt;
+
+pub const MAX_FARM_NAME: usize = 64;
+pub const MAX_MACHINE_NAME: usize = 253;
+pub const MAX_USER_NAME: usize = 256;
+pub const MAX_DOMAIN: usize = 256;
+pub const MAX_ADDRESS: usize = 300;
+pub const MAX_AGENT_VERSION: usize = 64;
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// A field that failed its check: becomes `INVALID_ARGUMENT` at the service boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        ValidationError {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+impl From<ValidationError> for tonic::Status {
+    fn from(error: ValidationError) -> Self {
+        tonic::Status::invalid_argument(error.to_string())
+    }
+}
+
+/// A farm name: 1..64 bytes of letters, digits, '-', '_' and '.'.
+pub fn farm_name(field: &'static str, text: &str) -> Result<String, ValidationError> {
+    if text.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if text.len() > MAX_FARM_NAME {
+        return Err(ValidationError::new(
+            field,
+            format!("longer than {MAX_FARM_NAME} bytes"),
+        ));
+    }
+    if let Some(bad) = text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(ValidationError::new(
+            field,
+            format!("character {bad:?} not allowed (letters, digits, '-', '_', '.')"),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// A free-form name (machine, user, domain): bounded length, no control characters or
+/// surrounding whitespace. `allow_empty` is for optional fields such as the domain.
+pub fn plain_name(
+    field: &'static str,
+    text: &str,
+    max_len: usize,
+    allow_empty: bool,
+) -> Result<String, ValidationError> {
+    if text.is_empty() {
+        return if allow_empty {
+            Ok(String::new())
+        } else {
+            Err(ValidationError::new(field, "must not be empty"))
+        };
+    }
+    if text.len() > max_len {
+        return Err(ValidationError::new(
+            field,
+            format!("longer than {max_len} bytes"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ValidationError::new(field, "contains control characters"));
+    }
+    if text.trim() != text {
+        return Err(ValidationError::new(
+            field,
+            "has leading or trailing whitespace",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// A machine name (an FQDN): 1..253 bytes, no whitespace.
+pub fn machine_name(field: &'static str, text: &str) -> Result<String, ValidationError> {
+    let name = plain_name(field, text, MAX_MACHINE_NAME, false)?;
+    if name.chars().any(char::is_whitespace) {
+        return Err(ValidationError::new(field, "contains whitespace"));
+    }
+    Ok(name)
+}
+
+pub fn user_name(field: &'static str, text: &str) -> Result<String, ValidationError> {
+    plain_name(field, text, MAX_USER_NAME, false)
+}
+
+pub fn domain(field: &'static str, text: &str) -> Result<String, ValidationError> {
+    plain_name(field, text, MAX_DOMAIN, true)
+}
+
+/// A "host:port" address with a port in 1..65535; IPv6 hosts in brackets.
+pub fn address(field: &'static str, text: &str) -> Result<String, ValidationError> {
+    if text.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty (host:port)"));
+    }
+    if text.len() > MAX_ADDRESS {
+        return Err(ValidationError::new(
+            field,
+            format!("longer than {MAX_ADDRESS} bytes"),
+        ));
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(ValidationError::new(field, "expected host:port"));
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|port| port != 0);
+    if !port_ok {
+        return Err(ValidationError::new(
+            field,
+            format!("port {port:?} is not in 1..65535"),
+        ));
+    }
+    let host_ok = !host.is_empty()
+        && !host.chars().any(|c| c.is_whitespace() || c.is_control())
+        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok {
+        return Err(ValidationError::new(
+            field,
+            format!("host {host:?} is not a host name or IP address"),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// A weight in 1..10000; 0 means the default when `zero_is_default`.
+pub fn weight(field: &'static str, value: u32, zero_is_default: bool) -> Result<u32, ValidationError> {
+    match value {
+        0 if zero_is_default => Ok(DEFAULT_WEIGHT),
+        1..=MAX_WEIGHT => Ok(value),
+        _ => Err(ValidationError::new(
+            field,
+            format!("{value} is not in 1..{MAX_WEIGHT}"),
+        )),
+    }
+}
+
+/// A machine id: a UUID in its usual text form.
+pub fn machine_id(field: &'static str, text: &str) -> Result<uuid::Uuid, ValidationError> {
+    uuid::Uuid::parse_str(text)
+        .map_err(|_| ValidationError::new(field, format!("{text:?} is not a UUID")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn farm_names() {
+        assert!(farm_name("farm", "default").is_ok());
+        assert!(farm_name("farm", "").is_err());
+        assert!(farm_name("farm", "a b").is_err());
+        assert!(farm_name("farm", &"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn addresses() {
+        assert!(address("a", "ts1.example.com:3389").is_ok());
+        assert!(address("a", "[::1]:3389").is_ok());
+        assert!(address("a", "ts1").is_err());
+        assert!(address("a", "ts1:0").is_err());
+        assert!(address("a", "ts1:99999").is_err());
+        assert!(address("a", "::1:3389").is_err());
+        assert!(address("a", ":3389").is_err());
+    }
+
+    #[test]
+    fn names_and_weights() {
+        assert!(user_name("u", "alice").is_ok());
+        assert!(user_name("u", "").is_err());
+        assert!(user_name("u", "al\nice").is_err());
+        assert!(user_name("u", " alice").is_err());
+        assert_eq!(domain("d", "").unwrap(), "");
+        assert!(machine_name("m", "ts 1").is_err());
+        assert_eq!(weight("w", 0, true).unwrap(), DEFAULT_WEIGHT);
+        assert!(weight("w", 0, false).is_err());
+        assert!(weight("w", 10_001, true).is_err());
+        assert!(machine_id("id", "nope").is_err());
+    }
+}
