@@ -1,1 +1,89 @@
-fn main() {}
+//! The `tsbroker` binary: parse settings, set up logging, serve until SIGINT or SIGTERM.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+use tsbroker::config::Cli;
+
+/// Exit code for a bad setting (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let text = error
+                .kind()
+                .as_str()
+                .map_or_else(|| error.to_string(), str::to_owned);
+            let first_line = error
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or(&text)
+                .trim_start_matches("error: ")
+                .to_owned();
+            eprintln!("tsbroker: {first_line} (see tsbroker --help)");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let config = match cli.into_config() {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("tsbroker: {reason}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    tsbroker_common::telemetry::init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tsbroker: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!("tsbroker: cannot listen on {}: {error}", config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        match tsbroker::run(config, listener, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "tsbroker stopped");
+                eprintln!("tsbroker: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("signal received");
+    shutdown.cancel();
+}

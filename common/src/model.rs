@@ -12,7 +12,11 @@ const MACHINE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f0c_5a3e_2b7d_4c1a_9e8f_5d
 
 /// The stable id of the machine `name` in `farm` (names compare case-insensitively).
 pub fn machine_id(farm: &str, name: &str) -> Uuid {
-    let key = format!("{}/{}", farm.to_ascii_lowercase(), name.to_ascii_lowercase());
+    let key = format!(
+        "{}/{}",
+        farm.to_ascii_lowercase(),
+        name.to_ascii_lowercase()
+    );
     Uuid::new_v5(&MACHINE_ID_NAMESPACE, key.as_bytes())
 }
 
@@ -336,7 +340,10 @@ mod tests {
 
     #[test]
     fn machine_ids_are_stable_and_case_insensitive() {
-        assert_eq!(machine_id("Farm", "TS1.example"), machine_id("farm", "ts1.example"));
+        assert_eq!(
+            machine_id("Farm", "TS1.example"),
+            machine_id("farm", "ts1.example")
+        );
         assert_ne!(machine_id("farm", "ts1"), machine_id("farm", "ts2"));
         assert_ne!(machine_id("a", "ts1"), machine_id("b", "ts1"));
     }
@@ -356,17 +363,26 @@ mod tests {
             address: "ts1:3389".into(),
             ..Default::default()
         };
-        assert_eq!(MachineDescription::try_from(wire.clone()).unwrap().weight, 100);
+        assert_eq!(
+            MachineDescription::try_from(wire.clone()).unwrap().weight,
+            100
+        );
         let bad = pb::MachineDescription {
             weight: 20_000,
             ..wire.clone()
         };
-        assert_eq!(MachineDescription::try_from(bad).unwrap_err().field, "weight");
+        assert_eq!(
+            MachineDescription::try_from(bad).unwrap_err().field,
+            "weight"
+        );
         let bad = pb::MachineDescription {
             address: "nowhere".into(),
             ..wire
         };
-        assert_eq!(MachineDescription::try_from(bad).unwrap_err().field, "address");
+        assert_eq!(
+            MachineDescription::try_from(bad).unwrap_err().field,
+            "address"
+        );
     }
 
     #[test]

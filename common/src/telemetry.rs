@@ -17,7 +17,9 @@ impl std::str::FromStr for LogFormat {
         match text {
             "plain" | "text" => Ok(LogFormat::Plain),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format {other:?} (expected plain or json)")),
+            other => Err(format!(
+                "unknown log format {other:?} (expected plain or json)"
+            )),
         }
     }
 }

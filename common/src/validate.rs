@@ -149,7 +149,11 @@ pub fn address(field: &'static str, text: &str) -> Result<String, ValidationErro
 }
 
 /// A weight in 1..10000; 0 means the default when `zero_is_default`.
-pub fn weight(field: &'static str, value: u32, zero_is_default: bool) -> Result<u32, ValidationError> {
+pub fn weight(
+    field: &'static str,
+    value: u32,
+    zero_is_default: bool,
+) -> Result<u32, ValidationError> {
     match value {
         0 if zero_is_default => Ok(DEFAULT_WEIGHT),
         1..=MAX_WEIGHT => Ok(value),

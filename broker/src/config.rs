@@ -1,0 +1,265 @@
+//! The broker's settings: typed, with defaults, layered file → environment → flags, and
+//! checked before anything starts. Secrets never show in `Debug`.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tsbroker_common::telemetry::LogFormat;
+
+/// A token that `Debug` prints as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("<redacted>")
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub heartbeat_timeout: Duration,
+    pub pending_logon_ttl: Duration,
+    pub max_pending_logons_per_machine: u32,
+    pub admin_token: Option<Secret>,
+    pub agent_token: Option<Secret>,
+    pub log_format: LogFormat,
+    /// How long shutdown waits for streams and calls to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database_url: "sqlite://tsbroker.db".to_owned(),
+            heartbeat_timeout: Duration::from_secs(15),
+            pending_logon_ttl: Duration::from_secs(30),
+            max_pending_logons_per_machine: 20,
+            admin_token: None,
+            agent_token: None,
+            log_format: LogFormat::Plain,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// How often agents are asked to report: a third of the timeout, so two reports may be
+    /// lost before a machine is declared unreachable.
+    pub fn heartbeat_interval(&self) -> Duration {
+        (self.heartbeat_timeout / 3).max(Duration::from_millis(100))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_timeout < Duration::from_millis(300) {
+            return Err("heartbeat_timeout must be at least 300ms".into());
+        }
+        if self.pending_logon_ttl.is_zero() {
+            return Err("pending_logon_ttl must be more than zero".into());
+        }
+        if self.max_pending_logons_per_machine == 0 {
+            return Err("max_pending_logons_per_machine must be at least 1".into());
+        }
+        let known_scheme = ["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| self.database_url.starts_with(scheme));
+        if !known_scheme {
+            return Err(format!(
+                "database_url {:?} must start with sqlite:// or postgres://",
+                self.database_url
+            ));
+        }
+        for (name, token) in [
+            ("admin_token", &self.admin_token),
+            ("agent_token", &self.agent_token),
+        ] {
+            if token.as_ref().is_some_and(|token| token.0.len() < 16) {
+                return Err(format!("{name} must be at least 16 characters"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// tsbroker: the session broker for farms of RDP terminal servers.
+///
+/// Every setting can also come from the environment (TSBROKER_<NAME>) or a TOML file
+/// (--config, keys in snake_case); flags win over the environment, which wins over the file.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// TOML file with settings (keys as the flags, in snake_case).
+    #[arg(long, env = "TSBROKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on [default: 127.0.0.1:50051].
+    #[arg(long, env = "TSBROKER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where the directory lives: sqlite://FILE (embedded) or postgres://USER@HOST/DB
+    /// [default: sqlite://tsbroker.db].
+    #[arg(long, env = "TSBROKER_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Silence after which a machine's agent is declared unreachable, e.g. 15s [default: 15s].
+    #[arg(long, env = "TSBROKER_HEARTBEAT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+    /// How long a placed logon counts as pending (same user, same machine) [default: 30s].
+    #[arg(long, env = "TSBROKER_PENDING_LOGON_TTL", value_parser = humantime::parse_duration)]
+    pub pending_logon_ttl: Option<Duration>,
+    /// Most logons in flight to one machine [default: 20].
+    #[arg(long, env = "TSBROKER_MAX_PENDING_LOGONS_PER_MACHINE")]
+    pub max_pending_logons_per_machine: Option<u32>,
+    /// Bearer token the Admin service requires; without one, Admin answers loopback clients only.
+    #[arg(long, env = "TSBROKER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Bearer token agents must present on their stream; without one, any agent may connect.
+    #[arg(long, env = "TSBROKER_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+    /// Log format: plain or json [default: plain]. Verbosity: RUST_LOG (default info).
+    #[arg(long, env = "TSBROKER_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// How long shutdown waits for streams and calls to finish [default: 10s].
+    #[arg(long, env = "TSBROKER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// The TOML file's shape: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    database_url: Option<String>,
+    #[serde(default, with = "humantime_option")]
+    heartbeat_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_option")]
+    pending_logon_ttl: Option<Duration>,
+    max_pending_logons_per_machine: Option<u32>,
+    admin_token: Option<Secret>,
+    agent_token: Option<Secret>,
+    log_format: Option<String>,
+    #[serde(default, with = "humantime_option")]
+    shutdown_grace: Option<Duration>,
+}
+
+mod humantime_option {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(deserializer)?;
+        text.map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+impl Cli {
+    /// Layers flags and environment (already merged by clap) over the file over the defaults.
+    pub fn into_config(self) -> Result<BrokerConfig, String> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| {
+                    format!("cannot read config file {}: {error}", path.display())
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|error| {
+                    format!("config file {}: {}", path.display(), error.message())
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let defaults = BrokerConfig::default();
+        let file_log_format = file
+            .log_format
+            .as_deref()
+            .map(str::parse::<LogFormat>)
+            .transpose()?;
+        let config = BrokerConfig {
+            listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
+            database_url: self
+                .database_url
+                .or(file.database_url)
+                .unwrap_or(defaults.database_url),
+            heartbeat_timeout: self
+                .heartbeat_timeout
+                .or(file.heartbeat_timeout)
+                .unwrap_or(defaults.heartbeat_timeout),
+            pending_logon_ttl: self
+                .pending_logon_ttl
+                .or(file.pending_logon_ttl)
+                .unwrap_or(defaults.pending_logon_ttl),
+            max_pending_logons_per_machine: self
+                .max_pending_logons_per_machine
+                .or(file.max_pending_logons_per_machine)
+                .unwrap_or(defaults.max_pending_logons_per_machine),
+            admin_token: self.admin_token.map(Secret).or(file.admin_token),
+            agent_token: self.agent_token.map(Secret).or(file.agent_token),
+            log_format: self.log_format.or(file_log_format).unwrap_or_default(),
+            shutdown_grace: self
+                .shutdown_grace
+                .or(file.shutdown_grace)
+                .unwrap_or(defaults.shutdown_grace),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Cli::parse_from(["tsbroker"]).into_config().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.database_url, "sqlite://tsbroker.db");
+        assert_eq!(config.heartbeat_interval(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("tsbroker-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:6000\"\nheartbeat_timeout = \"20s\"\n",
+        )
+        .unwrap();
+        let path_text = path.to_str().unwrap();
+        let config = Cli::parse_from([
+            "tsbroker",
+            "--config",
+            path_text,
+            "--listen",
+            "127.0.0.1:7000",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(config.heartbeat_timeout, Duration::from_secs(20));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_settings_say_why() {
+        let error = Cli::parse_from(["tsbroker", "--database-url", "mysql://x"])
+            .into_config()
+            .unwrap_err();
+        assert!(error.contains("sqlite://"), "{error}");
+        let error = Cli::parse_from(["tsbroker", "--admin-token", "short"])
+            .into_config()
+            .unwrap_err();
+        assert!(error.contains("admin_token"), "{error}");
+        assert_eq!(
+            format!("{:?}", Secret("hunter2hunter2hunter2".into())),
+            "<redacted>"
+        );
+    }
+}

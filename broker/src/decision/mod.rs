@@ -1,0 +1,301 @@
+//! The redirect decision: where a connecting user goes. In order: the user's existing session
+//! (disconnected first, newest first, drain never blocks it); a logon sent moments ago that has
+//! not shown up yet; else the farm's policy among the machines that can take a new logon.
+
+pub mod policy;
+
+use crate::error::ApiError;
+use crate::store::{
+    Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord, Store,
+};
+use policy::PolicyRegistry;
+use std::sync::Arc;
+use std::time::Duration;
+use tsbroker_common::model::{self, SessionState};
+use tsbroker_common::proto::v1::RedirectReason;
+
+/// mstsc cuts the `mstshash` cookie to this many characters.
+pub const TRUNCATED_COOKIE_CHARS: usize = 9;
+
+/// Settings of the decision.
+#[derive(Clone, Debug)]
+pub struct DecisionSettings {
+    /// A machine not heard from for this long is not sent anyone.
+    pub heartbeat_timeout: Duration,
+    /// How long a placed logon counts as pending.
+    pub pending_logon_ttl: Duration,
+    /// Most logons in flight to one machine.
+    pub max_pending_logons_per_machine: u32,
+}
+
+/// A validated redirect question.
+#[derive(Clone, Debug)]
+pub struct RedirectQuery {
+    pub farm: String,
+    /// Empty when the client sent no user hint.
+    pub user_name: String,
+    pub domain: String,
+    pub user_name_may_be_truncated: bool,
+}
+
+/// Where the user goes and why.
+#[derive(Clone, Debug)]
+pub struct RedirectAnswer {
+    pub machine: MachineRecord,
+    pub reason: RedirectReason,
+    pub session_id: Option<u32>,
+    /// The user the decision matched (a truncated name resolved to the full one).
+    pub user_name: String,
+}
+
+pub struct Decider {
+    store: Arc<dyn Store>,
+    settings: DecisionSettings,
+    policies: PolicyRegistry,
+}
+
+impl Decider {
+    pub fn new(
+        store: Arc<dyn Store>,
+        settings: DecisionSettings,
+        policies: PolicyRegistry,
+    ) -> Self {
+        Decider {
+            store,
+            settings,
+            policies,
+        }
+    }
+
+    pub fn policies(&self) -> &PolicyRegistry {
+        &self.policies
+    }
+
+    pub async fn redirect(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
+        let now = model::now_millis();
+        let lease_cutoff = now - self.settings.heartbeat_timeout.as_millis() as i64;
+        if query.user_name.is_empty() {
+            return self.place(query, &anonymous_key(), now, lease_cutoff).await;
+        }
+        let (user_key, sessions) = self.sessions_of(query).await?;
+        if let Some(session) = best_session(&sessions, &query.domain, lease_cutoff) {
+            let machine = self.store.get_machine(session.machine_id).await?;
+            if let Some(machine) = machine {
+                return Ok(RedirectAnswer {
+                    machine,
+                    reason: RedirectReason::ExistingSession,
+                    session_id: u32::try_from(session.session_id).ok(),
+                    user_name: session.user_name.clone(),
+                });
+            }
+        }
+        if let Some(machine) = self
+            .store
+            .pending_logon(&query.farm, &user_key, now)
+            .await?
+        {
+            if machine.is_reachable(lease_cutoff) {
+                return Ok(RedirectAnswer {
+                    machine,
+                    reason: RedirectReason::PendingLogon,
+                    session_id: None,
+                    user_name: query.user_name.clone(),
+                });
+            }
+        }
+        self.place(query, &user_key, now, lease_cutoff).await
+    }
+
+    /// The user's sessions in the farm; a truncated name that is the unique prefix of a user
+    /// with sessions becomes that user.
+    async fn sessions_of(
+        &self,
+        query: &RedirectQuery,
+    ) -> Result<(String, Vec<SessionRecord>), ApiError> {
+        let user_key = model::user_key(&query.user_name);
+        let sessions = self.store.user_sessions(&query.farm, &user_key).await?;
+        let may_be_cut = query.user_name_may_be_truncated
+            && query.user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
+        if !sessions.is_empty() || !may_be_cut {
+            return Ok((user_key, sessions));
+        }
+        let matches = self
+            .store
+            .users_with_prefix(&query.farm, &user_key, 2)
+            .await?;
+        match matches.as_slice() {
+            [full_key] => {
+                let sessions = self.store.user_sessions(&query.farm, full_key).await?;
+                Ok((full_key.clone(), sessions))
+            }
+            // None, or ambiguous: an unknown user.
+            _ => Ok((user_key, sessions)),
+        }
+    }
+
+    async fn place(
+        &self,
+        query: &RedirectQuery,
+        user_key: &str,
+        now: i64,
+        lease_cutoff: i64,
+    ) -> Result<RedirectAnswer, ApiError> {
+        let request = PlacementRequest {
+            farm: &query.farm,
+            user_key,
+            now,
+            lease_cutoff,
+            pending_ttl_ms: self.settings.pending_logon_ttl.as_millis() as i64,
+            max_pending_per_machine: self.settings.max_pending_logons_per_machine,
+        };
+        let policies = &self.policies;
+        let choose = |policy_name: &str, candidates: &[MachineLoad]| {
+            let policy = policies.get_or_default(policy_name);
+            match policy.choose(user_key, candidates) {
+                Some(machine) => crate::store::Choice::Machine(machine),
+                None => crate::store::Choice::Nothing,
+            }
+        };
+        match self.store.place_logon(&request, &choose).await? {
+            Placement::AlreadyPending(machine) => Ok(RedirectAnswer {
+                machine,
+                reason: RedirectReason::PendingLogon,
+                session_id: None,
+                user_name: query.user_name.clone(),
+            }),
+            Placement::Placed(machine) => Ok(RedirectAnswer {
+                machine,
+                reason: RedirectReason::LoadBalanced,
+                session_id: None,
+                user_name: query.user_name.clone(),
+            }),
+            Placement::NoCandidate(loads) => Err(no_candidate_error(&query.farm, &loads)),
+        }
+    }
+}
+
+/// Pending logons of clients that sent no user name still count as load, each on its own key.
+fn anonymous_key() -> String {
+    format!("\u{1}anonymous-{}", uuid::Uuid::new_v4())
+}
+
+/// The session to send the user back to: on a reachable machine, matching the domain when one
+/// was given; disconnected before active; the newest among equals.
+pub fn best_session<'a>(
+    sessions: &'a [SessionRecord],
+    domain: &str,
+    lease_cutoff: i64,
+) -> Option<&'a SessionRecord> {
+    sessions
+        .iter()
+        .filter(|session| session.machine_is_reachable(lease_cutoff))
+        .filter(|session| {
+            domain.is_empty()
+                || session.domain.is_empty()
+                || session.domain.eq_ignore_ascii_case(domain)
+        })
+        .max_by_key(|session| {
+            (
+                session.session_state() == SessionState::Disconnected,
+                session.logon_at,
+                session.state_changed_at,
+            )
+        })
+}
+
+/// Says why no machine could take the logon, with the right status: UNAVAILABLE when nothing
+/// is ready (or everything drains), RESOURCE_EXHAUSTED when ready machines are full.
+fn no_candidate_error(farm: &str, loads: &[MachineLoad]) -> ApiError {
+    let count = |reason: Ineligible| {
+        loads
+            .iter()
+            .filter(|load| load.ineligible == Some(reason))
+            .count()
+    };
+    let not_ready = count(Ineligible::NotReady);
+    let draining = count(Ineligible::Draining);
+    let at_limit = count(Ineligible::AtSessionLimit);
+    let at_cap = count(Ineligible::AtLogonCap);
+    let summary = format!(
+        "{} machines: {not_ready} not ready, {draining} draining, {at_limit} at their session limit, \
+         {at_cap} at their cap of logons in flight",
+        loads.len()
+    );
+    if loads.is_empty() {
+        ApiError::NoMachineAvailable(format!("farm {farm:?} has no machines"))
+    } else if at_limit + at_cap > 0 {
+        ApiError::FarmFull(format!(
+            "no machine in farm {farm:?} can take a new logon now ({summary})"
+        ))
+    } else {
+        ApiError::NoMachineAvailable(format!(
+            "no machine in farm {farm:?} is ready for new logons ({summary})"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(machine: u128, state: &str, logon_at: i64, domain: &str) -> SessionRecord {
+        SessionRecord {
+            machine_id: uuid::Uuid::from_u128(machine),
+            machine_name: format!("ts{machine}"),
+            machine_address: format!("ts{machine}:3389"),
+            machine_state: "ready".into(),
+            machine_last_seen_at: 100,
+            farm: "f".into(),
+            session_id: 1,
+            user_name: "alice".into(),
+            domain: domain.into(),
+            state: state.into(),
+            client_address: String::new(),
+            logon_at,
+            state_changed_at: logon_at,
+        }
+    }
+
+    #[test]
+    fn disconnected_wins_then_newest() {
+        let sessions = vec![
+            session(1, "active", 50, ""),
+            session(2, "disconnected", 10, ""),
+            session(3, "disconnected", 20, ""),
+        ];
+        assert_eq!(
+            best_session(&sessions, "", 0).unwrap().machine_id,
+            uuid::Uuid::from_u128(3)
+        );
+    }
+
+    #[test]
+    fn unreachable_machines_and_other_domains_are_skipped() {
+        let mut stale = session(1, "disconnected", 10, "");
+        stale.machine_last_seen_at = 5;
+        let other_domain = session(2, "disconnected", 10, "EVIL");
+        let sessions = vec![stale, other_domain, session(3, "active", 1, "corp")];
+        assert_eq!(
+            best_session(&sessions, "CORP", 6).unwrap().machine_id,
+            uuid::Uuid::from_u128(3)
+        );
+    }
+
+    #[test]
+    fn no_candidate_statuses() {
+        use crate::store::test_support::machine_load;
+        let mut full = machine_load(0, 100, 5);
+        full.ineligible = Some(Ineligible::AtSessionLimit);
+        let status: tonic::Status = no_candidate_error("f", &[full]).into();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let mut draining = machine_load(1, 100, 0);
+        draining.ineligible = Some(Ineligible::Draining);
+        let status: tonic::Status = no_candidate_error("f", &[draining]).into();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("1 draining"),
+            "{}",
+            status.message()
+        );
+    }
+}

@@ -1,0 +1,51 @@
+//! The broker's one error type at the service boundary, and its deliberate mapping to gRPC
+//! status codes. Internal details are logged once here, never sent to clients.
+
+use crate::store::StoreError;
+use tsbroker_common::ValidationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("{0} not found")]
+    NotFound(String),
+    /// No machine is ready (or all are draining).
+    #[error("{0}")]
+    NoMachineAvailable(String),
+    /// Machines are ready but all are full.
+    #[error("{0}")]
+    FarmFull(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> Self {
+        use tonic::Status;
+        match error {
+            ApiError::Invalid(error) => Status::invalid_argument(error.to_string()),
+            ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            ApiError::NoMachineAvailable(why) => Status::unavailable(why),
+            ApiError::FarmFull(why) => Status::resource_exhausted(why),
+            ApiError::FailedPrecondition(why) => Status::failed_precondition(why),
+            ApiError::Store(StoreError::NotFound(what)) => {
+                Status::not_found(format!("{what} not found"))
+            }
+            ApiError::Store(StoreError::Conflict(what)) => Status::already_exists(what),
+            ApiError::Store(StoreError::Superseded) => {
+                Status::aborted("a newer connection for this machine took over")
+            }
+            ApiError::Store(StoreError::Unavailable(error)) => {
+                tracing::warn!(%error, "store unavailable");
+                Status::unavailable("the broker's database is unavailable; retry shortly")
+            }
+            ApiError::Store(StoreError::Internal(error)) => {
+                tracing::error!(%error, "store error");
+                Status::internal("internal database error (logged by the broker)")
+            }
+        }
+    }
+}

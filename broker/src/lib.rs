@@ -1,0 +1,16 @@
+//! tsbroker: keeps the session directory of a farm of terminal servers and answers where a
+//! connecting user should go.
+//!
+//! `server::run` assembles the gRPC services (`service`) over a `store`; the redirect
+//! decision and its policies live in `decision`.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod decision;
+pub mod error;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use config::BrokerConfig;
+pub use server::run;

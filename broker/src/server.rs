@@ -1,0 +1,222 @@
+//! Assembles and runs the broker: health and reflection first (NOT_SERVING), then the store,
+//! then SERVING; on shutdown, NOT_SERVING again, agents told to go, and a bounded drain.
+
+use crate::config::BrokerConfig;
+use crate::decision::policy::PolicyRegistry;
+use crate::decision::{Decider, DecisionSettings};
+use crate::service::admin_api::AdminApi;
+use crate::service::auth::TokenGuard;
+use crate::service::broker_api::BrokerApi;
+use crate::service::gateway::{GatewayApi, GatewaySettings};
+use crate::service::{Core, CoreCell};
+use crate::store::{self, Store};
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tsbroker_common::proto::FILE_DESCRIPTOR_SET;
+use tsbroker_common::proto::v1::{admin_server, agent_gateway_server, broker_server};
+
+/// The service names the health service reports on ("" is the whole server).
+const HEALTH_NAMES: [&str; 4] = [
+    "",
+    "tsbroker.v1.Broker",
+    "tsbroker.v1.Admin",
+    "tsbroker.v1.AgentGateway",
+];
+
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Serves the broker on `listener` until `shutdown` is cancelled. `main` and the tests share
+/// this entry.
+pub async fn run(
+    config: BrokerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let core = CoreCell::default();
+    let policies = PolicyRegistry::default();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("build reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("build reflection v1alpha")?;
+
+    let agent_guard = TokenGuard::new(config.agent_token.clone(), false, "AgentGateway");
+    let admin_guard = TokenGuard::new(config.admin_token.clone(), true, "Admin");
+    if config.admin_token.is_none() {
+        tracing::warn!(
+            "no admin token configured: the Admin service answers loopback clients only"
+        );
+    }
+    let gateway_settings = GatewaySettings {
+        heartbeat_interval: config.heartbeat_interval(),
+        heartbeat_timeout: config.heartbeat_timeout,
+    };
+    let gateway = agent_gateway_server::AgentGatewayServer::with_interceptor(
+        GatewayApi::new(core.clone(), gateway_settings, shutdown.clone()),
+        move |request| agent_guard.check(request),
+    );
+    let admin = admin_server::AdminServer::with_interceptor(
+        AdminApi::new(core.clone(), policies.clone()),
+        move |request| admin_guard.check(request),
+    );
+    let broker = broker_server::BrokerServer::new(BrokerApi::new(core.clone()));
+
+    let local_address = listener
+        .local_addr()
+        .context("read the listening address")?;
+    let server_stop = CancellationToken::new();
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(broker)
+        .add_service(admin)
+        .add_service(gateway)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            server_stop.clone().cancelled_owned(),
+        );
+    let mut server_task = tokio::spawn(server);
+    tracing::info!(%local_address, database = %redact_url(&config.database_url), "tsbroker listening");
+
+    let store = tokio::select! {
+        store = open_store(&config.database_url) => store,
+        _ = shutdown.cancelled() => {
+            server_stop.cancel();
+            return Ok(());
+        }
+    };
+    let store = match store {
+        Ok(store) => store,
+        Err(error) => {
+            server_stop.cancel();
+            return Err(error);
+        }
+    };
+    let decision_settings = DecisionSettings {
+        heartbeat_timeout: config.heartbeat_timeout,
+        pending_logon_ttl: config.pending_logon_ttl,
+        max_pending_logons_per_machine: config.max_pending_logons_per_machine,
+    };
+    let decider = Arc::new(Decider::new(store.clone(), decision_settings, policies));
+    core.set(Core {
+        store: store.clone(),
+        decider,
+    });
+    set_health(&health, ServingStatus::Serving).await;
+    tracing::info!(backend = store.backend(), "store ready; serving");
+    let monitor = tokio::spawn(monitor_store(store, health.clone(), shutdown.clone()));
+
+    let served = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        served = &mut server_task => Some(served),
+    };
+    monitor.abort();
+    if let Some(served) = served {
+        return served.context("server task")?.context("serve grpc");
+    }
+    tracing::info!("shutting down");
+    set_health(&health, ServingStatus::NotServing).await;
+    // Agent streams watch `shutdown` and are ending now; then the server drains its calls.
+    server_stop.cancel();
+    match tokio::time::timeout(config.shutdown_grace, server_task).await {
+        Ok(served) => served.context("server task")?.context("serve grpc")?,
+        Err(_) => {
+            tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period; closing")
+        }
+    }
+    Ok(())
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Opens the store. SQLite fails at once (its errors are the operator's to fix); PostgreSQL
+/// is retried with a growing pause, since the database may start after the broker.
+async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match store::open(database_url).await {
+            Ok(store) => return Ok(store),
+            Err(error) if database_url.starts_with("postgres") => {
+                tracing::warn!(error = format!("{error:#}"), retry_in = ?pause, "database not ready");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Flips health to NOT_SERVING while the database does not answer, and back.
+async fn monitor_store(store: Arc<dyn Store>, health: HealthReporter, shutdown: CancellationToken) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
+        }
+        let healthy = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.ping()).await;
+        let healthy = matches!(healthy, Ok(Ok(())));
+        if healthy != serving {
+            serving = healthy;
+            if healthy {
+                tracing::info!("database answers again: serving");
+                set_health(&health, ServingStatus::Serving).await;
+            } else {
+                tracing::error!("database does not answer: not serving");
+                set_health(&health, ServingStatus::NotServing).await;
+            }
+        }
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact_url("postgres://app:secret@db:5432/ts"),
+            "postgres://app:***@db:5432/ts"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://tsbroker.db"),
+            "sqlite://tsbroker.db"
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! `tsbroker.v1.Admin`: drain, weights, limits, removal and farm policy. Every change is in
+//! the store at once, so every replica's next `Redirect` sees it; the machine's agent is told
+//! through the change feed (see `gateway`).
+
+use super::{CoreCell, convert, machine_ref};
+use crate::decision::policy::PolicyRegistry;
+use crate::error::ApiError;
+use crate::store::{MachineChange, Store};
+use tonic::{Request, Response, Status};
+use tsbroker_common::model::{self, MachineState};
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::{ValidationError, validate};
+
+pub struct AdminApi {
+    core: CoreCell,
+    policies: PolicyRegistry,
+}
+
+impl AdminApi {
+    pub fn new(core: CoreCell, policies: PolicyRegistry) -> Self {
+        AdminApi { core, policies }
+    }
+
+    fn store(&self) -> Result<&dyn Store, Status> {
+        Ok(self.core.get()?.store.as_ref())
+    }
+
+    async fn change(
+        &self,
+        reference: Option<pb::MachineRef>,
+        change: MachineChange,
+    ) -> Result<pb::Machine, Status> {
+        let store = self.store()?;
+        let machine = machine_ref::resolve(store, &reference.unwrap_or_default()).await?;
+        let machine = store
+            .change_machine(machine.id, change, model::now_millis())
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(machine = %machine.name, farm = %machine.farm, ?change, "machine changed by admin");
+        Ok(convert::machine(&machine))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    async fn drain_machine(
+        &self,
+        request: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        Ok(Response::new(
+            self.change(Some(request.into_inner()), MachineChange::Drain(true))
+                .await?,
+        ))
+    }
+
+    async fn undrain_machine(
+        &self,
+        request: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        Ok(Response::new(
+            self.change(Some(request.into_inner()), MachineChange::Drain(false))
+                .await?,
+        ))
+    }
+
+    async fn set_machine_weight(
+        &self,
+        request: Request<pb::SetMachineWeightRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let request = request.into_inner();
+        let weight = match request.weight {
+            0 => None,
+            weight => Some(validate::weight("weight", weight, false).map_err(ApiError::from)?),
+        };
+        Ok(Response::new(
+            self.change(request.machine, MachineChange::Weight(weight))
+                .await?,
+        ))
+    }
+
+    async fn set_session_limit(
+        &self,
+        request: Request<pb::SetSessionLimitRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let request = request.into_inner();
+        let limit = (!request.clear).then_some(request.session_limit);
+        Ok(Response::new(
+            self.change(request.machine, MachineChange::SessionLimit(limit))
+                .await?,
+        ))
+    }
+
+    async fn remove_machine(
+        &self,
+        request: Request<pb::RemoveMachineRequest>,
+    ) -> Result<Response<pb::RemoveMachineResponse>, Status> {
+        let request = request.into_inner();
+        let machine =
+            machine_ref::resolve(self.store()?, &request.machine.unwrap_or_default()).await?;
+        let connected = matches!(
+            machine.machine_state(),
+            MachineState::Joining | MachineState::Ready
+        );
+        if connected && !request.force {
+            return Err(ApiError::FailedPrecondition(format!(
+                "machine {:?} is connected; stop its agent first, or pass force to make it shut down",
+                machine.name
+            ))
+            .into());
+        }
+        let sessions_removed = self
+            .store()?
+            .remove_machine(machine.id)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(machine = %machine.name, farm = %machine.farm, sessions_removed, "machine removed by admin");
+        Ok(Response::new(pb::RemoveMachineResponse {
+            sessions_removed: u32::try_from(sessions_removed).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn set_farm_policy(
+        &self,
+        request: Request<pb::SetFarmPolicyRequest>,
+    ) -> Result<Response<pb::Farm>, Status> {
+        let request = request.into_inner();
+        let farm = validate::farm_name("farm", &request.farm).map_err(ApiError::from)?;
+        if self.policies.get(&request.policy).is_none() {
+            let known = self.policies.names().join(", ");
+            return Err(ApiError::from(ValidationError::new(
+                "policy",
+                format!("unknown policy {:?} (known: {known})", request.policy),
+            ))
+            .into());
+        }
+        let record = self
+            .store()?
+            .set_farm_policy(&farm, &request.policy)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(%farm, policy = %request.policy, "farm policy changed by admin");
+        Ok(Response::new(convert::farm(&record)))
+    }
+}

@@ -1,0 +1,228 @@
+//! `tsbroker.v1.Broker`: the redirect decision and the read-only queries.
+
+use super::{CoreCell, convert, machine_ref};
+use crate::decision::RedirectQuery;
+use crate::error::ApiError;
+use crate::store::SessionFilter;
+use tonic::{Request, Response, Status};
+use tsbroker_common::model::{self, SessionState};
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::validate;
+
+const DEFAULT_PAGE_SIZE: u32 = 1000;
+const MAX_PAGE_SIZE: u32 = 10_000;
+
+pub struct BrokerApi {
+    core: CoreCell,
+}
+
+impl BrokerApi {
+    pub fn new(core: CoreCell) -> Self {
+        BrokerApi { core }
+    }
+}
+
+fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiError> {
+    let user_name = if request.user_name.is_empty() {
+        String::new()
+    } else {
+        validate::user_name("user_name", &request.user_name)?
+    };
+    if !request.receiving_machine_id.is_empty() {
+        validate::machine_id("receiving_machine_id", &request.receiving_machine_id)?;
+    }
+    if !request.client_address.is_empty() {
+        validate::plain_name(
+            "client_address",
+            &request.client_address,
+            validate::MAX_ADDRESS,
+            true,
+        )?;
+    }
+    Ok(RedirectQuery {
+        farm: validate::farm_name("farm", &request.farm)?,
+        user_name,
+        domain: validate::domain("domain", &request.domain)?,
+        user_name_may_be_truncated: request.user_name_may_be_truncated,
+    })
+}
+
+/// Page tokens are "machine-uuid/session-id" of the last session of the previous page.
+fn parse_page_token(token: &str) -> Result<Option<(uuid::Uuid, i64)>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid =
+        || tsbroker_common::ValidationError::new("page_token", "not a token from a previous page");
+    let (machine, session) = token.split_once('/').ok_or_else(invalid)?;
+    let machine = uuid::Uuid::parse_str(machine).map_err(|_| invalid())?;
+    let session = session.parse::<i64>().map_err(|_| invalid())?;
+    Ok(Some((machine, session)))
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerApi {
+    #[tracing::instrument(skip_all, fields(farm = %request.get_ref().farm, user = %request.get_ref().user_name))]
+    async fn redirect(
+        &self,
+        request: Request<pb::RedirectRequest>,
+    ) -> Result<Response<pb::RedirectResponse>, Status> {
+        let query = redirect_query(request.get_ref())?;
+        let answer = self.core.get()?.decider.redirect(&query).await?;
+        tracing::debug!(machine = %answer.machine.name, reason = ?answer.reason, "redirect");
+        Ok(Response::new(pb::RedirectResponse {
+            machine_id: answer.machine.id.to_string(),
+            machine_name: answer.machine.name.clone(),
+            address: answer.machine.address.clone(),
+            reason: answer.reason as i32,
+            session_id: answer.session_id.unwrap_or(0),
+            user_name: answer.user_name,
+        }))
+    }
+
+    async fn list_machines(
+        &self,
+        request: Request<pb::ListMachinesRequest>,
+    ) -> Result<Response<pb::ListMachinesResponse>, Status> {
+        let farm = &request.get_ref().farm;
+        let farm = if farm.is_empty() {
+            None
+        } else {
+            Some(validate::farm_name("farm", farm).map_err(ApiError::from)?)
+        };
+        let machines = self
+            .core
+            .get()?
+            .store
+            .list_machines(farm.as_deref())
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListMachinesResponse {
+            machines: machines.iter().map(convert::machine).collect(),
+        }))
+    }
+
+    async fn get_machine(
+        &self,
+        request: Request<pb::GetMachineRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let reference = request.into_inner().machine.unwrap_or_default();
+        let machine = machine_ref::resolve(self.core.get()?.store.as_ref(), &reference).await?;
+        Ok(Response::new(convert::machine(&machine)))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let request = request.into_inner();
+        let filter = session_filter(&request)?;
+        let sessions = self
+            .core
+            .get()?
+            .store
+            .list_sessions(&filter)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = match sessions.last() {
+            Some(last) if sessions.len() == filter.limit as usize => {
+                format!("{}/{}", last.machine_id, last.session_id)
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions.iter().map(convert::session).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn list_farms(
+        &self,
+        _request: Request<pb::ListFarmsRequest>,
+    ) -> Result<Response<pb::ListFarmsResponse>, Status> {
+        let farms = self
+            .core
+            .get()?
+            .store
+            .list_farms()
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListFarmsResponse {
+            farms: farms.iter().map(convert::farm).collect(),
+        }))
+    }
+}
+
+fn session_filter(request: &pb::ListSessionsRequest) -> Result<SessionFilter, ApiError> {
+    let optional = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+    let farm = optional(&request.farm)
+        .map(|farm| validate::farm_name("farm", &farm))
+        .transpose()?;
+    let machine = optional(&request.machine_id)
+        .map(|id| validate::machine_id("machine_id", &id))
+        .transpose()?;
+    let user_key = optional(&request.user_name)
+        .map(|user| validate::user_name("user_name", &user).map(|user| model::user_key(&user)))
+        .transpose()?;
+    let state = match request.state {
+        0 => None,
+        state => Some(SessionState::from_proto("state", state)?),
+    };
+    let limit = match request.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        size if size > MAX_PAGE_SIZE => {
+            return Err(tsbroker_common::ValidationError::new(
+                "page_size",
+                format!("{size} is more than {MAX_PAGE_SIZE}"),
+            )
+            .into());
+        }
+        size => size,
+    };
+    Ok(SessionFilter {
+        farm,
+        machine,
+        user_key,
+        state,
+        after: parse_page_token(&request.page_token)?,
+        limit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_queries_are_checked() {
+        let good = pb::RedirectRequest {
+            user_name: "alice".into(),
+            farm: "default".into(),
+            ..Default::default()
+        };
+        assert!(redirect_query(&good).is_ok());
+        let no_farm = pb::RedirectRequest {
+            farm: String::new(),
+            ..good.clone()
+        };
+        assert!(redirect_query(&no_farm).is_err());
+        let long_user = pb::RedirectRequest {
+            user_name: "x".repeat(257),
+            ..good.clone()
+        };
+        assert!(redirect_query(&long_user).is_err());
+        let bad_machine = pb::RedirectRequest {
+            receiving_machine_id: "nope".into(),
+            ..good
+        };
+        assert!(redirect_query(&bad_machine).is_err());
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(parse_page_token(&format!("{id}/7")).unwrap(), Some((id, 7)));
+        assert!(parse_page_token("garbage").is_err());
+        assert_eq!(parse_page_token("").unwrap(), None);
+    }
+}

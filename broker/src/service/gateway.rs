@@ -1,0 +1,491 @@
+//! `tsbroker.v1.AgentGateway`: one long-lived stream per agent. Each stream runs as its own
+//! task (`AgentStream`): it checks the order (ADDED, RESYNC, READY, then events), applies each
+//! message to the store and acknowledges it only after the change is durable, batches runs of
+//! session events into one transaction, watches the heartbeat, and forwards administrators'
+//! changes to the agent as commands.
+
+use crate::error::ApiError;
+use crate::service::{CoreCell, convert};
+use crate::store::{EventOutcome, MachineRecord, Store, StoreError, StreamMachineState};
+use futures::FutureExt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tsbroker_common::model::{self, LoadReport, MachineDescription, SessionEvent, SessionInfo};
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::agent_message::Body;
+use tsbroker_common::proto::v1::broker_message::Body as Reply;
+use uuid::Uuid;
+
+/// Most session events applied in one transaction.
+const MAX_EVENT_BATCH: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+pub struct GatewayApi {
+    core: CoreCell,
+    settings: GatewaySettings,
+    shutdown: CancellationToken,
+}
+
+impl GatewayApi {
+    pub fn new(core: CoreCell, settings: GatewaySettings, shutdown: CancellationToken) -> Self {
+        GatewayApi {
+            core,
+            settings,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_gateway_server::AgentGateway for GatewayApi {
+    type ConnectStream = ReceiverStream<Result<pb::BrokerMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = request.remote_addr();
+        let (outbound, receiver) = mpsc::channel(64);
+        let stream = AgentStream {
+            store: self.core.get()?.store.clone(),
+            settings: self.settings.clone(),
+            outbound,
+            peer,
+            connection: Uuid::new_v4(),
+            machine: None,
+            last_seq: 0,
+            resynced: false,
+        };
+        tokio::spawn(stream.run(request.into_inner(), self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Why a stream ended.
+#[derive(Debug)]
+enum StreamEnd {
+    /// The agent closed its side.
+    Closed,
+    /// The agent said REMOVED.
+    Removed,
+    /// An administrator removed the machine.
+    RemovedByAdmin,
+    /// Nothing arrived within the heartbeat timeout.
+    Silent,
+    /// The transport failed.
+    Transport(Status),
+    /// The broker is shutting down.
+    BrokerShutdown,
+    /// The agent broke the protocol, or the store refused; the status says why.
+    Refused(Status),
+    /// A newer stream took the machine over.
+    Superseded,
+}
+
+struct AgentStream {
+    store: Arc<dyn Store>,
+    settings: GatewaySettings,
+    outbound: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
+    peer: Option<SocketAddr>,
+    /// This stream's id; the store refuses its writes once another stream owns the machine.
+    connection: Uuid,
+    machine: Option<MachineRecord>,
+    last_seq: u64,
+    resynced: bool,
+}
+
+impl AgentStream {
+    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>, shutdown: CancellationToken) {
+        let mut changes = Some(self.store.subscribe_machine_changes());
+        let end = loop {
+            let change = async {
+                match changes.as_mut() {
+                    Some(changes) => changes.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break StreamEnd::BrokerShutdown,
+                change = change => match change {
+                    Ok(machine) if Some(machine) != self.machine_id() => {}
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Err(end) = self.push_settings().await {
+                            break end;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => changes = None,
+                },
+                received = tokio::time::timeout(self.settings.heartbeat_timeout, inbound.message()) => {
+                    let first = match received {
+                        Err(_) => break StreamEnd::Silent,
+                        Ok(Err(status)) => break StreamEnd::Transport(status),
+                        Ok(Ok(None)) => break StreamEnd::Closed,
+                        Ok(Ok(Some(message))) => message,
+                    };
+                    let (batch, after) = take_ready_batch(first, &mut inbound);
+                    if let Err(end) = self.handle_batch(batch).await {
+                        break end;
+                    }
+                    if let Some(end) = after {
+                        break end;
+                    }
+                }
+            }
+        };
+        self.finish(end).await;
+    }
+
+    fn machine_id(&self) -> Option<Uuid> {
+        self.machine.as_ref().map(|machine| machine.id)
+    }
+
+    async fn send(&self, reply: Reply) -> Result<(), StreamEnd> {
+        let message = pb::BrokerMessage { body: Some(reply) };
+        self.outbound
+            .send(Ok(message))
+            .await
+            .map_err(|_| StreamEnd::Closed)
+    }
+
+    async fn ack(&self, seq: u64) -> Result<(), StreamEnd> {
+        self.send(Reply::Ack(pb::Ack { seq })).await
+    }
+
+    async fn reject(&self, seq: u64, code: Code, message: String) -> Result<(), StreamEnd> {
+        tracing::warn!(machine = ?self.machine_name(), seq, ?code, %message, "agent message rejected");
+        self.send(Reply::Reject(pb::Reject {
+            seq,
+            code: code as i32,
+            message,
+        }))
+        .await
+    }
+
+    fn machine_name(&self) -> Option<&str> {
+        self.machine.as_ref().map(|machine| machine.name.as_str())
+    }
+
+    /// Handles messages in order; runs of session events go to the store as one transaction.
+    async fn handle_batch(&mut self, batch: Vec<pb::AgentMessage>) -> Result<(), StreamEnd> {
+        let mut events: Vec<(u64, SessionEvent)> = Vec::new();
+        for message in batch {
+            let Some(seq) = self.accept_seq(message.seq).await? else {
+                continue;
+            };
+            match message.body {
+                Some(Body::SessionEvent(event)) if self.machine.is_some() => {
+                    match SessionEvent::try_from(event) {
+                        Ok(event) => events.push((seq, event)),
+                        Err(error) => {
+                            self.flush_events(&mut events).await?;
+                            self.reject(seq, Code::InvalidArgument, error.to_string())
+                                .await?;
+                        }
+                    }
+                }
+                body => {
+                    self.flush_events(&mut events).await?;
+                    self.handle(seq, body).await?;
+                }
+            }
+        }
+        self.flush_events(&mut events).await
+    }
+
+    /// Checks the sequence number: `None` for a repeat (acknowledged again, not applied).
+    async fn accept_seq(&mut self, seq: u64) -> Result<Option<u64>, StreamEnd> {
+        if seq == 0 {
+            return Err(StreamEnd::Refused(Status::invalid_argument(
+                "seq must start at 1 and increase with every message",
+            )));
+        }
+        if seq <= self.last_seq {
+            tracing::debug!(
+                seq,
+                last = self.last_seq,
+                "repeated message acknowledged again"
+            );
+            self.ack(seq).await?;
+            return Ok(None);
+        }
+        self.last_seq = seq;
+        Ok(Some(seq))
+    }
+
+    async fn handle(&mut self, seq: u64, body: Option<Body>) -> Result<(), StreamEnd> {
+        let Some(body) = body else {
+            return self
+                .reject(seq, Code::InvalidArgument, "message has no body".into())
+                .await;
+        };
+        let machine = match (&body, &self.machine) {
+            (Body::Added(description), _) => return self.on_added(seq, description.clone()).await,
+            (_, None) => {
+                return Err(StreamEnd::Refused(Status::failed_precondition(
+                    "the first message of a stream must be ADDED",
+                )));
+            }
+            (_, Some(machine)) => machine.id,
+        };
+        let now = model::now_millis();
+        match body {
+            Body::Added(_) => unreachable!("handled above"),
+            Body::Resync(resync) => {
+                let sessions = match validate_sessions(resync.sessions) {
+                    Ok(sessions) => sessions,
+                    Err(message) => return self.reject(seq, Code::InvalidArgument, message).await,
+                };
+                self.store_call(self.store.resync_sessions(
+                    machine,
+                    self.connection,
+                    &sessions,
+                    now,
+                ))
+                .await?;
+                self.resynced = true;
+                tracing::info!(machine = ?self.machine_name(), sessions = sessions.len(), "sessions resynced");
+            }
+            Body::Ready(_) => {
+                if !self.resynced {
+                    let message = "send RESYNC before READY".to_owned();
+                    return self.reject(seq, Code::FailedPrecondition, message).await;
+                }
+                let record = self
+                    .store_call(self.store.set_machine_state(
+                        machine,
+                        self.connection,
+                        StreamMachineState::Ready,
+                        now,
+                    ))
+                    .await?;
+                tracing::info!(machine = %record.name, farm = %record.farm, "machine ready");
+                self.machine = Some(record);
+            }
+            Body::Load(load) => {
+                let load = match LoadReport::try_from(load) {
+                    Ok(load) => load,
+                    Err(error) => {
+                        return self
+                            .reject(seq, Code::InvalidArgument, error.to_string())
+                            .await;
+                    }
+                };
+                self.store_call(self.store.record_load(machine, self.connection, &load, now))
+                    .await?;
+            }
+            Body::Removed(removed) => {
+                self.store_call(self.store.set_machine_state(
+                    machine,
+                    self.connection,
+                    StreamMachineState::Removed,
+                    now,
+                ))
+                .await?;
+                tracing::info!(machine = ?self.machine_name(), reason = %removed.reason, "machine removed by its agent");
+                self.ack(seq).await?;
+                return Err(StreamEnd::Removed);
+            }
+            Body::SessionEvent(_) => unreachable!("batched by handle_batch"),
+        }
+        self.ack(seq).await
+    }
+
+    async fn on_added(
+        &mut self,
+        seq: u64,
+        description: pb::MachineDescription,
+    ) -> Result<(), StreamEnd> {
+        let description = MachineDescription::try_from(description).map_err(|error| {
+            StreamEnd::Refused(Status::invalid_argument(format!("ADDED: {error}")))
+        })?;
+        let id = model::machine_id(&description.farm, &description.name);
+        if self.machine_id().is_some_and(|current| current != id) {
+            return Err(StreamEnd::Refused(Status::failed_precondition(
+                "a stream speaks for one machine; open another stream for another machine",
+            )));
+        }
+        let record = self
+            .store_call(self.store.machine_added(
+                &description,
+                self.connection,
+                model::now_millis(),
+            ))
+            .await?;
+        tracing::info!(
+            machine = %record.name, farm = %record.farm, id = %record.id, peer = ?self.peer,
+            version = %record.agent_version, "machine added"
+        );
+        self.resynced = false;
+        self.send(Reply::Welcome(pb::Welcome {
+            machine_id: record.id.to_string(),
+            heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u32,
+            heartbeat_timeout_ms: self.settings.heartbeat_timeout.as_millis() as u32,
+            settings: Some(convert::settings(&record)),
+        }))
+        .await?;
+        self.machine = Some(record);
+        self.ack(seq).await
+    }
+
+    async fn flush_events(
+        &mut self,
+        events: &mut Vec<(u64, SessionEvent)>,
+    ) -> Result<(), StreamEnd> {
+        let Some(machine) = self.machine_id() else {
+            events.clear();
+            return Ok(());
+        };
+        if events.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<SessionEvent> = events.iter().map(|(_, event)| event.clone()).collect();
+        let outcomes = self
+            .store_call(self.store.apply_session_events(
+                machine,
+                self.connection,
+                &batch,
+                model::now_millis(),
+            ))
+            .await?;
+        for ((seq, event), outcome) in events.drain(..).zip(outcomes) {
+            match outcome {
+                EventOutcome::Applied => {}
+                EventOutcome::Repaired(what) | EventOutcome::Ignored(what) => tracing::info!(
+                    machine = ?self.machine_name(), session = event.session.session_id,
+                    user = %event.session.user_name, kind = ?event.kind, "{what}"
+                ),
+            }
+            self.ack(seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs a store call; a failure ends the stream (the agent reconnects and resyncs).
+    async fn store_call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StreamEnd> {
+        call.await.map_err(|error| match error {
+            StoreError::Superseded => StreamEnd::Superseded,
+            StoreError::NotFound(_) => StreamEnd::RemovedByAdmin,
+            other => StreamEnd::Refused(ApiError::Store(other).into()),
+        })
+    }
+
+    /// An administrator changed this machine: tell the agent, or stop it if it was removed.
+    async fn push_settings(&mut self) -> Result<(), StreamEnd> {
+        let Some(machine) = self.machine_id() else {
+            return Ok(());
+        };
+        match self.store.get_machine(machine).await {
+            Ok(Some(record)) => {
+                let settings = convert::settings(&record);
+                tracing::info!(machine = %record.name, ?settings, "sending new settings to agent");
+                self.machine = Some(record);
+                self.send(Reply::Settings(settings)).await
+            }
+            Ok(None) => Err(StreamEnd::RemovedByAdmin),
+            Err(error) => {
+                tracing::warn!(%error, "could not read machine settings for its agent");
+                Ok(())
+            }
+        }
+    }
+
+    async fn finish(self, end: StreamEnd) {
+        let name = self.machine_name().map(str::to_owned);
+        let last_words = match &end {
+            StreamEnd::BrokerShutdown => Some(Ok(shutdown_message("broker shutting down", false))),
+            StreamEnd::RemovedByAdmin => Some(Ok(shutdown_message(
+                "machine removed by an administrator",
+                true,
+            ))),
+            StreamEnd::Silent => Some(Err(Status::deadline_exceeded(format!(
+                "no message for {:?} (heartbeat timeout)",
+                self.settings.heartbeat_timeout
+            )))),
+            StreamEnd::Superseded => Some(Err(Status::aborted(
+                "a newer connection for this machine took over",
+            ))),
+            StreamEnd::Refused(status) => Some(Err(status.clone())),
+            StreamEnd::Transport(status) => {
+                tracing::info!(machine = ?name, code = ?status.code(), message = status.message(), "agent stream broke");
+                None
+            }
+            StreamEnd::Closed | StreamEnd::Removed => None,
+        };
+        if let Some(last_words) = last_words {
+            let _ = self.outbound.send(last_words).await;
+        }
+        let keeps_ownership = !matches!(
+            end,
+            StreamEnd::Removed | StreamEnd::Superseded | StreamEnd::RemovedByAdmin
+        );
+        if let (Some(machine), true) = (self.machine_id(), keeps_ownership) {
+            match self
+                .store
+                .mark_unreachable(machine, self.connection, model::now_millis())
+                .await
+            {
+                Ok(true) => {
+                    tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended")
+                }
+                Ok(false) => tracing::info!(machine = ?name, ?end, "stream ended"),
+                Err(error) => {
+                    tracing::error!(machine = ?name, %error, "could not mark machine unreachable")
+                }
+            }
+        } else {
+            tracing::info!(machine = ?name, ?end, "stream ended");
+        }
+    }
+}
+
+fn shutdown_message(reason: &str, removed: bool) -> pb::BrokerMessage {
+    pb::BrokerMessage {
+        body: Some(Reply::Shutdown(pb::Shutdown {
+            reason: reason.to_owned(),
+            removed,
+        })),
+    }
+}
+
+/// The first message and whatever else has already arrived (up to a batch), without waiting;
+/// plus how the stream ended if it ended meanwhile.
+fn take_ready_batch(
+    first: pb::AgentMessage,
+    inbound: &mut Streaming<pb::AgentMessage>,
+) -> (Vec<pb::AgentMessage>, Option<StreamEnd>) {
+    let mut batch = vec![first];
+    while batch.len() < MAX_EVENT_BATCH {
+        match inbound.message().now_or_never() {
+            Some(Ok(Some(message))) => batch.push(message),
+            Some(Ok(None)) => return (batch, Some(StreamEnd::Closed)),
+            Some(Err(status)) => return (batch, Some(StreamEnd::Transport(status))),
+            None => break,
+        }
+    }
+    (batch, None)
+}
+
+/// Checks every session of a RESYNC; the message names the first bad one.
+fn validate_sessions(sessions: Vec<pb::SessionInfo>) -> Result<Vec<SessionInfo>, String> {
+    sessions
+        .into_iter()
+        .enumerate()
+        .map(|(index, session)| {
+            SessionInfo::try_from(session).map_err(|error| format!("sessions[{index}].{error}"))
+        })
+        .collect()
+}

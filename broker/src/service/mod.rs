@@ -1,0 +1,36 @@
+//! The gRPC services: `Broker` (decisions and queries), `Admin` (changes), `AgentGateway`
+//! (the agents' streams), with the conversions and guards they share.
+
+pub mod admin_api;
+pub mod auth;
+pub mod broker_api;
+pub mod convert;
+pub mod gateway;
+pub mod machine_ref;
+
+use crate::decision::Decider;
+use crate::store::Store;
+use std::sync::{Arc, OnceLock};
+
+/// What the services need once the store is open and migrated.
+pub struct Core {
+    pub store: Arc<dyn Store>,
+    pub decider: Arc<Decider>,
+}
+
+/// Filled once the store is ready; until then every call answers UNAVAILABLE (the health
+/// service says NOT_SERVING meanwhile).
+#[derive(Clone, Default)]
+pub struct CoreCell(Arc<OnceLock<Core>>);
+
+impl CoreCell {
+    pub fn set(&self, core: Core) {
+        let _ = self.0.set(core);
+    }
+
+    pub fn get(&self) -> Result<&Core, tonic::Status> {
+        self.0.get().ok_or_else(|| {
+            tonic::Status::unavailable("broker starting: its database is not ready yet")
+        })
+    }
+}

@@ -1,0 +1,196 @@
+//! The session directory's storage: one `Store` trait, implemented for PostgreSQL (production,
+//! shared by broker replicas) and SQLite (the embedded default). Correctness under concurrency
+//! comes from each backend's transactions and constraints, not from locks in this process.
+
+mod error;
+mod postgres;
+mod records;
+mod sql;
+mod sqlite;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use tsbroker_common::model::{LoadReport, MachineDescription, SessionEvent, SessionInfo};
+use uuid::Uuid;
+
+pub use error::StoreError;
+pub use postgres::PostgresStore;
+pub use records::*;
+pub use sqlite::SqliteStore;
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Everything the broker keeps: machines, their sessions, farms and pending logons.
+///
+/// Calls made on behalf of an agent stream carry the stream's `connection` id: once a newer
+/// stream for the same machine has taken over, they fail with [`StoreError::Superseded`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "postgres" or "sqlite".
+    fn backend(&self) -> &'static str;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// ADDED: creates or updates the machine (and its farm), binds it to `connection`, and
+    /// puts it in the JOINING state. Administrators' settings (drain, overrides) are kept.
+    async fn machine_added(
+        &self,
+        description: &MachineDescription,
+        connection: Uuid,
+        now: i64,
+    ) -> StoreResult<MachineRecord>;
+
+    /// RESYNC: replaces the machine's sessions with exactly `sessions`, atomically.
+    async fn resync_sessions(
+        &self,
+        machine: Uuid,
+        connection: Uuid,
+        sessions: &[SessionInfo],
+        now: i64,
+    ) -> StoreResult<()>;
+
+    /// CHANGED to READY, or REMOVED (sessions dropped), for the stream's own machine.
+    async fn set_machine_state(
+        &self,
+        machine: Uuid,
+        connection: Uuid,
+        state: StreamMachineState,
+        now: i64,
+    ) -> StoreResult<MachineRecord>;
+
+    /// Marks the machine UNREACHABLE if `connection` still owns it; returns whether it did.
+    async fn mark_unreachable(
+        &self,
+        machine: Uuid,
+        connection: Uuid,
+        now: i64,
+    ) -> StoreResult<bool>;
+
+    /// Applies session events in order, in one transaction; one outcome per event.
+    async fn apply_session_events(
+        &self,
+        machine: Uuid,
+        connection: Uuid,
+        events: &[SessionEvent],
+        now: i64,
+    ) -> StoreResult<Vec<EventOutcome>>;
+
+    /// Records a load report (also the heartbeat: it refreshes the machine's lease).
+    async fn record_load(
+        &self,
+        machine: Uuid,
+        connection: Uuid,
+        load: &LoadReport,
+        now: i64,
+    ) -> StoreResult<()>;
+
+    /// The farm, if the broker knows it.
+    async fn get_farm(&self, farm: &str) -> StoreResult<Option<FarmRecord>>;
+
+    async fn list_farms(&self) -> StoreResult<Vec<FarmRecord>>;
+
+    async fn set_farm_policy(&self, farm: &str, policy: &str) -> StoreResult<FarmRecord>;
+
+    /// Every session of `user_key` in `farm`, with its machine.
+    async fn user_sessions(&self, farm: &str, user_key: &str) -> StoreResult<Vec<SessionRecord>>;
+
+    /// Distinct user keys with a session in `farm` that start with `prefix` (at most `limit`).
+    async fn users_with_prefix(
+        &self,
+        farm: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<String>>;
+
+    /// The machine of the user's unexpired pending logon, if any.
+    async fn pending_logon(
+        &self,
+        farm: &str,
+        user_key: &str,
+        now: i64,
+    ) -> StoreResult<Option<MachineRecord>>;
+
+    /// Places a new logon: under the farm's lock, re-checks the pending logon, gathers the
+    /// farm's machines with their load, lets `choose` pick among the candidates (it is given
+    /// the farm's policy name), and records the pending logon.
+    async fn place_logon(
+        &self,
+        request: &PlacementRequest<'_>,
+        choose: &Chooser<'_>,
+    ) -> StoreResult<Placement>;
+
+    async fn get_machine(&self, machine: Uuid) -> StoreResult<Option<MachineRecord>>;
+
+    async fn find_machine(&self, farm: &str, name: &str) -> StoreResult<Option<MachineRecord>>;
+
+    async fn list_machines(&self, farm: Option<&str>) -> StoreResult<Vec<MachineRecord>>;
+
+    async fn list_sessions(&self, filter: &SessionFilter) -> StoreResult<Vec<SessionRecord>>;
+
+    /// Applies an administrator's change and returns the machine after it.
+    async fn change_machine(
+        &self,
+        machine: Uuid,
+        change: MachineChange,
+        now: i64,
+    ) -> StoreResult<MachineRecord>;
+
+    /// Deletes the machine and its sessions; returns how many sessions went with it.
+    async fn remove_machine(&self, machine: Uuid) -> StoreResult<u64>;
+
+    /// Machine ids whose settings an administrator changed, from any broker sharing the
+    /// database (PostgreSQL: LISTEN/NOTIFY; SQLite: this process).
+    fn subscribe_machine_changes(&self) -> broadcast::Receiver<Uuid>;
+}
+
+/// Opens the store a database URL names (`sqlite://…` or `postgres://…`) and migrates it.
+pub async fn open(database_url: &str) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(
+            PostgresStore::open(database_url).await?,
+        ))
+    } else if database_url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStore::open(database_url).await?))
+    } else {
+        anyhow::bail!("database url must start with sqlite:// or postgres://")
+    }
+}
+
+#[cfg(test)]
+pub mod test_support {
+    //! Records for unit tests of code that works on store results.
+    use super::{MachineLoad, MachineRecord};
+
+    /// A READY machine of farm "test" with the given weight and session count.
+    pub fn machine_load(index: u32, weight: i64, sessions: i64) -> MachineLoad {
+        MachineLoad {
+            machine: MachineRecord {
+                id: uuid::Uuid::from_u128(u128::from(index) + 1),
+                farm: "test".into(),
+                name: format!("ts{index}"),
+                address: format!("ts{index}:3389"),
+                agent_weight: weight,
+                admin_weight: None,
+                agent_session_limit: 0,
+                admin_session_limit: None,
+                single_session: false,
+                agent_version: String::new(),
+                state: "ready".into(),
+                draining: false,
+                connection_id: None,
+                session_count: sessions,
+                load_cpu: None,
+                load_memory: None,
+                load_sessions: None,
+                load_pending: None,
+                last_seen_at: i64::MAX,
+                ready_since: Some(0),
+                created_at: 0,
+                updated_at: 0,
+                pending_logons: 0,
+            },
+            ineligible: None,
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! What the store hands back: rows decoded into plain structs, and the small types that
+//! describe a placement (candidates, why a machine is not one, the outcome).
+
+use tsbroker_common::model::{MachineState, SessionState};
+use uuid::Uuid;
+
+/// A machine as stored, with the pending logons counted at read time.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct MachineRecord {
+    pub id: Uuid,
+    pub farm: String,
+    pub name: String,
+    pub address: String,
+    pub agent_weight: i64,
+    pub admin_weight: Option<i64>,
+    pub agent_session_limit: i64,
+    pub admin_session_limit: Option<i64>,
+    pub single_session: bool,
+    pub agent_version: String,
+    pub state: String,
+    pub draining: bool,
+    pub connection_id: Option<Uuid>,
+    pub session_count: i64,
+    pub load_cpu: Option<f64>,
+    pub load_memory: Option<f64>,
+    pub load_sessions: Option<i64>,
+    pub load_pending: Option<i64>,
+    pub last_seen_at: i64,
+    pub ready_since: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub pending_logons: i64,
+}
+
+impl MachineRecord {
+    pub fn machine_state(&self) -> MachineState {
+        MachineState::parse(&self.state).unwrap_or(MachineState::Unreachable)
+    }
+
+    /// The administrator's weight if set, else the agent's.
+    pub fn weight(&self) -> u32 {
+        self.admin_weight
+            .unwrap_or(self.agent_weight)
+            .clamp(1, 10_000) as u32
+    }
+
+    /// The administrator's limit if set, else the agent's; 0 means none.
+    pub fn session_limit(&self) -> u32 {
+        self.admin_session_limit
+            .unwrap_or(self.agent_session_limit)
+            .clamp(0, i64::from(u32::MAX)) as u32
+    }
+
+    /// Most sessions the machine may host: its limit, and one in single-session mode.
+    pub fn capacity(&self) -> Option<u64> {
+        let limit = self.session_limit();
+        match (self.single_session, limit) {
+            (true, _) => Some(1),
+            (false, 0) => None,
+            (false, limit) => Some(u64::from(limit)),
+        }
+    }
+
+    /// READY and heard from within the heartbeat timeout (`lease_cutoff` is the oldest
+    /// acceptable `last_seen_at`).
+    pub fn is_reachable(&self, lease_cutoff: i64) -> bool {
+        self.machine_state() == MachineState::Ready && self.last_seen_at >= lease_cutoff
+    }
+}
+
+/// A farm with counts taken at read time.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct FarmRecord {
+    pub name: String,
+    pub policy: String,
+    pub machine_count: i64,
+    pub ready_machine_count: i64,
+    pub session_count: i64,
+}
+
+/// A session with the machine it runs on.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct SessionRecord {
+    pub machine_id: Uuid,
+    pub machine_name: String,
+    pub machine_address: String,
+    pub machine_state: String,
+    pub machine_last_seen_at: i64,
+    pub farm: String,
+    pub session_id: i64,
+    pub user_name: String,
+    pub domain: String,
+    pub state: String,
+    pub client_address: String,
+    pub logon_at: i64,
+    pub state_changed_at: i64,
+}
+
+impl SessionRecord {
+    pub fn session_state(&self) -> SessionState {
+        SessionState::parse(&self.state).unwrap_or(SessionState::Active)
+    }
+
+    pub fn machine_is_reachable(&self, lease_cutoff: i64) -> bool {
+        MachineState::parse(&self.machine_state) == Some(MachineState::Ready)
+            && self.machine_last_seen_at >= lease_cutoff
+    }
+}
+
+/// Filters for listing sessions; `None` does not filter.
+#[derive(Clone, Debug, Default)]
+pub struct SessionFilter {
+    pub farm: Option<String>,
+    pub machine: Option<Uuid>,
+    pub user_key: Option<String>,
+    pub state: Option<SessionState>,
+    /// Only sessions after this (machine id, session id), for paging.
+    pub after: Option<(Uuid, i64)>,
+    pub limit: u32,
+}
+
+/// An administrator's change to a machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MachineChange {
+    Drain(bool),
+    /// `None` clears the override.
+    Weight(Option<u32>),
+    /// `None` clears the override.
+    SessionLimit(Option<u32>),
+}
+
+/// The states an agent's own stream may move its machine to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamMachineState {
+    Ready,
+    Removed,
+}
+
+/// What a session event did to the directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventOutcome {
+    Applied,
+    /// Applied after a repair (for example a disconnect of a session the broker did not know,
+    /// which is created).
+    Repaired(&'static str),
+    /// Nothing to do (for example a logoff of an unknown session).
+    Ignored(&'static str),
+}
+
+/// A machine of the farm and the load the policy sees.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MachineLoad {
+    pub machine: MachineRecord,
+    /// Why the machine cannot take a new logon now; `None` for a candidate.
+    pub ineligible: Option<Ineligible>,
+}
+
+impl MachineLoad {
+    /// Sessions plus logons on their way.
+    pub fn load(&self) -> u64 {
+        (self.machine.session_count.max(0) + self.machine.pending_logons.max(0)) as u64
+    }
+}
+
+/// Why a machine is not a candidate for a new logon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ineligible {
+    NotReady,
+    Draining,
+    AtSessionLimit,
+    AtLogonCap,
+}
+
+impl Ineligible {
+    /// Classifies a machine for a new logon.
+    pub fn of(
+        machine: &MachineRecord,
+        lease_cutoff: i64,
+        max_pending_per_machine: u32,
+    ) -> Option<Ineligible> {
+        if !machine.is_reachable(lease_cutoff) {
+            return Some(Ineligible::NotReady);
+        }
+        if machine.draining {
+            return Some(Ineligible::Draining);
+        }
+        let load = (machine.session_count.max(0) + machine.pending_logons.max(0)) as u64;
+        if machine.capacity().is_some_and(|capacity| load >= capacity) {
+            return Some(Ineligible::AtSessionLimit);
+        }
+        if machine.pending_logons.max(0) as u64 >= u64::from(max_pending_per_machine) {
+            return Some(Ineligible::AtLogonCap);
+        }
+        None
+    }
+}
+
+/// What a new logon is placed with.
+#[derive(Clone, Debug)]
+pub struct PlacementRequest<'a> {
+    pub farm: &'a str,
+    pub user_key: &'a str,
+    pub now: i64,
+    pub lease_cutoff: i64,
+    pub pending_ttl_ms: i64,
+    pub max_pending_per_machine: u32,
+}
+
+/// The policy's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Machine(Uuid),
+    /// The policy found no suitable machine among the candidates.
+    Nothing,
+}
+
+/// The policy a placement runs: given the farm's policy name and the candidates, picks one.
+pub type Chooser<'c> = dyn for<'a> Fn(&'a str, &'a [MachineLoad]) -> Choice + Send + Sync + 'c;
+
+/// The outcome of placing a logon.
+#[derive(Clone, Debug)]
+pub enum Placement {
+    /// Another request placed this user moments ago: same machine.
+    AlreadyPending(MachineRecord),
+    /// The policy's pick, now recorded as a pending logon.
+    Placed(MachineRecord),
+    /// No machine can take the logon; the farm's machines as they were classified.
+    NoCandidate(Vec<MachineLoad>),
+}

@@ -1,0 +1,68 @@
+//! The SQLite store: the embedded default, one file, one broker process. Write transactions
+//! start with `BEGIN IMMEDIATE`, so they queue for SQLite's single writer instead of failing
+//! half-way; WAL lets readers go on meanwhile.
+
+use super::sql::{self, StoreHooks, classify, session_event_outcome};
+use super::{
+    Choice, Chooser, EventOutcome, FarmRecord, MachineChange, MachineLoad, MachineRecord,
+    Placement, PlacementRequest, SessionFilter, SessionRecord, StoreError, StoreResult,
+    StreamMachineState,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tsbroker_common::model::{
+    self, LoadReport, MachineDescription, SessionEvent, SessionInfo, SessionState,
+};
+use uuid::Uuid;
+
+pub struct SqliteStore {
+    pool: sqlx::SqlitePool,
+    changes: broadcast::Sender<Uuid>,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if missing) and migrates the database file the URL names.
+    pub async fn open(database_url: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let options = SqliteConnectOptions::from_str(database_url)
+            .with_context(|| format!("parse sqlite url {database_url:?}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged change survives a power cut, not just a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .with_context(|| format!("open sqlite database {database_url:?}"))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .context("migrate the sqlite database")?;
+        let (changes, _) = broadcast::channel(1024);
+        Ok(SqliteStore { pool, changes })
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    /// One process owns an SQLite file, so a change is announced in-process.
+    async fn announce_change(&self, machine: Uuid) {
+        let _ = self.changes.send(machine);
+    }
+}
+
+impl StoreHooks for SqliteStore {
+    const BACKEND: &'static str = "sqlite";
+    // BEGIN IMMEDIATE already holds SQLite's write lock for the whole transaction.
+    const LOCK_OWNER: &'static str = "SELECT connection_id, farm FROM machines WHERE id = $1";
+    const LOCK_FARM: &'static str = "SELECT policy FROM farms WHERE name = $1";
+}
+
+sql::impl_store!(SqliteStore, sqlx::Sqlite);
