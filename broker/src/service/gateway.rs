@@ -65,6 +65,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             machine: None,
             last_seq: 0,
             resynced: false,
+            settings_sent: None,
         };
         tokio::spawn(stream.run(request.into_inner(), self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -102,6 +103,8 @@ struct AgentStream {
     machine: Option<MachineRecord>,
     last_seq: u64,
     resynced: bool,
+    /// The settings the agent last heard, so unchanged settings are not sent again.
+    settings_sent: Option<pb::MachineSettings>,
 }
 
 impl AgentStream {
@@ -327,13 +330,15 @@ impl AgentStream {
             version = %record.agent_version, "machine added"
         );
         self.resynced = false;
+        let settings = convert::settings(&record);
         self.send(Reply::Welcome(pb::Welcome {
             machine_id: record.id.to_string(),
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u32,
             heartbeat_timeout_ms: self.settings.heartbeat_timeout.as_millis() as u32,
-            settings: Some(convert::settings(&record)),
+            settings: Some(settings),
         }))
         .await?;
+        self.settings_sent = Some(settings);
         self.machine = Some(record);
         self.ack(seq).await
     }
@@ -383,14 +388,22 @@ impl AgentStream {
         })
     }
 
-    /// An administrator changed this machine: tell the agent, or stop it if it was removed.
+    /// The machine changed: stop if another stream took it over or it was removed, else tell
+    /// the agent its new settings (if they changed).
     async fn push_settings(&mut self) -> Result<(), StreamEnd> {
         let Some(machine) = self.machine_id() else {
             return Ok(());
         };
         match self.store.get_machine(machine).await {
+            Ok(Some(record)) if record.connection_id != Some(self.connection) => {
+                Err(StreamEnd::Superseded)
+            }
             Ok(Some(record)) => {
                 let settings = convert::settings(&record);
+                if self.settings_sent == Some(settings) {
+                    return Ok(());
+                }
+                self.settings_sent = Some(settings);
                 tracing::info!(machine = %record.name, ?settings, "sending new settings to agent");
                 self.machine = Some(record);
                 self.send(Reply::Settings(settings)).await
@@ -403,31 +416,10 @@ impl AgentStream {
         }
     }
 
+    /// Records the end in the directory first (UNREACHABLE unless the machine left or another
+    /// stream owns it), then gives the agent its last words.
     async fn finish(self, end: StreamEnd) {
         let name = self.machine_name().map(str::to_owned);
-        let last_words = match &end {
-            StreamEnd::BrokerShutdown => Some(Ok(shutdown_message("broker shutting down", false))),
-            StreamEnd::RemovedByAdmin => Some(Ok(shutdown_message(
-                "machine removed by an administrator",
-                true,
-            ))),
-            StreamEnd::Silent => Some(Err(Status::deadline_exceeded(format!(
-                "no message for {:?} (heartbeat timeout)",
-                self.settings.heartbeat_timeout
-            )))),
-            StreamEnd::Superseded => Some(Err(Status::aborted(
-                "a newer connection for this machine took over",
-            ))),
-            StreamEnd::Refused(status) => Some(Err(status.clone())),
-            StreamEnd::Transport(status) => {
-                tracing::info!(machine = ?name, code = ?status.code(), message = status.message(), "agent stream broke");
-                None
-            }
-            StreamEnd::Closed | StreamEnd::Removed => None,
-        };
-        if let Some(last_words) = last_words {
-            let _ = self.outbound.send(last_words).await;
-        }
         let keeps_ownership = !matches!(
             end,
             StreamEnd::Removed | StreamEnd::Superseded | StreamEnd::RemovedByAdmin
@@ -449,6 +441,27 @@ impl AgentStream {
         } else {
             tracing::info!(machine = ?name, ?end, "stream ended");
         }
+        let last_words = match end {
+            StreamEnd::BrokerShutdown => Ok(shutdown_message("broker shutting down", false)),
+            StreamEnd::RemovedByAdmin => Ok(shutdown_message(
+                "machine removed by an administrator",
+                true,
+            )),
+            StreamEnd::Silent => Err(Status::deadline_exceeded(format!(
+                "no message for {:?} (heartbeat timeout)",
+                self.settings.heartbeat_timeout
+            ))),
+            StreamEnd::Superseded => Err(Status::aborted(
+                "a newer connection for this machine took over",
+            )),
+            StreamEnd::Refused(status) => Err(status),
+            StreamEnd::Transport(status) => {
+                tracing::info!(machine = ?name, code = ?status.code(), message = status.message(), "agent stream broke");
+                return;
+            }
+            StreamEnd::Closed | StreamEnd::Removed => return,
+        };
+        let _ = self.outbound.send(last_words).await;
     }
 }
 

@@ -139,8 +139,8 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the machine and its sessions; returns how many sessions went with it.
     async fn remove_machine(&self, machine: Uuid) -> StoreResult<u64>;
 
-    /// Machine ids whose settings an administrator changed, from any broker sharing the
-    /// database (PostgreSQL: LISTEN/NOTIFY; SQLite: this process).
+    /// Machine ids whose settings an administrator changed or that a new stream took over,
+    /// from any broker sharing the database (PostgreSQL: LISTEN/NOTIFY; SQLite: in-process).
     fn subscribe_machine_changes(&self) -> broadcast::Receiver<Uuid>;
 }
 

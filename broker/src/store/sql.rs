@@ -227,6 +227,8 @@ macro_rules! impl_store {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
+                // A stream that owned the machine before learns that it was taken over.
+                self.announce_change(id).await;
                 Ok(machine)
             }
 

@@ -1,0 +1,774 @@
+//! The store conformance suite: every test runs against SQLite and against PostgreSQL.
+
+use std::sync::Arc;
+use tsbroker::store::{
+    self, Choice, EventOutcome, Ineligible, MachineChange, MachineLoad, Placement,
+    PlacementRequest, SessionFilter, Store, StoreError, StreamMachineState,
+};
+use tsbroker_common::model::{
+    MachineDescription, SessionEvent, SessionEventKind, SessionInfo, SessionState, machine_id,
+};
+use tsbroker_tests::{Backend, TestDatabase};
+use uuid::Uuid;
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let database = tsbroker_tests::TestDatabase::new(tsbroker_tests::Backend::Sqlite).await;
+                    super::$name(&database).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let database = tsbroker_tests::TestDatabase::new(tsbroker_tests::Backend::Postgres).await;
+                    super::$name(&database).await;
+                    database.drop_database().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    added_machines_join_and_keep_admin_settings,
+    resync_replaces_sessions_atomically,
+    a_newer_connection_supersedes_the_old,
+    session_events_apply_and_repair,
+    placement_records_a_pending_logon_and_reuses_it,
+    placement_classifies_every_machine,
+    expired_pending_logons_do_not_count,
+    truncated_names_find_their_prefix,
+    sessions_list_with_filters_and_pages,
+    admin_changes_are_announced,
+    removing_a_machine_takes_its_sessions,
+    farm_policies_are_stored,
+    unreachable_keeps_sessions_removed_drops_them,
+);
+
+const NOW: i64 = 1_700_000_000_000;
+
+async fn open(database: &TestDatabase) -> Arc<dyn Store> {
+    let store = store::open(&database.url).await.expect("open store");
+    let expected = match database.backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    assert_eq!(store.backend(), expected);
+    store
+}
+
+fn description(name: &str, weight: u32) -> MachineDescription {
+    MachineDescription {
+        name: name.to_owned(),
+        farm: "farm1".to_owned(),
+        address: format!("{name}:3389"),
+        weight,
+        session_limit: 0,
+        single_session: false,
+        agent_version: "1".to_owned(),
+    }
+}
+
+fn session(session_id: u32, user: &str, state: SessionState) -> SessionInfo {
+    SessionInfo {
+        session_id,
+        user_name: user.to_owned(),
+        domain: String::new(),
+        state,
+        client_address: String::new(),
+        logon_time_ms: Some(NOW - i64::from(session_id)),
+    }
+}
+
+fn event(kind: SessionEventKind, session_id: u32, user: &str) -> SessionEvent {
+    let state = kind.resulting_state().unwrap_or(SessionState::Active);
+    SessionEvent {
+        kind,
+        session: session(session_id, user, state),
+    }
+}
+
+/// Adds, resyncs and readies a machine; returns its id and connection.
+async fn ready_machine(
+    store: &dyn Store,
+    name: &str,
+    weight: u32,
+    sessions: &[SessionInfo],
+) -> (Uuid, Uuid) {
+    let connection = Uuid::new_v4();
+    let machine = store
+        .machine_added(&description(name, weight), connection, NOW)
+        .await
+        .unwrap();
+    store
+        .resync_sessions(machine.id, connection, sessions, NOW)
+        .await
+        .unwrap();
+    store
+        .set_machine_state(machine.id, connection, StreamMachineState::Ready, NOW)
+        .await
+        .unwrap();
+    (machine.id, connection)
+}
+
+fn request<'a>(user_key: &'a str) -> PlacementRequest<'a> {
+    PlacementRequest {
+        farm: "farm1",
+        user_key,
+        now: NOW,
+        lease_cutoff: NOW - 15_000,
+        pending_ttl_ms: 30_000,
+        max_pending_per_machine: 20,
+    }
+}
+
+/// The least-loaded candidate (ties by id), like the default policy without weights.
+fn least_loaded(_policy: &str, candidates: &[MachineLoad]) -> Choice {
+    candidates
+        .iter()
+        .min_by_key(|load| (load.load(), load.machine.id))
+        .map_or(Choice::Nothing, |load| Choice::Machine(load.machine.id))
+}
+
+async fn added_machines_join_and_keep_admin_settings(database: &TestDatabase) {
+    let store = open(database).await;
+    let connection = Uuid::new_v4();
+    let machine = store
+        .machine_added(&description("TS1.example", 100), connection, NOW)
+        .await
+        .unwrap();
+    assert_eq!(machine.id, machine_id("farm1", "ts1.example"));
+    assert_eq!(machine.state, "joining");
+    assert_eq!(machine.connection_id, Some(connection));
+    store
+        .change_machine(machine.id, MachineChange::Drain(true), NOW)
+        .await
+        .unwrap();
+    store
+        .change_machine(machine.id, MachineChange::Weight(Some(300)), NOW)
+        .await
+        .unwrap();
+    let again = store
+        .machine_added(&description("ts1.example", 50), Uuid::new_v4(), NOW + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.id, machine.id,
+        "same farm and name (any case): same id"
+    );
+    assert!(again.draining, "drain survives a reconnect");
+    assert_eq!(
+        again.weight(),
+        300,
+        "the admin's weight wins over the agent's"
+    );
+    assert_eq!(again.agent_weight, 50);
+    assert_eq!(
+        store
+            .get_farm("farm1")
+            .await
+            .unwrap()
+            .unwrap()
+            .machine_count,
+        1
+    );
+}
+
+async fn resync_replaces_sessions_atomically(database: &TestDatabase) {
+    let store = open(database).await;
+    let (machine, connection) = ready_machine(
+        store.as_ref(),
+        "ts1",
+        100,
+        &[
+            session(1, "alice", SessionState::Active),
+            session(2, "bob", SessionState::Disconnected),
+        ],
+    )
+    .await;
+    let replacement = [
+        session(2, "bob", SessionState::Active),
+        session(3, "carol", SessionState::Disconnected),
+        session(3, "carol", SessionState::Disconnected),
+    ];
+    store
+        .resync_sessions(machine, connection, &replacement, NOW + 5)
+        .await
+        .unwrap();
+    let sessions = store
+        .list_sessions(&SessionFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut users: Vec<_> = sessions
+        .iter()
+        .map(|session| (session.user_name.as_str(), session.state.as_str()))
+        .collect();
+    users.sort();
+    assert_eq!(users, vec![("bob", "active"), ("carol", "disconnected")]);
+    assert_eq!(
+        store
+            .get_machine(machine)
+            .await
+            .unwrap()
+            .unwrap()
+            .session_count,
+        2
+    );
+    store
+        .resync_sessions(machine, connection, &[], NOW + 6)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_machine(machine)
+            .await
+            .unwrap()
+            .unwrap()
+            .session_count,
+        0
+    );
+}
+
+async fn a_newer_connection_supersedes_the_old(database: &TestDatabase) {
+    let store = open(database).await;
+    let (machine, old) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    let new = Uuid::new_v4();
+    store
+        .machine_added(&description("ts1", 100), new, NOW + 1)
+        .await
+        .unwrap();
+    let refused = store.resync_sessions(machine, old, &[], NOW + 2).await;
+    assert!(
+        matches!(refused, Err(StoreError::Superseded)),
+        "{refused:?}"
+    );
+    let refused = store
+        .apply_session_events(machine, old, &[event(SessionEventKind::Logon, 1, "a")], NOW)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Superseded)),
+        "{refused:?}"
+    );
+    let load = tsbroker_common::model::LoadReport::default();
+    assert!(matches!(
+        store.record_load(machine, old, &load, NOW).await,
+        Err(StoreError::Superseded)
+    ));
+    assert!(
+        !store.mark_unreachable(machine, old, NOW + 3).await.unwrap(),
+        "old stream cannot mark it"
+    );
+    assert_eq!(
+        store.get_machine(machine).await.unwrap().unwrap().state,
+        "joining"
+    );
+    assert!(store.mark_unreachable(machine, new, NOW + 3).await.unwrap());
+}
+
+async fn session_events_apply_and_repair(database: &TestDatabase) {
+    let store = open(database).await;
+    let (machine, connection) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    let events = [
+        event(SessionEventKind::Logon, 1, "alice"),
+        event(SessionEventKind::Logon, 1, "Alice"),
+        event(SessionEventKind::Disconnect, 2, "bob"),
+        event(SessionEventKind::Logoff, 9, "nobody"),
+        event(SessionEventKind::Disconnect, 1, "alice"),
+        event(SessionEventKind::Reconnect, 2, "bob"),
+        event(SessionEventKind::Logoff, 2, "bob"),
+    ];
+    let outcomes = store
+        .apply_session_events(machine, connection, &events, NOW + 1)
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0], EventOutcome::Applied);
+    assert!(
+        matches!(outcomes[1], EventOutcome::Repaired(_)),
+        "duplicate logon: {:?}",
+        outcomes[1]
+    );
+    assert!(
+        matches!(outcomes[2], EventOutcome::Repaired(_)),
+        "unknown session created: {:?}",
+        outcomes[2]
+    );
+    assert!(
+        matches!(outcomes[3], EventOutcome::Ignored(_)),
+        "unknown logoff: {:?}",
+        outcomes[3]
+    );
+    assert_eq!(
+        &outcomes[4..],
+        &[
+            EventOutcome::Applied,
+            EventOutcome::Applied,
+            EventOutcome::Applied
+        ]
+    );
+    let sessions = store.user_sessions("farm1", "alice").await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].state, "disconnected");
+    assert!(
+        store
+            .user_sessions("farm1", "bob")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .get_machine(machine)
+            .await
+            .unwrap()
+            .unwrap()
+            .session_count,
+        1
+    );
+}
+
+async fn placement_records_a_pending_logon_and_reuses_it(database: &TestDatabase) {
+    let store = open(database).await;
+    let (first, connection) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    ready_machine(
+        store.as_ref(),
+        "ts2",
+        100,
+        &[session(1, "x", SessionState::Active)],
+    )
+    .await;
+    let Placement::Placed(placed) = store
+        .place_logon(&request("alice"), &least_loaded)
+        .await
+        .unwrap()
+    else {
+        panic!("expected a placement");
+    };
+    assert_eq!(placed.id, first, "the emptier machine");
+    assert_eq!(placed.pending_logons, 1);
+    let again = store
+        .place_logon(&request("alice"), &least_loaded)
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, Placement::AlreadyPending(ref machine) if machine.id == first),
+        "{again:?}"
+    );
+    assert_eq!(
+        store
+            .pending_logon("farm1", "alice", NOW)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        first
+    );
+    // The logon shows up: no longer pending.
+    store
+        .apply_session_events(
+            first,
+            connection,
+            &[event(SessionEventKind::Logon, 4, "Alice")],
+            NOW + 1,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .pending_logon("farm1", "alice", NOW + 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let unknown = store
+        .place_logon(
+            &PlacementRequest {
+                farm: "nope",
+                ..request("a")
+            },
+            &least_loaded,
+        )
+        .await;
+    assert!(
+        matches!(unknown, Err(StoreError::NotFound(_))),
+        "{unknown:?}"
+    );
+}
+
+async fn placement_classifies_every_machine(database: &TestDatabase) {
+    let store = open(database).await;
+    let (draining, _) = ready_machine(store.as_ref(), "draining", 100, &[]).await;
+    store
+        .change_machine(draining, MachineChange::Drain(true), NOW)
+        .await
+        .unwrap();
+    let (full, _) = ready_machine(
+        store.as_ref(),
+        "full",
+        100,
+        &[session(1, "u1", SessionState::Active)],
+    )
+    .await;
+    store
+        .change_machine(full, MachineChange::SessionLimit(Some(1)), NOW)
+        .await
+        .unwrap();
+    let (stale, _) = ready_machine(store.as_ref(), "stale", 100, &[]).await;
+    let joining = store
+        .machine_added(&description("joining", 100), Uuid::new_v4(), NOW)
+        .await
+        .unwrap();
+    let (capped, _) = ready_machine(store.as_ref(), "capped", 100, &[]).await;
+    // Every machine was last heard from at NOW: with the lease past it, none is ready.
+    let late = PlacementRequest {
+        lease_cutoff: NOW + 1,
+        ..request("early")
+    };
+    let Placement::NoCandidate(loads) = store.place_logon(&late, &least_loaded).await.unwrap()
+    else {
+        panic!("expected no candidate");
+    };
+    assert_eq!(loads.len(), 5);
+    assert!(
+        loads
+            .iter()
+            .all(|load| load.ineligible == Some(Ineligible::NotReady)),
+        "{loads:?}"
+    );
+    // With a cap of one logon in flight, "stale" and "capped" take one each, then nobody can.
+    let mut placed = Vec::new();
+    for user in ["first", "second"] {
+        let capped_request = PlacementRequest {
+            max_pending_per_machine: 1,
+            ..request(user)
+        };
+        match store
+            .place_logon(&capped_request, &least_loaded)
+            .await
+            .unwrap()
+        {
+            Placement::Placed(machine) => placed.push(machine.id),
+            other => panic!("expected a placement, got {other:?}"),
+        }
+    }
+    placed.sort();
+    let mut expected = vec![stale, capped];
+    expected.sort();
+    assert_eq!(placed, expected);
+    let third = PlacementRequest {
+        max_pending_per_machine: 1,
+        ..request("third")
+    };
+    let Placement::NoCandidate(loads) = store.place_logon(&third, &least_loaded).await.unwrap()
+    else {
+        panic!("expected no candidate");
+    };
+    let reason = |id: Uuid| {
+        loads
+            .iter()
+            .find(|load| load.machine.id == id)
+            .and_then(|load| load.ineligible)
+    };
+    assert_eq!(reason(joining.id), Some(Ineligible::NotReady));
+    assert_eq!(reason(draining), Some(Ineligible::Draining));
+    assert_eq!(reason(full), Some(Ineligible::AtSessionLimit));
+    assert_eq!(reason(capped), Some(Ineligible::AtLogonCap));
+    assert_eq!(reason(stale), Some(Ineligible::AtLogonCap));
+}
+
+async fn expired_pending_logons_do_not_count(database: &TestDatabase) {
+    let store = open(database).await;
+    let (machine, _) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    store
+        .place_logon(&request("alice"), &least_loaded)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_machine(machine)
+            .await
+            .unwrap()
+            .unwrap()
+            .pending_logons,
+        0,
+        "get_machine counts against the wall clock, long after NOW + ttl"
+    );
+    let later = NOW + 31_000;
+    assert!(
+        store
+            .pending_logon("farm1", "alice", later)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let placed = store
+        .place_logon(
+            &PlacementRequest {
+                now: later,
+                lease_cutoff: NOW - 1,
+                ..request("alice")
+            },
+            &least_loaded,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(placed, Placement::Placed(_)),
+        "an expired pending logon is placed anew: {placed:?}"
+    );
+}
+
+async fn truncated_names_find_their_prefix(database: &TestDatabase) {
+    let store = open(database).await;
+    ready_machine(
+        store.as_ref(),
+        "ts1",
+        100,
+        &[
+            session(1, "alexander.long", SessionState::Disconnected),
+            session(2, "bernadette.a", SessionState::Active),
+            session(3, "bernadette.b", SessionState::Active),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store
+            .users_with_prefix("farm1", "alexander", 2)
+            .await
+            .unwrap(),
+        vec!["alexander.long"]
+    );
+    assert_eq!(
+        store
+            .users_with_prefix("farm1", "bernadett", 2)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(
+        store
+            .users_with_prefix("farm1", "zed", 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .users_with_prefix("farm2", "alexander", 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn sessions_list_with_filters_and_pages(database: &TestDatabase) {
+    let store = open(database).await;
+    let sessions: Vec<_> = (1..=7)
+        .map(|id| {
+            session(
+                id,
+                if id % 2 == 0 { "even" } else { "odd" },
+                SessionState::Active,
+            )
+        })
+        .collect();
+    let (machine, _) = ready_machine(store.as_ref(), "ts1", 100, &sessions).await;
+    ready_machine(
+        store.as_ref(),
+        "ts2",
+        100,
+        &[session(1, "odd", SessionState::Disconnected)],
+    )
+    .await;
+    let odd = SessionFilter {
+        user_key: Some("odd".into()),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(store.list_sessions(&odd).await.unwrap().len(), 5);
+    let disconnected = SessionFilter {
+        state: Some(SessionState::Disconnected),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(store.list_sessions(&disconnected).await.unwrap().len(), 1);
+    let on_machine = SessionFilter {
+        machine: Some(machine),
+        farm: Some("farm1".into()),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(store.list_sessions(&on_machine).await.unwrap().len(), 7);
+    let mut seen = Vec::new();
+    let mut filter = SessionFilter {
+        limit: 3,
+        ..Default::default()
+    };
+    loop {
+        let page = store.list_sessions(&filter).await.unwrap();
+        seen.extend(
+            page.iter()
+                .map(|session| (session.machine_id, session.session_id)),
+        );
+        match page.last() {
+            Some(last) if page.len() == 3 => {
+                filter.after = Some((last.machine_id, last.session_id))
+            }
+            _ => break,
+        }
+    }
+    let unique: std::collections::HashSet<_> = seen.iter().collect();
+    assert_eq!(
+        (seen.len(), unique.len()),
+        (8, 8),
+        "every session once across pages"
+    );
+}
+
+async fn admin_changes_are_announced(database: &TestDatabase) {
+    let store = open(database).await;
+    let (machine, _) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    let mut changes = store.subscribe_machine_changes();
+    // PostgreSQL delivers through LISTEN, which may still be starting.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let changed = store
+        .change_machine(machine, MachineChange::Weight(Some(250)), NOW)
+        .await
+        .unwrap();
+    assert_eq!(changed.weight(), 250);
+    let announced = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv()).await;
+    assert_eq!(announced.expect("announced in time").unwrap(), machine);
+    let cleared = store
+        .change_machine(machine, MachineChange::Weight(None), NOW)
+        .await
+        .unwrap();
+    assert_eq!(cleared.weight(), 100);
+    let limited = store
+        .change_machine(machine, MachineChange::SessionLimit(Some(7)), NOW)
+        .await
+        .unwrap();
+    assert_eq!(limited.session_limit(), 7);
+    let missing = store
+        .change_machine(Uuid::new_v4(), MachineChange::Drain(true), NOW)
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+}
+
+async fn removing_a_machine_takes_its_sessions(database: &TestDatabase) {
+    let store = open(database).await;
+    let (machine, _) = ready_machine(
+        store.as_ref(),
+        "ts1",
+        100,
+        &[
+            session(1, "a", SessionState::Active),
+            session(2, "b", SessionState::Active),
+        ],
+    )
+    .await;
+    store
+        .place_logon(&request("c"), &least_loaded)
+        .await
+        .unwrap();
+    assert_eq!(store.remove_machine(machine).await.unwrap(), 2);
+    assert!(store.get_machine(machine).await.unwrap().is_none());
+    assert!(
+        store
+            .list_sessions(&SessionFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .pending_logon("farm1", "c", NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        store.remove_machine(machine).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn farm_policies_are_stored(database: &TestDatabase) {
+    let store = open(database).await;
+    ready_machine(
+        store.as_ref(),
+        "ts1",
+        100,
+        &[session(1, "a", SessionState::Active)],
+    )
+    .await;
+    let farm = store.get_farm("farm1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            farm.policy.as_str(),
+            farm.machine_count,
+            farm.ready_machine_count,
+            farm.session_count
+        ),
+        ("session-count", 1, 1, 1)
+    );
+    assert_eq!(
+        store
+            .set_farm_policy("farm1", "round-robin")
+            .await
+            .unwrap()
+            .policy,
+        "round-robin"
+    );
+    assert!(matches!(
+        store.set_farm_policy("nope", "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.list_farms().await.unwrap().len(), 1);
+}
+
+async fn unreachable_keeps_sessions_removed_drops_them(database: &TestDatabase) {
+    let store = open(database).await;
+    let (machine, connection) = ready_machine(
+        store.as_ref(),
+        "ts1",
+        100,
+        &[session(1, "a", SessionState::Active)],
+    )
+    .await;
+    assert!(
+        store
+            .mark_unreachable(machine, connection, NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.user_sessions("farm1", "a").await.unwrap().len(), 1);
+    let connection = Uuid::new_v4();
+    store
+        .machine_added(&description("ts1", 100), connection, NOW)
+        .await
+        .unwrap();
+    let removed = store
+        .set_machine_state(machine, connection, StreamMachineState::Removed, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        (removed.state.as_str(), removed.session_count),
+        ("removed", 0)
+    );
+    assert!(store.user_sessions("farm1", "a").await.unwrap().is_empty());
+}

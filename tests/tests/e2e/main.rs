@@ -1,0 +1,6 @@
+//! End-to-end tests: real brokers over real gRPC, on SQLite and on PostgreSQL.
+
+mod support;
+
+mod conformance;
+mod stream;

@@ -1,0 +1,555 @@
+//! The agent stream and the redirect decision end to end, over real gRPC, on both stores.
+
+use crate::support::{by_name, eventually, machine, on_both_stores, reason, redirect};
+use std::time::Duration;
+use tonic::Code;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::agent_message::Body;
+use tsbroker_common::proto::v1::broker_message::Body as Reply;
+use tsbroker_tests::fake_agent::{machine as description, session};
+use tsbroker_tests::{FakeAgent, TestDatabase, spawn_broker};
+
+on_both_stores!(
+    joining_machines_resync_and_users_return_to_their_session,
+    drained_machines_take_reconnections_but_no_new_logons,
+    unreachable_machines_get_nobody_and_keep_their_sessions,
+    silent_agents_time_out,
+    a_broker_restart_keeps_every_session,
+    protocol_violations_get_precise_answers,
+    removal_by_the_agent_and_by_an_admin,
+    full_and_empty_farms_say_why,
+    truncated_cookie_names_find_the_full_user,
+);
+
+async fn joining_machines_resync_and_users_return_to_their_session(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let mut b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![
+            session(1, "alice", pb::SessionState::Disconnected),
+            session(2, "bob", pb::SessionState::Active),
+        ],
+    )
+    .await;
+    let listed = client
+        .list_machines(pb::ListMachinesRequest {
+            farm: "farm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.machines.len(), 2);
+    assert!(
+        listed
+            .machines
+            .iter()
+            .all(|machine| machine.state == pb::MachineState::Ready as i32)
+    );
+
+    let alice = redirect(&mut client, "farm", "Alice").await.unwrap();
+    assert_eq!(
+        (alice.machine_name.as_str(), reason(&alice)),
+        ("ts-b", pb::RedirectReason::ExistingSession)
+    );
+    assert_eq!((alice.session_id, alice.address.as_str()), (1, "ts-b:3389"));
+
+    // A new user goes to the emptier machine; asking again is the pending logon.
+    let carol = redirect(&mut client, "farm", "carol").await.unwrap();
+    assert_eq!(
+        (carol.machine_name.as_str(), reason(&carol)),
+        ("ts-a", pb::RedirectReason::LoadBalanced)
+    );
+    let carol_again = redirect(&mut client, "farm", "CAROL").await.unwrap();
+    assert_eq!(
+        (carol_again.machine_name.as_str(), reason(&carol_again)),
+        ("ts-a", pb::RedirectReason::PendingLogon)
+    );
+
+    // Events change the directory: bob disconnects and logs off; alice logs off.
+    b.disconnect(2, "bob").await.unwrap();
+    let sessions = client
+        .list_sessions(pb::ListSessionsRequest {
+            user_name: "bob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        sessions.sessions[0].state,
+        pb::SessionState::Disconnected as i32
+    );
+    b.logoff(1, "alice").await.unwrap();
+    let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+    assert_eq!(reason(&alice), pb::RedirectReason::LoadBalanced);
+    broker.stop().await;
+}
+
+async fn drained_machines_take_reconnections_but_no_new_logons(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let mut admin = broker.admin_client().await;
+    let _a = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![session(1, "x", pb::SessionState::Active)],
+    )
+    .await;
+    let mut b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![session(1, "alice", pb::SessionState::Disconnected)],
+    )
+    .await;
+    let drained = admin
+        .drain_machine(by_name("farm", "ts-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.draining);
+    let command = b
+        .next_command(Duration::from_secs(5))
+        .await
+        .expect("agent told of the drain");
+    assert!(
+        matches!(
+            command.body,
+            Some(Reply::Settings(pb::MachineSettings { draining: true, .. }))
+        ),
+        "{command:?}"
+    );
+    for user in 0..10 {
+        let answer = redirect(&mut client, "farm", &format!("new{user}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.machine_name, "ts-a",
+            "no new logon on a draining machine"
+        );
+    }
+    let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+    assert_eq!(
+        (alice.machine_name.as_str(), reason(&alice)),
+        ("ts-b", pb::RedirectReason::ExistingSession)
+    );
+    admin
+        .undrain_machine(by_name("farm", "ts-b"))
+        .await
+        .unwrap();
+    let new = redirect(&mut client, "farm", "after-undrain")
+        .await
+        .unwrap();
+    assert_eq!(
+        new.machine_name, "ts-b",
+        "ts-b is the emptier machine again"
+    );
+    let weighted = admin
+        .set_machine_weight(pb::SetMachineWeightRequest {
+            machine: Some(by_name("farm", "ts-b")),
+            weight: 300,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(weighted.weight_overridden && weighted.weight == 300);
+    let bad = admin
+        .set_machine_weight(pb::SetMachineWeightRequest {
+            machine: Some(by_name("farm", "ts-b")),
+            weight: 10_001,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    broker.stop().await;
+}
+
+async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let _a = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![session(1, "x", pb::SessionState::Active)],
+    )
+    .await;
+    let b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![session(1, "alice", pb::SessionState::Disconnected)],
+    )
+    .await;
+    b.hang_up();
+    eventually(10, || {
+        let mut client = client.clone();
+        async move {
+            machine(&mut client, "farm", "ts-b").await.state == pb::MachineState::Unreachable as i32
+        }
+    })
+    .await;
+    let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+    assert_eq!(
+        alice.machine_name, "ts-a",
+        "an unreachable machine gets no reconnection"
+    );
+    for user in 0..5 {
+        assert_eq!(
+            redirect(&mut client, "farm", &format!("n{user}"))
+                .await
+                .unwrap()
+                .machine_name,
+            "ts-a"
+        );
+    }
+    let kept = client
+        .list_sessions(pb::ListSessionsRequest {
+            user_name: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        kept.sessions.len(),
+        1,
+        "sessions of an unreachable machine are kept"
+    );
+    // The agent comes back and resyncs: alice's session counts again.
+    let _b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![
+            session(1, "alice", pb::SessionState::Disconnected),
+            session(2, "late", pb::SessionState::Active),
+        ],
+    )
+    .await;
+    // alice was just sent to ts-a as a pending logon; her old session on ts-b wins now.
+    let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+    assert_eq!(
+        (alice.machine_name.as_str(), reason(&alice)),
+        ("ts-b", pb::RedirectReason::ExistingSession)
+    );
+    broker.stop().await;
+}
+
+async fn silent_agents_time_out(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |config| {
+        config.heartbeat_timeout = Duration::from_millis(800)
+    })
+    .await;
+    let mut client = broker.broker_client().await;
+    let mut agent = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    assert_eq!(agent.welcome.heartbeat_timeout_ms, 800);
+    assert!(agent.welcome.heartbeat_interval_ms < 800);
+    let status = agent
+        .wait_closed(Duration::from_secs(10))
+        .await
+        .expect("ended with a status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        machine(&mut client, "farm", "ts-a").await.state,
+        pb::MachineState::Unreachable as i32
+    );
+    let none = redirect(&mut client, "farm", "u").await.unwrap_err();
+    assert_eq!(none.code(), Code::Unavailable, "{none:?}");
+    broker.stop().await;
+}
+
+async fn a_broker_restart_keeps_every_session(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let sessions: Vec<_> = (1..=20)
+        .map(|id| session(id, &format!("user{id}"), pb::SessionState::Disconnected))
+        .collect();
+    let mut agent = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        sessions.clone(),
+    )
+    .await;
+    agent.logon(21, "user21").await.unwrap();
+    broker.stop().await;
+    let command = agent.next_command(Duration::from_secs(5)).await;
+    assert!(
+        matches!(
+            command,
+            Some(pb::BrokerMessage {
+                body: Some(Reply::Shutdown(pb::Shutdown { removed: false, .. }))
+            })
+        ),
+        "agents are told the broker is going: {command:?}"
+    );
+
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let listed = client
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.sessions.len(),
+        21,
+        "every session survives the restart"
+    );
+    // Until the agent is back, its machine is unreachable.
+    assert_eq!(
+        machine(&mut client, "farm", "ts-a").await.state,
+        pb::MachineState::Unreachable as i32
+    );
+    let _agent = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), sessions).await;
+    let back = redirect(&mut client, "farm", "user7").await.unwrap();
+    assert_eq!(
+        (back.machine_name.as_str(), reason(&back)),
+        ("ts-a", pb::RedirectReason::ExistingSession)
+    );
+    let listed = client
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.sessions.len(),
+        20,
+        "the resync is the truth: user21 logged off meanwhile"
+    );
+    broker.stop().await;
+}
+
+async fn protocol_violations_get_precise_answers(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    // An invalid description ends the stream with INVALID_ARGUMENT.
+    let bad = FakeAgent::connect(
+        &broker.url(),
+        pb::MachineDescription {
+            address: "nowhere".into(),
+            ..description("x", "farm", 100)
+        },
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("address"), "{bad:?}");
+
+    let mut agent = FakeAgent::connect(&broker.url(), description("ts-a", "farm", 100))
+        .await
+        .unwrap();
+    // READY before RESYNC is refused, the stream goes on.
+    let early = agent.ready().await.unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition);
+    // A bad session in a RESYNC is refused with its index; nothing of it is applied.
+    let bad_resync = agent
+        .resync(vec![
+            session(1, "ok", pb::SessionState::Active),
+            session(2, "", pb::SessionState::Active),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(bad_resync.code(), Code::InvalidArgument);
+    assert!(
+        bad_resync.message().contains("sessions[1].user_name"),
+        "{bad_resync:?}"
+    );
+    agent.resync(vec![]).await.unwrap();
+    agent.ready().await.unwrap();
+    // An event without a type is refused; the stream goes on.
+    let untyped = agent
+        .request(Body::SessionEvent(pb::SessionEvent {
+            r#type: 0,
+            session: Some(session(3, "u", pb::SessionState::Active)),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(untyped.code(), Code::InvalidArgument);
+    let no_body = agent.request_raw_body_none().await.unwrap_err();
+    assert_eq!(no_body.code(), Code::InvalidArgument);
+    // A repeated seq is acknowledged again and not applied twice.
+    agent.logon(5, "dup").await.unwrap();
+    agent
+        .send_raw(pb::AgentMessage {
+            seq: 3,
+            body: Some(Body::Removed(pb::MachineRemoved::default())),
+        })
+        .await;
+    agent.answer_to(3).await.expect("repeat acknowledged");
+    agent
+        .heartbeat()
+        .await
+        .expect("stream still open: the repeated REMOVED was not applied");
+
+    // A second stream for the same machine takes over; the first is told so.
+    let mut second = FakeAgent::join(&broker.url(), description("TS-A", "farm", 100), vec![]).await;
+    let status = agent
+        .wait_closed(Duration::from_secs(10))
+        .await
+        .expect("first stream ended");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    second.heartbeat().await.unwrap();
+
+    // Anything before ADDED ends the stream with FAILED_PRECONDITION.
+    let channel = broker.channel().await;
+    let mut client =
+        tsbroker_common::proto::v1::agent_gateway_client::AgentGatewayClient::new(channel);
+    let early = pb::AgentMessage {
+        seq: 1,
+        body: Some(Body::Ready(pb::MachineReady {})),
+    };
+    let mut replies = client
+        .connect(tokio_stream::iter(vec![early]))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = replies.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    broker.stop().await;
+}
+
+async fn removal_by_the_agent_and_by_an_admin(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let mut admin = broker.admin_client().await;
+    let agent = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![session(1, "a", pb::SessionState::Active)],
+    )
+    .await;
+    agent.remove().await.unwrap();
+    let removed = machine(&mut client, "farm", "ts-a").await;
+    assert_eq!(
+        (removed.state, removed.session_count),
+        (pb::MachineState::Removed as i32, 0)
+    );
+
+    let mut agent = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![session(1, "b", pb::SessionState::Active)],
+    )
+    .await;
+    let refused = admin
+        .remove_machine(pb::RemoveMachineRequest {
+            machine: Some(by_name("farm", "ts-b")),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let removed = admin
+        .remove_machine(pb::RemoveMachineRequest {
+            machine: Some(by_name("farm", "ts-b")),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.sessions_removed, 1);
+    let command = agent.next_command(Duration::from_secs(5)).await;
+    assert!(
+        matches!(
+            command,
+            Some(pb::BrokerMessage {
+                body: Some(Reply::Shutdown(pb::Shutdown { removed: true, .. }))
+            })
+        ),
+        "{command:?}"
+    );
+    let missing = client
+        .get_machine(pb::GetMachineRequest {
+            machine: Some(by_name("farm", "ts-b")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let bad_id = client
+        .get_machine(pb::GetMachineRequest {
+            machine: Some(pb::MachineRef {
+                machine_id: "not-a-uuid".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_id.code(), Code::InvalidArgument);
+    broker.stop().await;
+}
+
+async fn full_and_empty_farms_say_why(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let unknown = redirect(&mut client, "nofarm", "u").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let single = pb::MachineDescription {
+        single_session: true,
+        ..description("kiosk", "farm", 100)
+    };
+    let _kiosk = FakeAgent::join(&broker.url(), single, vec![]).await;
+    let first = redirect(&mut client, "farm", "first").await.unwrap();
+    assert_eq!(first.machine_name, "kiosk");
+    let full = redirect(&mut client, "farm", "second").await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(full.message().contains("session limit"), "{full:?}");
+    let invalid = redirect(&mut client, "farm", &"x".repeat(300))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    broker.stop().await;
+}
+
+async fn truncated_cookie_names_find_the_full_user(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let _b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![
+            session(1, "alexander.long", pb::SessionState::Disconnected),
+            session(2, "bernadette.a", pb::SessionState::Disconnected),
+            session(3, "bernadette.b", pb::SessionState::Disconnected),
+        ],
+    )
+    .await;
+    let truncated = |user: &str| pb::RedirectRequest {
+        user_name: user.to_owned(),
+        farm: "farm".into(),
+        user_name_may_be_truncated: true,
+        ..Default::default()
+    };
+    let alexander = client
+        .redirect(truncated("alexander"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            alexander.machine_name.as_str(),
+            alexander.user_name.as_str()
+        ),
+        ("ts-b", "alexander.long")
+    );
+    let ambiguous = client
+        .redirect(truncated("bernadett"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reason(&ambiguous),
+        pb::RedirectReason::LoadBalanced,
+        "an ambiguous prefix is an unknown user"
+    );
+    let untruncated = pb::RedirectRequest {
+        user_name_may_be_truncated: false,
+        ..truncated("alexander")
+    };
+    let plain = client.redirect(untruncated).await.unwrap().into_inner();
+    assert_eq!(
+        reason(&plain),
+        pb::RedirectReason::LoadBalanced,
+        "without the flag, names are exact"
+    );
+    broker.stop().await;
+}
