@@ -2,5 +2,6 @@
 
 mod support;
 
+mod concurrency;
 mod conformance;
 mod stream;
