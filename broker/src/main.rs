@@ -17,18 +17,12 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(error) => {
-            let text = error
-                .kind()
-                .as_str()
-                .map_or_else(|| error.to_string(), str::to_owned);
-            let first_line = error
-                .to_string()
-                .lines()
-                .next()
-                .unwrap_or(&text)
-                .trim_start_matches("error: ")
-                .to_owned();
-            eprintln!("tsbroker: {first_line} (see tsbroker --help)");
+            let rendered = error.to_string();
+            let first_line = rendered.lines().next().unwrap_or("bad arguments");
+            eprintln!(
+                "tsbroker: {} (see tsbroker --help)",
+                first_line.trim_start_matches("error: ")
+            );
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };

