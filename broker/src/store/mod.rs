@@ -16,6 +16,7 @@ use uuid::Uuid;
 pub use error::StoreError;
 pub use postgres::PostgresStore;
 pub use records::*;
+pub use sql::HOT_QUERIES;
 pub use sqlite::SqliteStore;
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -727,3 +727,16 @@ pub(super) fn classify(
         })
         .collect()
 }
+
+/// The statements on the decision and event paths, by name, for plan checks: the tests
+/// EXPLAIN these very strings on PostgreSQL with a large directory.
+pub const HOT_QUERIES: &[(&str, &str)] = &[
+    ("user_sessions", SELECT_USER_SESSIONS),
+    ("users_with_prefix", SELECT_USERS_WITH_PREFIX),
+    ("pending_machine", SELECT_PENDING_MACHINE),
+    ("machine_by_id", SELECT_MACHINE_BY_ID),
+    ("farm_machines", SELECT_FARM_MACHINES),
+    ("refresh_session_count", REFRESH_SESSION_COUNT),
+    ("expired_pending", DELETE_EXPIRED_PENDING),
+    ("session_user", SELECT_SESSION_USER),
+];

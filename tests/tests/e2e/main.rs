@@ -5,4 +5,5 @@ mod support;
 mod binaries;
 mod concurrency;
 mod conformance;
+mod query_plans;
 mod stream;
