@@ -199,3 +199,43 @@ async fn weights_split_users_in_proportion(database: &TestDatabase) {
     drop(agents);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_change_on_one_replica_reaches_the_other_at_once() {
+    let database = TestDatabase::postgres().await;
+    let first = broker_for_storms(&database.url).await;
+    let second = broker_for_storms(&database.url).await;
+    let _a = FakeAgent::join(&first.url(), description("ts-a", "farm", 100), vec![]).await;
+    let mut b = FakeAgent::join(&first.url(), description("ts-b", "farm", 100), vec![]).await;
+    let mut admin_on_second = second.admin_client().await;
+    admin_on_second
+        .drain_machine(crate::support::by_name("farm", "ts-b"))
+        .await
+        .unwrap();
+    // The agent, connected to the first replica, is told through LISTEN/NOTIFY.
+    let command = b
+        .next_command(Duration::from_secs(5))
+        .await
+        .expect("command reaches the agent");
+    assert!(
+        matches!(
+            command.body,
+            Some(pb::broker_message::Body::Settings(pb::MachineSettings {
+                draining: true,
+                ..
+            }))
+        ),
+        "{command:?}"
+    );
+    // And the first replica's very next decisions honour it.
+    let mut client = first.broker_client().await;
+    for user in 0..6 {
+        let answer = crate::support::redirect(&mut client, "farm", &format!("u{user}"))
+            .await
+            .unwrap();
+        assert_eq!(answer.machine_name, "ts-a");
+    }
+    first.stop().await;
+    second.stop().await;
+    database.drop_database().await;
+}
