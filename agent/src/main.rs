@@ -1,1 +1,163 @@
-fn main() {}
+//! The `tsagent` binary: parses the command line, then runs the agent or speaks to a running
+//! one through its control socket.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tsagent::cli::{Cli, Command, SessionCommand, SessionEventArgs};
+use tsagent::control::{Request, SessionArgs, client};
+
+/// Exit status for bad settings (EX_USAGE).
+const EXIT_BAD_SETTINGS: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => {
+            // --help and --version.
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let text = error.to_string();
+            let reason = text.lines().next().unwrap_or_default();
+            eprintln!("tsagent: {}", reason.trim_start_matches("error: "));
+            return ExitCode::from(EXIT_BAD_SETTINGS);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tsagent: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(command) => runtime.block_on(control_command(command)),
+        None => run_agent(runtime, cli),
+    }
+}
+
+fn run_agent(runtime: tokio::runtime::Runtime, cli: Cli) -> ExitCode {
+    let (config, log_format) = match tsagent::settings::agent_config(cli.agent) {
+        Ok(settings) => settings,
+        Err(reason) => {
+            eprintln!("tsagent: {reason}");
+            return ExitCode::from(EXIT_BAD_SETTINGS);
+        }
+    };
+    tsbroker_common::telemetry::init_logging(log_format);
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        match tsagent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "agent failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for signals");
+        return;
+    };
+    let name = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stopping");
+    shutdown.cancel();
+}
+
+fn session_args(args: SessionEventArgs) -> (std::path::PathBuf, SessionArgs) {
+    let request = SessionArgs {
+        user: args.user,
+        domain: args.domain,
+        session_id: args.session_id,
+        client_address: args.client_address,
+    };
+    (args.socket.control_socket, request)
+}
+
+/// The request PAM's `pam_exec` asks for, from its environment.
+fn pam_request() -> Result<Request, String> {
+    let user = std::env::var("PAM_USER").map_err(|_| "PAM_USER is not set (run from pam_exec)")?;
+    let args = SessionArgs {
+        user,
+        client_address: std::env::var("PAM_RHOST")
+            .ok()
+            .filter(|host| !host.is_empty()),
+        ..Default::default()
+    };
+    match std::env::var("PAM_TYPE").as_deref() {
+        Ok("open_session") => Ok(Request::Logon(args)),
+        Ok("close_session") => Ok(Request::Logoff(args)),
+        Ok(other) => Err(format!(
+            "PAM_TYPE {other:?} is not open_session or close_session"
+        )),
+        Err(_) => Err("PAM_TYPE is not set (run from pam_exec)".to_owned()),
+    }
+}
+
+async fn control_command(command: Command) -> ExitCode {
+    let (socket, request) = match command {
+        Command::Status(socket) => (socket.control_socket, Request::Status),
+        Command::Session { action } => match action {
+            SessionCommand::List(socket) => (socket.control_socket, Request::List),
+            SessionCommand::Pam(socket) => match pam_request() {
+                Ok(request) => (socket.control_socket, request),
+                Err(reason) => {
+                    eprintln!("tsagent: {reason}");
+                    return ExitCode::from(EXIT_BAD_SETTINGS);
+                }
+            },
+            SessionCommand::Logon(args) => {
+                let (socket, args) = session_args(args);
+                (socket, Request::Logon(args))
+            }
+            SessionCommand::Disconnect(args) => {
+                let (socket, args) = session_args(args);
+                (socket, Request::Disconnect(args))
+            }
+            SessionCommand::Reconnect(args) => {
+                let (socket, args) = session_args(args);
+                (socket, Request::Reconnect(args))
+            }
+            SessionCommand::Logoff(args) => {
+                let (socket, args) = session_args(args);
+                (socket, Request::Logoff(args))
+            }
+        },
+    };
+    let response = match client::call(&socket, &request).await {
+        Ok(response) => response,
+        Err(error) => {
+            eprintln!("tsagent: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client::render(&response) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("tsagent: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

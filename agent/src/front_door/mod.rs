@@ -1,4 +1,49 @@
 //! The RDP front door: reads a client's first packet, asks the broker where the user goes,
 //! and splices the connection there.
 
+pub mod first_packet;
+pub mod listener;
+pub mod machines;
+pub mod proxy_header;
+pub mod route;
+pub mod splice;
+#[cfg(test)]
+mod tests;
 pub mod x224;
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::broker_client::Broker;
+use crate::directory::Directory;
+use machines::MachineCache;
+
+pub use listener::serve;
+
+/// What the front door needs to know about its machine.
+#[derive(Clone, Debug)]
+pub struct FrontDoorSettings {
+    pub farm: String,
+    /// This machine's id (`model::machine_id(farm, name)`).
+    pub machine_id: Uuid,
+    /// "host:port" of this machine's RDP service.
+    pub local_rdp: String,
+    pub client_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Shared by every connection.
+pub struct FrontDoorShared {
+    pub settings: FrontDoorSettings,
+    pub broker: Broker,
+    pub machines: MachineCache,
+    pub directory: Directory,
+}
+
+impl FrontDoorShared {
+    /// Whether a machine id the broker gave is this machine's.
+    pub fn is_this_machine(&self, machine_id: &str) -> bool {
+        Uuid::parse_str(machine_id).is_ok_and(|id| id == self.settings.machine_id)
+    }
+}

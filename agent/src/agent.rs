@@ -1,0 +1,203 @@
+//! Starts the agent's parts (session table, control socket, broker stream, front door) and
+//! stops them together: the one entry `main` and the end-to-end tests share.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tsbroker_common::model::{self, MachineDescription};
+use uuid::Uuid;
+
+use crate::broker_client::{self, BearerToken};
+use crate::config::{AgentConfig, FrontDoorBind};
+use crate::control::server::{self as control_server, ControlHandler};
+use crate::directory::Directory;
+use crate::front_door::machines::MachineCache;
+use crate::front_door::{self, FrontDoorSettings, FrontDoorShared};
+use crate::stream::{self, LinkStatus, SharedStatus, StreamContext, StreamExit};
+
+/// How long the parts get to finish once the agent stops.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A started agent.
+pub struct RunningAgent {
+    /// Where the front door listens, when it runs.
+    pub front_door_addr: Option<SocketAddr>,
+    pub control_socket: PathBuf,
+    /// This machine's id in the directory.
+    pub machine_id: Uuid,
+    directory: Directory,
+    status: SharedStatus,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningAgent {
+    /// The session table (tests report sessions through it directly).
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// The agent's standing with the broker.
+    pub fn link_status(&self) -> LinkStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Waits until the stream is up and READY was sent; false if `limit` passes first.
+    pub async fn wait_until_connected(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.link_status().connected {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Waits until the agent has stopped (shutdown, or removal by the broker).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("agent task")?
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled (or the broker removes the machine).
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    start(config, shutdown).await?.wait().await
+}
+
+/// Starts the agent and returns once every listener is bound.
+pub async fn start(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningAgent> {
+    config.validate().map_err(|reason| anyhow!(reason))?;
+    let description = MachineDescription {
+        name: config.machine_name.clone(),
+        farm: config.farm.clone(),
+        address: config.advertise.clone(),
+        weight: config.weight,
+        session_limit: config.session_limit,
+        single_session: config.single_session,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let machine_id = model::machine_id(&config.farm, &config.machine_name);
+    let (directory, events) = Directory::open(&config.state_dir)?;
+    let token = BearerToken::new(config.agent_token.as_deref())?;
+    let endpoint = broker_client::endpoint(&config.broker_url)?;
+    let status: SharedStatus = Arc::new(Mutex::new(LinkStatus {
+        weight: config.weight,
+        session_limit: config.session_limit,
+        ..LinkStatus::default()
+    }));
+
+    let front_door_listener = match config.front_door {
+        None => None,
+        Some(FrontDoorBind::Address(address)) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("bind front door {address}"))?,
+        ),
+        Some(FrontDoorBind::Listener(listener)) => {
+            listener
+                .set_nonblocking(true)
+                .context("front door listener")?;
+            Some(tokio::net::TcpListener::from_std(listener).context("front door listener")?)
+        }
+    };
+    let front_door_addr = match &front_door_listener {
+        Some(listener) => Some(listener.local_addr().context("front door address")?),
+        None => None,
+    };
+    let control_listener = control_server::bind(&config.control_socket)?;
+
+    let stop = shutdown.child_token();
+    let mut parts: Vec<JoinHandle<()>> = Vec::new();
+    let handler = ControlHandler {
+        directory: directory.clone(),
+        status: status.clone(),
+        machine_name: config.machine_name.clone(),
+        farm: config.farm.clone(),
+        advertise: config.advertise.clone(),
+        front_door: front_door_addr.map(|address| address.to_string()),
+    };
+    parts.push(tokio::spawn(control_server::serve(
+        control_listener,
+        config.control_socket.clone(),
+        handler,
+        stop.clone(),
+    )));
+    if let Some(listener) = front_door_listener {
+        let broker = broker_client::broker(endpoint.connect_lazy(), token.clone());
+        let machines = MachineCache::new(broker.clone(), config.farm.clone());
+        parts.push(tokio::spawn(
+            machines
+                .clone()
+                .refresh_every(config.machine_refresh, stop.clone()),
+        ));
+        let shared = Arc::new(FrontDoorShared {
+            settings: FrontDoorSettings {
+                farm: config.farm.clone(),
+                machine_id,
+                local_rdp: config.local_rdp.clone(),
+                client_timeout: config.client_timeout,
+                max_connections: config.max_connections,
+            },
+            broker,
+            machines,
+            directory: directory.clone(),
+        });
+        parts.push(tokio::spawn(front_door::serve(
+            listener,
+            shared,
+            stop.clone(),
+        )));
+    }
+    let context = StreamContext {
+        description,
+        endpoint,
+        token,
+        backoff: config.backoff,
+        default_heartbeat: config.default_heartbeat,
+        welcome_timeout: config.welcome_timeout,
+        directory: directory.clone(),
+        status: status.clone(),
+    };
+    tracing::info!(
+        machine = %config.machine_name,
+        farm = %config.farm,
+        %machine_id,
+        advertise = %config.advertise,
+        front_door = ?front_door_addr,
+        control_socket = %config.control_socket.display(),
+        "agent started"
+    );
+    let stream_stop = stop.clone();
+    let task = tokio::spawn(async move {
+        let exit = stream::run(context, events, stream_stop).await;
+        if exit == StreamExit::Removed {
+            tracing::warn!("machine removed by the broker: agent stopping");
+        }
+        stop.cancel();
+        let all_parts = futures::future::join_all(parts);
+        if tokio::time::timeout(STOP_GRACE, all_parts).await.is_err() {
+            tracing::warn!("some parts did not stop in time");
+        }
+        tracing::info!("agent stopped");
+        Ok(())
+    });
+    Ok(RunningAgent {
+        front_door_addr,
+        control_socket: config.control_socket,
+        machine_id,
+        directory,
+        status,
+        task,
+    })
+}

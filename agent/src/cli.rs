@@ -1,0 +1,191 @@
+//! The `tsagent` command line: flags with `TSAGENT_*` environment variables, the `session`
+//! and `status` subcommands that speak to a running agent's control socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::DEFAULT_CONTROL_SOCKET;
+
+/// tsagent: reports this terminal server and its sessions to tsbroker, and redirects RDP
+/// clients through its front door.
+///
+/// Settings come from flags, then TSAGENT_* environment variables, then the --config file
+/// (TOML, the same names in snake_case: machine_name = "ts1.example.com"), then defaults.
+#[derive(Debug, Parser)]
+#[command(name = "tsagent", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Settings of the agent itself (`tsagent` with no subcommand).
+#[derive(Debug, Default, Args)]
+pub struct AgentArgs {
+    /// TOML file with any of these settings (keys in snake_case); flags and environment win
+    #[arg(long, env = "TSAGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The broker's gRPC URL [default: http://127.0.0.1:50051]
+    #[arg(long, env = "TSAGENT_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+    /// This machine's name in the farm [default: the host's FQDN, else its short name]
+    #[arg(long, env = "TSAGENT_MACHINE_NAME", value_name = "NAME")]
+    pub machine_name: Option<String>,
+    /// The farm (collection) this machine belongs to [default: default]
+    #[arg(long, env = "TSAGENT_FARM", value_name = "FARM")]
+    pub farm: Option<String>,
+    /// Where clients and other front doors reach this machine: its front door, or its RDP
+    /// service where no front door runs [default: <machine-name>:<front door port, else 3389>]
+    #[arg(long, env = "TSAGENT_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Relative capacity, 1..10000: weight 200 takes twice the sessions of weight 100
+    /// [default: 100]
+    #[arg(long, env = "TSAGENT_WEIGHT", value_name = "N")]
+    pub weight: Option<u32>,
+    /// Most sessions this machine hosts; 0 means no limit [default: 0]
+    #[arg(long, env = "TSAGENT_SESSION_LIMIT", value_name = "N")]
+    pub session_limit: Option<u32>,
+    /// Single-session mode: at most one session on this machine [default: false]
+    #[arg(long, env = "TSAGENT_SINGLE_SESSION", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub single_session: Option<bool>,
+    /// The local control socket that `tsagent session ...` (PAM, xrdp scripts) speaks to
+    /// [default: /run/tsagent/control.sock]
+    #[arg(long, env = "TSAGENT_CONTROL_SOCKET", value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Directory of the persisted session table, so a restart keeps the sessions still
+    /// running [default: /var/lib/tsagent]
+    #[arg(long, env = "TSAGENT_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Run the RDP front door on this address, e.g. 0.0.0.0:3389 (with the RDP service moved
+    /// to --local-rdp) [default: no front door]
+    #[arg(long, env = "TSAGENT_FRONT_DOOR", value_name = "ADDR")]
+    pub front_door: Option<SocketAddr>,
+    /// This machine's own RDP service, where the front door hands local connections
+    /// [default: 127.0.0.1:3390]
+    #[arg(long, env = "TSAGENT_LOCAL_RDP", value_name = "HOST:PORT")]
+    pub local_rdp: Option<String>,
+    /// How long a client may take to send its first packet before it is cut off [default: 10s]
+    #[arg(long, env = "TSAGENT_CLIENT_TIMEOUT", value_name = "DURATION")]
+    pub client_timeout: Option<humantime::Duration>,
+    /// Token sent to the broker as `authorization: Bearer <token>`
+    #[arg(
+        long,
+        env = "TSAGENT_AGENT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub agent_token: Option<String>,
+    /// Log line format: plain or json [default: plain]
+    #[arg(long, env = "TSAGENT_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report a session event to the running agent, or list its sessions (what PAM's
+    /// pam_exec and xrdp's session scripts call)
+    Session {
+        #[command(subcommand)]
+        action: SessionCommand,
+    },
+    /// Show the running agent's machine and its link to the broker
+    Status(SocketArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// A user logged on (a new session)
+    Logon(SessionEventArgs),
+    /// The client went away; the session keeps running
+    Disconnect(SessionEventArgs),
+    /// A client attached to a disconnected session
+    Reconnect(SessionEventArgs),
+    /// The session ended
+    Logoff(SessionEventArgs),
+    /// For pam_exec: logon on open_session, logoff on close_session, from PAM_TYPE,
+    /// PAM_USER and PAM_RHOST
+    Pam(SocketArg),
+    /// List the sessions the agent knows
+    List(SocketArg),
+}
+
+#[derive(Debug, Args)]
+pub struct SocketArg {
+    /// The agent's control socket
+    #[arg(long, env = "TSAGENT_CONTROL_SOCKET", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SessionEventArgs {
+    /// The session's user
+    #[arg(long, value_name = "USER")]
+    pub user: String,
+    /// The user's domain
+    #[arg(long, value_name = "DOMAIN")]
+    pub domain: Option<String>,
+    /// The session's number on this machine (for xrdp, the display number); without it a
+    /// logon gets a new number and other events act on the user's most recent session
+    #[arg(long, value_name = "N")]
+    pub session_id: Option<u32>,
+    /// The client's address, when known
+    #[arg(long, value_name = "ADDRESS")]
+    pub client_address: Option<String>,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "tsagent",
+            "--farm",
+            "f1",
+            "--single-session",
+            "--client-timeout",
+            "3s",
+            "--front-door",
+            "0.0.0.0:3389",
+        ])
+        .unwrap();
+        assert_eq!(cli.agent.farm.as_deref(), Some("f1"));
+        assert_eq!(cli.agent.single_session, Some(true));
+        assert_eq!(
+            *cli.agent.client_timeout.unwrap(),
+            std::time::Duration::from_secs(3)
+        );
+        let cli = Cli::try_parse_from([
+            "tsagent",
+            "session",
+            "logoff",
+            "--user",
+            "alice",
+            "--session-id",
+            "12",
+            "--control-socket",
+            "/tmp/x.sock",
+        ])
+        .unwrap();
+        let Some(Command::Session {
+            action: SessionCommand::Logoff(args),
+        }) = cli.command
+        else {
+            panic!("expected session logoff");
+        };
+        assert_eq!((args.user.as_str(), args.session_id), ("alice", Some(12)));
+        assert_eq!(args.socket.control_socket, PathBuf::from("/tmp/x.sock"));
+    }
+}

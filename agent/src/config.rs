@@ -1,0 +1,202 @@
+//! The agent's settings once parsed and checked: what `run` needs, with defaults that suit tests.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tsbroker_common::validate;
+
+pub const DEFAULT_BROKER_URL: &str = "http://127.0.0.1:50051";
+pub const DEFAULT_FARM: &str = "default";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tsagent/control.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tsagent";
+pub const DEFAULT_LOCAL_RDP: &str = "127.0.0.1:3390";
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Where the front door listens: an address to bind, or a listener the caller bound already
+/// (tests bind `127.0.0.1:0` and pass the listener in).
+#[derive(Debug)]
+pub enum FrontDoorBind {
+    Address(SocketAddr),
+    Listener(std::net::TcpListener),
+}
+
+/// How the agent reconnects to the broker: exponential backoff with full jitter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackoffSettings {
+    pub base: Duration,
+    pub cap: Duration,
+    /// A stream that stayed up this long resets the backoff to `base`.
+    pub healthy_after: Duration,
+}
+
+impl Default for BackoffSettings {
+    fn default() -> Self {
+        BackoffSettings {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything the agent runs with. Build one with [`AgentConfig::new`] and set fields.
+pub struct AgentConfig {
+    pub broker_url: String,
+    /// The machine's name (FQDN), unique in its farm.
+    pub machine_name: String,
+    pub farm: String,
+    /// "host:port" that clients and other front doors are sent to.
+    pub advertise: String,
+    pub weight: u32,
+    /// 0 means no limit.
+    pub session_limit: u32,
+    pub single_session: bool,
+    pub control_socket: PathBuf,
+    /// Holds the persisted session table.
+    pub state_dir: PathBuf,
+    /// `None`: no front door (sessions come from the control socket only).
+    pub front_door: Option<FrontDoorBind>,
+    /// "host:port" of this machine's own RDP service.
+    pub local_rdp: String,
+    /// How long a client may take to send its first packet.
+    pub client_timeout: Duration,
+    /// Sent as `authorization: Bearer <token>` on every call to the broker.
+    pub agent_token: Option<String>,
+    pub max_connections: usize,
+    pub backoff: BackoffSettings,
+    /// Load report interval used until the broker's Welcome names one.
+    pub default_heartbeat: Duration,
+    /// How often the front door refreshes its list of the farm's machines.
+    pub machine_refresh: Duration,
+    /// How long the stream waits for the broker's Welcome after ADDED.
+    pub welcome_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// A configuration with every default, for machine `machine_name` keeping its state in
+    /// `state_dir` (the control socket goes there too, as `control.sock`).
+    pub fn new(machine_name: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        let machine_name = machine_name.into();
+        let state_dir = state_dir.into();
+        AgentConfig {
+            broker_url: DEFAULT_BROKER_URL.to_owned(),
+            advertise: format!("{machine_name}:3389"),
+            machine_name,
+            farm: DEFAULT_FARM.to_owned(),
+            weight: validate::DEFAULT_WEIGHT,
+            session_limit: 0,
+            single_session: false,
+            control_socket: state_dir.join("control.sock"),
+            state_dir,
+            front_door: None,
+            local_rdp: DEFAULT_LOCAL_RDP.to_owned(),
+            client_timeout: DEFAULT_CLIENT_TIMEOUT,
+            agent_token: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            backoff: BackoffSettings::default(),
+            default_heartbeat: Duration::from_secs(5),
+            machine_refresh: Duration::from_secs(5),
+            welcome_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Checks every field; the error is one line naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let named = |setting: &str, error: validate::ValidationError| {
+            format!("--{setting}: {}", error.reason)
+        };
+        validate::machine_name("machine_name", &self.machine_name)
+            .map_err(|e| named("machine-name", e))?;
+        validate::farm_name("farm", &self.farm).map_err(|e| named("farm", e))?;
+        validate::address("advertise", &self.advertise).map_err(|e| named("advertise", e))?;
+        validate::weight("weight", self.weight, false).map_err(|e| named("weight", e))?;
+        validate::address("local_rdp", &self.local_rdp).map_err(|e| named("local-rdp", e))?;
+        if self.single_session && self.session_limit > 1 {
+            return Err("--session-limit: more than 1 with --single-session".to_owned());
+        }
+        let url_ok = self.broker_url.starts_with("http://")
+            && tonic::transport::Endpoint::from_shared(self.broker_url.clone()).is_ok();
+        if !url_ok {
+            return Err(format!(
+                "--broker: {:?} is not an http:// URL (TLS is not supported yet)",
+                self.broker_url
+            ));
+        }
+        if let Some(token) = &self.agent_token {
+            let printable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+            if !printable {
+                return Err("--agent-token: must be printable ASCII with no spaces".to_owned());
+            }
+        }
+        if self.client_timeout.is_zero() {
+            return Err("--client-timeout: must be more than zero".to_owned());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections: must be more than zero".to_owned());
+        }
+        if self.control_socket.as_os_str().is_empty() {
+            return Err("--control-socket: must not be empty".to_owned());
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err("--state-dir: must not be empty".to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AgentConfig {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("AgentConfig")
+            .field("broker_url", &self.broker_url)
+            .field("machine_name", &self.machine_name)
+            .field("farm", &self.farm)
+            .field("advertise", &self.advertise)
+            .field("weight", &self.weight)
+            .field("session_limit", &self.session_limit)
+            .field("single_session", &self.single_session)
+            .field("control_socket", &self.control_socket)
+            .field("state_dir", &self.state_dir)
+            .field("front_door", &self.front_door)
+            .field("local_rdp", &self.local_rdp)
+            .field("client_timeout", &self.client_timeout)
+            .field(
+                "agent_token",
+                &self.agent_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_token_is_redacted() {
+        let mut config = AgentConfig::new("ts1.example.com", "/tmp/x");
+        assert!(config.validate().is_ok());
+        assert_eq!(config.advertise, "ts1.example.com:3389");
+        config.agent_token = Some("s3cret".into());
+        assert!(!format!("{config:?}").contains("s3cret"));
+        config.broker_url = "grpc://x".into();
+        assert!(config.validate().unwrap_err().starts_with("--broker"));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut config = AgentConfig::new("ts1", "/tmp/x");
+        config.weight = 0;
+        assert!(config.validate().unwrap_err().starts_with("--weight"));
+        let mut config = AgentConfig::new("ts1", "/tmp/x");
+        config.advertise = "nope".into();
+        assert!(config.validate().unwrap_err().starts_with("--advertise"));
+        let mut config = AgentConfig::new("ts 1", "/tmp/x");
+        config.advertise = "ts1:3389".into();
+        assert!(config.validate().unwrap_err().starts_with("--machine-name"));
+    }
+}

@@ -1,0 +1,163 @@
+//! The CLI's side of the control socket: sends one request, reads one response, and prints
+//! it for people (`session list` as a table).
+
+use std::io::ErrorKind;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::{AgentStatus, MAX_LINE, Request, Response};
+use crate::directory::{RecordState, SessionRecord};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends `request` to the agent listening on `socket` and returns its response.
+pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    tokio::time::timeout(CALL_TIMEOUT, call_inner(socket, request))
+        .await
+        .map_err(|_| anyhow!("the agent at {} did not answer in time", socket.display()))?
+}
+
+async fn call_inner(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|error| match error.kind() {
+            ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow!(
+                "agent not running (nothing listening on {})",
+                socket.display()
+            ),
+            ErrorKind::PermissionDenied => anyhow!(
+                "permission denied on {} (the control socket is owner-only)",
+                socket.display()
+            ),
+            _ => anyhow!("connect to {}: {error}", socket.display()),
+        })?;
+    let (reader, mut writer) = stream.into_split();
+    let mut bytes = serde_json::to_vec(request).context("encode request")?;
+    bytes.push(b'\n');
+    writer.write_all(&bytes).await.context("send request")?;
+    let mut line = Vec::new();
+    BufReader::new(reader.take(MAX_LINE as u64))
+        .read_until(b'\n', &mut line)
+        .await
+        .context("read response")?;
+    serde_json::from_slice(&line).context("the agent's response is not understood")
+}
+
+/// Human-readable text for a response; `Err` carries the agent's error message.
+pub fn render(response: &Response) -> Result<String, String> {
+    match response {
+        Response::Error { message } => Err(message.clone()),
+        Response::Session { session, ended } => Ok(format!(
+            "session {} of {} {}",
+            session.session_id,
+            qualified_user(session),
+            if *ended {
+                "ended"
+            } else {
+                match session.state {
+                    RecordState::Active => "is active",
+                    RecordState::Disconnected => "is disconnected",
+                }
+            }
+        )),
+        Response::Sessions { sessions } => Ok(session_table(sessions)),
+        Response::Status { status } => Ok(status_text(status)),
+    }
+}
+
+fn qualified_user(session: &SessionRecord) -> String {
+    if session.domain.is_empty() {
+        session.user_name.clone()
+    } else {
+        format!("{}\\{}", session.domain, session.user_name)
+    }
+}
+
+fn state_text(state: RecordState) -> &'static str {
+    match state {
+        RecordState::Active => "active",
+        RecordState::Disconnected => "disconnected",
+    }
+}
+
+fn time_text(millis: i64) -> String {
+    let time = u64::try_from(millis)
+        .ok()
+        .map(|millis| std::time::UNIX_EPOCH + Duration::from_millis(millis));
+    match time {
+        Some(time) => humantime::format_rfc3339_seconds(time).to_string(),
+        None => "-".to_owned(),
+    }
+}
+
+/// The sessions as an aligned table.
+pub fn session_table(sessions: &[SessionRecord]) -> String {
+    let header = ["ID", "USER", "STATE", "CLIENT", "LOGON", "SOURCE"].map(str::to_owned);
+    let mut rows = vec![header];
+    for session in sessions {
+        rows.push([
+            session.session_id.to_string(),
+            qualified_user(session),
+            state_text(session.state).to_owned(),
+            if session.client_address.is_empty() {
+                "-".to_owned()
+            } else {
+                session.client_address.clone()
+            },
+            time_text(session.logon_time_ms),
+            match session.origin {
+                crate::directory::Origin::Control => "control".to_owned(),
+                crate::directory::Origin::FrontDoor => "front-door".to_owned(),
+            },
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        text.push_str(cells.join("  ").trim_end());
+        text.push('\n');
+    }
+    if sessions.is_empty() {
+        text.push_str("(no sessions)\n");
+    }
+    text.trim_end().to_owned()
+}
+
+fn status_text(status: &AgentStatus) -> String {
+    let link = &status.link;
+    let broker = if link.connected {
+        format!("connected (machine id {})", link.machine_id)
+    } else if link.last_error.is_empty() {
+        "not connected".to_owned()
+    } else {
+        format!("not connected: {}", link.last_error)
+    };
+    format!(
+        "machine: {} in farm {}\nadvertised: {}\nfront door: {}\nbroker: {broker}\nsettings: weight {}, session limit {}, {}",
+        status.machine_name,
+        status.farm,
+        status.advertise,
+        status.front_door.as_deref().unwrap_or("off"),
+        link.weight,
+        link.session_limit,
+        if link.draining {
+            "draining"
+        } else {
+            "not draining"
+        },
+    )
+}

@@ -1,0 +1,69 @@
+//! The local control socket: newline-delimited JSON, one request and one response per
+//! connection. PAM (`pam_exec`) and the RDP service's scripts report sessions through it via
+//! `tsagent session …`; `tsagent session list` and `tsagent status` read from it.
+
+pub mod client;
+pub mod server;
+#[cfg(test)]
+mod tests;
+
+use serde::{Deserialize, Serialize};
+
+use crate::directory::SessionRecord;
+use crate::stream::LinkStatus;
+
+/// Longest request or response line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Which session a session event names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionArgs {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Logon(SessionArgs),
+    Disconnect(SessionArgs),
+    Reconnect(SessionArgs),
+    Logoff(SessionArgs),
+    List,
+    Status,
+}
+
+/// The machine and its link to the broker, for `tsagent status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub machine_name: String,
+    pub farm: String,
+    pub advertise: String,
+    pub front_door: Option<String>,
+    pub link: LinkStatus,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Session {
+        session: SessionRecord,
+        /// The event ended the session (a logoff).
+        #[serde(default)]
+        ended: bool,
+    },
+    Sessions {
+        sessions: Vec<SessionRecord>,
+    },
+    Status {
+        status: Box<AgentStatus>,
+    },
+    Error {
+        message: String,
+    },
+}

@@ -1,0 +1,129 @@
+//! Control protocol round trips over a real Unix socket in a temporary directory.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use super::client::{call, render};
+use super::server::{ControlHandler, bind, serve};
+use super::*;
+use crate::directory::Directory;
+
+fn args(user: &str, session_id: Option<u32>) -> SessionArgs {
+    SessionArgs {
+        user: user.to_owned(),
+        session_id,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn requests_round_trip_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/control.sock");
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let handler = ControlHandler {
+        directory,
+        status: Arc::new(Mutex::new(Default::default())),
+        machine_name: "ts1".into(),
+        farm: "default".into(),
+        advertise: "ts1:3389".into(),
+        front_door: None,
+    };
+    let listener = bind(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, path.clone(), handler, shutdown.clone()));
+
+    let logon = Request::Logon(SessionArgs {
+        domain: Some("CORP".into()),
+        client_address: Some("192.0.2.7:50000".into()),
+        ..args("alice", Some(10))
+    });
+    let Response::Session { session, .. } = call(&path, &logon).await.unwrap() else {
+        panic!("expected a session");
+    };
+    assert_eq!(
+        (session.session_id, session.user_name.as_str()),
+        (10, "alice")
+    );
+    call(&path, &Request::Disconnect(args("alice", None)))
+        .await
+        .unwrap();
+    let listed = call(&path, &Request::List).await.unwrap();
+    let table = render(&listed).unwrap();
+    assert!(table.contains("CORP\\alice"), "{table}");
+    assert!(table.contains("disconnected"), "{table}");
+
+    let Response::Session { session, .. } = call(&path, &Request::Logon(args("CORP\\carol", None)))
+        .await
+        .unwrap()
+    else {
+        panic!("expected a session");
+    };
+    assert_eq!(
+        (session.domain.as_str(), session.user_name.as_str()),
+        ("CORP", "carol")
+    );
+    let refused = call(&path, &Request::Logoff(args("bob", None)))
+        .await
+        .unwrap();
+    assert!(render(&refused).unwrap_err().contains("no session"));
+    let status = call(&path, &Request::Status).await.unwrap();
+    assert!(render(&status).unwrap().contains("ts1 in farm default"));
+
+    // A second agent on the same socket is refused.
+    assert!(
+        bind(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("another agent")
+    );
+
+    shutdown.cancel();
+    server.await.unwrap();
+    assert!(!path.exists());
+    let error = call(&path, &Request::List).await.unwrap_err();
+    assert!(error.to_string().contains("agent not running"), "{error}");
+}
+
+#[tokio::test]
+async fn stale_socket_is_replaced_and_garbage_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let listener = bind(&path).unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let handler = ControlHandler {
+        directory,
+        status: Arc::new(Mutex::new(Default::default())),
+        machine_name: "ts1".into(),
+        farm: "default".into(),
+        advertise: "ts1:3389".into(),
+        front_door: None,
+    };
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, path.clone(), handler, shutdown.clone()));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    stream.write_all(b"{\"op\":\"explode\"}\n").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.contains("bad request"), "{answer}");
+    shutdown.cancel();
+    server.await.unwrap();
+}
+
+#[test]
+fn wire_format_is_stable() {
+    let request = Request::Logon(args("alice", Some(3)));
+    assert_eq!(
+        serde_json::to_string(&request).unwrap(),
+        r#"{"op":"logon","user":"alice","session_id":3}"#
+    );
+    let list: Request = serde_json::from_str(r#"{"op":"list"}"#).unwrap();
+    assert_eq!(list, Request::List);
+}

@@ -1,0 +1,289 @@
+//! The agent's own session table: every session on this machine, from the control socket
+//! (PAM, xrdp scripts) and from the front door's view; persisted so that an agent restart
+//! keeps it; every change is numbered and sent to the stream task.
+
+mod rules;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tsbroker_common::model::{self, SessionEventKind, SessionInfo, SessionState};
+
+use store::TableFile;
+
+/// Session ids the agent allocates itself (for a session whose real number it does not know)
+/// start here, far above the display numbers xrdp uses.
+pub const FIRST_ALLOCATED_SESSION_ID: u32 = 100_000;
+/// mstsc cuts the `mstshash` cookie to this many characters.
+pub const TRUNCATED_COOKIE_LEN: usize = 9;
+/// A front-door logon not confirmed by a local session source counts as "in flight" this long.
+const PENDING_LOGON_MS: i64 = 60_000;
+
+/// Who told the agent about a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The control socket: PAM or the RDP service's own scripts.
+    Control,
+    /// The front door handed a connection for this user to the local RDP service; the user
+    /// name may be a truncated cookie.
+    FrontDoor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    Active,
+    Disconnected,
+}
+
+impl From<RecordState> for SessionState {
+    fn from(state: RecordState) -> Self {
+        match state {
+            RecordState::Active => SessionState::Active,
+            RecordState::Disconnected => SessionState::Disconnected,
+        }
+    }
+}
+
+/// One session as the table keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub session_id: u32,
+    pub user_name: String,
+    #[serde(default)]
+    pub domain: String,
+    pub state: RecordState,
+    #[serde(default)]
+    pub client_address: String,
+    /// Milliseconds since the Unix epoch.
+    pub logon_time_ms: i64,
+    /// When the state last changed (ms since the epoch).
+    pub changed_ms: i64,
+    pub origin: Origin,
+    /// Which front-door connection is attached, so that only its own end disconnects it.
+    #[serde(default)]
+    pub attachment: u64,
+}
+
+impl SessionRecord {
+    pub fn to_info(&self) -> SessionInfo {
+        SessionInfo {
+            session_id: self.session_id,
+            user_name: self.user_name.clone(),
+            domain: self.domain.clone(),
+            state: self.state.into(),
+            client_address: self.client_address.clone(),
+            logon_time_ms: Some(self.logon_time_ms),
+        }
+    }
+}
+
+/// A change for the broker, numbered in the order the table made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NumberedEvent {
+    pub version: u64,
+    pub kind: SessionEventKind,
+    pub session: SessionInfo,
+}
+
+/// What a session source asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionRequest {
+    pub user_name: String,
+    /// Empty matches sessions of any domain.
+    pub domain: String,
+    /// `None`: a logon gets a new id; other events act on the user's most recent session.
+    pub session_id: Option<u32>,
+    /// Empty when unknown.
+    pub client_address: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DirectoryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no session {0}")]
+    NoSuchSession(String),
+    #[error("session {session_id} belongs to {owner:?}, not {user:?}")]
+    WrongUser {
+        session_id: u32,
+        owner: String,
+        user: String,
+    },
+}
+
+/// A front-door connection attached to a local session; give it back with
+/// [`Directory::front_door_detach`] when the connection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub session_id: u32,
+    pub attachment: u64,
+}
+
+pub(crate) struct Table {
+    sessions: BTreeMap<u32, SessionRecord>,
+    next_session_id: u32,
+    version: u64,
+    attachments: u64,
+    events: mpsc::UnboundedSender<NumberedEvent>,
+}
+
+/// The shared handle to the table; cheap to clone.
+#[derive(Clone)]
+pub struct Directory {
+    table: Arc<Mutex<Table>>,
+    file: TableFile,
+}
+
+/// The receiving end of the table's changes, owned by the stream task.
+pub type DirectoryEvents = mpsc::UnboundedReceiver<NumberedEvent>;
+
+impl Directory {
+    /// Loads the table of `state_dir` (creating the directory if needed).
+    pub fn open(state_dir: &Path) -> anyhow::Result<(Directory, DirectoryEvents)> {
+        let file = TableFile::open(state_dir)?;
+        let stored = file.load()?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut sessions = BTreeMap::new();
+        for mut record in stored.sessions {
+            if model::user_key(&record.user_name).is_empty() {
+                continue;
+            }
+            // No front-door connection survives a restart.
+            record.attachment = 0;
+            sessions.insert(record.session_id, record);
+        }
+        tracing::info!(path = %file.path().display(), sessions = sessions.len(), "session table loaded");
+        let table = Table {
+            sessions,
+            next_session_id: stored.next_session_id.max(FIRST_ALLOCATED_SESSION_ID),
+            version: 0,
+            attachments: 0,
+            events: sender,
+        };
+        let directory = Directory {
+            table: Arc::new(Mutex::new(table)),
+            file,
+        };
+        Ok((directory, receiver))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock cannot leave the map half-written: keep going.
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies an event from a session source (the control socket).
+    pub fn apply(
+        &self,
+        kind: SessionEventKind,
+        request: SessionRequest,
+    ) -> Result<SessionRecord, DirectoryError> {
+        let request = rules::checked(request)?;
+        let mut table = self.lock();
+        let result = rules::apply(&mut table, kind, request, model::now_millis());
+        if result.is_ok() {
+            self.persist(&table);
+        }
+        result
+    }
+
+    /// The front door handed a connection for `user_name` to the local RDP service: a
+    /// reconnection to the user's session here, or a new logon. `None` when the name is not
+    /// usable as a user name.
+    pub fn front_door_attach(
+        &self,
+        user_name: &str,
+        domain: &str,
+        client_address: &str,
+    ) -> Option<Attachment> {
+        let request = rules::checked(SessionRequest {
+            user_name: user_name.to_owned(),
+            domain: domain.to_owned(),
+            session_id: None,
+            client_address: client_address.to_owned(),
+        })
+        .ok()?;
+        let mut table = self.lock();
+        let attachment = rules::front_door_attach(&mut table, request, model::now_millis());
+        self.persist(&table);
+        Some(attachment)
+    }
+
+    /// The front-door connection ended: the session is disconnected, unless it was logged
+    /// off meanwhile or another connection took it over.
+    pub fn front_door_detach(&self, attachment: Attachment) {
+        let mut table = self.lock();
+        if rules::front_door_detach(&mut table, attachment, model::now_millis()) {
+            self.persist(&table);
+        }
+    }
+
+    /// Every session with the version of the latest change they include.
+    pub fn snapshot(&self) -> (u64, Vec<SessionInfo>) {
+        let table = self.lock();
+        let sessions = table
+            .sessions
+            .values()
+            .map(SessionRecord::to_info)
+            .collect();
+        (table.version, sessions)
+    }
+
+    /// Every session as the table keeps it.
+    pub fn list(&self) -> Vec<SessionRecord> {
+        self.lock().sessions.values().cloned().collect()
+    }
+
+    /// (sessions, front-door logons not yet confirmed by a local session source).
+    pub fn counts(&self) -> (u32, u32) {
+        let table = self.lock();
+        let now = model::now_millis();
+        let pending = table
+            .sessions
+            .values()
+            .filter(|record| {
+                record.origin == Origin::FrontDoor
+                    && now.saturating_sub(record.logon_time_ms) < PENDING_LOGON_MS
+            })
+            .count();
+        (clamp_u32(table.sessions.len()), clamp_u32(pending))
+    }
+
+    fn persist(&self, table: &Table) {
+        let sessions = table.sessions.values().cloned().collect();
+        if let Err(error) = self.file.save(table.next_session_id, sessions) {
+            // The change stands in memory and reaches the broker; only a restart could lose it.
+            tracing::error!(
+                error = format!("{error:#}"),
+                "could not save the session table"
+            );
+        }
+    }
+}
+
+fn clamp_u32(count: usize) -> u32 {
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
+impl Table {
+    /// Numbers a change and hands it to the stream task (which may be away: the change is
+    /// in the table regardless, and the next RESYNC carries it).
+    fn emit(&mut self, kind: SessionEventKind, record: &SessionRecord) {
+        self.version += 1;
+        let _ = self.events.send(NumberedEvent {
+            version: self.version,
+            kind,
+            session: record.to_info(),
+        });
+    }
+}

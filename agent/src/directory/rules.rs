@@ -1,0 +1,308 @@
+//! The table's rules: which session an event acts on, merging front-door logons with the
+//! logons PAM reports, allocating ids, and the events the broker is sent for each change.
+
+use tsbroker_common::model::{SessionEventKind, user_key};
+use tsbroker_common::validate;
+
+use super::{
+    Attachment, DirectoryError, Origin, RecordState, SessionRecord, SessionRequest,
+    TRUNCATED_COOKIE_LEN, Table,
+};
+
+/// The request with its names checked and the domain and address trimmed of nothing.
+pub(super) fn checked(request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
+    let invalid = |error: validate::ValidationError| DirectoryError::Invalid(error.to_string());
+    validate::user_name("user", &request.user_name).map_err(invalid)?;
+    validate::domain("domain", &request.domain).map_err(invalid)?;
+    if !request.client_address.is_empty() {
+        validate::plain_name(
+            "client_address",
+            &request.client_address,
+            validate::MAX_ADDRESS,
+            false,
+        )
+        .map_err(invalid)?;
+    }
+    Ok(request)
+}
+
+fn domains_match(record: &SessionRecord, domain: &str) -> bool {
+    domain.is_empty() || record.domain.is_empty() || record.domain.eq_ignore_ascii_case(domain)
+}
+
+/// The record is this user's: same name, or a front-door record whose name is the 9-character
+/// cookie that mstsc cut the user's name to.
+fn is_users(record: &SessionRecord, user_name: &str, domain: &str) -> bool {
+    if !domains_match(record, domain) {
+        return false;
+    }
+    let record_key = user_key(&record.user_name);
+    let key = user_key(user_name);
+    record_key == key
+        || (record.origin == Origin::FrontDoor
+            && record.user_name.chars().count() == TRUNCATED_COOKIE_LEN
+            && key.starts_with(&record_key))
+}
+
+/// The user's most recent session, preferring those in `preferred` state.
+fn users_session(
+    table: &Table,
+    user_name: &str,
+    domain: &str,
+    preferred: Option<RecordState>,
+    origin: Option<Origin>,
+) -> Option<u32> {
+    table
+        .sessions
+        .values()
+        .filter(|record| is_users(record, user_name, domain))
+        .filter(|record| origin.is_none_or(|origin| record.origin == origin))
+        .max_by_key(|record| {
+            (
+                preferred.is_some_and(|state| record.state == state),
+                record.changed_ms,
+                record.session_id,
+            )
+        })
+        .map(|record| record.session_id)
+}
+
+fn allocate_id(table: &mut Table) -> u32 {
+    let mut candidate = table.next_session_id;
+    while table.sessions.contains_key(&candidate) {
+        candidate = candidate
+            .checked_add(1)
+            .unwrap_or(super::FIRST_ALLOCATED_SESSION_ID);
+    }
+    table.next_session_id = candidate
+        .checked_add(1)
+        .unwrap_or(super::FIRST_ALLOCATED_SESSION_ID);
+    candidate
+}
+
+/// Moves a front-door record under the id and full name a local source reports; the broker
+/// is told the old one ended when the id changes.
+fn adopt(table: &mut Table, old_id: u32, request: &SessionRequest) -> Option<u32> {
+    let mut record = table.sessions.remove(&old_id)?;
+    let new_id = request.session_id.unwrap_or(old_id);
+    if new_id != old_id {
+        table.emit(SessionEventKind::Logoff, &record);
+    }
+    if let Some(displaced) = table.sessions.remove(&new_id) {
+        tracing::warn!(session_id = new_id, user = %displaced.user_name, "session replaced by a new logon");
+        table.emit(SessionEventKind::Logoff, &displaced);
+    }
+    record.session_id = new_id;
+    record.user_name = request.user_name.clone();
+    if !request.domain.is_empty() {
+        record.domain = request.domain.clone();
+    }
+    if !request.client_address.is_empty() {
+        record.client_address = request.client_address.clone();
+    }
+    record.origin = Origin::Control;
+    table.sessions.insert(new_id, record);
+    Some(new_id)
+}
+
+fn new_record(table: &mut Table, request: &SessionRequest, origin: Origin, now: i64) -> u32 {
+    let session_id = match request.session_id {
+        Some(session_id) => session_id,
+        None => allocate_id(table),
+    };
+    if let Some(displaced) = table.sessions.remove(&session_id) {
+        tracing::warn!(session_id, user = %displaced.user_name, "session replaced by a new logon");
+        table.emit(SessionEventKind::Logoff, &displaced);
+    }
+    let record = SessionRecord {
+        session_id,
+        user_name: request.user_name.clone(),
+        domain: request.domain.clone(),
+        state: RecordState::Active,
+        client_address: request.client_address.clone(),
+        logon_time_ms: now,
+        changed_ms: now,
+        origin,
+        attachment: 0,
+    };
+    table.sessions.insert(session_id, record);
+    session_id
+}
+
+/// Applies a control-socket event; returns the session after it.
+pub(super) fn apply(
+    table: &mut Table,
+    kind: SessionEventKind,
+    request: SessionRequest,
+    now: i64,
+) -> Result<SessionRecord, DirectoryError> {
+    // Find the session the event is about.
+    let existing = match request.session_id {
+        Some(session_id) => table.sessions.get(&session_id).map(|record| {
+            if is_users(record, &request.user_name, &request.domain) {
+                Ok(session_id)
+            } else {
+                Err(DirectoryError::WrongUser {
+                    session_id,
+                    owner: record.user_name.clone(),
+                    user: request.user_name.clone(),
+                })
+            }
+        }),
+        None if kind == SessionEventKind::Logon => None,
+        None => {
+            let preferred = match kind {
+                SessionEventKind::Disconnect => Some(RecordState::Active),
+                SessionEventKind::Reconnect => Some(RecordState::Disconnected),
+                _ => None,
+            };
+            users_session(table, &request.user_name, &request.domain, preferred, None).map(Ok)
+        }
+    };
+    let session_id = match existing {
+        // A logon naming another user's session id: that session is over.
+        Some(Err(DirectoryError::WrongUser { .. })) if kind == SessionEventKind::Logon => {
+            new_record(table, &request, Origin::Control, now)
+        }
+        Some(Err(error)) => return Err(error),
+        Some(Ok(session_id)) => match table.sessions.get(&session_id) {
+            Some(record) if record.origin == Origin::FrontDoor => {
+                adopt(table, session_id, &request).unwrap_or(session_id)
+            }
+            _ => session_id,
+        },
+        None => {
+            // A session the front door saw for this user is the same session: merge into it.
+            let front_door = users_session(
+                table,
+                &request.user_name,
+                &request.domain,
+                None,
+                Some(Origin::FrontDoor),
+            );
+            match front_door.and_then(|old_id| adopt(table, old_id, &request)) {
+                Some(session_id) => session_id,
+                None if kind == SessionEventKind::Logoff => {
+                    return Err(DirectoryError::NoSuchSession(describe(&request)));
+                }
+                None => {
+                    // A session the agent never saw start: it exists now.
+                    let session_id = new_record(table, &request, Origin::Control, now);
+                    if kind != SessionEventKind::Logon
+                        && let Some(record) = table.sessions.get(&session_id).cloned()
+                    {
+                        table.emit(SessionEventKind::Logon, &record);
+                    }
+                    session_id
+                }
+            }
+        }
+    };
+    change(table, session_id, kind, &request.client_address, now)
+        .ok_or_else(|| DirectoryError::NoSuchSession(describe(&request)))
+}
+
+/// Sets the state the event leaves the session in and tells the broker.
+fn change(
+    table: &mut Table,
+    session_id: u32,
+    kind: SessionEventKind,
+    client_address: &str,
+    now: i64,
+) -> Option<SessionRecord> {
+    if kind == SessionEventKind::Logoff {
+        let record = table.sessions.remove(&session_id)?;
+        table.emit(kind, &record);
+        return Some(record);
+    }
+    let record = table.sessions.get_mut(&session_id)?;
+    let state = match kind {
+        SessionEventKind::Disconnect => RecordState::Disconnected,
+        _ => RecordState::Active,
+    };
+    if record.state != state {
+        record.changed_ms = now;
+    }
+    record.state = state;
+    if !client_address.is_empty() {
+        record.client_address = client_address.to_owned();
+    }
+    let record = record.clone();
+    table.emit(kind, &record);
+    Some(record)
+}
+
+fn describe(request: &SessionRequest) -> String {
+    match request.session_id {
+        Some(session_id) => format!("{session_id} for user {:?}", request.user_name),
+        None => format!("for user {:?}", request.user_name),
+    }
+}
+
+/// A front-door connection to the local RDP service for `request.user_name`.
+pub(super) fn front_door_attach(
+    table: &mut Table,
+    request: SessionRequest,
+    now: i64,
+) -> Attachment {
+    let hint_key = user_key(&request.user_name);
+    let hint_is_truncated = request.user_name.chars().count() == TRUNCATED_COOKIE_LEN;
+    // The cookie may be the first 9 characters of the name a local source reported.
+    let found = table
+        .sessions
+        .values()
+        .filter(|record| domains_match(record, &request.domain))
+        .filter(|record| {
+            let key = user_key(&record.user_name);
+            key == hint_key || (hint_is_truncated && key.starts_with(&hint_key))
+        })
+        .max_by_key(|record| {
+            (
+                record.state == RecordState::Disconnected,
+                record.changed_ms,
+                record.session_id,
+            )
+        })
+        .map(|record| record.session_id);
+    let (session_id, kind) = match found {
+        Some(session_id) => (session_id, SessionEventKind::Reconnect),
+        None => (
+            new_record(table, &request, Origin::FrontDoor, now),
+            SessionEventKind::Logon,
+        ),
+    };
+    table.attachments += 1;
+    let attachment = table.attachments;
+    if let Some(record) = table.sessions.get_mut(&session_id) {
+        record.attachment = attachment;
+        if kind == SessionEventKind::Reconnect && record.state != RecordState::Active {
+            record.state = RecordState::Active;
+            record.changed_ms = now;
+        }
+        if !request.client_address.is_empty() {
+            record.client_address = request.client_address.clone();
+        }
+        let record = record.clone();
+        table.emit(kind, &record);
+    }
+    Attachment {
+        session_id,
+        attachment,
+    }
+}
+
+/// Returns whether the table changed.
+pub(super) fn front_door_detach(table: &mut Table, attachment: Attachment, now: i64) -> bool {
+    let Some(record) = table.sessions.get_mut(&attachment.session_id) else {
+        return false;
+    };
+    if record.attachment != attachment.attachment || record.state != RecordState::Active {
+        return false;
+    }
+    record.attachment = 0;
+    record.state = RecordState::Disconnected;
+    record.changed_ms = now;
+    let record = record.clone();
+    table.emit(SessionEventKind::Disconnect, &record);
+    true
+}

@@ -1,0 +1,104 @@
+//! The session table on disk: one JSON file in the state directory, replaced atomically
+//! (write a temporary file, sync it, rename it over the old one, sync the directory).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::SessionRecord;
+
+const FILE_NAME: &str = "sessions.json";
+const FORMAT: u32 = 1;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(super) struct StoredTable {
+    pub format: u32,
+    pub next_session_id: u32,
+    pub sessions: Vec<SessionRecord>,
+}
+
+/// Reads and writes the table file of one state directory.
+#[derive(Debug, Clone)]
+pub(super) struct TableFile {
+    path: PathBuf,
+}
+
+impl TableFile {
+    /// Creates the state directory if needed.
+    pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("create state directory {}", state_dir.display()))?;
+        Ok(TableFile {
+            path: state_dir.join(FILE_NAME),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored table; an empty one when there is no file yet. A file that cannot be read
+    /// as a table is moved aside (so the agent still starts) and reported in the log.
+    pub fn load(&self) -> anyhow::Result<StoredTable> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(StoredTable::default());
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("read {}", self.path.display()));
+            }
+        };
+        match serde_json::from_str::<StoredTable>(&text) {
+            Ok(table) if table.format == FORMAT => Ok(table),
+            Ok(table) => Err(anyhow::anyhow!(
+                "{} has format {}, this agent reads format {FORMAT}",
+                self.path.display(),
+                table.format
+            )),
+            Err(error) => {
+                let aside = self.path.with_extension(format!(
+                    "json.corrupt-{}",
+                    tsbroker_common::model::now_millis()
+                ));
+                tracing::error!(
+                    path = %self.path.display(),
+                    moved_to = %aside.display(),
+                    %error,
+                    "session table unreadable, starting with an empty one"
+                );
+                std::fs::rename(&self.path, &aside)
+                    .with_context(|| format!("move aside {}", self.path.display()))?;
+                Ok(StoredTable::default())
+            }
+        }
+    }
+
+    /// Replaces the file with `table`, atomically.
+    pub fn save(&self, next_session_id: u32, sessions: Vec<SessionRecord>) -> anyhow::Result<()> {
+        let table = StoredTable {
+            format: FORMAT,
+            next_session_id,
+            sessions,
+        };
+        let bytes = serde_json::to_vec_pretty(&table).context("encode session table")?;
+        let temporary = self.path.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&temporary)
+            .with_context(|| format!("create {}", temporary.display()))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("write {}", temporary.display()))?;
+        drop(file);
+        std::fs::rename(&temporary, &self.path)
+            .with_context(|| format!("rename {} into place", temporary.display()))?;
+        if let Some(parent) = self.path.parent()
+            && let Ok(directory) = std::fs::File::open(parent)
+        {
+            // Makes the rename itself durable; not every file system allows it.
+            let _ = directory.sync_all();
+        }
+        Ok(())
+    }
+}

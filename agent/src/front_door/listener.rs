@@ -1,0 +1,150 @@
+//! The accept loop and the life of one client connection: first packet within the client
+//! timeout, PROXY header trust, the routing decision, then the splice.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::route::{self, Decision};
+use super::{FrontDoorShared, first_packet, splice};
+
+/// Accepts connections until `shutdown`, at most `max_connections` at once.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<FrontDoorShared>,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(shared.settings.max_connections));
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                tracing::warn!(%error, "front door accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let span = tracing::info_span!("client", client = %peer);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                handle(&shared, stream, peer, &shutdown).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// One client connection, start to end. Logs its own failures.
+pub async fn handle(
+    shared: &FrontDoorShared,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) {
+    let read = tokio::time::timeout(
+        shared.settings.client_timeout,
+        first_packet::read(&mut client),
+    );
+    let first = tokio::select! {
+        () = shutdown.cancelled() => return,
+        read = read => read,
+    };
+    let first = match first {
+        Ok(Ok(first)) => first,
+        Ok(Err(error)) => {
+            tracing::info!(%error, "bad first packet, closing");
+            return;
+        }
+        Err(_) => {
+            tracing::info!("no complete first packet within the client timeout, closing");
+            return;
+        }
+    };
+    let hint = &first.request.hint;
+    tracing::debug!(?hint, protocols = ?first.request.requested_protocols, "connection request");
+
+    if let Some(source) = first.proxied {
+        // Already routed by another front door: never ask the broker again (no loops).
+        let Some(machine) = shared.machines.peer(peer.ip()).await else {
+            tracing::warn!("proxy header from a peer that is not a machine of the farm, closing");
+            return;
+        };
+        let client_address = source.unwrap_or(peer);
+        tracing::info!(from_machine = %machine.name, client_address = %client_address, "connection routed here by another front door");
+        let user = match hint {
+            super::x224::RoutingHint::UserName(name) => route::user_from_cookie(name),
+            _ => None,
+        };
+        splice::to_local(
+            shared,
+            &mut client,
+            client_address,
+            &first.packet,
+            user,
+            shutdown,
+        )
+        .await;
+        return;
+    }
+
+    let arrived_at = client.local_addr().unwrap_or(peer);
+    match route::decide(shared, hint, peer, arrived_at).await {
+        Decision::Local { user, why } => {
+            tracing::info!(why, "routing to the local rdp service");
+            splice::to_local(shared, &mut client, peer, &first.packet, user, shutdown).await;
+        }
+        Decision::Remote {
+            machine_id,
+            machine_name,
+            address,
+            reconnection,
+            external,
+            user,
+        } => match splice::connect(&address).await {
+            Ok(upstream) => {
+                tracing::info!(machine = %machine_name, %machine_id, %address, reconnection, "routing to another machine");
+                splice::to_remote(
+                    &mut client,
+                    upstream,
+                    peer,
+                    &first.packet,
+                    external,
+                    shutdown,
+                )
+                .await;
+            }
+            Err(error) if reconnection => {
+                // The user's session is there: another machine would open a second one.
+                tracing::warn!(machine = %machine_name, error = format!("{error:#}"), "machine of the user's session unreachable, closing");
+            }
+            Err(error) => {
+                tracing::warn!(machine = %machine_name, error = format!("{error:#}"), "chosen machine unreachable, using the local rdp service");
+                splice::to_local(shared, &mut client, peer, &first.packet, user, shutdown).await;
+            }
+        },
+        Decision::Refuse { why } => {
+            tracing::warn!(why, "connection refused");
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! The front door's view of its farm: the machines `Broker.ListMachines` returns, refreshed
+//! every few seconds, with the IP addresses their names and advertised hosts resolve to. It
+//! answers "is this peer a machine of the farm?" (to trust a PROXY header) and "which READY
+//! machine does this routing token name?" (so the front door is never an open proxy).
+
+use std::net::{IpAddr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tsbroker_common::proto::v1 as pb;
+
+use crate::broker_client::Broker;
+
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A miss may trigger a refresh, at most this often.
+const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
+
+/// One machine of the farm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownMachine {
+    pub id: String,
+    pub name: String,
+    /// Advertised "host:port".
+    pub address: String,
+    pub ready: bool,
+    /// What the name and the advertised host resolve to.
+    pub ips: Vec<IpAddr>,
+    pub port: u16,
+}
+
+#[derive(Default)]
+struct CacheState {
+    machines: Vec<KnownMachine>,
+    /// The last attempt, successful or not (limits on-demand refreshes).
+    attempted: Option<Instant>,
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone)]
+pub struct MachineCache {
+    broker: Broker,
+    farm: String,
+    state: Arc<RwLock<CacheState>>,
+    refreshing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Splits "host:port", removing brackets around an IPv6 host.
+pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|host| host.strip_suffix(']'))
+        .unwrap_or(host);
+    Some((host, port.parse().ok()?))
+}
+
+async fn resolve(host: &str) -> Vec<IpAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return vec![ip.to_canonical()];
+    }
+    let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await;
+    match lookup {
+        Ok(Ok(addresses)) => addresses
+            .map(|address| address.ip().to_canonical())
+            .collect(),
+        _ => {
+            tracing::debug!(host, "could not resolve a farm machine's host");
+            Vec::new()
+        }
+    }
+}
+
+async fn known(machine: pb::Machine) -> Option<KnownMachine> {
+    if machine.state == pb::MachineState::Removed as i32 {
+        return None;
+    }
+    let (host, port) = split_host_port(&machine.address)?;
+    let mut ips = resolve(host).await;
+    if !machine.name.eq_ignore_ascii_case(host) {
+        ips.extend(resolve(&machine.name).await);
+    }
+    ips.sort();
+    ips.dedup();
+    Some(KnownMachine {
+        ready: machine.state == pb::MachineState::Ready as i32,
+        id: machine.id,
+        name: machine.name,
+        address: machine.address,
+        ips,
+        port,
+    })
+}
+
+impl MachineCache {
+    pub fn new(broker: Broker, farm: String) -> Self {
+        MachineCache {
+            broker,
+            farm,
+            state: Arc::new(RwLock::new(CacheState::default())),
+            refreshing: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Asks the broker for the farm's machines; the previous list stays on failure.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        self.refresh_locked().await
+    }
+
+    async fn refresh_locked(&self) -> anyhow::Result<()> {
+        if let Ok(mut state) = self.state.write() {
+            state.attempted = Some(Instant::now());
+        }
+        let request = pb::ListMachinesRequest {
+            farm: self.farm.clone(),
+        };
+        let mut broker = self.broker.clone();
+        let response = tokio::time::timeout(LIST_TIMEOUT, broker.list_machines(request))
+            .await
+            .context("list machines: timed out")?
+            .context("list machines")?;
+        let resolving = response
+            .into_inner()
+            .machines
+            .into_iter()
+            .filter(|machine| machine.farm.eq_ignore_ascii_case(&self.farm))
+            .map(known);
+        let machines = futures::future::join_all(resolving)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.machines = machines;
+        Ok(())
+    }
+
+    /// Refreshes every `interval` until `shutdown`.
+    pub async fn refresh_every(self, interval: Duration, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.refresh().await {
+                Ok(()) => failing = false,
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "could not refresh the farm's machines"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Refreshes now unless a refresh was tried moments ago (callers arriving together
+    /// share one refresh).
+    async fn refresh_if_stale(&self) {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let stale = self
+            .state
+            .read()
+            .map(|state| {
+                state
+                    .attempted
+                    .is_none_or(|at| at.elapsed() >= MIN_REFRESH_GAP)
+            })
+            .unwrap_or(true);
+        if stale && let Err(error) = self.refresh_locked().await {
+            tracing::debug!(
+                error = format!("{error:#}"),
+                "on-demand refresh of the farm's machines failed"
+            );
+        }
+    }
+
+    fn find<T>(&self, pick: impl Fn(&[KnownMachine]) -> Option<T>) -> Option<T> {
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pick(&state.machines)
+    }
+
+    /// The machine of the farm at `ip`, if any (refreshing once on a miss).
+    pub async fn peer(&self, ip: IpAddr) -> Option<KnownMachine> {
+        let ip = ip.to_canonical();
+        let lookup = |machines: &[KnownMachine]| {
+            machines
+                .iter()
+                .find(|machine| machine.ips.contains(&ip))
+                .cloned()
+        };
+        if let Some(machine) = self.find(lookup) {
+            return Some(machine);
+        }
+        self.refresh_if_stale().await;
+        self.find(lookup)
+    }
+
+    /// The READY machine a routing token names: one whose host resolves to the token's IP,
+    /// preferring one whose advertised port is the token's port.
+    pub async fn routing_target(&self, token: SocketAddrV4) -> Option<KnownMachine> {
+        let ip = IpAddr::V4(*token.ip());
+        let lookup = |machines: &[KnownMachine]| {
+            machines
+                .iter()
+                .filter(|machine| machine.ready && machine.ips.contains(&ip))
+                .max_by_key(|machine| machine.port == token.port())
+                .cloned()
+        };
+        if let Some(machine) = self.find(lookup) {
+            return Some(machine);
+        }
+        self.refresh_if_stale().await;
+        self.find(lookup)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(
+            split_host_port("ts1.example:3389"),
+            Some(("ts1.example", 3389))
+        );
+        assert_eq!(split_host_port("[::1]:3389"), Some(("::1", 3389)));
+        assert_eq!(split_host_port("ts1"), None);
+        assert_eq!(split_host_port("ts1:x"), None);
+    }
+}

@@ -1,0 +1,191 @@
+//! Where a connection goes, from its routing hint: the broker's Redirect answer for a user
+//! name (or for no hint), a READY machine of the farm for a routing token, or a refusal. The
+//! local RDP service is the answer whenever the broker cannot be asked.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tonic::Code;
+use tsbroker_common::proto::v1 as pb;
+
+use super::FrontDoorShared;
+use super::x224::{RoutingHint, split_domain};
+use crate::directory::TRUNCATED_COOKIE_LEN;
+
+const REDIRECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The user a connection is for, as far as the front door can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectingUser {
+    pub user_name: String,
+    pub domain: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// This machine's RDP service.
+    Local {
+        user: Option<ConnectingUser>,
+        why: String,
+    },
+    /// Another machine of the farm (or, for a plug-in's EXTERNAL pick, a host outside it).
+    Remote {
+        machine_id: String,
+        machine_name: String,
+        address: String,
+        /// The user has a session there (or the token named it): never moved elsewhere.
+        reconnection: bool,
+        /// The target is not a front door of the farm: no PROXY header.
+        external: bool,
+        user: Option<ConnectingUser>,
+    },
+    Refuse {
+        why: String,
+    },
+}
+
+pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
+    let (domain, user) = split_domain(name);
+    if user.is_empty() {
+        return None;
+    }
+    Some(ConnectingUser {
+        user_name: user.to_owned(),
+        domain: domain.unwrap_or_default().to_owned(),
+    })
+}
+
+/// Decides for a connection that did not come from another front door; `arrived_at` is
+/// the address the client connected to.
+pub async fn decide(
+    shared: &FrontDoorShared,
+    hint: &RoutingHint,
+    client: SocketAddr,
+    arrived_at: SocketAddr,
+) -> Decision {
+    match hint {
+        RoutingHint::RoutingToken(token) if SocketAddr::V4(*token) == arrived_at => {
+            Decision::Local {
+                user: None,
+                why: "routing token names this front door".to_owned(),
+            }
+        }
+        RoutingHint::UserName(name) => match user_from_cookie(name) {
+            Some(user) => redirect(shared, Some(user), client).await,
+            None => redirect(shared, None, client).await,
+        },
+        RoutingHint::RoutingToken(token) => match shared.machines.routing_target(*token).await {
+            Some(machine) if shared.is_this_machine(&machine.id) => Decision::Local {
+                user: None,
+                why: "routing token names this machine".to_owned(),
+            },
+            Some(machine) => Decision::Remote {
+                machine_id: machine.id,
+                machine_name: machine.name,
+                address: machine.address,
+                reconnection: true,
+                external: false,
+                user: None,
+            },
+            None => Decision::Refuse {
+                why: format!("routing token {token} names no ready machine of the farm"),
+            },
+        },
+        RoutingHint::Collection(farm) if farm.eq_ignore_ascii_case(&shared.settings.farm) => {
+            redirect(shared, None, client).await
+        }
+        RoutingHint::Collection(farm) => Decision::Refuse {
+            why: format!("collection {farm:?} is not this farm"),
+        },
+        RoutingHint::None | RoutingHint::Unrecognized(_) => redirect(shared, None, client).await,
+    }
+}
+
+/// Asks the broker; the local RDP service when it cannot answer.
+async fn redirect(
+    shared: &FrontDoorShared,
+    user: Option<ConnectingUser>,
+    client: SocketAddr,
+) -> Decision {
+    let (user_name, domain) = match &user {
+        Some(user) => (user.user_name.clone(), user.domain.clone()),
+        None => (String::new(), String::new()),
+    };
+    // mstsc cuts the cookie to 9 characters: only a name of that length may be a prefix.
+    let user_name_may_be_truncated = user_name.chars().count() == TRUNCATED_COOKIE_LEN;
+    let request = pb::RedirectRequest {
+        user_name,
+        domain,
+        farm: shared.settings.farm.clone(),
+        receiving_machine_id: shared.settings.machine_id.to_string(),
+        client_address: client.to_string(),
+        user_name_may_be_truncated,
+    };
+    let mut broker = shared.broker.clone();
+    let answer = tokio::time::timeout(REDIRECT_TIMEOUT, broker.redirect(request)).await;
+    let response = match answer {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return local_after_error(user, &status),
+        Err(_) => {
+            tracing::warn!(
+                "broker did not answer the redirect in time, using the local rdp service"
+            );
+            return Decision::Local {
+                user,
+                why: "broker timed out".to_owned(),
+            };
+        }
+    };
+    // The broker may have resolved a truncated cookie to the user's full name.
+    let user = match user {
+        Some(mut user) if !response.user_name.is_empty() => {
+            user.user_name = response.user_name.clone();
+            Some(user)
+        }
+        other => other,
+    };
+    let reason = pb::RedirectReason::try_from(response.reason).unwrap_or_default();
+    if shared.is_this_machine(&response.machine_id) {
+        return Decision::Local {
+            user,
+            why: format!("broker chose this machine ({})", reason.as_str_name()),
+        };
+    }
+    Decision::Remote {
+        machine_id: response.machine_id,
+        machine_name: response.machine_name,
+        address: response.address,
+        reconnection: reason == pb::RedirectReason::ExistingSession,
+        external: reason == pb::RedirectReason::External,
+        user,
+    }
+}
+
+fn local_after_error(user: Option<ConnectingUser>, status: &tonic::Status) -> Decision {
+    match status.code() {
+        Code::InvalidArgument if user.is_none() => {
+            tracing::info!(
+                message = status.message(),
+                "broker cannot place a connection without a user name, using the local rdp service"
+            );
+        }
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+            tracing::warn!(
+                code = ?status.code(),
+                message = status.message(),
+                "broker unreachable or without a ready machine, using the local rdp service"
+            );
+        }
+        code => {
+            tracing::warn!(
+                ?code,
+                message = status.message(),
+                "broker refused the redirect, using the local rdp service"
+            );
+        }
+    }
+    Decision::Local {
+        user,
+        why: format!("broker answered {:?}", status.code()),
+    }
+}

@@ -1,0 +1,347 @@
+//! Front-door decisions end to end in one process: a fake broker, plain TCP echo servers in
+//! the place of RDP services and other front doors, and an agent whose front door listens on
+//! 127.0.0.1:0.
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tsbroker_common::model::machine_id;
+use tsbroker_common::proto::v1 as pb;
+
+use super::proxy_header;
+use super::x224::{build_connection_request, encode_routing_token};
+use crate::config::{AgentConfig, FrontDoorBind};
+use crate::directory::RecordState;
+use crate::test_support::FakeBroker;
+
+const FARM: &str = "default";
+const NAME: &str = "ts1.example";
+
+/// A TCP server that echoes what it gets and reports each connection's bytes at its end.
+async fn echo_server() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(count) = stream.read(&mut chunk).await {
+                    if count == 0 || stream.write_all(&chunk[..count]).await.is_err() {
+                        break;
+                    }
+                    seen.extend_from_slice(&chunk[..count]);
+                }
+                let _ = sender.send(seen);
+            });
+        }
+    });
+    (address, receiver)
+}
+
+fn machine(name: &str, address: &str, state: pb::MachineState) -> pb::Machine {
+    pb::Machine {
+        id: machine_id(FARM, name).to_string(),
+        name: name.into(),
+        farm: FARM.into(),
+        address: address.into(),
+        state: state as i32,
+        ..Default::default()
+    }
+}
+
+fn answer(name: &str, address: &str, reason: pb::RedirectReason) -> pb::RedirectResponse {
+    pb::RedirectResponse {
+        machine_id: machine_id(FARM, name).to_string(),
+        machine_name: name.into(),
+        address: address.into(),
+        reason: reason as i32,
+        ..Default::default()
+    }
+}
+
+struct Harness {
+    fake: FakeBroker,
+    agent: crate::RunningAgent,
+    front_door: SocketAddr,
+    local: mpsc::UnboundedReceiver<Vec<u8>>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(machines: Vec<pb::Machine>, broker_up: bool) -> Harness {
+    let fake = FakeBroker::default();
+    fake.with(|state| state.machines = machines);
+    let url = if broker_up {
+        fake.serve(CancellationToken::new()).await
+    } else {
+        "http://127.0.0.1:9".to_owned()
+    };
+    let (local_address, local) = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_door = listener.local_addr().unwrap();
+    let mut config = AgentConfig::new(NAME, dir.path());
+    config.broker_url = url;
+    config.advertise = front_door.to_string();
+    config.front_door = Some(FrontDoorBind::Listener(listener));
+    config.local_rdp = local_address.to_string();
+    config.client_timeout = Duration::from_millis(300);
+    config.machine_refresh = Duration::from_millis(100);
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    assert_eq!(agent.front_door_addr, Some(front_door));
+    Harness {
+        fake,
+        agent,
+        front_door,
+        local,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+/// Connects, sends `bytes`, closes its sending side, and returns what came back.
+async fn exchange(front_door: SocketAddr, bytes: &[u8]) -> (SocketAddr, Vec<u8>) {
+    let mut client = TcpStream::connect(front_door).await.unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(bytes).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await;
+    (local, back)
+}
+
+async fn next(receiver: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn nothing(receiver: &mut mpsc::UnboundedReceiver<Vec<u8>>) {
+    let got = tokio::time::timeout(Duration::from_millis(300), receiver.recv()).await;
+    assert!(got.is_err(), "expected no connection, got {got:?}");
+}
+
+fn request_with_tail(cookie: Option<&str>) -> (Vec<u8>, Vec<u8>) {
+    let packet = build_connection_request(cookie, Some(3));
+    let mut bytes = packet.clone();
+    bytes.extend_from_slice(b"\x16\x03\x01 tls hello");
+    (packet, bytes)
+}
+
+#[tokio::test]
+async fn routes_to_this_machine_or_another_with_a_proxy_header() {
+    let mut harness = harness(Vec::new(), true).await;
+    let (remote_address, mut remote) = echo_server().await;
+    let ours = answer(
+        NAME,
+        &harness.front_door.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(ours)));
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=CORP\\alice"));
+    let (client, back) = exchange(harness.front_door, &bytes).await;
+    // The local service got exactly the client's bytes, and answered through the door.
+    assert_eq!(next(&mut harness.local).await, bytes);
+    assert_eq!(back, bytes);
+    let request = harness
+        .fake
+        .with(|state| state.redirect_requests[0].clone());
+    assert_eq!(
+        (request.user_name.as_str(), request.domain.as_str()),
+        ("alice", "CORP")
+    );
+    assert_eq!(request.farm, FARM);
+    assert_eq!(
+        request.receiving_machine_id,
+        harness.agent.machine_id.to_string()
+    );
+    assert_eq!(request.client_address, client.to_string());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sessions = harness.agent.directory().list();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(
+        (sessions[0].user_name.as_str(), sessions[0].state),
+        ("alice", RecordState::Disconnected)
+    );
+
+    let theirs = answer(
+        "ts2.example",
+        &remote_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(theirs)));
+    let (packet, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
+    let (client, _) = exchange(harness.front_door, &bytes).await;
+    let seen = next(&mut remote).await;
+    let header_len = proxy_header::FIXED_LEN + proxy_header::payload_len(&seen).unwrap();
+    assert_eq!(
+        proxy_header::source_address(&seen[..header_len]).unwrap(),
+        Some(client)
+    );
+    assert_eq!(&seen[header_len..header_len + packet.len()], &packet[..]);
+    assert_eq!(&seen[header_len..], &bytes[..]);
+    nothing(&mut harness.local).await;
+    harness.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn proxy_headers_are_trusted_only_from_farm_machines() {
+    let foreign = vec![machine(NAME, "192.0.2.1:3389", pb::MachineState::Ready)];
+    let mut harness = harness(foreign, true).await;
+    let client: SocketAddr = "198.51.100.20:50000".parse().unwrap();
+    let (packet, tail) = request_with_tail(Some("Cookie: mstshash=alice"));
+    let mut bytes = proxy_header::encode(client, harness.front_door);
+    bytes.extend_from_slice(&tail);
+    let (_, back) = exchange(harness.front_door, &bytes).await;
+    assert!(back.is_empty());
+    nothing(&mut harness.local).await;
+
+    // Once 127.0.0.1 is a machine of the farm, its header is accepted and not re-routed.
+    let peer = machine("ts2.example", "127.0.0.1:4000", pb::MachineState::Ready);
+    harness.fake.with(|state| state.machines.push(peer));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, back) = exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, tail);
+    assert_eq!(back, tail);
+    assert!(tail.starts_with(&packet));
+    harness
+        .fake
+        .with(|state| assert!(state.redirect_requests.is_empty()));
+    let sessions = harness.agent.directory().list();
+    assert_eq!(sessions[0].client_address, client.to_string());
+    harness.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn routing_tokens_reach_only_ready_farm_machines() {
+    let (remote_address, mut remote) = echo_server().await;
+    let SocketAddr::V4(remote_v4) = remote_address else {
+        panic!()
+    };
+    let machines = vec![
+        machine(
+            "ts2.example",
+            &remote_address.to_string(),
+            pb::MachineState::Ready,
+        ),
+        machine("ts3.example", "127.0.0.1:1", pb::MachineState::Unreachable),
+    ];
+    let mut harness = harness(machines, true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let token = |address: SocketAddrV4| format!("Cookie: msts={}", encode_routing_token(address));
+
+    let foreign = token("192.0.2.9:3389".parse().unwrap());
+    let (_, back) = exchange(harness.front_door, &request_with_tail(Some(&foreign)).1).await;
+    assert!(back.is_empty());
+    nothing(&mut harness.local).await;
+
+    let (packet, bytes) = request_with_tail(Some(&token(remote_v4)));
+    exchange(harness.front_door, &bytes).await;
+    let seen = next(&mut remote).await;
+    assert!(seen.starts_with(&[proxy_header::SIGNATURE_FIRST_BYTE]));
+    assert!(seen.ends_with(&bytes) && bytes.starts_with(&packet));
+
+    // A token naming this very front door: the local service, even with no list at hand.
+    let SocketAddr::V4(ours) = harness.front_door else {
+        panic!()
+    };
+    let (_, bytes) = request_with_tail(Some(&token(ours)));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, bytes);
+
+    let other_farm = request_with_tail(Some("tsv://MS Terminal Services Plugin.1.elsewhere")).1;
+    let (_, back) = exchange(harness.front_door, &other_farm).await;
+    assert!(back.is_empty());
+    nothing(&mut harness.local).await;
+    harness
+        .fake
+        .with(|state| assert!(state.redirect_requests.is_empty()));
+    harness.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn silent_slow_and_garbage_clients_are_cut_off() {
+    let mut harness = harness(Vec::new(), true).await;
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(harness.front_door).await.unwrap();
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buffer)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let packet = build_connection_request(Some("Cookie: mstshash=alice"), None);
+    let mut slow = TcpStream::connect(harness.front_door).await.unwrap();
+    slow.write_all(&packet[..6]).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(3), slow.read(&mut buffer)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+
+    for garbage in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[3, 0, 0xff, 0xff, 0, 0][..],
+        &[0u8; 64][..],
+    ] {
+        let (_, back) = exchange(harness.front_door, garbage).await;
+        assert!(back.is_empty());
+    }
+    nothing(&mut harness.local).await;
+    harness.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
+    // Broker down: local.
+    let mut down = harness(Vec::new(), false).await;
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=alice"));
+    exchange(down.front_door, &bytes).await;
+    assert_eq!(next(&mut down.local).await, bytes);
+    down.shutdown.cancel();
+
+    let mut harness = harness(Vec::new(), true).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_address = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    // A new logon whose machine refuses the connection: local.
+    let new_logon = answer(
+        "ts2.example",
+        &closed_address,
+        pb::RedirectReason::LoadBalanced,
+    );
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(new_logon)));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, bytes);
+    // A reconnection whose machine refuses: closed, not moved.
+    let existing = answer(
+        "ts2.example",
+        &closed_address,
+        pb::RedirectReason::ExistingSession,
+    );
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(existing)));
+    let (_, back) = exchange(harness.front_door, &bytes).await;
+    assert!(back.is_empty());
+    nothing(&mut harness.local).await;
+    // No user at all and a broker that cannot place one: local.
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Err(tonic::Code::InvalidArgument)));
+    let (_, anonymous) = request_with_tail(None);
+    exchange(harness.front_door, &anonymous).await;
+    assert_eq!(next(&mut harness.local).await, anonymous);
+    harness.shutdown.cancel();
+}

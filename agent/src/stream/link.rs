@@ -1,0 +1,262 @@
+//! One stream from connect to its end: the ADDED/Welcome/RESYNC/READY opening, then events,
+//! load reports and the broker's commands; acknowledgements tracked by seq.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::agent_message::Body;
+use tsbroker_common::proto::v1::broker_message::Body as Command;
+
+use super::{Outcome, StreamContext, apply_settings, update_status};
+use crate::broker_client;
+use crate::directory::DirectoryEvents;
+use crate::load::LoadSampler;
+
+const OUTBOX_DEPTH: usize = 64;
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+const REMOVED_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// Unacknowledged messages remembered for the log; older ones are forgotten.
+const MAX_UNACKED: usize = 4096;
+
+/// The sending half of a stream: numbers messages and remembers which are not yet acked.
+struct Outbox {
+    sender: mpsc::Sender<pb::AgentMessage>,
+    seq: u64,
+    unacked: BTreeMap<u64, &'static str>,
+}
+
+impl Outbox {
+    async fn send(&mut self, body: Body) -> anyhow::Result<u64> {
+        self.seq += 1;
+        let seq = self.seq;
+        let kind = body_kind(&body);
+        let message = pb::AgentMessage {
+            seq,
+            body: Some(body),
+        };
+        tokio::time::timeout(SEND_TIMEOUT, self.sender.send(message))
+            .await
+            .map_err(|_| anyhow!("broker not reading the stream"))?
+            .map_err(|_| anyhow!("stream closed"))?;
+        self.unacked.insert(seq, kind);
+        if self.unacked.len() > MAX_UNACKED {
+            self.unacked.pop_first();
+        }
+        Ok(seq)
+    }
+
+    /// What the broker answered about one of our messages.
+    fn settle(&mut self, command: &Command) {
+        match command {
+            Command::Ack(ack) => {
+                self.unacked.remove(&ack.seq);
+            }
+            Command::Reject(reject) => {
+                let kind = self.unacked.remove(&reject.seq).unwrap_or("unknown");
+                tracing::warn!(
+                    seq = reject.seq,
+                    message_kind = kind,
+                    code = reject.code,
+                    reason = %reject.message,
+                    "broker rejected a message"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+fn body_kind(body: &Body) -> &'static str {
+    match body {
+        Body::Added(_) => "added",
+        Body::Resync(_) => "resync",
+        Body::Ready(_) => "ready",
+        Body::SessionEvent(_) => "session_event",
+        Body::Load(_) => "load",
+        Body::Removed(_) => "removed",
+    }
+}
+
+/// Connects, opens the stream, and serves it until it ends.
+pub(super) async fn run_once(
+    context: &StreamContext,
+    events: &mut DirectoryEvents,
+    sampler: &mut LoadSampler,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Outcome> {
+    let channel = tokio::select! {
+        () = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+        channel = context.endpoint.connect() => channel.context("connect to broker")?,
+    };
+    let mut client = broker_client::gateway(channel, context.token.clone());
+    let (sender, receiver) = mpsc::channel(OUTBOX_DEPTH);
+    let mut outbox = Outbox {
+        sender,
+        seq: 0,
+        unacked: BTreeMap::new(),
+    };
+    outbox
+        .send(Body::Added(pb::MachineDescription::from(
+            &context.description,
+        )))
+        .await?;
+    let response = tokio::select! {
+        () = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+        response = client.connect(ReceiverStream::new(receiver)) => response.context("open stream")?,
+    };
+    let mut inbound = response.into_inner();
+    let welcome = tokio::select! {
+        () = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+        welcome = tokio::time::timeout(context.welcome_timeout, wait_for_welcome(&mut inbound, &mut outbox)) => {
+            welcome.map_err(|_| anyhow!("no welcome from the broker"))??
+        }
+    };
+    let welcome = match welcome {
+        Ok(welcome) => welcome,
+        Err(outcome) => return Ok(outcome),
+    };
+    let heartbeat = match welcome.heartbeat_interval_ms {
+        0 => context.default_heartbeat,
+        millis => Duration::from_millis(u64::from(millis)),
+    }
+    .max(MIN_HEARTBEAT);
+    if let Some(settings) = &welcome.settings {
+        apply_settings(&context.status, settings);
+    }
+    // Everything in the table up to `version` goes in the RESYNC; later changes follow it.
+    let (version, sessions) = context.directory.snapshot();
+    let session_count = sessions.len();
+    let sessions = sessions.iter().map(pb::SessionInfo::from).collect();
+    outbox
+        .send(Body::Resync(pb::SessionResync { sessions }))
+        .await?;
+    outbox.send(Body::Ready(pb::MachineReady {})).await?;
+    tracing::info!(
+        machine_id = %welcome.machine_id,
+        sessions = session_count,
+        heartbeat_ms = heartbeat.as_millis() as u64,
+        "connected to the broker, sessions resynced"
+    );
+    update_status(&context.status, |status| {
+        status.connected = true;
+        status.machine_id = welcome.machine_id.clone();
+        status.heartbeat_interval_ms = heartbeat.as_millis() as u64;
+        status.last_error.clear();
+    });
+
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                say_goodbye(&mut outbox, &mut inbound).await;
+                return Ok(Outcome::Shutdown);
+            }
+            message = inbound.message() => {
+                let Some(message) = message.context("broker stream")? else {
+                    return Ok(Outcome::Ended("broker ended the stream".to_owned()));
+                };
+                if let Some(outcome) = handle_command(context, &mut outbox, message) {
+                    return Ok(outcome);
+                }
+            }
+            Some(event) = events.recv() => {
+                if event.version > version {
+                    let body = Body::SessionEvent(pb::SessionEvent {
+                        r#type: event.kind.to_proto() as i32,
+                        session: Some(pb::SessionInfo::from(&event.session)),
+                    });
+                    outbox.send(body).await?;
+                }
+            }
+            _ = ticker.tick() => {
+                let (session_count, pending_logons) = context.directory.counts();
+                let (cpu_percent, memory_percent) = sampler.sample();
+                let load = pb::LoadReport { session_count, cpu_percent, memory_percent, pending_logons };
+                outbox.send(Body::Load(load)).await?;
+            }
+        }
+    }
+}
+
+/// Reads until the Welcome; `Err(outcome)` when the broker ends things first.
+async fn wait_for_welcome(
+    inbound: &mut Streaming<pb::BrokerMessage>,
+    outbox: &mut Outbox,
+) -> anyhow::Result<Result<pb::Welcome, Outcome>> {
+    loop {
+        let Some(message) = inbound.message().await.context("broker stream")? else {
+            bail!("broker ended the stream before its welcome");
+        };
+        match message.body {
+            Some(Command::Welcome(welcome)) => return Ok(Ok(welcome)),
+            Some(Command::Reject(reject)) if reject.seq == 1 => {
+                bail!(
+                    "broker refused the machine: {} (code {})",
+                    reject.message,
+                    reject.code
+                );
+            }
+            Some(Command::Shutdown(shutdown)) => return Ok(Err(shutdown_outcome(&shutdown))),
+            Some(command) => outbox.settle(&command),
+            None => {}
+        }
+    }
+}
+
+fn shutdown_outcome(shutdown: &pb::Shutdown) -> Outcome {
+    if shutdown.removed {
+        tracing::warn!(reason = %shutdown.reason, "the broker removed this machine, stopping");
+        Outcome::Removed
+    } else {
+        Outcome::Ended(format!("broker asked the agent to go: {}", shutdown.reason))
+    }
+}
+
+/// Handles one message from the broker; `Some` ends the stream.
+fn handle_command(
+    context: &StreamContext,
+    outbox: &mut Outbox,
+    message: pb::BrokerMessage,
+) -> Option<Outcome> {
+    match message.body? {
+        Command::Settings(settings) => apply_settings(&context.status, &settings),
+        Command::Shutdown(shutdown) => return Some(shutdown_outcome(&shutdown)),
+        Command::Welcome(_) => tracing::debug!("second welcome ignored"),
+        command => outbox.settle(&command),
+    }
+    None
+}
+
+/// REMOVED, then a short wait for its acknowledgement.
+async fn say_goodbye(outbox: &mut Outbox, inbound: &mut Streaming<pb::BrokerMessage>) {
+    let removed = Body::Removed(pb::MachineRemoved {
+        reason: "agent shutting down".to_owned(),
+    });
+    let Ok(seq) = outbox.send(removed).await else {
+        return;
+    };
+    let acked = tokio::time::timeout(REMOVED_ACK_TIMEOUT, async {
+        while let Ok(Some(message)) = inbound.message().await {
+            if let Some(Command::Ack(ack)) = &message.body
+                && ack.seq == seq
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    match acked {
+        Ok(true) => tracing::info!("broker acknowledged the machine's removal"),
+        _ => tracing::warn!("no acknowledgement of the machine's removal"),
+    }
+}

@@ -1,0 +1,124 @@
+//! The agent's stream to the broker: ADDED, Welcome, RESYNC from the session table, READY,
+//! then session events and load reports; reconnects with backoff and resyncs after any break;
+//! REMOVED on shutdown.
+
+mod link;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tsbroker_common::model::MachineDescription;
+use tsbroker_common::proto::v1 as pb;
+
+use crate::backoff::Backoff;
+use crate::broker_client::BearerToken;
+use crate::config::BackoffSettings;
+use crate::directory::{Directory, DirectoryEvents};
+use crate::load::LoadSampler;
+
+/// What the agent knows of its standing with the broker, for `tsagent status` and the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    /// The stream is up and READY was sent.
+    pub connected: bool,
+    /// The machine's id, from the broker's Welcome.
+    pub machine_id: String,
+    /// The machine's effective settings as the broker last sent them.
+    pub draining: bool,
+    pub weight: u32,
+    pub session_limit: u32,
+    pub heartbeat_interval_ms: u64,
+    /// Why the last stream ended, if it did.
+    pub last_error: String,
+}
+
+pub type SharedStatus = Arc<Mutex<LinkStatus>>;
+
+pub(crate) fn update_status(status: &SharedStatus, change: impl FnOnce(&mut LinkStatus)) {
+    let mut guard = status
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    change(&mut guard);
+}
+
+/// Everything the stream needs.
+pub struct StreamContext {
+    pub description: MachineDescription,
+    pub endpoint: Endpoint,
+    pub token: BearerToken,
+    pub backoff: BackoffSettings,
+    /// Load report interval until the Welcome names one.
+    pub default_heartbeat: Duration,
+    pub welcome_timeout: Duration,
+    pub directory: Directory,
+    pub status: SharedStatus,
+}
+
+/// Why the stream task stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamExit {
+    /// The agent is shutting down (REMOVED was sent if the broker was reachable).
+    Shutdown,
+    /// The broker said the machine was removed: do not reconnect.
+    Removed,
+}
+
+/// How one stream ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Shutdown,
+    Removed,
+    /// The broker ended the stream (or asked the agent to come back later).
+    Ended(String),
+}
+
+/// Runs the stream until shutdown or removal, reconnecting after every break.
+pub async fn run(
+    context: StreamContext,
+    mut events: DirectoryEvents,
+    shutdown: CancellationToken,
+) -> StreamExit {
+    let mut backoff = Backoff::new(context.backoff);
+    let mut sampler = LoadSampler::default();
+    loop {
+        let started = Instant::now();
+        let outcome = link::run_once(&context, &mut events, &mut sampler, &shutdown).await;
+        update_status(&context.status, |status| status.connected = false);
+        let reason = match outcome {
+            Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
+            Ok(Outcome::Removed) => return StreamExit::Removed,
+            Ok(Outcome::Ended(reason)) => reason,
+            Err(error) => format!("{error:#}"),
+        };
+        backoff.stream_ended(started.elapsed());
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
+        update_status(&context.status, |status| status.last_error = reason);
+        tokio::select! {
+            () = shutdown.cancelled() => return StreamExit::Shutdown,
+            () = tokio::time::sleep(delay) => {}
+        }
+        // Changes made while apart are in the table; the next RESYNC carries them.
+        while events.try_recv().is_ok() {}
+    }
+}
+
+/// The settings the broker sent, applied and logged.
+pub(crate) fn apply_settings(status: &SharedStatus, settings: &pb::MachineSettings) {
+    tracing::info!(
+        draining = settings.draining,
+        weight = settings.weight,
+        session_limit = settings.session_limit,
+        "machine settings from the broker"
+    );
+    update_status(status, |status| {
+        status.draining = settings.draining;
+        status.weight = settings.weight;
+        status.session_limit = settings.session_limit;
+    });
+}

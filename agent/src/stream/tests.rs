@@ -1,0 +1,250 @@
+//! The stream against a fake gateway: the opening order, resync after a reconnect, load
+//! reports, commands, and REMOVED on shutdown.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tsbroker_common::model::SessionEventKind;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::agent_message::Body;
+use tsbroker_common::proto::v1::broker_message::Body as Command;
+
+use crate::config::{AgentConfig, BackoffSettings};
+use crate::directory::SessionRequest;
+use crate::test_support::{FakeBroker, kinds};
+
+fn config(url: &str, dir: &std::path::Path) -> AgentConfig {
+    let mut config = AgentConfig::new("ts1.example", dir);
+    config.broker_url = url.to_owned();
+    config.agent_token = Some("t0ken".into());
+    config.backoff = BackoffSettings {
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(200),
+        healthy_after: Duration::from_secs(30),
+    };
+    config
+}
+
+fn logon(user: &str, session_id: u32) -> SessionRequest {
+    SessionRequest {
+        user_name: user.into(),
+        session_id: Some(session_id),
+        ..Default::default()
+    }
+}
+
+fn resync_users(message: &pb::AgentMessage) -> Option<Vec<String>> {
+    match &message.body {
+        Some(Body::Resync(resync)) => {
+            let mut users: Vec<String> = resync
+                .sessions
+                .iter()
+                .map(|s| s.user_name.clone())
+                .collect();
+            users.sort();
+            Some(users)
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn opening_order_events_and_load_reports() {
+    let fake = FakeBroker::default();
+    fake.with(|state| state.heartbeat_interval_ms = 100);
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A session from before the agent started is in the first RESYNC.
+    {
+        let (directory, _events) = crate::directory::Directory::open(dir.path()).unwrap();
+        directory
+            .apply(SessionEventKind::Logon, logon("alice", 10))
+            .unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
+        .await
+        .unwrap();
+    fake.wait_for("ready and two load reports", |state| {
+        kinds(state, 1)
+            .iter()
+            .filter(|kind| **kind == "load")
+            .count()
+            >= 2
+    })
+    .await;
+    agent
+        .directory()
+        .apply(SessionEventKind::Logon, logon("bob", 11))
+        .unwrap();
+    fake.wait_for("bob's logon", |state| kinds(state, 1).contains(&"event"))
+        .await;
+    fake.with(|state| {
+        let stream = kinds(state, 1);
+        assert_eq!(&stream[..3], &["added", "resync", "ready"]);
+        let seqs: Vec<u64> = state.received.iter().map(|(_, m)| m.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        assert_eq!(
+            resync_users(&state.received[1].1),
+            Some(vec!["alice".to_owned()])
+        );
+        let Some(Body::Added(added)) = &state.received[0].1.body else {
+            panic!()
+        };
+        assert_eq!(
+            (added.name.as_str(), added.address.as_str()),
+            ("ts1.example", "ts1.example:3389")
+        );
+        assert_eq!(state.authorization, vec!["Bearer t0ken".to_owned()]);
+        let load = state.received.iter().find_map(|(_, m)| match &m.body {
+            Some(Body::Load(load)) => Some(*load),
+            _ => None,
+        });
+        assert!(load.unwrap().session_count >= 1);
+    });
+    assert!(agent.link_status().connected);
+    assert_eq!(agent.link_status().heartbeat_interval_ms, 100);
+
+    // Settings from the broker are applied.
+    let settings = pb::MachineSettings {
+        draining: true,
+        weight: 50,
+        session_limit: 7,
+    };
+    fake.command(Command::Settings(settings)).await;
+    for _ in 0..100 {
+        if agent.link_status().draining {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        (
+            agent.link_status().weight,
+            agent.link_status().session_limit
+        ),
+        (50, 7)
+    );
+
+    // Shutdown sends REMOVED and stops.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    fake.with(|state| assert_eq!(kinds(state, 1).last(), Some(&"removed")));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn reconnect_resyncs_what_happened_while_apart() {
+    let fake = FakeBroker::default();
+    fake.with(|state| state.heartbeat_interval_ms = 1000);
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
+        .await
+        .unwrap();
+    fake.wait_for("first ready", |state| kinds(state, 1).contains(&"ready"))
+        .await;
+    assert!(agent.wait_until_connected(Duration::from_secs(5)).await);
+    agent
+        .directory()
+        .apply(SessionEventKind::Logon, logon("alice", 10))
+        .unwrap();
+    fake.wait_for("alice's logon", |state| kinds(state, 1).contains(&"event"))
+        .await;
+
+    // The broker goes away: events go on in the table.
+    fake.with(|state| state.refuse_streams = true);
+    fake.break_stream().await;
+    for _ in 0..100 {
+        if !agent.link_status().connected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!agent.link_status().connected);
+    agent
+        .directory()
+        .apply(SessionEventKind::Logon, logon("bob", 11))
+        .unwrap();
+    agent
+        .directory()
+        .apply(SessionEventKind::Logoff, logon("alice", 10))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    fake.with(|state| state.refuse_streams = false);
+    fake.wait_for("second ready", |state| kinds(state, 2).contains(&"ready"))
+        .await;
+    fake.with(|state| {
+        assert_eq!(&kinds(state, 2)[..3], &["added", "resync", "ready"]);
+        let resync = state
+            .received
+            .iter()
+            .filter(|(n, _)| *n == 2)
+            .nth(1)
+            .unwrap();
+        assert_eq!(resync_users(&resync.1), Some(vec!["bob".to_owned()]));
+        // Nothing from while apart is sent twice after the RESYNC.
+        assert!(!kinds(state, 2).contains(&"event"));
+        assert_eq!(resync.1.seq, 2);
+    });
+    shutdown.cancel();
+    agent.wait().await.unwrap();
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn removal_by_the_broker_stops_the_agent() {
+    let fake = FakeBroker::default();
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = crate::start(config(&url, dir.path()), CancellationToken::new())
+        .await
+        .unwrap();
+    fake.wait_for("ready", |state| kinds(state, 1).contains(&"ready"))
+        .await;
+    let shutdown = pb::Shutdown {
+        reason: "removed by admin".into(),
+        removed: true,
+    };
+    fake.command(Command::Shutdown(shutdown)).await;
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.with(|state| assert_eq!(state.streams, 1));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn unreachable_broker_is_retried_and_shutdown_still_works() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
+        .await
+        .unwrap();
+    agent
+        .directory()
+        .apply(SessionEventKind::Logon, logon("carol", 3))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!agent.link_status().connected);
+    assert!(!agent.link_status().last_error.is_empty());
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+}

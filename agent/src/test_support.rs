@@ -1,0 +1,238 @@
+//! A fake broker for unit tests: serves `AgentGateway.Connect` (Welcome, then an Ack for
+//! every message, REMOVED ends the stream) and `Broker.Redirect` / `ListMachines` with
+//! answers the test sets, on 127.0.0.1:0; records everything it receives.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::agent_gateway_server::{AgentGateway, AgentGatewayServer};
+use tsbroker_common::proto::v1::agent_message::Body;
+use tsbroker_common::proto::v1::broker_message::Body as Command;
+use tsbroker_common::proto::v1::broker_server::{Broker, BrokerServer};
+
+type Outbound = mpsc::Sender<Result<pb::BrokerMessage, Status>>;
+
+#[derive(Default)]
+pub struct FakeState {
+    /// Every agent message, with the number of the stream it came on (from 1).
+    pub received: Vec<(usize, pb::AgentMessage)>,
+    pub streams: usize,
+    /// New streams are refused with UNAVAILABLE while set.
+    pub refuse_streams: bool,
+    pub heartbeat_interval_ms: u32,
+    pub current: Option<Outbound>,
+    pub authorization: Vec<String>,
+    pub redirect_requests: Vec<pb::RedirectRequest>,
+    pub redirect_answer: Option<Result<pb::RedirectResponse, tonic::Code>>,
+    pub machines: Vec<pb::Machine>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeBroker {
+    pub state: Arc<Mutex<FakeState>>,
+    changed: Arc<Notify>,
+}
+
+impl FakeBroker {
+    /// Serves on 127.0.0.1:0 until `stop`; returns the URL.
+    pub async fn serve(&self, stop: CancellationToken) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: SocketAddr = listener.local_addr().unwrap();
+        let router = tonic::transport::Server::builder()
+            .add_service(AgentGatewayServer::new(self.clone()))
+            .add_service(BrokerServer::new(self.clone()));
+        tokio::spawn(async move {
+            let _ = router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled())
+                .await;
+        });
+        format!("http://{address}")
+    }
+
+    pub fn with<T>(&self, change: impl FnOnce(&mut FakeState) -> T) -> T {
+        let mut state = self.state.lock().unwrap();
+        let result = change(&mut state);
+        drop(state);
+        self.changed.notify_waiters();
+        result
+    }
+
+    /// Waits until `check` holds on the state (panics after 10 s).
+    pub async fn wait_for(&self, what: &str, check: impl Fn(&FakeState) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.changed.notified();
+            if check(&self.state.lock().unwrap()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("timed out waiting for {what}");
+            }
+        }
+    }
+
+    /// Ends the current stream with UNAVAILABLE.
+    pub async fn break_stream(&self) {
+        let current = self.with(|state| state.current.take());
+        if let Some(sender) = current {
+            let _ = sender
+                .send(Err(Status::unavailable("broken by the test")))
+                .await;
+        }
+    }
+
+    /// Sends a command down the current stream.
+    pub async fn command(&self, command: Command) {
+        let current = self.with(|state| state.current.clone()).expect("a stream");
+        current
+            .send(Ok(pb::BrokerMessage {
+                body: Some(command),
+            }))
+            .await
+            .unwrap();
+    }
+}
+
+/// The kinds of the messages of stream `stream`, in order.
+pub fn kinds(state: &FakeState, stream: usize) -> Vec<&'static str> {
+    state
+        .received
+        .iter()
+        .filter(|(number, _)| *number == stream)
+        .map(|(_, message)| match &message.body {
+            Some(Body::Added(_)) => "added",
+            Some(Body::Resync(_)) => "resync",
+            Some(Body::Ready(_)) => "ready",
+            Some(Body::SessionEvent(_)) => "event",
+            Some(Body::Load(_)) => "load",
+            Some(Body::Removed(_)) => "removed",
+            None => "empty",
+        })
+        .collect()
+}
+
+fn reply(body: Command) -> Result<pb::BrokerMessage, Status> {
+    Ok(pb::BrokerMessage { body: Some(body) })
+}
+
+#[tonic::async_trait]
+impl AgentGateway for FakeBroker {
+    type ConnectStream = ReceiverStream<Result<pb::BrokerMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let (sender, receiver) = mpsc::channel(64);
+        let number = self.with(|state| {
+            if state.refuse_streams {
+                return None;
+            }
+            state.streams += 1;
+            state.authorization.push(authorization);
+            state.current = Some(sender.clone());
+            Some(state.streams)
+        });
+        let Some(number) = number else {
+            return Err(Status::unavailable("refusing streams"));
+        };
+        let fake = self.clone();
+        let mut inbound = request.into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let seq = message.seq;
+                let body = message.body.clone();
+                let heartbeat = fake.with(|state| {
+                    state.received.push((number, message));
+                    state.heartbeat_interval_ms
+                });
+                if let Some(Body::Added(description)) = &body {
+                    let welcome = pb::Welcome {
+                        machine_id: tsbroker_common::model::machine_id(
+                            &description.farm,
+                            &description.name,
+                        )
+                        .to_string(),
+                        heartbeat_interval_ms: heartbeat,
+                        heartbeat_timeout_ms: heartbeat * 3,
+                        settings: Some(pb::MachineSettings {
+                            draining: false,
+                            weight: description.weight,
+                            session_limit: description.session_limit,
+                        }),
+                    };
+                    let _ = sender.send(reply(Command::Welcome(welcome))).await;
+                }
+                let _ = sender.send(reply(Command::Ack(pb::Ack { seq }))).await;
+                if let Some(Body::Removed(_)) = body {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+#[tonic::async_trait]
+impl Broker for FakeBroker {
+    async fn redirect(
+        &self,
+        request: Request<pb::RedirectRequest>,
+    ) -> Result<Response<pb::RedirectResponse>, Status> {
+        let answer = self.with(|state| {
+            state.redirect_requests.push(request.into_inner());
+            state.redirect_answer.clone()
+        });
+        match answer {
+            Some(Ok(response)) => Ok(Response::new(response)),
+            Some(Err(code)) => Err(Status::new(code, "set by the test")),
+            None => Err(Status::unavailable("no answer set")),
+        }
+    }
+
+    async fn list_machines(
+        &self,
+        request: Request<pb::ListMachinesRequest>,
+    ) -> Result<Response<pb::ListMachinesResponse>, Status> {
+        let farm = request.into_inner().farm;
+        let machines = self.with(|state| state.machines.clone());
+        let machines = machines
+            .into_iter()
+            .filter(|machine| farm.is_empty() || machine.farm == farm)
+            .collect();
+        Ok(Response::new(pb::ListMachinesResponse { machines }))
+    }
+
+    async fn get_machine(
+        &self,
+        _: Request<pb::GetMachineRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_farms(
+        &self,
+        _: Request<pb::ListFarmsRequest>,
+    ) -> Result<Response<pb::ListFarmsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
