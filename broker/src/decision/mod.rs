@@ -89,19 +89,17 @@ impl Decider {
                 });
             }
         }
-        if let Some(machine) = self
+        let pending = self
             .store
             .pending_logon(&query.farm, &user_key, now)
-            .await?
-        {
-            if machine.is_reachable(lease_cutoff) {
-                return Ok(RedirectAnswer {
-                    machine,
-                    reason: RedirectReason::PendingLogon,
-                    session_id: None,
-                    user_name: query.user_name.clone(),
-                });
-            }
+            .await?;
+        if let Some(machine) = pending.filter(|machine| machine.is_reachable(lease_cutoff)) {
+            return Ok(RedirectAnswer {
+                machine,
+                reason: RedirectReason::PendingLogon,
+                session_id: None,
+                user_name: query.user_name.clone(),
+            });
         }
         self.place(query, &user_key, now, lease_cutoff).await
     }
