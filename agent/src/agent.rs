@@ -86,6 +86,7 @@ pub async fn start(
         session_limit: config.session_limit,
         single_session: config.single_session,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        front_door: config.front_door.is_some(),
     };
     let machine_id = model::machine_id(&config.farm, &config.machine_name);
     let (directory, events) = Directory::open(&config.state_dir)?;

@@ -157,6 +157,8 @@ pub struct MachineDescription {
     pub session_limit: u32,
     pub single_session: bool,
     pub agent_version: String,
+    /// The address is a tsagent front door (accepts PROXY v2 from the farm).
+    pub front_door: bool,
 }
 
 impl TryFrom<pb::MachineDescription> for MachineDescription {
@@ -176,6 +178,7 @@ impl TryFrom<pb::MachineDescription> for MachineDescription {
                 validate::MAX_AGENT_VERSION,
                 true,
             )?,
+            front_door: description.front_door,
         })
     }
 }
@@ -190,6 +193,7 @@ impl From<&MachineDescription> for pb::MachineDescription {
             session_limit: description.session_limit,
             single_session: description.single_session,
             agent_version: description.agent_version.clone(),
+            front_door: description.front_door,
         }
     }
 }

@@ -35,6 +35,7 @@ pub fn machine(name: &str, farm: &str, weight: u32) -> pb::MachineDescription {
         session_limit: 0,
         single_session: false,
         agent_version: "test".to_owned(),
+        front_door: false,
     }
 }
 

@@ -29,6 +29,8 @@ pub struct KnownMachine {
     /// What the name and the advertised host resolve to.
     pub ips: Vec<IpAddr>,
     pub port: u16,
+    /// The address is a tsagent front door (it takes a PROXY v2 header).
+    pub front_door: bool,
 }
 
 #[derive(Default)]
@@ -91,6 +93,7 @@ async fn known(machine: pb::Machine) -> Option<KnownMachine> {
         address: machine.address,
         ips,
         port,
+        front_door: machine.front_door,
     })
 }
 

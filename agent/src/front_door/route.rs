@@ -35,7 +35,8 @@ pub enum Decision {
         address: String,
         /// The user has a session there (or the token named it): never moved elsewhere.
         reconnection: bool,
-        /// The target is not a front door of the farm: no PROXY header.
+        /// The target is not a front door of the farm (a plain RDP service, or a plug-in's
+        /// host outside the farm): no PROXY header.
         external: bool,
         user: Option<ConnectingUser>,
     },
@@ -84,7 +85,7 @@ pub async fn decide(
                 machine_name: machine.name,
                 address: machine.address,
                 reconnection: true,
-                external: false,
+                external: !machine.front_door,
                 user: None,
             },
             None => Decision::Refuse {
@@ -156,7 +157,7 @@ async fn redirect(
         machine_name: response.machine_name,
         address: response.address,
         reconnection: reason == pb::RedirectReason::ExistingSession,
-        external: reason == pb::RedirectReason::External,
+        external: reason == pb::RedirectReason::External || !response.front_door,
         user,
     }
 }

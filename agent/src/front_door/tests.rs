@@ -52,6 +52,7 @@ fn machine(name: &str, address: &str, state: pb::MachineState) -> pb::Machine {
         farm: FARM.into(),
         address: address.into(),
         state: state as i32,
+        front_door: true,
         ..Default::default()
     }
 }
@@ -62,6 +63,7 @@ fn answer(name: &str, address: &str, reason: pb::RedirectReason) -> pb::Redirect
         machine_name: name.into(),
         address: address.into(),
         reason: reason as i32,
+        front_door: true,
         ..Default::default()
     }
 }
@@ -194,6 +196,26 @@ async fn routes_to_this_machine_or_another_with_a_proxy_header() {
     assert_eq!(&seen[header_len..header_len + packet.len()], &packet[..]);
     assert_eq!(&seen[header_len..], &bytes[..]);
     nothing(&mut harness.local).await;
+
+    // A machine that advertises a plain RDP service gets the client's bytes as they are.
+    let plain = pb::RedirectResponse {
+        front_door: false,
+        ..answer(
+            "ts3.example",
+            &remote_address.to_string(),
+            pb::RedirectReason::LoadBalanced,
+        )
+    };
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(plain)));
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=carol"));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(
+        next(&mut remote).await,
+        bytes,
+        "no PROXY header for a plain RDP service"
+    );
     harness.shutdown.cancel();
 }
 

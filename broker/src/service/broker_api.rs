@@ -77,6 +77,7 @@ impl pb::broker_server::Broker for BrokerApi {
             reason: answer.reason as i32,
             session_id: answer.session_id.unwrap_or(0),
             user_name: answer.user_name,
+            front_door: answer.machine.front_door,
         }))
     }
 

@@ -35,6 +35,7 @@ pub fn machine(record: &MachineRecord) -> pb::Machine {
         ready_since: record.ready_since.map(millis_to_timestamp),
         weight_overridden: record.admin_weight.is_some(),
         session_limit_overridden: record.admin_session_limit.is_some(),
+        front_door: record.front_door,
     }
 }
 

@@ -189,6 +189,7 @@ pub mod test_support {
                 ready_since: Some(0),
                 created_at: 0,
                 updated_at: 0,
+                front_door: false,
                 pending_logons: 0,
             },
             ineligible: None,

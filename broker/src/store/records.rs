@@ -29,6 +29,7 @@ pub struct MachineRecord {
     pub ready_since: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    pub front_door: bool,
     pub pending_logons: i64,
 }
 

@@ -11,7 +11,7 @@ macro_rules! machine_select {
          m.agent_session_limit, m.admin_session_limit, m.single_session, m.agent_version, \
          m.state, m.draining, m.connection_id, m.session_count, m.load_cpu, m.load_memory, \
          m.load_sessions, m.load_pending, m.last_seen_at, m.ready_since, m.created_at, \
-         m.updated_at, \
+         m.updated_at, m.front_door, \
          (SELECT count(*) FROM pending_logons p WHERE p.machine_id = m.id AND p.expires_at > $1) \
          AS pending_logons \
          FROM machines m "
@@ -33,12 +33,13 @@ pub(super) const INSERT_FARM: &str =
 
 pub(super) const UPSERT_MACHINE: &str = "INSERT INTO machines \
      (id, farm, name, name_key, address, agent_weight, agent_session_limit, single_session, \
-      agent_version, state, connection_id, session_count, last_seen_at, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'joining', $10, 0, $11, $11, $11) \
+      agent_version, state, connection_id, session_count, last_seen_at, created_at, updated_at, \
+      front_door) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'joining', $10, 0, $11, $11, $11, $12) \
      ON CONFLICT (id) DO UPDATE SET name = excluded.name, address = excluded.address, \
      agent_weight = excluded.agent_weight, agent_session_limit = excluded.agent_session_limit, \
      single_session = excluded.single_session, agent_version = excluded.agent_version, \
-     state = 'joining', connection_id = excluded.connection_id, \
+     front_door = excluded.front_door, state = 'joining', connection_id = excluded.connection_id, \
      last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at";
 
 pub(super) const SELECT_MACHINE_BY_ID: &str = concat!(machine_select!(), "WHERE m.id = $2");
@@ -219,6 +220,7 @@ macro_rules! impl_store {
                     .bind(&description.agent_version)
                     .bind(connection)
                     .bind(now)
+                    .bind(description.front_door)
                     .execute(&mut *tx)
                     .await?;
                 let machine = sqlx::query_as::<_, MachineRecord>(sql::SELECT_MACHINE_BY_ID)

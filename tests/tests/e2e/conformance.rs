@@ -72,6 +72,7 @@ fn description(name: &str, weight: u32) -> MachineDescription {
         session_limit: 0,
         single_session: false,
         agent_version: "1".to_owned(),
+        front_door: false,
     }
 }
 

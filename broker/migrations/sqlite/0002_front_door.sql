@@ -1,0 +1,2 @@
+-- Whether a machine's address is a tsagent front door (accepts PROXY v2 from the farm).
+ALTER TABLE machines ADD COLUMN front_door INTEGER NOT NULL DEFAULT 0;
