@@ -1,8 +1,11 @@
 //! The broker's settings: typed, with defaults, layered file → environment → flags, and
 //! checked before anything starts. Secrets never show in `Debug`.
 
+use crate::decision::farm_settings::{FarmBook, FarmFileSettings};
+use crate::decision::policy::PolicyRegistry;
 use clap::Parser;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +35,10 @@ pub struct BrokerConfig {
     pub log_format: LogFormat,
     /// How long shutdown waits for streams and calls to finish.
     pub shutdown_grace: Duration,
+    /// Where Prometheus scrapes `/metrics`; none serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Per-farm policy settings, groups and plug-ins (config file only).
+    pub farms: FarmBook,
 }
 
 impl Default for BrokerConfig {
@@ -46,6 +53,8 @@ impl Default for BrokerConfig {
             agent_token: None,
             log_format: LogFormat::Plain,
             shutdown_grace: Duration::from_secs(10),
+            metrics_listen: None,
+            farms: FarmBook::default(),
         }
     }
 }
@@ -75,6 +84,29 @@ impl BrokerConfig {
                 "database_url {:?} must start with sqlite:// or postgres://",
                 self.database_url
             ));
+        }
+        let policies = PolicyRegistry::default();
+        let named = std::iter::once(("farm_defaults".to_owned(), &self.farms.defaults)).chain(
+            self.farms
+                .farms
+                .iter()
+                .map(|(name, settings)| (format!("farms.{name}"), settings)),
+        );
+        for (section, settings) in named {
+            let unknown = settings
+                .policy
+                .as_deref()
+                .filter(|policy| policies.get(policy).is_none());
+            if let Some(policy) = unknown {
+                return Err(format!(
+                    "{section}: unknown policy {policy:?} (known: {})",
+                    policies.names().join(", ")
+                ));
+            }
+        }
+        for farm in self.farms.farms.keys() {
+            tsbroker_common::validate::farm_name("farms", farm)
+                .map_err(|error| error.to_string())?;
         }
         for (name, token) in [
             ("admin_token", &self.admin_token),
@@ -126,6 +158,9 @@ pub struct Cli {
     /// How long shutdown waits for streams and calls to finish [default: 10s].
     #[arg(long, env = "TSBROKER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Address to serve Prometheus metrics on (/metrics), e.g. 127.0.0.1:9150 [default: none].
+    #[arg(long, env = "TSBROKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The TOML file's shape: every key optional.
@@ -144,9 +179,15 @@ struct FileConfig {
     log_format: Option<String>,
     #[serde(default, with = "humantime_option")]
     shutdown_grace: Option<Duration>,
+    metrics_listen: Option<SocketAddr>,
+    /// Settings for every farm not listed under `farms`.
+    farm_defaults: Option<FarmFileSettings>,
+    #[serde(default)]
+    farms: BTreeMap<String, FarmFileSettings>,
 }
 
-mod humantime_option {
+/// Durations written as "15s", "100ms" in the TOML file.
+pub(crate) mod humantime_option {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
@@ -197,17 +238,41 @@ impl Cli {
                 .max_pending_logons_per_machine
                 .or(file.max_pending_logons_per_machine)
                 .unwrap_or(defaults.max_pending_logons_per_machine),
-            admin_token: self.admin_token.map(Secret).or(file.admin_token),
-            agent_token: self.agent_token.map(Secret).or(file.agent_token),
+            admin_token: non_empty(self.admin_token.map(Secret).or(file.admin_token)),
+            agent_token: non_empty(self.agent_token.map(Secret).or(file.agent_token)),
             log_format: self.log_format.or(file_log_format).unwrap_or_default(),
             shutdown_grace: self
                 .shutdown_grace
                 .or(file.shutdown_grace)
                 .unwrap_or(defaults.shutdown_grace),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            farms: farm_book(file.farm_defaults.as_ref(), &file.farms)?,
         };
         config.validate()?;
         Ok(config)
     }
+}
+
+/// An empty token (say `TSBROKER_ADMIN_TOKEN=` in a compose file) means none.
+fn non_empty(token: Option<Secret>) -> Option<Secret> {
+    token.filter(|token| !token.0.is_empty())
+}
+
+/// Resolves `[farm_defaults]` over the built-in defaults and each `[farms.<name>]` over those.
+fn farm_book(
+    defaults: Option<&FarmFileSettings>,
+    farms: &BTreeMap<String, FarmFileSettings>,
+) -> Result<FarmBook, String> {
+    let builtin = crate::decision::farm_settings::FarmSettings::default();
+    let defaults = match defaults {
+        Some(file) => file.resolve(&builtin, "farm_defaults")?,
+        None => builtin,
+    };
+    let farms = farms
+        .iter()
+        .map(|(name, file)| Ok((name.clone(), file.resolve(&defaults, name)?)))
+        .collect::<Result<BTreeMap<_, _>, String>>()?;
+    Ok(FarmBook { defaults, farms })
 }
 
 #[cfg(test)]
@@ -244,6 +309,33 @@ mod tests {
         .unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(config.heartbeat_timeout, Duration::from_secs(20));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn farms_come_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("tsbroker-farms-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        std::fs::write(
+            &path,
+            "[farm_defaults]\ncpu_threshold = 80.0\n[farms.sales]\npolicy = \"round-robin\"\n",
+        )
+        .unwrap();
+        let config = Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
+            .into_config()
+            .unwrap();
+        let sales = config.farms.get("sales");
+        assert_eq!(
+            (sales.policy.as_deref(), sales.cpu_threshold),
+            (Some("round-robin"), 80.0)
+        );
+        assert_eq!(config.farms.get("other").cpu_threshold, 80.0);
+        std::fs::write(&path, "[farms.sales]\npolicy = \"fastest\"\n").unwrap();
+        let error = Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
+            .into_config()
+            .unwrap_err();
+        assert!(error.contains("unknown policy"), "{error}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -116,11 +116,17 @@ pub async fn run(
         pending_logon_ttl: config.pending_logon_ttl,
         max_pending_logons_per_machine: config.max_pending_logons_per_machine,
     };
-    let decider = Arc::new(Decider::new(store.clone(), decision_settings, policies));
+    let decider = Arc::new(Decider::new(
+        store.clone(),
+        decision_settings,
+        policies,
+        config.farms.clone(),
+    ));
     core.set(Core {
         store: store.clone(),
         decider,
     });
+    declare_farms(store.as_ref(), &config).await?;
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!(backend = store.backend(), "store ready; serving");
     let monitor = tokio::spawn(monitor_store(store, health.clone(), shutdown.clone()));
@@ -141,6 +147,20 @@ pub async fn run(
         Ok(served) => served.context("server task")?.context("serve grpc")?,
         Err(_) => {
             tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period; closing")
+        }
+    }
+    Ok(())
+}
+
+/// Sets the policy of every farm the configuration names one for.
+async fn declare_farms(store: &dyn Store, config: &BrokerConfig) -> anyhow::Result<()> {
+    for (farm, settings) in &config.farms.farms {
+        if let Some(policy) = &settings.policy {
+            store
+                .declare_farm(farm, policy, tsbroker_common::model::now_millis())
+                .await
+                .with_context(|| format!("set the policy of farm {farm:?}"))?;
+            tracing::info!(%farm, %policy, "farm policy from the configuration");
         }
     }
     Ok(())

@@ -262,3 +262,20 @@ impl FakeAgent {
         self.answer_to(seq).await
     }
 }
+
+impl FakeAgent {
+    /// A load report with these CPU and memory percentages.
+    pub async fn report_load(
+        &mut self,
+        cpu_percent: f32,
+        memory_percent: f32,
+    ) -> Result<(), Status> {
+        self.request(Body::Load(pb::LoadReport {
+            session_count: 0,
+            cpu_percent,
+            memory_percent,
+            pending_logons: 0,
+        }))
+        .await
+    }
+}

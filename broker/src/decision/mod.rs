@@ -2,14 +2,17 @@
 //! (disconnected first, newest first, drain never blocks it); a logon sent moments ago that has
 //! not shown up yet; else the farm's policy among the machines that can take a new logon.
 
+pub mod farm_settings;
 pub mod policy;
 
 use crate::error::ApiError;
 use crate::store::{
-    Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord, Store,
+    Choice, Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord,
+    Store,
 };
-use policy::PolicyRegistry;
-use std::sync::Arc;
+use farm_settings::{FarmBook, FarmSettings, GroupRule};
+use policy::{ChoiceContext, PolicyRegistry};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tsbroker_common::model::{self, SessionState};
 use tsbroker_common::proto::v1::RedirectReason;
@@ -38,20 +41,45 @@ pub struct RedirectQuery {
     pub user_name_may_be_truncated: bool,
 }
 
+/// Where a client is sent: a machine of the farm, or (for a plug-in's external session) a
+/// host outside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `None` for a host outside the farm.
+    pub machine_id: Option<uuid::Uuid>,
+    pub name: String,
+    pub address: String,
+    pub front_door: bool,
+}
+
+impl From<&MachineRecord> for Target {
+    fn from(machine: &MachineRecord) -> Self {
+        Target {
+            machine_id: Some(machine.id),
+            name: machine.name.clone(),
+            address: machine.address.clone(),
+            front_door: machine.front_door,
+        }
+    }
+}
+
 /// Where the user goes and why.
 #[derive(Clone, Debug)]
 pub struct RedirectAnswer {
-    pub machine: MachineRecord,
+    pub target: Target,
     pub reason: RedirectReason,
     pub session_id: Option<u32>,
     /// The user the decision matched (a truncated name resolved to the full one).
     pub user_name: String,
+    /// The policy that placed a new logon.
+    pub policy: Option<&'static str>,
 }
 
 pub struct Decider {
     store: Arc<dyn Store>,
     settings: DecisionSettings,
     policies: PolicyRegistry,
+    farms: FarmBook,
 }
 
 impl Decider {
@@ -59,11 +87,13 @@ impl Decider {
         store: Arc<dyn Store>,
         settings: DecisionSettings,
         policies: PolicyRegistry,
+        farms: FarmBook,
     ) -> Self {
         Decider {
             store,
             settings,
             policies,
+            farms,
         }
     }
 
@@ -79,27 +109,25 @@ impl Decider {
         }
         let (user_key, sessions) = self.sessions_of(query).await?;
         if let Some(session) = best_session(&sessions, &query.domain, lease_cutoff) {
-            let machine = self.store.get_machine(session.machine_id).await?;
-            if let Some(machine) = machine {
-                return Ok(RedirectAnswer {
-                    machine,
-                    reason: RedirectReason::ExistingSession,
-                    session_id: u32::try_from(session.session_id).ok(),
-                    user_name: session.user_name.clone(),
-                });
-            }
+            return Ok(RedirectAnswer {
+                target: Target {
+                    machine_id: Some(session.machine_id),
+                    name: session.machine_name.clone(),
+                    address: session.machine_address.clone(),
+                    front_door: session.machine_front_door,
+                },
+                reason: RedirectReason::ExistingSession,
+                session_id: u32::try_from(session.session_id).ok(),
+                user_name: session.user_name.clone(),
+                policy: None,
+            });
         }
         let pending = self
             .store
             .pending_logon(&query.farm, &user_key, now)
             .await?;
         if let Some(machine) = pending.filter(|machine| machine.is_reachable(lease_cutoff)) {
-            return Ok(RedirectAnswer {
-                machine,
-                reason: RedirectReason::PendingLogon,
-                session_id: None,
-                user_name: query.user_name.clone(),
-            });
+            return Ok(pending_answer(&machine, query));
         }
         self.place(query, &user_key, now, lease_cutoff).await
     }
@@ -138,6 +166,7 @@ impl Decider {
         now: i64,
         lease_cutoff: i64,
     ) -> Result<RedirectAnswer, ApiError> {
+        let farm_settings = self.farms.get(&query.farm);
         let request = PlacementRequest {
             farm: &query.farm,
             user_key,
@@ -145,30 +174,74 @@ impl Decider {
             lease_cutoff,
             pending_ttl_ms: self.settings.pending_logon_ttl.as_millis() as i64,
             max_pending_per_machine: self.settings.max_pending_logons_per_machine,
+            slow_start_ms: farm_settings.slow_start.as_millis() as i64,
         };
-        let policies = &self.policies;
+        let group = farm_settings.group_of(user_key);
+        let used_policy: Mutex<Option<&'static str>> = Mutex::new(None);
         let choose = |policy_name: &str, candidates: &[MachineLoad]| {
-            let policy = policies.get_or_default(policy_name);
-            match policy.choose(user_key, candidates) {
-                Some(machine) => crate::store::Choice::Machine(machine),
-                None => crate::store::Choice::Nothing,
+            let policy = self.policies.get_or_default(policy_name);
+            if let Ok(mut used) = used_policy.lock() {
+                *used = Some(policy.name());
             }
+            let context = ChoiceContext {
+                farm: &query.farm,
+                user_key,
+                settings: farm_settings,
+            };
+            let pool = group_pool(group, candidates);
+            if pool.is_empty() {
+                return Choice::Nothing;
+            }
+            policy
+                .choose(&context, &pool)
+                .map_or(Choice::Nothing, Choice::Machine)
         };
-        match self.store.place_logon(&request, &choose).await? {
-            Placement::AlreadyPending(machine) => Ok(RedirectAnswer {
-                machine,
-                reason: RedirectReason::PendingLogon,
-                session_id: None,
-                user_name: query.user_name.clone(),
-            }),
+        let placement = self.store.place_logon(&request, &choose).await?;
+        let policy = used_policy.into_inner().ok().flatten();
+        match placement {
+            Placement::AlreadyPending(machine) => Ok(pending_answer(&machine, query)),
             Placement::Placed(machine) => Ok(RedirectAnswer {
-                machine,
+                target: Target::from(&machine),
                 reason: RedirectReason::LoadBalanced,
                 session_id: None,
                 user_name: query.user_name.clone(),
+                policy,
             }),
-            Placement::NoCandidate(loads) => Err(no_candidate_error(&query.farm, &loads)),
+            Placement::NoCandidate(loads) => Err(no_candidate_error(&query.farm, &loads, group)),
         }
+    }
+
+    /// The settings of a farm.
+    pub fn farm_settings(&self, farm: &str) -> &FarmSettings {
+        self.farms.get(farm)
+    }
+}
+
+fn pending_answer(machine: &MachineRecord, query: &RedirectQuery) -> RedirectAnswer {
+    RedirectAnswer {
+        target: Target::from(machine),
+        reason: RedirectReason::PendingLogon,
+        session_id: None,
+        user_name: query.user_name.clone(),
+        policy: None,
+    }
+}
+
+/// The candidates a user may be placed on: their group's machines, or (when none of those can
+/// take the logon and the group allows it) every candidate.
+fn group_pool(group: Option<&GroupRule>, candidates: &[MachineLoad]) -> Vec<MachineLoad> {
+    let Some(group) = group else {
+        return candidates.to_vec();
+    };
+    let members: Vec<MachineLoad> = candidates
+        .iter()
+        .filter(|candidate| group.includes_machine(&candidate.machine.name))
+        .cloned()
+        .collect();
+    if members.is_empty() && group.fallback {
+        candidates.to_vec()
+    } else {
+        members
     }
 }
 
@@ -202,8 +275,9 @@ pub fn best_session<'a>(
 }
 
 /// Says why no machine could take the logon, with the right status: UNAVAILABLE when nothing
-/// is ready (or everything drains), RESOURCE_EXHAUSTED when ready machines are full.
-fn no_candidate_error(farm: &str, loads: &[MachineLoad]) -> ApiError {
+/// is ready (or everything drains), RESOURCE_EXHAUSTED when ready machines are full or a
+/// group without fallback has no machine free.
+fn no_candidate_error(farm: &str, loads: &[MachineLoad], group: Option<&GroupRule>) -> ApiError {
     let count = |reason: Ineligible| {
         loads
             .iter()
@@ -219,6 +293,16 @@ fn no_candidate_error(farm: &str, loads: &[MachineLoad]) -> ApiError {
          {at_cap} at their cap of logons in flight",
         loads.len()
     );
+    let candidates = loads
+        .iter()
+        .filter(|load| load.ineligible.is_none())
+        .count();
+    if let (Some(group), true) = (group, candidates > 0) {
+        return ApiError::FarmFull(format!(
+            "no machine of group {:?} in farm {farm:?} can take a new logon now, and the group has no fallback",
+            group.name
+        ));
+    }
     if loads.is_empty() {
         ApiError::NoMachineAvailable(format!("farm {farm:?} has no machines"))
     } else if at_limit + at_cap > 0 {
@@ -243,6 +327,7 @@ mod tests {
             machine_address: format!("ts{machine}:3389"),
             machine_state: "ready".into(),
             machine_last_seen_at: 100,
+            machine_front_door: false,
             farm: "f".into(),
             session_id: 1,
             user_name: "alice".into(),
@@ -284,11 +369,11 @@ mod tests {
         use crate::store::test_support::machine_load;
         let mut full = machine_load(0, 100, 5);
         full.ineligible = Some(Ineligible::AtSessionLimit);
-        let status: tonic::Status = no_candidate_error("f", &[full]).into();
+        let status: tonic::Status = no_candidate_error("f", &[full], None).into();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         let mut draining = machine_load(1, 100, 0);
         draining.ineligible = Some(Ineligible::Draining);
-        let status: tonic::Status = no_candidate_error("f", &[draining]).into();
+        let status: tonic::Status = no_candidate_error("f", &[draining], None).into();
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(
             status.message().contains("1 draining"),

@@ -69,15 +69,19 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::RedirectResponse>, Status> {
         let query = redirect_query(request.get_ref())?;
         let answer = self.core.get()?.decider.redirect(&query).await?;
-        tracing::debug!(machine = %answer.machine.name, reason = ?answer.reason, "redirect");
+        tracing::debug!(target = %answer.target.name, reason = ?answer.reason, "redirect");
         Ok(Response::new(pb::RedirectResponse {
-            machine_id: answer.machine.id.to_string(),
-            machine_name: answer.machine.name.clone(),
-            address: answer.machine.address.clone(),
+            machine_id: answer
+                .target
+                .machine_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            machine_name: answer.target.name,
+            address: answer.target.address,
             reason: answer.reason as i32,
             session_id: answer.session_id.unwrap_or(0),
             user_name: answer.user_name,
-            front_door: answer.machine.front_door,
+            front_door: answer.target.front_door,
         }))
     }
 

@@ -4,6 +4,8 @@
 //! session events into one transaction, watches the heartbeat, and forwards administrators'
 //! changes to the agent as commands.
 
+use crate::decision::Decider;
+use crate::decision::policy::SESSION_COUNT;
 use crate::error::ApiError;
 use crate::service::{CoreCell, convert};
 use crate::store::{EventOutcome, MachineRecord, Store, StoreError, StreamMachineState};
@@ -58,6 +60,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
         let (outbound, receiver) = mpsc::channel(64);
         let stream = AgentStream {
             store: self.core.get()?.store.clone(),
+            decider: self.core.get()?.decider.clone(),
             settings: self.settings.clone(),
             outbound,
             peer,
@@ -95,6 +98,8 @@ enum StreamEnd {
 
 struct AgentStream {
     store: Arc<dyn Store>,
+    /// For the farms' settings (a new farm's initial policy).
+    decider: Arc<Decider>,
     settings: GatewaySettings,
     outbound: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
     peer: Option<SocketAddr>,
@@ -318,9 +323,16 @@ impl AgentStream {
                 "a stream speaks for one machine; open another stream for another machine",
             )));
         }
+        let new_farm_policy = self
+            .decider
+            .farm_settings(&description.farm)
+            .policy
+            .clone()
+            .unwrap_or_else(|| SESSION_COUNT.to_owned());
         let record = self
             .store_call(self.store.machine_added(
                 &description,
+                &new_farm_policy,
                 self.connection,
                 model::now_millis(),
             ))

@@ -4,7 +4,7 @@
 
 mod error;
 mod postgres;
-mod records;
+pub mod records;
 mod sql;
 mod sqlite;
 
@@ -33,11 +33,13 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
-    /// ADDED: creates or updates the machine (and its farm), binds it to `connection`, and
-    /// puts it in the JOINING state. Administrators' settings (drain, overrides) are kept.
+    /// ADDED: creates or updates the machine (and its farm, with `new_farm_policy` if the farm
+    /// is new), binds it to `connection`, and puts it in the JOINING state. Administrators'
+    /// settings (drain, overrides) are kept.
     async fn machine_added(
         &self,
         description: &MachineDescription,
+        new_farm_policy: &str,
         connection: Uuid,
         now: i64,
     ) -> StoreResult<MachineRecord>;
@@ -88,6 +90,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The farm, if the broker knows it.
     async fn get_farm(&self, farm: &str) -> StoreResult<Option<FarmRecord>>;
+
+    /// Creates the farm if needed and sets its policy (the configuration's word at start).
+    async fn declare_farm(&self, farm: &str, policy: &str, now: i64) -> StoreResult<()>;
 
     async fn list_farms(&self) -> StoreResult<Vec<FarmRecord>>;
 
@@ -193,6 +198,7 @@ pub mod test_support {
                 pending_logons: 0,
             },
             ineligible: None,
+            ramp: 1.0,
         }
     }
 }

@@ -87,6 +87,7 @@ pub struct SessionRecord {
     pub machine_address: String,
     pub machine_state: String,
     pub machine_last_seen_at: i64,
+    pub machine_front_door: bool,
     pub farm: String,
     pub session_id: i64,
     pub user_name: String,
@@ -154,12 +155,34 @@ pub struct MachineLoad {
     pub machine: MachineRecord,
     /// Why the machine cannot take a new logon now; `None` for a candidate.
     pub ineligible: Option<Ineligible>,
+    /// Slow start: the share of its weight a machine that just became READY works with,
+    /// growing from `MIN_RAMP` to 1 over the farm's slow-start period.
+    pub ramp: f64,
 }
+
+/// Where slow start begins: a fresh machine counts with a twentieth of its weight.
+pub const MIN_RAMP: f64 = 0.05;
 
 impl MachineLoad {
     /// Sessions plus logons on their way.
     pub fn load(&self) -> u64 {
         (self.machine.session_count.max(0) + self.machine.pending_logons.max(0)) as u64
+    }
+
+    /// The weight the policies use: the machine's weight scaled by its slow-start ramp.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.machine.weight()) * self.ramp
+    }
+}
+
+/// The slow-start ramp of a machine READY since `ready_since`, at `now`.
+pub fn slow_start_ramp(ready_since: Option<i64>, now: i64, slow_start_ms: i64) -> f64 {
+    match ready_since {
+        Some(since) if slow_start_ms > 0 => {
+            let elapsed = (now - since).max(0) as f64;
+            (elapsed / slow_start_ms as f64).clamp(MIN_RAMP, 1.0)
+        }
+        _ => 1.0,
     }
 }
 
@@ -173,7 +196,8 @@ pub enum Ineligible {
 }
 
 impl Ineligible {
-    /// Classifies a machine for a new logon.
+    /// Classifies a machine for a new logon; `max_pending_per_machine` is already scaled by the
+    /// machine's slow-start ramp.
     pub fn of(
         machine: &MachineRecord,
         lease_cutoff: i64,
@@ -205,6 +229,8 @@ pub struct PlacementRequest<'a> {
     pub lease_cutoff: i64,
     pub pending_ttl_ms: i64,
     pub max_pending_per_machine: u32,
+    /// The farm's slow-start period (0: none).
+    pub slow_start_ms: i64,
 }
 
 /// The policy's answer.

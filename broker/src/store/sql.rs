@@ -22,14 +22,18 @@ macro_rules! machine_select {
 macro_rules! session_select {
     () => {
         "SELECT s.machine_id, m.name AS machine_name, m.address AS machine_address, \
-         m.state AS machine_state, m.last_seen_at AS machine_last_seen_at, s.farm, s.session_id, \
+         m.state AS machine_state, m.last_seen_at AS machine_last_seen_at, \
+         m.front_door AS machine_front_door, s.farm, s.session_id, \
          s.user_name, s.domain, s.state, s.client_address, s.logon_at, s.state_changed_at \
          FROM sessions s JOIN machines m ON m.id = s.machine_id "
     };
 }
 
-pub(super) const INSERT_FARM: &str =
-    "INSERT INTO farms (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+pub(super) const INSERT_FARM: &str = "INSERT INTO farms (name, created_at, policy) \
+     VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING";
+
+pub(super) const DECLARE_FARM: &str = "INSERT INTO farms (name, created_at, policy) \
+     VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET policy = excluded.policy";
 
 pub(super) const UPSERT_MACHINE: &str = "INSERT INTO machines \
      (id, farm, name, name_key, address, agent_weight, agent_session_limit, single_session, \
@@ -198,6 +202,7 @@ macro_rules! impl_store {
             async fn machine_added(
                 &self,
                 description: &MachineDescription,
+                new_farm_policy: &str,
                 connection: Uuid,
                 now: i64,
             ) -> StoreResult<MachineRecord> {
@@ -206,6 +211,7 @@ macro_rules! impl_store {
                 sqlx::query(sql::INSERT_FARM)
                     .bind(&description.farm)
                     .bind(now)
+                    .bind(new_farm_policy)
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query(sql::UPSERT_MACHINE)
@@ -428,6 +434,16 @@ macro_rules! impl_store {
                     .bind(farm)
                     .fetch_optional(&self.pool)
                     .await?)
+            }
+
+            async fn declare_farm(&self, farm: &str, policy: &str, now: i64) -> StoreResult<()> {
+                sqlx::query(sql::DECLARE_FARM)
+                    .bind(farm)
+                    .bind(now)
+                    .bind(policy)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
 
             async fn list_farms(&self) -> StoreResult<Vec<FarmRecord>> {
@@ -712,20 +728,26 @@ pub(super) fn session_event_outcome(
     }
 }
 
-/// Classifies each machine of the farm for a new logon.
+/// Classifies each machine of the farm for a new logon. A machine in slow start has its cap of
+/// logons in flight scaled down with its weight (never below one).
 pub(super) fn classify(
     machines: Vec<super::MachineRecord>,
     request: &super::PlacementRequest<'_>,
 ) -> Vec<super::MachineLoad> {
     machines
         .into_iter()
-        .map(|machine| super::MachineLoad {
-            ineligible: super::Ineligible::of(
-                &machine,
-                request.lease_cutoff,
-                request.max_pending_per_machine,
-            ),
-            machine,
+        .map(|machine| {
+            let ramp = super::records::slow_start_ramp(
+                machine.ready_since,
+                request.now,
+                request.slow_start_ms,
+            );
+            let cap = ((f64::from(request.max_pending_per_machine) * ramp).floor() as u32).max(1);
+            super::MachineLoad {
+                ineligible: super::Ineligible::of(&machine, request.lease_cutoff, cap),
+                machine,
+                ramp,
+            }
         })
         .collect()
 }

@@ -104,7 +104,7 @@ async fn ready_machine(
 ) -> (Uuid, Uuid) {
     let connection = Uuid::new_v4();
     let machine = store
-        .machine_added(&description(name, weight), connection, NOW)
+        .machine_added(&description(name, weight), "session-count", connection, NOW)
         .await
         .unwrap();
     store
@@ -126,6 +126,7 @@ fn request<'a>(user_key: &'a str) -> PlacementRequest<'a> {
         lease_cutoff: NOW - 15_000,
         pending_ttl_ms: 30_000,
         max_pending_per_machine: 20,
+        slow_start_ms: 0,
     }
 }
 
@@ -141,7 +142,12 @@ async fn added_machines_join_and_keep_admin_settings(database: &TestDatabase) {
     let store = open(database).await;
     let connection = Uuid::new_v4();
     let machine = store
-        .machine_added(&description("TS1.example", 100), connection, NOW)
+        .machine_added(
+            &description("TS1.example", 100),
+            "session-count",
+            connection,
+            NOW,
+        )
         .await
         .unwrap();
     assert_eq!(machine.id, machine_id("farm1", "ts1.example"));
@@ -156,7 +162,12 @@ async fn added_machines_join_and_keep_admin_settings(database: &TestDatabase) {
         .await
         .unwrap();
     let again = store
-        .machine_added(&description("ts1.example", 50), Uuid::new_v4(), NOW + 1)
+        .machine_added(
+            &description("ts1.example", 50),
+            "session-count",
+            Uuid::new_v4(),
+            NOW + 1,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -244,7 +255,7 @@ async fn a_newer_connection_supersedes_the_old(database: &TestDatabase) {
     let (machine, old) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
     let new = Uuid::new_v4();
     store
-        .machine_added(&description("ts1", 100), new, NOW + 1)
+        .machine_added(&description("ts1", 100), "session-count", new, NOW + 1)
         .await
         .unwrap();
     let refused = store.resync_sessions(machine, old, &[], NOW + 2).await;
@@ -424,7 +435,12 @@ async fn placement_classifies_every_machine(database: &TestDatabase) {
         .unwrap();
     let (stale, _) = ready_machine(store.as_ref(), "stale", 100, &[]).await;
     let joining = store
-        .machine_added(&description("joining", 100), Uuid::new_v4(), NOW)
+        .machine_added(
+            &description("joining", 100),
+            "session-count",
+            Uuid::new_v4(),
+            NOW,
+        )
         .await
         .unwrap();
     let (capped, _) = ready_machine(store.as_ref(), "capped", 100, &[]).await;
@@ -739,7 +755,42 @@ async fn farm_policies_are_stored(database: &TestDatabase) {
         store.set_farm_policy("nope", "x").await,
         Err(StoreError::NotFound(_))
     ));
-    assert_eq!(store.list_farms().await.unwrap().len(), 1);
+    // The configuration declares farms (new or not); a new farm takes the policy it is given.
+    store
+        .declare_farm("declared", "resource", NOW)
+        .await
+        .unwrap();
+    store.declare_farm("farm1", "resource", NOW).await.unwrap();
+    assert_eq!(
+        store.get_farm("declared").await.unwrap().unwrap().policy,
+        "resource"
+    );
+    assert_eq!(
+        store.get_farm("farm1").await.unwrap().unwrap().policy,
+        "resource"
+    );
+    let other = MachineDescription {
+        farm: "fresh".into(),
+        ..description("ts9", 100)
+    };
+    store
+        .machine_added(&other, "round-robin", Uuid::new_v4(), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_farm("fresh").await.unwrap().unwrap().policy,
+        "round-robin"
+    );
+    store
+        .machine_added(&other, "resource", Uuid::new_v4(), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_farm("fresh").await.unwrap().unwrap().policy,
+        "round-robin",
+        "an existing farm keeps its policy"
+    );
+    assert_eq!(store.list_farms().await.unwrap().len(), 3);
 }
 
 async fn unreachable_keeps_sessions_removed_drops_them(database: &TestDatabase) {
@@ -760,7 +811,7 @@ async fn unreachable_keeps_sessions_removed_drops_them(database: &TestDatabase) 
     assert_eq!(store.user_sessions("farm1", "a").await.unwrap().len(), 1);
     let connection = Uuid::new_v4();
     store
-        .machine_added(&description("ts1", 100), connection, NOW)
+        .machine_added(&description("ts1", 100), "session-count", connection, NOW)
         .await
         .unwrap();
     let removed = store

@@ -5,5 +5,6 @@ mod support;
 mod binaries;
 mod concurrency;
 mod conformance;
+mod policies;
 mod query_plans;
 mod stream;
