@@ -2,12 +2,14 @@
 //! connecting user should go.
 //!
 //! `server::run` assembles the gRPC services (`service`) over a `store`; the redirect
-//! decision and its policies live in `decision`.
+//! decision and its policies live in `decision`, external plug-ins in `plugin`.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod decision;
 pub mod error;
+pub mod metrics;
+pub mod plugin;
 pub mod server;
 pub mod service;
 pub mod store;

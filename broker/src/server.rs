@@ -4,6 +4,8 @@
 use crate::config::BrokerConfig;
 use crate::decision::policy::PolicyRegistry;
 use crate::decision::{Decider, DecisionSettings};
+use crate::metrics::Metrics;
+use crate::plugin::PluginHub;
 use crate::service::admin_api::AdminApi;
 use crate::service::auth::TokenGuard;
 use crate::service::broker_api::BrokerApi;
@@ -39,6 +41,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    if let Some(address) = config.metrics_listen {
+        let metrics_listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listen for metrics on {address}"))?;
+        tokio::spawn(crate::metrics::serve(
+            metrics.clone(),
+            metrics_listener,
+            shutdown.clone(),
+        ));
+    }
     let core = CoreCell::default();
     let policies = PolicyRegistry::default();
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -116,17 +129,27 @@ pub async fn run(
         pending_logon_ttl: config.pending_logon_ttl,
         max_pending_logons_per_machine: config.max_pending_logons_per_machine,
     };
+    declare_farms(store.as_ref(), &config).await?;
+    let plugins = PluginHub::start(
+        &config.farms,
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
     let decider = Arc::new(Decider::new(
         store.clone(),
         decision_settings,
         policies,
         config.farms.clone(),
+        plugins.clone(),
+        metrics.clone(),
     ));
     core.set(Core {
         store: store.clone(),
         decider,
+        plugins: plugins.clone(),
+        metrics,
     });
-    declare_farms(store.as_ref(), &config).await?;
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!(backend = store.backend(), "store ready; serving");
     let monitor = tokio::spawn(monitor_store(store, health.clone(), shutdown.clone()));
@@ -141,6 +164,7 @@ pub async fn run(
     }
     tracing::info!("shutting down");
     set_health(&health, ServingStatus::NotServing).await;
+    plugins.terminate("broker shutting down").await;
     // Agent streams watch `shutdown` and are ending now; then the server drains its calls.
     server_stop.cancel();
     match tokio::time::timeout(config.shutdown_grace, server_task).await {

@@ -3,9 +3,12 @@
 //! not shown up yet; else the farm's policy among the machines that can take a new logon.
 
 pub mod farm_settings;
+mod plugin_step;
 pub mod policy;
 
 use crate::error::ApiError;
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::plugin::PluginHub;
 use crate::store::{
     Choice, Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord,
     Store,
@@ -39,6 +42,8 @@ pub struct RedirectQuery {
     pub user_name: String,
     pub domain: String,
     pub user_name_may_be_truncated: bool,
+    /// "ip:port" of the client, when known (passed on to plug-ins).
+    pub client_address: String,
 }
 
 /// Where a client is sent: a machine of the farm, or (for a plug-in's external session) a
@@ -80,6 +85,8 @@ pub struct Decider {
     settings: DecisionSettings,
     policies: PolicyRegistry,
     farms: FarmBook,
+    plugins: Arc<PluginHub>,
+    metrics: Arc<Metrics>,
 }
 
 impl Decider {
@@ -88,12 +95,16 @@ impl Decider {
         settings: DecisionSettings,
         policies: PolicyRegistry,
         farms: FarmBook,
+        plugins: Arc<PluginHub>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Decider {
             store,
             settings,
             policies,
             farms,
+            plugins,
+            metrics,
         }
     }
 
@@ -101,7 +112,28 @@ impl Decider {
         &self.policies
     }
 
+    /// Decides, and counts the decision by reason and policy.
     pub async fn redirect(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
+        let answer = self.decide(query).await?;
+        let reason = match answer.reason {
+            RedirectReason::ExistingSession => "existing_session",
+            RedirectReason::PendingLogon => "pending_logon",
+            RedirectReason::LoadBalanced => "load_balanced",
+            RedirectReason::Plugin => "plugin",
+            RedirectReason::External => "external",
+            RedirectReason::Unspecified => "unspecified",
+        };
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                reason,
+                policy: answer.policy.unwrap_or("none"),
+            })
+            .inc();
+        Ok(answer)
+    }
+
+    async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
         let now = model::now_millis();
         let lease_cutoff = now - self.settings.heartbeat_timeout.as_millis() as i64;
         if query.user_name.is_empty() {
@@ -128,6 +160,12 @@ impl Decider {
             .await?;
         if let Some(machine) = pending.filter(|machine| machine.is_reachable(lease_cutoff)) {
             return Ok(pending_answer(&machine, query));
+        }
+        if sessions.is_empty() {
+            let link = self.plugins.for_farm(&query.farm);
+            if let Some(answer) = plugin_step::external_session(link, query).await {
+                return Ok(answer);
+            }
         }
         self.place(query, &user_key, now, lease_cutoff).await
     }
@@ -177,18 +215,38 @@ impl Decider {
             slow_start_ms: farm_settings.slow_start.as_millis() as i64,
         };
         let group = farm_settings.group_of(user_key);
+        let context = ChoiceContext {
+            farm: &query.farm,
+            user_key,
+            settings: farm_settings,
+        };
+        // A plug-in is asked outside the farm's lock (it may take up to its deadline); its pick
+        // is honoured if it is still a candidate once the lock is held.
+        let preferred = match self.plugins.for_farm(&query.farm) {
+            Some(link) => {
+                let step = plugin_step::PluginStep {
+                    store: self.store.as_ref(),
+                    policies: &self.policies,
+                    link,
+                };
+                step.preference(query, &request, &context, group).await?
+            }
+            None => None,
+        };
         let used_policy: Mutex<Option<&'static str>> = Mutex::new(None);
+        let used_plugin = std::sync::atomic::AtomicBool::new(false);
         let choose = |policy_name: &str, candidates: &[MachineLoad]| {
             let policy = self.policies.get_or_default(policy_name);
             if let Ok(mut used) = used_policy.lock() {
                 *used = Some(policy.name());
             }
-            let context = ChoiceContext {
-                farm: &query.farm,
-                user_key,
-                settings: farm_settings,
-            };
             let pool = group_pool(group, candidates);
+            if let Some(preferred) =
+                preferred.filter(|id| pool.iter().any(|load| load.machine.id == *id))
+            {
+                used_plugin.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Choice::Machine(preferred);
+            }
             if pool.is_empty() {
                 return Choice::Nothing;
             }
@@ -198,11 +256,16 @@ impl Decider {
         };
         let placement = self.store.place_logon(&request, &choose).await?;
         let policy = used_policy.into_inner().ok().flatten();
+        let reason = if used_plugin.into_inner() {
+            RedirectReason::Plugin
+        } else {
+            RedirectReason::LoadBalanced
+        };
         match placement {
             Placement::AlreadyPending(machine) => Ok(pending_answer(&machine, query)),
             Placement::Placed(machine) => Ok(RedirectAnswer {
                 target: Target::from(&machine),
-                reason: RedirectReason::LoadBalanced,
+                reason,
                 session_id: None,
                 user_name: query.user_name.clone(),
                 policy,
@@ -229,7 +292,10 @@ fn pending_answer(machine: &MachineRecord, query: &RedirectQuery) -> RedirectAns
 
 /// The candidates a user may be placed on: their group's machines, or (when none of those can
 /// take the logon and the group allows it) every candidate.
-fn group_pool(group: Option<&GroupRule>, candidates: &[MachineLoad]) -> Vec<MachineLoad> {
+pub(crate) fn group_pool(
+    group: Option<&GroupRule>,
+    candidates: &[MachineLoad],
+) -> Vec<MachineLoad> {
     let Some(group) = group else {
         return candidates.to_vec();
     };

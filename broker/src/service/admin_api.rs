@@ -5,6 +5,7 @@
 use super::{CoreCell, convert, machine_ref};
 use crate::decision::policy::PolicyRegistry;
 use crate::error::ApiError;
+use crate::plugin::notices::{self, ChangedField};
 use crate::store::{MachineChange, Store};
 use tonic::{Request, Response, Status};
 use tsbroker_common::model::{self, MachineState};
@@ -30,12 +31,20 @@ impl AdminApi {
         reference: Option<pb::MachineRef>,
         change: MachineChange,
     ) -> Result<pb::Machine, Status> {
-        let store = self.store()?;
+        let core = self.core.get()?;
+        let store = core.store.as_ref();
         let machine = machine_ref::resolve(store, &reference.unwrap_or_default()).await?;
         let machine = store
             .change_machine(machine.id, change, model::now_millis())
             .await
             .map_err(ApiError::from)?;
+        let field = match change {
+            MachineChange::Drain(_) => ChangedField::Draining,
+            MachineChange::Weight(_) => ChangedField::Weight,
+            MachineChange::SessionLimit(_) => ChangedField::SessionLimit,
+        };
+        core.plugins
+            .notify(&machine.farm, notices::machine_changed(&machine, &[field]));
         tracing::info!(machine = %machine.name, farm = %machine.farm, ?change, "machine changed by admin");
         Ok(convert::machine(&machine))
     }
@@ -108,11 +117,15 @@ impl pb::admin_server::Admin for AdminApi {
             ))
             .into());
         }
-        let sessions_removed = self
-            .store()?
+        let core = self.core.get()?;
+        let sessions_removed = core
+            .store
             .remove_machine(machine.id)
             .await
             .map_err(ApiError::from)?;
+        let notice =
+            notices::machine_removed(&machine.id.to_string(), &machine.name, &machine.farm);
+        core.plugins.notify(&machine.farm, notice);
         tracing::info!(machine = %machine.name, farm = %machine.farm, sessions_removed, "machine removed by admin");
         Ok(Response::new(pb::RemoveMachineResponse {
             sessions_removed: u32::try_from(sessions_removed).unwrap_or(u32::MAX),

@@ -3,6 +3,7 @@
 use super::{CoreCell, convert, machine_ref};
 use crate::decision::RedirectQuery;
 use crate::error::ApiError;
+use crate::metrics::CodeLabels;
 use crate::store::SessionFilter;
 use tonic::{Request, Response, Status};
 use tsbroker_common::model::{self, SessionState};
@@ -44,6 +45,7 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
         user_name,
         domain: validate::domain("domain", &request.domain)?,
         user_name_may_be_truncated: request.user_name_may_be_truncated,
+        client_address: request.client_address.clone(),
     })
 }
 
@@ -67,8 +69,24 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         request: Request<pb::RedirectRequest>,
     ) -> Result<Response<pb::RedirectResponse>, Status> {
-        let query = redirect_query(request.get_ref())?;
-        let answer = self.core.get()?.decider.redirect(&query).await?;
+        let core = self.core.get()?;
+        let decided = match redirect_query(request.get_ref()) {
+            Ok(query) => core.decider.redirect(&query).await,
+            Err(error) => Err(error),
+        };
+        let answer = match decided {
+            Ok(answer) => answer,
+            Err(error) => {
+                let status = tonic::Status::from(error);
+                core.metrics
+                    .redirect_errors
+                    .get_or_create(&CodeLabels {
+                        code: format!("{:?}", status.code()),
+                    })
+                    .inc();
+                return Err(status);
+            }
+        };
         tracing::debug!(target = %answer.target.name, reason = ?answer.reason, "redirect");
         Ok(Response::new(pb::RedirectResponse {
             machine_id: answer

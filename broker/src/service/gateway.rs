@@ -7,6 +7,8 @@
 use crate::decision::Decider;
 use crate::decision::policy::SESSION_COUNT;
 use crate::error::ApiError;
+use crate::metrics::{KindLabels, Metrics};
+use crate::plugin::{PluginHub, notices};
 use crate::service::{CoreCell, convert};
 use crate::store::{EventOutcome, MachineRecord, Store, StoreError, StreamMachineState};
 use futures::FutureExt;
@@ -17,7 +19,9 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tsbroker_common::model::{self, LoadReport, MachineDescription, SessionEvent, SessionInfo};
+use tsbroker_common::model::{
+    self, LoadReport, MachineDescription, MachineState, SessionEvent, SessionInfo,
+};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::agent_message::Body;
 use tsbroker_common::proto::v1::broker_message::Body as Reply;
@@ -61,6 +65,8 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
         let stream = AgentStream {
             store: self.core.get()?.store.clone(),
             decider: self.core.get()?.decider.clone(),
+            plugins: self.core.get()?.plugins.clone(),
+            metrics: self.core.get()?.metrics.clone(),
             settings: self.settings.clone(),
             outbound,
             peer,
@@ -70,6 +76,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             resynced: false,
             settings_sent: None,
         };
+        stream.metrics.agent_streams.inc();
         tokio::spawn(stream.run(request.into_inner(), self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
@@ -100,6 +107,9 @@ struct AgentStream {
     store: Arc<dyn Store>,
     /// For the farms' settings (a new farm's initial policy).
     decider: Arc<Decider>,
+    /// Told of every change, after it is durable.
+    plugins: Arc<PluginHub>,
+    metrics: Arc<Metrics>,
     settings: GatewaySettings,
     outbound: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
     peer: Option<SocketAddr>,
@@ -152,6 +162,13 @@ impl AgentStream {
             }
         };
         self.finish(end).await;
+    }
+
+    fn count(&self, kind: &'static str) {
+        self.metrics
+            .agent_messages
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     fn machine_id(&self) -> Option<Uuid> {
@@ -263,6 +280,15 @@ impl AgentStream {
                 .await?;
                 self.resynced = true;
                 tracing::info!(machine = ?self.machine_name(), sessions = sessions.len(), "sessions resynced");
+                if let Some(record) = &self.machine {
+                    let sessions = sessions
+                        .iter()
+                        .map(|session| notices::session_from_info(record, session, now))
+                        .collect();
+                    self.plugins
+                        .resync_sessions(&record.farm, &record.id.to_string(), sessions);
+                }
+                self.count("resync");
             }
             Body::Ready(_) => {
                 if !self.resynced {
@@ -278,7 +304,10 @@ impl AgentStream {
                     ))
                     .await?;
                 tracing::info!(machine = %record.name, farm = %record.farm, "machine ready");
+                self.plugins
+                    .notify(&record.farm, notices::machine_state_changed(&record));
                 self.machine = Some(record);
+                self.count("ready");
             }
             Body::Load(load) => {
                 let load = match LoadReport::try_from(load) {
@@ -291,6 +320,7 @@ impl AgentStream {
                 };
                 self.store_call(self.store.record_load(machine, self.connection, &load, now))
                     .await?;
+                self.count("load");
             }
             Body::Removed(removed) => {
                 self.store_call(self.store.set_machine_state(
@@ -301,6 +331,15 @@ impl AgentStream {
                 ))
                 .await?;
                 tracing::info!(machine = ?self.machine_name(), reason = %removed.reason, "machine removed by its agent");
+                if let Some(record) = &self.machine {
+                    let notice = notices::machine_removed(
+                        &record.id.to_string(),
+                        &record.name,
+                        &record.farm,
+                    );
+                    self.plugins.notify(&record.farm, notice);
+                }
+                self.count("removed");
                 self.ack(seq).await?;
                 return Err(StreamEnd::Removed);
             }
@@ -351,6 +390,9 @@ impl AgentStream {
         }))
         .await?;
         self.settings_sent = Some(settings);
+        self.plugins
+            .notify(&record.farm, notices::machine_added(&record));
+        self.count("added");
         self.machine = Some(record);
         self.ack(seq).await
     }
@@ -375,6 +417,7 @@ impl AgentStream {
                 model::now_millis(),
             ))
             .await?;
+        let now = model::now_millis();
         for ((seq, event), outcome) in events.drain(..).zip(outcomes) {
             match outcome {
                 EventOutcome::Applied => {}
@@ -383,6 +426,16 @@ impl AgentStream {
                     user = %event.session.user_name, kind = ?event.kind, "{what}"
                 ),
             }
+            if let (Some(record), false) =
+                (&self.machine, matches!(outcome, EventOutcome::Ignored(_)))
+            {
+                let session = notices::session_from_info(record, &event.session, now);
+                self.plugins.notify(
+                    &record.farm,
+                    notices::session_event(record, event.kind, session),
+                );
+            }
+            self.count("session_event");
             self.ack(seq).await?;
         }
         Ok(())
@@ -431,6 +484,7 @@ impl AgentStream {
     /// Records the end in the directory first (UNREACHABLE unless the machine left or another
     /// stream owns it), then gives the agent its last words.
     async fn finish(self, end: StreamEnd) {
+        self.metrics.agent_streams.dec();
         let name = self.machine_name().map(str::to_owned);
         let keeps_ownership = !matches!(
             end,
@@ -443,7 +497,15 @@ impl AgentStream {
                 .await
             {
                 Ok(true) => {
-                    tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended")
+                    tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended");
+                    if let Some(record) = &self.machine {
+                        let unreachable = MachineRecord {
+                            state: MachineState::Unreachable.as_str().to_owned(),
+                            ..record.clone()
+                        };
+                        self.plugins
+                            .notify(&record.farm, notices::machine_state_changed(&unreachable));
+                    }
                 }
                 Ok(false) => tracing::info!(machine = ?name, ?end, "stream ended"),
                 Err(error) => {

@@ -9,13 +9,18 @@ pub mod gateway;
 pub mod machine_ref;
 
 use crate::decision::Decider;
+use crate::metrics::Metrics;
+use crate::plugin::PluginHub;
 use crate::store::Store;
 use std::sync::{Arc, OnceLock};
 
 /// What the services need once the store is open and migrated.
+#[derive(Clone)]
 pub struct Core {
     pub store: Arc<dyn Store>,
     pub decider: Arc<Decider>,
+    pub plugins: Arc<PluginHub>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Filled once the store is ready; until then every call answers UNAVAILABLE (the health

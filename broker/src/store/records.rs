@@ -254,3 +254,100 @@ pub enum Placement {
     /// No machine can take the logon; the farm's machines as they were classified.
     NoCandidate(Vec<MachineLoad>),
 }
+
+/// Ramps within this fraction of the farm's highest count as equal: machines that came up
+/// together (a new farm, every machine after a broker restart) are not slowed against each other.
+const RAMP_TOLERANCE: f64 = 0.9;
+
+/// Classifies each machine of the farm for a new logon. Slow start is relative: a machine's
+/// ramp is measured against the farm's most established reachable machine, so only a machine
+/// that (re)joined while others were serving is slowed; its cap of logons in flight shrinks with
+/// its weight (never below one).
+pub fn classify_machines(
+    machines: Vec<MachineRecord>,
+    request: &PlacementRequest<'_>,
+) -> Vec<MachineLoad> {
+    let raw = |machine: &MachineRecord| {
+        slow_start_ramp(machine.ready_since, request.now, request.slow_start_ms)
+    };
+    let highest = machines
+        .iter()
+        .filter(|machine| machine.is_reachable(request.lease_cutoff))
+        .map(raw)
+        .fold(MIN_RAMP, f64::max);
+    machines
+        .into_iter()
+        .map(|machine| {
+            let relative = raw(&machine) / highest;
+            let ramp = if relative >= RAMP_TOLERANCE {
+                1.0
+            } else {
+                relative.max(MIN_RAMP)
+            };
+            let cap = ((f64::from(request.max_pending_per_machine) * ramp).floor() as u32).max(1);
+            MachineLoad {
+                ineligible: Ineligible::of(&machine, request.lease_cutoff, cap),
+                machine,
+                ramp,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::machine_load;
+
+    fn request(now: i64) -> PlacementRequest<'static> {
+        PlacementRequest {
+            farm: "test",
+            user_key: "u",
+            now,
+            lease_cutoff: 0,
+            pending_ttl_ms: 30_000,
+            max_pending_per_machine: 20,
+            slow_start_ms: 60_000,
+        }
+    }
+
+    fn ready_at(index: u32, since: i64) -> MachineRecord {
+        let mut machine = machine_load(index, 100, 0).machine;
+        machine.ready_since = Some(since);
+        machine
+    }
+
+    #[test]
+    fn machines_that_came_up_together_are_not_slowed() {
+        let loads = classify_machines(
+            vec![ready_at(0, 1_000), ready_at(1, 1_050), ready_at(2, 2_000)],
+            &request(3_000),
+        );
+        assert!(
+            loads
+                .iter()
+                .all(|load| load.ramp == 1.0 && load.ineligible.is_none()),
+            "{loads:?}"
+        );
+    }
+
+    #[test]
+    fn a_machine_that_joins_a_serving_farm_ramps_up() {
+        let loads = classify_machines(
+            vec![ready_at(0, 0), ready_at(1, 120_000)],
+            &request(123_000),
+        );
+        assert_eq!(loads[0].ramp, 1.0);
+        assert!((loads[1].ramp - 0.05).abs() < 1e-9, "{}", loads[1].ramp);
+        let later = classify_machines(
+            vec![ready_at(0, 0), ready_at(1, 120_000)],
+            &request(150_000),
+        );
+        assert!((later[1].ramp - 0.5).abs() < 1e-9, "{}", later[1].ramp);
+        let done = classify_machines(
+            vec![ready_at(0, 0), ready_at(1, 120_000)],
+            &request(180_000),
+        );
+        assert_eq!(done[1].ramp, 1.0);
+    }
+}

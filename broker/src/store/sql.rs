@@ -728,29 +728,7 @@ pub(super) fn session_event_outcome(
     }
 }
 
-/// Classifies each machine of the farm for a new logon. A machine in slow start has its cap of
-/// logons in flight scaled down with its weight (never below one).
-pub(super) fn classify(
-    machines: Vec<super::MachineRecord>,
-    request: &super::PlacementRequest<'_>,
-) -> Vec<super::MachineLoad> {
-    machines
-        .into_iter()
-        .map(|machine| {
-            let ramp = super::records::slow_start_ramp(
-                machine.ready_since,
-                request.now,
-                request.slow_start_ms,
-            );
-            let cap = ((f64::from(request.max_pending_per_machine) * ramp).floor() as u32).max(1);
-            super::MachineLoad {
-                ineligible: super::Ineligible::of(&machine, request.lease_cutoff, cap),
-                machine,
-                ramp,
-            }
-        })
-        .collect()
-}
+pub(super) use super::records::classify_machines as classify;
 
 /// The statements on the decision and event paths, by name, for plan checks: the tests
 /// EXPLAIN these very strings on PostgreSQL with a large directory.

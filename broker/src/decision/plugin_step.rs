@@ -1,0 +1,97 @@
+//! The plug-in's part of a decision: an external host for a user with no session in the farm,
+//! and the plug-in's keep-or-replace answer to the policy's pick. Both are bounded by the
+//! farm's deadline; any failure keeps the broker's own answer (and is counted by the link).
+
+use super::policy::{ChoiceContext, PolicyRegistry};
+use super::{RedirectAnswer, RedirectQuery, Target, group_pool};
+use crate::decision::farm_settings::GroupRule;
+use crate::error::ApiError;
+use crate::plugin::{PluginLink, Suggestion};
+use crate::service::convert;
+use crate::store::{PlacementRequest, Store, records::classify_machines};
+use std::sync::Arc;
+use tsbroker_common::proto::v1 as pb;
+use uuid::Uuid;
+
+/// Asks the farm's plug-in (when it can place users outside the farm) for an external host.
+pub async fn external_session(
+    link: Option<&Arc<PluginLink>>,
+    query: &RedirectQuery,
+) -> Option<RedirectAnswer> {
+    let link = link?;
+    let request = pb::GetUserExternalSessionRequest {
+        user_name: query.user_name.clone(),
+        domain: query.domain.clone(),
+        farm: query.farm.clone(),
+        client_address: query.client_address.clone(),
+    };
+    let (address, host_name) = link.external_session(request).await?;
+    Some(RedirectAnswer {
+        target: Target {
+            machine_id: None,
+            name: host_name,
+            address,
+            front_door: false,
+        },
+        reason: pb::RedirectReason::External,
+        session_id: None,
+        user_name: query.user_name.clone(),
+        policy: None,
+    })
+}
+
+pub struct PluginStep<'a> {
+    pub store: &'a dyn Store,
+    pub policies: &'a PolicyRegistry,
+    pub link: &'a Arc<PluginLink>,
+}
+
+impl PluginStep<'_> {
+    /// The machine the plug-in prefers over the policy's pick, if any: computed on a snapshot of
+    /// the candidates, re-checked by the caller under the farm's lock.
+    pub async fn preference(
+        &self,
+        query: &RedirectQuery,
+        request: &PlacementRequest<'_>,
+        context: &ChoiceContext<'_>,
+        group: Option<&GroupRule>,
+    ) -> Result<Option<Uuid>, ApiError> {
+        let Some(farm) = self.store.get_farm(&query.farm).await? else {
+            return Ok(None);
+        };
+        let machines = self.store.list_machines(Some(&query.farm)).await?;
+        let loads = classify_machines(machines, request);
+        let eligible: Vec<_> = loads
+            .into_iter()
+            .filter(|load| load.ineligible.is_none())
+            .collect();
+        let candidates = group_pool(group, &eligible);
+        let Some(broker_pick) = self
+            .policies
+            .get_or_default(&farm.policy)
+            .choose(context, &candidates)
+        else {
+            return Ok(None);
+        };
+        let suggestion = self
+            .link
+            .suggest(pb::GetMostSuitableServerRequest {
+                user_name: query.user_name.clone(),
+                domain: query.domain.clone(),
+                farm: query.farm.clone(),
+                candidates: candidates
+                    .iter()
+                    .map(|load| pb::Candidate {
+                        machine: Some(convert::machine(&load.machine)),
+                    })
+                    .collect(),
+                broker_pick: broker_pick.to_string(),
+                client_address: query.client_address.clone(),
+            })
+            .await;
+        Ok(match suggestion {
+            Suggestion::Machine(machine) if machine != broker_pick => Some(machine),
+            Suggestion::Machine(_) | Suggestion::Keep | Suggestion::Fallback(_) => None,
+        })
+    }
+}

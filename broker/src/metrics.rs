@@ -1,0 +1,171 @@
+//! Prometheus metrics, one registry per broker (no globals, so several brokers can run in one
+//! test process), served as text on `--metrics-listen` at `/metrics`. Every name starts with
+//! `tsbroker_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// existing_session, pending_logon, load_balanced, plugin, external.
+    pub reason: &'static str,
+    /// The policy that placed a new logon; "none" for the other reasons.
+    pub policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginCallLabels {
+    pub plugin: String,
+    pub method: &'static str,
+    /// ok, error, timeout.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginMethodLabels {
+    pub plugin: String,
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginFallbackLabels {
+    pub plugin: String,
+    /// error, timeout, not_candidate, down.
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub redirect_errors: Family<CodeLabels, Counter>,
+    pub plugin_calls: Family<PluginCallLabels, Counter>,
+    pub plugin_call_seconds: Family<PluginMethodLabels, Histogram>,
+    pub plugin_fallbacks: Family<PluginFallbackLabels, Counter>,
+    pub plugin_resyncs: Family<PluginMethodLabels, Counter>,
+    pub agent_streams: Gauge,
+    pub agent_messages: Family<KindLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tsbroker");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Redirect decisions by reason and policy",
+            decisions.clone(),
+        );
+        let redirect_errors = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "redirect_errors",
+            "Redirect calls that failed, by gRPC code",
+            redirect_errors.clone(),
+        );
+        let plugin_calls = Family::<PluginCallLabels, Counter>::default();
+        registry.register(
+            "plugin_calls",
+            "Calls to plug-ins by method and outcome",
+            plugin_calls.clone(),
+        );
+        let plugin_call_seconds =
+            Family::<PluginMethodLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+            });
+        registry.register(
+            "plugin_call_seconds",
+            "Latency of plug-in calls",
+            plugin_call_seconds.clone(),
+        );
+        let plugin_fallbacks = Family::<PluginFallbackLabels, Counter>::default();
+        registry.register(
+            "plugin_fallbacks",
+            "Decisions that kept the broker's pick because the plug-in failed, was late or answered a non-candidate",
+            plugin_fallbacks.clone(),
+        );
+        let plugin_resyncs = Family::<PluginMethodLabels, Counter>::default();
+        registry.register(
+            "plugin_resyncs",
+            "Full resyncs sent to plug-ins",
+            plugin_resyncs.clone(),
+        );
+        let agent_streams = Gauge::default();
+        registry.register(
+            "agent_streams",
+            "Agent streams open on this broker",
+            agent_streams.clone(),
+        );
+        let agent_messages = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "agent_messages",
+            "Agent messages applied, by kind",
+            agent_messages.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            redirect_errors,
+            plugin_calls,
+            plugin_call_seconds,
+            plugin_fallbacks,
+            plugin_resyncs,
+            agent_streams,
+            agent_messages,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            tracing::error!("could not encode metrics");
+        }
+        text
+    }
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    let address: Option<SocketAddr> = listener.local_addr().ok();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    tracing::info!(?address, "serving metrics on /metrics");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "metrics server stopped");
+    }
+}

@@ -1,0 +1,436 @@
+//! One plug-in: its connection, its state, and the task that keeps it informed. The task
+//! initializes the plug-in (again whenever it comes back), sends a full RESYNC of its farms,
+//! then live notifications in order, merged into batches. Decision calls (`suggest`,
+//! `external_session`) go straight to the plug-in with a deadline and never wait for the task.
+
+use super::notices::{self, Notice};
+use crate::decision::farm_settings::PluginSettings;
+use crate::metrics::{Metrics, PluginCallLabels, PluginFallbackLabels, PluginMethodLabels};
+use crate::store::{SessionFilter, Store};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::plugin_client::PluginClient;
+use uuid::Uuid;
+
+/// Notifications waiting for one plug-in; past this, they are dropped and a full RESYNC follows.
+const QUEUE_CAPACITY: usize = 10_000;
+/// Deadline of notification and lifecycle calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What a decision gets from a plug-in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suggestion {
+    /// Keep the broker's pick.
+    Keep,
+    /// This machine instead (a candidate; checked by the caller).
+    Machine(Uuid),
+    /// The plug-in failed, was late, or is down: the broker's pick stands (counted).
+    Fallback(&'static str),
+}
+
+pub struct PluginLink {
+    pub address: String,
+    pub settings: PluginSettings,
+    pub farms: Vec<String>,
+    client: PluginClient<Channel>,
+    up: AtomicBool,
+    supports_external: AtomicBool,
+    /// Set when notifications were dropped: the link re-initializes and resyncs.
+    overflowed: AtomicBool,
+    queue: mpsc::Sender<Notice>,
+    metrics: Arc<Metrics>,
+}
+
+impl PluginLink {
+    /// Builds the link (no connection is made yet) and the receiving end of its queue.
+    pub fn new(
+        settings: PluginSettings,
+        farms: Vec<String>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Arc<PluginLink>, mpsc::Receiver<Notice>)> {
+        use anyhow::Context;
+        let mut endpoint = Endpoint::from_shared(settings.address.clone())
+            .with_context(|| format!("plug-in address {:?}", settings.address))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if settings.address.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(ca_file) = &settings.ca_file {
+                let pem = std::fs::read(ca_file)
+                    .with_context(|| format!("read plug-in CA {}", ca_file.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls).context("plug-in TLS settings")?;
+        }
+        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let link = PluginLink {
+            address: settings.address.clone(),
+            settings,
+            farms,
+            client: PluginClient::new(endpoint.connect_lazy()),
+            up: AtomicBool::new(false),
+            supports_external: AtomicBool::new(false),
+            overflowed: AtomicBool::new(false),
+            queue,
+            metrics,
+        };
+        Ok((Arc::new(link), receiver))
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn supports_external(&self) -> bool {
+        self.is_up() && self.supports_external.load(Ordering::Relaxed)
+    }
+
+    /// Queues a notification without waiting; a full queue turns into a RESYNC later.
+    pub fn notify(&self, notice: Notice) {
+        if !self.is_up() {
+            // The next Initialize is followed by a full RESYNC, which covers this.
+            return;
+        }
+        if self.queue.try_send(notice).is_err() && !self.overflowed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(plugin = %self.address, "plug-in notification queue full; a full resync will follow");
+        }
+    }
+
+    fn record(&self, method: &'static str, outcome: &'static str, started: Instant) {
+        self.metrics
+            .plugin_calls
+            .get_or_create(&PluginCallLabels {
+                plugin: self.address.clone(),
+                method,
+                outcome,
+            })
+            .inc();
+        self.metrics
+            .plugin_call_seconds
+            .get_or_create(&PluginMethodLabels {
+                plugin: self.address.clone(),
+                method,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn fallback(&self, cause: &'static str) -> Suggestion {
+        self.metrics
+            .plugin_fallbacks
+            .get_or_create(&PluginFallbackLabels {
+                plugin: self.address.clone(),
+                cause,
+            })
+            .inc();
+        Suggestion::Fallback(cause)
+    }
+
+    /// GetMostSuitableServer within the farm's deadline. An answer that is not a candidate is a
+    /// fallback too.
+    pub async fn suggest(&self, request: pb::GetMostSuitableServerRequest) -> Suggestion {
+        if !self.is_up() {
+            return self.fallback("down");
+        }
+        let candidates: Vec<String> = request
+            .candidates
+            .iter()
+            .filter_map(|candidate| candidate.machine.as_ref().map(|machine| machine.id.clone()))
+            .collect();
+        let started = Instant::now();
+        let mut client = self.client.clone();
+        let answer = tokio::time::timeout(
+            self.settings.deadline,
+            client.get_most_suitable_server(request),
+        )
+        .await;
+        let method = "GetMostSuitableServer";
+        match answer {
+            Err(_) => {
+                self.record(method, "timeout", started);
+                tracing::warn!(plugin = %self.address, deadline = ?self.settings.deadline, "plug-in late; keeping the broker's pick");
+                self.fallback("timeout")
+            }
+            Ok(Err(status)) => {
+                self.record(method, "error", started);
+                tracing::warn!(plugin = %self.address, code = ?status.code(), message = status.message(), "plug-in failed; keeping the broker's pick");
+                self.fallback("error")
+            }
+            Ok(Ok(answer)) => {
+                self.record(method, "ok", started);
+                let chosen = answer.into_inner().machine_id;
+                if chosen.is_empty() {
+                    return Suggestion::Keep;
+                }
+                match Uuid::parse_str(&chosen) {
+                    Ok(machine) if candidates.contains(&chosen) => Suggestion::Machine(machine),
+                    _ => {
+                        tracing::warn!(plugin = %self.address, %chosen, "plug-in chose a machine that is not a candidate; keeping the broker's pick");
+                        self.fallback("not_candidate")
+                    }
+                }
+            }
+        }
+    }
+
+    /// GetUserExternalSession within the deadline: `Some((address, host name))` when the
+    /// plug-in has a host outside the farm for the user.
+    pub async fn external_session(
+        &self,
+        request: pb::GetUserExternalSessionRequest,
+    ) -> Option<(String, String)> {
+        if !self.supports_external() {
+            return None;
+        }
+        let started = Instant::now();
+        let mut client = self.client.clone();
+        let answer = tokio::time::timeout(
+            self.settings.deadline,
+            client.get_user_external_session(request),
+        )
+        .await;
+        let method = "GetUserExternalSession";
+        match answer {
+            Ok(Ok(answer)) => {
+                self.record(method, "ok", started);
+                let answer = answer.into_inner();
+                match tsbroker_common::validate::address("address", &answer.address) {
+                    Ok(address) => {
+                        let name = if answer.host_name.is_empty() {
+                            address.clone()
+                        } else {
+                            answer.host_name
+                        };
+                        Some((address, name))
+                    }
+                    Err(_) if answer.address.is_empty() => None,
+                    Err(error) => {
+                        tracing::warn!(plugin = %self.address, %error, "plug-in answered an unusable external address");
+                        self.fallback("error");
+                        None
+                    }
+                }
+            }
+            Ok(Err(status)) => {
+                self.record(method, "error", started);
+                tracing::warn!(plugin = %self.address, code = ?status.code(), "plug-in external-session call failed");
+                self.fallback("error");
+                None
+            }
+            Err(_) => {
+                self.record(method, "timeout", started);
+                self.fallback("timeout");
+                None
+            }
+        }
+    }
+
+    /// Keeps the plug-in informed until `shutdown`: Initialize, full RESYNC, live notifications;
+    /// any failure starts over (with a growing pause).
+    pub async fn run(
+        self: Arc<Self>,
+        mut receiver: mpsc::Receiver<Notice>,
+        store: Arc<dyn Store>,
+        broker_id: String,
+        shutdown: CancellationToken,
+    ) {
+        let mut pause = RETRY_MIN;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self
+                .connect_and_resync(&mut receiver, store.as_ref(), &broker_id)
+                .await
+            {
+                Ok(()) => {
+                    pause = RETRY_MIN;
+                    let reason = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        reason = self.forward(&mut receiver) => reason,
+                    };
+                    self.up.store(false, Ordering::Relaxed);
+                    tracing::warn!(plugin = %self.address, %reason, "plug-in link lost; will initialize and resync again");
+                }
+                Err(reason) => {
+                    self.up.store(false, Ordering::Relaxed);
+                    tracing::debug!(plugin = %self.address, %reason, retry_in = ?pause, "plug-in not reachable");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    async fn connect_and_resync(
+        &self,
+        receiver: &mut mpsc::Receiver<Notice>,
+        store: &dyn Store,
+        broker_id: &str,
+    ) -> Result<(), String> {
+        let request = pb::InitializeRequest {
+            broker_id: broker_id.to_owned(),
+            broker_version: env!("CARGO_PKG_VERSION").to_owned(),
+            farms: self.farms.clone(),
+        };
+        let started = Instant::now();
+        let mut client = self.client.clone();
+        let answer = tokio::time::timeout(CALL_TIMEOUT, client.initialize(request)).await;
+        let answer = match answer {
+            Ok(Ok(answer)) => {
+                self.record("Initialize", "ok", started);
+                answer.into_inner()
+            }
+            Ok(Err(status)) => return Err(format!("Initialize failed: {}", status.message())),
+            Err(_) => return Err("Initialize timed out".to_owned()),
+        };
+        // Everything queued so far is covered by the resync that follows.
+        while receiver.try_recv().is_ok() {}
+        self.overflowed.store(false, Ordering::Relaxed);
+        self.supports_external
+            .store(answer.supports_external_sessions, Ordering::Relaxed);
+        // Up before the resync, so that changes during it are queued (and sent after it).
+        self.up.store(true, Ordering::Relaxed);
+        tracing::info!(
+            plugin = %self.address, name = %answer.name, external = answer.supports_external_sessions,
+            farms = ?self.farms, "plug-in initialized; sending a full resync"
+        );
+        self.full_resync(store).await
+    }
+
+    /// ADDED, RESYNC (batched) and CHANGED for every machine of the plug-in's farms.
+    async fn full_resync(&self, store: &dyn Store) -> Result<(), String> {
+        self.metrics
+            .plugin_resyncs
+            .get_or_create(&PluginMethodLabels {
+                plugin: self.address.clone(),
+                method: "resync",
+            })
+            .inc();
+        for farm in &self.farms {
+            let machines = store
+                .list_machines(Some(farm))
+                .await
+                .map_err(|error| error.to_string())?;
+            for machine in machines {
+                let sessions = all_sessions(store, machine.id).await?;
+                let mut sequence = vec![notices::machine_added(&machine)];
+                sequence.extend(notices::sessions_resync(
+                    &machine.id.to_string(),
+                    sessions,
+                    self.settings.batch_size,
+                ));
+                sequence.push(notices::machine_state_changed(&machine));
+                for notice in sequence {
+                    self.send(notice).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends queued notifications in order, merging live session events into batches, until a
+    /// call fails or the queue overflowed.
+    async fn forward(&self, receiver: &mut mpsc::Receiver<Notice>) -> String {
+        loop {
+            let Some(first) = receiver.recv().await else {
+                return "queue closed".to_owned();
+            };
+            let mut pending = vec![first];
+            while pending.len() < 1024 {
+                match receiver.try_recv() {
+                    Ok(notice) => pending.push(notice),
+                    Err(_) => break,
+                }
+            }
+            for notice in notices::merge_live_batches(pending, self.settings.batch_size) {
+                if let Err(reason) = self.send(notice).await {
+                    return reason;
+                }
+            }
+            if self.overflowed.load(Ordering::Relaxed) {
+                return "notifications were dropped".to_owned();
+            }
+        }
+    }
+
+    async fn send(&self, notice: Notice) -> Result<(), String> {
+        let started = Instant::now();
+        let mut client = self.client.clone();
+        let (method, answer) = match notice {
+            Notice::Machine(request) => (
+                "MachineChangeNotification",
+                tokio::time::timeout(CALL_TIMEOUT, client.machine_change_notification(request))
+                    .await
+                    .map(|answer| answer.map(|_| ())),
+            ),
+            Notice::Sessions(request) => (
+                "SessionChangeNotification",
+                tokio::time::timeout(CALL_TIMEOUT, client.session_change_notification(request))
+                    .await
+                    .map(|answer| answer.map(|_| ())),
+            ),
+        };
+        match answer {
+            Ok(Ok(())) => {
+                self.record(method, "ok", started);
+                Ok(())
+            }
+            Ok(Err(status)) => {
+                self.record(method, "error", started);
+                Err(format!("{method} failed: {}", status.message()))
+            }
+            Err(_) => {
+                self.record(method, "timeout", started);
+                Err(format!("{method} timed out"))
+            }
+        }
+    }
+
+    /// Terminated, for a clean shutdown (bounded, best effort).
+    pub async fn terminate(&self, reason: &str) {
+        if !self.is_up() {
+            return;
+        }
+        let mut client = self.client.clone();
+        let request = pb::TerminatedRequest {
+            reason: reason.to_owned(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.terminated(request)).await;
+        self.up.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Every session of a machine, page by page.
+async fn all_sessions(store: &dyn Store, machine: Uuid) -> Result<Vec<pb::Session>, String> {
+    let mut sessions = Vec::new();
+    let mut filter = SessionFilter {
+        machine: Some(machine),
+        limit: 10_000,
+        ..SessionFilter::default()
+    };
+    loop {
+        let page = store
+            .list_sessions(&filter)
+            .await
+            .map_err(|error| error.to_string())?;
+        sessions.extend(page.iter().map(notices::session_from_record));
+        match page.last() {
+            Some(last) if page.len() == filter.limit as usize => {
+                filter.after = Some((last.machine_id, last.session_id))
+            }
+            _ => return Ok(sessions),
+        }
+    }
+}
