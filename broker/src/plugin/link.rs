@@ -371,7 +371,7 @@ impl PluginLink {
         let (method, answer) = match notice {
             Notice::Machine(request) => (
                 "MachineChangeNotification",
-                tokio::time::timeout(CALL_TIMEOUT, client.machine_change_notification(request))
+                tokio::time::timeout(CALL_TIMEOUT, client.machine_change_notification(*request))
                     .await
                     .map(|answer| answer.map(|_| ())),
             ),

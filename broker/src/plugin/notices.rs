@@ -9,7 +9,7 @@ use tsbroker_common::proto::v1 as pb;
 /// One notification waiting to be sent.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Notice {
-    Machine(pb::MachineChangeNotificationRequest),
+    Machine(Box<pb::MachineChangeNotificationRequest>),
     /// Session changes of one machine: live events (`notification` UNSPECIFIED, merged into
     /// batches when sent) or one batch of a RESYNC.
     Sessions(pb::SessionChangeNotificationRequest),
@@ -92,12 +92,12 @@ fn machine_notice(
     machine: pb::Machine,
     changed_fields: Vec<String>,
 ) -> Notice {
-    Notice::Machine(pb::MachineChangeNotificationRequest {
+    Notice::Machine(Box::new(pb::MachineChangeNotificationRequest {
         r#type: kind as i32,
         machine_id: machine.id.clone(),
         machine: Some(machine),
         changed_fields,
-    })
+    }))
 }
 
 /// A session of `machine` as plug-ins see it, from what an agent reported.
