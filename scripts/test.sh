@@ -80,6 +80,10 @@ for arg in "$@"; do
         --test=* | --benches | --bench | --bench=* | --doc) targets=() ;;
     esac
 done
+# The end-to-end tests run the workspace's binaries (tsbroker, tsagent, the plug-ins): cargo test
+# does not build another package's binaries, so build them all first (quick when up to date).
+log "building the workspace's binaries"
+cargo build --workspace --bins -j2
 cmd=(cargo test "${scope[@]}" "${targets[@]}" -j2 "$@")
 log "running: ${cmd[*]}"
 start=$SECONDS

@@ -44,6 +44,8 @@ pub struct PluginLink {
     supports_external: AtomicBool,
     /// Set when notifications were dropped: the link re-initializes and resyncs.
     overflowed: AtomicBool,
+    /// Woken when a decision call shows the plug-in lost its state or its connection.
+    reinitialize: tokio::sync::Notify,
     queue: mpsc::Sender<Notice>,
     metrics: Arc<Metrics>,
 }
@@ -80,6 +82,7 @@ impl PluginLink {
             up: AtomicBool::new(false),
             supports_external: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
+            reinitialize: tokio::sync::Notify::new(),
             queue,
             metrics,
         };
@@ -123,6 +126,20 @@ impl PluginLink {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// A call answered FAILED_PRECONDITION (the plug-in restarted and wants `Initialize`) or
+    /// UNAVAILABLE (it is gone): start over, so that it is initialized and resynced as soon as
+    /// it answers, even in a farm where no notification would fail.
+    fn check_status(&self, status: &tonic::Status) {
+        if matches!(
+            status.code(),
+            tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+        ) && self.up.swap(false, Ordering::Relaxed)
+        {
+            tracing::warn!(plugin = %self.address, code = ?status.code(), "plug-in needs initializing again");
+            self.reinitialize.notify_one();
+        }
+    }
+
     fn fallback(&self, cause: &'static str) -> Suggestion {
         self.metrics
             .plugin_fallbacks
@@ -162,6 +179,7 @@ impl PluginLink {
             Ok(Err(status)) => {
                 self.record(method, "error", started);
                 tracing::warn!(plugin = %self.address, code = ?status.code(), message = status.message(), "plug-in failed; keeping the broker's pick");
+                self.check_status(&status);
                 self.fallback("error")
             }
             Ok(Ok(answer)) => {
@@ -222,6 +240,7 @@ impl PluginLink {
             Ok(Err(status)) => {
                 self.record(method, "error", started);
                 tracing::warn!(plugin = %self.address, code = ?status.code(), "plug-in external-session call failed");
+                self.check_status(&status);
                 self.fallback("error");
                 None
             }
@@ -344,7 +363,11 @@ impl PluginLink {
     /// call fails or the queue overflowed.
     async fn forward(&self, receiver: &mut mpsc::Receiver<Notice>) -> String {
         loop {
-            let Some(first) = receiver.recv().await else {
+            let received = tokio::select! {
+                received = receiver.recv() => received,
+                _ = self.reinitialize.notified() => return "a call showed the plug-in needs initializing".to_owned(),
+            };
+            let Some(first) = received else {
                 return "queue closed".to_owned();
             };
             let mut pending = vec![first];

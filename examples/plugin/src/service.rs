@@ -38,14 +38,15 @@ impl ExamplePlugin {
         self.view.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// FAILED_PRECONDITION before the first `Initialize`, so that the broker starts over.
+    /// FAILED_PRECONDITION before the first `Initialize` (this process restarted, or the broker
+    /// never reached it), so that the broker initializes it and resyncs.
     fn check_initialized(&self, what: &str) -> Result<(), Status> {
         if self.initialized.load(Ordering::Acquire) {
             return Ok(());
         }
         tracing::warn!(
             what,
-            "notification before Initialize; asking the broker to start over"
+            "call before Initialize; asking the broker to start over"
         );
         Err(Status::failed_precondition(
             "plug-in not initialized: call Initialize and send a full resync",
@@ -96,6 +97,9 @@ impl Plugin for ExamplePlugin {
         &self,
         request: Request<pb::GetMostSuitableServerRequest>,
     ) -> Result<Response<pb::GetMostSuitableServerResponse>, Status> {
+        // After a restart this plug-in knows nothing: asking the broker to start over gets it
+        // an Initialize and a full resync (the broker keeps its own pick meanwhile).
+        self.check_initialized("GetMostSuitableServer")?;
         let request = request.into_inner();
         let decision = policy::choose(&self.view(), &request);
         let broker_pick = request
@@ -193,6 +197,7 @@ impl Plugin for ExamplePlugin {
         &self,
         request: Request<pb::GetUserExternalSessionRequest>,
     ) -> Result<Response<pb::GetUserExternalSessionResponse>, Status> {
+        self.check_initialized("GetUserExternalSession")?;
         let request = request.into_inner();
         let answer = match self.external.lookup(&request.user_name, &request.domain) {
             Some((address, host_name)) => {
@@ -372,7 +377,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn notifications_before_initialize_are_refused_so_that_the_broker_starts_over() {
+    async fn calls_before_initialize_are_refused_so_that_the_broker_starts_over() {
         let plugin = ExamplePlugin::new(ExternalHosts::default());
         let early = plugin
             .machine_change_notification(Request::new(added("m1", "ts1", 100)))
@@ -383,11 +388,12 @@ mod tests {
             .session_change_notification(Request::new(early))
             .await;
         assert_eq!(early.unwrap_err().code(), tonic::Code::FailedPrecondition);
-        assert_eq!(
-            ask(&plugin, "m1").await,
-            "",
-            "decisions keep the broker's pick meanwhile"
-        );
+        let request = pb::GetMostSuitableServerRequest {
+            user_name: "early".into(),
+            ..Default::default()
+        };
+        let early = plugin.get_most_suitable_server(Request::new(request)).await;
+        assert_eq!(early.unwrap_err().code(), tonic::Code::FailedPrecondition);
         initialize(&plugin).await;
         assert!(
             plugin
