@@ -21,16 +21,42 @@ pub async fn spawn_broker(
     database_url: &str,
     adjust: impl FnOnce(&mut BrokerConfig),
 ) -> TestBroker {
+    spawn_broker_at(
+        database_url,
+        "127.0.0.1:0".parse().expect("address"),
+        adjust,
+    )
+    .await
+}
+
+/// Like [`spawn_broker`], listening on `address`: a broker restarted where the previous one
+/// listened (`TestBroker::address`), so that agents find it again. Retries the bind for a few
+/// seconds while the old listener's port is still being released.
+pub async fn spawn_broker_at(
+    database_url: &str,
+    address: SocketAddr,
+    adjust: impl FnOnce(&mut BrokerConfig),
+) -> TestBroker {
     let mut config = BrokerConfig {
         database_url: database_url.to_owned(),
-        heartbeat_timeout: Duration::from_secs(3),
+        // Generous: scripted agents send no heartbeats, and CI machines can be slow. Tests of
+        // the timeout itself set their own.
+        heartbeat_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(3),
         ..BrokerConfig::default()
     };
     adjust(&mut config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => break listener,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%address, %error, "broker address busy, retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("bind the broker to {address}: {error}"),
+        }
+    };
     let address = listener.local_addr().expect("local address");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tsbroker::run(config, listener, shutdown.clone()));

@@ -16,6 +16,7 @@
 //!   `not-candidate` (a random UUID), `error` (INTERNAL), `hang` (10 s, then keep), `external
 //!   HOST:PORT` (`GetUserExternalSession` answers it; `GetMostSuitableServer` keeps).
 //! - `--external`: `Initialize` answers `supports_external_sessions = true`.
+//! - `--slow-notifications`: every notification takes 10 s to answer (recorded on arrival).
 //!
 //! Notifications are always acknowledged. Runs until SIGTERM or SIGINT.
 
@@ -49,6 +50,8 @@ struct Args {
     mode_file: Option<PathBuf>,
     #[arg(long)]
     external: bool,
+    #[arg(long)]
+    slow_notifications: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -83,6 +86,7 @@ struct Scripted {
     record: Option<Mutex<File>>,
     mode_file: Option<PathBuf>,
     external: bool,
+    slow_notifications: bool,
     /// Machine names by id, from notifications and candidates.
     names: Mutex<HashMap<String, String>>,
 }
@@ -287,6 +291,9 @@ impl Plugin for Scripted {
             "weight": machine.weight,
             "changed_fields": request.changed_fields,
         }));
+        if self.slow_notifications {
+            tokio::time::sleep(HANG).await;
+        }
         Ok(Response::new(pb::MachineChangeNotificationResponse {}))
     }
 
@@ -317,6 +324,9 @@ impl Plugin for Scripted {
             "changes": changes,
             "last_batch": request.last_batch,
         }));
+        if self.slow_notifications {
+            tokio::time::sleep(HANG).await;
+        }
         Ok(Response::new(pb::SessionChangeNotificationResponse {}))
     }
 
@@ -387,6 +397,7 @@ async fn main() -> anyhow::Result<()> {
         record,
         mode_file: args.mode_file,
         external: args.external,
+        slow_notifications: args.slow_notifications,
         names: Mutex::new(HashMap::new()),
     };
     let server = tonic::transport::Server::builder()

@@ -158,9 +158,9 @@ async fn round_robin_set_at_run_time_follows_weights(database: &TestDatabase) {
 
 /// Four machines that have been up for the whole slow-start period, then a fresh empty one joins
 /// just before a storm of 1,000 logons (each confirmed by a LOGON on the chosen machine's
-/// stream). Counted over the storm's first 200 logons: without slow start the empty machine
-/// takes most of them (it is 100 sessions behind); with it, a small share. (Over a long storm it
-/// catches up either way: slow start delays, it does not starve.)
+/// stream). Counted over the storm's first 100 logons: without slow start the empty machine
+/// takes nearly all of them (it is 100 sessions behind); with it, at most half. (Over a long
+/// storm it catches up either way: slow start delays, it does not starve.)
 async fn slow_start_protects_a_fresh_machine_from_a_storm(database: &TestDatabase) {
     let fresh_share = |slow_start: Duration| {
         let url = database.url.clone();
@@ -188,8 +188,8 @@ async fn slow_start_protects_a_fresh_machine_from_a_storm(database: &TestDatabas
             let mut client = broker.broker_client().await;
             let mut names = Vec::new();
             for user in 0..1000u32 {
-                if user == 200 {
-                    // Only the first 200 are counted; the rest of the storm must still succeed.
+                if user == 100 {
+                    // Only the first 100 are counted; the rest of the storm must still succeed.
                     names.push(String::new());
                 }
                 let user_name = format!("storm{}-{user}", slow_start.as_millis());
@@ -202,7 +202,7 @@ async fn slow_start_protects_a_fresh_machine_from_a_storm(database: &TestDatabas
                 agent.logon(1000 + user, &user_name).await.unwrap();
                 names.push(answer.machine_name);
             }
-            let counts = tally(names.into_iter().take(200));
+            let counts = tally(names.into_iter().take(100));
             broker.stop().await;
             counts.get(&fresh).copied().unwrap_or(0)
         }
@@ -210,12 +210,12 @@ async fn slow_start_protects_a_fresh_machine_from_a_storm(database: &TestDatabas
     let without = fresh_share(Duration::ZERO).await;
     let with = fresh_share(Duration::from_secs(10)).await;
     assert!(
-        without >= 100,
-        "without slow start the empty machine takes most of the first 200: {without}"
+        without >= 90,
+        "without slow start the empty machine takes nearly all of the first 100: {without}"
     );
     assert!(
-        with > 0 && with <= 40,
-        "with slow start it takes a small share of the first 200: {with}"
+        with > 0 && with <= 50,
+        "with slow start it takes at most half of the first 100: {with}"
     );
 }
 
