@@ -49,7 +49,8 @@ impl RunningAgent {
             .clone()
     }
 
-    /// Waits until the stream is up and READY was sent; false if `limit` passes first.
+    /// Waits until the broker acknowledged READY (the machine is a candidate); false if `limit`
+    /// passes first.
     pub async fn wait_until_connected(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while !self.link_status().connected {

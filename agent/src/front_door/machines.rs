@@ -15,7 +15,8 @@ use crate::broker_client::Broker;
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
-/// A miss may trigger a refresh, at most this often.
+/// A miss triggers a refresh, at most this often (a miss soon after a refresh waits for the
+/// next one).
 const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
 
 /// One machine of the farm.
@@ -168,20 +169,28 @@ impl MachineCache {
         }
     }
 
-    /// Refreshes now unless a refresh was tried moments ago (callers arriving together
-    /// share one refresh).
-    async fn refresh_if_stale(&self) {
+    /// Makes sure the list was fetched after `missed_at`, the moment a lookup found nothing:
+    /// a machine that joined since the last refresh is then found. Refreshes at most once
+    /// per `MIN_REFRESH_GAP` (a refresh tried moments ago is waited out, not skipped), and
+    /// callers that missed together share one refresh.
+    async fn refresh_after(&self, missed_at: Instant) {
         let _one_at_a_time = self.refreshing.lock().await;
-        let stale = self
+        let attempted = self
             .state
             .read()
-            .map(|state| {
-                state
-                    .attempted
-                    .is_none_or(|at| at.elapsed() >= MIN_REFRESH_GAP)
-            })
-            .unwrap_or(true);
-        if stale && let Err(error) = self.refresh_locked().await {
+            .map(|state| state.attempted)
+            .unwrap_or(None);
+        if let Some(attempted) = attempted {
+            if attempted >= missed_at {
+                // Somebody refreshed after the miss: that list is fresh enough.
+                return;
+            }
+            let since = attempted.elapsed();
+            if since < MIN_REFRESH_GAP {
+                tokio::time::sleep(MIN_REFRESH_GAP - since).await;
+            }
+        }
+        if let Err(error) = self.refresh_locked().await {
             tracing::debug!(
                 error = format!("{error:#}"),
                 "on-demand refresh of the farm's machines failed"
@@ -197,7 +206,8 @@ impl MachineCache {
         pick(&state.machines)
     }
 
-    /// The machine of the farm at `ip`, if any (refreshing once on a miss).
+    /// The machine of the farm at `ip`, if any (refreshing on a miss, so that a machine that
+    /// joined moments ago is known).
     pub async fn peer(&self, ip: IpAddr) -> Option<KnownMachine> {
         let ip = ip.to_canonical();
         let lookup = |machines: &[KnownMachine]| {
@@ -209,12 +219,15 @@ impl MachineCache {
         if let Some(machine) = self.find(lookup) {
             return Some(machine);
         }
-        self.refresh_if_stale().await;
+        self.refresh_after(Instant::now()).await;
         self.find(lookup)
     }
 
     /// The READY machine a routing token names: one whose host resolves to the token's IP,
-    /// preferring one whose advertised port is the token's port.
+    /// preferring one whose advertised port is the token's port. Without such an exact match
+    /// the list is refreshed first (the machine may have joined moments ago, and another
+    /// machine at the same IP must not stand in for it); then a machine at the token's IP on
+    /// another port is taken (a token may name the RDP port behind a front door).
     pub async fn routing_target(&self, token: SocketAddrV4) -> Option<KnownMachine> {
         let ip = IpAddr::V4(*token.ip());
         let lookup = |machines: &[KnownMachine]| {
@@ -224,10 +237,12 @@ impl MachineCache {
                 .max_by_key(|machine| machine.port == token.port())
                 .cloned()
         };
-        if let Some(machine) = self.find(lookup) {
+        if let Some(machine) = self.find(lookup)
+            && machine.port == token.port()
+        {
             return Some(machine);
         }
-        self.refresh_if_stale().await;
+        self.refresh_after(Instant::now()).await;
         self.find(lookup)
     }
 }
@@ -235,6 +250,59 @@ impl MachineCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ready(name: &str, address: &str) -> pb::Machine {
+        pb::Machine {
+            id: tsbroker_common::model::machine_id("default", name).to_string(),
+            name: name.into(),
+            farm: "default".into(),
+            address: address.into(),
+            state: pb::MachineState::Ready as i32,
+            front_door: true,
+            ..Default::default()
+        }
+    }
+
+    /// A machine that joins right after a refresh is found at once, not after the next one.
+    #[tokio::test]
+    async fn a_miss_moments_after_a_refresh_refreshes_again() {
+        let fake = crate::test_support::FakeBroker::default();
+        fake.with(|state| state.machines = vec![ready("ts1.example", "127.0.0.1:4000")]);
+        let url = fake.serve(CancellationToken::new()).await;
+        let endpoint = crate::broker_client::endpoint(&url).unwrap();
+        let broker = crate::broker_client::broker(
+            endpoint.connect_lazy(),
+            crate::broker_client::BearerToken::default(),
+        );
+        let cache = MachineCache::new(broker, "default".into());
+        cache.refresh().await.unwrap();
+        assert!(cache.peer("127.0.0.1".parse().unwrap()).await.is_some());
+
+        fake.with(|state| state.machines.push(ready("ts2.example", "192.0.2.5:3389")));
+        let token: SocketAddrV4 = "192.0.2.5:3389".parse().unwrap();
+        let started = Instant::now();
+        let found = cache.routing_target(token).await;
+        assert_eq!(
+            found.map(|machine| machine.name),
+            Some("ts2.example".into())
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(cache.peer("192.0.2.5".parse().unwrap()).await.is_some());
+
+        // A machine that joins at the IP of a known one: its token finds it, not the other.
+        fake.with(|state| state.machines.push(ready("ts3.example", "127.0.0.1:5000")));
+        let token: SocketAddrV4 = "127.0.0.1:5000".parse().unwrap();
+        let found = cache.routing_target(token).await;
+        assert_eq!(
+            found.map(|machine| machine.name),
+            Some("ts3.example".into())
+        );
+        // A port no machine advertises: a machine at that IP still stands for it.
+        let token: SocketAddrV4 = "127.0.0.1:3389".parse().unwrap();
+        assert!(cache.routing_target(token).await.is_some());
+        // Still nobody at an address of no machine.
+        assert!(cache.peer("198.51.100.1".parse().unwrap()).await.is_none());
+    }
 
     #[test]
     fn host_and_port_split() {

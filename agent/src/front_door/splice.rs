@@ -1,7 +1,9 @@
 //! Joins a client to where it goes: connects, replays the bytes already read (behind a PROXY
-//! header when the target is another front door), then copies both ways untouched. Connections
-//! handed to the local RDP service are reported to the session table.
+//! header when the target is another front door; without a used `tsv://` collection token when
+//! it is an RDP service), then copies both ways untouched. Connections handed to the local RDP
+//! service are reported to the session table.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::FrontDoorShared;
 use super::proxy_header;
 use super::route::ConnectingUser;
+use super::x224;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -41,6 +44,22 @@ pub async fn splice(
     tokio::select! {
         copied = tokio::io::copy_bidirectional(client, upstream) => copied.context("copy"),
         () = shutdown.cancelled() => Ok((0, 0)),
+    }
+}
+
+/// The first packet as an RDP service gets it: the client's exact bytes, except that a
+/// `tsv://` collection token, which the front door has used, is taken out (RDP servers built on
+/// FreeRDP refuse a request that carries one).
+fn for_rdp_service(packet: &[u8]) -> Cow<'_, [u8]> {
+    match x224::without_collection_token(packet) {
+        Some(stripped) => {
+            tracing::debug!(
+                removed_bytes = packet.len() - stripped.len(),
+                "collection token taken out of the connection request"
+            );
+            Cow::Owned(stripped)
+        }
+        None => Cow::Borrowed(packet),
     }
 }
 
@@ -85,7 +104,8 @@ pub async fn to_local(
     } else {
         tracing::info!("connection handed to the local rdp service (user unknown)");
     }
-    match splice(client, &mut upstream, packet, shutdown).await {
+    let packet = for_rdp_service(packet);
+    match splice(client, &mut upstream, &packet, shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }
@@ -106,11 +126,15 @@ pub async fn to_remote(
     shutdown: &CancellationToken,
 ) {
     let mut prefix = Vec::with_capacity(packet.len() + 64);
-    if !external {
+    if external {
+        // An RDP service, not a front door.
+        prefix.extend_from_slice(&for_rdp_service(packet));
+    } else {
+        // Another front door reads the request as the client sent it.
         let local = client.local_addr().unwrap_or(client_address);
         prefix.extend_from_slice(&proxy_header::encode(client_address, local));
+        prefix.extend_from_slice(packet);
     }
-    prefix.extend_from_slice(packet);
     match splice(client, &mut upstream, &prefix, shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),

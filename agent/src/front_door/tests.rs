@@ -294,6 +294,70 @@ async fn routing_tokens_reach_only_ready_farm_machines() {
     harness.shutdown.cancel();
 }
 
+/// A `tsv://` collection token is the front door's to use: RDP services get the request
+/// without it (FreeRDP-based servers refuse one), other front doors get it as it came.
+#[tokio::test]
+async fn collection_tokens_stop_at_the_front_door() {
+    let mut harness = harness(Vec::new(), true).await;
+    let (remote_address, mut remote) = echo_server().await;
+    let line = "tsv://MS Terminal Services Plugin.1.default";
+    let (packet, bytes) = request_with_tail(Some(line));
+    let tail = &bytes[packet.len()..];
+    let mut expected = build_connection_request(None, Some(3));
+    expected.extend_from_slice(tail);
+
+    // This machine's RDP service.
+    let ours = answer(
+        NAME,
+        &harness.front_door.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(ours)));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, expected);
+
+    // Another machine's plain RDP service.
+    let plain = pb::RedirectResponse {
+        front_door: false,
+        ..answer(
+            "ts3.example",
+            &remote_address.to_string(),
+            pb::RedirectReason::LoadBalanced,
+        )
+    };
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(plain)));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut remote).await, expected);
+
+    // Another front door: the client's bytes behind a PROXY header.
+    let theirs = answer(
+        "ts2.example",
+        &remote_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(theirs)));
+    exchange(harness.front_door, &bytes).await;
+    let seen = next(&mut remote).await;
+    let header_len = proxy_header::FIXED_LEN + proxy_header::payload_len(&seen).unwrap();
+    assert_eq!(&seen[header_len..], &bytes[..]);
+    nothing(&mut harness.local).await;
+    harness.fake.with(|state| {
+        assert!(
+            state
+                .redirect_requests
+                .iter()
+                .all(|request| request.user_name.is_empty() && request.farm == FARM)
+        )
+    });
+    harness.shutdown.cancel();
+}
+
 #[tokio::test]
 async fn silent_slow_and_garbage_clients_are_cut_off() {
     let mut harness = harness(Vec::new(), true).await;

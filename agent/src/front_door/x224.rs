@@ -354,6 +354,32 @@ fn parse_decimal<T: std::str::FromStr>(text: &str) -> Option<T> {
     text.parse().ok()
 }
 
+/// `packet` (a complete Connection Request, as [`parse`] accepted it) without its routing token
+/// line when that line is a `tsv://` collection token; `None` when it has none. The front door
+/// has used the collection (it plays the RD Connection Broker's part), and RDP servers built on
+/// FreeRDP refuse a request whose line is not a `Cookie:` (they close the connection with
+/// "Incorrect negotiation request type"). The TPKT length and the length indicator are adjusted;
+/// every other byte is kept, so the negotiation request (and the protocols the server later
+/// checks against the client's core data) is unchanged.
+pub fn without_collection_token(packet: &[u8]) -> Option<Vec<u8>> {
+    let Ok(Parsed::Complete(request)) = parse(packet) else {
+        return None;
+    };
+    if !matches!(request.hint, RoutingHint::Collection(_)) {
+        return None;
+    }
+    let variable = packet.get(MIN_PACKET_LEN..request.packet_len)?;
+    let line_end = variable.windows(2).position(|pair| pair == b"\r\n")? + 2;
+    let new_len = request.packet_len - line_end;
+    let mut stripped = Vec::with_capacity(new_len);
+    stripped.extend_from_slice(&packet[..MIN_PACKET_LEN]);
+    stripped.extend_from_slice(&variable[line_end..]);
+    let total = u16::try_from(new_len).ok()?;
+    stripped[2..TPKT_HEADER_LEN].copy_from_slice(&total.to_be_bytes());
+    stripped[TPKT_HEADER_LEN] = u8::try_from(new_len - TPKT_HEADER_LEN - 1).ok()?;
+    Some(stripped)
+}
+
 /// Builds a well-formed Connection Request (for tests, benchmarks and the test RDP tools), with
 /// an optional cookie line text without its CR LF (e.g. `"Cookie: mstshash=alice"`) and an
 /// optional rdpNegReq with flags 0 and the given requested protocols.
@@ -415,6 +441,43 @@ mod tests {
         packet.extend_from_slice(&[li, 0xE0, 0, 0, 0, 0, 0]);
         packet.extend_from_slice(variable);
         packet
+    }
+
+    #[test]
+    fn a_collection_token_is_removed_and_nothing_else() {
+        for protocols in [None, Some(PROTOCOL_SSL | PROTOCOL_HYBRID)] {
+            let with = build_connection_request(
+                Some("tsv://MS Terminal Services Plugin.1.Sales   "),
+                protocols,
+            );
+            let without = without_collection_token(&with).expect("a collection token");
+            assert_eq!(without, build_connection_request(None, protocols));
+            let Ok(Parsed::Complete(request)) = parse(&without) else {
+                panic!("the result parses");
+            };
+            assert_eq!(request.hint, RoutingHint::None);
+            assert_eq!(request.requested_protocols, protocols);
+        }
+        // Correlation info after the negotiation request is kept.
+        let mut variable = b"tsv://MS Terminal Services Plugin.1.f\r\n".to_vec();
+        let mut rest = vec![TYPE_RDP_NEG_REQ, CORRELATION_INFO_PRESENT, 8, 0, 3, 0, 0, 0];
+        rest.extend(correlation_info(TYPE_RDP_CORRELATION_INFO, 36));
+        variable.extend_from_slice(&rest);
+        let without = without_collection_token(&packet_with_variable(&variable)).unwrap();
+        assert_eq!(without, packet_with_variable(&rest));
+        // Other lines, no line, and anything that is not a complete request: left alone.
+        for line in [
+            Some("Cookie: mstshash=alice"),
+            Some("Cookie: msts=3640205228.15629.0000"),
+            Some("tsv://something else"),
+            None,
+        ] {
+            let packet = build_connection_request(line, Some(PROTOCOL_SSL));
+            assert_eq!(without_collection_token(&packet), None, "{line:?}");
+        }
+        let packet = build_connection_request(Some("tsv://MS Terminal Services Plugin.1.f"), None);
+        assert_eq!(without_collection_token(&packet[..packet.len() - 1]), None);
+        assert_eq!(without_collection_token(b"GET / HTTP/1.1"), None);
     }
 
     /// A correlation info structure with the given type and length fields.

@@ -137,15 +137,15 @@ pub(super) async fn run_once(
     outbox
         .send(Body::Resync(pb::SessionResync { sessions }))
         .await?;
-    outbox.send(Body::Ready(pb::MachineReady {})).await?;
+    let ready_seq = outbox.send(Body::Ready(pb::MachineReady {})).await?;
     tracing::info!(
         machine_id = %welcome.machine_id,
         sessions = session_count,
         heartbeat_ms = heartbeat.as_millis() as u64,
         "connected to the broker, sessions resynced"
     );
+    // `connected` waits for the broker's acknowledgement of READY (see `handle_command`).
     update_status(&context.status, |status| {
-        status.connected = true;
         status.machine_id = welcome.machine_id.clone();
         status.heartbeat_interval_ms = heartbeat.as_millis() as u64;
         status.last_error.clear();
@@ -164,7 +164,7 @@ pub(super) async fn run_once(
                 let Some(message) = message.context("broker stream")? else {
                     return Ok(Outcome::Ended("broker ended the stream".to_owned()));
                 };
-                if let Some(outcome) = handle_command(context, &mut outbox, message) {
+                if let Some(outcome) = handle_command(context, &mut outbox, message, ready_seq) {
                     return Ok(outcome);
                 }
             }
@@ -221,16 +221,23 @@ fn shutdown_outcome(shutdown: &pb::Shutdown) -> Outcome {
     }
 }
 
-/// Handles one message from the broker; `Some` ends the stream.
+/// Handles one message from the broker; `Some` ends the stream. The acknowledgement of READY
+/// (`ready_seq`) marks the link connected: from then on the broker has the machine READY.
 fn handle_command(
     context: &StreamContext,
     outbox: &mut Outbox,
     message: pb::BrokerMessage,
+    ready_seq: u64,
 ) -> Option<Outcome> {
     match message.body? {
         Command::Settings(settings) => apply_settings(&context.status, &settings),
         Command::Shutdown(shutdown) => return Some(shutdown_outcome(&shutdown)),
         Command::Welcome(_) => tracing::debug!("second welcome ignored"),
+        Command::Ack(ack) if ack.seq == ready_seq => {
+            outbox.settle(&Command::Ack(ack));
+            tracing::info!("the broker has this machine ready");
+            update_status(&context.status, |status| status.connected = true);
+        }
         command => outbox.settle(&command),
     }
     None

@@ -24,7 +24,7 @@ use crate::load::LoadSampler;
 /// What the agent knows of its standing with the broker, for `tsagent status` and the log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct LinkStatus {
-    /// The stream is up and READY was sent.
+    /// The stream is up and the broker acknowledged READY: the machine is a candidate.
     pub connected: bool,
     /// The machine's id, from the broker's Welcome.
     pub machine_id: String,

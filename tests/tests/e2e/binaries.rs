@@ -191,3 +191,46 @@ async fn the_readme_grpcurl_examples_work_as_written() {
     );
     broker.stop().await;
 }
+
+/// Until its database answers, the broker serves health (NOT_SERVING) and reflection, and
+/// answers every other call UNAVAILABLE at once.
+#[tokio::test]
+async fn without_a_database_the_broker_is_not_serving_and_says_so() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let unused_port = tsbroker_tests::process::free_port();
+    let config = tsbroker::BrokerConfig {
+        database_url: format!("postgres://postgres@127.0.0.1:{unused_port}/postgres"),
+        ..tsbroker::BrokerConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(tsbroker::run(config, listener, shutdown.clone()));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for _ in 0..3 {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::NotServing as i32);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut broker = tsbroker_common::proto::v1::broker_client::BrokerClient::new(channel);
+    let request = tsbroker_common::proto::v1::RedirectRequest {
+        user_name: "u".into(),
+        farm: "f".into(),
+        ..Default::default()
+    };
+    let status = broker.redirect(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops while waiting for the database");
+    stopped.unwrap().unwrap();
+}

@@ -2,9 +2,12 @@
 
 mod support;
 
+mod agent;
 mod binaries;
 mod concurrency;
 mod conformance;
+mod plugins;
 mod policies;
 mod query_plans;
+mod rdp;
 mod stream;

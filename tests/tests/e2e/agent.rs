@@ -1,0 +1,366 @@
+//! The real agent against the real broker, without RDP: joining, sessions reported through the
+//! control socket and its CLI, a broker restart, an agent restart (the `tsagent` binary), and
+//! an administrator's drain reaching the agent.
+
+use crate::support::{by_name, eventually, machine, on_both_stores};
+use std::time::Duration;
+use tonic::transport::Channel;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::broker_client::BrokerClient;
+use tsbroker_tests::spawn_agent::{
+    ListedSession, broker_sessions, parse_session_list, tsagent_cli_output,
+};
+use tsbroker_tests::{AgentProcess, TestAgent, TestDatabase, spawn_broker, spawn_broker_at};
+
+on_both_stores!(
+    an_agent_joins_and_its_control_socket_sessions_reach_the_broker,
+    a_broker_restart_ends_with_the_agents_sessions_including_changes_made_while_it_was_down,
+    an_agent_restart_keeps_its_sessions_and_the_broker_ends_with_them,
+    a_drain_from_the_admin_api_reaches_the_agent,
+);
+
+/// Polls until the broker's sessions for `machine_id` equal `expected` (sorted); fails with
+/// both lists after `seconds`.
+async fn broker_converges(
+    client: &mut BrokerClient<Channel>,
+    machine_id: &str,
+    expected: &[ListedSession],
+    seconds: u64,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let listed = broker_sessions(client, machine_id).await;
+        if listed == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broker's sessions did not become the agent's within {seconds}s:\nbroker: {listed:?}\nagent:  {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The agent's `tsagent session list`, parsed.
+async fn session_list(agent: &TestAgent) -> Vec<ListedSession> {
+    parse_session_list(&agent.cli(&["session", "list"]).await)
+}
+
+async fn an_agent_joins_and_its_control_socket_sessions_reach_the_broker(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let agent = TestAgent::start(&broker.url(), "ts-join.example.test", |config| {
+        config.farm = "farm-j".into();
+        config.advertise = "ts-join.example.test:3390".into();
+        config.weight = 250;
+        config.session_limit = 7;
+    })
+    .await;
+
+    // The machine as its agent described it, READY.
+    let listed = client
+        .list_machines(pb::ListMachinesRequest {
+            farm: "farm-j".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .machines;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let joined = &listed[0];
+    assert_eq!(joined.state, pb::MachineState::Ready as i32, "{joined:?}");
+    assert_eq!(joined.id, agent.machine_id());
+    assert_eq!(joined.name, "ts-join.example.test");
+    assert_eq!(joined.address, "ts-join.example.test:3390");
+    assert_eq!((joined.weight, joined.session_limit), (250, 7));
+    assert!(!joined.single_session && !joined.front_door, "{joined:?}");
+    assert_eq!(joined.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(agent.running().link_status().machine_id, agent.machine_id());
+    let status = agent.cli(&["status"]).await;
+    assert!(
+        status.contains("machine: ts-join.example.test in farm farm-j")
+            && status.contains(&format!("broker: connected (machine id {})", joined.id)),
+        "{status}"
+    );
+
+    // Logons, as PAM reports them: one with a number of its own, one with the display number
+    // and a domain.
+    let said = agent.cli(&["session", "logon", "--user", "alice"]).await;
+    assert!(said.contains("of alice is active"), "{said}");
+    agent
+        .cli(&[
+            "session",
+            "logon",
+            "--user",
+            "bob",
+            "--domain",
+            "CORP",
+            "--session-id",
+            "12",
+            "--client-address",
+            "192.0.2.7",
+        ])
+        .await;
+    let mine = session_list(&agent).await;
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert!(mine.contains(&ListedSession::new(12, "CORP\\bob", "active")));
+    assert!(mine.iter().all(|session| session.state == "active"));
+    broker_converges(&mut client, &agent.machine_id(), &mine, 10).await;
+    let bob = client
+        .list_sessions(pb::ListSessionsRequest {
+            user_name: "BOB".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(bob.len(), 1, "{bob:?}");
+    assert_eq!(
+        (bob[0].machine_name.as_str(), bob[0].farm.as_str()),
+        ("ts-join.example.test", "farm-j")
+    );
+    assert_eq!(
+        (bob[0].domain.as_str(), bob[0].client_address.as_str()),
+        ("CORP", "192.0.2.7")
+    );
+
+    // Disconnect, reconnect, logoff.
+    agent
+        .cli(&["session", "disconnect", "--user", "alice"])
+        .await;
+    let mine = session_list(&agent).await;
+    assert!(
+        mine.iter()
+            .any(|session| session.user == "alice" && session.state == "disconnected"),
+        "{mine:?}"
+    );
+    broker_converges(&mut client, &agent.machine_id(), &mine, 10).await;
+    let disconnected = client
+        .list_sessions(pb::ListSessionsRequest {
+            state: pb::SessionState::Disconnected as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(disconnected.len(), 1);
+    assert_eq!(disconnected[0].user_name, "alice");
+
+    agent
+        .cli(&["session", "reconnect", "--user", "alice"])
+        .await;
+    agent
+        .cli(&["session", "logoff", "--user", "bob", "--session-id", "12"])
+        .await;
+    let mine = session_list(&agent).await;
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(
+        (mine[0].user.as_str(), mine[0].state.as_str()),
+        ("alice", "active")
+    );
+    broker_converges(&mut client, &agent.machine_id(), &mine, 10).await;
+
+    // The CLI says what went wrong, with a failing status.
+    let refused = tsagent_cli_output(
+        &["session", "logoff", "--user", "nobody"],
+        &agent.control_socket,
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no session"),
+        "{refused:?}"
+    );
+
+    agent.stop().await;
+    let gone = machine(&mut client, "farm-j", "ts-join.example.test").await;
+    assert_eq!(gone.state, pb::MachineState::Removed as i32);
+    broker.stop().await;
+}
+
+async fn a_broker_restart_ends_with_the_agents_sessions_including_changes_made_while_it_was_down(
+    database: &TestDatabase,
+) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let address = broker.address;
+    let agent = TestAgent::start(&broker.url(), "ts-restart.example.test", |_| {}).await;
+    for user in ["alice", "bob", "carol"] {
+        agent.cli(&["session", "logon", "--user", user]).await;
+    }
+    let mut client = broker.broker_client().await;
+    broker_converges(
+        &mut client,
+        &agent.machine_id(),
+        &session_list(&agent).await,
+        10,
+    )
+    .await;
+    drop(client);
+
+    broker.stop().await;
+    eventually(10, || async { !agent.running().link_status().connected }).await;
+    // While the broker is away: a logon, a disconnect, a logoff.
+    agent.cli(&["session", "logon", "--user", "dave"]).await;
+    agent
+        .cli(&["session", "disconnect", "--user", "alice"])
+        .await;
+    agent.cli(&["session", "logoff", "--user", "bob"]).await;
+    let status = agent.cli(&["status"]).await;
+    assert!(status.contains("broker: not connected"), "{status}");
+    let mine = session_list(&agent).await;
+    let users: Vec<(&str, &str)> = mine
+        .iter()
+        .map(|session| (session.user.as_str(), session.state.as_str()))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            ("alice", "disconnected"),
+            ("carol", "active"),
+            ("dave", "active")
+        ]
+    );
+
+    // The same database, the same address.
+    let started = tokio::time::Instant::now();
+    let broker = spawn_broker_at(&database.url, address, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    broker_converges(&mut client, &agent.machine_id(), &mine, 10).await;
+    // READY follows the RESYNC; the agent counts itself connected once READY is acknowledged.
+    assert!(
+        agent
+            .running()
+            .wait_until_connected(Duration::from_secs(10))
+            .await
+    );
+    let back = machine(&mut client, "default", "ts-restart.example.test").await;
+    assert_eq!(back.state, pb::MachineState::Ready as i32);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    agent.stop().await;
+    broker.stop().await;
+}
+
+async fn an_agent_restart_keeps_its_sessions_and_the_broker_ends_with_them(
+    database: &TestDatabase,
+) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let socket = dir.path().join("control.sock");
+    let args: Vec<String> = [
+        "--broker",
+        &broker.url(),
+        "--machine-name",
+        "ts-agent-restart.example.test",
+        "--advertise",
+        "127.0.0.1:9",
+        "--state-dir",
+        &state_dir.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut first = AgentProcess::spawn(&args, &socket, &dir.path().join("first.log"));
+    first.wait_until_connected(Duration::from_secs(20)).await;
+    let machine_id = machine(&mut client, "default", "ts-agent-restart.example.test")
+        .await
+        .id;
+    let cli = |args: &'static [&'static str]| {
+        let socket = socket.clone();
+        async move { tsbroker_tests::spawn_agent::tsagent_cli(args, &socket).await }
+    };
+    cli(&["session", "logon", "--user", "alice", "--session-id", "10"]).await;
+    cli(&["session", "logon", "--user", "bob", "--session-id", "11"]).await;
+    cli(&["session", "logon", "--user", "carol"]).await;
+    cli(&["session", "disconnect", "--user", "bob"]).await;
+    let before = parse_session_list(&cli(&["session", "list"]).await);
+    assert_eq!(before.len(), 3, "{before:?}");
+    broker_converges(&mut client, &machine_id, &before, 10).await;
+
+    // SIGTERM: REMOVED to the broker, a clean exit.
+    let status = first.terminate(Duration::from_secs(15)).await;
+    assert!(
+        status.success(),
+        "exit on SIGTERM: {status:?}\n{}",
+        first.log.tail(20)
+    );
+    assert!(
+        first.log.count("broker acknowledged the machine's removal") == 1,
+        "{}",
+        first.log.tail(20)
+    );
+    let removed = machine(&mut client, "default", "ts-agent-restart.example.test").await;
+    assert_eq!(removed.state, pb::MachineState::Removed as i32);
+
+    // Started again on the same state directory: the sessions are back, in the agent and in
+    // the broker, with their numbers.
+    let mut second = AgentProcess::spawn(&args, &socket, &dir.path().join("second.log"));
+    second.wait_until_connected(Duration::from_secs(20)).await;
+    let after = parse_session_list(&cli(&["session", "list"]).await);
+    assert_eq!(after, before);
+    broker_converges(&mut client, &machine_id, &after, 10).await;
+    let back = machine(&mut client, "default", "ts-agent-restart.example.test").await;
+    assert_eq!(back.state, pb::MachineState::Ready as i32);
+    assert_eq!(back.session_count, 3);
+
+    // It keeps working: a logoff after the restart reaches the broker.
+    cli(&["session", "logoff", "--user", "alice"]).await;
+    let now = parse_session_list(&cli(&["session", "list"]).await);
+    assert_eq!(now.len(), 2);
+    broker_converges(&mut client, &machine_id, &now, 10).await;
+
+    let status = second.terminate(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+    broker.stop().await;
+}
+
+async fn a_drain_from_the_admin_api_reaches_the_agent(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut admin = broker.admin_client().await;
+    let agent = TestAgent::start(&broker.url(), "ts-drain.example.test", |_| {}).await;
+    let status = agent.cli(&["status"]).await;
+    assert!(status.contains("not draining"), "{status}");
+
+    let drained = admin
+        .drain_machine(by_name("default", "ts-drain.example.test"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.draining);
+    eventually(10, || async { agent.running().link_status().draining }).await;
+    let status = agent.cli(&["status"]).await;
+    assert!(
+        status.contains(", draining") && !status.contains("not draining"),
+        "{status}"
+    );
+
+    // Weight and limit changes arrive the same way.
+    admin
+        .set_machine_weight(pb::SetMachineWeightRequest {
+            machine: Some(by_name("default", "ts-drain.example.test")),
+            weight: 400,
+        })
+        .await
+        .unwrap();
+    eventually(10, || async { agent.running().link_status().weight == 400 }).await;
+    let status = agent.cli(&["status"]).await;
+    assert!(status.contains("weight 400"), "{status}");
+
+    admin
+        .undrain_machine(by_name("default", "ts-drain.example.test"))
+        .await
+        .unwrap();
+    eventually(10, || async { !agent.running().link_status().draining }).await;
+    let status = agent.cli(&["status"]).await;
+    assert!(status.contains("not draining"), "{status}");
+
+    agent.stop().await;
+    broker.stop().await;
+}
