@@ -91,6 +91,7 @@ pub async fn start(
     };
     let machine_id = model::machine_id(&config.farm, &config.machine_name);
     let (directory, events) = Directory::open(&config.state_dir)?;
+    let directory = directory.with_unconfirmed_logon_grace(config.unconfirmed_logon_grace);
     let token = BearerToken::new(config.agent_token.as_deref())?;
     let endpoint = broker_client::endpoint(&config.broker_url)?;
     let status: SharedStatus = Arc::new(Mutex::new(LinkStatus {

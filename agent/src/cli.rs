@@ -70,6 +70,12 @@ pub struct AgentArgs {
     /// How long a client may take to send its first packet before it is cut off [default: 10s]
     #[arg(long, env = "TSAGENT_CLIENT_TIMEOUT", value_name = "DURATION")]
     pub client_timeout: Option<humantime::Duration>,
+    /// A session the front door opened from the client's cookie, that nothing local (PAM,
+    /// `tsagent session ...`) confirmed, is removed as a failed logon (wrong password, or a
+    /// cookie naming anyone) when its connection ends sooner than this; a longer connection
+    /// leaves it disconnected. 0 keeps every such session [default: 30s]
+    #[arg(long, env = "TSAGENT_UNCONFIRMED_LOGON_GRACE", value_name = "DURATION")]
+    pub unconfirmed_logon_grace: Option<humantime::Duration>,
     /// Token sent to the broker as `authorization: Bearer <token>`
     #[arg(
         long,
@@ -157,6 +163,8 @@ mod tests {
             "--single-session",
             "--client-timeout",
             "3s",
+            "--unconfirmed-logon-grace",
+            "5s",
             "--front-door",
             "0.0.0.0:3389",
         ])
@@ -166,6 +174,10 @@ mod tests {
         assert_eq!(
             *cli.agent.client_timeout.unwrap(),
             std::time::Duration::from_secs(3)
+        );
+        assert_eq!(
+            *cli.agent.unconfirmed_logon_grace.unwrap(),
+            std::time::Duration::from_secs(5)
         );
         let cli = Cli::try_parse_from([
             "tsagent",

@@ -14,6 +14,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tsagent";
 pub const DEFAULT_LOCAL_RDP: &str = "127.0.0.1:3390";
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_UNCONFIRMED_LOGON_GRACE: Duration =
+    crate::directory::DEFAULT_UNCONFIRMED_LOGON_GRACE;
 
 /// Where the front door listens: an address to bind, or a listener the caller bound already
 /// (tests bind `127.0.0.1:0` and pass the listener in).
@@ -63,6 +65,10 @@ pub struct AgentConfig {
     pub local_rdp: String,
     /// How long a client may take to send its first packet.
     pub client_timeout: Duration,
+    /// A session the front door opened for a cookie's user, that no local session source
+    /// confirmed, is removed (a failed logon) when its connection ends sooner than this.
+    /// Zero keeps such sessions (disconnected) whatever their connection lasted.
+    pub unconfirmed_logon_grace: Duration,
     /// Sent as `authorization: Bearer <token>` on every call to the broker.
     pub agent_token: Option<String>,
     pub max_connections: usize,
@@ -94,6 +100,7 @@ impl AgentConfig {
             front_door: None,
             local_rdp: DEFAULT_LOCAL_RDP.to_owned(),
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
+            unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
             agent_token: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             backoff: BackoffSettings::default(),
@@ -163,6 +170,7 @@ impl fmt::Debug for AgentConfig {
             .field("front_door", &self.front_door)
             .field("local_rdp", &self.local_rdp)
             .field("client_timeout", &self.client_timeout)
+            .field("unconfirmed_logon_grace", &self.unconfirmed_logon_grace)
             .field(
                 "agent_token",
                 &self.agent_token.as_ref().map(|_| "<redacted>"),

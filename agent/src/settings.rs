@@ -27,6 +27,8 @@ pub struct FileSettings {
     pub local_rdp: Option<String>,
     /// A duration such as "10s".
     pub client_timeout: Option<String>,
+    /// A duration such as "30s"; "0s" keeps unconfirmed front-door sessions.
+    pub unconfirmed_logon_grace: Option<String>,
     pub agent_token: Option<String>,
     pub log_format: Option<String>,
 }
@@ -145,6 +147,12 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
         config.client_timeout = humantime::parse_duration(&text)
             .map_err(|error| format!("--client-timeout: {text:?}: {error}"))?;
     }
+    if let Some(grace) = args.unconfirmed_logon_grace {
+        config.unconfirmed_logon_grace = grace.into();
+    } else if let Some(text) = file.unconfirmed_logon_grace {
+        config.unconfirmed_logon_grace = humantime::parse_duration(&text)
+            .map_err(|error| format!("--unconfirmed-logon-grace: {text:?}: {error}"))?;
+    }
     config.agent_token = args.agent_token.or(file.agent_token);
     config.validate()?;
     Ok((config, log_format))
@@ -160,7 +168,7 @@ mod tests {
         let path = dir.path().join("tsagent.toml");
         std::fs::write(
             &path,
-            "machine_name = \"ts9.example\"\nfarm = \"filefarm\"\nweight = 300\nclient_timeout = \"3s\"\n",
+            "machine_name = \"ts9.example\"\nfarm = \"filefarm\"\nweight = 300\nclient_timeout = \"3s\"\nunconfirmed_logon_grace = \"7s\"\n",
         )
         .unwrap();
         let args = AgentArgs {
@@ -173,6 +181,10 @@ mod tests {
         assert_eq!(config.farm, "flagfarm");
         assert_eq!(config.weight, 300);
         assert_eq!(config.client_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(
+            config.unconfirmed_logon_grace,
+            std::time::Duration::from_secs(7)
+        );
         assert_eq!(config.advertise, "ts9.example:3389");
         assert_eq!(
             config.control_socket,

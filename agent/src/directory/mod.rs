@@ -10,6 +10,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -24,6 +25,9 @@ pub const FIRST_ALLOCATED_SESSION_ID: u32 = 100_000;
 pub const TRUNCATED_COOKIE_LEN: usize = 9;
 /// A front-door logon not confirmed by a local session source counts as "in flight" this long.
 const PENDING_LOGON_MS: i64 = 60_000;
+/// How long a front-door connection must last for the logon it opened to count as real when
+/// no local session source confirms it (see [`Directory::with_unconfirmed_logon_grace`]).
+pub const DEFAULT_UNCONFIRMED_LOGON_GRACE: Duration = Duration::from_secs(30);
 
 /// Who told the agent about a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +74,12 @@ pub struct SessionRecord {
     /// Which front-door connection is attached, so that only its own end disconnects it.
     #[serde(default)]
     pub attachment: u64,
+    /// The front door created this session from the client's cookie (a routing hint, not an
+    /// identity) and nothing has vouched for it yet: no control-socket event for it, and no
+    /// front-door connection to it that outlasted the unconfirmed-logon grace. Absent in
+    /// tables written before the flag existed: those sessions count as confirmed.
+    #[serde(default)]
+    pub unconfirmed: bool,
 }
 
 impl SessionRecord {
@@ -125,6 +135,10 @@ pub enum DirectoryError {
 pub struct Attachment {
     pub session_id: u32,
     pub attachment: u64,
+    /// This connection opened the session (a new logon), or joined one that another
+    /// connection opened and that is still unconfirmed: its short end may mean the logon never
+    /// happened. False for a reconnection to a session the user already had here.
+    pub pending_logon: bool,
 }
 
 pub(crate) struct Table {
@@ -132,6 +146,8 @@ pub(crate) struct Table {
     next_session_id: u32,
     version: u64,
     attachments: u64,
+    /// Front-door connections still open, by attachment number.
+    live: BTreeMap<u64, rules::LiveConnection>,
     events: mpsc::UnboundedSender<NumberedEvent>,
 }
 
@@ -140,6 +156,7 @@ pub(crate) struct Table {
 pub struct Directory {
     table: Arc<Mutex<Table>>,
     file: TableFile,
+    unconfirmed_logon_grace: Duration,
 }
 
 /// The receiving end of the table's changes, owned by the stream task.
@@ -166,13 +183,24 @@ impl Directory {
             next_session_id: stored.next_session_id.max(FIRST_ALLOCATED_SESSION_ID),
             version: 0,
             attachments: 0,
+            live: BTreeMap::new(),
             events: sender,
         };
         let directory = Directory {
             table: Arc::new(Mutex::new(table)),
             file,
+            unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
         };
         Ok((directory, receiver))
+    }
+
+    /// Sets how long a front-door connection must last for the session it opened to stay when
+    /// nothing else confirms it: a shorter one that ends is a logon that failed (wrong password,
+    /// or a cookie naming anyone), and its session is removed rather than left disconnected.
+    /// Zero keeps every such session.
+    pub fn with_unconfirmed_logon_grace(mut self, grace: Duration) -> Self {
+        self.unconfirmed_logon_grace = grace;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -219,11 +247,19 @@ impl Directory {
         Some(attachment)
     }
 
-    /// The front-door connection ended: the session is disconnected, unless it was logged
-    /// off meanwhile or another connection took it over.
-    pub fn front_door_detach(&self, attachment: Attachment) {
+    /// The front-door connection ended after `lasted` (`None`: cut by the agent stopping, which
+    /// says nothing about the logon): the session is disconnected, unless it was logged off
+    /// meanwhile or another connection took it over; a logon this connection opened that
+    /// nothing confirmed and that lasted less than the unconfirmed-logon grace failed, and its
+    /// session is removed.
+    pub fn front_door_detach(&self, attachment: Attachment, lasted: Option<Duration>) {
         let mut table = self.lock();
-        if rules::front_door_detach(&mut table, attachment, model::now_millis()) {
+        let end = rules::ConnectionEnd {
+            attachment,
+            lasted,
+            grace: self.unconfirmed_logon_grace,
+        };
+        if rules::front_door_detach(&mut table, end, model::now_millis()) {
             self.persist(&table);
         }
     }

@@ -1,5 +1,16 @@
 //! The table's rules: which session an event acts on, merging front-door logons with the
 //! logons PAM reports, allocating ids, and the events the broker is sent for each change.
+//!
+//! The front door only knows the user from the client's cookie, a hint anyone can write. The
+//! session it records for a new logon is *unconfirmed* until a local session source (the
+//! control socket: PAM, the RDP service's scripts, `tsagent session …`) reports an event for
+//! it, or until a front-door connection to it lasts the unconfirmed-logon grace. When the
+//! connections of an unconfirmed logon all end sooner, the logon failed (NLA refused the
+//! password, or the cookie named someone who never logged on): the session is removed and the
+//! broker gets a LOGOFF, instead of keeping a disconnected session that would draw the user
+//! back here. A reconnection to a session the user already had here is never removed.
+
+use std::time::Duration;
 
 use tsbroker_common::model::{SessionEventKind, user_key};
 use tsbroker_common::validate;
@@ -101,6 +112,7 @@ fn adopt(table: &mut Table, old_id: u32, request: &SessionRequest) -> Option<u32
         record.client_address = request.client_address.clone();
     }
     record.origin = Origin::Control;
+    record.unconfirmed = false;
     table.sessions.insert(new_id, record);
     Some(new_id)
 }
@@ -124,6 +136,7 @@ fn new_record(table: &mut Table, request: &SessionRequest, origin: Origin, now: 
         changed_ms: now,
         origin,
         attachment: 0,
+        unconfirmed: origin == Origin::FrontDoor,
     };
     table.sessions.insert(session_id, record);
     session_id
@@ -224,6 +237,8 @@ fn change(
         record.changed_ms = now;
     }
     record.state = state;
+    // A local session source knows this session: it is real.
+    record.unconfirmed = false;
     if !client_address.is_empty() {
         record.client_address = client_address.to_owned();
     }
@@ -264,15 +279,38 @@ pub(super) fn front_door_attach(
             )
         })
         .map(|record| record.session_id);
-    let (session_id, kind) = match found {
-        Some(session_id) => (session_id, SessionEventKind::Reconnect),
+    let (session_id, kind, pending_logon) = match found {
+        // A session still in an unconfirmed logon that only that logon's connections hold:
+        // this connection is one more attempt at that logon, not a return to a session.
+        Some(session_id) => {
+            let mut holders = table
+                .live
+                .values()
+                .filter(|live| live.session_id == session_id)
+                .peekable();
+            let pending = table
+                .sessions
+                .get(&session_id)
+                .is_some_and(|record| record.unconfirmed)
+                && holders.peek().is_some()
+                && holders.all(|live| live.pending_logon);
+            (session_id, SessionEventKind::Reconnect, pending)
+        }
         None => (
             new_record(table, &request, Origin::FrontDoor, now),
             SessionEventKind::Logon,
+            true,
         ),
     };
     table.attachments += 1;
     let attachment = table.attachments;
+    table.live.insert(
+        attachment,
+        LiveConnection {
+            session_id,
+            pending_logon,
+        },
+    );
     if let Some(record) = table.sessions.get_mut(&session_id) {
         record.attachment = attachment;
         if kind == SessionEventKind::Reconnect && record.state != RecordState::Active {
@@ -288,16 +326,67 @@ pub(super) fn front_door_attach(
     Attachment {
         session_id,
         attachment,
+        pending_logon,
     }
 }
 
+/// A front-door connection that is still open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LiveConnection {
+    pub session_id: u32,
+    pub pending_logon: bool,
+}
+
+/// How a front-door connection ended.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ConnectionEnd {
+    pub attachment: Attachment,
+    /// How long the connection lasted; `None` when the agent cut it (stopping).
+    pub lasted: Option<Duration>,
+    /// The unconfirmed-logon grace.
+    pub grace: Duration,
+}
+
 /// Returns whether the table changed.
-pub(super) fn front_door_detach(table: &mut Table, attachment: Attachment, now: i64) -> bool {
-    let Some(record) = table.sessions.get_mut(&attachment.session_id) else {
+pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
+    let Attachment {
+        session_id,
+        attachment,
+        pending_logon,
+    } = end.attachment;
+    table.live.remove(&attachment);
+    let others_open = table
+        .live
+        .values()
+        .any(|live| live.session_id == session_id);
+    let Some(record) = table.sessions.get_mut(&session_id) else {
         return false;
     };
-    if record.attachment != attachment.attachment || record.state != RecordState::Active {
-        return false;
+    let mut changed = false;
+    let short = end.lasted.is_some_and(|lasted| lasted < end.grace);
+    if record.unconfirmed && end.lasted.is_some() && !short {
+        // The RDP service kept this connection past the grace: the logon happened.
+        record.unconfirmed = false;
+        changed = true;
+    }
+    if record.unconfirmed && pending_logon && short && !others_open {
+        // Every connection of this logon ended soon and nothing confirmed it: it failed.
+        tracing::info!(
+            session_id,
+            user = %record.user_name,
+            lasted_ms = end.lasted.map_or(0, |lasted| {
+                u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX)
+            }),
+            "front-door logon never confirmed and its connection ended within the grace: \
+             treated as a failed logon, session removed"
+        );
+        if let Some(record) = table.sessions.remove(&session_id) {
+            table.emit(SessionEventKind::Logoff, &record);
+        }
+        return true;
+    }
+    if record.attachment != attachment || record.state != RecordState::Active {
+        return changed;
     }
     record.attachment = 0;
     record.state = RecordState::Disconnected;

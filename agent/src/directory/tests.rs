@@ -1,5 +1,7 @@
 //! Tests of the table's rules and of its persistence.
 
+use std::time::Duration;
+
 use super::*;
 use tsbroker_common::model::SessionEventKind::{Disconnect, Logoff, Logon, Reconnect};
 
@@ -10,6 +12,10 @@ fn request(user: &str, session_id: Option<u32>) -> SessionRequest {
         ..Default::default()
     }
 }
+
+/// A connection that ended well within the default grace, and one that outlasted it.
+const SHORT: Option<Duration> = Some(Duration::from_secs(2));
+const LONG: Option<Duration> = Some(Duration::from_secs(45));
 
 fn drain(events: &mut DirectoryEvents) -> Vec<(SessionEventKind, u32, String)> {
     let mut seen = Vec::new();
@@ -115,8 +121,10 @@ fn front_door_logon_merges_with_the_real_logon() {
         ]
     );
     // The connection's end disconnects the merged session only if it is still attached.
-    directory.front_door_detach(attached);
+    directory.front_door_detach(attached, SHORT);
     assert!(drain(&mut events).is_empty());
+    assert_eq!(directory.list().len(), 1);
+    assert!(!directory.list()[0].unconfirmed);
 }
 
 #[test]
@@ -136,9 +144,9 @@ fn front_door_reconnects_and_detaches() {
         .front_door_attach("bob", "", "10.0.0.2:2")
         .unwrap();
     // The older connection ending does not disconnect the session the newer one holds.
-    directory.front_door_detach(attached);
+    directory.front_door_detach(attached, SHORT);
     assert_eq!(directory.list()[0].state, RecordState::Active);
-    directory.front_door_detach(newer);
+    directory.front_door_detach(newer, SHORT);
     assert_eq!(directory.list()[0].state, RecordState::Disconnected);
     assert_eq!(
         drain(&mut events)
@@ -150,7 +158,7 @@ fn front_door_reconnects_and_detaches() {
     // A logoff while attached: the connection's end changes nothing.
     let again = directory.front_door_attach("bob", "", "").unwrap();
     directory.apply(Logoff, request("bob", None)).unwrap();
-    directory.front_door_detach(again);
+    directory.front_door_detach(again, SHORT);
     assert!(directory.list().is_empty());
 }
 
@@ -197,4 +205,244 @@ fn unreadable_table_is_moved_aside() {
         .filter_map(Result::ok)
         .any(|entry| entry.file_name().to_string_lossy().contains("corrupt"));
     assert!(moved);
+}
+
+fn kinds(events: &mut DirectoryEvents) -> Vec<SessionEventKind> {
+    drain(events).into_iter().map(|event| event.0).collect()
+}
+
+#[test]
+fn a_short_unconfirmed_front_door_logon_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    // Anyone can put any name in the cookie: NLA refuses the logon, the connection ends.
+    let attached = directory
+        .front_door_attach("mallory", "", "10.0.0.9:5000")
+        .unwrap();
+    assert!(attached.pending_logon);
+    assert!(directory.list()[0].unconfirmed);
+    directory.front_door_detach(attached, SHORT);
+    assert!(directory.list().is_empty());
+    assert_eq!(kinds(&mut events), vec![Logon, Logoff]);
+    // Nothing left on disk either.
+    drop(directory);
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    assert!(directory.list().is_empty());
+}
+
+#[test]
+fn a_confirmed_front_door_logon_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    // Any control-socket event for the session confirms it, here a reconnect without an id.
+    let attached = directory.front_door_attach("alice", "", "").unwrap();
+    let confirmed = directory.apply(Reconnect, request("alice", None)).unwrap();
+    assert_eq!(confirmed.session_id, attached.session_id);
+    assert!(!confirmed.unconfirmed);
+    directory.front_door_detach(attached, SHORT);
+    let sessions = directory.list();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].state, RecordState::Disconnected);
+    assert_eq!(kinds(&mut events), vec![Logon, Reconnect, Disconnect]);
+
+    // Merged with the logon PAM reports (under its own id): the connection's end, which no
+    // longer holds the merged session, leaves it as it is.
+    let attached = directory.front_door_attach("bob", "", "").unwrap();
+    directory.apply(Logon, request("bob", Some(7))).unwrap();
+    directory.front_door_detach(attached, SHORT);
+    let bob = directory
+        .list()
+        .into_iter()
+        .find(|record| record.user_name == "bob")
+        .unwrap();
+    assert_eq!((bob.session_id, bob.state), (7, RecordState::Active));
+    assert!(!bob.unconfirmed);
+    // PAM's logon without an id merges into the front door's session, keeping its id, and
+    // the connection's end disconnects it.
+    let attached = directory.front_door_attach("carol", "", "").unwrap();
+    directory.apply(Logon, request("carol", None)).unwrap();
+    directory.front_door_detach(attached, SHORT);
+    let carol = directory
+        .list()
+        .into_iter()
+        .find(|record| record.user_name == "carol")
+        .unwrap();
+    assert_eq!(
+        (carol.session_id, carol.state),
+        (attached.session_id, RecordState::Disconnected)
+    );
+}
+
+#[test]
+fn a_long_unconfirmed_front_door_logon_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    let attached = directory.front_door_attach("alice", "", "").unwrap();
+    directory.front_door_detach(attached, LONG);
+    let sessions = directory.list();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].state, RecordState::Disconnected);
+    // The connection that lasted vouches for the logon.
+    assert!(!sessions[0].unconfirmed);
+    assert_eq!(kinds(&mut events), vec![Logon, Disconnect]);
+
+    // A grace of zero keeps every session, however short its connection.
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    let directory = directory.with_unconfirmed_logon_grace(Duration::ZERO);
+    let attached = directory.front_door_attach("bob", "", "").unwrap();
+    directory.front_door_detach(attached, Some(Duration::from_millis(1)));
+    assert_eq!(directory.list().len(), 2);
+    assert_eq!(kinds(&mut events), vec![Logon, Disconnect]);
+    // The grace is a setting: a short one makes a 2-second connection long enough.
+    let directory = directory.with_unconfirmed_logon_grace(Duration::from_secs(1));
+    let attached = directory.front_door_attach("carol", "", "").unwrap();
+    directory.front_door_detach(attached, SHORT);
+    assert_eq!(directory.list().len(), 3);
+    assert_eq!(kinds(&mut events), vec![Logon, Disconnect]);
+    // A connection the agent cut while stopping says nothing about the logon.
+    let attached = directory.front_door_attach("dave", "", "").unwrap();
+    directory.front_door_detach(attached, None);
+    let dave = directory
+        .list()
+        .into_iter()
+        .find(|record| record.user_name == "dave")
+        .unwrap();
+    assert_eq!(dave.state, RecordState::Disconnected);
+    assert!(dave.unconfirmed);
+}
+
+#[test]
+fn a_reconnection_is_never_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    // A session PAM reported; a failed reconnection to it (wrong password) is short.
+    directory.apply(Logon, request("alice", Some(3))).unwrap();
+    directory.apply(Disconnect, request("alice", None)).unwrap();
+    let attached = directory.front_door_attach("alice", "", "").unwrap();
+    assert!(!attached.pending_logon);
+    directory.front_door_detach(attached, SHORT);
+    // A front-door session that outlasted the grace once, then a short reconnection.
+    let first = directory.front_door_attach("bob", "", "").unwrap();
+    directory.front_door_detach(first, LONG);
+    let again = directory.front_door_attach("bob", "", "").unwrap();
+    assert_eq!(again.session_id, first.session_id);
+    assert!(!again.pending_logon);
+    directory.front_door_detach(again, SHORT);
+    let states: Vec<_> = directory
+        .list()
+        .into_iter()
+        .map(|record| (record.user_name, record.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("alice".to_owned(), RecordState::Disconnected),
+            ("bob".to_owned(), RecordState::Disconnected)
+        ]
+    );
+    drain(&mut events);
+
+    // An unconfirmed session from before a restart (its connection did not survive it) is
+    // a session the user had here: a short reconnection leaves it.
+    let carol = directory.front_door_attach("carol", "", "").unwrap();
+    drop(directory);
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    assert!(directory.list()[2].unconfirmed);
+    let again = directory.front_door_attach("carol", "", "").unwrap();
+    assert_eq!(again.session_id, carol.session_id);
+    assert!(!again.pending_logon);
+    directory.front_door_detach(again, SHORT);
+    assert_eq!(directory.list().len(), 3);
+    assert_eq!(directory.list()[2].state, RecordState::Disconnected);
+}
+
+#[test]
+fn concurrent_connections_of_a_failed_logon_leave_no_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    // The second connection joins the first one's unconfirmed logon: it is not a reconnection
+    // to a session the user had, whichever connection ends first.
+    let first = directory.front_door_attach("mallory", "", "").unwrap();
+    let second = directory.front_door_attach("mallory", "", "").unwrap();
+    assert_eq!(second.session_id, first.session_id);
+    assert!(second.pending_logon);
+    directory.front_door_detach(first, SHORT);
+    assert_eq!(directory.list().len(), 1);
+    directory.front_door_detach(second, SHORT);
+    assert!(directory.list().is_empty());
+    assert_eq!(kinds(&mut events), vec![Logon, Reconnect, Logoff]);
+
+    let first = directory.front_door_attach("mallory", "", "").unwrap();
+    let second = directory.front_door_attach("mallory", "", "").unwrap();
+    directory.front_door_detach(second, SHORT);
+    // The first connection is still open: its session stays (disconnected, as before).
+    assert_eq!(directory.list().len(), 1);
+    directory.front_door_detach(first, SHORT);
+    assert!(directory.list().is_empty());
+    assert_eq!(
+        kinds(&mut events),
+        vec![Logon, Reconnect, Disconnect, Logoff]
+    );
+
+    // A real logon that lasts, and a failed attempt at the same name meanwhile: the session
+    // stays, and once the real connection outlasted the grace it is confirmed.
+    let real = directory.front_door_attach("alice", "", "").unwrap();
+    let failed = directory.front_door_attach("alice", "", "").unwrap();
+    directory.front_door_detach(failed, SHORT);
+    directory.front_door_detach(real, LONG);
+    let sessions = directory.list();
+    assert_eq!(sessions.len(), 1);
+    assert!(!sessions[0].unconfirmed);
+    assert_eq!(sessions[0].state, RecordState::Disconnected);
+}
+
+#[test]
+fn tables_without_the_unconfirmed_flag_are_read_as_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A table written before the flag existed: a front-door session, active.
+    std::fs::write(
+        dir.path().join("sessions.json"),
+        r#"{
+  "format": 1,
+  "next_session_id": 100001,
+  "sessions": [
+    {
+      "session_id": 100000,
+      "user_name": "alice",
+      "domain": "",
+      "state": "active",
+      "client_address": "10.0.0.9:5000",
+      "logon_time_ms": 1700000000000,
+      "changed_ms": 1700000000000,
+      "origin": "front_door",
+      "attachment": 4
+    }
+  ]
+}"#,
+    )
+    .unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    let sessions = directory.list();
+    assert_eq!(sessions.len(), 1);
+    assert!(!sessions[0].unconfirmed);
+    // It counts as a session the user had: a short connection to it only disconnects it.
+    let attached = directory.front_door_attach("alice", "", "").unwrap();
+    assert!(!attached.pending_logon);
+    directory.front_door_detach(attached, SHORT);
+    assert_eq!(directory.list()[0].state, RecordState::Disconnected);
+    assert_eq!(kinds(&mut events), vec![Reconnect, Disconnect]);
+
+    // The flag is written and read back.
+    directory.front_door_attach("bob", "", "").unwrap();
+    let text = std::fs::read_to_string(dir.path().join("sessions.json")).unwrap();
+    assert!(text.contains("\"unconfirmed\": true"), "{text}");
+    assert!(text.contains("\"unconfirmed\": false"), "{text}");
+    drop(directory);
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let flags: Vec<_> = directory
+        .list()
+        .into_iter()
+        .map(|record| (record.user_name, record.unconfirmed))
+        .collect();
+    assert_eq!(flags, vec![("alice".into(), false), ("bob".into(), true)]);
 }

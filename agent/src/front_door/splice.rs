@@ -105,13 +105,19 @@ pub async fn to_local(
         tracing::info!("connection handed to the local rdp service (user unknown)");
     }
     let packet = for_rdp_service(packet);
+    let started = tokio::time::Instant::now();
     match splice(client, &mut upstream, &packet, shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }
     if let Some(attachment) = attachment {
+        // How long the connection lasted tells a logon that failed from one that happened;
+        // a connection the agent cut because it is stopping tells nothing.
+        let lasted = (!shutdown.is_cancelled()).then(|| started.elapsed());
         let directory = shared.directory.clone();
-        let _ = tokio::task::spawn_blocking(move || directory.front_door_detach(attachment)).await;
+        let _ =
+            tokio::task::spawn_blocking(move || directory.front_door_detach(attachment, lasted))
+                .await;
     }
 }
 

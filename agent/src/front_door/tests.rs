@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tsbroker_common::model::machine_id;
+use tsbroker_common::model::{SessionEventKind, machine_id};
 use tsbroker_common::proto::v1 as pb;
 
 use super::proxy_header;
@@ -77,7 +77,17 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
+/// A front door whose sessions stay (disconnected) however short their connection: these
+/// tests' connections last milliseconds.
 async fn harness(machines: Vec<pb::Machine>, broker_up: bool) -> Harness {
+    harness_with(machines, broker_up, Duration::ZERO).await
+}
+
+async fn harness_with(
+    machines: Vec<pb::Machine>,
+    broker_up: bool,
+    unconfirmed_logon_grace: Duration,
+) -> Harness {
     let fake = FakeBroker::default();
     fake.with(|state| state.machines = machines);
     let url = if broker_up {
@@ -96,6 +106,7 @@ async fn harness(machines: Vec<pb::Machine>, broker_up: bool) -> Harness {
     config.local_rdp = local_address.to_string();
     config.client_timeout = Duration::from_millis(300);
     config.machine_refresh = Duration::from_millis(100);
+    config.unconfirmed_logon_grace = unconfirmed_logon_grace;
     let shutdown = CancellationToken::new();
     let agent = crate::start(config, shutdown.clone()).await.unwrap();
     assert_eq!(agent.front_door_addr, Some(front_door));
@@ -429,5 +440,54 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
     let (_, anonymous) = request_with_tail(None);
     exchange(harness.front_door, &anonymous).await;
     assert_eq!(next(&mut harness.local).await, anonymous);
+    harness.shutdown.cancel();
+}
+
+/// A cookie is a hint anyone can write: a connection handed to the local service for a user
+/// nobody confirmed, that ends within the grace, leaves no session; the same connection for a
+/// user whose session a local source reported leaves that session disconnected.
+#[tokio::test]
+async fn a_short_unconfirmed_logon_leaves_no_session() {
+    let mut harness = harness_with(Vec::new(), false, Duration::from_secs(30)).await;
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=mallory"));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, bytes);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !harness.agent.directory().list().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            harness.agent.directory().list()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // bob's session is known to PAM: the short connection only disconnects it.
+    harness
+        .agent
+        .directory()
+        .apply(
+            SessionEventKind::Logon,
+            crate::directory::SessionRequest {
+                user_name: "bob".into(),
+                session_id: Some(4),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, bytes);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let sessions = harness.agent.directory().list();
+        assert_eq!(sessions.len(), 1, "{sessions:?}");
+        if sessions[0].state == RecordState::Disconnected {
+            assert_eq!(sessions[0].session_id, 4);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sessions:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     harness.shutdown.cancel();
 }

@@ -69,10 +69,13 @@ pub(super) const SELECT_FARM_MACHINES: &str = "SELECT m.id, m.farm, m.name, m.ad
 
 pub(super) const DELETE_MACHINE_SESSIONS: &str = "DELETE FROM sessions WHERE machine_id = $1";
 
-pub(super) const INSERT_SESSION: &str = "INSERT INTO sessions \
+pub(super) const INSERT_SESSIONS_PREFIX: &str = "INSERT INTO sessions \
      (machine_id, session_id, farm, user_name, user_key, domain, state, client_address, \
-      logon_at, state_changed_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+      logon_at, state_changed_at) ";
+
+/// Sessions per multi-row insert in a RESYNC (10 parameters each, well under SQLite's and
+/// PostgreSQL's limits on parameters per statement).
+pub(super) const RESYNC_CHUNK: usize = 500;
 
 pub(super) const UPSERT_SESSION: &str = "INSERT INTO sessions \
      (machine_id, session_id, farm, user_name, user_key, domain, state, client_address, \
@@ -261,20 +264,22 @@ macro_rules! impl_store {
                     .bind(machine)
                     .execute(&mut *tx)
                     .await?;
-                for session in sql::dedup_sessions(sessions) {
-                    sqlx::query(sql::INSERT_SESSION)
-                        .bind(machine)
-                        .bind(i64::from(session.session_id))
-                        .bind(&farm)
-                        .bind(&session.user_name)
-                        .bind(model::user_key(&session.user_name))
-                        .bind(&session.domain)
-                        .bind(session.state.as_str())
-                        .bind(&session.client_address)
-                        .bind(session.logon_time_ms.unwrap_or(now))
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                // Multi-row inserts: one statement for up to RESYNC_CHUNK sessions.
+                for chunk in sql::dedup_sessions(sessions).chunks(sql::RESYNC_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(sql::INSERT_SESSIONS_PREFIX);
+                    insert.push_values(chunk, |mut row, session| {
+                        row.push_bind(machine)
+                            .push_bind(i64::from(session.session_id))
+                            .push_bind(farm.clone())
+                            .push_bind(session.user_name.clone())
+                            .push_bind(model::user_key(&session.user_name))
+                            .push_bind(session.domain.clone())
+                            .push_bind(session.state.as_str())
+                            .push_bind(session.client_address.clone())
+                            .push_bind(session.logon_time_ms.unwrap_or(now))
+                            .push_bind(now);
+                    });
+                    insert.build().execute(&mut *tx).await?;
                 }
                 sqlx::query(sql::DELETE_RESOLVED_PENDING_FOR_MACHINE)
                     .bind(machine)

@@ -231,6 +231,8 @@ async fn without_a_database_the_broker_is_not_serving_and_says_so() {
     let status = broker.redirect(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops while waiting for the database");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops while waiting for the database");
     stopped.unwrap().unwrap();
 }

@@ -48,7 +48,10 @@ impl PluginProcess {
         let stdout = child.take_stdout().expect("piped stdout");
         let mut first_line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first_line).unwrap();
-        assert!(first_line.starts_with("listening on"), "plug-in said {first_line:?}");
+        assert!(
+            first_line.starts_with("listening on"),
+            "plug-in said {first_line:?}"
+        );
         PluginProcess {
             _child: child,
             port,
@@ -70,7 +73,10 @@ impl PluginProcess {
     }
 
     fn calls(&self, method: &str) -> Vec<Value> {
-        self.records().into_iter().filter(|record| record["method"] == method).collect()
+        self.records()
+            .into_iter()
+            .filter(|record| record["method"] == method)
+            .collect()
     }
 
     fn address(&self) -> String {
@@ -112,8 +118,13 @@ async fn broker_with_plugin(plugin: &PluginProcess) -> Setup {
 
 async fn scrape(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("metrics port");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).await.unwrap();
     text
@@ -123,7 +134,9 @@ async fn scrape(port: u16) -> String {
 fn counter(metrics: &str, fragments: &[&str]) -> f64 {
     metrics
         .lines()
-        .filter(|line| !line.starts_with('#') && fragments.iter().all(|fragment| line.contains(fragment)))
+        .filter(|line| {
+            !line.starts_with('#') && fragments.iter().all(|fragment| line.contains(fragment))
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -132,7 +145,11 @@ async fn wait_for_call(plugin: &PluginProcess, method: &str, matching: impl Fn(&
     let seconds = 15;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     while !plugin.calls(method).iter().any(&matching) {
-        assert!(Instant::now() < deadline, "no matching {method} within {seconds}s: {:#?}", plugin.records());
+        assert!(
+            Instant::now() < deadline,
+            "no matching {method} within {seconds}s: {:#?}",
+            plugin.records()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -140,7 +157,9 @@ async fn wait_for_call(plugin: &PluginProcess, method: &str, matching: impl Fn(&
 async fn redirect(broker: &TestBroker, user: &str) -> (pb::RedirectResponse, Duration) {
     let mut client = broker.broker_client().await;
     let started = Instant::now();
-    let answer = crate::support::redirect(&mut client, "farm", user).await.expect("redirect");
+    let answer = crate::support::redirect(&mut client, "farm", user)
+        .await
+        .expect("redirect");
     (answer, started.elapsed())
 }
 
@@ -150,24 +169,35 @@ async fn the_plugins_pick_is_honoured_and_failures_fall_back_within_the_deadline
     let plugin = PluginProcess::start(dir.path(), free_port(), false, "1");
     let setup = broker_with_plugin(&plugin).await;
     let broker = &setup.broker;
-    let busy = (1..=50).map(|id| session(id, &format!("s{id}"), pb::SessionState::Active)).collect();
+    let busy = (1..=50)
+        .map(|id| session(id, &format!("s{id}"), pb::SessionState::Active))
+        .collect();
     let _agents = [
         FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await,
         FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await,
         FakeAgent::join(&broker.url(), description("ts-c", "farm", 100), busy).await,
     ];
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["machine_name"] == "ts-c" && call["state"] == "READY").await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-c" && call["state"] == "READY"
+    })
+    .await;
 
     plugin.set_mode("pick ts-c");
     let (answer, _) = redirect(broker, "picked").await;
-    assert_eq!((answer.machine_name.as_str(), reason(&answer)), ("ts-c", pb::RedirectReason::Plugin));
+    assert_eq!(
+        (answer.machine_name.as_str(), reason(&answer)),
+        ("ts-c", pb::RedirectReason::Plugin)
+    );
     let asked = plugin.calls("GetMostSuitableServer");
     let asked = asked.last().expect("asked");
     assert_eq!(asked["user"], "picked");
     let mut candidates: Vec<String> = serde_json::from_value(asked["candidates"].clone()).unwrap();
     candidates.sort();
     assert_eq!(candidates, vec!["ts-a", "ts-b", "ts-c"]);
-    assert!(asked["broker_pick"] == "ts-a" || asked["broker_pick"] == "ts-b", "{asked}");
+    assert!(
+        asked["broker_pick"] == "ts-a" || asked["broker_pick"] == "ts-b",
+        "{asked}"
+    );
 
     plugin.set_mode("keep");
     let (kept, _) = redirect(broker, "kept").await;
@@ -177,18 +207,50 @@ async fn the_plugins_pick_is_honoured_and_failures_fall_back_within_the_deadline
     for (mode, user) in [("not-candidate", "nc"), ("error", "err"), ("hang", "hung")] {
         plugin.set_mode(mode);
         let (answer, took) = redirect(broker, user).await;
-        assert_eq!(reason(&answer), pb::RedirectReason::LoadBalanced, "{mode}: the broker's pick stands");
+        assert_eq!(
+            reason(&answer),
+            pb::RedirectReason::LoadBalanced,
+            "{mode}: the broker's pick stands"
+        );
         assert_ne!(answer.machine_name, "ts-c", "{mode}");
-        assert!(took < DEADLINE + Duration::from_millis(900), "{mode}: took {took:?}");
+        assert!(
+            took < DEADLINE + Duration::from_millis(900),
+            "{mode}: took {took:?}"
+        );
     }
     // The hang cost the deadline, not the plug-in's 10 s; notifications still flow meanwhile.
     let metrics = scrape(setup.metrics_port).await;
     for cause in ["not_candidate", "error", "timeout"] {
-        assert!(counter(&metrics, &["tsbroker_plugin_fallbacks_total", &format!("cause=\"{cause}\"")]) >= 1.0, "{cause}:\n{metrics}");
+        assert!(
+            counter(
+                &metrics,
+                &[
+                    "tsbroker_plugin_fallbacks_total",
+                    &format!("cause=\"{cause}\"")
+                ]
+            ) >= 1.0,
+            "{cause}:\n{metrics}"
+        );
     }
-    assert_eq!(counter(&metrics, &["tsbroker_decisions_total", "reason=\"plugin\""]), 1.0, "{metrics}");
-    assert!(counter(&metrics, &["tsbroker_decisions_total", "reason=\"load_balanced\"", "policy=\"session-count\""]) >= 4.0);
-    assert!(metrics.contains("tsbroker_plugin_call_seconds_bucket"), "{metrics}");
+    assert_eq!(
+        counter(&metrics, &["tsbroker_decisions_total", "reason=\"plugin\""]),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        counter(
+            &metrics,
+            &[
+                "tsbroker_decisions_total",
+                "reason=\"load_balanced\"",
+                "policy=\"session-count\""
+            ]
+        ) >= 4.0
+    );
+    assert!(
+        metrics.contains("tsbroker_plugin_call_seconds_bucket"),
+        "{metrics}"
+    );
     setup.broker.stop().await;
     wait_for_call(&plugin, "Terminated", |_| true).await;
 }
@@ -200,9 +262,15 @@ async fn notifications_come_in_order_and_in_batches() {
     let setup = broker_with_plugin(&plugin).await;
     let broker = &setup.broker;
     wait_for_call(&plugin, "Initialize", |call| call["farms"][0] == "farm").await;
-    let sessions = (1..=60).map(|id| session(id, &format!("s{id}"), pb::SessionState::Disconnected)).collect();
-    let mut agent = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), sessions).await;
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["state"] == "READY").await;
+    let sessions = (1..=60)
+        .map(|id| session(id, &format!("s{id}"), pb::SessionState::Disconnected))
+        .collect();
+    let mut agent =
+        FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), sessions).await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["state"] == "READY"
+    })
+    .await;
 
     // ADDED, then RESYNC in batches of at most 25 ending with last_batch, then CHANGED to READY.
     let sequence: Vec<String> = plugin
@@ -210,20 +278,46 @@ async fn notifications_come_in_order_and_in_batches() {
         .iter()
         .filter(|call| call["method"] != "Initialize")
         .map(|call| match call["method"].as_str().unwrap() {
-            "MachineChangeNotification" => format!("{}:{}", call["type"].as_str().unwrap(), call["state"].as_str().unwrap()),
-            _ => format!("{}:{}:{}", call["notification"].as_str().unwrap(), call["changes"].as_array().unwrap().len(), call["last_batch"]),
+            "MachineChangeNotification" => format!(
+                "{}:{}",
+                call["type"].as_str().unwrap(),
+                call["state"].as_str().unwrap()
+            ),
+            _ => format!(
+                "{}:{}:{}",
+                call["notification"].as_str().unwrap(),
+                call["changes"].as_array().unwrap().len(),
+                call["last_batch"]
+            ),
         })
         .collect();
-    assert_eq!(sequence, vec!["ADDED:JOINING", "RESYNC:25:false", "RESYNC:25:false", "RESYNC:10:true", "CHANGED:READY"]);
+    assert_eq!(
+        sequence,
+        vec![
+            "ADDED:JOINING",
+            "RESYNC:25:false",
+            "RESYNC:25:false",
+            "RESYNC:10:true",
+            "CHANGED:READY"
+        ]
+    );
 
     // Thirty logons sent back to back: merged into calls of at most 25 changes.
     let mut seqs = Vec::new();
     for id in 100..130u32 {
         let event = pb::SessionEvent {
             r#type: pb::SessionEventType::Logon as i32,
-            session: Some(session(id, &format!("burst{id}"), pb::SessionState::Unspecified)),
+            session: Some(session(
+                id,
+                &format!("burst{id}"),
+                pb::SessionState::Unspecified,
+            )),
         };
-        seqs.push(agent.send(pb::agent_message::Body::SessionEvent(event)).await);
+        seqs.push(
+            agent
+                .send(pb::agent_message::Body::SessionEvent(event))
+                .await,
+        );
     }
     for seq in seqs {
         agent.answer_to(seq).await.unwrap();
@@ -235,18 +329,41 @@ async fn notifications_come_in_order_and_in_batches() {
             .filter(|call| call["notification"] == "UNSPECIFIED")
             .collect::<Vec<_>>()
     };
-    eventually(15, || async { burst_calls().iter().map(|call| call["changes"].as_array().unwrap().len()).sum::<usize>() == 30 }).await;
-    let sizes: Vec<usize> = burst_calls().iter().map(|call| call["changes"].as_array().unwrap().len()).collect();
+    eventually(15, || async {
+        burst_calls()
+            .iter()
+            .map(|call| call["changes"].as_array().unwrap().len())
+            .sum::<usize>()
+            == 30
+    })
+    .await;
+    let sizes: Vec<usize> = burst_calls()
+        .iter()
+        .map(|call| call["changes"].as_array().unwrap().len())
+        .collect();
     assert!(sizes.iter().all(|size| *size <= 25), "{sizes:?}");
     assert!(sizes.len() < 30, "events were batched: {sizes:?}");
     let first = &burst_calls()[0]["changes"][0];
-    assert_eq!((first["type"].as_str(), first["user"].as_str(), first["state"].as_str()), (Some("LOGON"), Some("burst100"), Some("ACTIVE")));
+    assert_eq!(
+        (
+            first["type"].as_str(),
+            first["user"].as_str(),
+            first["state"].as_str()
+        ),
+        (Some("LOGON"), Some("burst100"), Some("ACTIVE"))
+    );
 
     // Admin changes: CHANGED names the field, even when it changes to its default.
     let mut admin = broker.admin_client().await;
     admin.drain_machine(by_name("farm", "ts-a")).await.unwrap();
-    admin.undrain_machine(by_name("farm", "ts-a")).await.unwrap();
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["changed_fields"][0] == "draining" && call["draining"] == false).await;
+    admin
+        .undrain_machine(by_name("farm", "ts-a"))
+        .await
+        .unwrap();
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["changed_fields"][0] == "draining" && call["draining"] == false
+    })
+    .await;
     let drains: Vec<bool> = plugin
         .calls("MachineChangeNotification")
         .iter()
@@ -256,7 +373,10 @@ async fn notifications_come_in_order_and_in_batches() {
     assert_eq!(drains, vec![true, false]);
 
     agent.remove().await.unwrap();
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["type"] == "REMOVED").await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["type"] == "REMOVED"
+    })
+    .await;
     setup.broker.stop().await;
 }
 
@@ -267,36 +387,77 @@ async fn a_restarted_plugin_gets_a_full_resync_that_matches_the_directory() {
     let plugin = PluginProcess::start(dir.path(), port, false, "1");
     let setup = broker_with_plugin(&plugin).await;
     let broker = &setup.broker;
-    let mut a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![session(1, "alice", pb::SessionState::Disconnected)]).await;
-    let _b = FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), (1..=30).map(|id| session(id, &format!("b{id}"), pb::SessionState::Active)).collect()).await;
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["machine_name"] == "ts-b" && call["state"] == "READY").await;
+    let mut a = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![session(1, "alice", pb::SessionState::Disconnected)],
+    )
+    .await;
+    let _b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        (1..=30)
+            .map(|id| session(id, &format!("b{id}"), pb::SessionState::Active))
+            .collect(),
+    )
+    .await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-b" && call["state"] == "READY"
+    })
+    .await;
     drop(plugin);
     // Changes while the plug-in is away.
     a.logon(2, "while-away").await.unwrap();
     a.logoff(1, "alice").await.unwrap();
     let plugin = PluginProcess::start(dir.path(), port, false, "2");
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["type"] == "CHANGED" && call["machine_name"] == "ts-b").await;
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["type"] == "CHANGED" && call["machine_name"] == "ts-a").await;
-    assert_eq!(plugin.records()[0]["method"], "Initialize", "Initialize comes first");
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["type"] == "CHANGED" && call["machine_name"] == "ts-b"
+    })
+    .await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["type"] == "CHANGED" && call["machine_name"] == "ts-a"
+    })
+    .await;
+    assert_eq!(
+        plugin.records()[0]["method"],
+        "Initialize",
+        "Initialize comes first"
+    );
     let mut resynced: Vec<(String, String)> = plugin
         .calls("SessionChangeNotification")
         .iter()
         .filter(|call| call["notification"] == "RESYNC")
         .flat_map(|call| {
             let machine = call["machine_name"].as_str().unwrap().to_owned();
-            call["changes"].as_array().unwrap().iter().map(move |change| (machine.clone(), change["user"].as_str().unwrap().to_owned())).collect::<Vec<_>>()
+            call["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |change| (machine.clone(), change["user"].as_str().unwrap().to_owned()))
+                .collect::<Vec<_>>()
         })
         .collect();
     resynced.sort();
     let mut client = broker.broker_client().await;
-    let listed = client.list_sessions(pb::ListSessionsRequest::default()).await.unwrap().into_inner();
-    let mut directory: Vec<(String, String)> = listed.sessions.iter().map(|session| (session.machine_name.clone(), session.user_name.clone())).collect();
+    let listed = client
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut directory: Vec<(String, String)> = listed
+        .sessions
+        .iter()
+        .map(|session| (session.machine_name.clone(), session.user_name.clone()))
+        .collect();
     directory.sort();
     assert_eq!(resynced, directory);
     assert!(directory.contains(&("ts-a".into(), "while-away".into())));
     assert_eq!(directory.len(), 31);
     let metrics = scrape(setup.metrics_port).await;
-    assert!(counter(&metrics, &["tsbroker_plugin_resyncs_total"]) >= 2.0, "{metrics}");
+    assert!(
+        counter(&metrics, &["tsbroker_plugin_resyncs_total"]) >= 2.0,
+        "{metrics}"
+    );
     setup.broker.stop().await;
 }
 
@@ -307,11 +468,26 @@ async fn external_sessions_come_back_as_external() {
     plugin.set_mode("external vdi-alice.example.com:3389");
     let setup = broker_with_plugin(&plugin).await;
     let broker = &setup.broker;
-    let _agent = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![session(1, "bob", pb::SessionState::Disconnected)]).await;
-    wait_for_call(&plugin, "MachineChangeNotification", |call| call["state"] == "READY").await;
+    let _agent = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![session(1, "bob", pb::SessionState::Disconnected)],
+    )
+    .await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["state"] == "READY"
+    })
+    .await;
     let (alice, _) = redirect(broker, "alice").await;
     assert_eq!(reason(&alice), pb::RedirectReason::External);
-    assert_eq!((alice.address.as_str(), alice.machine_id.as_str(), alice.front_door), ("vdi-alice.example.com:3389", "", false));
+    assert_eq!(
+        (
+            alice.address.as_str(),
+            alice.machine_id.as_str(),
+            alice.front_door
+        ),
+        ("vdi-alice.example.com:3389", "", false)
+    );
     // A user with a session in the farm goes back to it; the plug-in is not asked.
     let asked_before = plugin.calls("GetUserExternalSession").len();
     let (bob, _) = redirect(broker, "bob").await;
@@ -320,7 +496,10 @@ async fn external_sessions_come_back_as_external() {
     // No external host for this user: the farm places them.
     plugin.set_mode("keep");
     let (carol, _) = redirect(broker, "carol").await;
-    assert_eq!((carol.machine_name.as_str(), reason(&carol)), ("ts-a", pb::RedirectReason::LoadBalanced));
+    assert_eq!(
+        (carol.machine_name.as_str(), reason(&carol)),
+        ("ts-a", pb::RedirectReason::LoadBalanced)
+    );
     setup.broker.stop().await;
 }
 
@@ -340,7 +519,12 @@ async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
         ChildGuard::spawn("tsbroker-plugin-example", command)
     };
     let wait_listening = || async move {
-        eventually(15, || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+        eventually(15, || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
     };
     let example = start_example();
     wait_listening().await;
@@ -348,7 +532,12 @@ async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
     let database = TestDatabase::sqlite();
     let farm = FarmSettings {
         slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings { address, deadline: Duration::from_millis(300), batch_size: 25, ca_file: None }),
+        plugin: Some(PluginSettings {
+            address,
+            deadline: Duration::from_millis(300),
+            batch_size: 25,
+            ca_file: None,
+        }),
         ..FarmSettings::default()
     };
     let broker = spawn_broker(&database.url, move |config| {
@@ -358,8 +547,12 @@ async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
     .await;
     // The broker counts every session: ts-idle (12 disconnected) is busier than ts-busy (10
     // active). The example plug-in counts active sessions only, and prefers ts-idle.
-    let idle = (1..=12).map(|id| session(id, &format!("i{id}"), pb::SessionState::Disconnected)).collect();
-    let busy = (1..=10).map(|id| session(id, &format!("b{id}"), pb::SessionState::Active)).collect();
+    let idle = (1..=12)
+        .map(|id| session(id, &format!("i{id}"), pb::SessionState::Disconnected))
+        .collect();
+    let busy = (1..=10)
+        .map(|id| session(id, &format!("b{id}"), pb::SessionState::Active))
+        .collect();
     let _agents = [
         FakeAgent::join(&broker.url(), description("ts-idle", "farm", 100), idle).await,
         FakeAgent::join(&broker.url(), description("ts-busy", "farm", 100), busy).await,
@@ -378,7 +571,10 @@ async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
         if plugin_decides(&answer) {
             break;
         }
-        assert!(Instant::now() < deadline, "the example plug-in never took over: {answer:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the example plug-in never took over: {answer:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Restart the plug-in while nothing happens in the farm.
@@ -391,7 +587,10 @@ async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
         if plugin_decides(&answer) {
             break;
         }
-        assert!(Instant::now() < deadline, "the restarted plug-in was never initialized again: {answer:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the restarted plug-in was never initialized again: {answer:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     broker.stop().await;
@@ -403,12 +602,18 @@ async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_plugin_delays_nobody_else() {
     let dir = tempfile::tempdir().unwrap();
-    let slow = PluginProcess::start_with(dir.path(), free_port(), &["--slow-notifications"], "slow");
+    let slow =
+        PluginProcess::start_with(dir.path(), free_port(), &["--slow-notifications"], "slow");
     let quick = PluginProcess::start_with(dir.path(), free_port(), &[], "quick");
     let database = TestDatabase::sqlite();
     let plugin = |process: &PluginProcess| FarmSettings {
         slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings { address: process.address(), deadline: DEADLINE, batch_size: 25, ca_file: None }),
+        plugin: Some(PluginSettings {
+            address: process.address(),
+            deadline: DEADLINE,
+            batch_size: 25,
+            ca_file: None,
+        }),
         ..FarmSettings::default()
     };
     let (slow_farm, quick_farm) = (plugin(&slow), plugin(&quick));
@@ -420,16 +625,35 @@ async fn a_slow_plugin_delays_nobody_else() {
     .await;
     wait_for_call(&slow, "Initialize", |_| true).await;
     wait_for_call(&quick, "Initialize", |_| true).await;
-    let _slow_agent = FakeAgent::join(&broker.url(), description("ts-slow", "slow", 100), vec![]).await;
+    let _slow_agent =
+        FakeAgent::join(&broker.url(), description("ts-slow", "slow", 100), vec![]).await;
     let joined = Instant::now();
-    let _quick_agent = FakeAgent::join(&broker.url(), description("ts-quick", "quick", 100), vec![]).await;
-    wait_for_call(&quick, "MachineChangeNotification", |call| call["state"] == "READY").await;
-    assert!(joined.elapsed() < Duration::from_secs(5), "the quick plug-in waited for the slow one: {:?}", joined.elapsed());
-    assert_eq!(slow.calls("MachineChangeNotification").len(), 1, "the slow plug-in is still on its first notification");
+    let _quick_agent =
+        FakeAgent::join(&broker.url(), description("ts-quick", "quick", 100), vec![]).await;
+    wait_for_call(&quick, "MachineChangeNotification", |call| {
+        call["state"] == "READY"
+    })
+    .await;
+    assert!(
+        joined.elapsed() < Duration::from_secs(5),
+        "the quick plug-in waited for the slow one: {:?}",
+        joined.elapsed()
+    );
+    assert_eq!(
+        slow.calls("MachineChangeNotification").len(),
+        1,
+        "the slow plug-in is still on its first notification"
+    );
     let mut client = broker.broker_client().await;
     let started = Instant::now();
-    let answer = crate::support::redirect(&mut client, "slow", "u1").await.unwrap();
+    let answer = crate::support::redirect(&mut client, "slow", "u1")
+        .await
+        .unwrap();
     assert_eq!(answer.machine_name, "ts-slow");
-    assert!(started.elapsed() < DEADLINE + Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < DEADLINE + Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     broker.stop().await;
 }

@@ -25,6 +25,16 @@ const SESSION_UP: Duration = Duration::from_secs(60);
 const DIRECTORY_SECONDS: u64 = 15;
 /// Every test user, known to every server.
 const USERS: &[&str] = &["alice", "bob", "carol", "dave"];
+/// For agents whose tests end a real session within seconds of its start and expect it to stay
+/// (disconnected): the shadow servers report no logon to the agent, so the front door's
+/// sessions stay unconfirmed, and the default grace (30 s) would take such a short connection
+/// for a failed logon. Every session here lasts past this (the test waits a second after it is
+/// active).
+const SHORT_GRACE: Duration = Duration::from_secs(1);
+
+fn short_grace(config: &mut tsagent::AgentConfig) {
+    config.unconfirmed_logon_grace = SHORT_GRACE;
+}
 
 /// A terminal server: an RDP server and the agent whose front door stands before it.
 struct Server {
@@ -165,7 +175,7 @@ async fn a_disconnected_user_reaches_their_server_through_another_front_door() {
     let broker = spawn_broker(&database.url, |_| {}).await;
     let mut directory = broker.broker_client().await;
     let a = server(&broker, "ts-a.example.test").await;
-    let b = server(&broker, "ts-b.example.test").await;
+    let b = server_with(&broker, "ts-b.example.test", short_grace).await;
     let screen = Xvfb::start().await;
 
     // Carol's session on A makes B the emptier machine: bob's first logon, through B's own
@@ -347,7 +357,7 @@ async fn connects_and_drops_seen_by_the_front_door_reach_the_directory() {
     let database = TestDatabase::postgres().await;
     let broker = spawn_broker(&database.url, |_| {}).await;
     let mut directory = broker.broker_client().await;
-    let a = server(&broker, "ts-a.example.test").await;
+    let a = server_with(&broker, "ts-a.example.test", short_grace).await;
     let machine_id = a.agent.machine_id();
     let screen = Xvfb::start().await;
 
@@ -411,7 +421,7 @@ async fn with_the_broker_down_clients_reach_the_local_server_and_the_directory_c
     let database = TestDatabase::postgres().await;
     let broker = spawn_broker(&database.url, |_| {}).await;
     let address = broker.address;
-    let a = server(&broker, "ts-a.example.test").await;
+    let a = server_with(&broker, "ts-a.example.test", short_grace).await;
     let b = server(&broker, "ts-b.example.test").await;
     let screen = Xvfb::start().await;
     // A is the busier machine: with the broker up, a new user would go to B.
@@ -535,6 +545,70 @@ async fn routing_tokens_and_collections_from_xfreerdp_are_honoured() {
 
     a.agent.stop().await;
     b.agent.stop().await;
+    broker.stop().await;
+    database.drop_database().await;
+}
+
+/// The `mstshash` cookie is a hint anyone can write: a client naming a user the server does not
+/// know (NLA refuses it) reaches the local RDP server through the front door, fails, and leaves
+/// no session behind, neither in the agent's table nor in the directory, so the broker never
+/// sends that user here as a returning one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_nla_logon_leaves_no_session() {
+    let database = TestDatabase::postgres().await;
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut directory = broker.broker_client().await;
+    // The default grace: what a farm runs with.
+    let a = server(&broker, "ts-a.example.test").await;
+    let machine_id = a.agent.machine_id();
+    let screen = Xvfb::start().await;
+
+    let mut client = RdpClient::connect(&screen, a.agent.front_door_port(), "mallory");
+    let status = client.wait_exit(Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "xfreerdp as mallory did not fail ({status:?}):\n{}",
+        client.log.tail(40)
+    );
+    assert_eq!(client.log.count(tsbroker_tests::rdp::CLIENT_ACTIVE), 0);
+    // xfreerdp tries twice before it gives up.
+    assert!(
+        a.shadow.connections_of("mallory") >= 1,
+        "the connection did not reach the local RDP server:\n{}",
+        a.shadow.log.tail(40)
+    );
+    assert_eq!(a.shadow.sessions_activated(), 0);
+
+    // The agent dropped the failed logon.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(DIRECTORY_SECONDS);
+    while !a.agent.sessions().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent kept a session of the failed logon: {:?}",
+            a.agent.sessions()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent's changes reach the broker in order: once a later one is there, so is the end
+    // of mallory's.
+    a.agent
+        .cli(&["session", "logon", "--user", "carol", "--session-id", "3"])
+        .await;
+    broker_shows(
+        &mut directory,
+        "carol",
+        &machine_id,
+        pb::SessionState::Active,
+    )
+    .await;
+    let mallory = user_sessions(&mut directory, "mallory").await;
+    assert!(mallory.is_empty(), "{mallory:?}");
+    assert_eq!(
+        broker_sessions(&mut directory, &machine_id).await,
+        vec![ListedSession::new(3, "carol", "active")]
+    );
+
+    a.agent.stop().await;
     broker.stop().await;
     database.drop_database().await;
 }
