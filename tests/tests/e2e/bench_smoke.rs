@@ -1,0 +1,159 @@
+//! The benchmark tool (`tsbroker-bench`, BENCHMARKS.md) at tiny sizes, in this process, on both
+//! stores: every scenario runs end to end in seconds and its results must be correct (no
+//! errors, no duplicate sessions, an even spread). Speed is not checked here.
+
+use std::time::Duration;
+use tsbroker_bench::scenarios::{decisions, frontdoor, ingest, scale, storm};
+use tsbroker_bench::{Context, ProcessMode, Report, StoreKind};
+
+fn context(store: StoreKind) -> Context {
+    Context::new(store, ProcessMode::InProcess)
+}
+
+fn only(reports: Vec<Report>) -> Report {
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    reports.into_iter().next().expect("one report")
+}
+
+async fn decisions(store: StoreKind) {
+    let options = decisions::Options {
+        machines: 8,
+        sessions: 400,
+        concurrency: vec![1, 4],
+        duration: Duration::from_millis(400),
+        warmup: Duration::from_millis(100),
+        join_concurrency: 4,
+        ..decisions::Options::default()
+    };
+    let reports = decisions::run(&context(store), &options)
+        .await
+        .expect("decisions runs");
+    assert_eq!(reports.len(), 2);
+    for report in &reports {
+        assert_eq!(report.get_u64("errors"), 0, "{}", report.line());
+        assert!(report.get_f64("decisions_per_s") > 0.0, "{}", report.line());
+        assert!(report.get_f64("echo_per_s") > 0.0, "{}", report.line());
+        assert!(report.get_f64("ratio_to_echo") > 0.0, "{}", report.line());
+    }
+}
+
+async fn storm(store: StoreKind) {
+    let options = storm::Options {
+        machines: 6,
+        users: 240,
+        // Slow enough that logons in flight stay far below the per-machine cap even on a
+        // loaded CI machine (a machine at its cap is skipped, which would skew the spread).
+        over: Duration::from_secs(3),
+        ..storm::Options::default()
+    };
+    let report = only(
+        storm::run(&context(store), &options)
+            .await
+            .expect("storm runs"),
+    );
+    assert_eq!(report.get_u64("errors"), 0, "{}", report.line());
+    assert_eq!(report.get_u64("duplicates"), 0, "{}", report.line());
+    assert_eq!(report.get_u64("missing"), 0, "{}", report.line());
+    assert_eq!(report.get_u64("sessions"), 240, "{}", report.line());
+    assert!(report.get_f64("spread") <= 1.0, "{}", report.line());
+}
+
+async fn ingest(store: StoreKind) {
+    let options = ingest::Options {
+        machines: 10,
+        window: 8,
+        duration: Duration::from_millis(500),
+        warmup: Duration::from_millis(200),
+        baseline_connections: 2,
+    };
+    let report = only(
+        ingest::run(&context(store), &options)
+            .await
+            .expect("ingest runs"),
+    );
+    assert!(report.get_u64("acked_events") > 0, "{}", report.line());
+    assert_eq!(report.get_u64("rejected"), 0, "{}", report.line());
+    assert_eq!(report.get_u64("stream_ends"), 0, "{}", report.line());
+    assert!(report.get_f64("raw_rows_per_s") > 0.0, "{}", report.line());
+}
+
+async fn scale(store: StoreKind) {
+    let options = scale::Options {
+        machines: 20,
+        sessions: 1_000,
+        join_concurrency: 8,
+        concurrency: 4,
+        duration: Duration::from_millis(300),
+        ready_limit: Duration::from_secs(60),
+        ..scale::Options::default()
+    };
+    let report = only(
+        scale::run(&context(store), &options)
+            .await
+            .expect("scale runs"),
+    );
+    assert_eq!(report.get_u64("errors"), 0, "{}", report.line());
+    assert_eq!(
+        report.get_u64("after_restart_errors"),
+        0,
+        "{}",
+        report.line()
+    );
+    assert!(report.get_f64("resync_s") >= 0.0, "{}", report.line());
+    assert!(report.get_f64("rss_loaded_mib") > 0.0, "{}", report.line());
+}
+
+async fn frontdoor(store: StoreKind) {
+    let options = frontdoor::Options {
+        concurrency: 2,
+        duration: Duration::from_millis(400),
+        warmup: Duration::from_millis(100),
+        users: 4,
+        bulk_mib: 4,
+        skip_haproxy: false,
+    };
+    let reports = frontdoor::run(&context(store), &options)
+        .await
+        .expect("frontdoor runs");
+    let paths: Vec<&str> = reports
+        .iter()
+        .filter(|report| report.scenario == "frontdoor")
+        .filter_map(|report| report.get("path").and_then(|path| path.as_str()))
+        .collect();
+    assert_eq!(
+        paths,
+        ["direct", "haproxy", "tsagent_local", "tsagent_remote"]
+    );
+    for report in reports
+        .iter()
+        .filter(|report| report.scenario == "frontdoor")
+    {
+        assert_eq!(report.get_u64("errors"), 0, "{}", report.line());
+        assert!(report.get_f64("conns_per_s") > 0.0, "{}", report.line());
+        assert!(report.get("bulk_error").is_none(), "{}", report.line());
+        assert!(report.get_f64("bulk_mib_per_s") > 0.0, "{}", report.line());
+    }
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(tsbroker_bench::StoreKind::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(tsbroker_bench::StoreKind::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(decisions, storm, ingest, scale, frontdoor);
