@@ -108,10 +108,6 @@ impl Decider {
         }
     }
 
-    pub fn policies(&self) -> &PolicyRegistry {
-        &self.policies
-    }
-
     /// Decides, and counts the decision by reason and policy.
     pub async fn redirect(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
         let answer = self.decide(query).await?;

@@ -56,7 +56,7 @@ impl PluginStep<'_> {
         context: &ChoiceContext<'_>,
         group: Option<&GroupRule>,
     ) -> Result<Option<Uuid>, ApiError> {
-        let Some(farm) = self.store.get_farm(&query.farm).await? else {
+        let Some(policy) = self.store.farm_policy(&query.farm).await? else {
             return Ok(None);
         };
         let machines = self.store.list_machines(Some(&query.farm)).await?;
@@ -68,7 +68,7 @@ impl PluginStep<'_> {
         let candidates = group_pool(group, &eligible);
         let Some(broker_pick) = self
             .policies
-            .get_or_default(&farm.policy)
+            .get_or_default(&policy)
             .choose(context, &candidates)
         else {
             return Ok(None);

@@ -23,11 +23,6 @@ pub struct PluginHub {
 }
 
 impl PluginHub {
-    /// A hub without plug-ins.
-    pub fn none() -> Arc<PluginHub> {
-        Arc::new(PluginHub::default())
-    }
-
     /// Starts a link task for every plug-in the farms name.
     pub fn start(
         farms: &FarmBook,

@@ -94,6 +94,9 @@ pub trait Store: Send + Sync + 'static {
     /// Creates the farm if needed and sets its policy (the configuration's word at start).
     async fn declare_farm(&self, farm: &str, policy: &str, now: i64) -> StoreResult<()>;
 
+    /// The farm's policy name, if the broker knows the farm (no counts: cheap).
+    async fn farm_policy(&self, farm: &str) -> StoreResult<Option<String>>;
+
     async fn list_farms(&self) -> StoreResult<Vec<FarmRecord>>;
 
     async fn set_farm_policy(&self, farm: &str, policy: &str) -> StoreResult<FarmRecord>;

@@ -48,6 +48,16 @@ pub(super) const UPSERT_MACHINE: &str = "INSERT INTO machines \
 
 pub(super) const SELECT_MACHINE_BY_ID: &str = concat!(machine_select!(), "WHERE m.id = $2");
 
+/// The machine of the user's unexpired pending logon ($1 now, $2 farm, $3 user key).
+pub(super) const SELECT_PENDING_LOGON_MACHINE: &str = concat!(
+    machine_select!(),
+    "WHERE m.id = (SELECT machine_id FROM pending_logons \
+     WHERE farm = $2 AND user_key = $3 AND expires_at > $1)"
+);
+
+/// Only a farm's policy name ($1 farm), for callers that need nothing else.
+pub(super) const SELECT_FARM_POLICY: &str = "SELECT policy FROM farms WHERE name = $1";
+
 pub(super) const SELECT_MACHINE_BY_NAME: &str =
     concat!(machine_select!(), "WHERE m.farm = $2 AND m.name_key = $3");
 
@@ -459,6 +469,13 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn farm_policy(&self, farm: &str) -> StoreResult<Option<String>> {
+                Ok(sqlx::query_scalar(sql::SELECT_FARM_POLICY)
+                    .bind(farm)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
             async fn list_farms(&self) -> StoreResult<Vec<FarmRecord>> {
                 Ok(sqlx::query_as(sql::SELECT_FARMS)
                     .fetch_all(&self.pool)
@@ -512,16 +529,12 @@ macro_rules! impl_store {
                 user_key: &str,
                 now: i64,
             ) -> StoreResult<Option<MachineRecord>> {
-                let machine: Option<Uuid> = sqlx::query_scalar(sql::SELECT_PENDING_MACHINE)
+                Ok(sqlx::query_as(sql::SELECT_PENDING_LOGON_MACHINE)
+                    .bind(now)
                     .bind(farm)
                     .bind(user_key)
-                    .bind(now)
                     .fetch_optional(&self.pool)
-                    .await?;
-                match machine {
-                    Some(machine) => self.get_machine(machine).await,
-                    None => Ok(None),
-                }
+                    .await?)
             }
 
             async fn place_logon(
@@ -749,6 +762,7 @@ pub const HOT_QUERIES: &[(&str, &str)] = &[
     ("user_sessions", SELECT_USER_SESSIONS),
     ("users_with_prefix", SELECT_USERS_WITH_PREFIX),
     ("pending_machine", SELECT_PENDING_MACHINE),
+    ("pending_logon_machine", SELECT_PENDING_LOGON_MACHINE),
     ("machine_by_id", SELECT_MACHINE_BY_ID),
     ("farm_machines", SELECT_FARM_MACHINES),
     ("refresh_session_count", REFRESH_SESSION_COUNT),
