@@ -39,20 +39,7 @@ pub struct Database {
 impl Database {
     pub async fn create(kind: StoreKind) -> anyhow::Result<Database> {
         match kind {
-            StoreKind::Sqlite => {
-                let dir = tempfile::Builder::new()
-                    .prefix("tsbroker-bench-")
-                    .tempdir()
-                    .context("temporary directory")?;
-                let url = format!("sqlite://{}", dir.path().join("tsbroker.db").display());
-                Ok(Database {
-                    url,
-                    kind,
-                    admin_url: None,
-                    name: String::new(),
-                    dir: Some(dir),
-                })
-            }
+            StoreKind::Sqlite => Self::sqlite(),
             StoreKind::Postgres => {
                 let admin_url = std::env::var("DATABASE_URL")
                     .unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
@@ -62,11 +49,11 @@ impl Database {
                         .with_context(|| {
                             format!("PostgreSQL does not answer at {admin_url}; set DATABASE_URL")
                         })?;
-                let name = format!("tsbroker_bench_{}", uuid::Uuid::new_v4().simple());
+                let name = format!("tsbroker_throwaway_{}", uuid::Uuid::new_v4().simple());
                 sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&mut admin)
                     .await
-                    .context("create the benchmark database")?;
+                    .context("create a throwaway database")?;
                 let _ = admin.close().await;
                 Ok(Database {
                     url: with_database(&admin_url, &name),
@@ -77,6 +64,22 @@ impl Database {
                 })
             }
         }
+    }
+
+    /// An SQLite file in a new temporary directory (no server, so no waiting).
+    pub fn sqlite() -> anyhow::Result<Database> {
+        let dir = tempfile::Builder::new()
+            .prefix("tsbroker-")
+            .tempdir()
+            .context("temporary directory")?;
+        let url = format!("sqlite://{}", dir.path().join("tsbroker.db").display());
+        Ok(Database {
+            url,
+            kind: StoreKind::Sqlite,
+            admin_url: None,
+            name: String::new(),
+            dir: Some(dir),
+        })
     }
 
     /// The temporary directory of an SQLite database.
