@@ -175,15 +175,26 @@ impl MachineLoad {
     }
 }
 
-/// The slow-start ramp of a machine READY since `ready_since`, at `now`.
-pub fn slow_start_ramp(ready_since: Option<i64>, now: i64, slow_start_ms: i64) -> f64 {
-    match ready_since {
-        Some(since) if slow_start_ms > 0 => {
-            let elapsed = (now - since).max(0) as f64;
-            (elapsed / slow_start_ms as f64).clamp(MIN_RAMP, 1.0)
-        }
-        _ => 1.0,
+/// The slow-start ramp at `now` of a machine READY since `ready_since`, in a farm whose earliest
+/// reachable machine has been READY since `farm_ready_since`. A machine is slowed for at most as
+/// long as it lagged that machine (and at most `slow_start_ms`): machines that came up together
+/// (a new farm, every machine after a broker restart) reach full weight at once, a machine that
+/// joins a serving farm ramps over the whole period.
+pub fn slow_start_ramp(
+    ready_since: Option<i64>,
+    farm_ready_since: Option<i64>,
+    now: i64,
+    slow_start_ms: i64,
+) -> f64 {
+    let (Some(since), Some(farm_since)) = (ready_since, farm_ready_since) else {
+        return 1.0;
+    };
+    let window = slow_start_ms.min(since - farm_since);
+    if window <= 0 {
+        return 1.0;
     }
+    let elapsed = (now - since).max(0) as f64;
+    (elapsed / window as f64).clamp(MIN_RAMP, 1.0)
 }
 
 /// Why a machine is not a candidate for a new logon.
@@ -255,35 +266,28 @@ pub enum Placement {
     NoCandidate(Vec<MachineLoad>),
 }
 
-/// Ramps within this fraction of the farm's highest count as equal: machines that came up
-/// together (a new farm, every machine after a broker restart) are not slowed against each other.
-const RAMP_TOLERANCE: f64 = 0.9;
-
-/// Classifies each machine of the farm for a new logon. Slow start is relative: a machine's
-/// ramp is measured against the farm's most established reachable machine, so only a machine
-/// that (re)joined while others were serving is slowed; its cap of logons in flight shrinks with
-/// its weight (never below one).
+/// Classifies each machine of the farm for a new logon. Slow start (see `slow_start_ramp`) is
+/// measured against the farm's earliest reachable machine, so only a machine that (re)joined
+/// while others were serving is slowed; its cap of logons in flight shrinks with its weight
+/// (never below one).
 pub fn classify_machines(
     machines: Vec<MachineRecord>,
     request: &PlacementRequest<'_>,
 ) -> Vec<MachineLoad> {
-    let raw = |machine: &MachineRecord| {
-        slow_start_ramp(machine.ready_since, request.now, request.slow_start_ms)
-    };
-    let highest = machines
+    let farm_ready_since = machines
         .iter()
         .filter(|machine| machine.is_reachable(request.lease_cutoff))
-        .map(raw)
-        .fold(MIN_RAMP, f64::max);
+        .filter_map(|machine| machine.ready_since)
+        .min();
     machines
         .into_iter()
         .map(|machine| {
-            let relative = raw(&machine) / highest;
-            let ramp = if relative >= RAMP_TOLERANCE {
-                1.0
-            } else {
-                relative.max(MIN_RAMP)
-            };
+            let ramp = slow_start_ramp(
+                machine.ready_since,
+                farm_ready_since,
+                request.now,
+                request.slow_start_ms,
+            );
             let cap = ((f64::from(request.max_pending_per_machine) * ramp).floor() as u32).max(1);
             MachineLoad {
                 ineligible: Ineligible::of(&machine, request.lease_cutoff, cap),
@@ -329,6 +333,16 @@ mod tests {
                 .all(|load| load.ramp == 1.0 && load.ineligible.is_none()),
             "{loads:?}"
         );
+    }
+
+    #[test]
+    fn machines_that_joined_moments_apart_stay_equal_later_on() {
+        // Half a second apart, 3.5 s in: a ratio of ramps would slow the second machine.
+        let loads = classify_machines(vec![ready_at(0, 0), ready_at(1, 500)], &request(3_500));
+        assert_eq!((loads[0].ramp, loads[1].ramp), (1.0, 1.0));
+        // While it is still within its half-second lag, the second one is slowed.
+        let early = classify_machines(vec![ready_at(0, 0), ready_at(1, 500)], &request(600));
+        assert!(early[1].ramp < 0.5, "{}", early[1].ramp);
     }
 
     #[test]
