@@ -30,6 +30,8 @@ pub struct FakeState {
     pub authorization: Vec<String>,
     pub redirect_requests: Vec<pb::RedirectRequest>,
     pub redirect_answer: Option<Result<pb::RedirectResponse, tonic::Code>>,
+    /// Answered first, in order, before `redirect_answer`.
+    pub queued_answers: std::collections::VecDeque<Result<pb::RedirectResponse, tonic::Code>>,
     pub machines: Vec<pb::Machine>,
 }
 
@@ -193,7 +195,10 @@ impl Broker for FakeBroker {
     ) -> Result<Response<pb::RedirectResponse>, Status> {
         let answer = self.with(|state| {
             state.redirect_requests.push(request.into_inner());
-            state.redirect_answer.clone()
+            match state.queued_answers.pop_front() {
+                Some(answer) => Some(answer),
+                None => state.redirect_answer.clone(),
+            }
         });
         match answer {
             Some(Ok(response)) => Ok(Response::new(response)),

@@ -13,6 +13,10 @@ use tracing::Instrument;
 use super::route::{self, Decision};
 use super::{FrontDoorShared, first_packet, splice};
 
+/// Most times one new logon is sent somewhere (the broker's pick, then its next candidates)
+/// before the local RDP service is the last resort.
+pub const MAX_TARGETS: usize = 3;
+
 /// Accepts connections until `shutdown`, at most `max_connections` at once.
 pub async fn serve(
     listener: TcpListener,
@@ -96,55 +100,126 @@ pub async fn handle(
             super::x224::RoutingHint::UserName(name) => route::user_from_cookie(name),
             _ => None,
         };
-        splice::to_local(
-            shared,
-            &mut client,
-            client_address,
-            &first.packet,
-            user,
-            shutdown,
-        )
-        .await;
-        return;
-    }
-
-    let arrived_at = client.local_addr().unwrap_or(peer);
-    match route::decide(shared, hint, peer, arrived_at).await {
-        Decision::Local { user, why } => {
-            tracing::info!(why, "routing to the local rdp service");
-            splice::to_local(shared, &mut client, peer, &first.packet, user, shutdown).await;
-        }
-        Decision::Remote {
-            machine_id,
-            machine_name,
-            address,
-            reconnection,
-            external,
-            user,
-        } => match splice::connect(&address).await {
+        match splice::open_local(shared, &first.packet).await {
             Ok(upstream) => {
-                tracing::info!(machine = %machine_name, %machine_id, %address, reconnection, "routing to another machine");
-                splice::to_remote(
+                splice::to_local(
+                    shared,
                     &mut client,
                     upstream,
-                    peer,
-                    &first.packet,
-                    external,
+                    client_address,
+                    user,
                     shutdown,
                 )
                 .await;
             }
-            Err(error) if reconnection => {
-                // The user's session is there: another machine would open a second one.
-                tracing::warn!(machine = %machine_name, error = format!("{error:#}"), "machine of the user's session unreachable, closing");
-            }
             Err(error) => {
-                tracing::warn!(machine = %machine_name, error = format!("{error:#}"), "chosen machine unreachable, using the local rdp service");
-                splice::to_local(shared, &mut client, peer, &first.packet, user, shutdown).await;
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "local rdp service refused the connection, closing"
+                );
             }
-        },
-        Decision::Refuse { why } => {
-            tracing::warn!(why, "connection refused");
+        }
+        return;
+    }
+
+    let arrived_at = client.local_addr().unwrap_or(peer);
+    let this_machine = shared.settings.machine_id.to_string();
+    // Machines that refused this connection; a new logon is placed again without them.
+    let mut refused: Vec<String> = Vec::new();
+    let packet = &first.packet;
+    let mut attempts = 0;
+    let user = loop {
+        attempts += 1;
+        let decision = route::decide(shared, hint, peer, arrived_at, &refused).await;
+        let (machine_id, retry, error, user) = match decision {
+            Decision::Refuse { why } => {
+                tracing::warn!(why, "connection refused");
+                return;
+            }
+            Decision::Local { .. } if refused.contains(&this_machine) => {
+                tracing::warn!(
+                    refused = refused.len(),
+                    "no machine of the farm took the connection, closing"
+                );
+                return;
+            }
+            Decision::Local {
+                user,
+                why,
+                new_logon,
+            } => match splice::open_local(shared, packet).await {
+                Ok(upstream) => {
+                    tracing::info!(why, "routing to the local rdp service");
+                    splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
+                    return;
+                }
+                Err(error) if new_logon => (this_machine.clone(), true, error, user),
+                Err(error) => {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "local rdp service refused the connection, closing"
+                    );
+                    return;
+                }
+            },
+            Decision::Remote {
+                machine_id,
+                machine_name,
+                address,
+                reconnection,
+                external,
+                user,
+            } => {
+                match splice::open_remote(&address, &client, peer, packet, external).await {
+                    Ok(upstream) => {
+                        tracing::info!(machine = %machine_name, %machine_id, %address, reconnection, "routing to another machine");
+                        splice::to_remote(&mut client, upstream, shutdown).await;
+                        return;
+                    }
+                    Err(error) if reconnection => {
+                        // The user's session is there: another machine would open a second one.
+                        tracing::warn!(machine = %machine_name, error = format!("{error:#}"), "machine of the user's session refused the connection, closing");
+                        return;
+                    }
+                    // A plug-in's host outside the farm has no id the broker could leave out.
+                    Err(error) => (machine_id.clone(), !machine_id.is_empty(), error, user),
+                }
+            }
+        };
+        if !refused.contains(&machine_id) {
+            refused.push(machine_id);
+        }
+        if retry && attempts < MAX_TARGETS {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "a new logon's machine refused the connection, asking the broker for the next candidate"
+            );
+            continue;
+        }
+        tracing::warn!(
+            error = format!("{error:#}"),
+            "a new logon's machine refused the connection"
+        );
+        break user;
+    };
+    // The last resort for a new logon: this machine's RDP service, unless it refused too.
+    if refused.contains(&this_machine) {
+        tracing::warn!(
+            refused = refused.len(),
+            "no machine of the farm took the connection, closing"
+        );
+        return;
+    }
+    match splice::open_local(shared, packet).await {
+        Ok(upstream) => {
+            tracing::info!("routing the new logon to the local rdp service");
+            splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
+        }
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "local rdp service refused the connection too, closing"
+            );
         }
     }
 }

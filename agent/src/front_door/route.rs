@@ -27,6 +27,9 @@ pub enum Decision {
     Local {
         user: Option<ConnectingUser>,
         why: String,
+        /// The broker placed a new logon here: if the RDP service refuses it, the broker may
+        /// be asked for the next candidate.
+        new_logon: bool,
     },
     /// Another machine of the farm (or, for a plug-in's EXTERNAL pick, a host outside it).
     Remote {
@@ -57,28 +60,31 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
 }
 
 /// Decides for a connection that did not come from another front door; `arrived_at` is
-/// the address the client connected to.
+/// the address the client connected to; `refused` lists the machines (ids) that already
+/// refused this connection, which the broker is told to leave out of a new logon's placement.
 pub async fn decide(
     shared: &FrontDoorShared,
     hint: &RoutingHint,
     client: SocketAddr,
     arrived_at: SocketAddr,
+    refused: &[String],
 ) -> Decision {
     match hint {
         RoutingHint::RoutingToken(token) if SocketAddr::V4(*token) == arrived_at => {
             Decision::Local {
                 user: None,
                 why: "routing token names this front door".to_owned(),
+                new_logon: false,
             }
         }
-        RoutingHint::UserName(name) => match user_from_cookie(name) {
-            Some(user) => redirect(shared, Some(user), client).await,
-            None => redirect(shared, None, client).await,
-        },
+        RoutingHint::UserName(name) => {
+            redirect(shared, user_from_cookie(name), client, refused).await
+        }
         RoutingHint::RoutingToken(token) => match shared.machines.routing_target(*token).await {
             Some(machine) if shared.is_this_machine(&machine.id) => Decision::Local {
                 user: None,
                 why: "routing token names this machine".to_owned(),
+                new_logon: false,
             },
             Some(machine) => Decision::Remote {
                 machine_id: machine.id,
@@ -93,12 +99,14 @@ pub async fn decide(
             },
         },
         RoutingHint::Collection(farm) if farm.eq_ignore_ascii_case(&shared.settings.farm) => {
-            redirect(shared, None, client).await
+            redirect(shared, None, client, refused).await
         }
         RoutingHint::Collection(farm) => Decision::Refuse {
             why: format!("collection {farm:?} is not this farm"),
         },
-        RoutingHint::None | RoutingHint::Unrecognized(_) => redirect(shared, None, client).await,
+        RoutingHint::None | RoutingHint::Unrecognized(_) => {
+            redirect(shared, None, client, refused).await
+        }
     }
 }
 
@@ -107,6 +115,7 @@ async fn redirect(
     shared: &FrontDoorShared,
     user: Option<ConnectingUser>,
     client: SocketAddr,
+    refused: &[String],
 ) -> Decision {
     let (user_name, domain) = match &user {
         Some(user) => (user.user_name.clone(), user.domain.clone()),
@@ -121,6 +130,7 @@ async fn redirect(
         receiving_machine_id: shared.settings.machine_id.to_string(),
         client_address: client.to_string(),
         user_name_may_be_truncated,
+        exclude_machine_ids: refused.to_vec(),
     };
     let mut broker = shared.broker.clone();
     let answer = tokio::time::timeout(REDIRECT_TIMEOUT, broker.redirect(request)).await;
@@ -134,6 +144,7 @@ async fn redirect(
             return Decision::Local {
                 user,
                 why: "broker timed out".to_owned(),
+                new_logon: false,
             };
         }
     };
@@ -150,6 +161,7 @@ async fn redirect(
         return Decision::Local {
             user,
             why: format!("broker chose this machine ({})", reason.as_str_name()),
+            new_logon: reason != pb::RedirectReason::ExistingSession,
         };
     }
     Decision::Remote {
@@ -188,5 +200,6 @@ fn local_after_error(user: Option<ConnectingUser>, status: &tonic::Status) -> De
     Decision::Local {
         user,
         why: format!("broker answered {:?}", status.code()),
+        new_logon: false,
     }
 }

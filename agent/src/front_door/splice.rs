@@ -1,14 +1,16 @@
 //! Joins a client to where it goes: connects, replays the bytes already read (behind a PROXY
 //! header when the target is another front door; without a used `tsv://` collection token when
-//! it is an RDP service), then copies both ways untouched. Connections handed to the local RDP
-//! service are reported to the session table.
+//! it is an RDP service), waits for the target's first answer (the X.224 Connection Confirm:
+//! a target that closes without one refused the connection, and the front door can still try
+//! another), then copies both ways untouched. Connections handed to the local RDP service are
+//! reported to the session table.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +20,18 @@ use super::route::ConnectingUser;
 use super::x224;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a target has to answer the replayed request before the splice goes on without
+/// its answer (RDP servers confirm at once; this only bounds the wait).
+const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each direction's copy buffer (tokio's default is 8 KiB; bulk transfers want more).
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// A target that took the replayed request.
+pub struct Upstream {
+    stream: TcpStream,
+    /// What the target answered first, still to be sent to the client.
+    answer: Vec<u8>,
+}
 
 /// Opens a TCP connection to "host:port" within a few seconds.
 pub async fn connect(address: &str) -> anyhow::Result<TcpStream> {
@@ -29,20 +43,73 @@ pub async fn connect(address: &str) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Writes `prefix` to `upstream`, then copies both ways until either side closes or the
-/// agent stops. Returns the bytes copied (client to upstream, upstream to client).
-pub async fn splice(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    prefix: &[u8],
-    shutdown: &CancellationToken,
-) -> anyhow::Result<(u64, u64)> {
-    upstream
+/// Connects to `address`, replays `prefix` and waits for the target's first answer. An error
+/// means the target refused the connection: refused or timed out the TCP connection, or
+/// closed it without answering.
+pub async fn open(address: &str, prefix: &[u8]) -> anyhow::Result<Upstream> {
+    let mut stream = connect(address).await?;
+    stream
         .write_all(prefix)
         .await
-        .context("replay first packet")?;
+        .with_context(|| format!("replay the first packet to {address}"))?;
+    let mut answer = vec![0u8; 4096];
+    match tokio::time::timeout(FIRST_ANSWER_TIMEOUT, stream.read(&mut answer)).await {
+        Ok(Ok(0)) => anyhow::bail!("{address} closed the connection without answering"),
+        Ok(Ok(count)) => answer.truncate(count),
+        Ok(Err(error)) => {
+            return Err(error).with_context(|| format!("{address} reset the connection"));
+        }
+        // Slow to answer is not a refusal: the client gets the answer when it comes.
+        Err(_) => answer.clear(),
+    }
+    Ok(Upstream { stream, answer })
+}
+
+/// Opens this machine's RDP service with the request it should see.
+pub async fn open_local(shared: &FrontDoorShared, packet: &[u8]) -> anyhow::Result<Upstream> {
+    open(&shared.settings.local_rdp, &for_rdp_service(packet)).await
+}
+
+/// Opens another machine: its front door gets a PROXY v2 header with the client's address
+/// and the request as the client sent it; an external target (an RDP service, not a front
+/// door) gets the request as an RDP service should.
+pub async fn open_remote(
+    address: &str,
+    client: &TcpStream,
+    client_address: SocketAddr,
+    packet: &[u8],
+    external: bool,
+) -> anyhow::Result<Upstream> {
+    let mut prefix = Vec::with_capacity(packet.len() + 64);
+    if external {
+        prefix.extend_from_slice(&for_rdp_service(packet));
+    } else {
+        let local = client.local_addr().unwrap_or(client_address);
+        prefix.extend_from_slice(&proxy_header::encode(client_address, local));
+        prefix.extend_from_slice(packet);
+    }
+    open(address, &prefix).await
+}
+
+/// Sends the target's first answer to the client, then copies both ways until either side
+/// closes or the agent stops. Returns the bytes copied (client to upstream, upstream to
+/// client).
+pub async fn splice(
+    client: &mut TcpStream,
+    mut upstream: Upstream,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(u64, u64)> {
+    client
+        .write_all(&upstream.answer)
+        .await
+        .context("send the target's answer")?;
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(client, upstream) => copied.context("copy"),
+        copied = tokio::io::copy_bidirectional_with_sizes(
+            client,
+            &mut upstream.stream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        ) => copied.context("copy"),
         () = shutdown.cancelled() => Ok((0, 0)),
     }
 }
@@ -63,25 +130,16 @@ fn for_rdp_service(packet: &[u8]) -> Cow<'_, [u8]> {
     }
 }
 
-/// Hands the connection to this machine's RDP service, reporting it to the session table.
+/// Hands the connection to this machine's RDP service (`upstream`, from [`open_local`]),
+/// reporting it to the session table.
 pub async fn to_local(
     shared: &FrontDoorShared,
     client: &mut TcpStream,
+    upstream: Upstream,
     client_address: SocketAddr,
-    packet: &[u8],
     user: Option<ConnectingUser>,
     shutdown: &CancellationToken,
 ) {
-    let mut upstream = match connect(&shared.settings.local_rdp).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "local rdp service unreachable, closing"
-            );
-            return;
-        }
-    };
     // The table is saved to disk (fsync) on every change: off the async threads.
     let attachment = match user {
         Some(user) => {
@@ -104,9 +162,8 @@ pub async fn to_local(
     } else {
         tracing::info!("connection handed to the local rdp service (user unknown)");
     }
-    let packet = for_rdp_service(packet);
     let started = tokio::time::Instant::now();
-    match splice(client, &mut upstream, &packet, shutdown).await {
+    match splice(client, upstream, shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }
@@ -121,27 +178,9 @@ pub async fn to_local(
     }
 }
 
-/// Sends the connection on to another machine's front door (with the client's address in a
-/// PROXY v2 header) or, for an external target, as it is.
-pub async fn to_remote(
-    client: &mut TcpStream,
-    mut upstream: TcpStream,
-    client_address: SocketAddr,
-    packet: &[u8],
-    external: bool,
-    shutdown: &CancellationToken,
-) {
-    let mut prefix = Vec::with_capacity(packet.len() + 64);
-    if external {
-        // An RDP service, not a front door.
-        prefix.extend_from_slice(&for_rdp_service(packet));
-    } else {
-        // Another front door reads the request as the client sent it.
-        let local = client.local_addr().unwrap_or(client_address);
-        prefix.extend_from_slice(&proxy_header::encode(client_address, local));
-        prefix.extend_from_slice(packet);
-    }
-    match splice(client, &mut upstream, &prefix, shutdown).await {
+/// Sends the connection on to another machine (`upstream`, from [`open_remote`]).
+pub async fn to_remote(client: &mut TcpStream, upstream: Upstream, shutdown: &CancellationToken) {
+    match splice(client, upstream, shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }

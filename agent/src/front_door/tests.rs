@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tsbroker_common::model::{SessionEventKind, machine_id};
 use tsbroker_common::proto::v1 as pb;
 
-use super::proxy_header;
 use super::x224::{build_connection_request, encode_routing_token};
+use super::{listener, proxy_header};
 use crate::config::{AgentConfig, FrontDoorBind};
 use crate::directory::RecordState;
 use crate::test_support::FakeBroker;
@@ -80,13 +80,19 @@ struct Harness {
 /// A front door whose sessions stay (disconnected) however short their connection: these
 /// tests' connections last milliseconds.
 async fn harness(machines: Vec<pb::Machine>, broker_up: bool) -> Harness {
-    harness_with(machines, broker_up, Duration::ZERO).await
+    harness_with(machines, broker_up, Duration::ZERO, None).await
+}
+
+/// A front door (broker up, no machines listed) whose local RDP service is `local_rdp`.
+async fn harness_with_local(local_rdp: String) -> Harness {
+    harness_with(Vec::new(), true, Duration::ZERO, Some(local_rdp)).await
 }
 
 async fn harness_with(
     machines: Vec<pb::Machine>,
     broker_up: bool,
     unconfirmed_logon_grace: Duration,
+    local_rdp: Option<String>,
 ) -> Harness {
     let fake = FakeBroker::default();
     fake.with(|state| state.machines = machines);
@@ -103,7 +109,7 @@ async fn harness_with(
     config.broker_url = url;
     config.advertise = front_door.to_string();
     config.front_door = Some(FrontDoorBind::Listener(listener));
-    config.local_rdp = local_address.to_string();
+    config.local_rdp = local_rdp.unwrap_or_else(|| local_address.to_string());
     config.client_timeout = Duration::from_millis(300);
     config.machine_refresh = Duration::from_millis(100);
     config.unconfirmed_logon_grace = unconfirmed_logon_grace;
@@ -410,7 +416,8 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_address = closed.local_addr().unwrap().to_string();
     drop(closed);
-    // A new logon whose machine refuses the connection: local.
+    // A new logon whose machine refuses the connection is placed again without it, up to
+    // MAX_TARGETS machines; when every pick refuses, local.
     let new_logon = answer(
         "ts2.example",
         &closed_address,
@@ -421,7 +428,20 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
         .with(|state| state.redirect_answer = Some(Ok(new_logon)));
     exchange(harness.front_door, &bytes).await;
     assert_eq!(next(&mut harness.local).await, bytes);
-    // A reconnection whose machine refuses: closed, not moved.
+    let excluded: Vec<Vec<String>> = harness.fake.with(|state| {
+        state
+            .redirect_requests
+            .drain(..)
+            .map(|request| request.exclude_machine_ids)
+            .collect()
+    });
+    let ts2 = machine_id(FARM, "ts2.example").to_string();
+    let mut expected = vec![Vec::new()];
+    for _ in 1..listener::MAX_TARGETS {
+        expected.push(vec![ts2.clone()]);
+    }
+    assert_eq!(excluded, expected);
+    // A reconnection whose machine refuses: closed, not moved, the broker asked once.
     let existing = answer(
         "ts2.example",
         &closed_address,
@@ -433,6 +453,7 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
     let (_, back) = exchange(harness.front_door, &bytes).await;
     assert!(back.is_empty());
     nothing(&mut harness.local).await;
+    assert_eq!(harness.fake.with(|state| state.redirect_requests.len()), 1);
     // No user at all and a broker that cannot place one: local.
     harness
         .fake
@@ -443,12 +464,107 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
     harness.shutdown.cancel();
 }
 
+/// A new logon is retried on the broker's next candidate when its machine refuses the
+/// connection (that machine left out of the placement); when this machine's own RDP service
+/// refuses a new logon the broker placed here, the next candidate is asked for too.
+#[tokio::test]
+async fn a_refused_new_logon_goes_to_the_next_candidate() {
+    let mut harness = harness(Vec::new(), true).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_address = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let (other_address, mut other) = echo_server().await;
+    let refusing = answer(
+        "ts2.example",
+        &closed_address,
+        pb::RedirectReason::LoadBalanced,
+    );
+    let accepting = answer(
+        "ts3.example",
+        &other_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    harness.fake.with(|state| {
+        state.queued_answers = [Ok(refusing), Ok(accepting)].into();
+        state.redirect_answer = Some(Err(tonic::Code::Internal));
+    });
+    let (packet, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
+    let (client, _) = exchange(harness.front_door, &bytes).await;
+    // The next candidate got the connection, as another front door gets it.
+    let seen = next(&mut other).await;
+    let header = proxy_header::encode(client, harness.front_door);
+    assert_eq!(&seen[..header.len()], header.as_slice());
+    assert_eq!(
+        &seen[header.len()..header.len() + packet.len()],
+        packet.as_slice()
+    );
+    nothing(&mut harness.local).await;
+    let requests = harness
+        .fake
+        .with(|state| std::mem::take(&mut state.redirect_requests));
+    assert_eq!(requests.len(), 2);
+    assert!(requests[0].exclude_machine_ids.is_empty());
+    assert_eq!(
+        requests[1].exclude_machine_ids,
+        [machine_id(FARM, "ts2.example").to_string()]
+    );
+    assert_eq!(requests[1].user_name, "bob");
+    harness.shutdown.cancel();
+
+    // This machine placed a new logon on itself, and its RDP service refuses.
+    let refusing_local = harness_with_local(closed_address.clone()).await;
+    let (third_address, mut third) = echo_server().await;
+    let here = answer(
+        NAME,
+        &refusing_local.front_door.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    let there = answer(
+        "ts3.example",
+        &third_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    refusing_local.fake.with(|state| {
+        state.queued_answers = [Ok(here), Ok(there)].into();
+    });
+    exchange(refusing_local.front_door, &bytes).await;
+    let seen = next(&mut third).await;
+    assert!(seen.ends_with(&bytes), "{seen:?}");
+    let requests = refusing_local
+        .fake
+        .with(|state| std::mem::take(&mut state.redirect_requests));
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        requests[1].exclude_machine_ids,
+        [machine_id(FARM, NAME).to_string()]
+    );
+    // A reconnection to this machine whose RDP service refuses: closed, never moved.
+    let existing = answer(
+        NAME,
+        &refusing_local.front_door.to_string(),
+        pb::RedirectReason::ExistingSession,
+    );
+    refusing_local
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(existing)));
+    let (_, back) = exchange(refusing_local.front_door, &bytes).await;
+    assert!(back.is_empty());
+    nothing(&mut third).await;
+    assert_eq!(
+        refusing_local
+            .fake
+            .with(|state| state.redirect_requests.len()),
+        1
+    );
+    refusing_local.shutdown.cancel();
+}
+
 /// A cookie is a hint anyone can write: a connection handed to the local service for a user
 /// nobody confirmed, that ends within the grace, leaves no session; the same connection for a
 /// user whose session a local source reported leaves that session disconnected.
 #[tokio::test]
 async fn a_short_unconfirmed_logon_leaves_no_session() {
-    let mut harness = harness_with(Vec::new(), false, Duration::from_secs(30)).await;
+    let mut harness = harness_with(Vec::new(), false, Duration::from_secs(30), None).await;
     let (_, bytes) = request_with_tail(Some("Cookie: mstshash=mallory"));
     exchange(harness.front_door, &bytes).await;
     assert_eq!(next(&mut harness.local).await, bytes);

@@ -18,11 +18,8 @@ pub const FARM: &str = "bench";
 pub fn redirect_request(user: String) -> pb::RedirectRequest {
     pb::RedirectRequest {
         user_name: user,
-        domain: String::new(),
         farm: FARM.to_owned(),
-        receiving_machine_id: String::new(),
-        client_address: String::new(),
-        user_name_may_be_truncated: false,
+        ..Default::default()
     }
 }
 

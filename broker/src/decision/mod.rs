@@ -44,6 +44,8 @@ pub struct RedirectQuery {
     pub user_name_may_be_truncated: bool,
     /// "ip:port" of the client, when known (passed on to plug-ins).
     pub client_address: String,
+    /// Machines the caller could not connect to: no new logon goes there.
+    pub excluded_machines: Vec<uuid::Uuid>,
 }
 
 /// Where a client is sent: a machine of the farm, or (for a plug-in's external session) a
@@ -154,7 +156,9 @@ impl Decider {
             .store
             .pending_logon(&query.farm, &user_key, now)
             .await?;
-        if let Some(machine) = pending.filter(|machine| machine.is_reachable(lease_cutoff)) {
+        if let Some(machine) = pending.filter(|machine| {
+            machine.is_reachable(lease_cutoff) && !query.excluded_machines.contains(&machine.id)
+        }) {
             return Ok(pending_answer(&machine, query));
         }
         if sessions.is_empty() {
@@ -209,6 +213,7 @@ impl Decider {
             pending_ttl_ms: self.settings.pending_logon_ttl.as_millis() as i64,
             max_pending_per_machine: self.settings.max_pending_logons_per_machine,
             slow_start_ms: farm_settings.slow_start.as_millis() as i64,
+            excluded: &query.excluded_machines,
         };
         let group = farm_settings.group_of(user_key);
         let context = ChoiceContext {
@@ -350,11 +355,15 @@ fn no_candidate_error(farm: &str, loads: &[MachineLoad], group: Option<&GroupRul
     let draining = count(Ineligible::Draining);
     let at_limit = count(Ineligible::AtSessionLimit);
     let at_cap = count(Ineligible::AtLogonCap);
-    let summary = format!(
+    let excluded = count(Ineligible::Excluded);
+    let mut summary = format!(
         "{} machines: {not_ready} not ready, {draining} draining, {at_limit} at their session limit, \
          {at_cap} at their cap of logons in flight",
         loads.len()
     );
+    if excluded > 0 {
+        summary.push_str(&format!(", {excluded} unreachable from the caller"));
+    }
     let candidates = loads
         .iter()
         .filter(|load| load.ineligible.is_none())

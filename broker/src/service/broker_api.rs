@@ -12,6 +12,8 @@ use tsbroker_common::validate;
 
 const DEFAULT_PAGE_SIZE: u32 = 1000;
 const MAX_PAGE_SIZE: u32 = 10_000;
+/// Most machines a Redirect may exclude (a front door tries a few candidates, not the farm).
+const MAX_EXCLUDED_MACHINES: usize = 32;
 
 pub struct BrokerApi {
     core: CoreCell,
@@ -40,12 +42,28 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
             true,
         )?;
     }
+    if request.exclude_machine_ids.len() > MAX_EXCLUDED_MACHINES {
+        return Err(tsbroker_common::ValidationError::new(
+            "exclude_machine_ids",
+            format!(
+                "{} ids; at most {MAX_EXCLUDED_MACHINES}",
+                request.exclude_machine_ids.len()
+            ),
+        )
+        .into());
+    }
+    let excluded_machines = request
+        .exclude_machine_ids
+        .iter()
+        .map(|id| validate::machine_id("exclude_machine_ids", id))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(RedirectQuery {
         farm: validate::farm_name("farm", &request.farm)?,
         user_name,
         domain: validate::domain("domain", &request.domain)?,
         user_name_may_be_truncated: request.user_name_may_be_truncated,
         client_address: request.client_address.clone(),
+        excluded_machines,
     })
 }
 
@@ -236,9 +254,30 @@ mod tests {
         assert!(redirect_query(&long_user).is_err());
         let bad_machine = pb::RedirectRequest {
             receiving_machine_id: "nope".into(),
-            ..good
+            ..good.clone()
         };
         assert!(redirect_query(&bad_machine).is_err());
+        let id = uuid::Uuid::from_u128(7);
+        let excluding = pb::RedirectRequest {
+            exclude_machine_ids: vec![id.to_string()],
+            ..good.clone()
+        };
+        assert_eq!(redirect_query(&excluding).unwrap().excluded_machines, [id]);
+        let bad_exclusion = pb::RedirectRequest {
+            exclude_machine_ids: vec!["ts1".into()],
+            ..good.clone()
+        };
+        let status = Status::from(redirect_query(&bad_exclusion).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("exclude_machine_ids"),
+            "{status:?}"
+        );
+        let too_many = pb::RedirectRequest {
+            exclude_machine_ids: vec![id.to_string(); MAX_EXCLUDED_MACHINES + 1],
+            ..good
+        };
+        assert!(redirect_query(&too_many).is_err());
     }
 
     #[test]

@@ -204,6 +204,8 @@ pub enum Ineligible {
     Draining,
     AtSessionLimit,
     AtLogonCap,
+    /// The caller could not connect to it for this client (`exclude_machine_ids`).
+    Excluded,
 }
 
 impl Ineligible {
@@ -242,6 +244,9 @@ pub struct PlacementRequest<'a> {
     pub max_pending_per_machine: u32,
     /// The farm's slow-start period (0: none).
     pub slow_start_ms: i64,
+    /// Machines the caller could not connect to: never chosen, and a pending logon there is
+    /// placed again.
+    pub excluded: &'a [Uuid],
 }
 
 /// The policy's answer.
@@ -289,8 +294,13 @@ pub fn classify_machines(
                 request.slow_start_ms,
             );
             let cap = ((f64::from(request.max_pending_per_machine) * ramp).floor() as u32).max(1);
+            let ineligible = if request.excluded.contains(&machine.id) {
+                Some(Ineligible::Excluded)
+            } else {
+                Ineligible::of(&machine, request.lease_cutoff, cap)
+            };
             MachineLoad {
-                ineligible: Ineligible::of(&machine, request.lease_cutoff, cap),
+                ineligible,
                 machine,
                 ramp,
             }
@@ -312,6 +322,7 @@ mod tests {
             pending_ttl_ms: 30_000,
             max_pending_per_machine: 20,
             slow_start_ms: 60_000,
+            excluded: &[],
         }
     }
 

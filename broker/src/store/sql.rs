@@ -568,9 +568,10 @@ macro_rules! impl_store {
                     .await?;
                 if let Some(pending) = pending {
                     let target = machines.iter().find(|machine| machine.id == pending);
-                    if let Some(target) =
-                        target.filter(|target| target.is_reachable(request.lease_cutoff))
-                    {
+                    if let Some(target) = target.filter(|target| {
+                        target.is_reachable(request.lease_cutoff)
+                            && !request.excluded.contains(&target.id)
+                    }) {
                         return Ok(Placement::AlreadyPending(target.clone()));
                     }
                 }

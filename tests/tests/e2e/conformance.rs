@@ -42,6 +42,7 @@ conformance!(
     session_events_apply_and_repair,
     placement_records_a_pending_logon_and_reuses_it,
     placement_classifies_every_machine,
+    placement_leaves_out_excluded_machines,
     expired_pending_logons_do_not_count,
     truncated_names_find_their_prefix,
     sessions_list_with_filters_and_pages,
@@ -127,6 +128,7 @@ fn request<'a>(user_key: &'a str) -> PlacementRequest<'a> {
         pending_ttl_ms: 30_000,
         max_pending_per_machine: 20,
         slow_start_ms: 0,
+        excluded: &[],
     }
 }
 
@@ -412,6 +414,66 @@ async fn placement_records_a_pending_logon_and_reuses_it(database: &TestDatabase
     assert!(
         matches!(unknown, Err(StoreError::NotFound(_))),
         "{unknown:?}"
+    );
+}
+
+/// A machine the caller could not connect to is never chosen, and a pending logon there is
+/// placed again elsewhere.
+async fn placement_leaves_out_excluded_machines(database: &TestDatabase) {
+    let store = open(database).await;
+    let (empty, _) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    let (busy, _) = ready_machine(
+        store.as_ref(),
+        "ts2",
+        100,
+        &[session(1, "x", SessionState::Active)],
+    )
+    .await;
+    let Placement::Placed(first) = store
+        .place_logon(&request("alice"), &least_loaded)
+        .await
+        .unwrap()
+    else {
+        panic!("expected a placement");
+    };
+    assert_eq!(first.id, empty);
+    let excluding_empty = [empty];
+    let retried = store
+        .place_logon(
+            &PlacementRequest {
+                excluded: &excluding_empty,
+                ..request("alice")
+            },
+            &least_loaded,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(retried, Placement::Placed(ref machine) if machine.id == busy),
+        "{retried:?}"
+    );
+    let pending = store.pending_logon("farm1", "alice", NOW).await.unwrap();
+    assert_eq!(pending.map(|machine| machine.id), Some(busy));
+    let both = [empty, busy];
+    let Placement::NoCandidate(loads) = store
+        .place_logon(
+            &PlacementRequest {
+                excluded: &both,
+                ..request("bob")
+            },
+            &least_loaded,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("expected no candidate");
+    };
+    assert_eq!(loads.len(), 2);
+    assert!(
+        loads
+            .iter()
+            .all(|load| load.ineligible == Some(Ineligible::Excluded)),
+        "{loads:?}"
     );
 }
 

@@ -24,7 +24,7 @@ const SESSION_UP: Duration = Duration::from_secs(60);
 /// For the broker's directory to show what the front door saw.
 const DIRECTORY_SECONDS: u64 = 15;
 /// Every test user, known to every server.
-const USERS: &[&str] = &["alice", "bob", "carol", "dave"];
+const USERS: &[&str] = &["alice", "bob", "carol", "dave", "erin"];
 /// For agents whose tests end a real session within seconds of its start and expect it to stay
 /// (disconnected): the shadow servers report no logon to the agent, so the front door's
 /// sessions stay unconfirmed, and the default grace (30 s) would take such a short connection
@@ -280,7 +280,8 @@ async fn a_disconnected_user_reaches_their_server_through_another_front_door() {
     database.drop_database().await;
 }
 
-/// A new user who connects to a busy machine's front door is sent to the least-loaded one.
+/// A new user who connects to a busy machine's front door is sent to the least-loaded one;
+/// when that one refuses the connection, to the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_user_reaches_the_least_loaded_server() {
     let database = TestDatabase::postgres().await;
@@ -341,6 +342,25 @@ async fn a_new_user_reaches_the_least_loaded_server() {
         .into_inner();
     assert_eq!(machine_b.session_count, 1);
 
+    // C empties and is now the least loaded, but its RDP service refuses: its front door
+    // closes the handed-over connection unanswered, and A's front door asks the broker for
+    // the next candidate (C left out), B, where the session completes.
+    c.cli(&["session", "logoff", "--user", "carol"]).await;
+    broker_counts(&mut directory, &c, 0).await;
+    let mut retried = RdpClient::connect(&screen, a.agent.front_door_port(), "erin");
+    session_completes(&mut retried, &b.shadow, 1).await;
+    assert_eq!(b.shadow.connections_of("erin"), 1);
+    assert_eq!(a.shadow.connections(), 0);
+    broker_shows(
+        &mut directory,
+        "erin",
+        &b.agent.machine_id(),
+        pb::SessionState::Active,
+    )
+    .await;
+    assert!(c.sessions().is_empty(), "{:?}", c.sessions());
+
+    retried.kill();
     client.kill();
     c.stop().await;
     a.agent.stop().await;
