@@ -182,6 +182,7 @@ pub async fn start(
         "agent started"
     );
     let stream_stop = stop.clone();
+    let table = directory.clone();
     let task = tokio::spawn(async move {
         let exit = stream::run(context, events, stream_stop).await;
         if exit == StreamExit::Removed {
@@ -191,6 +192,12 @@ pub async fn start(
         let all_parts = futures::future::join_all(parts);
         if tokio::time::timeout(STOP_GRACE, all_parts).await.is_err() {
             tracing::warn!("some parts did not stop in time");
+        }
+        // Front-door changes are saved behind the connections' backs: the latest table
+        // (with the connections the stop cut) goes to disk before the agent exits.
+        let flushed = tokio::task::spawn_blocking(move || table.flush()).await;
+        if !matches!(flushed, Ok(true)) {
+            tracing::error!("the session table could not be saved before stopping");
         }
         tracing::info!("agent stopped");
         Ok(())

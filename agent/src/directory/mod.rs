@@ -1,7 +1,31 @@
 //! The agent's own session table: every session on this machine, from the control socket
 //! (PAM, xrdp scripts) and from the front door's view; persisted so that an agent restart
 //! keeps it; every change is numbered and sent to the stream task.
+//!
+//! Persistence is a group commit (`persist.rs`): a change is made and its event sent under the
+//! table's lock, and the lock is let go before anything touches the disk; one writer thread
+//! saves the latest table, so the changes made during one write are all covered by the next.
+//! Durability differs by source:
+//!
+//! - **Control socket** ([`Directory::apply`]: PAM, xrdp's scripts, `tsagent session …`): the
+//!   call returns only once a write covering the change has finished (waiters share it), so a
+//!   logon or logoff the agent acknowledged survives a crash or power loss.
+//! - **Front door** ([`Directory::front_door_attach`], [`Directory::front_door_detach`]): the
+//!   connection does not wait for the disk; the writer saves the change right after (within
+//!   one write's time). A crash in that window forgets the attach or detach of a connection
+//!   — which a crash cuts anyway — and leaves the session as it was before: a front-door
+//!   logon not yet on disk is simply unknown after the restart until PAM reports it, a detach
+//!   not on disk leaves the session active until its next event. The broker hears of every
+//!   change through the stream either way; only the agent's own copy after a crash can lag.
+//! - **Agent stop** (SIGTERM): [`Directory::flush`] writes the latest table before the agent
+//!   exits, and so does dropping the last handle.
+//!
+//! A failed write is logged and tried again on the next change (or after a pause); the
+//! change stands in memory and reaches the broker regardless.
 
+mod persist;
+#[cfg(test)]
+mod persist_tests;
 mod rules;
 mod store;
 #[cfg(test)]
@@ -16,6 +40,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tsbroker_common::model::{self, SessionEventKind, SessionInfo, SessionState};
 
+use anyhow::Context;
+use persist::{Persister, Snapshot};
 use store::TableFile;
 
 /// Session ids the agent allocates itself (for a session whose real number it does not know)
@@ -149,14 +175,21 @@ pub(crate) struct Table {
     /// Front-door connections still open, by attachment number.
     live: BTreeMap<u64, rules::LiveConnection>,
     events: mpsc::UnboundedSender<NumberedEvent>,
+    /// Counts the changes to save (not only those with an event): the writer's generation.
+    generation: u64,
 }
 
 /// The shared handle to the table; cheap to clone.
 #[derive(Clone)]
 pub struct Directory {
-    table: Arc<Mutex<Table>>,
-    file: TableFile,
+    shared: Arc<Shared>,
     unconfirmed_logon_grace: Duration,
+}
+
+/// What the handles share. Dropped with the last handle: the writer flushes and ends.
+struct Shared {
+    table: Arc<Mutex<Table>>,
+    persister: Persister,
 }
 
 /// The receiving end of the table's changes, owned by the stream task.
@@ -185,10 +218,23 @@ impl Directory {
             attachments: 0,
             live: BTreeMap::new(),
             events: sender,
+            generation: 0,
         };
+        let table = Arc::new(Mutex::new(table));
+        let persister = Persister::start(file, 0, {
+            let table = table.clone();
+            Box::new(move || {
+                let table = lock(&table);
+                Snapshot {
+                    generation: table.generation,
+                    next_session_id: table.next_session_id,
+                    sessions: table.sessions.values().cloned().collect(),
+                }
+            })
+        })
+        .context("start the session table's writer")?;
         let directory = Directory {
-            table: Arc::new(Mutex::new(table)),
-            file,
+            shared: Arc::new(Shared { table, persister }),
             unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
         };
         Ok((directory, receiver))
@@ -204,23 +250,25 @@ impl Directory {
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
-        // A panic while holding the lock cannot leave the map half-written: keep going.
-        self.table
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shared.table)
     }
 
-    /// Applies an event from a session source (the control socket).
+    /// Applies an event from a session source (the control socket). Blocks until the change
+    /// is on disk (or its write failed, which is logged): call it off the async threads.
     pub fn apply(
         &self,
         kind: SessionEventKind,
         request: SessionRequest,
     ) -> Result<SessionRecord, DirectoryError> {
         let request = rules::checked(request)?;
-        let mut table = self.lock();
-        let result = rules::apply(&mut table, kind, request, model::now_millis());
-        if result.is_ok() {
-            self.persist(&table);
+        let (result, generation) = {
+            let mut table = self.lock();
+            let result = rules::apply(&mut table, kind, request, model::now_millis());
+            let generation = result.is_ok().then(|| table.changed());
+            (result, generation)
+        };
+        if let Some(generation) = generation {
+            self.shared.persister.wait_for(generation);
         }
         result
     }
@@ -241,9 +289,13 @@ impl Directory {
             client_address: client_address.to_owned(),
         })
         .ok()?;
-        let mut table = self.lock();
-        let attachment = rules::front_door_attach(&mut table, request, model::now_millis());
-        self.persist(&table);
+        let (attachment, generation) = {
+            let mut table = self.lock();
+            let attachment = rules::front_door_attach(&mut table, request, model::now_millis());
+            (attachment, table.changed())
+        };
+        // Saved soon by the writer; the connection does not wait for the disk.
+        self.shared.persister.changed(generation);
         Some(attachment)
     }
 
@@ -253,15 +305,37 @@ impl Directory {
     /// nothing confirmed and that lasted less than the unconfirmed-logon grace failed, and its
     /// session is removed.
     pub fn front_door_detach(&self, attachment: Attachment, lasted: Option<Duration>) {
-        let mut table = self.lock();
         let end = rules::ConnectionEnd {
             attachment,
             lasted,
             grace: self.unconfirmed_logon_grace,
         };
-        if rules::front_door_detach(&mut table, end, model::now_millis()) {
-            self.persist(&table);
+        let generation = {
+            let mut table = self.lock();
+            rules::front_door_detach(&mut table, end, model::now_millis()).then(|| table.changed())
+        };
+        if let Some(generation) = generation {
+            // Saved soon by the writer; the connection does not wait for the disk.
+            self.shared.persister.changed(generation);
         }
+    }
+
+    /// Writes every change made so far to disk (again, if a write failed) and waits for it:
+    /// the agent's stop. False when the write failed (logged).
+    pub fn flush(&self) -> bool {
+        self.shared.persister.flush()
+    }
+
+    /// How many times the table was written (tests).
+    #[cfg(test)]
+    fn writes(&self) -> u64 {
+        self.shared.persister.writes()
+    }
+
+    /// Holds the writer back, or lets it go (tests).
+    #[cfg(test)]
+    fn hold_writes(&self, held: bool) {
+        self.shared.persister.hold(held);
     }
 
     /// Every session with the version of the latest change they include.
@@ -294,17 +368,13 @@ impl Directory {
             .count();
         (clamp_u32(table.sessions.len()), clamp_u32(pending))
     }
+}
 
-    fn persist(&self, table: &Table) {
-        let sessions = table.sessions.values().cloned().collect();
-        if let Err(error) = self.file.save(table.next_session_id, sessions) {
-            // The change stands in memory and reaches the broker; only a restart could lose it.
-            tracing::error!(
-                error = format!("{error:#}"),
-                "could not save the session table"
-            );
-        }
-    }
+fn lock(table: &Mutex<Table>) -> MutexGuard<'_, Table> {
+    // A panic while holding the lock cannot leave the map half-written: keep going.
+    table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn clamp_u32(count: usize) -> u32 {
@@ -312,6 +382,12 @@ fn clamp_u32(count: usize) -> u32 {
 }
 
 impl Table {
+    /// Counts a change for the writer; returns its generation.
+    fn changed(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
     /// Numbers a change and hands it to the stream task (which may be away: the change is
     /// in the table regardless, and the next RESYNC carries it).
     fn emit(&mut self, kind: SessionEventKind, record: &SessionRecord) {

@@ -287,6 +287,7 @@ fn a_long_unconfirmed_front_door_logon_is_disconnected() {
     assert_eq!(kinds(&mut events), vec![Logon, Disconnect]);
 
     // A grace of zero keeps every session, however short its connection.
+    drop(directory);
     let (directory, mut events) = Directory::open(dir.path()).unwrap();
     let directory = directory.with_unconfirmed_logon_grace(Duration::ZERO);
     let attached = directory.front_door_attach("bob", "", "").unwrap();
@@ -434,6 +435,7 @@ fn tables_without_the_unconfirmed_flag_are_read_as_confirmed() {
 
     // The flag is written and read back.
     directory.front_door_attach("bob", "", "").unwrap();
+    assert!(directory.flush());
     let text = std::fs::read_to_string(dir.path().join("sessions.json")).unwrap();
     assert!(text.contains("\"unconfirmed\": true"), "{text}");
     assert!(text.contains("\"unconfirmed\": false"), "{text}");

@@ -140,20 +140,14 @@ pub async fn to_local(
     user: Option<ConnectingUser>,
     shutdown: &CancellationToken,
 ) {
-    // The table is saved to disk (fsync) on every change: off the async threads.
-    let attachment = match user {
-        Some(user) => {
-            let directory = shared.directory.clone();
-            let client_address = client_address.to_string();
-            tokio::task::spawn_blocking(move || {
-                directory.front_door_attach(&user.user_name, &user.domain, &client_address)
-            })
-            .await
-            .ok()
-            .flatten()
-        }
-        None => None,
-    };
+    // The table's lock is held briefly; the disk is written behind the connection's back.
+    let attachment = user.and_then(|user| {
+        shared.directory.front_door_attach(
+            &user.user_name,
+            &user.domain,
+            &client_address.to_string(),
+        )
+    });
     if let Some(attachment) = attachment {
         tracing::info!(
             session_id = attachment.session_id,
@@ -171,10 +165,7 @@ pub async fn to_local(
         // How long the connection lasted tells a logon that failed from one that happened;
         // a connection the agent cut because it is stopping tells nothing.
         let lasted = (!shutdown.is_cancelled()).then(|| started.elapsed());
-        let directory = shared.directory.clone();
-        let _ =
-            tokio::task::spawn_blocking(move || directory.front_door_detach(attachment, lasted))
-                .await;
+        shared.directory.front_door_detach(attachment, lasted);
     }
 }
 
