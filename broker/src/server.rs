@@ -11,7 +11,7 @@ use crate::service::auth::TokenGuard;
 use crate::service::broker_api::BrokerApi;
 use crate::service::gateway::{GatewayApi, GatewaySettings};
 use crate::service::{Core, CoreCell};
-use crate::store::{self, Store};
+use crate::store::{self, IngestWriter, Store};
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +146,8 @@ pub async fn run(
     ));
     core.set(Core {
         store: store.clone(),
+        ingest: IngestWriter::for_store(store.clone()),
+        changes: crate::service::changes::ChangeRouter::start(store.as_ref()),
         decider,
         plugins: plugins.clone(),
         metrics,

@@ -3,6 +3,7 @@
 //! not shown up yet; else the farm's policy among the machines that can take a new logon.
 
 pub mod farm_settings;
+mod placement_queue;
 mod plugin_step;
 pub mod policy;
 
@@ -10,12 +11,14 @@ use crate::error::ApiError;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::plugin::PluginHub;
 use crate::store::{
-    Choice, Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord,
-    Store,
+    Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord, Store,
 };
 use farm_settings::{FarmBook, FarmSettings, GroupRule};
+pub use placement_queue::SNAPSHOT_MAX_AGE;
+use placement_queue::{Placed, PlacementJob, PlacementQueues};
 use policy::{ChoiceContext, PolicyRegistry};
-use std::sync::{Arc, Mutex};
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 use tsbroker_common::model::{self, SessionState};
 use tsbroker_common::proto::v1::RedirectReason;
@@ -89,6 +92,7 @@ pub struct Decider {
     farms: FarmBook,
     plugins: Arc<PluginHub>,
     metrics: Arc<Metrics>,
+    placements: PlacementQueues,
 }
 
 impl Decider {
@@ -101,6 +105,12 @@ impl Decider {
         metrics: Arc<Metrics>,
     ) -> Self {
         Decider {
+            placements: PlacementQueues::new(
+                store.clone(),
+                settings.clone(),
+                policies.clone(),
+                farms.clone(),
+            ),
             store,
             settings,
             policies,
@@ -204,60 +214,47 @@ impl Decider {
         now: i64,
         lease_cutoff: i64,
     ) -> Result<RedirectAnswer, ApiError> {
-        let farm_settings = self.farms.get(&query.farm);
-        let request = PlacementRequest {
-            farm: &query.farm,
-            user_key,
-            now,
-            lease_cutoff,
-            pending_ttl_ms: self.settings.pending_logon_ttl.as_millis() as i64,
-            max_pending_per_machine: self.settings.max_pending_logons_per_machine,
-            slow_start_ms: farm_settings.slow_start.as_millis() as i64,
-            excluded: &query.excluded_machines,
-        };
-        let group = farm_settings.group_of(user_key);
-        let context = ChoiceContext {
-            farm: &query.farm,
-            user_key,
-            settings: farm_settings,
-        };
         // A plug-in is asked outside the farm's lock (it may take up to its deadline); its pick
         // is honoured if it is still a candidate once the lock is held.
         let preferred = match self.plugins.for_farm(&query.farm) {
             Some(link) => {
+                let farm_settings = self.farms.get(&query.farm);
+                let request = PlacementRequest {
+                    farm: &query.farm,
+                    user_key,
+                    now,
+                    lease_cutoff,
+                    pending_ttl_ms: self.settings.pending_logon_ttl.as_millis() as i64,
+                    max_pending_per_machine: self.settings.max_pending_logons_per_machine,
+                    slow_start_ms: farm_settings.slow_start.as_millis() as i64,
+                    excluded: &query.excluded_machines,
+                };
+                let context = ChoiceContext {
+                    farm: &query.farm,
+                    user_key,
+                    settings: farm_settings,
+                };
                 let step = plugin_step::PluginStep {
                     store: self.store.as_ref(),
                     policies: &self.policies,
                     link,
                 };
+                let group = farm_settings.group_of(user_key);
                 step.preference(query, &request, &context, group).await?
             }
             None => None,
         };
-        let used_policy: Mutex<Option<&'static str>> = Mutex::new(None);
-        let used_plugin = std::sync::atomic::AtomicBool::new(false);
-        let choose = |policy_name: &str, candidates: &[MachineLoad]| {
-            let policy = self.policies.get_or_default(policy_name);
-            if let Ok(mut used) = used_policy.lock() {
-                *used = Some(policy.name());
-            }
-            let pool = group_pool(group, candidates);
-            if let Some(preferred) =
-                preferred.filter(|id| pool.iter().any(|load| load.machine.id == *id))
-            {
-                used_plugin.store(true, std::sync::atomic::Ordering::Relaxed);
-                return Choice::Machine(preferred);
-            }
-            if pool.is_empty() {
-                return Choice::Nothing;
-            }
-            policy
-                .choose(&context, &pool)
-                .map_or(Choice::Nothing, Choice::Machine)
+        let job = PlacementJob {
+            user_key: user_key.to_owned(),
+            excluded: query.excluded_machines.clone(),
+            preferred,
         };
-        let placement = self.store.place_logon(&request, &choose).await?;
-        let policy = used_policy.into_inner().ok().flatten();
-        let reason = if used_plugin.into_inner() {
+        let Placed {
+            placement,
+            policy,
+            by_plugin,
+        } = self.placements.place(&query.farm, job).await?;
+        let reason = if by_plugin {
             RedirectReason::Plugin
         } else {
             RedirectReason::LoadBalanced
@@ -271,7 +268,10 @@ impl Decider {
                 user_name: query.user_name.clone(),
                 policy,
             }),
-            Placement::NoCandidate(loads) => Err(no_candidate_error(&query.farm, &loads, group)),
+            Placement::NoCandidate(loads) => {
+                let group = self.farms.get(&query.farm).group_of(user_key);
+                Err(no_candidate_error(&query.farm, &loads, group))
+            }
         }
     }
 
@@ -293,12 +293,12 @@ fn pending_answer(machine: &MachineRecord, query: &RedirectQuery) -> RedirectAns
 
 /// The candidates a user may be placed on: their group's machines, or (when none of those can
 /// take the logon and the group allows it) every candidate.
-pub(crate) fn group_pool(
+pub(crate) fn group_pool<'a>(
     group: Option<&GroupRule>,
-    candidates: &[MachineLoad],
-) -> Vec<MachineLoad> {
+    candidates: &'a [MachineLoad],
+) -> Cow<'a, [MachineLoad]> {
     let Some(group) = group else {
-        return candidates.to_vec();
+        return Cow::Borrowed(candidates);
     };
     let members: Vec<MachineLoad> = candidates
         .iter()
@@ -306,9 +306,9 @@ pub(crate) fn group_pool(
         .cloned()
         .collect();
     if members.is_empty() && group.fallback {
-        candidates.to_vec()
+        Cow::Borrowed(candidates)
     } else {
-        members
+        Cow::Owned(members)
     }
 }
 

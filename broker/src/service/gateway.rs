@@ -1,21 +1,26 @@
 //! `tsbroker.v1.AgentGateway`: one long-lived stream per agent. Each stream runs as its own
 //! task (`AgentStream`): it checks the order (ADDED, RESYNC, READY, then events), applies each
-//! message to the store and acknowledges it only after the change is durable, batches runs of
-//! session events into one transaction, watches the heartbeat, and forwards administrators'
-//! changes to the agent as commands.
+//! message to the store and acknowledges it only after the change is durable, watches the
+//! heartbeat, and forwards administrators' changes to the agent as commands. Its writes (ADDED,
+//! RESYNC, READY, runs of session events, load reports, the UNREACHABLE mark at its end) go
+//! through the group-commit writer (`store::ingest`), which applies many streams' writes in one
+//! transaction; a stream has one write in flight at a time, so its own order holds.
 
 use crate::decision::Decider;
 use crate::decision::policy::SESSION_COUNT;
 use crate::error::ApiError;
 use crate::metrics::{KindLabels, Metrics};
 use crate::plugin::{PluginHub, notices};
+use crate::service::changes::{ChangeRouter, ChangeSubscription};
 use crate::service::{CoreCell, convert};
-use crate::store::{EventOutcome, MachineRecord, Store, StoreError, StreamMachineState};
+use crate::store::{
+    EventOutcome, IngestWriter, MachineRecord, Store, StoreError, StreamMachineState,
+};
 use futures::FutureExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -27,7 +32,7 @@ use tsbroker_common::proto::v1::agent_message::Body;
 use tsbroker_common::proto::v1::broker_message::Body as Reply;
 use uuid::Uuid;
 
-/// Most session events applied in one transaction.
+/// Most messages taken from a stream at once (its session events go to the store as one run).
 const MAX_EVENT_BATCH: usize = 256;
 
 #[derive(Clone, Debug)]
@@ -64,6 +69,9 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
         let (outbound, receiver) = mpsc::channel(64);
         let stream = AgentStream {
             store: self.core.get()?.store.clone(),
+            ingest: self.core.get()?.ingest.clone(),
+            changes: self.core.get()?.changes.clone(),
+            subscription: None,
             decider: self.core.get()?.decider.clone(),
             plugins: self.core.get()?.plugins.clone(),
             metrics: self.core.get()?.metrics.clone(),
@@ -105,6 +113,12 @@ enum StreamEnd {
 
 struct AgentStream {
     store: Arc<dyn Store>,
+    /// Group commit of the stream's writes.
+    ingest: IngestWriter,
+    /// The change feed, routed by machine.
+    changes: Arc<ChangeRouter>,
+    /// This stream's machine's changes (from ADDED on).
+    subscription: Option<ChangeSubscription>,
     /// For the farms' settings (a new farm's initial policy).
     decider: Arc<Decider>,
     /// Told of every change, after it is durable.
@@ -124,25 +138,20 @@ struct AgentStream {
 
 impl AgentStream {
     async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>, shutdown: CancellationToken) {
-        let mut changes = Some(self.store.subscribe_machine_changes());
         let end = loop {
             let change = async {
-                match changes.as_mut() {
-                    Some(changes) => changes.recv().await,
+                match &self.subscription {
+                    Some(subscription) => subscription.changed().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break StreamEnd::BrokerShutdown,
-                change = change => match change {
-                    Ok(machine) if Some(machine) != self.machine_id() => {}
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if let Err(end) = self.push_settings().await {
-                            break end;
-                        }
+                () = change => {
+                    if let Err(end) = self.push_settings().await {
+                        break end;
                     }
-                    Err(broadcast::error::RecvError::Closed) => changes = None,
                 },
                 received = tokio::time::timeout(self.settings.heartbeat_timeout, inbound.message()) => {
                     let first = match received {
@@ -271,12 +280,10 @@ impl AgentStream {
                     Ok(sessions) => sessions,
                     Err(message) => return self.reject(seq, Code::InvalidArgument, message).await,
                 };
-                self.store_call(self.store.resync_sessions(
-                    machine,
-                    self.connection,
-                    &sessions,
-                    now,
-                ))
+                self.store_call(
+                    self.ingest
+                        .resync(machine, self.connection, sessions.clone()),
+                )
                 .await?;
                 self.resynced = true;
                 tracing::info!(machine = ?self.machine_name(), sessions = sessions.len(), "sessions resynced");
@@ -296,12 +303,7 @@ impl AgentStream {
                     return self.reject(seq, Code::FailedPrecondition, message).await;
                 }
                 let record = self
-                    .store_call(self.store.set_machine_state(
-                        machine,
-                        self.connection,
-                        StreamMachineState::Ready,
-                        now,
-                    ))
+                    .store_call(self.ingest.ready(machine, self.connection))
                     .await?;
                 tracing::info!(machine = %record.name, farm = %record.farm, "machine ready");
                 self.plugins
@@ -318,7 +320,7 @@ impl AgentStream {
                             .await;
                     }
                 };
-                self.store_call(self.store.record_load(machine, self.connection, &load, now))
+                self.store_call(self.ingest.load(machine, self.connection, load))
                     .await?;
                 self.count("load");
             }
@@ -362,6 +364,14 @@ impl AgentStream {
                 "a stream speaks for one machine; open another stream for another machine",
             )));
         }
+        // Listen before the ADDED is committed, so no change made after it is missed.
+        if self
+            .subscription
+            .as_ref()
+            .is_none_or(|subscription| subscription.machine() != id)
+        {
+            self.subscription = Some(self.changes.subscribe(id, self.connection));
+        }
         let new_farm_policy = self
             .decider
             .farm_settings(&description.farm)
@@ -369,12 +379,10 @@ impl AgentStream {
             .clone()
             .unwrap_or_else(|| SESSION_COUNT.to_owned());
         let record = self
-            .store_call(self.store.machine_added(
-                &description,
-                &new_farm_policy,
-                self.connection,
-                model::now_millis(),
-            ))
+            .store_call(
+                self.ingest
+                    .machine_added(description, &new_farm_policy, self.connection),
+            )
             .await?;
         tracing::info!(
             machine = %record.name, farm = %record.farm, id = %record.id, peer = ?self.peer,
@@ -410,12 +418,7 @@ impl AgentStream {
         }
         let batch: Vec<SessionEvent> = events.iter().map(|(_, event)| event.clone()).collect();
         let outcomes = self
-            .store_call(self.store.apply_session_events(
-                machine,
-                self.connection,
-                &batch,
-                model::now_millis(),
-            ))
+            .store_call(self.ingest.events(machine, self.connection, batch))
             .await?;
         let now = model::now_millis();
         for ((seq, event), outcome) in events.drain(..).zip(outcomes) {
@@ -491,11 +494,7 @@ impl AgentStream {
             StreamEnd::Removed | StreamEnd::Superseded | StreamEnd::RemovedByAdmin
         );
         if let (Some(machine), true) = (self.machine_id(), keeps_ownership) {
-            match self
-                .store
-                .mark_unreachable(machine, self.connection, model::now_millis())
-                .await
-            {
+            match self.ingest.unreachable(machine, self.connection).await {
                 Ok(true) => {
                     tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended");
                     if let Some(record) = &self.machine {

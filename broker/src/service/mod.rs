@@ -4,6 +4,7 @@
 pub mod admin_api;
 pub mod auth;
 pub mod broker_api;
+pub mod changes;
 pub mod convert;
 pub mod gateway;
 pub mod machine_ref;
@@ -11,13 +12,17 @@ pub mod machine_ref;
 use crate::decision::Decider;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHub;
-use crate::store::Store;
+use crate::store::{IngestWriter, Store};
 use std::sync::{Arc, OnceLock};
 
 /// What the services need once the store is open and migrated.
 #[derive(Clone)]
 pub struct Core {
     pub store: Arc<dyn Store>,
+    /// The agent streams' writes go through it: group commit (see `store::ingest`).
+    pub ingest: IngestWriter,
+    /// The store's change feed, routed to the streams of the machines that changed.
+    pub changes: Arc<changes::ChangeRouter>,
     pub decider: Arc<Decider>,
     pub plugins: Arc<PluginHub>,
     pub metrics: Arc<Metrics>,

@@ -3,6 +3,8 @@
 //! comes from each backend's transactions and constraints, not from locks in this process.
 
 mod error;
+pub mod ingest;
+mod placement;
 mod postgres;
 pub mod records;
 mod sql;
@@ -14,6 +16,7 @@ use tsbroker_common::model::{LoadReport, MachineDescription, SessionEvent, Sessi
 use uuid::Uuid;
 
 pub use error::StoreError;
+pub use ingest::{IngestItem, IngestOp, IngestReply, IngestWriter, ItemResult};
 pub use postgres::PostgresStore;
 pub use records::*;
 pub use sql::HOT_QUERIES;
@@ -42,7 +45,10 @@ pub trait Store: Send + Sync + 'static {
         new_farm_policy: &str,
         connection: Uuid,
         now: i64,
-    ) -> StoreResult<MachineRecord>;
+    ) -> StoreResult<MachineRecord> {
+        let item = IngestItem::added(description.clone(), new_farm_policy, connection);
+        self.apply_one(item, now).await?.into_machine()
+    }
 
     /// RESYNC: replaces the machine's sessions with exactly `sessions`, atomically.
     async fn resync_sessions(
@@ -51,7 +57,12 @@ pub trait Store: Send + Sync + 'static {
         connection: Uuid,
         sessions: &[SessionInfo],
         now: i64,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        let op = IngestOp::Resync(sessions.to_vec());
+        self.apply_one(ingest_item(machine, connection, op), now)
+            .await?
+            .into_done()
+    }
 
     /// CHANGED to READY, or REMOVED (sessions dropped), for the stream's own machine.
     async fn set_machine_state(
@@ -77,7 +88,12 @@ pub trait Store: Send + Sync + 'static {
         connection: Uuid,
         events: &[SessionEvent],
         now: i64,
-    ) -> StoreResult<Vec<EventOutcome>>;
+    ) -> StoreResult<Vec<EventOutcome>> {
+        let op = IngestOp::Events(events.to_vec());
+        self.apply_one(ingest_item(machine, connection, op), now)
+            .await?
+            .into_outcomes()
+    }
 
     /// Records a load report (also the heartbeat: it refreshes the machine's lease).
     async fn record_load(
@@ -86,7 +102,30 @@ pub trait Store: Send + Sync + 'static {
         connection: Uuid,
         load: &LoadReport,
         now: i64,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        let op = IngestOp::Load(*load);
+        self.apply_one(ingest_item(machine, connection, op), now)
+            .await?
+            .into_done()
+    }
+
+    /// Group commit: applies many streams' writes in ONE transaction, as if each item's own
+    /// method above ran, one after another in the order given (items of different machines
+    /// commute; items of the same machine keep their order). An item whose stream no longer
+    /// owns its machine, or whose machine is gone, gets its own `Superseded` / `NotFound` and
+    /// changes nothing; the others apply. `Err` means nothing was committed. The writes use
+    /// connections of their own, so placements waiting on a farm's lock cannot starve them.
+    async fn apply_ingest(&self, items: &[IngestItem], now: i64) -> StoreResult<Vec<ItemResult>>;
+
+    /// `apply_ingest` of a single item.
+    async fn apply_one(&self, item: IngestItem, now: i64) -> ItemResult {
+        let mut results = self.apply_ingest(std::slice::from_ref(&item), now).await?;
+        results.pop().unwrap_or_else(|| {
+            Err(StoreError::Internal(sqlx::Error::Protocol(
+                "ingest: no result for the item".into(),
+            )))
+        })
+    }
 
     /// The farm, if the broker knows it.
     async fn get_farm(&self, farm: &str) -> StoreResult<Option<FarmRecord>>;
@@ -120,14 +159,41 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> StoreResult<Option<MachineRecord>>;
 
-    /// Places a new logon: under the farm's lock, re-checks the pending logon, gathers the
-    /// farm's machines with their load, lets `choose` pick among the candidates (it is given
-    /// the farm's policy name), and records the pending logon.
+    /// Places new logons of one farm (every request names the same farm and time) in one
+    /// transaction: under the farm's lock, reads the farm's machines with their load once,
+    /// then for each request in order re-checks the user's pending logon (an earlier request
+    /// of the batch counts), lets `choose` pick among the candidates (it is given the request's
+    /// index and the farm's policy name; earlier picks of the batch count as load), and
+    /// records the pending logon. `Err` means nothing was recorded.
+    /// `cache` holds the farm's machines between calls (see [`FarmCache`]).
+    async fn place_logons(
+        &self,
+        requests: &[PlacementRequest<'_>],
+        choose: &BatchChooser<'_>,
+        cache: &mut FarmCache,
+    ) -> StoreResult<Vec<Placement>>;
+
+    /// `place_logons` of a single request.
     async fn place_logon(
         &self,
         request: &PlacementRequest<'_>,
         choose: &Chooser<'_>,
-    ) -> StoreResult<Placement>;
+    ) -> StoreResult<Placement> {
+        let batch_choose =
+            |_: usize, policy: &str, candidates: &[MachineLoad]| choose(policy, candidates);
+        let mut placements = self
+            .place_logons(
+                std::slice::from_ref(request),
+                &batch_choose,
+                &mut FarmCache::default(),
+            )
+            .await?;
+        placements.pop().ok_or_else(|| {
+            StoreError::Internal(sqlx::Error::Protocol(
+                "placement: no result for the request".into(),
+            ))
+        })
+    }
 
     async fn get_machine(&self, machine: Uuid) -> StoreResult<Option<MachineRecord>>;
 
@@ -153,6 +219,14 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe_machine_changes(&self) -> broadcast::Receiver<Uuid>;
 }
 
+fn ingest_item(machine: Uuid, connection: Uuid, op: IngestOp) -> IngestItem {
+    IngestItem {
+        machine,
+        connection,
+        op,
+    }
+}
+
 /// Opens the store a database URL names (`sqlite://…` or `postgres://…`) and migrates it.
 pub async fn open(database_url: &str) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
@@ -174,7 +248,7 @@ pub mod test_support {
     /// A READY machine of farm "test" with the given weight and session count.
     pub fn machine_load(index: u32, weight: i64, sessions: i64) -> MachineLoad {
         MachineLoad {
-            machine: MachineRecord {
+            machine: std::sync::Arc::new(MachineRecord {
                 id: uuid::Uuid::from_u128(u128::from(index) + 1),
                 farm: "test".into(),
                 name: format!("ts{index}"),
@@ -199,7 +273,7 @@ pub mod test_support {
                 updated_at: 0,
                 front_door: false,
                 pending_logons: 0,
-            },
+            }),
             ineligible: None,
             ramp: 1.0,
         }

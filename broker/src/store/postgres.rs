@@ -2,24 +2,30 @@
 //! Row locks (`FOR UPDATE`) serialize the changes that must not interleave; changes made by
 //! administrators reach every replica through LISTEN/NOTIFY.
 
-use super::sql::{self, StoreHooks, classify, session_event_outcome};
+use super::ingest;
+use super::sql::{self, StoreHooks};
 use super::{
-    Choice, Chooser, EventOutcome, FarmRecord, MachineChange, MachineLoad, MachineRecord,
-    Placement, PlacementRequest, SessionFilter, SessionRecord, StoreError, StoreResult,
-    StreamMachineState,
+    BatchChooser, FarmCache, FarmRecord, MachineChange, MachineRecord, Placement, PlacementRequest,
+    SessionFilter, SessionRecord, StoreError, StoreResult, StreamMachineState,
 };
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::broadcast;
-use tsbroker_common::model::{
-    self, LoadReport, MachineDescription, SessionEvent, SessionInfo, SessionState,
-};
+use tsbroker_common::model::{self, LoadReport, MachineDescription, SessionInfo, SessionState};
 use uuid::Uuid;
 
 const CHANGE_CHANNEL: &str = "tsbroker_machine_changed";
 
+/// Connections of the ingest pool: the writer's transactions in flight
+/// (`IngestSettings::concurrency`) plus single writes made outside the writer.
+const INGEST_CONNECTIONS: u32 = 4;
+
 pub struct PostgresStore {
     pool: sqlx::PgPool,
+    /// The group-commit writer's own connections (see `ingest`): placements waiting on a
+    /// farm's lock hold connections of `pool`, never these.
+    ingest_pool: sqlx::PgPool,
     changes: broadcast::Sender<Uuid>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -38,10 +44,28 @@ impl PostgresStore {
             .run(&pool)
             .await
             .context("migrate the postgresql database")?;
+        // Every ingest statement finds its rows by key (a table of ids joined with a primary
+        // key or index). Without statistics (a fresh farm: autovacuum has not analyzed the
+        // tables yet) or with a plan made while a table was small, the planner would scan the
+        // whole table instead; with sequential scans off, each statement has one plan, made
+        // once per connection, of index probes — right for a handful of keys and for thousands.
+        let ingest_options = PgConnectOptions::from_str(database_url)
+            .context("parse the postgresql url")?
+            .options([
+                ("enable_seqscan", "off"),
+                ("plan_cache_mode", "force_generic_plan"),
+            ]);
+        let ingest_pool = PgPoolOptions::new()
+            .max_connections(INGEST_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(ingest_options)
+            .await
+            .context("connect to postgresql")?;
         let (changes, _) = broadcast::channel(1024);
         let listener = tokio::spawn(forward_notifications(pool.clone(), changes.clone()));
         Ok(PostgresStore {
             pool,
+            ingest_pool,
             changes,
             listener,
         })
@@ -49,6 +73,25 @@ impl PostgresStore {
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         self.pool.begin().await
+    }
+
+    async fn begin_ingest(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.ingest_pool.begin().await
+    }
+
+    /// `announce_change` of many machines in one statement.
+    async fn announce_changes(&self, machines: &[Uuid]) {
+        let ids: Vec<String> = machines.iter().map(Uuid::to_string).collect();
+        let sent = sqlx::query("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id")
+            .bind(CHANGE_CHANNEL)
+            .bind(ids)
+            .execute(&self.ingest_pool)
+            .await;
+        if let Err(error) = sent {
+            tracing::warn!(machines = machines.len(), %error, "could not announce machine changes");
+        }
     }
 
     /// Tells every replica (this one included, through its listener) that the machine changed.
@@ -74,7 +117,7 @@ impl StoreHooks for PostgresStore {
     const BACKEND: &'static str = "postgres";
     const LOCK_OWNER: &'static str =
         "SELECT connection_id, farm FROM machines WHERE id = $1 FOR UPDATE";
-    const LOCK_FARM: &'static str = "SELECT policy FROM farms WHERE name = $1 FOR UPDATE";
+    const LOCK_FARM: &'static str = sql::LOCK_FARM_FOR_PLACEMENT;
 }
 
 /// Forwards NOTIFY payloads (machine ids) to the in-process channel, reconnecting as needed.
@@ -106,3 +149,4 @@ async fn forward_notifications(pool: sqlx::PgPool, changes: broadcast::Sender<Uu
 }
 
 sql::impl_store!(PostgresStore, sqlx::Postgres);
+ingest::sql::impl_ingest!(PostgresStore, sqlx::Postgres, pg, " FOR UPDATE");

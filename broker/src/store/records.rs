@@ -1,6 +1,7 @@
 //! What the store hands back: rows decoded into plain structs, and the small types that
 //! describe a placement (candidates, why a machine is not one, the outcome).
 
+use std::sync::Arc;
 use tsbroker_common::model::{MachineState, SessionState};
 use uuid::Uuid;
 
@@ -152,7 +153,8 @@ pub enum EventOutcome {
 /// A machine of the farm and the load the policy sees.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MachineLoad {
-    pub machine: MachineRecord,
+    /// Shared: a farm's records are classified once per placement, never copied.
+    pub machine: Arc<MachineRecord>,
     /// Why the machine cannot take a new logon now; `None` for a candidate.
     pub ineligible: Option<Ineligible>,
     /// Slow start: the share of its weight a machine that just became READY works with,
@@ -260,6 +262,66 @@ pub enum Choice {
 /// The policy a placement runs: given the farm's policy name and the candidates, picks one.
 pub type Chooser<'c> = dyn for<'a> Fn(&'a str, &'a [MachineLoad]) -> Choice + Send + Sync + 'c;
 
+/// The policy of a batch of placements: like [`Chooser`], for the request at the given index.
+pub type BatchChooser<'c> =
+    dyn for<'a> Fn(usize, &'a str, &'a [MachineLoad]) -> Choice + Send + Sync + 'c;
+
+/// A farm's machines as this broker's last placement transaction left them (its own picks
+/// counted), reused by its next placement transaction instead of reading the farm again while
+/// the farm's placement counter shows that nobody else placed in between, no admin change
+/// came, and the copy is younger than its `max_age_ms`. So no placement is ever missed (any
+/// other broker's makes the copy stale), while what the agents report (sessions, loads,
+/// logons that turn pending logons into sessions) is at most `max_age_ms` old in it; each
+/// user's own pending logon is always read from the database.
+#[derive(Debug, Default)]
+pub struct FarmCache {
+    machines: Vec<Arc<MachineRecord>>,
+    /// The farm's placement counter after the transaction that left `machines`.
+    counter: i64,
+    /// When `machines` were read from the database (ms); `None`: nothing usable.
+    loaded_at: Option<i64>,
+    max_age_ms: i64,
+}
+
+impl FarmCache {
+    /// A cache whose copies live at most `max_age_ms` (0: never reused).
+    pub fn new(max_age_ms: i64) -> Self {
+        FarmCache {
+            max_age_ms,
+            ..FarmCache::default()
+        }
+    }
+
+    /// Forgets the copy: the next transaction reads the farm.
+    pub fn invalidate(&mut self) {
+        self.loaded_at = None;
+        self.machines = Vec::new();
+    }
+
+    /// The copy, when the transaction that took the farm's lock and saw `counter` may use it;
+    /// empties the cache either way (it is refilled by [`FarmCache::keep`] after a commit).
+    pub fn take(&mut self, counter: i64, now: i64) -> Option<Vec<Arc<MachineRecord>>> {
+        let loaded_at = self.loaded_at.take()?;
+        let machines = std::mem::take(&mut self.machines);
+        let fresh = now.saturating_sub(loaded_at) < self.max_age_ms;
+        (fresh && counter == self.counter + 1).then_some(machines)
+    }
+
+    /// Keeps the machines a committed transaction left, read from the database at `loaded_at`.
+    pub fn keep(&mut self, machines: Vec<Arc<MachineRecord>>, counter: i64, loaded_at: i64) {
+        if self.max_age_ms > 0 {
+            self.machines = machines;
+            self.counter = counter;
+            self.loaded_at = Some(loaded_at);
+        }
+    }
+
+    /// When the copy was read, if there is one.
+    pub fn loaded_at(&self) -> Option<i64> {
+        self.loaded_at
+    }
+}
+
 /// The outcome of placing a logon.
 #[derive(Clone, Debug)]
 pub enum Placement {
@@ -275,10 +337,11 @@ pub enum Placement {
 /// measured against the farm's earliest reachable machine, so only a machine that (re)joined
 /// while others were serving is slowed; its cap of logons in flight shrinks with its weight
 /// (never below one).
-pub fn classify_machines(
-    machines: Vec<MachineRecord>,
+pub fn classify_machines<M: Into<Arc<MachineRecord>>>(
+    machines: Vec<M>,
     request: &PlacementRequest<'_>,
 ) -> Vec<MachineLoad> {
+    let machines: Vec<Arc<MachineRecord>> = machines.into_iter().map(Into::into).collect();
     let farm_ready_since = machines
         .iter()
         .filter(|machine| machine.is_reachable(request.lease_cutoff))
@@ -327,7 +390,7 @@ mod tests {
     }
 
     fn ready_at(index: u32, since: i64) -> MachineRecord {
-        let mut machine = machine_load(index, 100, 0).machine;
+        let mut machine = MachineRecord::clone(&machine_load(index, 100, 0).machine);
         machine.ready_since = Some(since);
         machine
     }

@@ -29,24 +29,20 @@ macro_rules! session_select {
     };
 }
 
-pub(super) const INSERT_FARM: &str = "INSERT INTO farms (name, created_at, policy) \
-     VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING";
-
 pub(super) const DECLARE_FARM: &str = "INSERT INTO farms (name, created_at, policy) \
      VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET policy = excluded.policy";
 
-pub(super) const UPSERT_MACHINE: &str = "INSERT INTO machines \
-     (id, farm, name, name_key, address, agent_weight, agent_session_limit, single_session, \
-      agent_version, state, connection_id, session_count, last_seen_at, created_at, updated_at, \
-      front_door) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'joining', $10, 0, $11, $11, $11, $12) \
-     ON CONFLICT (id) DO UPDATE SET name = excluded.name, address = excluded.address, \
-     agent_weight = excluded.agent_weight, agent_session_limit = excluded.agent_session_limit, \
-     single_session = excluded.single_session, agent_version = excluded.agent_version, \
-     front_door = excluded.front_door, state = 'joining', connection_id = excluded.connection_id, \
-     last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at";
-
 pub(super) const SELECT_MACHINE_BY_ID: &str = concat!(machine_select!(), "WHERE m.id = $2");
+
+/// The machines of a list of ids ($1 now; the caller appends a table of ids and `)`, see
+/// `ingest::sql`).
+pub(super) const SELECT_MACHINES_BY_IDS: &str =
+    concat!(machine_select!(), "WHERE m.id IN (SELECT column1 FROM ");
+
+/// Locks the farm's row (an UPDATE locks it on PostgreSQL; SQLite's write transaction is
+/// already exclusive) and counts the placement transaction.
+pub(super) const LOCK_FARM_FOR_PLACEMENT: &str = "UPDATE farms SET placements = placements + 1 \
+     WHERE name = $1 RETURNING policy, placements";
 
 /// The machine of the user's unexpired pending logon ($1 now, $2 farm, $3 user key).
 pub(super) const SELECT_PENDING_LOGON_MACHINE: &str = concat!(
@@ -79,68 +75,17 @@ pub(super) const SELECT_FARM_MACHINES: &str = "SELECT m.id, m.farm, m.name, m.ad
 
 pub(super) const DELETE_MACHINE_SESSIONS: &str = "DELETE FROM sessions WHERE machine_id = $1";
 
-pub(super) const INSERT_SESSIONS_PREFIX: &str = "INSERT INTO sessions \
-     (machine_id, session_id, farm, user_name, user_key, domain, state, client_address, \
-      logon_at, state_changed_at) ";
-
-/// Sessions per multi-row insert in a RESYNC (10 parameters each, well under SQLite's and
-/// PostgreSQL's limits on parameters per statement).
-pub(super) const RESYNC_CHUNK: usize = 500;
-
-pub(super) const UPSERT_SESSION: &str = "INSERT INTO sessions \
-     (machine_id, session_id, farm, user_name, user_key, domain, state, client_address, \
-      logon_at, state_changed_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-     ON CONFLICT (machine_id, session_id) DO UPDATE SET user_name = excluded.user_name, \
-     user_key = excluded.user_key, domain = excluded.domain, state = excluded.state, \
-     client_address = CASE WHEN excluded.client_address = '' THEN sessions.client_address \
-                           ELSE excluded.client_address END, \
-     logon_at = CASE WHEN sessions.user_key = excluded.user_key THEN sessions.logon_at \
-                     ELSE excluded.logon_at END, \
-     state_changed_at = excluded.state_changed_at";
-
-pub(super) const SELECT_SESSION_USER: &str =
-    "SELECT user_key FROM sessions WHERE machine_id = $1 AND session_id = $2";
-
-pub(super) const DELETE_SESSION: &str =
-    "DELETE FROM sessions WHERE machine_id = $1 AND session_id = $2";
-
-pub(super) const REFRESH_SESSION_COUNT: &str = "UPDATE machines SET \
-     session_count = (SELECT count(*) FROM sessions s WHERE s.machine_id = $1), \
-     last_seen_at = $2, updated_at = $2 WHERE id = $1";
-
-pub(super) const DELETE_RESOLVED_PENDING_FOR_MACHINE: &str = "DELETE FROM pending_logons \
-     WHERE machine_id = $1 AND user_key IN (SELECT user_key FROM sessions WHERE machine_id = $1)";
-
-pub(super) const DELETE_PENDING_FOR_USER: &str =
-    "DELETE FROM pending_logons WHERE farm = $1 AND user_key = $2";
-
 pub(super) const DELETE_PENDING_FOR_MACHINE: &str =
     "DELETE FROM pending_logons WHERE machine_id = $1";
 
 pub(super) const DELETE_EXPIRED_PENDING: &str =
     "DELETE FROM pending_logons WHERE farm = $1 AND expires_at <= $2";
 
-pub(super) const SELECT_PENDING_MACHINE: &str =
-    "SELECT machine_id FROM pending_logons WHERE farm = $1 AND user_key = $2 AND expires_at > $3";
-
-pub(super) const UPSERT_PENDING: &str = "INSERT INTO pending_logons \
-     (farm, user_key, machine_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5) \
-     ON CONFLICT (farm, user_key) DO UPDATE SET machine_id = excluded.machine_id, \
-     created_at = excluded.created_at, expires_at = excluded.expires_at";
-
-pub(super) const SET_READY: &str = "UPDATE machines SET state = 'ready', ready_since = $3, \
-     last_seen_at = $3, updated_at = $3 WHERE id = $1 AND connection_id = $2";
-
 pub(super) const SET_REMOVED: &str = "UPDATE machines SET state = 'removed', session_count = 0, \
      connection_id = NULL, updated_at = $2 WHERE id = $1";
 
 pub(super) const SET_UNREACHABLE: &str = "UPDATE machines SET state = 'unreachable', \
      updated_at = $3 WHERE id = $1 AND connection_id = $2 AND state IN ('joining', 'ready')";
-
-pub(super) const RECORD_LOAD: &str = "UPDATE machines SET load_cpu = $3, load_memory = $4, \
-     load_sessions = $5, load_pending = $6, last_seen_at = $7, updated_at = $7 \
-     WHERE id = $1 AND connection_id = $2";
 
 macro_rules! farm_select {
     () => {
@@ -194,17 +139,6 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> String {
     format!("{prefix}{}", char::MAX)
 }
 
-/// The last entry wins when an agent lists a session id twice.
-pub(super) fn dedup_sessions(
-    sessions: &[tsbroker_common::model::SessionInfo],
-) -> Vec<&tsbroker_common::model::SessionInfo> {
-    let mut by_id = std::collections::BTreeMap::new();
-    for session in sessions {
-        by_id.insert(session.session_id, session);
-    }
-    by_id.into_values().collect()
-}
-
 /// Implements `Store` for a backend struct that has `pool`, `begin_write()`,
 /// `announce_change(id)` and the consts `LOCK_OWNER` and `LOCK_FARM`.
 macro_rules! impl_store {
@@ -220,88 +154,12 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            async fn machine_added(
+            async fn apply_ingest(
                 &self,
-                description: &MachineDescription,
-                new_farm_policy: &str,
-                connection: Uuid,
+                items: &[$crate::store::IngestItem],
                 now: i64,
-            ) -> StoreResult<MachineRecord> {
-                let id = model::machine_id(&description.farm, &description.name);
-                let mut tx = self.begin_write().await?;
-                sqlx::query(sql::INSERT_FARM)
-                    .bind(&description.farm)
-                    .bind(now)
-                    .bind(new_farm_policy)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(sql::UPSERT_MACHINE)
-                    .bind(id)
-                    .bind(&description.farm)
-                    .bind(&description.name)
-                    .bind(description.name.to_ascii_lowercase())
-                    .bind(&description.address)
-                    .bind(i64::from(description.weight))
-                    .bind(i64::from(description.session_limit))
-                    .bind(description.single_session)
-                    .bind(&description.agent_version)
-                    .bind(connection)
-                    .bind(now)
-                    .bind(description.front_door)
-                    .execute(&mut *tx)
-                    .await?;
-                let machine = sqlx::query_as::<_, MachineRecord>(sql::SELECT_MACHINE_BY_ID)
-                    .bind(now)
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                // A stream that owned the machine before learns that it was taken over.
-                self.announce_change(id).await;
-                Ok(machine)
-            }
-
-            async fn resync_sessions(
-                &self,
-                machine: Uuid,
-                connection: Uuid,
-                sessions: &[SessionInfo],
-                now: i64,
-            ) -> StoreResult<()> {
-                let mut tx = self.begin_write().await?;
-                let farm = lock_owner::<$store>(&mut tx, machine, connection).await?;
-                sqlx::query(sql::DELETE_MACHINE_SESSIONS)
-                    .bind(machine)
-                    .execute(&mut *tx)
-                    .await?;
-                // Multi-row inserts: one statement for up to RESYNC_CHUNK sessions.
-                for chunk in sql::dedup_sessions(sessions).chunks(sql::RESYNC_CHUNK) {
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(sql::INSERT_SESSIONS_PREFIX);
-                    insert.push_values(chunk, |mut row, session| {
-                        row.push_bind(machine)
-                            .push_bind(i64::from(session.session_id))
-                            .push_bind(farm.clone())
-                            .push_bind(session.user_name.clone())
-                            .push_bind(model::user_key(&session.user_name))
-                            .push_bind(session.domain.clone())
-                            .push_bind(session.state.as_str())
-                            .push_bind(session.client_address.clone())
-                            .push_bind(session.logon_time_ms.unwrap_or(now))
-                            .push_bind(now);
-                    });
-                    insert.build().execute(&mut *tx).await?;
-                }
-                sqlx::query(sql::DELETE_RESOLVED_PENDING_FOR_MACHINE)
-                    .bind(machine)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(sql::REFRESH_SESSION_COUNT)
-                    .bind(machine)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(())
+            ) -> StoreResult<Vec<$crate::store::ItemResult>> {
+                self.ingest_group(items, now).await
             }
 
             async fn set_machine_state(
@@ -311,34 +169,30 @@ macro_rules! impl_store {
                 state: StreamMachineState,
                 now: i64,
             ) -> StoreResult<MachineRecord> {
+                if state == StreamMachineState::Ready {
+                    let item = $crate::store::IngestItem {
+                        machine,
+                        connection,
+                        op: $crate::store::IngestOp::Ready,
+                    };
+                    return self.apply_one(item, now).await?.into_machine();
+                }
                 let mut tx = self.begin_write().await?;
                 lock_owner::<$store>(&mut tx, machine, connection).await?;
-                match state {
-                    StreamMachineState::Ready => {
-                        sqlx::query(sql::SET_READY)
-                            .bind(machine)
-                            .bind(connection)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    StreamMachineState::Removed => {
-                        for statement in [
-                            sql::DELETE_MACHINE_SESSIONS,
-                            sql::DELETE_PENDING_FOR_MACHINE,
-                        ] {
-                            sqlx::query(statement)
-                                .bind(machine)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
-                        sqlx::query(sql::SET_REMOVED)
-                            .bind(machine)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                for statement in [
+                    sql::DELETE_MACHINE_SESSIONS,
+                    sql::DELETE_PENDING_FOR_MACHINE,
+                ] {
+                    sqlx::query(statement)
+                        .bind(machine)
+                        .execute(&mut *tx)
+                        .await?;
                 }
+                sqlx::query(sql::SET_REMOVED)
+                    .bind(machine)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
                 let record = sqlx::query_as::<_, MachineRecord>(sql::SELECT_MACHINE_BY_ID)
                     .bind(now)
                     .bind(machine)
@@ -361,95 +215,6 @@ macro_rules! impl_store {
                     .execute(&self.pool)
                     .await?;
                 Ok(result.rows_affected() > 0)
-            }
-
-            async fn apply_session_events(
-                &self,
-                machine: Uuid,
-                connection: Uuid,
-                events: &[SessionEvent],
-                now: i64,
-            ) -> StoreResult<Vec<EventOutcome>> {
-                let mut tx = self.begin_write().await?;
-                let farm = lock_owner::<$store>(&mut tx, machine, connection).await?;
-                let mut outcomes = Vec::with_capacity(events.len());
-                for event in events {
-                    let session = &event.session;
-                    let session_id = i64::from(session.session_id);
-                    let user_key = model::user_key(&session.user_name);
-                    let known_user: Option<String> = sqlx::query_scalar(sql::SELECT_SESSION_USER)
-                        .bind(machine)
-                        .bind(session_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    let outcome = match (event.kind.resulting_state(), known_user) {
-                        (None, None) => {
-                            EventOutcome::Ignored("logoff of a session the broker does not know")
-                        }
-                        (None, Some(_)) => {
-                            sqlx::query(sql::DELETE_SESSION)
-                                .bind(machine)
-                                .bind(session_id)
-                                .execute(&mut *tx)
-                                .await?;
-                            EventOutcome::Applied
-                        }
-                        (Some(state), known_user) => {
-                            sqlx::query(sql::UPSERT_SESSION)
-                                .bind(machine)
-                                .bind(session_id)
-                                .bind(&farm)
-                                .bind(&session.user_name)
-                                .bind(&user_key)
-                                .bind(&session.domain)
-                                .bind(state.as_str())
-                                .bind(&session.client_address)
-                                .bind(session.logon_time_ms.unwrap_or(now))
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
-                            if state == SessionState::Active {
-                                sqlx::query(sql::DELETE_PENDING_FOR_USER)
-                                    .bind(&farm)
-                                    .bind(&user_key)
-                                    .execute(&mut *tx)
-                                    .await?;
-                            }
-                            session_event_outcome(event.kind, known_user.as_deref(), &user_key)
-                        }
-                    };
-                    outcomes.push(outcome);
-                }
-                sqlx::query(sql::REFRESH_SESSION_COUNT)
-                    .bind(machine)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(outcomes)
-            }
-
-            async fn record_load(
-                &self,
-                machine: Uuid,
-                connection: Uuid,
-                load: &LoadReport,
-                now: i64,
-            ) -> StoreResult<()> {
-                let result = sqlx::query(sql::RECORD_LOAD)
-                    .bind(machine)
-                    .bind(connection)
-                    .bind(f64::from(load.cpu_percent))
-                    .bind(f64::from(load.memory_percent))
-                    .bind(i64::from(load.session_count))
-                    .bind(i64::from(load.pending_logons))
-                    .bind(now)
-                    .execute(&self.pool)
-                    .await?;
-                if result.rows_affected() == 0 {
-                    return Err(StoreError::Superseded);
-                }
-                Ok(())
             }
 
             async fn get_farm(&self, farm: &str) -> StoreResult<Option<FarmRecord>> {
@@ -537,71 +302,81 @@ macro_rules! impl_store {
                     .await?)
             }
 
-            async fn place_logon(
+            async fn place_logons(
                 &self,
-                request: &PlacementRequest<'_>,
-                choose: &Chooser<'_>,
-            ) -> StoreResult<Placement> {
+                requests: &[PlacementRequest<'_>],
+                choose: &BatchChooser<'_>,
+                cache: &mut FarmCache,
+            ) -> StoreResult<Vec<Placement>> {
+                let Some(first) = requests.first() else {
+                    return Ok(Vec::new());
+                };
+                let (farm, now) = (first.farm, first.now);
                 let mut tx = self.begin_write().await?;
-                let policy: Option<String> = sqlx::query_scalar(Self::LOCK_FARM)
-                    .bind(request.farm)
+                let locked: Option<(String, i64)> = sqlx::query_as(Self::LOCK_FARM)
+                    .bind(farm)
                     .fetch_optional(&mut *tx)
                     .await?;
-                let Some(policy) = policy else {
-                    return Err(StoreError::NotFound(format!("farm {:?}", request.farm)));
+                let Some((policy, counter)) = locked else {
+                    cache.invalidate();
+                    return Err(StoreError::NotFound(format!("farm {farm:?}")));
                 };
-                sqlx::query(sql::DELETE_EXPIRED_PENDING)
-                    .bind(request.farm)
-                    .bind(request.now)
-                    .execute(&mut *tx)
-                    .await?;
-                let pending: Option<Uuid> = sqlx::query_scalar(sql::SELECT_PENDING_MACHINE)
-                    .bind(request.farm)
-                    .bind(request.user_key)
-                    .bind(request.now)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let machines: Vec<MachineRecord> = sqlx::query_as(sql::SELECT_FARM_MACHINES)
-                    .bind(request.now)
-                    .bind(request.farm)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                if let Some(pending) = pending {
-                    let target = machines.iter().find(|machine| machine.id == pending);
-                    if let Some(target) = target.filter(|target| {
-                        target.is_reachable(request.lease_cutoff)
-                            && !request.excluded.contains(&target.id)
-                    }) {
-                        return Ok(Placement::AlreadyPending(target.clone()));
+                let loaded_at = cache.loaded_at();
+                let (mut machines, loaded_at) = match cache.take(counter, now) {
+                    Some(machines) => (machines, loaded_at.unwrap_or(now)),
+                    None => {
+                        sqlx::query(sql::DELETE_EXPIRED_PENDING)
+                            .bind(farm)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        let machines: Vec<MachineRecord> =
+                            sqlx::query_as(sql::SELECT_FARM_MACHINES)
+                                .bind(now)
+                                .bind(farm)
+                                .fetch_all(&mut *tx)
+                                .await?;
+                        (machines.into_iter().map(std::sync::Arc::new).collect(), now)
                     }
+                };
+                // The users' pending logons, in one query (each user once).
+                let mut users: Vec<&str> =
+                    requests.iter().map(|request| request.user_key).collect();
+                users.sort_unstable();
+                users.dedup();
+                let lookup = crate::store::placement::select_pending_of_users(users.len());
+                let mut query = sqlx::query_as(sqlx::AssertSqlSafe(lookup))
+                    .bind(farm)
+                    .bind(now);
+                for user in &users {
+                    query = query.bind(*user);
                 }
-                let loads = classify(machines, request);
-                let candidates: Vec<MachineLoad> = loads
-                    .iter()
-                    .filter(|load| load.ineligible.is_none())
-                    .cloned()
-                    .collect();
-                let chosen = match choose(&policy, &candidates) {
-                    Choice::Machine(id) => {
-                        candidates.into_iter().find(|load| load.machine.id == id)
+                let found: Vec<(String, Uuid)> = query.fetch_all(&mut *tx).await?;
+                let mut pending: std::collections::HashMap<String, Uuid> =
+                    found.into_iter().collect();
+                let planned = crate::store::placement::plan(
+                    requests,
+                    &policy,
+                    choose,
+                    &mut machines,
+                    &mut pending,
+                );
+                if !planned.new_pending.is_empty() {
+                    let upsert =
+                        crate::store::placement::upsert_pending_rows(planned.new_pending.len());
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(upsert))
+                        .bind(farm)
+                        .bind(now)
+                        .bind(now + first.pending_ttl_ms);
+                    for (index, machine) in &planned.new_pending {
+                        query = query.bind(requests[*index].user_key).bind(*machine);
                     }
-                    Choice::Nothing => None,
-                };
-                let Some(chosen) = chosen else {
-                    return Ok(Placement::NoCandidate(loads));
-                };
-                sqlx::query(sql::UPSERT_PENDING)
-                    .bind(request.farm)
-                    .bind(request.user_key)
-                    .bind(chosen.machine.id)
-                    .bind(request.now)
-                    .bind(request.now + request.pending_ttl_ms)
-                    .execute(&mut *tx)
-                    .await?;
+                    query.execute(&mut *tx).await?;
+                }
+                let placements = planned.placements;
                 tx.commit().await?;
-                let mut machine = chosen.machine;
-                machine.pending_logons += 1;
-                Ok(Placement::Placed(machine))
+                cache.keep(machines, counter, loaded_at);
+                Ok(placements)
             }
 
             async fn get_machine(&self, machine: Uuid) -> StoreResult<Option<MachineRecord>> {
@@ -730,7 +505,8 @@ pub(super) trait StoreHooks {
     const BACKEND: &'static str;
     /// `SELECT connection_id, farm FROM machines WHERE id = $1`, locking the row if it can.
     const LOCK_OWNER: &'static str;
-    /// `SELECT policy FROM farms WHERE name = $1`, locking the farm for this transaction.
+    /// Locks the farm for this transaction and counts a placement transaction: returns the
+    /// farm's policy and its placement counter (see [`LOCK_FARM_FOR_PLACEMENT`]).
     const LOCK_FARM: &'static str;
 }
 
@@ -759,14 +535,16 @@ pub(super) use super::records::classify_machines as classify;
 
 /// The statements on the decision and event paths, by name, for plan checks: the tests
 /// EXPLAIN these very strings on PostgreSQL with a large directory.
+/// `placement::select_pending_of_users(2)`, for the query-plan check.
+pub const PENDING_OF_TWO_USERS: &str = "SELECT user_key, machine_id FROM pending_logons \
+     WHERE farm = $1 AND expires_at > $2 AND user_key IN ($3, $4)";
+
 pub const HOT_QUERIES: &[(&str, &str)] = &[
     ("user_sessions", SELECT_USER_SESSIONS),
     ("users_with_prefix", SELECT_USERS_WITH_PREFIX),
-    ("pending_machine", SELECT_PENDING_MACHINE),
+    ("pending_of_users", PENDING_OF_TWO_USERS),
     ("pending_logon_machine", SELECT_PENDING_LOGON_MACHINE),
     ("machine_by_id", SELECT_MACHINE_BY_ID),
     ("farm_machines", SELECT_FARM_MACHINES),
-    ("refresh_session_count", REFRESH_SESSION_COUNT),
     ("expired_pending", DELETE_EXPIRED_PENDING),
-    ("session_user", SELECT_SESSION_USER),
 ];

@@ -2,23 +2,24 @@
 //! start with `BEGIN IMMEDIATE`, so they queue for SQLite's single writer instead of failing
 //! half-way; WAL lets readers go on meanwhile.
 
-use super::sql::{self, StoreHooks, classify, session_event_outcome};
+use super::ingest;
+use super::sql::{self, StoreHooks};
 use super::{
-    Choice, Chooser, EventOutcome, FarmRecord, MachineChange, MachineLoad, MachineRecord,
-    Placement, PlacementRequest, SessionFilter, SessionRecord, StoreError, StoreResult,
-    StreamMachineState,
+    BatchChooser, FarmCache, FarmRecord, MachineChange, MachineRecord, Placement, PlacementRequest,
+    SessionFilter, SessionRecord, StoreError, StoreResult, StreamMachineState,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::broadcast;
-use tsbroker_common::model::{
-    self, LoadReport, MachineDescription, SessionEvent, SessionInfo, SessionState,
-};
+use tsbroker_common::model::{self, LoadReport, MachineDescription, SessionInfo, SessionState};
 use uuid::Uuid;
 
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
+    /// The group-commit writer's own connection (see `ingest`), so its turn at SQLite's
+    /// single writer never waits for a free connection of `pool` too.
+    ingest_pool: sqlx::SqlitePool,
     changes: broadcast::Sender<Uuid>,
 }
 
@@ -37,19 +38,39 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&pool)
             .await
             .context("migrate the sqlite database")?;
+        let ingest_pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .with_context(|| format!("open sqlite database {database_url:?}"))?;
         let (changes, _) = broadcast::channel(1024);
-        Ok(SqliteStore { pool, changes })
+        Ok(SqliteStore {
+            pool,
+            ingest_pool,
+            changes,
+        })
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
         self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn begin_ingest(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.ingest_pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn announce_changes(&self, machines: &[Uuid]) {
+        for machine in machines {
+            self.announce_change(*machine).await;
+        }
     }
 
     /// One process owns an SQLite file, so a change is announced in-process.
@@ -62,7 +83,8 @@ impl StoreHooks for SqliteStore {
     const BACKEND: &'static str = "sqlite";
     // BEGIN IMMEDIATE already holds SQLite's write lock for the whole transaction.
     const LOCK_OWNER: &'static str = "SELECT connection_id, farm FROM machines WHERE id = $1";
-    const LOCK_FARM: &'static str = "SELECT policy FROM farms WHERE name = $1";
+    const LOCK_FARM: &'static str = sql::LOCK_FARM_FOR_PLACEMENT;
 }
 
 sql::impl_store!(SqliteStore, sqlx::Sqlite);
+ingest::sql::impl_ingest!(SqliteStore, sqlx::Sqlite, sqlite, "");

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use tsbroker::store::{
-    self, Choice, EventOutcome, Ineligible, MachineChange, MachineLoad, Placement,
+    self, Choice, EventOutcome, FarmCache, Ineligible, MachineChange, MachineLoad, Placement,
     PlacementRequest, SessionFilter, Store, StoreError, StreamMachineState,
 };
 use tsbroker_common::model::{
@@ -43,6 +43,8 @@ conformance!(
     placement_records_a_pending_logon_and_reuses_it,
     placement_classifies_every_machine,
     placement_leaves_out_excluded_machines,
+    a_batch_of_placements_counts_its_own_picks,
+    a_farm_cache_never_misses_another_brokers_placements,
     expired_pending_logons_do_not_count,
     truncated_names_find_their_prefix,
     sessions_list_with_filters_and_pages,
@@ -475,6 +477,100 @@ async fn placement_leaves_out_excluded_machines(database: &TestDatabase) {
             .all(|load| load.ineligible == Some(Ineligible::Excluded)),
         "{loads:?}"
     );
+}
+
+/// Placements made together: each pick is load for the next, a user twice in the batch is
+/// placed once, and the choice is asked per request.
+async fn a_batch_of_placements_counts_its_own_picks(database: &TestDatabase) {
+    let store = open(database).await;
+    let (one, _) = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    let (two, _) = ready_machine(store.as_ref(), "ts2", 100, &[]).await;
+    let users = ["u1", "u2", "u1", "u3"];
+    let requests: Vec<PlacementRequest<'_>> = users.iter().map(|user| request(user)).collect();
+    let asked = std::sync::Mutex::new(Vec::new());
+    let choose = |index: usize, policy: &str, candidates: &[MachineLoad]| {
+        asked.lock().unwrap().push(index);
+        least_loaded(policy, candidates)
+    };
+    let placements = store
+        .place_logons(&requests, &choose, &mut FarmCache::default())
+        .await
+        .unwrap();
+    let machine_of = |placement: &Placement| match placement {
+        Placement::Placed(machine) | Placement::AlreadyPending(machine) => machine.id,
+        Placement::NoCandidate(loads) => panic!("no candidate: {loads:?}"),
+    };
+    let first = machine_of(&placements[0]);
+    let second = machine_of(&placements[1]);
+    assert_ne!(
+        first, second,
+        "the first pick counts as load for the second"
+    );
+    assert!(matches!(placements[2], Placement::AlreadyPending(ref machine) if machine.id == first));
+    assert!(
+        matches!(placements[3], Placement::Placed(_)),
+        "{:?}",
+        placements[3]
+    );
+    assert_eq!(*asked.lock().unwrap(), [0, 1, 3]);
+    for (user, machine) in [("u1", first), ("u2", second)] {
+        let pending = store.pending_logon("farm1", user, NOW).await.unwrap();
+        assert_eq!(pending.map(|found| found.id), Some(machine));
+    }
+    let mut placed = [first, second];
+    placed.sort();
+    let mut expected = [one, two];
+    expected.sort();
+    assert_eq!(placed, expected);
+    // Nothing recorded when the farm is unknown.
+    let unknown: Vec<PlacementRequest<'_>> = ["v1", "v2"]
+        .iter()
+        .map(|user| PlacementRequest {
+            farm: "nope",
+            ..request(user)
+        })
+        .collect();
+    let failed = store
+        .place_logons(&unknown, &choose, &mut FarmCache::default())
+        .await;
+    assert!(matches!(failed, Err(StoreError::NotFound(_))), "{failed:?}");
+}
+
+/// Two brokers, each with its copy of the farm: a placement by one makes the other's copy
+/// stale (the farm's placement counter), so no broker places on loads that miss a placement.
+async fn a_farm_cache_never_misses_another_brokers_placements(database: &TestDatabase) {
+    let store = open(database).await;
+    ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    ready_machine(store.as_ref(), "ts2", 100, &[]).await;
+    let mut first_broker = FarmCache::new(60_000);
+    let mut second_broker = FarmCache::new(60_000);
+    let choose =
+        |_: usize, policy: &str, candidates: &[MachineLoad]| least_loaded(policy, candidates);
+    let place = async |user: &str, cache: &mut FarmCache| {
+        let placements = store
+            .place_logons(&[request(user)], &choose, cache)
+            .await
+            .unwrap();
+        match placements.as_slice() {
+            [Placement::Placed(machine)] => machine.id,
+            other => panic!("expected one placement, got {other:?}"),
+        }
+    };
+    let a = place("u1", &mut first_broker).await;
+    assert!(first_broker.loaded_at().is_some(), "the copy is kept");
+    let b = place("u2", &mut second_broker).await;
+    assert_ne!(
+        a, b,
+        "the second broker read the farm with u1's pending logon"
+    );
+    // With its copy (ts1 one pending, ts2 none) the first broker would pick the other machine
+    // again; the counter shows u2's placement, so it reads the farm: both have one, and the
+    // tie goes to the same machine as u1's.
+    let c = place("u3", &mut first_broker).await;
+    assert_eq!(c, a);
+    // Its own placements it counts without reading: u4 goes to the other machine.
+    let d = place("u4", &mut first_broker).await;
+    assert_eq!(d, b);
 }
 
 async fn placement_classifies_every_machine(database: &TestDatabase) {

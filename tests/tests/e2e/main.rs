@@ -7,6 +7,7 @@ mod bench_smoke;
 mod binaries;
 mod concurrency;
 mod conformance;
+mod ingest_conformance;
 mod plugins;
 mod policies;
 mod query_plans;

@@ -87,8 +87,10 @@ async fn resource_policy_keeps_logons_off_hot_machines(database: &TestDatabase) 
             "a machine past a threshold takes no logon while another has room"
         );
     }
-    // The hot machine cools down: it takes logons again (it has far fewer sessions).
+    // The hot machine cools down: it takes logons again (it has far fewer sessions), once
+    // placements see the report (at most SNAPSHOT_MAX_AGE later).
     hot_cpu.report_load(20.0, 10.0).await.unwrap();
+    tokio::time::sleep(tsbroker::decision::SNAPSHOT_MAX_AGE + Duration::from_millis(50)).await;
     let answer = redirect(&mut client, "farm", "after-cooling")
         .await
         .unwrap();

@@ -43,13 +43,15 @@ async fn hot_queries_use_indexes_with_100k_sessions() {
                 .bind("user424")
                 .bind("user424\u{10FFFF}")
                 .bind(2i64),
-            "pending_machine" => query.bind("big").bind("pending17").bind(5i64),
+            "pending_of_users" => query
+                .bind("big")
+                .bind(5i64)
+                .bind("pending17")
+                .bind("pending18"),
             "pending_logon_machine" => query.bind(5i64).bind("big").bind("pending17"),
             "machine_by_id" => query.bind(5i64).bind(machine),
             "farm_machines" => query.bind(5i64).bind("big"),
-            "refresh_session_count" => query.bind(machine).bind(5i64),
             "expired_pending" => query.bind("big").bind(12i64),
-            "session_user" => query.bind(machine).bind(42i64),
             other => panic!("no parameters for hot query {other}: add them here"),
         };
         let plan: Vec<String> = query

@@ -131,7 +131,7 @@ pub(crate) mod test_support {
                 .iter_mut()
                 .find(|load| load.machine.id == chosen)
                 .expect("chosen among the candidates");
-            machine.machine.session_count += 1;
+            std::sync::Arc::make_mut(&mut machine.machine).session_count += 1;
         }
     }
 

@@ -52,8 +52,9 @@ mod tests {
 
     fn loaded(index: u32, sessions: i64, cpu: f64, memory: f64) -> MachineLoad {
         let mut load = machine_load(index, 100, sessions);
-        load.machine.load_cpu = Some(cpu);
-        load.machine.load_memory = Some(memory);
+        let machine = std::sync::Arc::make_mut(&mut load.machine);
+        machine.load_cpu = Some(cpu);
+        machine.load_memory = Some(memory);
         load
     }
 

@@ -51,7 +51,7 @@ mod tests {
     #[test]
     fn pending_logons_count_as_load() {
         let mut busy = machine_load(0, 100, 0);
-        busy.machine.pending_logons = 5;
+        std::sync::Arc::make_mut(&mut busy.machine).pending_logons = 5;
         let idle = machine_load(1, 100, 4);
         let settings = FarmSettings::default();
         let chosen = SessionCount.choose(&context(&settings, "u"), &[busy, idle.clone()]);

@@ -1,0 +1,120 @@
+//! The in-memory half of placing a batch of new logons, shared by both backends: given the
+//! farm's machines (read under the farm's lock, or the cached copy) and the users' pending
+//! logons, decides each request in order, counting each pick as load for the next. The
+//! backend then writes the new pending logons in one statement and commits.
+
+use super::BatchChooser;
+use super::records::{Choice, MachineLoad, MachineRecord, Placement, PlacementRequest};
+use super::sql::classify;
+use std::collections::HashMap;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// What a batch decided: an answer per request, and the pending logons to record
+/// (request index, machine).
+pub(crate) struct PlannedBatch {
+    pub placements: Vec<Placement>,
+    pub new_pending: Vec<(usize, Uuid)>,
+}
+
+/// Decides every request of the batch. `pending` maps user keys to the machine of their
+/// unexpired pending logon (as read from the database); it and `machines` are updated with
+/// the batch's picks.
+pub(crate) fn plan(
+    requests: &[PlacementRequest<'_>],
+    policy: &str,
+    choose: &BatchChooser<'_>,
+    machines: &mut [Arc<MachineRecord>],
+    pending: &mut HashMap<String, Uuid>,
+) -> PlannedBatch {
+    let mut placements = Vec::with_capacity(requests.len());
+    let mut new_pending = Vec::new();
+    for (index, request) in requests.iter().enumerate() {
+        let pending_at = pending
+            .get(request.user_key)
+            .and_then(|pending| machines.iter().position(|machine| machine.id == *pending));
+        if let Some(at) = pending_at {
+            let target = &machines[at];
+            if target.is_reachable(request.lease_cutoff) && !request.excluded.contains(&target.id) {
+                placements.push(Placement::AlreadyPending(MachineRecord::clone(target)));
+                continue;
+            }
+        }
+        let (candidates, ineligible): (Vec<MachineLoad>, Vec<MachineLoad>) =
+            classify(machines.to_vec(), request)
+                .into_iter()
+                .partition(|load| load.ineligible.is_none());
+        let chosen = match choose(index, policy, &candidates) {
+            Choice::Machine(id) if candidates.iter().any(|load| load.machine.id == id) => {
+                machines.iter().position(|machine| machine.id == id)
+            }
+            Choice::Machine(_) | Choice::Nothing => None,
+        };
+        let Some(chosen) = chosen else {
+            let mut loads = candidates;
+            loads.extend(ineligible);
+            placements.push(Placement::NoCandidate(loads));
+            continue;
+        };
+        // The pending logon moves here from the machine that had it.
+        if let Some(at) = pending_at {
+            let previous = Arc::make_mut(&mut machines[at]);
+            previous.pending_logons = (previous.pending_logons - 1).max(0);
+        }
+        Arc::make_mut(&mut machines[chosen]).pending_logons += 1;
+        pending.insert(request.user_key.to_owned(), machines[chosen].id);
+        new_pending.push((index, machines[chosen].id));
+        placements.push(Placement::Placed(MachineRecord::clone(&machines[chosen])));
+    }
+    PlannedBatch {
+        placements,
+        new_pending,
+    }
+}
+
+/// `SELECT user_key, machine_id` of the unexpired pending logons of `users` keys in a farm:
+/// `$1` farm, `$2` now, `$3…` the keys.
+pub(crate) fn select_pending_of_users(users: usize) -> String {
+    format!(
+        "SELECT user_key, machine_id FROM pending_logons WHERE farm = $1 AND expires_at > $2 \
+         AND user_key IN ({})",
+        placeholders(3, users, 1)
+    )
+}
+
+/// Records `rows` pending logons in one statement: `$1` farm, `$2` created, `$3` expires,
+/// then (user key, machine) per row.
+pub(crate) fn upsert_pending_rows(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|row| format!("($1, ${}, ${}, $2, $3)", 4 + 2 * row, 5 + 2 * row))
+        .collect();
+    format!(
+        "INSERT INTO pending_logons (farm, user_key, machine_id, created_at, expires_at) \
+         VALUES {} ON CONFLICT (farm, user_key) DO UPDATE SET machine_id = excluded.machine_id, \
+         created_at = excluded.created_at, expires_at = excluded.expires_at",
+        values.join(", ")
+    )
+}
+
+/// "$first, $first+step, …", `count` of them.
+fn placeholders(first: usize, count: usize, step: usize) -> String {
+    (0..count)
+        .map(|at| format!("${}", first + at * step))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_number_their_parameters() {
+        assert_eq!(
+            select_pending_of_users(2),
+            super::super::sql::PENDING_OF_TWO_USERS
+        );
+        let upsert = upsert_pending_rows(2);
+        assert!(upsert.contains("VALUES ($1, $4, $5, $2, $3), ($1, $6, $7, $2, $3) ON CONFLICT"));
+    }
+}
