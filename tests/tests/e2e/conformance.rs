@@ -54,7 +54,7 @@ conformance!(
     unreachable_keeps_sessions_removed_drops_them,
 );
 
-const NOW: i64 = 1_700_000_000_000;
+pub(super) const NOW: i64 = 1_700_000_000_000;
 
 async fn open(database: &TestDatabase) -> Arc<dyn Store> {
     let store = store::open(&database.url).await.expect("open store");
@@ -66,7 +66,7 @@ async fn open(database: &TestDatabase) -> Arc<dyn Store> {
     store
 }
 
-fn description(name: &str, weight: u32) -> MachineDescription {
+pub(super) fn description(name: &str, weight: u32) -> MachineDescription {
     MachineDescription {
         name: name.to_owned(),
         farm: "farm1".to_owned(),
@@ -79,7 +79,7 @@ fn description(name: &str, weight: u32) -> MachineDescription {
     }
 }
 
-fn session(session_id: u32, user: &str, state: SessionState) -> SessionInfo {
+pub(super) fn session(session_id: u32, user: &str, state: SessionState) -> SessionInfo {
     SessionInfo {
         session_id,
         user_name: user.to_owned(),

@@ -2,6 +2,7 @@
 //! writes in one transaction, each machine's order kept, nothing acknowledged that was not
 //! committed, and a write the database refuses failing alone.
 
+use crate::conformance::{NOW, description, session};
 use crate::support::on_both_stores;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,9 +12,7 @@ use tsbroker::store::{
     self, Choice, EventOutcome, IngestItem, IngestOp, IngestReply, ItemResult, MachineLoad,
     Placement, PlacementRequest, Store, StoreError, StoreResult, StreamMachineState,
 };
-use tsbroker_common::model::{
-    LoadReport, MachineDescription, SessionEvent, SessionEventKind, SessionInfo, SessionState,
-};
+use tsbroker_common::model::{LoadReport, SessionEvent, SessionEventKind, SessionState};
 use tsbroker_tests::{Backend, TestDatabase};
 use uuid::Uuid;
 
@@ -26,32 +25,7 @@ on_both_stores!(
     a_stream_end_marks_only_its_own_machine,
 );
 
-const NOW: i64 = 1_700_000_000_000;
 const FARM: &str = "farm1";
-
-fn description(name: &str) -> MachineDescription {
-    MachineDescription {
-        name: name.to_owned(),
-        farm: FARM.to_owned(),
-        address: format!("{name}:3389"),
-        weight: 100,
-        session_limit: 0,
-        single_session: false,
-        agent_version: "1".to_owned(),
-        front_door: false,
-    }
-}
-
-fn session(session_id: u32, user: &str, state: SessionState) -> SessionInfo {
-    SessionInfo {
-        session_id,
-        user_name: user.to_owned(),
-        domain: String::new(),
-        state,
-        client_address: String::new(),
-        logon_time_ms: Some(NOW - 1),
-    }
-}
 
 fn event(kind: SessionEventKind, session_id: u32, user: &str) -> SessionEvent {
     let state = kind.resulting_state().unwrap_or(SessionState::Active);
@@ -74,7 +48,7 @@ async fn ready_machines(store: &dyn Store, count: usize) -> Vec<(Uuid, Uuid)> {
     let added: Vec<IngestItem> = (0..count)
         .map(|index| {
             IngestItem::added(
-                description(&format!("ts{index}")),
+                description(&format!("ts{index}"), 100),
                 "session-count",
                 Uuid::new_v4(),
             )
@@ -255,7 +229,7 @@ async fn each_machine_keeps_its_order_within_a_group(database: &TestDatabase) {
             IngestOp::Events(vec![event(SessionEventKind::Logoff, 1, "carol")]),
         ),
         // A newer stream takes machine b over; b's old stream is refused after that.
-        IngestItem::added(description("ts1"), "session-count", Uuid::new_v4()),
+        IngestItem::added(description("ts1", 100), "session-count", Uuid::new_v4()),
         item(
             b,
             b_connection,
