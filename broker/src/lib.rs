@@ -2,11 +2,13 @@
 //! connecting user should go.
 //!
 //! `server::run` assembles the gRPC services (`service`) over a `store`; the redirect
-//! decision and its policies live in `decision`, external plug-ins in `plugin`.
+//! decision and its policies live in `decision`, the in-memory copy of the sessions it reads
+//! first in `directory`, external plug-ins in `plugin`.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod decision;
+pub mod directory;
 pub mod error;
 pub mod metrics;
 pub mod plugin;

@@ -4,6 +4,7 @@
 use crate::config::BrokerConfig;
 use crate::decision::policy::PolicyRegistry;
 use crate::decision::{Decider, DecisionSettings};
+use crate::directory::SessionDirectory;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHub;
 use crate::service::admin_api::AdminApi;
@@ -143,6 +144,7 @@ pub async fn run(
         config.farms.clone(),
         plugins.clone(),
         metrics.clone(),
+        SessionDirectory::start(store.clone(), shutdown.child_token()),
     ));
     core.set(Core {
         store: store.clone(),

@@ -7,6 +7,7 @@ mod placement_queue;
 mod plugin_step;
 pub mod policy;
 
+use crate::directory::SessionDirectory;
 use crate::error::ApiError;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::plugin::PluginHub;
@@ -93,6 +94,7 @@ pub struct Decider {
     plugins: Arc<PluginHub>,
     metrics: Arc<Metrics>,
     placements: PlacementQueues,
+    directory: SessionDirectory,
 }
 
 impl Decider {
@@ -103,6 +105,7 @@ impl Decider {
         farms: FarmBook,
         plugins: Arc<PluginHub>,
         metrics: Arc<Metrics>,
+        directory: SessionDirectory,
     ) -> Self {
         Decider {
             placements: PlacementQueues::new(
@@ -117,6 +120,7 @@ impl Decider {
             farms,
             plugins,
             metrics,
+            directory,
         }
     }
 
@@ -145,22 +149,48 @@ impl Decider {
         let now = model::now_millis();
         let lease_cutoff = now - self.settings.heartbeat_timeout.as_millis() as i64;
         if query.user_name.is_empty() {
-            return self.place(query, &anonymous_key(), now, lease_cutoff).await;
+            let placed = self
+                .place(query, &anonymous_key(), now, lease_cutoff, false)
+                .await?;
+            return placed.ok_or_else(has_session_unexpectedly);
         }
+        // The directory in memory first: a session there on a live machine is the answer; no
+        // session there is a new user, whose placement checks the database under the farm's
+        // lock. Sessions only on machines that look gone: the database decides.
+        if let Some(known) = self.directory.lookup(
+            &query.farm,
+            &query.user_name,
+            query.user_name_may_be_truncated,
+        ) {
+            if let Some(session) = best_session(&known.sessions, &query.domain, lease_cutoff) {
+                return Ok(session_answer(session));
+            }
+            if known.sessions.is_empty() {
+                if let Some(answer) = self.external_session(query).await {
+                    return Ok(answer);
+                }
+                if let Some(answer) = self
+                    .place(query, &known.user_key, now, lease_cutoff, true)
+                    .await?
+                {
+                    return Ok(answer);
+                }
+                // The directory was behind: the user has a session after all.
+            }
+        }
+        self.decide_from_store(query, now, lease_cutoff).await
+    }
+
+    /// The decision with everything read from the database.
+    async fn decide_from_store(
+        &self,
+        query: &RedirectQuery,
+        now: i64,
+        lease_cutoff: i64,
+    ) -> Result<RedirectAnswer, ApiError> {
         let (user_key, sessions) = self.sessions_of(query).await?;
         if let Some(session) = best_session(&sessions, &query.domain, lease_cutoff) {
-            return Ok(RedirectAnswer {
-                target: Target {
-                    machine_id: Some(session.machine_id),
-                    name: session.machine_name.clone(),
-                    address: session.machine_address.clone(),
-                    front_door: session.machine_front_door,
-                },
-                reason: RedirectReason::ExistingSession,
-                session_id: u32::try_from(session.session_id).ok(),
-                user_name: session.user_name.clone(),
-                policy: None,
-            });
+            return Ok(session_answer(session));
         }
         let pending = self
             .store
@@ -171,13 +201,21 @@ impl Decider {
         }) {
             return Ok(pending_answer(&machine, query));
         }
-        if sessions.is_empty() {
-            let link = self.plugins.for_farm(&query.farm);
-            if let Some(answer) = plugin_step::external_session(link, query).await {
-                return Ok(answer);
-            }
+        if sessions.is_empty()
+            && let Some(answer) = self.external_session(query).await
+        {
+            return Ok(answer);
         }
-        self.place(query, &user_key, now, lease_cutoff).await
+        let placed = self
+            .place(query, &user_key, now, lease_cutoff, false)
+            .await?;
+        placed.ok_or_else(has_session_unexpectedly)
+    }
+
+    /// A plug-in's session outside the farm for a user without one inside it.
+    async fn external_session(&self, query: &RedirectQuery) -> Option<RedirectAnswer> {
+        let link = self.plugins.for_farm(&query.farm);
+        plugin_step::external_session(link, query).await
     }
 
     /// The user's sessions in the farm; a truncated name that is the unique prefix of a user
@@ -207,13 +245,15 @@ impl Decider {
         }
     }
 
+    /// Places a new logon; `None` when `check_sessions` found that the user has a session.
     async fn place(
         &self,
         query: &RedirectQuery,
         user_key: &str,
         now: i64,
         lease_cutoff: i64,
-    ) -> Result<RedirectAnswer, ApiError> {
+        check_sessions: bool,
+    ) -> Result<Option<RedirectAnswer>, ApiError> {
         // A plug-in is asked outside the farm's lock (it may take up to its deadline); its pick
         // is honoured if it is still a candidate once the lock is held.
         let preferred = match self.plugins.for_farm(&query.farm) {
@@ -228,6 +268,7 @@ impl Decider {
                     max_pending_per_machine: self.settings.max_pending_logons_per_machine,
                     slow_start_ms: farm_settings.slow_start.as_millis() as i64,
                     excluded: &query.excluded_machines,
+                    check_sessions: false,
                 };
                 let context = ChoiceContext {
                     farm: &query.farm,
@@ -248,6 +289,7 @@ impl Decider {
             user_key: user_key.to_owned(),
             excluded: query.excluded_machines.clone(),
             preferred,
+            check_sessions,
         };
         let Placed {
             placement,
@@ -260,18 +302,19 @@ impl Decider {
             RedirectReason::LoadBalanced
         };
         match placement {
-            Placement::AlreadyPending(machine) => Ok(pending_answer(&machine, query)),
-            Placement::Placed(machine) => Ok(RedirectAnswer {
+            Placement::AlreadyPending(machine) => Ok(Some(pending_answer(&machine, query))),
+            Placement::Placed(machine) => Ok(Some(RedirectAnswer {
                 target: Target::from(&machine),
                 reason,
                 session_id: None,
                 user_name: query.user_name.clone(),
                 policy,
-            }),
+            })),
             Placement::NoCandidate(loads) => {
                 let group = self.farms.get(&query.farm).group_of(user_key);
                 Err(no_candidate_error(&query.farm, &loads, group))
             }
+            Placement::HasSession => Ok(None),
         }
     }
 
@@ -279,6 +322,29 @@ impl Decider {
     pub fn farm_settings(&self, farm: &str) -> &FarmSettings {
         self.farms.get(farm)
     }
+}
+
+/// Back to the user's session.
+fn session_answer(session: &SessionRecord) -> RedirectAnswer {
+    RedirectAnswer {
+        target: Target {
+            machine_id: Some(session.machine_id),
+            name: session.machine_name.clone(),
+            address: session.machine_address.clone(),
+            front_door: session.machine_front_door,
+        },
+        reason: RedirectReason::ExistingSession,
+        session_id: u32::try_from(session.session_id).ok(),
+        user_name: session.user_name.clone(),
+        policy: None,
+    }
+}
+
+/// A placement that did not ask to check sessions cannot answer `HasSession`.
+fn has_session_unexpectedly() -> ApiError {
+    ApiError::Store(crate::store::StoreError::Internal(sqlx::Error::Protocol(
+        "placement found a session it was not asked to look for".into(),
+    )))
 }
 
 fn pending_answer(machine: &MachineRecord, query: &RedirectQuery) -> RedirectAnswer {

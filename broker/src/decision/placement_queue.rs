@@ -40,6 +40,8 @@ pub struct PlacementJob {
     pub excluded: Vec<Uuid>,
     /// The plug-in's pick, honoured if it is still a candidate.
     pub preferred: Option<Uuid>,
+    /// See [`PlacementRequest::check_sessions`].
+    pub check_sessions: bool,
 }
 
 /// A placement and how it was made.
@@ -185,6 +187,7 @@ impl Placer {
                 max_pending_per_machine: self.settings.max_pending_logons_per_machine,
                 slow_start_ms: farm_settings.slow_start.as_millis() as i64,
                 excluded: &queued.job.excluded,
+                check_sessions: queued.job.check_sessions,
             })
             .collect();
         // What each pick used: the policy's name, and whether the plug-in's pick was taken.

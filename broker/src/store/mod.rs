@@ -2,6 +2,7 @@
 //! shared by broker replicas) and SQLite (the embedded default). Correctness under concurrency
 //! comes from each backend's transactions and constraints, not from locks in this process.
 
+pub mod directory_feed;
 mod error;
 pub mod ingest;
 mod placement;
@@ -15,7 +16,9 @@ use tokio::sync::broadcast;
 use tsbroker_common::model::{LoadReport, MachineDescription, SessionEvent, SessionInfo};
 use uuid::Uuid;
 
+pub use directory_feed::{DirectoryDelta, DirectoryMachine, DirectorySink, MachineLease};
 pub use error::StoreError;
+pub use ingest::plan::SessionRow;
 pub use ingest::{IngestItem, IngestOp, IngestReply, IngestWriter, ItemResult};
 pub use postgres::PostgresStore;
 pub use records::*;
@@ -217,6 +220,26 @@ pub trait Store: Send + Sync + 'static {
     /// Machine ids whose settings an administrator changed or that a new stream took over,
     /// from any broker sharing the database (PostgreSQL: LISTEN/NOTIFY; SQLite: in-process).
     fn subscribe_machine_changes(&self) -> broadcast::Receiver<Uuid>;
+
+    /// Attaches the in-memory directory: from now on every commit that changes sessions or
+    /// machine states is handed to `sink` (see [`DirectoryDelta`]) before the write is
+    /// answered, and on PostgreSQL so are the machines other replicas announce (as deltas
+    /// asking to read them again). A second call is ignored.
+    fn attach_directory(&self, sink: std::sync::Arc<dyn DirectorySink>);
+
+    /// The machines (all, or those of `ids`) as the in-memory directory keeps them.
+    async fn directory_machines(&self, ids: Option<&[Uuid]>) -> StoreResult<Vec<DirectoryMachine>>;
+
+    /// Hands every session (all, or those of the machines `ids`) to `sink`, one row at a time
+    /// (a million sessions are streamed, never held in one list).
+    async fn directory_sessions(
+        &self,
+        ids: Option<&[Uuid]>,
+        sink: &mut (dyn FnMut(SessionRow) + Send),
+    ) -> StoreResult<()>;
+
+    /// Every machine's state and last contact, for the directory's periodic refresh.
+    async fn machine_leases(&self) -> StoreResult<Vec<MachineLease>>;
 }
 
 fn ingest_item(machine: Uuid, connection: Uuid, op: IngestOp) -> IngestItem {

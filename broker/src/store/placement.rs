@@ -6,7 +6,7 @@
 use super::BatchChooser;
 use super::records::{Choice, MachineLoad, MachineRecord, Placement, PlacementRequest};
 use super::sql::classify;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -19,17 +19,23 @@ pub(crate) struct PlannedBatch {
 
 /// Decides every request of the batch. `pending` maps user keys to the machine of their
 /// unexpired pending logon (as read from the database); it and `machines` are updated with
-/// the batch's picks.
+/// the batch's picks. `with_sessions` holds the users (of requests that `check_sessions`) who
+/// have a session in the farm.
 pub(crate) fn plan(
     requests: &[PlacementRequest<'_>],
     policy: &str,
     choose: &BatchChooser<'_>,
     machines: &mut [Arc<MachineRecord>],
     pending: &mut HashMap<String, Uuid>,
+    with_sessions: &HashSet<String>,
 ) -> PlannedBatch {
     let mut placements = Vec::with_capacity(requests.len());
     let mut new_pending = Vec::new();
     for (index, request) in requests.iter().enumerate() {
+        if request.check_sessions && with_sessions.contains(request.user_key) {
+            placements.push(Placement::HasSession);
+            continue;
+        }
         let pending_at = pending
             .get(request.user_key)
             .and_then(|pending| machines.iter().position(|machine| machine.id == *pending));
@@ -72,6 +78,17 @@ pub(crate) fn plan(
     }
 }
 
+/// The keys of an `IN (…)` list, the last repeated up to the next power of two: a batch's
+/// lookups then have one of a few statement texts, which each connection prepares once.
+pub(crate) fn padded_keys<'k, 'a>(keys: &'k [&'a str]) -> Vec<&'k &'a str> {
+    let Some(last) = keys.last() else {
+        return Vec::new();
+    };
+    let mut padded: Vec<&&str> = keys.iter().collect();
+    padded.resize(keys.len().next_power_of_two(), last);
+    padded
+}
+
 /// `SELECT user_key, machine_id` of the unexpired pending logons of `users` keys in a farm:
 /// `$1` farm, `$2` now, `$3…` the keys.
 pub(crate) fn select_pending_of_users(users: usize) -> String {
@@ -79,6 +96,15 @@ pub(crate) fn select_pending_of_users(users: usize) -> String {
         "SELECT user_key, machine_id FROM pending_logons WHERE farm = $1 AND expires_at > $2 \
          AND user_key IN ({})",
         placeholders(3, users, 1)
+    )
+}
+
+/// `SELECT DISTINCT user_key` of `users` keys with a session in a farm: `$1` farm, `$2…` the
+/// keys.
+pub(crate) fn select_users_with_sessions(users: usize) -> String {
+    format!(
+        "SELECT DISTINCT user_key FROM sessions WHERE farm = $1 AND user_key IN ({})",
+        placeholders(2, users, 1)
     )
 }
 
@@ -107,6 +133,15 @@ fn placeholders(first: usize, count: usize, step: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_lists_are_padded_to_a_power_of_two() {
+        let keys = ["a", "b", "c"];
+        let padded: Vec<&str> = padded_keys(&keys).into_iter().copied().collect();
+        assert_eq!(padded, ["a", "b", "c", "c"]);
+        assert_eq!(padded_keys(&keys[..2]).len(), 2);
+        assert!(padded_keys(&[]).is_empty());
+    }
 
     #[test]
     fn statements_number_their_parameters() {

@@ -1,7 +1,11 @@
 //! The PostgreSQL store: what a production farm uses and what several broker replicas share.
-//! Row locks (`FOR UPDATE`) serialize the changes that must not interleave; changes made by
-//! administrators reach every replica through LISTEN/NOTIFY.
+//! Row locks serialize the changes that must not interleave — on machines `FOR NO KEY UPDATE`,
+//! which never blocks the foreign-key checks of a placement recording a pending logon on the
+//! machine (a `FOR UPDATE` there let a placement and a stream write wait for each other); changes made by
+//! administrators reach every replica through LISTEN/NOTIFY, and so do the machines whose
+//! sessions a replica changed (for the other replicas' in-memory directories).
 
+use super::directory_feed::{self, DIRECTORY_CHANNEL, DirectoryDelta, SinkSlot};
 use super::ingest;
 use super::sql::{self, StoreHooks};
 use super::{
@@ -21,12 +25,20 @@ const CHANGE_CHANNEL: &str = "tsbroker_machine_changed";
 /// (`IngestSettings::concurrency`) plus single writes made outside the writer.
 const INGEST_CONNECTIONS: u32 = 4;
 
+/// Connections of the placement pool: one placement transaction at a time per farm.
+const PLACEMENT_CONNECTIONS: u32 = 8;
+
 pub struct PostgresStore {
     pool: sqlx::PgPool,
     /// The group-commit writer's own connections (see `ingest`): placements waiting on a
     /// farm's lock hold connections of `pool`, never these.
     ingest_pool: sqlx::PgPool,
+    /// The placements' connections: `synchronous_commit=off` (see `begin_placement`).
+    placement_pool: sqlx::PgPool,
     changes: broadcast::Sender<Uuid>,
+    directory: SinkSlot,
+    /// This store's id in directory notifications (its own are not applied twice).
+    instance: Uuid,
     listener: tokio::task::JoinHandle<()>,
 }
 
@@ -61,18 +73,47 @@ impl PostgresStore {
             .connect_with(ingest_options)
             .await
             .context("connect to postgresql")?;
+        let placement_options = PgConnectOptions::from_str(database_url)
+            .context("parse the postgresql url")?
+            .options([("synchronous_commit", "off")]);
+        let placement_pool = PgPoolOptions::new()
+            .max_connections(PLACEMENT_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(placement_options)
+            .await
+            .context("connect to postgresql")?;
         let (changes, _) = broadcast::channel(1024);
-        let listener = tokio::spawn(forward_notifications(pool.clone(), changes.clone()));
+        let directory = SinkSlot::default();
+        let instance = Uuid::new_v4();
+        let listener = tokio::spawn(forward_notifications(
+            pool.clone(),
+            changes.clone(),
+            directory.clone(),
+            instance,
+        ));
         Ok(PostgresStore {
             pool,
             ingest_pool,
+            placement_pool,
             changes,
+            directory,
+            instance,
             listener,
         })
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         self.pool.begin().await
+    }
+
+    /// A placement's transaction. Its commit does not wait for the WAL flush
+    /// (`synchronous_commit=off`): it is visible to every replica at once, and only a crash of
+    /// the database server can forget the last fraction of a second of placements — pending
+    /// logons, hints that live 30 seconds. Agents' events keep waiting for the flush.
+    async fn begin_placement(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.placement_pool.begin().await
     }
 
     async fn begin_ingest(
@@ -91,6 +132,30 @@ impl PostgresStore {
             .await;
         if let Err(error) = sent {
             tracing::warn!(machines = machines.len(), %error, "could not announce machine changes");
+        }
+    }
+
+    /// Hands the delta to this broker's directory and tells the other replicas which machines
+    /// to read again.
+    async fn publish_directory(&self, delta: DirectoryDelta) {
+        if delta.is_empty() {
+            return;
+        }
+        let changed = delta.changed_machines();
+        directory_feed::hand_over(&self.directory, delta);
+        if changed.is_empty() {
+            return;
+        }
+        let payloads = directory_feed::notification_payloads(self.instance, &changed);
+        let sent = sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
+            .bind(DIRECTORY_CHANNEL)
+            .bind(payloads)
+            .execute(&self.ingest_pool)
+            .await;
+        if let Err(error) = sent {
+            // The others' periodic refresh still catches states; their sessions of these
+            // machines stay as they were until the next change is announced.
+            tracing::warn!(machines = changed.len(), %error, "could not announce directory changes");
         }
     }
 
@@ -116,18 +181,40 @@ impl Drop for PostgresStore {
 impl StoreHooks for PostgresStore {
     const BACKEND: &'static str = "postgres";
     const LOCK_OWNER: &'static str =
-        "SELECT connection_id, farm FROM machines WHERE id = $1 FOR UPDATE";
+        "SELECT connection_id, farm FROM machines WHERE id = $1 FOR NO KEY UPDATE";
     const LOCK_FARM: &'static str = sql::LOCK_FARM_FOR_PLACEMENT;
 }
 
-/// Forwards NOTIFY payloads (machine ids) to the in-process channel, reconnecting as needed.
-async fn forward_notifications(pool: sqlx::PgPool, changes: broadcast::Sender<Uuid>) {
+/// Forwards NOTIFY payloads to the in-process channels, reconnecting as needed: machine ids
+/// of changed machines, and other replicas' directory changes (as deltas to read again). After
+/// a reconnection the directory is told to read everything again (notifications may have been
+/// missed meanwhile).
+async fn forward_notifications(
+    pool: sqlx::PgPool,
+    changes: broadcast::Sender<Uuid>,
+    directory: SinkSlot,
+    instance: Uuid,
+) {
+    let mut first = true;
     loop {
         let listened = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(CHANGE_CHANNEL).await?;
+            listener
+                .listen_all([CHANGE_CHANNEL, DIRECTORY_CHANNEL])
+                .await?;
+            if !std::mem::take(&mut first) {
+                directory_feed::hand_over(&directory, DirectoryDelta::reload_everything());
+            }
             loop {
                 let notification = listener.recv().await?;
+                if notification.channel() == DIRECTORY_CHANNEL {
+                    if let Some(machines) =
+                        directory_feed::parse_notification(notification.payload(), instance)
+                    {
+                        directory_feed::hand_over(&directory, DirectoryDelta::reload(machines));
+                    }
+                    continue;
+                }
                 match Uuid::parse_str(notification.payload()) {
                     Ok(machine) => {
                         let _ = changes.send(machine);
@@ -149,4 +236,4 @@ async fn forward_notifications(pool: sqlx::PgPool, changes: broadcast::Sender<Uu
 }
 
 sql::impl_store!(PostgresStore, sqlx::Postgres);
-ingest::sql::impl_ingest!(PostgresStore, sqlx::Postgres, pg, " FOR UPDATE");
+ingest::sql::impl_ingest!(PostgresStore, sqlx::Postgres, pg, " FOR NO KEY UPDATE");

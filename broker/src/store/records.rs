@@ -249,6 +249,9 @@ pub struct PlacementRequest<'a> {
     /// Machines the caller could not connect to: never chosen, and a pending logon there is
     /// placed again.
     pub excluded: &'a [Uuid],
+    /// The caller looked for the user's sessions in memory only: the placement looks in the
+    /// database, under the farm's lock, and answers [`Placement::HasSession`] when it finds one.
+    pub check_sessions: bool,
 }
 
 /// The policy's answer.
@@ -331,6 +334,9 @@ pub enum Placement {
     Placed(MachineRecord),
     /// No machine can take the logon; the farm's machines as they were classified.
     NoCandidate(Vec<MachineLoad>),
+    /// The request asked to check (`check_sessions`) and the user has a session in the farm:
+    /// nothing was placed; the caller sends the user back to it.
+    HasSession,
 }
 
 /// Classifies each machine of the farm for a new logon. Slow start (see `slow_start_ramp`) is
@@ -386,6 +392,7 @@ mod tests {
             max_pending_per_machine: 20,
             slow_start_ms: 60_000,
             excluded: &[],
+            check_sessions: false,
         }
     }
 

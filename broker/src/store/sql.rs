@@ -139,8 +139,8 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> String {
     format!("{prefix}{}", char::MAX)
 }
 
-/// Implements `Store` for a backend struct that has `pool`, `begin_write()`,
-/// `announce_change(id)` and the consts `LOCK_OWNER` and `LOCK_FARM`.
+/// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`), `begin_write()`, `begin_placement()`, `announce_change(id)`,
+/// `publish_directory(delta)` and the consts `LOCK_OWNER` and `LOCK_FARM`.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         #[async_trait::async_trait]
@@ -199,6 +199,8 @@ macro_rules! impl_store {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
+                self.publish_directory($crate::store::DirectoryDelta::removed(vec![machine], now))
+                    .await;
                 Ok(record)
             }
 
@@ -214,7 +216,12 @@ macro_rules! impl_store {
                     .bind(now)
                     .execute(&self.pool)
                     .await?;
-                Ok(result.rows_affected() > 0)
+                let marked = result.rows_affected() > 0;
+                if marked {
+                    let delta = $crate::store::DirectoryDelta::state(machine, "unreachable", now);
+                    self.publish_directory(delta).await;
+                }
+                Ok(marked)
             }
 
             async fn get_farm(&self, farm: &str) -> StoreResult<Option<FarmRecord>> {
@@ -312,7 +319,7 @@ macro_rules! impl_store {
                     return Ok(Vec::new());
                 };
                 let (farm, now) = (first.farm, first.now);
-                let mut tx = self.begin_write().await?;
+                let mut tx = self.begin_placement().await?;
                 let locked: Option<(String, i64)> = sqlx::query_as(Self::LOCK_FARM)
                     .bind(farm)
                     .fetch_optional(&mut *tx)
@@ -344,22 +351,42 @@ macro_rules! impl_store {
                     requests.iter().map(|request| request.user_key).collect();
                 users.sort_unstable();
                 users.dedup();
-                let lookup = crate::store::placement::select_pending_of_users(users.len());
+                let keys = crate::store::placement::padded_keys(&users);
+                let lookup = crate::store::placement::select_pending_of_users(keys.len());
                 let mut query = sqlx::query_as(sqlx::AssertSqlSafe(lookup))
                     .bind(farm)
                     .bind(now);
-                for user in &users {
+                for user in keys {
                     query = query.bind(*user);
                 }
                 let found: Vec<(String, Uuid)> = query.fetch_all(&mut *tx).await?;
                 let mut pending: std::collections::HashMap<String, Uuid> =
                     found.into_iter().collect();
+                // Users looked up in memory only: do they have a session after all?
+                let mut unsure: Vec<&str> = requests
+                    .iter()
+                    .filter(|request| request.check_sessions)
+                    .map(|request| request.user_key)
+                    .collect();
+                unsure.sort_unstable();
+                unsure.dedup();
+                let mut with_sessions = std::collections::HashSet::new();
+                if !unsure.is_empty() {
+                    let keys = crate::store::placement::padded_keys(&unsure);
+                    let lookup = crate::store::placement::select_users_with_sessions(keys.len());
+                    let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(lookup)).bind(farm);
+                    for user in keys {
+                        query = query.bind(*user);
+                    }
+                    with_sessions.extend(query.fetch_all(&mut *tx).await?);
+                }
                 let planned = crate::store::placement::plan(
                     requests,
                     &policy,
                     choose,
                     &mut machines,
                     &mut pending,
+                    &with_sessions,
                 );
                 if !planned.new_pending.is_empty() {
                     let upsert =
@@ -470,11 +497,81 @@ macro_rules! impl_store {
                 }
                 tx.commit().await?;
                 self.announce_change(machine).await;
+                self.publish_directory($crate::store::DirectoryDelta::removed(
+                    vec![machine],
+                    model::now_millis(),
+                ))
+                .await;
                 Ok(sessions.max(0) as u64)
             }
 
             fn subscribe_machine_changes(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
                 self.changes.subscribe()
+            }
+
+            fn attach_directory(&self, sink: std::sync::Arc<dyn $crate::store::DirectorySink>) {
+                let _ = self.directory.set(sink);
+            }
+
+            async fn directory_machines(
+                &self,
+                ids: Option<&[Uuid]>,
+            ) -> StoreResult<Vec<$crate::store::DirectoryMachine>> {
+                use $crate::store::directory_feed as feed;
+                let Some(ids) = ids else {
+                    return Ok(sqlx::query_as(feed::SELECT_DIRECTORY_MACHINES)
+                        .fetch_all(&self.pool)
+                        .await?);
+                };
+                let mut machines = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(sql::IDS_PER_STATEMENT) {
+                    let statement =
+                        feed::where_in(feed::SELECT_DIRECTORY_MACHINES, "id", chunk.len());
+                    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(statement));
+                    for id in chunk {
+                        query = query.bind(*id);
+                    }
+                    machines.extend(query.fetch_all(&self.pool).await?);
+                }
+                Ok(machines)
+            }
+
+            async fn directory_sessions(
+                &self,
+                ids: Option<&[Uuid]>,
+                sink: &mut (dyn FnMut($crate::store::SessionRow) + Send),
+            ) -> StoreResult<()> {
+                use futures::TryStreamExt;
+                use $crate::store::directory_feed as feed;
+                let Some(ids) = ids else {
+                    let mut rows =
+                        sqlx::query_as(feed::SELECT_DIRECTORY_SESSIONS).fetch(&self.pool);
+                    while let Some(row) = rows.try_next().await? {
+                        sink(row);
+                    }
+                    return Ok(());
+                };
+                for chunk in ids.chunks(sql::IDS_PER_STATEMENT) {
+                    let statement =
+                        feed::where_in(feed::SELECT_DIRECTORY_SESSIONS, "machine_id", chunk.len());
+                    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(statement));
+                    for id in chunk {
+                        query = query.bind(*id);
+                    }
+                    let mut rows = query.fetch(&self.pool);
+                    while let Some(row) = rows.try_next().await? {
+                        sink(row);
+                    }
+                }
+                Ok(())
+            }
+
+            async fn machine_leases(&self) -> StoreResult<Vec<$crate::store::MachineLease>> {
+                Ok(
+                    sqlx::query_as($crate::store::directory_feed::SELECT_MACHINE_LEASES)
+                        .fetch_all(&self.pool)
+                        .await?,
+                )
             }
         }
 
@@ -499,6 +596,9 @@ macro_rules! impl_store {
 }
 
 pub(super) use impl_store;
+
+/// Most ids bound to one `IN (…)` list.
+pub(super) const IDS_PER_STATEMENT: usize = 500;
 
 /// The backend-specific SQL the shared implementation needs.
 pub(super) trait StoreHooks {

@@ -2,6 +2,7 @@
 //! start with `BEGIN IMMEDIATE`, so they queue for SQLite's single writer instead of failing
 //! half-way; WAL lets readers go on meanwhile.
 
+use super::directory_feed::{self, DirectoryDelta, SinkSlot};
 use super::ingest;
 use super::sql::{self, StoreHooks};
 use super::{
@@ -20,7 +21,10 @@ pub struct SqliteStore {
     /// The group-commit writer's own connection (see `ingest`), so its turn at SQLite's
     /// single writer never waits for a free connection of `pool` too.
     ingest_pool: sqlx::SqlitePool,
+    /// The placements' connections: `synchronous=NORMAL` (see `begin_placement`).
+    placement_pool: sqlx::SqlitePool,
     changes: broadcast::Sender<Uuid>,
+    directory: SinkSlot,
 }
 
 impl SqliteStore {
@@ -48,19 +52,38 @@ impl SqliteStore {
         let ingest_pool = SqlitePoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
+            .await
+            .with_context(|| format!("open sqlite database {database_url:?}"))?;
+        let placement_pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.synchronous(SqliteSynchronous::Normal))
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
         let (changes, _) = broadcast::channel(1024);
         Ok(SqliteStore {
             pool,
             ingest_pool,
+            placement_pool,
             changes,
+            directory: SinkSlot::default(),
         })
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
         self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    /// A placement's transaction. Its commit does not wait for the disk (WAL with
+    /// `synchronous=NORMAL`: durable across a crash of the process, not of the machine): a
+    /// pending logon is a hint that lives 30 seconds, and after a power cut the broker starts
+    /// without the last moments' ones, as it would without the machine. Agents' events keep
+    /// `FULL`.
+    async fn begin_placement(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.placement_pool.begin_with("BEGIN IMMEDIATE").await
     }
 
     async fn begin_ingest(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
@@ -71,6 +94,11 @@ impl SqliteStore {
         for machine in machines {
             self.announce_change(*machine).await;
         }
+    }
+
+    /// One process owns an SQLite file: only its own directory hears of its commits.
+    async fn publish_directory(&self, delta: DirectoryDelta) {
+        directory_feed::hand_over(&self.directory, delta);
     }
 
     /// One process owns an SQLite file, so a change is announced in-process.

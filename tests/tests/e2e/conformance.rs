@@ -99,7 +99,7 @@ fn event(kind: SessionEventKind, session_id: u32, user: &str) -> SessionEvent {
 }
 
 /// Adds, resyncs and readies a machine; returns its id and connection.
-async fn ready_machine(
+pub(super) async fn ready_machine(
     store: &dyn Store,
     name: &str,
     weight: u32,
@@ -121,7 +121,7 @@ async fn ready_machine(
     (machine.id, connection)
 }
 
-fn request<'a>(user_key: &'a str) -> PlacementRequest<'a> {
+pub(super) fn request<'a>(user_key: &'a str) -> PlacementRequest<'a> {
     PlacementRequest {
         farm: "farm1",
         user_key,
@@ -131,6 +131,7 @@ fn request<'a>(user_key: &'a str) -> PlacementRequest<'a> {
         max_pending_per_machine: 20,
         slow_start_ms: 0,
         excluded: &[],
+        check_sessions: false,
     }
 }
 
@@ -499,6 +500,7 @@ async fn a_batch_of_placements_counts_its_own_picks(database: &TestDatabase) {
     let machine_of = |placement: &Placement| match placement {
         Placement::Placed(machine) | Placement::AlreadyPending(machine) => machine.id,
         Placement::NoCandidate(loads) => panic!("no candidate: {loads:?}"),
+        Placement::HasSession => panic!("no request asked to check sessions"),
     };
     let first = machine_of(&placements[0]);
     let second = machine_of(&placements[1]);

@@ -104,6 +104,7 @@ async fn many_streams_share_one_transaction(database: &TestDatabase) {
         max_pending_per_machine: 20,
         slow_start_ms: 0,
         excluded: &[],
+        check_sessions: false,
     };
     let placed = store.place_logon(&request, &first_candidate).await.unwrap();
     assert!(matches!(placed, Placement::Placed(_)), "{placed:?}");

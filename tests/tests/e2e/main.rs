@@ -7,6 +7,7 @@ mod bench_smoke;
 mod binaries;
 mod concurrency;
 mod conformance;
+mod directory;
 mod ingest_conformance;
 mod plugins;
 mod policies;

@@ -53,17 +53,16 @@ pub fn lowest_score(
     candidates: &[MachineLoad],
     score: impl Fn(&MachineLoad) -> f64,
 ) -> Option<Uuid> {
+    // The lowest score first; the tie-break (a hash) only among the candidates that share it.
+    let best = candidates
+        .iter()
+        .map(&score)
+        .min_by(|left, right| left.total_cmp(right))?;
     candidates
         .iter()
-        .map(|candidate| {
-            (
-                score(candidate),
-                tie_break(user_key, candidate),
-                candidate.machine.id,
-            )
-        })
-        .min_by(|left, right| left.0.total_cmp(&right.0).then(left.1.cmp(&right.1)))
-        .map(|(_, _, id)| id)
+        .filter(|candidate| score(candidate).total_cmp(&best).is_eq())
+        .min_by_key(|candidate| tie_break(user_key, candidate))
+        .map(|candidate| candidate.machine.id)
 }
 
 /// The policies a broker knows, by name.

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 /// A session row, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub(crate) struct SessionRow {
+pub struct SessionRow {
     pub machine_id: Uuid,
     pub session_id: i64,
     pub farm: String,

@@ -22,7 +22,10 @@ pub(crate) const LOCK_MACHINES_TYPES: &[&str] = &["uuid"];
 
 pub(crate) const INSERT_FARMS: &str = "INSERT INTO farms (name, created_at, policy) \
      SELECT column1, $1, column2 FROM ";
-pub(crate) const INSERT_FARMS_END: &str = " WHERE true ON CONFLICT (name) DO NOTHING";
+/// (Only farms not there yet: inserting a farm that exists would wait for a placement holding
+/// the farm's row, while that placement may wait for this transaction.)
+pub(crate) const INSERT_FARMS_END: &str = " WHERE NOT EXISTS \
+     (SELECT 1 FROM farms f WHERE f.name = k.column1) ON CONFLICT (name) DO NOTHING";
 pub(crate) const INSERT_FARMS_TYPES: &[&str] = &["text", "text"];
 
 /// ADDED ($1 now): the machine JOINING, bound to the stream's connection.
@@ -134,15 +137,29 @@ macro_rules! impl_ingest {
                 let mut results: Vec<Option<ingest::ItemResult>> =
                     items.iter().map(|_| None).collect();
                 let mut announce = Vec::new();
+                let mut delta = $crate::store::DirectoryDelta {
+                    at: now,
+                    ..Default::default()
+                };
                 let mut tx = self.begin_ingest().await?;
                 for round in ingest::rounds(items) {
-                    ingest_round(&mut tx, items, &round, now, &mut results, &mut announce).await?;
+                    ingest_round(
+                        &mut tx,
+                        items,
+                        &round,
+                        now,
+                        &mut results,
+                        &mut announce,
+                        &mut delta,
+                    )
+                    .await?;
                 }
                 tx.commit().await?;
                 if !announce.is_empty() {
                     // A stream that owned a machine before learns that it was taken over.
                     self.announce_changes(&announce).await;
                 }
+                self.publish_directory(delta).await;
                 Ok(results
                     .into_iter()
                     .map(|result| {
@@ -164,6 +181,7 @@ macro_rules! impl_ingest {
             now: i64,
             results: &mut [Option<$crate::store::ingest::ItemResult>],
             announce: &mut Vec<Uuid>,
+            delta: &mut $crate::store::DirectoryDelta,
         ) -> StoreResult<()> {
             use std::collections::HashMap;
             use $crate::store::ingest::plan::{self, MachineEvents, SessionRow};
@@ -249,6 +267,20 @@ macro_rules! impl_ingest {
             let mut answer_with_record: Vec<usize> =
                 added.iter().map(|(index, ..)| *index).collect();
             announce.extend(added.iter().map(|&(index, ..)| items[index].machine));
+            delta
+                .machines
+                .extend(added.iter().map(|&(index, description, _)| {
+                    $crate::store::DirectoryMachine {
+                        id: items[index].machine,
+                        farm: description.farm.clone(),
+                        name: description.name.clone(),
+                        address: description.address.clone(),
+                        front_door: description.front_door,
+                        state: "joining".to_owned(),
+                        last_seen_at: now,
+                        updated_at: now,
+                    }
+                }));
 
             // The other items, once their stream is known to own the machine.
             let mut resyncs: Vec<(usize, &str, &[SessionInfo])> = Vec::new();
@@ -347,6 +379,9 @@ macro_rules! impl_ingest {
                 }
                 delete_sessions(tx, &deletes).await?;
                 write_sessions(tx, &upserts).await?;
+                delta.deletes.extend(deletes);
+                delta.upserts.extend(upserts);
+                delta.seen.extend(machines.iter().copied());
                 execute_id_list(
                     tx,
                     isql::DELETE_RESOLVED_PENDING_OF_MACHINES,
@@ -391,9 +426,11 @@ macro_rules! impl_ingest {
                         existing.insert((row.machine_id, row.session_id), row);
                     }
                 }
-                let event_plan = plan::plan_events(&machine_runs, existing, now);
+                let mut event_plan = plan::plan_events(&machine_runs, existing, now);
                 delete_sessions(tx, &event_plan.deletes).await?;
                 write_sessions(tx, &event_plan.upserts).await?;
+                delta.deletes.append(&mut event_plan.deletes);
+                delta.upserts.append(&mut event_plan.upserts);
                 for chunk in event_plan.resolved_pending.chunks(chunk_rows) {
                     let mut statement = Statement::new(isql::DELETE_PENDING_FOR_USERS, 0);
                     statement
@@ -418,6 +455,13 @@ macro_rules! impl_ingest {
             // READY, and the streams that ended.
             execute_id_list(tx, isql::SET_READY, Some(now), &readies).await?;
             execute_id_list(tx, isql::SET_UNREACHABLE, Some(now), &unreachable).await?;
+            delta
+                .states
+                .extend(readies.iter().map(|id| (*id, "ready".to_owned())));
+            delta
+                .states
+                .extend(unreachable.iter().map(|id| (*id, "unreachable".to_owned())));
+            delta.seen.extend(readies.iter().copied());
 
             // Load reports (a machine has at most one in a round).
             for chunk in loads.chunks(chunk_rows) {
@@ -447,6 +491,10 @@ macro_rules! impl_ingest {
             // Each machine whose sessions changed: its count, once (also the lease).
             recount.sort_unstable();
             recount.dedup();
+            delta.seen.extend(recount.iter().copied());
+            delta
+                .seen
+                .extend(loads.iter().map(|&(index, _)| items[index].machine));
             execute_id_list(tx, isql::REFRESH_SESSION_COUNTS, Some(now), &recount).await?;
 
             // ADDED and READY answer with the machine as it is now.

@@ -1,0 +1,364 @@
+//! The in-memory index behind the session directory: every session of every farm by user (what
+//! a redirect asks) and by machine (to apply deletes and machine reloads), and each machine's
+//! redirect details and lease. Pure data, no I/O: `sync.rs` keeps it current.
+
+use crate::store::{DirectoryDelta, DirectoryMachine, MachineLease, SessionRecord, SessionRow};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+use tsbroker_common::model::SessionState;
+use uuid::Uuid;
+
+/// A session as the index keeps it (the user's key is the map's key).
+#[derive(Clone, Debug)]
+struct SessionEntry {
+    machine_id: Uuid,
+    session_id: i64,
+    user_name: Box<str>,
+    domain: Box<str>,
+    state: SessionState,
+    logon_at: i64,
+    state_changed_at: i64,
+}
+
+/// Where a session is filed.
+#[derive(Clone, Debug)]
+struct UserRef {
+    farm: Arc<str>,
+    user_key: Arc<str>,
+}
+
+#[derive(Default)]
+pub struct DirectoryIndex {
+    machines: HashMap<Uuid, DirectoryMachine>,
+    /// Per machine: session id → where it is filed.
+    by_machine: HashMap<Uuid, HashMap<i64, UserRef>>,
+    /// Per farm: user key → the user's sessions.
+    farms: HashMap<Arc<str>, BTreeMap<Arc<str>, Vec<SessionEntry>>>,
+    sessions: usize,
+}
+
+impl DirectoryIndex {
+    pub fn session_count(&self) -> usize {
+        self.sessions
+    }
+
+    pub fn machine_count(&self) -> usize {
+        self.machines.len()
+    }
+
+    /// Creates or replaces a session (absolute row: applying it again changes nothing).
+    pub fn upsert_session(&mut self, row: SessionRow) {
+        self.delete_session(row.machine_id, row.session_id);
+        let farm = self.intern_farm(&row.farm);
+        let users = self.farms.entry(farm.clone()).or_default();
+        let user_key: Arc<str> = match users.get_key_value(row.user_key.as_str()) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(row.user_key.as_str()),
+        };
+        users
+            .entry(user_key.clone())
+            .or_default()
+            .push(SessionEntry {
+                machine_id: row.machine_id,
+                session_id: row.session_id,
+                user_name: row.user_name.into_boxed_str(),
+                domain: row.domain.into_boxed_str(),
+                state: SessionState::parse(&row.state).unwrap_or(SessionState::Active),
+                logon_at: row.logon_at,
+                state_changed_at: row.state_changed_at,
+            });
+        self.by_machine
+            .entry(row.machine_id)
+            .or_default()
+            .insert(row.session_id, UserRef { farm, user_key });
+        self.sessions += 1;
+    }
+
+    /// Forgets a session, if known.
+    pub fn delete_session(&mut self, machine: Uuid, session_id: i64) {
+        let Some(sessions) = self.by_machine.get_mut(&machine) else {
+            return;
+        };
+        let Some(filed) = sessions.remove(&session_id) else {
+            return;
+        };
+        if sessions.is_empty() {
+            self.by_machine.remove(&machine);
+        }
+        self.unfile(&filed, machine, session_id);
+    }
+
+    /// Forgets every session of the machine.
+    pub fn clear_machine_sessions(&mut self, machine: Uuid) {
+        let Some(sessions) = self.by_machine.remove(&machine) else {
+            return;
+        };
+        for (session_id, filed) in sessions {
+            self.unfile(&filed, machine, session_id);
+        }
+    }
+
+    /// The machine as stored now (`None`: it is gone).
+    pub fn set_machine(&mut self, id: Uuid, machine: Option<DirectoryMachine>) {
+        match machine {
+            Some(machine) => {
+                self.machines.insert(id, machine);
+            }
+            None => {
+                self.machines.remove(&id);
+            }
+        }
+    }
+
+    /// The machine was heard from at `at`.
+    pub fn seen(&mut self, id: Uuid, at: i64) {
+        if let Some(machine) = self.machines.get_mut(&id) {
+            machine.last_seen_at = machine.last_seen_at.max(at);
+        }
+    }
+
+    /// The machine's state changed at `at`.
+    pub fn set_state(&mut self, id: Uuid, state: &str, at: i64) {
+        if let Some(machine) = self.machines.get_mut(&id) {
+            state.clone_into(&mut machine.state);
+            machine.updated_at = machine.updated_at.max(at);
+        }
+    }
+
+    /// The machine's lease as stored; its state only if the row is not older than what the
+    /// index already has (a lease read before a change applied since is stale).
+    pub fn set_lease(&mut self, lease: MachineLease) {
+        if let Some(machine) = self.machines.get_mut(&lease.id) {
+            machine.last_seen_at = machine.last_seen_at.max(lease.last_seen_at);
+            if lease.updated_at >= machine.updated_at {
+                machine.state = lease.state;
+                machine.updated_at = lease.updated_at;
+            }
+        }
+    }
+
+    /// The machine and its sessions are gone.
+    pub fn remove_machine(&mut self, id: Uuid) {
+        self.clear_machine_sessions(id);
+        self.machines.remove(&id);
+    }
+
+    /// Applies what a commit did (everything but `reload`, which needs a read).
+    pub fn apply(&mut self, delta: &DirectoryDelta) {
+        for &id in &delta.removed {
+            self.remove_machine(id);
+        }
+        for machine in &delta.machines {
+            self.set_machine(machine.id, Some(machine.clone()));
+        }
+        for (id, state) in &delta.states {
+            self.set_state(*id, state, delta.at);
+        }
+        for &(machine, session_id) in &delta.deletes {
+            self.delete_session(machine, session_id);
+        }
+        for row in &delta.upserts {
+            self.upsert_session(row.clone());
+        }
+        for &id in &delta.seen {
+            self.seen(id, delta.at);
+        }
+    }
+
+    /// The user's sessions in the farm, with their machines. A session whose machine the index
+    /// does not know comes with machine state "unknown" (never reachable): the caller asks the
+    /// database. The client address is not kept (the decision does not use it): empty.
+    pub fn sessions_of(&self, farm: &str, user_key: &str) -> Vec<SessionRecord> {
+        let Some(entries) = self.farms.get(farm).and_then(|users| users.get(user_key)) else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .map(|entry| {
+                let machine = self.machines.get(&entry.machine_id);
+                SessionRecord {
+                    machine_id: entry.machine_id,
+                    machine_name: machine.map(|m| m.name.clone()).unwrap_or_default(),
+                    machine_address: machine.map(|m| m.address.clone()).unwrap_or_default(),
+                    machine_state: machine.map_or_else(|| "unknown".into(), |m| m.state.clone()),
+                    machine_last_seen_at: machine.map_or(i64::MIN, |m| m.last_seen_at),
+                    machine_front_door: machine.is_some_and(|m| m.front_door),
+                    farm: farm.to_owned(),
+                    session_id: entry.session_id,
+                    user_name: entry.user_name.to_string(),
+                    domain: entry.domain.to_string(),
+                    state: entry.state.as_str().to_owned(),
+                    client_address: String::new(),
+                    logon_at: entry.logon_at,
+                    state_changed_at: entry.state_changed_at,
+                }
+            })
+            .collect()
+    }
+
+    /// Distinct user keys with a session in the farm that start with `prefix` (at most
+    /// `limit`, in order).
+    pub fn users_with_prefix(&self, farm: &str, prefix: &str, limit: usize) -> Vec<String> {
+        let Some(users) = self.farms.get(farm) else {
+            return Vec::new();
+        };
+        users
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .take(limit)
+            .map(|(key, _)| key.to_string())
+            .collect()
+    }
+
+    fn intern_farm(&mut self, farm: &str) -> Arc<str> {
+        match self.farms.get_key_value(farm) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(farm),
+        }
+    }
+
+    fn unfile(&mut self, filed: &UserRef, machine: Uuid, session_id: i64) {
+        let Some(users) = self.farms.get_mut(&filed.farm) else {
+            return;
+        };
+        let Some(entries) = users.get_mut(&filed.user_key) else {
+            return;
+        };
+        let before = entries.len();
+        entries.retain(|entry| !(entry.machine_id == machine && entry.session_id == session_id));
+        self.sessions -= before - entries.len();
+        if entries.is_empty() {
+            users.remove(&filed.user_key);
+        }
+        if users.is_empty() {
+            self.farms.remove(&filed.farm);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(machine: u128, session_id: i64, user: &str, state: &str) -> SessionRow {
+        SessionRow {
+            machine_id: Uuid::from_u128(machine),
+            session_id,
+            farm: "f".into(),
+            user_name: user.to_uppercase(),
+            user_key: user.into(),
+            domain: String::new(),
+            state: state.into(),
+            client_address: "10.0.0.1:5000".into(),
+            logon_at: 10,
+            state_changed_at: 20,
+        }
+    }
+
+    fn machine(id: u128) -> DirectoryMachine {
+        DirectoryMachine {
+            id: Uuid::from_u128(id),
+            farm: "f".into(),
+            name: format!("ts{id}"),
+            address: format!("ts{id}:3389"),
+            front_door: false,
+            state: "ready".into(),
+            last_seen_at: 100,
+            updated_at: 100,
+        }
+    }
+
+    #[test]
+    fn sessions_are_found_by_user_with_their_machine() {
+        let mut index = DirectoryIndex::default();
+        index.set_machine(Uuid::from_u128(1), Some(machine(1)));
+        index.upsert_session(row(1, 7, "alice", "disconnected"));
+        index.upsert_session(row(2, 3, "alice", "active"));
+        let sessions = index.sessions_of("f", "alice");
+        assert_eq!(sessions.len(), 2);
+        let on_known = sessions.iter().find(|s| s.session_id == 7).unwrap();
+        assert_eq!(on_known.machine_address, "ts1:3389");
+        assert_eq!(on_known.user_name, "ALICE");
+        assert_eq!(on_known.state, "disconnected");
+        assert!(on_known.machine_is_reachable(50));
+        let on_unknown = sessions.iter().find(|s| s.session_id == 3).unwrap();
+        assert!(!on_unknown.machine_is_reachable(i64::MIN));
+        assert!(index.sessions_of("f", "bob").is_empty());
+        assert!(index.sessions_of("g", "alice").is_empty());
+    }
+
+    #[test]
+    fn upserts_replace_and_follow_a_reused_session_id() {
+        let mut index = DirectoryIndex::default();
+        index.upsert_session(row(1, 7, "alice", "active"));
+        index.upsert_session(row(1, 7, "alice", "disconnected"));
+        assert_eq!(index.session_count(), 1);
+        assert_eq!(index.sessions_of("f", "alice")[0].state, "disconnected");
+        // The session id now belongs to bob: alice has nothing left.
+        index.upsert_session(row(1, 7, "bob", "active"));
+        assert!(index.sessions_of("f", "alice").is_empty());
+        assert_eq!(index.sessions_of("f", "bob").len(), 1);
+        assert_eq!(index.session_count(), 1);
+    }
+
+    #[test]
+    fn deletes_and_machine_clears_forget_sessions() {
+        let mut index = DirectoryIndex::default();
+        index.upsert_session(row(1, 1, "alice", "active"));
+        index.upsert_session(row(1, 2, "bob", "active"));
+        index.upsert_session(row(2, 1, "carol", "active"));
+        index.delete_session(Uuid::from_u128(1), 1);
+        index.delete_session(Uuid::from_u128(9), 1);
+        assert!(index.sessions_of("f", "alice").is_empty());
+        index.clear_machine_sessions(Uuid::from_u128(1));
+        assert!(index.sessions_of("f", "bob").is_empty());
+        assert_eq!(index.sessions_of("f", "carol").len(), 1);
+        assert_eq!(index.session_count(), 1);
+    }
+
+    #[test]
+    fn prefixes_and_leases() {
+        let mut index = DirectoryIndex::default();
+        for (session_id, user) in ["alexander", "alexandra", "bob", "alexandrb"]
+            .into_iter()
+            .enumerate()
+        {
+            index.upsert_session(row(1, session_id as i64, user, "active"));
+        }
+        assert_eq!(
+            index.users_with_prefix("f", "alexand", 2),
+            ["alexander", "alexandra"]
+        );
+        assert_eq!(
+            index.users_with_prefix("f", "alexanda", 2),
+            Vec::<String>::new()
+        );
+        assert_eq!(index.users_with_prefix("f", "bob", 2), ["bob"]);
+
+        let id = Uuid::from_u128(1);
+        index.set_machine(id, Some(machine(1)));
+        index.seen(id, 500);
+        index.set_lease(MachineLease {
+            id,
+            state: "unreachable".into(),
+            last_seen_at: 300,
+            updated_at: 300,
+        });
+        let session = &index.sessions_of("f", "bob")[0];
+        assert_eq!(session.machine_last_seen_at, 500);
+        assert!(!session.machine_is_reachable(0));
+        // A state applied since wins over a lease read before it.
+        index.set_state(id, "ready", 400);
+        index.set_lease(MachineLease {
+            id,
+            state: "unreachable".into(),
+            last_seen_at: 350,
+            updated_at: 350,
+        });
+        assert!(index.sessions_of("f", "bob")[0].machine_is_reachable(0));
+        index.remove_machine(id);
+        assert_eq!(index.machine_count(), 0);
+        assert!(index.sessions_of("f", "bob").is_empty());
+    }
+}

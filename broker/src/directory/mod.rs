@@ -1,0 +1,218 @@
+//! The session directory in memory: every session of every farm, kept current from the store's
+//! own commits (and, on PostgreSQL, from what other replicas announce), so a returning user's
+//! redirect is answered without a database query. The database stays the truth: the directory
+//! only ever answers "the user's session is there, on a machine that is alive" or "the
+//! directory knows no session of the user"; anything else, and everything while the directory
+//! is loading or has fallen behind, is asked of the database. A new user's placement checks the
+//! database for a session under the farm's lock (`PlacementRequest::check_sessions`), so a
+//! directory that has not heard of a session yet can never open a second one.
+//!
+//! This broker's own commits reach the directory before the store answers them (the store
+//! hands each commit's delta to the directory as a [`DirectorySink`]): once a write is
+//! acknowledged, or visible through the API, the directory has it. Other replicas' commits
+//! arrive by NOTIFY a few milliseconds later and are read by the sync task.
+//!
+//! - `index.rs`: the data (by farm and user, by machine), pure;
+//! - `sync.rs`: the task that loads it, reads what other replicas changed, and refreshes the
+//!   machines' leases.
+
+mod index;
+mod sync;
+
+use crate::decision::TRUNCATED_COOKIE_CHARS;
+use crate::store::{DirectoryDelta, DirectorySink, SessionRecord, Store};
+use index::DirectoryIndex;
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tsbroker_common::model;
+
+pub use sync::LEASE_REFRESH;
+
+/// Deltas kept while the directory loads; more, and the load starts over.
+const MAX_QUEUED: usize = 65_536;
+
+enum State {
+    /// Reading everything; the commits meanwhile wait here, in order.
+    Loading {
+        queued: Vec<DirectoryDelta>,
+        overflowed: bool,
+    },
+    Ready(DirectoryIndex),
+}
+
+/// What the sync task is asked to read.
+enum Reload {
+    Machines(Vec<uuid::Uuid>),
+    Everything,
+}
+
+struct Shared {
+    state: RwLock<State>,
+    reloads: mpsc::UnboundedSender<Reload>,
+}
+
+impl Shared {
+    /// Back to loading (the sync task reads everything next).
+    fn unload(&self) {
+        if let Ok(mut state) = self.state.write() {
+            *state = State::Loading {
+                queued: Vec::new(),
+                overflowed: false,
+            };
+        }
+    }
+
+    /// Installs a freshly read index with the commits queued meanwhile; `false` (and nothing
+    /// installed) when too many queued.
+    fn install(&self, mut index: DirectoryIndex) -> bool {
+        let Ok(mut state) = self.state.write() else {
+            return false;
+        };
+        match &mut *state {
+            State::Loading {
+                overflowed: true, ..
+            } => {
+                *state = State::Loading {
+                    queued: Vec::new(),
+                    overflowed: false,
+                };
+                false
+            }
+            State::Loading { queued, .. } => {
+                for delta in queued.iter() {
+                    index.apply(delta);
+                }
+                *state = State::Ready(index);
+                true
+            }
+            State::Ready(_) => {
+                *state = State::Ready(index);
+                true
+            }
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut DirectoryIndex)) {
+        if let Ok(mut state) = self.state.write()
+            && let State::Ready(index) = &mut *state
+        {
+            change(index);
+        }
+    }
+}
+
+impl DirectorySink for Shared {
+    fn apply(&self, mut delta: DirectoryDelta) {
+        let reload = std::mem::take(&mut delta.reload);
+        if delta.everything {
+            let _ = self.reloads.send(Reload::Everything);
+            return;
+        }
+        if let Ok(mut state) = self.state.write() {
+            match &mut *state {
+                State::Ready(index) => index.apply(&delta),
+                State::Loading { queued, overflowed } => {
+                    if queued.len() < MAX_QUEUED {
+                        queued.push(delta);
+                    } else {
+                        *overflowed = true;
+                    }
+                }
+            }
+        }
+        if !reload.is_empty() {
+            let _ = self.reloads.send(Reload::Machines(reload));
+        }
+    }
+}
+
+/// Forwards the store's deltas to the shared state (the store holds this, not the state, so
+/// the directory's task is not kept alive by the store).
+struct Sink(std::sync::Weak<Shared>);
+
+impl DirectorySink for Sink {
+    fn apply(&self, delta: DirectoryDelta) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.apply(delta);
+        }
+    }
+}
+
+/// The user's sessions as the directory knows them.
+#[derive(Debug)]
+pub struct DirectoryAnswer {
+    /// The user's key (a truncated name resolved to the one user it can be).
+    pub user_key: String,
+    pub sessions: Vec<SessionRecord>,
+}
+
+/// A handle on the directory; its task stops with `stop`.
+#[derive(Clone)]
+pub struct SessionDirectory {
+    shared: Arc<Shared>,
+}
+
+impl SessionDirectory {
+    /// Attaches a directory to `store` and starts loading it; it follows the store's commits
+    /// from this moment.
+    pub fn start(store: Arc<dyn Store>, stop: CancellationToken) -> Self {
+        let (reloads, requests) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            state: RwLock::new(State::Loading {
+                queued: Vec::new(),
+                overflowed: false,
+            }),
+            reloads,
+        });
+        store.attach_directory(Arc::new(Sink(Arc::downgrade(&shared))));
+        tokio::spawn(sync::run(store, shared.clone(), requests, stop));
+        SessionDirectory { shared }
+    }
+
+    /// Whether the directory answers (loaded and current).
+    pub fn is_loaded(&self) -> bool {
+        self.shared
+            .state
+            .read()
+            .map(|state| matches!(*state, State::Ready(_)))
+            .unwrap_or(false)
+    }
+
+    /// How many sessions the directory holds (`None` while it is not loaded).
+    pub fn session_count(&self) -> Option<usize> {
+        let state = self.shared.state.read().ok()?;
+        match &*state {
+            State::Ready(index) => Some(index.session_count()),
+            State::Loading { .. } => None,
+        }
+    }
+
+    /// The user's sessions in the farm; a name that may be an `mstshash` cookie cut to 9
+    /// characters and matches no user is taken as the prefix of the one user it can be.
+    /// `None` when the directory is not loaded.
+    pub fn lookup(
+        &self,
+        farm: &str,
+        user_name: &str,
+        may_be_truncated: bool,
+    ) -> Option<DirectoryAnswer> {
+        let state = self.shared.state.read().ok()?;
+        let State::Ready(index) = &*state else {
+            return None;
+        };
+        let user_key = model::user_key(user_name);
+        let sessions = index.sessions_of(farm, &user_key);
+        let may_be_cut = may_be_truncated && user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
+        if !sessions.is_empty() || !may_be_cut {
+            return Some(DirectoryAnswer { user_key, sessions });
+        }
+        match index.users_with_prefix(farm, &user_key, 2).as_slice() {
+            [full_key] => Some(DirectoryAnswer {
+                sessions: index.sessions_of(farm, full_key),
+                user_key: full_key.clone(),
+            }),
+            _ => Some(DirectoryAnswer { user_key, sessions }),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The directory's task: reads everything (streaming) and installs it with the commits that
+//! queued meanwhile; then reads the machines other replicas announce (their row and sessions,
+//! replacing what the index had), and on PostgreSQL, every second, every machine's lease
+//! (other replicas' agents refresh theirs without telling anyone). This broker's own commits
+//! never pass through here: the store hands them to the index directly.
+//!
+//! A failed read, or a request to read everything (the store's listener reconnected and may
+//! have missed notifications), takes the index down (the decision asks the database meanwhile)
+//! and starts over with a full read.
+
+use super::index::DirectoryIndex;
+use super::{Reload, Shared};
+use crate::store::{Store, StoreResult};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How often the leases are read again on PostgreSQL.
+pub const LEASE_REFRESH: Duration = Duration::from_secs(1);
+/// Wait before starting over after a failed read.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub(super) async fn run(
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    mut requests: mpsc::UnboundedReceiver<Reload>,
+    stop: CancellationToken,
+) {
+    loop {
+        let outcome = tokio::select! {
+            outcome = load_and_follow(store.as_ref(), &shared, &mut requests) => outcome,
+            _ = stop.cancelled() => return,
+        };
+        shared.unload();
+        match outcome {
+            Ok(()) => tracing::info!("session directory: reading everything again"),
+            Err(error) => {
+                tracing::warn!(%error, "session directory could not read the store; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Loads, then serves reload requests and lease refreshes; `Ok` when everything must be read
+/// again.
+async fn load_and_follow(
+    store: &dyn Store,
+    shared: &Shared,
+    requests: &mut mpsc::UnboundedReceiver<Reload>,
+) -> StoreResult<()> {
+    // Requests made before this read are answered by it.
+    while requests.try_recv().is_ok() {}
+    let started = std::time::Instant::now();
+    let index = read_everything(store).await?;
+    let (machines, sessions) = (index.machine_count(), index.session_count());
+    if !shared.install(index) {
+        tracing::warn!("session directory: too many commits while loading");
+        return Ok(());
+    }
+    tracing::info!(
+        machines,
+        sessions,
+        took_ms = started.elapsed().as_millis() as u64,
+        "session directory loaded"
+    );
+    let mut leases = tokio::time::interval(LEASE_REFRESH);
+    leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let refresh_leases = store.backend() == "postgres";
+    loop {
+        tokio::select! {
+            request = requests.recv() => {
+                let Some(request) = request else {
+                    return Ok(());
+                };
+                // Whatever else is waiting goes in the same read.
+                let mut machines = Vec::new();
+                let mut pending = Some(request);
+                while let Some(request) = pending {
+                    match request {
+                        Reload::Everything => return Ok(()),
+                        Reload::Machines(ids) => machines.extend(ids),
+                    }
+                    pending = requests.try_recv().ok();
+                }
+                reload(store, shared, machines).await?;
+            }
+            _ = leases.tick(), if refresh_leases => {
+                let leases = store.machine_leases().await?;
+                shared.update(|index| {
+                    for lease in leases {
+                        index.set_lease(lease);
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn read_everything(store: &dyn Store) -> StoreResult<DirectoryIndex> {
+    let mut index = DirectoryIndex::default();
+    for machine in store.directory_machines(None).await? {
+        index.set_machine(machine.id, Some(machine));
+    }
+    store
+        .directory_sessions(None, &mut |row| index.upsert_session(row))
+        .await?;
+    Ok(index)
+}
+
+/// Reads the machines and their sessions again and replaces what the index had of them.
+async fn reload(store: &dyn Store, shared: &Shared, mut ids: Vec<Uuid>) -> StoreResult<()> {
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = store.directory_machines(Some(&ids)).await?;
+    let mut sessions = Vec::new();
+    store
+        .directory_sessions(Some(&ids), &mut |row| sessions.push(row))
+        .await?;
+    shared.update(|index| {
+        for id in &ids {
+            index.remove_machine(*id);
+        }
+        for machine in rows {
+            index.set_machine(machine.id, Some(machine));
+        }
+        for row in sessions {
+            index.upsert_session(row);
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! The in-memory session directory (`tsbroker::directory`), on both stores: it loads what the
+//! database holds, has every kind of commit (events, RESYNC, READY, UNREACHABLE, REMOVED, an
+//! administrator's removal) by the time the store answers it, resolves truncated names, and
+//! on PostgreSQL hears what another replica wrote. And the guard that makes a directory that
+//! is behind harmless: a placement that checks sessions refuses a user who has one in the
+//! database.
+
+use crate::conformance::{NOW, ready_machine, request, session};
+use crate::support::{eventually, on_both_stores};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tsbroker::directory::SessionDirectory;
+use tsbroker::store::{
+    self, Choice, MachineLoad, Placement, PlacementRequest, Store, StreamMachineState,
+};
+use tsbroker_common::model::{SessionEvent, SessionEventKind, SessionInfo, SessionState};
+use tsbroker_tests::{Backend, TestDatabase};
+use uuid::Uuid;
+
+on_both_stores!(
+    the_directory_follows_every_commit,
+    truncated_names_resolve_in_memory,
+    a_placement_checking_sessions_refuses_a_user_who_has_one,
+);
+
+const FARM: &str = "farm1";
+
+/// Adds, resyncs with `sessions` and readies a machine; returns its id and connection.
+async fn ready(store: &dyn Store, name: &str, sessions: &[SessionInfo]) -> (Uuid, Uuid) {
+    ready_machine(store, name, 100, sessions).await
+}
+
+fn active(session_id: u32, user: &str) -> SessionInfo {
+    session(session_id, user, SessionState::Active)
+}
+
+async fn loaded(store: Arc<dyn Store>) -> (SessionDirectory, CancellationToken) {
+    let stop = CancellationToken::new();
+    let directory = SessionDirectory::start(store, stop.clone());
+    eventually(10, || {
+        let directory = directory.clone();
+        async move { directory.is_loaded() }
+    })
+    .await;
+    (directory, stop)
+}
+
+/// Where the directory has the user's sessions: (machine, session id, machine state).
+fn sessions_of(directory: &SessionDirectory, user: &str) -> Vec<(Uuid, i64, String)> {
+    let answer = directory.lookup(FARM, user, false).expect("loaded");
+    let mut found: Vec<(Uuid, i64, String)> = answer
+        .sessions
+        .into_iter()
+        .map(|session| {
+            (
+                session.machine_id,
+                session.session_id,
+                session.machine_state,
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The directory has exactly these sessions of the user now: a commit of this broker reaches
+/// the directory before the store answers it.
+fn assert_sessions(directory: &SessionDirectory, user: &str, want: Vec<(Uuid, i64, String)>) {
+    let mut want = want;
+    want.sort();
+    assert_eq!(sessions_of(directory, user), want, "sessions of {user}");
+}
+
+async fn until_sessions(directory: &SessionDirectory, user: &str, want: Vec<(Uuid, i64, String)>) {
+    let mut want = want;
+    want.sort();
+    eventually(10, || {
+        let found = sessions_of(directory, user);
+        let want = want.clone();
+        async move { found == want }
+    })
+    .await;
+}
+
+async fn the_directory_follows_every_commit(database: &TestDatabase) {
+    let store = store::open(&database.url).await.unwrap();
+    let (first, first_connection) = ready(store.as_ref(), "ts1", &[active(1, "alice")]).await;
+    let (directory, stop) = loaded(store.clone()).await;
+    let ready_state = || "ready".to_owned();
+    // Loaded from the database, with the machine's redirect details.
+    let answer = directory.lookup(FARM, "ALICE", false).unwrap();
+    assert_eq!(answer.user_key, "alice");
+    assert_eq!(answer.sessions.len(), 1);
+    assert_eq!(answer.sessions[0].machine_address, "ts1:3389");
+    assert!(answer.sessions[0].machine_is_reachable(NOW - 15_000));
+
+    // Session events: a logon appears, a disconnect changes the state, a logoff removes it.
+    let events = [
+        SessionEvent {
+            kind: SessionEventKind::Logon,
+            session: active(2, "bob"),
+        },
+        SessionEvent {
+            kind: SessionEventKind::Disconnect,
+            session: session(1, "alice", SessionState::Disconnected),
+        },
+    ];
+    store
+        .apply_session_events(first, first_connection, &events, NOW + 1)
+        .await
+        .unwrap();
+    assert_sessions(&directory, "bob", vec![(first, 2, ready_state())]);
+    assert_eq!(
+        directory.lookup(FARM, "alice", false).unwrap().sessions[0].state,
+        "disconnected"
+    );
+    let logoff = [SessionEvent {
+        kind: SessionEventKind::Logoff,
+        session: active(2, "bob"),
+    }];
+    store
+        .apply_session_events(first, first_connection, &logoff, NOW + 2)
+        .await
+        .unwrap();
+    assert_sessions(&directory, "bob", vec![]);
+
+    // A second machine joins with sessions; RESYNC replaces the first machine's.
+    let (second, second_connection) = ready(store.as_ref(), "ts2", &[active(5, "carol")]).await;
+    assert_sessions(&directory, "carol", vec![(second, 5, ready_state())]);
+    store
+        .resync_sessions(first, first_connection, &[active(3, "carol")], NOW + 3)
+        .await
+        .unwrap();
+    assert_sessions(
+        &directory,
+        "carol",
+        vec![(first, 3, ready_state()), (second, 5, ready_state())],
+    );
+    assert_sessions(&directory, "alice", vec![]);
+
+    // The first machine's stream ends: its sessions stay, on an unreachable machine.
+    assert!(
+        store
+            .mark_unreachable(first, first_connection, NOW + 4)
+            .await
+            .unwrap()
+    );
+    assert_sessions(
+        &directory,
+        "carol",
+        vec![(first, 3, "unreachable".into()), (second, 5, ready_state())],
+    );
+
+    // The second machine leaves cleanly (REMOVED); an administrator removes the first.
+    store
+        .set_machine_state(
+            second,
+            second_connection,
+            StreamMachineState::Removed,
+            NOW + 5,
+        )
+        .await
+        .unwrap();
+    assert_sessions(&directory, "carol", vec![(first, 3, "unreachable".into())]);
+    store.remove_machine(first).await.unwrap();
+    assert_sessions(&directory, "carol", vec![]);
+    assert_eq!(directory.session_count(), Some(0));
+    stop.cancel();
+}
+
+async fn truncated_names_resolve_in_memory(database: &TestDatabase) {
+    let store = store::open(&database.url).await.unwrap();
+    let (machine, _) = ready(
+        store.as_ref(),
+        "ts1",
+        &[
+            active(1, "christopher"),
+            active(2, "jonathan_a1"),
+            active(3, "jonathan_b2"),
+            active(4, "alexander"),
+        ],
+    )
+    .await;
+    let (directory, stop) = loaded(store.clone()).await;
+    // mstsc cut "christopher" to 9 characters: the one user with that prefix.
+    let answer = directory.lookup(FARM, "christoph", true).unwrap();
+    assert_eq!(answer.user_key, "christopher");
+    assert_eq!(answer.sessions[0].machine_id, machine);
+    // Not flagged as possibly cut: an unknown user.
+    assert!(
+        directory
+            .lookup(FARM, "christoph", false)
+            .unwrap()
+            .sessions
+            .is_empty()
+    );
+    // Two users share the prefix: no guess.
+    let ambiguous = directory.lookup(FARM, "jonathan_", true).unwrap();
+    assert!(ambiguous.sessions.is_empty());
+    // A 9-character name that is a user's whole name is that user.
+    let exact = directory.lookup(FARM, "alexander", true).unwrap();
+    assert_eq!(exact.sessions.len(), 1);
+    assert_eq!(exact.sessions[0].session_id, 4);
+    stop.cancel();
+}
+
+async fn a_placement_checking_sessions_refuses_a_user_who_has_one(database: &TestDatabase) {
+    let store = store::open(&database.url).await.unwrap();
+    ready(store.as_ref(), "ts1", &[active(1, "alice")]).await;
+    let least_loaded = |_: &str, candidates: &[MachineLoad]| {
+        candidates
+            .first()
+            .map_or(Choice::Nothing, |load| Choice::Machine(load.machine.id))
+    };
+    let request = |user_key: &'static str, check_sessions: bool| PlacementRequest {
+        check_sessions,
+        ..request(user_key)
+    };
+    let checked = store
+        .place_logon(&request("alice", true), &least_loaded)
+        .await
+        .unwrap();
+    assert!(matches!(checked, Placement::HasSession), "{checked:?}");
+    let new_user = store
+        .place_logon(&request("bob", true), &least_loaded)
+        .await
+        .unwrap();
+    assert!(matches!(new_user, Placement::Placed(_)), "{new_user:?}");
+    // Without the check (the caller read the sessions itself), the placement places.
+    let unchecked = store
+        .place_logon(&request("alice", false), &least_loaded)
+        .await
+        .unwrap();
+    assert!(matches!(unchecked, Placement::Placed(_)), "{unchecked:?}");
+}
+
+/// Two brokers share a PostgreSQL database: what one writes, the other's directory learns
+/// (NOTIFY with the machines, then a read of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_hear_each_others_sessions_on_postgres() {
+    let database = TestDatabase::new(Backend::Postgres).await;
+    let writer = store::open(&database.url).await.unwrap();
+    let reader = store::open(&database.url).await.unwrap();
+    let (directory, stop) = loaded(reader.clone()).await;
+    let (machine, connection) = ready(writer.as_ref(), "ts1", &[active(1, "alice")]).await;
+    until_sessions(&directory, "alice", vec![(machine, 1, "ready".into())]).await;
+    let logon = [SessionEvent {
+        kind: SessionEventKind::Logon,
+        session: active(2, "bob"),
+    }];
+    writer
+        .apply_session_events(machine, connection, &logon, NOW + 1)
+        .await
+        .unwrap();
+    until_sessions(&directory, "bob", vec![(machine, 2, "ready".into())]).await;
+    writer
+        .mark_unreachable(machine, connection, NOW + 2)
+        .await
+        .unwrap();
+    until_sessions(&directory, "bob", vec![(machine, 2, "unreachable".into())]).await;
+    stop.cancel();
+    drop((writer, reader));
+    database.drop_database().await;
+}
