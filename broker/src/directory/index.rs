@@ -9,30 +9,31 @@ use std::sync::Arc;
 use tsbroker_common::model::SessionState;
 use uuid::Uuid;
 
-/// A session as the index keeps it (the user's key is the map's key).
+/// A session as the index keeps it (the user's key is the map's key). A million of these are
+/// held: the user's name only when it differs from the key.
 #[derive(Clone, Debug)]
 struct SessionEntry {
     machine_id: Uuid,
     session_id: i64,
-    user_name: Box<str>,
+    user_name: Option<Box<str>>,
     domain: Box<str>,
     state: SessionState,
     logon_at: i64,
     state_changed_at: i64,
 }
 
-/// Where a session is filed.
-#[derive(Clone, Debug)]
-struct UserRef {
+/// A machine's sessions: session id → the user key it is filed under (in the machine's farm).
+#[derive(Debug)]
+struct MachineSessions {
     farm: Arc<str>,
-    user_key: Arc<str>,
+    users: HashMap<i64, Arc<str>>,
 }
 
 #[derive(Default)]
 pub struct DirectoryIndex {
     machines: HashMap<Uuid, DirectoryMachine>,
-    /// Per machine: session id → where it is filed.
-    by_machine: HashMap<Uuid, HashMap<i64, UserRef>>,
+    /// Per machine: where each of its sessions is filed.
+    by_machine: HashMap<Uuid, MachineSessions>,
     /// Per farm: user key → the user's sessions.
     farms: HashMap<Arc<str>, BTreeMap<Arc<str>, Vec<SessionEntry>>>,
     sessions: usize,
@@ -56,13 +57,14 @@ impl DirectoryIndex {
             Some((key, _)) => key.clone(),
             None => Arc::from(row.user_key.as_str()),
         };
+        let user_name = (row.user_name != row.user_key).then(|| row.user_name.into_boxed_str());
         users
             .entry(user_key.clone())
             .or_default()
             .push(SessionEntry {
                 machine_id: row.machine_id,
                 session_id: row.session_id,
-                user_name: row.user_name.into_boxed_str(),
+                user_name,
                 domain: row.domain.into_boxed_str(),
                 state: SessionState::parse(&row.state).unwrap_or(SessionState::Active),
                 logon_at: row.logon_at,
@@ -70,8 +72,12 @@ impl DirectoryIndex {
             });
         self.by_machine
             .entry(row.machine_id)
-            .or_default()
-            .insert(row.session_id, UserRef { farm, user_key });
+            .or_insert_with(|| MachineSessions {
+                farm,
+                users: HashMap::new(),
+            })
+            .users
+            .insert(row.session_id, user_key);
         self.sessions += 1;
     }
 
@@ -80,13 +86,14 @@ impl DirectoryIndex {
         let Some(sessions) = self.by_machine.get_mut(&machine) else {
             return;
         };
-        let Some(filed) = sessions.remove(&session_id) else {
+        let Some(user_key) = sessions.users.remove(&session_id) else {
             return;
         };
-        if sessions.is_empty() {
+        let farm = sessions.farm.clone();
+        if sessions.users.is_empty() {
             self.by_machine.remove(&machine);
         }
-        self.unfile(&filed, machine, session_id);
+        self.unfile(&farm, &user_key, machine, session_id);
     }
 
     /// Forgets every session of the machine.
@@ -94,8 +101,8 @@ impl DirectoryIndex {
         let Some(sessions) = self.by_machine.remove(&machine) else {
             return;
         };
-        for (session_id, filed) in sessions {
-            self.unfile(&filed, machine, session_id);
+        for (session_id, user_key) in sessions.users {
+            self.unfile(&sessions.farm, &user_key, machine, session_id);
         }
     }
 
@@ -145,23 +152,23 @@ impl DirectoryIndex {
     }
 
     /// Applies what a commit did (everything but `reload`, which needs a read).
-    pub fn apply(&mut self, delta: &DirectoryDelta) {
-        for &id in &delta.removed {
+    pub fn apply(&mut self, delta: DirectoryDelta) {
+        for id in delta.removed {
             self.remove_machine(id);
         }
-        for machine in &delta.machines {
-            self.set_machine(machine.id, Some(machine.clone()));
+        for machine in delta.machines {
+            self.set_machine(machine.id, Some(machine));
         }
         for (id, state) in &delta.states {
             self.set_state(*id, state, delta.at);
         }
-        for &(machine, session_id) in &delta.deletes {
+        for (machine, session_id) in delta.deletes {
             self.delete_session(machine, session_id);
         }
-        for row in &delta.upserts {
-            self.upsert_session(row.clone());
+        for row in delta.upserts {
+            self.upsert_session(row);
         }
-        for &id in &delta.seen {
+        for id in delta.seen {
             self.seen(id, delta.at);
         }
     }
@@ -186,7 +193,7 @@ impl DirectoryIndex {
                     machine_front_door: machine.is_some_and(|m| m.front_door),
                     farm: farm.to_owned(),
                     session_id: entry.session_id,
-                    user_name: entry.user_name.to_string(),
+                    user_name: entry.user_name.as_deref().unwrap_or(user_key).to_owned(),
                     domain: entry.domain.to_string(),
                     state: entry.state.as_str().to_owned(),
                     client_address: String::new(),
@@ -218,21 +225,21 @@ impl DirectoryIndex {
         }
     }
 
-    fn unfile(&mut self, filed: &UserRef, machine: Uuid, session_id: i64) {
-        let Some(users) = self.farms.get_mut(&filed.farm) else {
+    fn unfile(&mut self, farm: &str, user_key: &str, machine: Uuid, session_id: i64) {
+        let Some(users) = self.farms.get_mut(farm) else {
             return;
         };
-        let Some(entries) = users.get_mut(&filed.user_key) else {
+        let Some(entries) = users.get_mut(user_key) else {
             return;
         };
         let before = entries.len();
         entries.retain(|entry| !(entry.machine_id == machine && entry.session_id == session_id));
         self.sessions -= before - entries.len();
         if entries.is_empty() {
-            users.remove(&filed.user_key);
+            users.remove(user_key);
         }
         if users.is_empty() {
-            self.farms.remove(&filed.farm);
+            self.farms.remove(farm);
         }
     }
 }

@@ -80,7 +80,7 @@ impl Shared {
                 false
             }
             State::Loading { queued, .. } => {
-                for delta in queued.iter() {
+                for delta in std::mem::take(queued) {
                     index.apply(delta);
                 }
                 *state = State::Ready(index);
@@ -111,7 +111,7 @@ impl DirectorySink for Shared {
         }
         if let Ok(mut state) = self.state.write() {
             match &mut *state {
-                State::Ready(index) => index.apply(&delta),
+                State::Ready(index) => index.apply(delta),
                 State::Loading { queued, overflowed } => {
                     if queued.len() < MAX_QUEUED {
                         queued.push(delta);
