@@ -78,6 +78,29 @@ pub(crate) fn plan(
     }
 }
 
+/// Puts the rows of machines that changed in place of their old copies; `false` (and the copy
+/// then must be read whole) when one is new to the copy.
+pub(crate) fn merge_changed(
+    machines: &mut [Arc<MachineRecord>],
+    changed: Vec<MachineRecord>,
+) -> bool {
+    if changed.is_empty() {
+        return true;
+    }
+    let at: HashMap<Uuid, usize> = machines
+        .iter()
+        .enumerate()
+        .map(|(index, machine)| (machine.id, index))
+        .collect();
+    for machine in changed {
+        let Some(&index) = at.get(&machine.id) else {
+            return false;
+        };
+        machines[index] = Arc::new(machine);
+    }
+    true
+}
+
 /// The keys of an `IN (…)` list, the last repeated up to the next power of two: a batch's
 /// lookups then have one of a few statement texts, which each connection prepares once.
 pub(crate) fn padded_keys<'k, 'a>(keys: &'k [&'a str]) -> Vec<&'k &'a str> {
@@ -133,6 +156,20 @@ fn placeholders(first: usize, count: usize, step: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_machines_replace_their_copies_and_new_ones_need_a_full_read() {
+        use crate::store::test_support::machine_load;
+        let copy = |index: u32, sessions: i64| {
+            MachineRecord::clone(&machine_load(index, 100, sessions).machine)
+        };
+        let mut machines: Vec<Arc<MachineRecord>> =
+            (0..3).map(|index| Arc::new(copy(index, 0))).collect();
+        assert!(merge_changed(&mut machines, vec![copy(1, 7)]));
+        let sessions: Vec<i64> = machines.iter().map(|m| m.session_count).collect();
+        assert_eq!(sessions, [0, 7, 0]);
+        assert!(!merge_changed(&mut machines, vec![copy(9, 1)]));
+    }
 
     #[test]
     fn key_lists_are_padded_to_a_power_of_two() {

@@ -271,19 +271,63 @@ pub type BatchChooser<'c> =
 
 /// A farm's machines as this broker's last placement transaction left them (its own picks
 /// counted), reused by its next placement transaction instead of reading the farm again while
-/// the farm's placement counter shows that nobody else placed in between, no admin change
-/// came, and the copy is younger than its `max_age_ms`. So no placement is ever missed (any
-/// other broker's makes the copy stale), while what the agents report (sessions, loads,
-/// logons that turn pending logons into sessions) is at most `max_age_ms` old in it; each
-/// user's own pending logon is always read from the database.
+/// the farm's placement counter shows that nobody else placed in between and no admin change
+/// came. So no placement is ever missed (any other broker's makes the copy stale). What the
+/// agents report (sessions, loads, logons that turn pending logons into sessions) reaches the
+/// copy by refreshes: a copy older than `max_age_ms` is brought up to date by reading only the
+/// machines whose row changed since (with their pending logons), and read whole again every
+/// [`FULL_READ_EVERY`] copies' ages (pending logons that expired, a row another broker's clock
+/// stamped late). Each user's own pending logon is always read from the database.
 #[derive(Debug, Default)]
 pub struct FarmCache {
     machines: Vec<Arc<MachineRecord>>,
     /// The farm's placement counter after the transaction that left `machines`.
     counter: i64,
-    /// When `machines` were read from the database (ms); `None`: nothing usable.
-    loaded_at: Option<i64>,
+    /// When `machines` were read or refreshed; `None`: nothing usable.
+    read: Option<FarmRead>,
     max_age_ms: i64,
+}
+
+/// A whole read of the farm is due after this many `max_age_ms`.
+pub const FULL_READ_EVERY: i64 = 10;
+
+/// A refresh reads rows changed since the last one minus this much: a stream write that
+/// stamped its rows before the last refresh but committed after it is still seen.
+pub const REFRESH_OVERLAP_MS: i64 = 500;
+
+/// When a farm copy was read from the database (ms since the epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FarmRead {
+    /// The last read or refresh.
+    pub refreshed_at: i64,
+    /// The last whole read.
+    pub full_at: i64,
+}
+
+impl FarmRead {
+    /// A whole read at `now`.
+    pub fn full(now: i64) -> Self {
+        FarmRead {
+            refreshed_at: now,
+            full_at: now,
+        }
+    }
+
+    /// Rows changed at or after this time are read by the next refresh.
+    pub fn changed_since(&self) -> i64 {
+        self.refreshed_at - REFRESH_OVERLAP_MS
+    }
+}
+
+/// What a placement transaction may do with the farm's copy.
+#[derive(Debug)]
+pub enum CachedFarm {
+    /// Use it as it is.
+    Fresh(Vec<Arc<MachineRecord>>, FarmRead),
+    /// Read the machines changed since `FarmRead::changed_since` into it first.
+    Refresh(Vec<Arc<MachineRecord>>, FarmRead),
+    /// Read the farm.
+    Stale,
 }
 
 impl FarmCache {
@@ -297,31 +341,41 @@ impl FarmCache {
 
     /// Forgets the copy: the next transaction reads the farm.
     pub fn invalidate(&mut self) {
-        self.loaded_at = None;
+        self.read = None;
         self.machines = Vec::new();
     }
 
-    /// The copy, when the transaction that took the farm's lock and saw `counter` may use it;
+    /// What the transaction that took the farm's lock and saw `counter` may do with the copy;
     /// empties the cache either way (it is refilled by [`FarmCache::keep`] after a commit).
-    pub fn take(&mut self, counter: i64, now: i64) -> Option<Vec<Arc<MachineRecord>>> {
-        let loaded_at = self.loaded_at.take()?;
+    pub fn take(&mut self, counter: i64, now: i64) -> CachedFarm {
+        let Some(read) = self.read.take() else {
+            return CachedFarm::Stale;
+        };
         let machines = std::mem::take(&mut self.machines);
-        let fresh = now.saturating_sub(loaded_at) < self.max_age_ms;
-        (fresh && counter == self.counter + 1).then_some(machines)
-    }
-
-    /// Keeps the machines a committed transaction left, read from the database at `loaded_at`.
-    pub fn keep(&mut self, machines: Vec<Arc<MachineRecord>>, counter: i64, loaded_at: i64) {
-        if self.max_age_ms > 0 {
-            self.machines = machines;
-            self.counter = counter;
-            self.loaded_at = Some(loaded_at);
+        if counter != self.counter + 1 {
+            return CachedFarm::Stale;
+        }
+        if now.saturating_sub(read.refreshed_at) < self.max_age_ms {
+            CachedFarm::Fresh(machines, read)
+        } else if now.saturating_sub(read.full_at) < self.max_age_ms * FULL_READ_EVERY {
+            CachedFarm::Refresh(machines, read)
+        } else {
+            CachedFarm::Stale
         }
     }
 
-    /// When the copy was read, if there is one.
+    /// Keeps the machines a committed transaction left, read from the database as `read` says.
+    pub fn keep(&mut self, machines: Vec<Arc<MachineRecord>>, counter: i64, read: FarmRead) {
+        if self.max_age_ms > 0 {
+            self.machines = machines;
+            self.counter = counter;
+            self.read = Some(read);
+        }
+    }
+
+    /// When the copy was last read or refreshed, if there is one.
     pub fn loaded_at(&self) -> Option<i64> {
-        self.loaded_at
+        self.read.map(|read| read.refreshed_at)
     }
 }
 

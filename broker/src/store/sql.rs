@@ -73,6 +73,13 @@ pub(super) const SELECT_FARM_MACHINES: &str = "SELECT m.id, m.farm, m.name, m.ad
      WHERE farm = $2 AND expires_at > $1 GROUP BY machine_id) p ON p.machine_id = m.id \
      WHERE m.farm = $2 ORDER BY m.name_key";
 
+/// The farm's machines whose row changed at or after `$3` ($1 now, $2 farm), with their
+/// unexpired pending logons.
+pub(super) const SELECT_CHANGED_MACHINES: &str = concat!(
+    machine_select!(),
+    "WHERE m.farm = $2 AND m.updated_at >= $3"
+);
+
 pub(super) const DELETE_MACHINE_SESSIONS: &str = "DELETE FROM sessions WHERE machine_id = $1";
 
 pub(super) const DELETE_PENDING_FOR_MACHINE: &str =
@@ -328,10 +335,32 @@ macro_rules! impl_store {
                     cache.invalidate();
                     return Err(StoreError::NotFound(format!("farm {farm:?}")));
                 };
-                let loaded_at = cache.loaded_at();
-                let (mut machines, loaded_at) = match cache.take(counter, now) {
-                    Some(machines) => (machines, loaded_at.unwrap_or(now)),
-                    None => {
+                use $crate::store::{CachedFarm, FarmRead};
+                let mut copy = cache.take(counter, now);
+                if let CachedFarm::Refresh(machines, read) = copy {
+                    // Only the machines whose row changed since, with their pending logons.
+                    let changed: Vec<MachineRecord> = sqlx::query_as(sql::SELECT_CHANGED_MACHINES)
+                        .bind(now)
+                        .bind(farm)
+                        .bind(read.changed_since())
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    let mut machines = machines;
+                    copy = if crate::store::placement::merge_changed(&mut machines, changed) {
+                        CachedFarm::Fresh(
+                            machines,
+                            FarmRead {
+                                refreshed_at: now,
+                                ..read
+                            },
+                        )
+                    } else {
+                        CachedFarm::Stale
+                    };
+                }
+                let (mut machines, read) = match copy {
+                    CachedFarm::Fresh(machines, read) => (machines, read),
+                    CachedFarm::Refresh(..) | CachedFarm::Stale => {
                         sqlx::query(sql::DELETE_EXPIRED_PENDING)
                             .bind(farm)
                             .bind(now)
@@ -343,7 +372,8 @@ macro_rules! impl_store {
                                 .bind(farm)
                                 .fetch_all(&mut *tx)
                                 .await?;
-                        (machines.into_iter().map(std::sync::Arc::new).collect(), now)
+                        let machines = machines.into_iter().map(std::sync::Arc::new).collect();
+                        (machines, FarmRead::full(now))
                     }
                 };
                 // The users' pending logons, in one query (each user once).
@@ -402,7 +432,7 @@ macro_rules! impl_store {
                 }
                 let placements = planned.placements;
                 tx.commit().await?;
-                cache.keep(machines, counter, loaded_at);
+                cache.keep(machines, counter, read);
                 Ok(placements)
             }
 

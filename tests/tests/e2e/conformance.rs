@@ -45,6 +45,7 @@ conformance!(
     placement_leaves_out_excluded_machines,
     a_batch_of_placements_counts_its_own_picks,
     a_farm_cache_never_misses_another_brokers_placements,
+    a_farm_cache_refresh_reads_what_agents_reported,
     expired_pending_logons_do_not_count,
     truncated_names_find_their_prefix,
     sessions_list_with_filters_and_pages,
@@ -540,6 +541,42 @@ async fn a_batch_of_placements_counts_its_own_picks(database: &TestDatabase) {
 
 /// Two brokers, each with its copy of the farm: a placement by one makes the other's copy
 /// stale (the farm's placement counter), so no broker places on loads that miss a placement.
+async fn a_farm_cache_refresh_reads_what_agents_reported(database: &TestDatabase) {
+    let store = open(database).await;
+    let first = ready_machine(store.as_ref(), "ts1", 100, &[]).await;
+    let second = ready_machine(store.as_ref(), "ts2", 100, &[]).await;
+    // Copies live 50 ms (of the requests' clock); a whole read every 500 ms.
+    let mut cache = FarmCache::new(50);
+    let choose =
+        |_: usize, policy: &str, candidates: &[MachineLoad]| least_loaded(policy, candidates);
+    let place = async |user: &str, now: i64, cache: &mut FarmCache| {
+        let placed = PlacementRequest {
+            now,
+            ..request(user)
+        };
+        let placements = store.place_logons(&[placed], &choose, cache).await.unwrap();
+        match placements.as_slice() {
+            [Placement::Placed(machine)] => machine.id,
+            other => panic!("expected one placement, got {other:?}"),
+        }
+    };
+    let u1 = place("u1", NOW, &mut cache).await;
+    // Five users log on to the machine u1 did not go to (not through a placement).
+    let (busy, busy_connection) = if u1 == first.0 { second } else { first };
+    let logons: Vec<SessionEvent> = (1..=5)
+        .map(|id| event(SessionEventKind::Logon, id, &format!("walk-in{id}")))
+        .collect();
+    store
+        .apply_session_events(busy, busy_connection, &logons, NOW + 10)
+        .await
+        .unwrap();
+    // 60 ms on, the copy is refreshed with the rows that changed: the busy machine has five
+    // sessions, u1's has one pending logon: u2 joins u1.
+    let u2 = place("u2", NOW + 60, &mut cache).await;
+    assert_eq!(u2, u1, "the refresh saw the five logons");
+    assert_eq!(cache.loaded_at(), Some(NOW + 60));
+}
+
 async fn a_farm_cache_never_misses_another_brokers_placements(database: &TestDatabase) {
     let store = open(database).await;
     ready_machine(store.as_ref(), "ts1", 100, &[]).await;
