@@ -8,9 +8,10 @@
 //!
 //! Between batches the worker keeps the farm's machines as its last batch left them
 //! ([`FarmCache`]): the next batch reuses them instead of reading the farm again while no
-//! other broker placed in the farm (the farm's placement counter), no admin change came, and
-//! the copy is younger than [`SNAPSHOT_MAX_AGE`]. What agents report reaches placements at most
-//! that late; placements never miss one another.
+//! other broker placed in the farm (the farm's placement counter) and no admin change came;
+//! a copy older than [`SNAPSHOT_MAX_AGE`] is refreshed with the machines whose row changed, and
+//! read whole every ten ages. What agents report reaches placements about that late (a second
+//! at worst); placements never miss one another.
 
 use super::farm_settings::FarmBook;
 use super::policy::{ChoiceContext, PolicyRegistry};
