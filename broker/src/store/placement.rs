@@ -113,22 +113,21 @@ pub(crate) fn padded_keys<'k, 'a>(keys: &'k [&'a str]) -> Vec<&'k &'a str> {
 }
 
 /// `SELECT user_key, machine_id` of the unexpired pending logons of `users` keys in a farm:
-/// `$1` farm, `$2` now, `$3…` the keys.
-pub(crate) fn select_pending_of_users(users: usize) -> String {
-    format!(
+/// `$1` farm, `$2` now, `$3…` the keys; with `sessions`, also `(user_key, NULL)` for each of
+/// those users who has a session in the farm.
+pub(crate) fn select_pending_of_users(users: usize, sessions: bool) -> String {
+    let keys = placeholders(3, users, 1);
+    let mut statement = format!(
         "SELECT user_key, machine_id FROM pending_logons WHERE farm = $1 AND expires_at > $2 \
-         AND user_key IN ({})",
-        placeholders(3, users, 1)
-    )
-}
-
-/// `SELECT DISTINCT user_key` of `users` keys with a session in a farm: `$1` farm, `$2…` the
-/// keys.
-pub(crate) fn select_users_with_sessions(users: usize) -> String {
-    format!(
-        "SELECT DISTINCT user_key FROM sessions WHERE farm = $1 AND user_key IN ({})",
-        placeholders(2, users, 1)
-    )
+         AND user_key IN ({keys})"
+    );
+    if sessions {
+        statement.push_str(&format!(
+            " UNION ALL SELECT DISTINCT user_key, CAST(NULL AS uuid) FROM sessions \
+             WHERE farm = $1 AND user_key IN ({keys})"
+        ));
+    }
+    statement
 }
 
 /// Records `rows` pending logons in one statement: `$1` farm, `$2` created, `$3` expires,
@@ -183,9 +182,13 @@ mod tests {
     #[test]
     fn statements_number_their_parameters() {
         assert_eq!(
-            select_pending_of_users(2),
+            select_pending_of_users(2, false),
             super::super::sql::PENDING_OF_TWO_USERS
         );
+        assert!(select_pending_of_users(2, true).ends_with(
+            "UNION ALL SELECT DISTINCT user_key, CAST(NULL AS uuid) FROM sessions \
+             WHERE farm = $1 AND user_key IN ($3, $4)"
+        ));
         let upsert = upsert_pending_rows(2);
         assert!(upsert.contains("VALUES ($1, $4, $5, $2, $3), ($1, $6, $7, $2, $3) ON CONFLICT"));
     }

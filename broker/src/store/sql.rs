@@ -376,39 +376,35 @@ macro_rules! impl_store {
                         (machines, FarmRead::full(now))
                     }
                 };
-                // The users' pending logons, in one query (each user once).
+                // The users' pending logons, in one query (each user once); and when some
+                // were looked up in memory only, in the same query, who has a session after all.
                 let mut users: Vec<&str> =
                     requests.iter().map(|request| request.user_key).collect();
                 users.sort_unstable();
                 users.dedup();
                 let keys = crate::store::placement::padded_keys(&users);
-                let lookup = crate::store::placement::select_pending_of_users(keys.len());
+                let check_sessions = requests.iter().any(|request| request.check_sessions);
+                let lookup =
+                    crate::store::placement::select_pending_of_users(keys.len(), check_sessions);
                 let mut query = sqlx::query_as(sqlx::AssertSqlSafe(lookup))
                     .bind(farm)
                     .bind(now);
                 for user in keys {
                     query = query.bind(*user);
                 }
-                let found: Vec<(String, Uuid)> = query.fetch_all(&mut *tx).await?;
+                let found: Vec<(String, Option<Uuid>)> = query.fetch_all(&mut *tx).await?;
                 let mut pending: std::collections::HashMap<String, Uuid> =
-                    found.into_iter().collect();
-                // Users looked up in memory only: do they have a session after all?
-                let mut unsure: Vec<&str> = requests
-                    .iter()
-                    .filter(|request| request.check_sessions)
-                    .map(|request| request.user_key)
-                    .collect();
-                unsure.sort_unstable();
-                unsure.dedup();
+                    std::collections::HashMap::new();
                 let mut with_sessions = std::collections::HashSet::new();
-                if !unsure.is_empty() {
-                    let keys = crate::store::placement::padded_keys(&unsure);
-                    let lookup = crate::store::placement::select_users_with_sessions(keys.len());
-                    let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(lookup)).bind(farm);
-                    for user in keys {
-                        query = query.bind(*user);
+                for (user, machine) in found {
+                    match machine {
+                        Some(machine) => {
+                            pending.insert(user, machine);
+                        }
+                        None => {
+                            with_sessions.insert(user);
+                        }
                     }
-                    with_sessions.extend(query.fetch_all(&mut *tx).await?);
                 }
                 let planned = crate::store::placement::plan(
                     requests,
@@ -665,7 +661,7 @@ pub(super) use super::records::classify_machines as classify;
 
 /// The statements on the decision and event paths, by name, for plan checks: the tests
 /// EXPLAIN these very strings on PostgreSQL with a large directory.
-/// `placement::select_pending_of_users(2)`, for the query-plan check.
+/// `placement::select_pending_of_users(2, false)`, for the query-plan check.
 pub const PENDING_OF_TWO_USERS: &str = "SELECT user_key, machine_id FROM pending_logons \
      WHERE farm = $1 AND expires_at > $2 AND user_key IN ($3, $4)";
 

@@ -1,6 +1,9 @@
 //! The SQLite store: the embedded default, one file, one broker process. Write transactions
 //! start with `BEGIN IMMEDIATE`, so they queue for SQLite's single writer instead of failing
-//! half-way; WAL lets readers go on meanwhile.
+//! half-way; WAL lets readers go on meanwhile. The WAL is checkpointed by a task of its own
+//! (`PASSIVE`, four times a second), never by the commit that happens to cross SQLite's
+//! threshold: a checkpoint writes and syncs the database file, and a stream write or a
+//! placement waiting behind one would wait for the disk.
 
 use super::directory_feed::{self, DirectoryDelta, SinkSlot};
 use super::ingest;
@@ -25,6 +28,37 @@ pub struct SqliteStore {
     placement_pool: sqlx::SqlitePool,
     changes: broadcast::Sender<Uuid>,
     directory: SinkSlot,
+    checkpointer: tokio::task::JoinHandle<()>,
+}
+
+/// How often the WAL is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Copies what the WAL holds into the database file, without waiting for anyone.
+async fn checkpoint_wal(pool: sqlx::SqlitePool) {
+    let mut ticks = tokio::time::interval(CHECKPOINT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let done: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&pool)
+                .await;
+        match done {
+            Ok((_, log, copied)) if log - copied > 100_000 => tracing::warn!(
+                frames = log - copied,
+                "the SQLite WAL keeps growing: long read transactions hold it"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "WAL checkpoint failed"),
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.checkpointer.abort();
+    }
 }
 
 impl SqliteStore {
@@ -38,7 +72,9 @@ impl SqliteStore {
             // FULL: an acknowledged change survives a power cut, not just a process crash.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Commits never checkpoint; `checkpoint_wal` does.
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -62,7 +98,9 @@ impl SqliteStore {
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
         let (changes, _) = broadcast::channel(1024);
+        let checkpointer = tokio::spawn(checkpoint_wal(pool.clone()));
         Ok(SqliteStore {
+            checkpointer,
             pool,
             ingest_pool,
             placement_pool,
