@@ -61,6 +61,8 @@ pub struct Metrics {
     pub plugin_resyncs: Family<PluginMethodLabels, Counter>,
     pub agent_streams: Gauge,
     pub agent_messages: Family<KindLabels, Counter>,
+    /// kind: memory (the session directory answered) or database.
+    pub session_lookups: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -117,6 +119,13 @@ impl Default for Metrics {
             "Agent messages applied, by kind",
             agent_messages.clone(),
         );
+        let session_lookups = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "session_lookups",
+            "Where Redirect found a user's sessions: memory (the session directory) or database \
+             (the directory loading, or sessions only on machines that look gone)",
+            session_lookups.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -127,6 +136,7 @@ impl Default for Metrics {
             plugin_resyncs,
             agent_streams,
             agent_messages,
+            session_lookups,
         }
     }
 }

@@ -163,22 +163,33 @@ impl Decider {
             query.user_name_may_be_truncated,
         ) {
             if let Some(session) = best_session(&known.sessions, &query.domain, lease_cutoff) {
+                self.count_lookup("memory");
                 return Ok(session_answer(session));
             }
             if known.sessions.is_empty() {
                 if let Some(answer) = self.external_session(query).await {
+                    self.count_lookup("memory");
                     return Ok(answer);
                 }
                 if let Some(answer) = self
                     .place(query, &known.user_key, now, lease_cutoff, true)
                     .await?
                 {
+                    self.count_lookup("memory");
                     return Ok(answer);
                 }
                 // The directory was behind: the user has a session after all.
             }
         }
+        self.count_lookup("database");
         self.decide_from_store(query, now, lease_cutoff).await
+    }
+
+    fn count_lookup(&self, kind: &'static str) {
+        self.metrics
+            .session_lookups
+            .get_or_create(&crate::metrics::KindLabels { kind })
+            .inc();
     }
 
     /// The decision with everything read from the database.

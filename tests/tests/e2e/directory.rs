@@ -6,7 +6,7 @@
 //! database.
 
 use crate::conformance::{NOW, ready_machine, request, session};
-use crate::support::{eventually, on_both_stores};
+use crate::support::{counter, eventually, on_both_stores, reason, redirect, scrape};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tsbroker::directory::SessionDirectory;
@@ -18,6 +18,7 @@ use tsbroker_tests::{Backend, TestDatabase};
 use uuid::Uuid;
 
 on_both_stores!(
+    returning_users_are_answered_from_memory,
     the_directory_follows_every_commit,
     truncated_names_resolve_in_memory,
     a_placement_checking_sessions_refuses_a_user_who_has_one,
@@ -261,4 +262,47 @@ async fn replicas_hear_each_others_sessions_on_postgres() {
     stop.cancel();
     drop((writer, reader));
     database.drop_database().await;
+}
+
+/// Through a real broker: once the directory is loaded, a returning user's Redirect is
+/// answered from memory (counted in `tsbroker_session_lookups_total{kind="memory"}`) and goes
+/// to the session's machine; a new user is placed (the directory knew no session of theirs).
+async fn returning_users_are_answered_from_memory(database: &TestDatabase) {
+    use tsbroker_common::proto::v1 as pb;
+    use tsbroker_tests::fake_agent::{machine as agent_machine, session as agent_session};
+    let metrics_port = tsbroker_tests::process::free_port();
+    let broker = tsbroker_tests::spawn_broker(&database.url, |config| {
+        config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
+    })
+    .await;
+    let mut client = broker.broker_client().await;
+    let _a = tsbroker_tests::FakeAgent::join(
+        &broker.url(),
+        agent_machine("ts-a", "farm", 100),
+        vec![agent_session(1, "alice", pb::SessionState::Disconnected)],
+    )
+    .await;
+    let _b =
+        tsbroker_tests::FakeAgent::join(&broker.url(), agent_machine("ts-b", "farm", 100), vec![])
+            .await;
+    let from_memory = || async {
+        counter(
+            &scrape(metrics_port).await,
+            &["tsbroker_session_lookups_total", "kind=\"memory\""],
+        )
+    };
+    eventually(10, || async {
+        let alice = redirect(&mut client.clone(), "farm", "Alice")
+            .await
+            .unwrap();
+        assert_eq!(alice.machine_name, "ts-a");
+        assert_eq!(reason(&alice), pb::RedirectReason::ExistingSession);
+        from_memory().await >= 1.0
+    })
+    .await;
+    let before = from_memory().await;
+    let bob = redirect(&mut client, "farm", "bob").await.unwrap();
+    assert_eq!(reason(&bob), pb::RedirectReason::LoadBalanced);
+    assert_eq!(from_memory().await, before + 1.0);
+    broker.stop().await;
 }

@@ -3,7 +3,7 @@
 //! counted); a restarted plug-in gets a full RESYNC that matches the directory; notifications
 //! come in the documented order and batches; external sessions come back as EXTERNAL.
 
-use crate::support::{by_name, eventually, reason};
+use crate::support::{by_name, counter, eventually, reason, scrape};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -114,31 +114,6 @@ async fn broker_with_plugin(plugin: &PluginProcess) -> Setup {
         metrics_port,
         _database: database,
     }
-}
-
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("metrics port");
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
-
-/// The value of a counter line that contains every fragment (0 when absent).
-fn counter(metrics: &str, fragments: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| {
-            !line.starts_with('#') && fragments.iter().all(|fragment| line.contains(fragment))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn wait_for_call(plugin: &PluginProcess, method: &str, matching: impl Fn(&Value) -> bool) {

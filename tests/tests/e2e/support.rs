@@ -83,3 +83,29 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The broker's Prometheus text from its metrics port.
+pub async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+/// The sum of the samples whose line contains every fragment.
+pub fn counter(metrics: &str, fragments: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            !line.starts_with('#') && fragments.iter().all(|fragment| line.contains(fragment))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
