@@ -60,7 +60,9 @@ async fn fill<S: AsyncRead + Unpin>(
 /// Reads the first packet (the caller bounds the time it may take).
 pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<FirstPacket, FirstPacketError> {
     let mut buffer = Vec::with_capacity(64);
-    fill(stream, &mut buffer, 1).await?;
+    // Both a PROXY v2 header and a TPKT packet are longer than a TPKT header, whose four bytes
+    // are enough for the parser to tell garbage or a length beyond the limit.
+    fill(stream, &mut buffer, x224::TPKT_HEADER_LEN).await?;
     let mut proxied = None;
     if buffer[0] == proxy_header::SIGNATURE_FIRST_BYTE {
         fill(stream, &mut buffer, proxy_header::FIXED_LEN).await?;

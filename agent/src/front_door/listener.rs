@@ -95,7 +95,7 @@ pub async fn handle(
             return;
         };
         let client_address = source.unwrap_or(peer);
-        tracing::info!(from_machine = %machine.name, client_address = %client_address, "connection routed here by another front door");
+        tracing::debug!(from_machine = %machine.name, client_address = %client_address, "connection routed here by another front door");
         let user = match hint {
             super::x224::RoutingHint::UserName(name) => route::user_from_cookie(name),
             _ => None,
@@ -122,7 +122,7 @@ pub async fn handle(
         return;
     }
 
-    let arrived_at = client.local_addr().unwrap_or(peer);
+    let arrived_at = || client.local_addr().unwrap_or(peer);
     let this_machine = shared.settings.machine_id.to_string();
     // Machines that refused this connection; a new logon is placed again without them.
     let mut refused: Vec<String> = Vec::new();

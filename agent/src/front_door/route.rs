@@ -59,18 +59,19 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
     })
 }
 
-/// Decides for a connection that did not come from another front door; `arrived_at` is
-/// the address the client connected to; `refused` lists the machines (ids) that already
-/// refused this connection, which the broker is told to leave out of a new logon's placement.
+/// Decides for a connection that did not come from another front door; `arrived_at` gives
+/// the address the client connected to (asked of the socket only for a routing token);
+/// `refused` lists the machines (ids) that already refused this connection, which the broker
+/// is told to leave out of a new logon's placement.
 pub async fn decide(
     shared: &FrontDoorShared,
     hint: &RoutingHint,
     client: SocketAddr,
-    arrived_at: SocketAddr,
+    arrived_at: impl Fn() -> SocketAddr,
     refused: &[String],
 ) -> Decision {
     match hint {
-        RoutingHint::RoutingToken(token) if SocketAddr::V4(*token) == arrived_at => {
+        RoutingHint::RoutingToken(token) if SocketAddr::V4(*token) == arrived_at() => {
             Decision::Local {
                 user: None,
                 why: "routing token names this front door".to_owned(),

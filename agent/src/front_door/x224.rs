@@ -44,7 +44,7 @@ pub const PROTOCOL_RDSAAD: u32 = 0x0000_0010;
 /// TPKT version number (RFC 1006).
 const TPKT_VERSION: u8 = 3;
 /// Size of the TPKT header.
-const TPKT_HEADER_LEN: usize = 4;
+pub const TPKT_HEADER_LEN: usize = 4;
 /// Size of the fixed part of a Connection Request TPDU, length indicator included.
 const X224_CR_FIXED_LEN: usize = 7;
 /// Smallest possible packet: TPKT header plus the fixed Connection Request part.
