@@ -20,6 +20,7 @@ pub use directory_feed::{DirectoryDelta, DirectoryMachine, DirectorySink, Machin
 pub use error::StoreError;
 pub use ingest::plan::SessionRow;
 pub use ingest::{IngestItem, IngestOp, IngestReply, IngestWriter, ItemResult};
+pub use placement::select_pending_of_users;
 pub use postgres::PostgresStore;
 pub use records::*;
 pub use sql::HOT_QUERIES;

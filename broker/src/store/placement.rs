@@ -115,10 +115,13 @@ pub(crate) fn padded_keys<'k, 'a>(keys: &'k [&'a str]) -> Vec<&'k &'a str> {
 /// `SELECT user_key, machine_id` of the unexpired pending logons of `users` keys in a farm:
 /// `$1` farm, `$2` now, `$3…` the keys; with `sessions`, also `(user_key, NULL)` for each of
 /// those users who has a session in the farm.
-pub(crate) fn select_pending_of_users(users: usize, sessions: bool) -> String {
+pub fn select_pending_of_users(users: usize, sessions: bool) -> String {
     let keys = placeholders(3, users, 1);
+    // `+expires_at`: the expiry is checked on the rows the primary key finds. Without the `+`
+    // SQLite, which keeps no statistics, may walk the (farm, expires_at) index instead: every
+    // unexpired pending logon of the farm, for each batch.
     let mut statement = format!(
-        "SELECT user_key, machine_id FROM pending_logons WHERE farm = $1 AND expires_at > $2 \
+        "SELECT user_key, machine_id FROM pending_logons WHERE farm = $1 AND +expires_at > $2 \
          AND user_key IN ({keys})"
     );
     if sessions {

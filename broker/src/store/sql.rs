@@ -663,7 +663,7 @@ pub(super) use super::records::classify_machines as classify;
 /// EXPLAIN these very strings on PostgreSQL with a large directory.
 /// `placement::select_pending_of_users(2, false)`, for the query-plan check.
 pub const PENDING_OF_TWO_USERS: &str = "SELECT user_key, machine_id FROM pending_logons \
-     WHERE farm = $1 AND expires_at > $2 AND user_key IN ($3, $4)";
+     WHERE farm = $1 AND +expires_at > $2 AND user_key IN ($3, $4)";
 
 pub const HOT_QUERIES: &[(&str, &str)] = &[
     ("user_sessions", SELECT_USER_SESSIONS),
