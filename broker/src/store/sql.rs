@@ -662,8 +662,10 @@ pub(super) use super::records::classify_machines as classify;
 /// The statements on the decision and event paths, by name, for plan checks: the tests
 /// EXPLAIN these very strings on PostgreSQL with a large directory.
 /// `placement::select_pending_of_users(2, false)`, for the query-plan check.
-pub const PENDING_OF_TWO_USERS: &str = "SELECT user_key, machine_id FROM pending_logons \
-     WHERE farm = $1 AND +expires_at > $2 AND user_key IN ($3, $4)";
+pub const PENDING_OF_TWO_USERS: &str = "SELECT user_key, machine_id FROM (SELECT k.column1 \
+     AS user_key, (SELECT p.machine_id FROM pending_logons p WHERE p.farm = $1 \
+     AND p.user_key = k.column1 AND p.expires_at > $2) AS machine_id \
+     FROM (VALUES ($3), ($4)) AS k) AS found WHERE machine_id IS NOT NULL";
 
 pub const HOT_QUERIES: &[(&str, &str)] = &[
     ("user_sessions", SELECT_USER_SESSIONS),
