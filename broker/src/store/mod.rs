@@ -2,6 +2,7 @@
 //! shared by broker replicas) and SQLite (the embedded default). Correctness under concurrency
 //! comes from each backend's transactions and constraints, not from locks in this process.
 
+mod candidates;
 pub mod directory_feed;
 mod error;
 pub mod ingest;

@@ -4,8 +4,8 @@
 //! backend then writes the new pending logons in one statement and commits.
 
 use super::BatchChooser;
-use super::records::{Choice, MachineLoad, MachineRecord, Placement, PlacementRequest};
-use super::sql::classify;
+use super::candidates::CandidateSet;
+use super::records::{Choice, MachineRecord, Placement, PlacementRequest};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -25,53 +25,57 @@ pub(crate) fn plan(
     requests: &[PlacementRequest<'_>],
     policy: &str,
     choose: &BatchChooser<'_>,
-    machines: &mut [Arc<MachineRecord>],
+    machines: &mut Vec<Arc<MachineRecord>>,
     pending: &mut HashMap<String, Uuid>,
     with_sessions: &HashSet<String>,
 ) -> PlannedBatch {
     let mut placements = Vec::with_capacity(requests.len());
     let mut new_pending = Vec::new();
+    let Some(first) = requests.first() else {
+        return PlannedBatch {
+            placements,
+            new_pending,
+        };
+    };
+    let mut farm = CandidateSet::new(std::mem::take(machines), first);
     for (index, request) in requests.iter().enumerate() {
         if request.check_sessions && with_sessions.contains(request.user_key) {
             placements.push(Placement::HasSession);
             continue;
         }
-        let pending_at = pending
+        farm.follow_terms(request);
+        let pending_on = pending
             .get(request.user_key)
-            .and_then(|pending| machines.iter().position(|machine| machine.id == *pending));
-        if let Some(at) = pending_at {
-            let target = &machines[at];
-            if target.is_reachable(request.lease_cutoff) && !request.excluded.contains(&target.id) {
-                placements.push(Placement::AlreadyPending(MachineRecord::clone(target)));
-                continue;
-            }
+            .and_then(|machine| farm.machine(*machine));
+        if let Some(target) = pending_on
+            && target.is_reachable(request.lease_cutoff)
+            && !request.excluded.contains(&target.id)
+        {
+            placements.push(Placement::AlreadyPending(MachineRecord::clone(target)));
+            continue;
         }
-        let (candidates, ineligible): (Vec<MachineLoad>, Vec<MachineLoad>) =
-            classify(machines.to_vec(), request)
-                .into_iter()
-                .partition(|load| load.ineligible.is_none());
-        let chosen = match choose(index, policy, &candidates) {
-            Choice::Machine(id) if candidates.iter().any(|load| load.machine.id == id) => {
-                machines.iter().position(|machine| machine.id == id)
-            }
+        let moved_from = pending_on.map(|machine| machine.id);
+        let chosen = match choose(index, policy, &farm.candidates_for(request)) {
+            Choice::Machine(id) if farm.is_candidate(id, request) => Some(id),
             Choice::Machine(_) | Choice::Nothing => None,
         };
         let Some(chosen) = chosen else {
-            let mut loads = candidates;
-            loads.extend(ineligible);
-            placements.push(Placement::NoCandidate(loads));
+            placements.push(Placement::NoCandidate(farm.all_for(request)));
             continue;
         };
         // The pending logon moves here from the machine that had it.
-        if let Some(at) = pending_at {
-            let previous = Arc::make_mut(&mut machines[at]);
-            previous.pending_logons = (previous.pending_logons - 1).max(0);
+        if let Some(previous) = moved_from {
+            farm.add_pending(previous, -1);
         }
-        Arc::make_mut(&mut machines[chosen]).pending_logons += 1;
-        pending.insert(request.user_key.to_owned(), machines[chosen].id);
-        new_pending.push((index, machines[chosen].id));
-        placements.push(Placement::Placed(MachineRecord::clone(&machines[chosen])));
+        farm.add_pending(chosen, 1);
+        pending.insert(request.user_key.to_owned(), chosen);
+        new_pending.push((index, chosen));
+        placements.push(match farm.machine(chosen) {
+            Some(machine) => Placement::Placed(MachineRecord::clone(machine)),
+            None => Placement::NoCandidate(farm.all_for(request)),
+        });
     }
+    *machines = farm.into_machines();
     PlannedBatch {
         placements,
         new_pending,

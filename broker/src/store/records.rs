@@ -393,6 +393,12 @@ pub enum Placement {
     HasSession,
 }
 
+/// A machine's cap of logons in flight: the farm's cap scaled by its slow-start ramp, never
+/// below one.
+pub fn logon_cap(max_pending_per_machine: u32, ramp: f64) -> u32 {
+    ((f64::from(max_pending_per_machine) * ramp).floor() as u32).max(1)
+}
+
 /// Classifies each machine of the farm for a new logon. Slow start (see `slow_start_ramp`) is
 /// measured against the farm's earliest reachable machine, so only a machine that (re)joined
 /// while others were serving is slowed; its cap of logons in flight shrinks with its weight
@@ -416,7 +422,7 @@ pub fn classify_machines<M: Into<Arc<MachineRecord>>>(
                 request.now,
                 request.slow_start_ms,
             );
-            let cap = ((f64::from(request.max_pending_per_machine) * ramp).floor() as u32).max(1);
+            let cap = logon_cap(request.max_pending_per_machine, ramp);
             let ineligible = if request.excluded.contains(&machine.id) {
                 Some(Ineligible::Excluded)
             } else {

@@ -657,8 +657,6 @@ pub(super) fn session_event_outcome(
     }
 }
 
-pub(super) use super::records::classify_machines as classify;
-
 /// The statements on the decision and event paths, by name, for plan checks: the tests
 /// EXPLAIN these very strings on PostgreSQL with a large directory.
 /// `placement::select_pending_of_users(2, false)`, for the query-plan check.

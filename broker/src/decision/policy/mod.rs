@@ -9,6 +9,7 @@ mod session_count;
 
 use super::farm_settings::FarmSettings;
 use crate::store::MachineLoad;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -36,33 +37,62 @@ pub trait Policy: Send + Sync {
 /// A stable pseudo-random order of machines per user (FNV-1a over user and machine id), so
 /// that ties spread instead of always landing on the first machine.
 pub fn tie_break(user_key: &str, candidate: &MachineLoad) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in user_key
-        .bytes()
-        .chain(candidate.machine.id.as_bytes().iter().copied())
-    {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
+    TieBreak::for_user(user_key).rank(candidate)
 }
 
-/// The candidate with the lowest score, ties broken by `tie_break`.
+/// [`tie_break`] with the user's half hashed once, for ranking many candidates.
+#[derive(Clone, Copy)]
+pub struct TieBreak(u64);
+
+impl TieBreak {
+    const PRIME: u64 = 0x0100_0000_01b3;
+
+    pub fn for_user(user_key: &str) -> Self {
+        TieBreak(Self::extend(0xcbf2_9ce4_8422_2325, user_key.as_bytes()))
+    }
+
+    pub fn rank(self, candidate: &MachineLoad) -> u64 {
+        Self::extend(self.0, candidate.machine.id.as_bytes())
+    }
+
+    fn extend(mut hash: u64, bytes: &[u8]) -> u64 {
+        for &byte in bytes {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(Self::PRIME);
+        }
+        hash
+    }
+}
+
+/// The candidate with the lowest score, ties broken by [`tie_break`] (the first candidate
+/// among equal ranks). One pass; a rank is computed only for candidates that tie the best.
 pub fn lowest_score(
     user_key: &str,
     candidates: &[MachineLoad],
     score: impl Fn(&MachineLoad) -> f64,
 ) -> Option<Uuid> {
-    // The lowest score first; the tie-break (a hash) only among the candidates that share it.
-    let best = candidates
-        .iter()
-        .map(&score)
-        .min_by(|left, right| left.total_cmp(right))?;
-    candidates
-        .iter()
-        .filter(|candidate| score(candidate).total_cmp(&best).is_eq())
-        .min_by_key(|candidate| tie_break(user_key, candidate))
-        .map(|candidate| candidate.machine.id)
+    let order = TieBreak::for_user(user_key);
+    // (score, its rank once computed, candidate)
+    let mut best: Option<(f64, Option<u64>, &MachineLoad)> = None;
+    for candidate in candidates {
+        let value = score(candidate);
+        let Some((best_value, best_rank, best_candidate)) = &mut best else {
+            best = Some((value, None, candidate));
+            continue;
+        };
+        match value.total_cmp(best_value) {
+            Ordering::Less => best = Some((value, None, candidate)),
+            Ordering::Equal => {
+                let current = *best_rank.get_or_insert_with(|| order.rank(best_candidate));
+                let rank = order.rank(candidate);
+                if rank < current {
+                    best = Some((value, Some(rank), candidate));
+                }
+            }
+            Ordering::Greater => {}
+        }
+    }
+    best.map(|(_, _, candidate)| candidate.machine.id)
 }
 
 /// The policies a broker knows, by name.
@@ -139,5 +169,47 @@ pub(crate) mod test_support {
             .iter()
             .map(|load| load.machine.session_count)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::machine_load;
+
+    /// `lowest_score` as its definition reads: the lowest score, then the lowest rank.
+    fn by_definition(user_key: &str, candidates: &[MachineLoad], scores: &[f64]) -> Option<Uuid> {
+        let best = scores.iter().copied().min_by(f64::total_cmp)?;
+        candidates
+            .iter()
+            .zip(scores)
+            .filter(|(_, score)| score.total_cmp(&best).is_eq())
+            .min_by_key(|(candidate, _)| tie_break(user_key, candidate))
+            .map(|(candidate, _)| candidate.machine.id)
+    }
+
+    #[test]
+    fn one_pass_picks_what_the_definition_picks() {
+        let candidates: Vec<MachineLoad> =
+            (0..40).map(|index| machine_load(index, 100, 0)).collect();
+        for user in 0..200u64 {
+            // Few distinct scores, so most picks are decided by the tie-break.
+            let scores: Vec<f64> = (0..40u64)
+                .map(|index| ((index * 7 + user * 13) % 3) as f64)
+                .collect();
+            let user_key = format!("user{user}");
+            let score_of = |load: &MachineLoad| {
+                let index = candidates
+                    .iter()
+                    .position(|candidate| candidate.machine.id == load.machine.id)
+                    .unwrap();
+                scores[index]
+            };
+            assert_eq!(
+                lowest_score(&user_key, &candidates, score_of),
+                by_definition(&user_key, &candidates, &scores)
+            );
+        }
+        assert_eq!(lowest_score("u", &[], |_| 0.0), None);
     }
 }
