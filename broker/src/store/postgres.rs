@@ -7,7 +7,7 @@
 
 use super::directory_feed::{self, DIRECTORY_CHANNEL, DirectoryDelta, SinkSlot};
 use super::ingest;
-use super::sql::{self, StoreHooks};
+use super::sql::{self, StoreHooks, WriteTurn};
 use super::{
     BatchChooser, FarmCache, FarmRecord, MachineChange, MachineRecord, Placement, PlacementRequest,
     SessionFilter, SessionRecord, StoreError, StoreResult, StreamMachineState,
@@ -102,6 +102,11 @@ impl PostgresStore {
         })
     }
 
+    /// PostgreSQL orders writers by row locks: no turn to take in the process.
+    async fn write_turn(&self) -> WriteTurn {
+        None
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         self.pool.begin().await
     }
@@ -182,7 +187,6 @@ impl StoreHooks for PostgresStore {
     const BACKEND: &'static str = "postgres";
     const LOCK_OWNER: &'static str =
         "SELECT connection_id, farm FROM machines WHERE id = $1 FOR NO KEY UPDATE";
-    const LOCK_FARM: &'static str = sql::LOCK_FARM_FOR_PLACEMENT;
 }
 
 /// Forwards NOTIFY payloads to the in-process channels, reconnecting as needed: machine ids

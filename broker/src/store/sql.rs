@@ -140,14 +140,18 @@ pub(super) const COUNT_MACHINE_SESSIONS: &str =
 
 pub(super) const DELETE_MACHINE: &str = "DELETE FROM machines WHERE id = $1";
 
+/// A backend's turn at writing, held by a write transaction until its commit (`None`: the
+/// backend needs none).
+pub(super) type WriteTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
+
 /// The upper bound of a prefix range: every string that starts with `prefix` sorts below it
 /// (byte order, which is SQLite's and PostgreSQL's "C" collation).
 pub(super) fn prefix_upper_bound(prefix: &str) -> String {
     format!("{prefix}{}", char::MAX)
 }
 
-/// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`), `begin_write()`, `begin_placement()`, `announce_change(id)`,
-/// `publish_directory(delta)` and the consts `LOCK_OWNER` and `LOCK_FARM`.
+/// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`), `write_turn()`, `begin_write()`, `begin_placement()`,
+/// `announce_change(id)`, `publish_directory(delta)` and the const `LOCK_OWNER`.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         #[async_trait::async_trait]
@@ -184,6 +188,7 @@ macro_rules! impl_store {
                     };
                     return self.apply_one(item, now).await?.into_machine();
                 }
+                let turn = self.write_turn().await;
                 let mut tx = self.begin_write().await?;
                 lock_owner::<$store>(&mut tx, machine, connection).await?;
                 for statement in [
@@ -206,6 +211,7 @@ macro_rules! impl_store {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
+                drop(turn);
                 self.publish_directory($crate::store::DirectoryDelta::removed(vec![machine], now))
                     .await;
                 Ok(record)
@@ -217,12 +223,14 @@ macro_rules! impl_store {
                 connection: Uuid,
                 now: i64,
             ) -> StoreResult<bool> {
+                let turn = self.write_turn().await;
                 let result = sqlx::query(sql::SET_UNREACHABLE)
                     .bind(machine)
                     .bind(connection)
                     .bind(now)
                     .execute(&self.pool)
                     .await?;
+                drop(turn);
                 let marked = result.rows_affected() > 0;
                 if marked {
                     let delta = $crate::store::DirectoryDelta::state(machine, "unreachable", now);
@@ -239,6 +247,7 @@ macro_rules! impl_store {
             }
 
             async fn declare_farm(&self, farm: &str, policy: &str, now: i64) -> StoreResult<()> {
+                let _turn = self.write_turn().await;
                 sqlx::query(sql::DECLARE_FARM)
                     .bind(farm)
                     .bind(now)
@@ -262,11 +271,13 @@ macro_rules! impl_store {
             }
 
             async fn set_farm_policy(&self, farm: &str, policy: &str) -> StoreResult<FarmRecord> {
+                let turn = self.write_turn().await;
                 let result = sqlx::query(sql::SET_FARM_POLICY)
                     .bind(farm)
                     .bind(policy)
                     .execute(&self.pool)
                     .await?;
+                drop(turn);
                 if result.rows_affected() == 0 {
                     return Err(StoreError::NotFound(format!("farm {farm:?}")));
                 }
@@ -326,8 +337,9 @@ macro_rules! impl_store {
                     return Ok(Vec::new());
                 };
                 let (farm, now) = (first.farm, first.now);
+                let turn = self.write_turn().await;
                 let mut tx = self.begin_placement().await?;
-                let locked: Option<(String, i64)> = sqlx::query_as(Self::LOCK_FARM)
+                let locked: Option<(String, i64)> = sqlx::query_as(sql::LOCK_FARM_FOR_PLACEMENT)
                     .bind(farm)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -428,6 +440,7 @@ macro_rules! impl_store {
                 }
                 let placements = planned.placements;
                 tx.commit().await?;
+                drop(turn);
                 cache.keep(machines, counter, read);
                 Ok(placements)
             }
@@ -498,7 +511,9 @@ macro_rules! impl_store {
                     MachineChange::Weight(weight) => query.bind(weight.map(i64::from)),
                     MachineChange::SessionLimit(limit) => query.bind(limit.map(i64::from)),
                 };
+                let turn = self.write_turn().await;
                 let result = query.bind(now).execute(&self.pool).await?;
+                drop(turn);
                 if result.rows_affected() == 0 {
                     return Err(StoreError::NotFound(format!("machine {machine}")));
                 }
@@ -509,6 +524,7 @@ macro_rules! impl_store {
             }
 
             async fn remove_machine(&self, machine: Uuid) -> StoreResult<u64> {
+                let turn = self.write_turn().await;
                 let mut tx = self.begin_write().await?;
                 let sessions: i64 = sqlx::query_scalar(sql::COUNT_MACHINE_SESSIONS)
                     .bind(machine)
@@ -522,6 +538,7 @@ macro_rules! impl_store {
                     return Err(StoreError::NotFound(format!("machine {machine}")));
                 }
                 tx.commit().await?;
+                drop(turn);
                 self.announce_change(machine).await;
                 self.publish_directory($crate::store::DirectoryDelta::removed(
                     vec![machine],
@@ -631,9 +648,6 @@ pub(super) trait StoreHooks {
     const BACKEND: &'static str;
     /// `SELECT connection_id, farm FROM machines WHERE id = $1`, locking the row if it can.
     const LOCK_OWNER: &'static str;
-    /// Locks the farm for this transaction and counts a placement transaction: returns the
-    /// farm's policy and its placement counter (see [`LOCK_FARM_FOR_PLACEMENT`]).
-    const LOCK_FARM: &'static str;
 }
 
 /// How an upsert-style session event is described in the outcome.

@@ -537,6 +537,26 @@ async fn a_batch_of_placements_counts_its_own_picks(database: &TestDatabase) {
         .place_logons(&unknown, &choose, &mut FarmCache::default())
         .await;
     assert!(matches!(failed, Err(StoreError::NotFound(_))), "{failed:?}");
+    // Each failed placement ended its transaction: more of them than the store has placement
+    // connections, and the farm still takes placements.
+    for _ in 0..4 {
+        let again = store
+            .place_logons(&unknown, &choose, &mut FarmCache::default())
+            .await;
+        assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+    }
+    let after = store
+        .place_logons(&[request("v3")], &choose, &mut FarmCache::default())
+        .await
+        .unwrap();
+    assert!(matches!(after[..], [Placement::Placed(_)]), "{after:?}");
+    assert!(
+        store
+            .pending_logon("nope", "v1", NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// Two brokers, each with its copy of the farm: a placement by one makes the other's copy

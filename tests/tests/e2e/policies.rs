@@ -173,6 +173,10 @@ async fn slow_start_protects_a_fresh_machine_from_a_storm(database: &TestDatabas
             };
             let broker = spawn_broker(&url, move |config| {
                 config.heartbeat_timeout = Duration::from_secs(60);
+                // The share is the policy's, not the cap's: a LOGON frees its slot in the
+                // placements' copy of the farm only at the copy's next refresh (100 ms), and a
+                // fast storm would otherwise fill the default 20 slots before it.
+                config.max_pending_logons_per_machine = 1_000;
                 config.farms.farms.insert("farm".to_owned(), farm);
             })
             .await;

@@ -122,7 +122,7 @@ pub(crate) const REFRESH_SESSION_COUNTS: &str = "UPDATE machines SET \
      last_seen_at = $1, updated_at = $1 WHERE id IN (SELECT column1 FROM ";
 
 /// Implements `ingest_group` (the body of `Store::apply_ingest`) for a backend struct that has
-/// `begin_ingest()` and `announce_changes(ids)`; `$dialect` is `pg` or `sqlite`, `$lock` the
+/// `write_turn()`, `begin_ingest()` and `announce_changes(ids)`; `$dialect` is `pg` or `sqlite`, `$lock` the
 /// backend's row-lock clause.
 macro_rules! impl_ingest {
     ($store:ty, $db:ty, $dialect:ident, $lock:expr) => {
@@ -141,6 +141,7 @@ macro_rules! impl_ingest {
                     at: now,
                     ..Default::default()
                 };
+                let turn = self.write_turn().await;
                 let mut tx = self.begin_ingest().await?;
                 for round in ingest::rounds(items) {
                     ingest_round(
@@ -155,6 +156,7 @@ macro_rules! impl_ingest {
                     .await?;
                 }
                 tx.commit().await?;
+                drop(turn);
                 if !announce.is_empty() {
                     // A stream that owned a machine before learns that it was taken over.
                     self.announce_changes(&announce).await;
