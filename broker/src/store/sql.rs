@@ -150,8 +150,9 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> String {
     format!("{prefix}{}", char::MAX)
 }
 
-/// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`), `write_turn()`, `begin_write()`, `begin_placement()`,
-/// `announce_change(id)`, `publish_directory(delta)` and the const `LOCK_OWNER`.
+/// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`),
+/// `write_turn()`, `begin_write()`, `begin_placement()`, `announce_change(id)`,
+/// `publish_directory(delta)` and the const `LOCK_OWNER`.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         #[async_trait::async_trait]

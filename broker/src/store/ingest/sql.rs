@@ -122,8 +122,8 @@ pub(crate) const REFRESH_SESSION_COUNTS: &str = "UPDATE machines SET \
      last_seen_at = $1, updated_at = $1 WHERE id IN (SELECT column1 FROM ";
 
 /// Implements `ingest_group` (the body of `Store::apply_ingest`) for a backend struct that has
-/// `write_turn()`, `begin_ingest()` and `announce_changes(ids)`; `$dialect` is `pg` or `sqlite`, `$lock` the
-/// backend's row-lock clause.
+/// `write_turn()`, `begin_ingest()` and `announce_changes(ids)`; `$dialect` is `pg` or
+/// `sqlite`, `$lock` the backend's row-lock clause.
 macro_rules! impl_ingest {
     ($store:ty, $db:ty, $dialect:ident, $lock:expr) => {
         impl $store {
