@@ -146,24 +146,28 @@ impl CandidateSet {
         candidates
     }
 
-    /// Counts `delta` more logons in flight on machine `id` and classifies it again.
-    pub fn add_pending(&mut self, id: Uuid, delta: i64) {
-        let Some(&index) = self.at.get(&id) else {
-            return;
-        };
+    /// Counts `delta` more logons in flight on machine `id` and classifies it again; the
+    /// machine as it is now (`None`: not in the set).
+    pub fn add_pending(&mut self, id: Uuid, delta: i64) -> Option<&Arc<MachineRecord>> {
+        let &index = self.at.get(&id)?;
         let load = &mut self.loads[index];
         let machine = Arc::make_mut(&mut load.machine);
         machine.pending_logons = (machine.pending_logons + delta).max(0);
         let cap = logon_cap(self.terms.max_pending_per_machine, load.ramp);
         load.ineligible = Ineligible::of(&load.machine, self.terms.lease_cutoff, cap);
         let is_candidate = load.ineligible.is_none();
+        let mut at = index;
         if index < self.eligible && !is_candidate {
             self.eligible -= 1;
-            self.swap(index, self.eligible);
+            at = self.eligible;
         } else if index >= self.eligible && is_candidate {
-            self.swap(index, self.eligible);
+            at = self.eligible;
             self.eligible += 1;
         }
+        if at != index {
+            self.swap(index, at);
+        }
+        Some(&self.loads[at].machine)
     }
 
     fn swap(&mut self, one: usize, other: usize) {

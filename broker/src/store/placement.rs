@@ -67,13 +67,16 @@ pub(crate) fn plan(
         if let Some(previous) = moved_from {
             farm.add_pending(previous, -1);
         }
-        farm.add_pending(chosen, 1);
+        let Some(placed) = farm
+            .add_pending(chosen, 1)
+            .map(|machine| MachineRecord::clone(machine))
+        else {
+            placements.push(Placement::NoCandidate(farm.all_for(request)));
+            continue;
+        };
         pending.insert(request.user_key.to_owned(), chosen);
         new_pending.push((index, chosen));
-        placements.push(match farm.machine(chosen) {
-            Some(machine) => Placement::Placed(MachineRecord::clone(machine)),
-            None => Placement::NoCandidate(farm.all_for(request)),
-        });
+        placements.push(Placement::Placed(placed));
     }
     *machines = farm.into_machines();
     PlannedBatch {
