@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tsbroker_common::model::{self, SessionEventKind, SessionInfo, SessionState};
 
 use anyhow::Context;
-use persist::{Persister, Snapshot};
+use persist::{Pacing, Persister, Snapshot};
 use store::TableFile;
 
 /// Session ids the agent allocates itself (for a session whose real number it does not know)
@@ -198,6 +198,14 @@ pub type DirectoryEvents = mpsc::UnboundedReceiver<NumberedEvent>;
 impl Directory {
     /// Loads the table of `state_dir` (creating the directory if needed).
     pub fn open(state_dir: &Path) -> anyhow::Result<(Directory, DirectoryEvents)> {
+        Self::open_paced(state_dir, Pacing::default())
+    }
+
+    /// [`Directory::open`] with the writer's pacing given (tests).
+    fn open_paced(
+        state_dir: &Path,
+        pacing: Pacing,
+    ) -> anyhow::Result<(Directory, DirectoryEvents)> {
         let file = TableFile::open(state_dir)?;
         let stored = file.load()?;
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -221,17 +229,22 @@ impl Directory {
             generation: 0,
         };
         let table = Arc::new(Mutex::new(table));
-        let persister = Persister::start(file, 0, {
-            let table = table.clone();
-            Box::new(move || {
-                let table = lock(&table);
-                Snapshot {
-                    generation: table.generation,
-                    next_session_id: table.next_session_id,
-                    sessions: table.sessions.values().cloned().collect(),
-                }
-            })
-        })
+        let persister = Persister::start(
+            file,
+            0,
+            {
+                let table = table.clone();
+                Box::new(move || {
+                    let table = lock(&table);
+                    Snapshot {
+                        generation: table.generation,
+                        next_session_id: table.next_session_id,
+                        sessions: table.sessions.values().cloned().collect(),
+                    }
+                })
+            },
+            pacing,
+        )
         .context("start the session table's writer")?;
         let directory = Directory {
             shared: Arc::new(Shared { table, persister }),

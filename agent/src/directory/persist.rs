@@ -10,7 +10,11 @@
 //!
 //! [`Persister::wait_for`] blocks until a write covering a generation has been attempted:
 //! control-socket events (PAM, xrdp's scripts) wait for it before they are answered, and the
-//! waiters of one write share its fsync. A write that fails is logged (the change stands in
+//! waiters of one write share its fsync. Changes nobody waits for (the front door's attach and
+//! detach) are written at most once per [`UNWAITED_WRITE_INTERVAL`]: under a stream of
+//! connections the writer would otherwise rewrite and fsync the table back to back, for
+//! changes the broker already has through the stream; a waiter arriving meanwhile is written
+//! for at once. A write that fails is logged (the change stands in
 //! memory and reaches the broker, as before) and the waiters are released; the table stays
 //! dirty and is written again on the next change, or after a pause that doubles up to
 //! [`MAX_RETRY_DELAY`] when nothing changes. [`Persister::flush`] writes whatever is not on
@@ -18,7 +22,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::SessionRecord;
 use super::store::TableFile;
@@ -27,6 +31,9 @@ use super::store::TableFile;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
 /// The longest pause between attempts while writes keep failing.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// The shortest time from one write to the next when nobody waits for the next: how long a
+/// front-door change may stay in memory only (a crash loses at most this much of them).
+pub(super) const UNWAITED_WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// What the worker writes: the table as of one generation.
 pub(super) struct Snapshot {
@@ -48,6 +55,8 @@ struct State {
     written: u64,
     /// Successful writes so far.
     writes: u64,
+    /// Callers blocked in [`Persister::wait_for`]: the next write is not held back.
+    waiters: usize,
     /// Drop: write what is left, then end.
     stopping: bool,
     /// The worker has ended: nobody waits for it any more.
@@ -78,9 +87,28 @@ pub(super) struct Persister {
     worker: Option<JoinHandle<()>>,
 }
 
+/// How often the writer may write changes nobody waits for.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Pacing {
+    pub unwaited_interval: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing {
+            unwaited_interval: UNWAITED_WRITE_INTERVAL,
+        }
+    }
+}
+
 impl Persister {
     /// Starts the writer; `generation` is the table's as loaded (already on disk).
-    pub fn start(file: TableFile, generation: u64, snapshot: SnapshotFn) -> std::io::Result<Self> {
+    pub fn start(
+        file: TableFile,
+        generation: u64,
+        snapshot: SnapshotFn,
+        pacing: Pacing,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 requested: generation,
@@ -97,7 +125,7 @@ impl Persister {
                 let shared = shared.clone();
                 move || {
                     let _ended = EndGuard(&shared);
-                    run(&shared, &file, &*snapshot);
+                    run(&shared, &file, &*snapshot, pacing);
                 }
             })?;
         Ok(Persister {
@@ -118,8 +146,10 @@ impl Persister {
     /// Has `generation` written and blocks until a write covering it finished; false when
     /// that write failed (the worker logs why).
     pub fn wait_for(&self, generation: u64) -> bool {
-        self.changed(generation);
         let mut state = self.shared.lock();
+        state.waiters += 1;
+        state.requested = state.requested.max(generation);
+        self.shared.work.notify_one();
         while state.attempted < generation && !state.ended {
             state = self
                 .shared
@@ -127,6 +157,7 @@ impl Persister {
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
+        state.waiters -= 1;
         state.written >= generation
     }
 
@@ -185,12 +216,20 @@ impl Drop for EndGuard<'_> {
 }
 
 /// The worker: waits until there is something to write, writes the latest table, repeats.
-fn run(shared: &Shared, file: &TableFile, snapshot: &dyn Fn() -> Snapshot) {
+fn run(shared: &Shared, file: &TableFile, snapshot: &dyn Fn() -> Snapshot, pacing: Pacing) {
     let mut retry_delay = FIRST_RETRY_DELAY;
     let mut failing = false;
     // Stopping: the final flush has been tried, whatever its outcome.
     let mut final_attempt = false;
-    while wait_for_work(shared, &mut retry_delay, &mut final_attempt) {
+    let mut last_write: Option<Instant> = None;
+    while wait_for_work(
+        shared,
+        &mut retry_delay,
+        &mut final_attempt,
+        pacing,
+        last_write,
+    ) {
+        last_write = Some(Instant::now());
         // No lock held from here on but the table's, briefly, inside `snapshot`.
         let Snapshot {
             generation,
@@ -224,9 +263,16 @@ fn run(shared: &Shared, file: &TableFile, snapshot: &dyn Fn() -> Snapshot) {
     }
 }
 
-/// Blocks until a write is due: a change newer than the last attempt, or the retry of a
-/// failed write; false when the worker should end (stopping, and the final flush tried).
-fn wait_for_work(shared: &Shared, retry_delay: &mut Duration, final_attempt: &mut bool) -> bool {
+/// Blocks until a write is due: a change newer than the last attempt (at once when someone
+/// waits for it, else once the unwaited interval since `last_write` has passed), or the retry
+/// of a failed write; false when the worker should end (stopping, and the final flush tried).
+fn wait_for_work(
+    shared: &Shared,
+    retry_delay: &mut Duration,
+    final_attempt: &mut bool,
+    pacing: Pacing,
+    last_write: Option<Instant>,
+) -> bool {
     let mut state = shared.lock();
     loop {
         let dirty = state.written < state.requested;
@@ -239,7 +285,17 @@ fn wait_for_work(shared: &Shared, retry_delay: &mut Duration, final_attempt: &mu
         if state.held {
             state = wait(&shared.work, state);
         } else if state.requested > state.attempted {
-            return true;
+            let due = last_write.map_or(Instant::now(), |at| at + pacing.unwaited_interval);
+            let now = Instant::now();
+            if state.waiters > 0 || due <= now {
+                return true;
+            }
+            // Woken early by a waiter, a flush or the stop; other changes just join this write.
+            state = shared
+                .work
+                .wait_timeout(state, due - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
         } else if dirty {
             // The last write failed and nothing changed since: try again after a pause.
             let (next, timeout) = shared

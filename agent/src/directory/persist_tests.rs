@@ -127,6 +127,48 @@ fn a_control_event_is_answered_only_once_it_is_on_disk() {
 }
 
 #[test]
+fn changes_nobody_waits_for_are_written_once_per_interval_and_a_waiter_is_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let interval = Duration::from_secs(30);
+    let pacing = persist::Pacing {
+        unwaited_interval: interval,
+    };
+    let (directory, _events) = Directory::open_paced(dir.path(), pacing).unwrap();
+    // The first change is written at once (no write to space it from).
+    directory.front_door_attach("first", "", "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while directory.writes() == 0 {
+        assert!(Instant::now() < deadline, "the first change was not written");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // A stream of front-door connections: nothing more is written within the interval.
+    let changes = front_door_churn(&directory, 4, 100);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(directory.writes(), 1, "{changes} unwaited changes");
+    assert_eq!(on_disk(dir.path()).sessions.len(), 1);
+
+    // A control event does not wait for the interval; its write covers the churn too.
+    let started = Instant::now();
+    directory.apply(Logon, logon("alice", 10)).unwrap();
+    assert!(started.elapsed() < interval / 2, "the waiter was held back");
+    assert_eq!(directory.writes(), 2);
+    assert_eq!(on_disk(dir.path()).sessions, directory.list());
+
+    // Nor does a flush, nor the stop.
+    directory.front_door_attach("second", "", "").unwrap();
+    let started = Instant::now();
+    assert!(directory.flush());
+    assert!(started.elapsed() < interval / 2, "the flush was held back");
+    assert_eq!(on_disk(dir.path()).sessions, directory.list());
+    directory.front_door_attach("third", "", "").unwrap();
+    let in_memory = directory.list();
+    let started = Instant::now();
+    drop(directory);
+    assert!(started.elapsed() < interval / 2, "the stop was held back");
+    assert_eq!(on_disk(dir.path()).sessions, in_memory);
+}
+
+#[test]
 fn the_table_on_disk_after_a_stop_equals_the_one_in_memory_and_a_restart_restores_it() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, _events) = Directory::open(dir.path()).unwrap();
