@@ -61,7 +61,7 @@ pub struct Metrics {
     pub plugin_resyncs: Family<PluginMethodLabels, Counter>,
     pub agent_streams: Gauge,
     pub agent_messages: Family<KindLabels, Counter>,
-    /// kind: memory (the session directory answered) or database.
+    /// kind: memory (the session directory answered), database, or memory_degraded.
     pub session_lookups: Family<KindLabels, Counter>,
 }
 
@@ -122,8 +122,9 @@ impl Default for Metrics {
         let session_lookups = Family::<KindLabels, Counter>::default();
         registry.register(
             "session_lookups",
-            "Where Redirect found a user's sessions: memory (the session directory) or database \
-             (the directory loading, or sessions only on machines that look gone)",
+            "Where Redirect found a user's sessions: memory (the session directory), database \
+             (the directory loading, or sessions only on machines that look gone) or \
+             memory_degraded (the database unavailable: the last known session)",
             session_lookups.clone(),
         );
         Metrics {

@@ -138,7 +138,10 @@ fn changes_nobody_waits_for_are_written_once_per_interval_and_a_waiter_is_not_he
     directory.front_door_attach("first", "", "").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while directory.writes() == 0 {
-        assert!(Instant::now() < deadline, "the first change was not written");
+        assert!(
+            Instant::now() < deadline,
+            "the first change was not written"
+        );
         thread::sleep(Duration::from_millis(5));
     }
     // A stream of front-door connections: nothing more is written within the interval.

@@ -13,6 +13,7 @@ use crate::metrics::{DecisionLabels, Metrics};
 use crate::plugin::PluginHub;
 use crate::store::{
     Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord, Store,
+    StoreError,
 };
 use farm_settings::{FarmBook, FarmSettings, GroupRule};
 pub use placement_queue::SNAPSHOT_MAX_AGE;
@@ -26,6 +27,10 @@ use tsbroker_common::proto::v1::RedirectReason;
 
 /// mstsc cuts the `mstshash` cookie to this many characters.
 pub const TRUNCATED_COOKIE_CHARS: usize = 9;
+/// How long a returning user whose sessions the directory knows only on machines not heard
+/// from lately waits for the database before the directory's last known session is the
+/// answer (well within the front door's 3 s wait for a redirect).
+const DEGRADED_ANSWER_AFTER: Duration = Duration::from_secs(1);
 
 /// Settings of the decision.
 #[derive(Clone, Debug)]
@@ -157,11 +162,12 @@ impl Decider {
         // The directory in memory first: a session there on a live machine is the answer; no
         // session there is a new user, whose placement checks the database under the farm's
         // lock. Sessions only on machines that look gone: the database decides.
-        if let Some(known) = self.directory.lookup(
+        let known = self.directory.lookup(
             &query.farm,
             &query.user_name,
             query.user_name_may_be_truncated,
-        ) {
+        );
+        if let Some(known) = &known {
             if let Some(session) = best_session(&known.sessions, &query.domain, lease_cutoff) {
                 self.count_lookup("memory");
                 return Ok(session_answer(session));
@@ -181,8 +187,33 @@ impl Decider {
                 // The directory was behind: the user has a session after all.
             }
         }
-        self.count_lookup("database");
-        self.decide_from_store(query, now, lease_cutoff).await
+        let from_store = self.decide_from_store(query, now, lease_cutoff);
+        let remembered = known.filter(|known| !known.sessions.is_empty());
+        let fallback = remembered
+            .as_ref()
+            .and_then(|known| best_session(&known.sessions, &query.domain, i64::MIN));
+        let Some(session) = fallback else {
+            self.count_lookup("database");
+            return from_store.await;
+        };
+        // The directory knows a session of the user, on a machine not heard from lately (an
+        // agent cannot write while the database is away): if the database cannot say better in
+        // time, the last session known beats sending the user nowhere.
+        let why = match tokio::time::timeout(DEGRADED_ANSWER_AFTER, from_store).await {
+            Ok(Err(ApiError::Store(StoreError::Unavailable(error)))) => error.to_string(),
+            Err(_) => format!("no answer within {DEGRADED_ANSWER_AFTER:?}"),
+            Ok(answer) => {
+                self.count_lookup("database");
+                return answer;
+            }
+        };
+        tracing::warn!(
+            database = why,
+            machine = %session.machine_name,
+            "database cannot decide: answering with the user's last known session"
+        );
+        self.count_lookup("memory_degraded");
+        Ok(session_answer(session))
     }
 
     fn count_lookup(&self, kind: &'static str) {

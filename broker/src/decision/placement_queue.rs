@@ -168,13 +168,26 @@ async fn worker(
         if changed {
             cache.invalidate();
         }
-        placer.place_batch(&farm, batch, &mut cache).await;
+        if let Err(error) = placer.place_batch(&farm, batch, &mut cache).await {
+            // The database is away: what queued during the attempt fails with it, at once,
+            // instead of each batch waiting out its own connection timeout. The next placement
+            // tries again.
+            while let Ok(queued) = queue.try_recv() {
+                let _ = queued.reply.send(Err(ApiError::Store(same_error(&error))));
+            }
+        }
     }
 }
 
 impl Placer {
-    /// Places a batch in one transaction and answers each placement.
-    async fn place_batch(&self, farm: &str, batch: Vec<Queued>, cache: &mut FarmCache) {
+    /// Places a batch in one transaction and answers each placement; the error when the
+    /// database was unavailable.
+    async fn place_batch(
+        &self,
+        farm: &str,
+        batch: Vec<Queued>,
+        cache: &mut FarmCache,
+    ) -> Result<(), StoreError> {
         let now = model::now_millis();
         let farm_settings = self.farms.get(farm);
         let requests: Vec<PlacementRequest<'_>> = batch
@@ -225,7 +238,8 @@ impl Placer {
         let had_copy = cache.loaded_at().is_some();
         let started = std::time::Instant::now();
         let mut outcome = self.store.place_logons(&requests, &choose, cache).await;
-        if outcome.is_err() && had_copy {
+        let unavailable = matches!(outcome, Err(StoreError::Unavailable(_)));
+        if outcome.is_err() && had_copy && !unavailable {
             // The copy may name a machine removed since: once more, reading the farm.
             cache.invalidate();
             outcome = self.store.place_logons(&requests, &choose, cache).await;
@@ -254,8 +268,12 @@ impl Placer {
                 for queued in batch {
                     let _ = queued.reply.send(Err(ApiError::Store(same_error(&error))));
                 }
+                if unavailable {
+                    return Err(error);
+                }
             }
         }
+        Ok(())
     }
 }
 

@@ -4,9 +4,10 @@
 //! (other replicas' agents refresh theirs without telling anyone). This broker's own commits
 //! never pass through here: the store hands them to the index directly.
 //!
-//! A failed read, or a request to read everything (the store's listener reconnected and may
-//! have missed notifications), takes the index down (the decision asks the database meanwhile)
-//! and starts over with a full read.
+//! A failed read of changed machines, or a request to read everything (the store's listener
+//! reconnected and may have missed notifications), takes the index down (the decision asks the
+//! database meanwhile) and starts over with a full read. A failed lease refresh does not: while
+//! the database is away the index keeps serving what it knows.
 
 use super::index::DirectoryIndex;
 use super::{Reload, Shared};
@@ -72,6 +73,7 @@ async fn load_and_follow(
     let mut leases = tokio::time::interval(LEASE_REFRESH);
     leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let refresh_leases = store.backend() == "postgres";
+    let mut leases_failing = false;
     loop {
         tokio::select! {
             request = requests.recv() => {
@@ -90,14 +92,25 @@ async fn load_and_follow(
                 }
                 reload(store, shared, machines).await?;
             }
-            _ = leases.tick(), if refresh_leases => {
-                let leases = store.machine_leases().await?;
-                shared.update(|index| {
-                    for lease in leases {
-                        index.set_lease(lease);
+            _ = leases.tick(), if refresh_leases => match store.machine_leases().await {
+                Ok(leases) => {
+                    if std::mem::take(&mut leases_failing) {
+                        tracing::info!("session directory: machine leases read again");
                     }
-                });
-            }
+                    shared.update(|index| {
+                        for lease in leases {
+                            index.set_lease(lease);
+                        }
+                    });
+                }
+                // The database is away: the index stays as it is (once the listener is back,
+                // everything is read again).
+                Err(error) => {
+                    if !std::mem::replace(&mut leases_failing, true) {
+                        tracing::warn!(%error, "session directory: cannot read machine leases; keeping what it knows");
+                    }
+                }
+            },
         }
     }
 }

@@ -27,6 +27,8 @@ const INGEST_CONNECTIONS: u32 = 4;
 
 /// Connections of the placement pool: one placement transaction at a time per farm.
 const PLACEMENT_CONNECTIONS: u32 = 8;
+/// How long a placement waits for one of them.
+const PLACEMENT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct PostgresStore {
     pool: sqlx::PgPool,
@@ -78,7 +80,10 @@ impl PostgresStore {
             .options([("synchronous_commit", "off")]);
         let placement_pool = PgPoolOptions::new()
             .max_connections(PLACEMENT_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(5))
+            // A batch holds one for milliseconds, so a longer wait means the database is away:
+            // the caller hears UNAVAILABLE before a front door stops waiting (3 s) and sends
+            // the user to its own RDP service.
+            .acquire_timeout(PLACEMENT_ACQUIRE_TIMEOUT)
             .connect_with(placement_options)
             .await
             .context("connect to postgresql")?;

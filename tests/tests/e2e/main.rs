@@ -9,6 +9,7 @@ mod concurrency;
 mod conformance;
 mod directory;
 mod ingest_conformance;
+mod outage;
 mod plugins;
 mod policies;
 mod query_plans;

@@ -1,0 +1,213 @@
+//! The database going away while the broker runs, through a TCP relay between the broker and
+//! PostgreSQL that the test cuts and restores: returning users keep being sent to their
+//! session (from the directory in memory, and once their machines' leases are stale, the last
+//! session known), new users hear UNAVAILABLE before a front door would stop waiting (3 s)
+//! and health says NOT_SERVING; once the database is back, new logons are placed again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_tests::database::TestDatabase;
+use tsbroker_tests::fake_agent::{machine, session};
+
+use crate::support::{counter, eventually, reason, redirect, scrape};
+
+/// How long a front door waits for a redirect before it sends the user to its own RDP service.
+const FRONT_DOOR_WAIT: Duration = Duration::from_secs(3);
+
+/// Relays TCP connections to the database; `cut` closes them all and turns new ones away.
+struct DatabaseLink {
+    address: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    relays: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: AbortHandle,
+}
+
+impl DatabaseLink {
+    async fn start(target: String) -> DatabaseLink {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let relays: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (cut, relays) = (cut.clone(), relays.clone());
+            async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection closes at once
+                    }
+                    let target = target.clone();
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    relays.lock().unwrap().push(relay.abort_handle());
+                }
+            }
+        })
+        .abort_handle();
+        DatabaseLink {
+            address,
+            cut,
+            relays,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for relay in self.relays.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for DatabaseLink {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// The `host:port` of `postgres://user@host:port/db`, and a function giving the same URL
+/// through another address.
+fn split_url(url: &str) -> (String, impl Fn(std::net::SocketAddr) -> String + '_) {
+    let (scheme, rest) = url.split_once("://").expect("scheme");
+    let (credentials, rest) = rest.rsplit_once('@').expect("user@");
+    let (host_port, path) = rest.split_once('/').expect("/database");
+    (host_port.to_owned(), move |address| {
+        format!("{scheme}://{credentials}@{address}/{path}")
+    })
+}
+
+async fn health(broker: &tsbroker_tests::TestBroker) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(broker.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .map(|answer| answer.into_inner().status)
+        .unwrap_or_default()
+}
+
+/// Keeps the machine's lease fresh (a load report every 300 ms) while its stream lasts.
+fn keep_alive(mut agent: tsbroker_tests::FakeAgent) {
+    tokio::spawn(async move {
+        while agent.heartbeat().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+}
+
+#[tokio::test]
+async fn when_the_database_goes_away_returning_users_still_find_their_session() {
+    let database = TestDatabase::postgres().await;
+    let (target, through) = split_url(&database.url);
+    let link = DatabaseLink::start(target).await;
+    let url = through(link.address);
+    drop(through);
+    let metrics_port = tsbroker_tests::process::free_port();
+    let broker = tsbroker_tests::spawn_broker(&url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(3);
+        config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
+    })
+    .await;
+    let mut client = broker.broker_client().await;
+    keep_alive(
+        tsbroker_tests::FakeAgent::join(
+            &broker.url(),
+            machine("ts-a", "farm", 100),
+            vec![session(1, "alice", pb::SessionState::Disconnected)],
+        )
+        .await,
+    );
+    keep_alive(
+        tsbroker_tests::FakeAgent::join(&broker.url(), machine("ts-b", "farm", 100), vec![]).await,
+    );
+    eventually(10, || async {
+        redirect(&mut client.clone(), "farm", "alice")
+            .await
+            .is_ok_and(|alice| alice.machine_name == "ts-a")
+    })
+    .await;
+
+    link.cut();
+    let started = Instant::now();
+    let newcomer = redirect(&mut client, "farm", "newcomer").await.unwrap_err();
+    assert_eq!(newcomer.code(), tonic::Code::Unavailable, "{newcomer:?}");
+    assert!(
+        started.elapsed() < FRONT_DOOR_WAIT,
+        "a new logon's UNAVAILABLE took {:?}",
+        started.elapsed()
+    );
+    // Long enough for failed lease refreshes (which used to take the directory down) and for
+    // the machines' leases to go stale (their agents' load reports cannot be written).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+        assert!(
+            started.elapsed() < FRONT_DOOR_WAIT,
+            "alice's answer took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(alice.machine_name, "ts-a");
+        assert_eq!(reason(&alice), pb::RedirectReason::ExistingSession);
+    }
+    let degraded = counter(
+        &scrape(metrics_port).await,
+        &["tsbroker_session_lookups_total", "kind=\"memory_degraded\""],
+    );
+    assert!(
+        degraded >= 3.0,
+        "{degraded} answers from the last known session"
+    );
+    eventually(15, || async {
+        health(&broker).await == ServingStatus::NotServing as i32
+    })
+    .await;
+
+    link.restore();
+    eventually(30, || async {
+        health(&broker).await == ServingStatus::Serving as i32
+    })
+    .await;
+    // The agents come back (their streams ended when their writes failed) and the newcomer
+    // is placed.
+    let mut rejoined = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rejoined.is_none() {
+        assert!(Instant::now() < deadline, "ts-b could not join again");
+        if let Ok(mut agent) =
+            tsbroker_tests::FakeAgent::connect(&broker.url(), machine("ts-b", "farm", 100)).await
+            && agent.resync(vec![]).await.is_ok()
+            && agent.ready().await.is_ok()
+        {
+            rejoined = Some(agent);
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    keep_alive(rejoined.unwrap());
+    eventually(30, || async {
+        redirect(&mut client.clone(), "farm", "newcomer")
+            .await
+            .is_ok_and(|answer| reason(&answer) == pb::RedirectReason::LoadBalanced)
+    })
+    .await;
+    broker.stop().await;
+    drop(link);
+    database.drop_database().await;
+}
