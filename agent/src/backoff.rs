@@ -39,6 +39,14 @@ impl Backoff {
         Duration::from_millis(rand::rng().random_range(0..=ceiling_ms))
     }
 
+    /// The delay when the broker said when to come back (`hint`, at most the cap): a pick
+    /// between half of it and all of it, so that agents do not all come back at once; the
+    /// backoff does not grow meanwhile.
+    pub fn hinted_delay(&self, hint: Duration) -> Duration {
+        let hint_ms = u64::try_from(hint.min(self.settings.cap).as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rand::rng().random_range(hint_ms / 2..=hint_ms))
+    }
+
     /// Back to `base`, after a healthy stream.
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -101,5 +109,21 @@ mod tests {
         assert_eq!(backoff.ceiling(), Duration::from_secs(16));
         backoff.stream_ended(Duration::from_secs(31));
         assert_eq!(backoff.ceiling(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_hinted_delay_is_between_half_and_all_of_the_hint_and_does_not_grow_the_backoff() {
+        let mut backoff = Backoff::new(settings());
+        for _ in 0..5 {
+            backoff.next_delay();
+        }
+        let ceiling = backoff.ceiling();
+        for _ in 0..200 {
+            let delay = backoff.hinted_delay(Duration::from_secs(1));
+            assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_secs(1));
+        }
+        assert_eq!(backoff.ceiling(), ceiling);
+        // A hint above the cap is held to the cap.
+        assert!(backoff.hinted_delay(Duration::from_secs(3600)) <= Duration::from_secs(30));
     }
 }

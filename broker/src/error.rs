@@ -2,7 +2,11 @@
 //! status codes. Internal details are logged once here, never sent to clients.
 
 use crate::store::StoreError;
+use std::time::Duration;
 use tsbroker_common::ValidationError;
+
+/// What an UNAVAILABLE for the database tells clients to wait before trying again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -40,7 +44,13 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::Store(StoreError::Unavailable(error)) => {
                 tracing::warn!(%error, "store unavailable");
-                Status::unavailable("the broker's database is unavailable; retry shortly")
+                let mut status =
+                    Status::unavailable("the broker's database is unavailable; retry shortly");
+                status.metadata_mut().insert(
+                    tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
+                    tonic::metadata::MetadataValue::from(RETRY_AFTER.as_millis() as u64),
+                );
+                status
             }
             ApiError::Store(StoreError::Internal(error)) => {
                 tracing::error!(%error, "store error");

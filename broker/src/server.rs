@@ -12,6 +12,7 @@ use crate::service::auth::TokenGuard;
 use crate::service::broker_api::BrokerApi;
 use crate::service::gateway::{GatewayApi, GatewaySettings};
 use crate::service::{Core, CoreCell};
+use crate::store::reachability::Reachability;
 use crate::store::{self, IngestWriter, Store};
 use anyhow::Context;
 use std::sync::Arc;
@@ -34,6 +35,8 @@ const HEALTH_NAMES: [&str; 4] = [
 ];
 
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How often it is checked while it does not answer.
+const HEALTH_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Serves the broker on `listener` until `shutdown` is cancelled. `main` and the tests share
 /// this entry.
@@ -125,10 +128,12 @@ pub async fn run(
             return Err(error);
         }
     };
+    let database = Arc::new(Reachability::default());
     let decision_settings = DecisionSettings {
         heartbeat_timeout: config.heartbeat_timeout,
         pending_logon_ttl: config.pending_logon_ttl,
         max_pending_logons_per_machine: config.max_pending_logons_per_machine,
+        database: database.clone(),
     };
     declare_farms(store.as_ref(), &config).await?;
     let plugins = PluginHub::start(
@@ -153,10 +158,16 @@ pub async fn run(
         decider,
         plugins: plugins.clone(),
         metrics,
+        database: database.clone(),
     });
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!(backend = store.backend(), "store ready; serving");
-    let monitor = tokio::spawn(monitor_store(store, health.clone(), shutdown.clone()));
+    let monitor = tokio::spawn(monitor_store(
+        store,
+        health.clone(),
+        database,
+        shutdown.clone(),
+    ));
 
     let served = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -217,25 +228,44 @@ async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
-/// Flips health to NOT_SERVING while the database does not answer, and back.
-async fn monitor_store(store: Arc<dyn Store>, health: HealthReporter, shutdown: CancellationToken) {
+/// Flips health to NOT_SERVING (and `database` to away) while the database does not answer,
+/// and back; checks every second while it is away, so that agents come back soon.
+async fn monitor_store(
+    store: Arc<dyn Store>,
+    health: HealthReporter,
+    database: Arc<Reachability>,
+    shutdown: CancellationToken,
+) {
     let mut serving = true;
+    // The last check that found the database answering: an outage began after it.
+    let mut last_up = tsbroker_common::model::now_millis();
     loop {
+        let interval = if serving {
+            HEALTH_CHECK_INTERVAL
+        } else {
+            HEALTH_RECHECK_INTERVAL
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
         let healthy = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.ping()).await;
         let healthy = matches!(healthy, Ok(Ok(())));
+        let now = tsbroker_common::model::now_millis();
         if healthy != serving {
             serving = healthy;
             if healthy {
+                database.came_back(now);
                 tracing::info!("database answers again: serving");
                 set_health(&health, ServingStatus::Serving).await;
             } else {
+                database.went_away(last_up);
                 tracing::error!("database does not answer: not serving");
                 set_health(&health, ServingStatus::NotServing).await;
             }
+        }
+        if healthy {
+            last_up = now;
         }
     }
 }

@@ -9,3 +9,9 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of every `.proto` file, so grpcurl can use the API
 /// through server reflection with no `.proto` files at hand.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tsbroker_descriptor");
+
+/// Response metadata on an UNAVAILABLE that the broker itself gives (its database is away): how
+/// many milliseconds to wait before trying again. The broker is up, so agents come back this
+/// soon instead of after their growing backoff, and are connected again moments after the
+/// database returns.
+pub const RETRY_AFTER_MS_METADATA: &str = "tsbroker-retry-after-ms";

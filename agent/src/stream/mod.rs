@@ -89,14 +89,17 @@ pub async fn run(
         let started = Instant::now();
         let outcome = link::run_once(&context, &mut events, &mut sampler, &shutdown).await;
         update_status(&context.status, |status| status.connected = false);
-        let reason = match outcome {
+        let (reason, retry_after) = match outcome {
             Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
             Ok(Outcome::Removed) => return StreamExit::Removed,
-            Ok(Outcome::Ended(reason)) => reason,
-            Err(error) => format!("{error:#}"),
+            Ok(Outcome::Ended(reason)) => (reason, None),
+            Err(error) => (format!("{error:#}"), retry_after(&error)),
         };
         backoff.stream_ended(started.elapsed());
-        let delay = backoff.next_delay();
+        let delay = match retry_after {
+            Some(hint) => backoff.hinted_delay(hint),
+            None => backoff.next_delay(),
+        };
         tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
         update_status(&context.status, |status| status.last_error = reason);
         tokio::select! {
@@ -106,6 +109,25 @@ pub async fn run(
         // Changes made while apart are in the table; the next RESYNC carries them.
         while events.try_recv().is_ok() {}
     }
+}
+
+/// The broker's own word on when to try again: an UNAVAILABLE it gave while its database is
+/// away (the broker is up and will take the stream as soon as its database is back).
+fn retry_after(error: &anyhow::Error) -> Option<Duration> {
+    let status = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<tonic::Status>())?;
+    if status.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let millis = status
+        .metadata()
+        .get(tsbroker_common::proto::RETRY_AFTER_MS_METADATA)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_millis(millis))
 }
 
 /// The settings the broker sent, applied and logged.

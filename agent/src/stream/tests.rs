@@ -248,3 +248,33 @@ async fn unreachable_broker_is_retried_and_shutdown_still_works() {
         .unwrap()
         .unwrap();
 }
+
+#[test]
+fn the_brokers_retry_hint_is_read_from_its_unavailable_status_only() {
+    use anyhow::Context;
+    let with_hint = |code: tonic::Code, value: &str| {
+        let mut status = tonic::Status::new(code, "the broker's database is unavailable");
+        status.metadata_mut().insert(
+            tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
+            value.parse().unwrap(),
+        );
+        Err::<(), _>(status).context("open stream").unwrap_err()
+    };
+    assert_eq!(
+        super::retry_after(&with_hint(tonic::Code::Unavailable, "1000")),
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(
+        super::retry_after(&with_hint(tonic::Code::Internal, "1000")),
+        None
+    );
+    assert_eq!(
+        super::retry_after(&with_hint(tonic::Code::Unavailable, "soon")),
+        None
+    );
+    let without = Err::<(), _>(tonic::Status::unavailable("transport error"))
+        .context("broker stream")
+        .unwrap_err();
+    assert_eq!(super::retry_after(&without), None);
+    assert_eq!(super::retry_after(&anyhow::anyhow!("no welcome")), None);
+}

@@ -11,6 +11,7 @@ use crate::directory::SessionDirectory;
 use crate::error::ApiError;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::plugin::PluginHub;
+use crate::store::reachability::Reachability;
 use crate::store::{
     Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord, Store,
     StoreError,
@@ -41,6 +42,15 @@ pub struct DecisionSettings {
     pub pending_logon_ttl: Duration,
     /// Most logons in flight to one machine.
     pub max_pending_logons_per_machine: u32,
+    /// Whether the database answers, and since when (see [`Reachability::lease_cutoff`]).
+    pub database: Arc<Reachability>,
+}
+
+impl DecisionSettings {
+    /// The oldest lease of a machine counted alive at `now`.
+    pub fn lease_cutoff(&self, now: i64) -> i64 {
+        self.database.lease_cutoff(now, self.heartbeat_timeout)
+    }
 }
 
 /// A validated redirect question.
@@ -152,7 +162,7 @@ impl Decider {
 
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
         let now = model::now_millis();
-        let lease_cutoff = now - self.settings.heartbeat_timeout.as_millis() as i64;
+        let lease_cutoff = self.settings.lease_cutoff(now);
         if query.user_name.is_empty() {
             let placed = self
                 .place(query, &anonymous_key(), now, lease_cutoff, false)

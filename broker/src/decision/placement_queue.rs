@@ -196,7 +196,7 @@ impl Placer {
                 farm,
                 user_key: &queued.job.user_key,
                 now,
-                lease_cutoff: now - self.settings.heartbeat_timeout.as_millis() as i64,
+                lease_cutoff: self.settings.lease_cutoff(now),
                 pending_ttl_ms: self.settings.pending_logon_ttl.as_millis() as i64,
                 max_pending_per_machine: self.settings.max_pending_logons_per_machine,
                 slow_start_ms: farm_settings.slow_start.as_millis() as i64,

@@ -66,6 +66,15 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let peer = request.remote_addr();
+        if !self.core.get()?.database.is_up() {
+            // Nothing of a stream can be written now; the status says when to come back.
+            return Err(
+                ApiError::Store(StoreError::Unavailable(sqlx::Error::Protocol(
+                    "the health check finds the database away".into(),
+                )))
+                .into(),
+            );
+        }
         let (outbound, receiver) = mpsc::channel(64);
         let stream = AgentStream {
             store: self.core.get()?.store.clone(),

@@ -12,6 +12,7 @@ pub mod machine_ref;
 use crate::decision::Decider;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHub;
+use crate::store::reachability::Reachability;
 use crate::store::{IngestWriter, Store};
 use std::sync::{Arc, OnceLock};
 
@@ -26,6 +27,9 @@ pub struct Core {
     pub decider: Arc<Decider>,
     pub plugins: Arc<PluginHub>,
     pub metrics: Arc<Metrics>,
+    /// Whether the health check finds the database answering: while it is away, agent streams
+    /// are turned away at once (with a hint to come back soon) instead of waiting on it.
+    pub database: Arc<Reachability>,
 }
 
 /// Filled once the store is ready; until then every call answers UNAVAILABLE (the health

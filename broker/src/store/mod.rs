@@ -8,6 +8,7 @@ mod error;
 pub mod ingest;
 mod placement;
 mod postgres;
+pub mod reachability;
 pub mod records;
 mod sql;
 mod sqlite;

@@ -2,7 +2,9 @@
 //! PostgreSQL that the test cuts and restores: returning users keep being sent to their
 //! session (from the directory in memory, and once their machines' leases are stale, the last
 //! session known), new users hear UNAVAILABLE before a front door would stop waiting (3 s)
-//! and health says NOT_SERVING; once the database is back, new logons are placed again.
+//! and health says NOT_SERVING, agents are turned away with a hint to come back within a
+//! second; once the database is back, a machine whose agent has not reconnected yet still
+//! counts for its users, agents join again and new logons are placed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,7 +122,7 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
     drop(through);
     let metrics_port = tsbroker_tests::process::free_port();
     let broker = tsbroker_tests::spawn_broker(&url, |config| {
-        config.heartbeat_timeout = Duration::from_secs(3);
+        config.heartbeat_timeout = Duration::from_secs(5);
         config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
     })
     .await;
@@ -154,7 +156,7 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
     );
     // Long enough for failed lease refreshes (which used to take the directory down) and for
     // the machines' leases to go stale (their agents' load reports cannot be written).
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
     for _ in 0..3 {
         let started = Instant::now();
         let alice = redirect(&mut client, "farm", "alice").await.unwrap();
@@ -179,13 +181,40 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
     })
     .await;
 
+    // Agents are turned away at once, told to come back soon (not after their backoff).
+    let started = Instant::now();
+    let refused = tsbroker_tests::FakeAgent::connect(&broker.url(), machine("ts-c", "farm", 100))
+        .await
+        .err()
+        .expect("no stream while the database is away");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        refused
+            .metadata()
+            .get(tsbroker_common::proto::RETRY_AFTER_MS_METADATA)
+            .and_then(|value| value.to_str().ok()),
+        Some("1000")
+    );
+    assert!(
+        started.elapsed() < FRONT_DOOR_WAIT,
+        "{:?}",
+        started.elapsed()
+    );
+
     link.restore();
     eventually(30, || async {
         health(&broker).await == ServingStatus::Serving as i32
     })
     .await;
-    // The agents come back (their streams ended when their writes failed) and the newcomer
-    // is placed.
+    // Back: ts-a's agent has not reconnected yet (its stream ended when its writes failed),
+    // but its lease was fresh when the outage began: alice still goes to her session, not to a
+    // new logon elsewhere.
+    let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+    assert_eq!(
+        (alice.machine_name.as_str(), reason(&alice)),
+        ("ts-a", pb::RedirectReason::ExistingSession)
+    );
+    // The agents come back and the newcomer is placed.
     let mut rejoined = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     while rejoined.is_none() {

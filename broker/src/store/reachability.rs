@@ -1,0 +1,87 @@
+//! Whether the database answers, as the health monitor last found it, and when it went away
+//! and came back. While it is away, agent streams are turned away at once (nothing of theirs
+//! can be written); for one heartbeat timeout after it is back, a machine is not taken for gone
+//! because its lease stopped while the outage kept its agent from writing it: agents need a
+//! moment to reconnect, and meanwhile their users must not be sent to a new session elsewhere.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct Reachability {
+    up: AtomicBool,
+    /// When the last outage began (ms since the epoch; 0: never).
+    down_since: AtomicI64,
+    /// When the database answered again after it (ms since the epoch).
+    back_at: AtomicI64,
+}
+
+impl Default for Reachability {
+    fn default() -> Self {
+        Reachability {
+            up: AtomicBool::new(true),
+            down_since: AtomicI64::new(0),
+            back_at: AtomicI64::new(0),
+        }
+    }
+}
+
+impl Reachability {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The database stopped answering; it may have been away since `since` (the last check
+    /// that found it up).
+    pub fn went_away(&self, since: i64) {
+        self.down_since.store(since, Ordering::Relaxed);
+        self.up.store(false, Ordering::Relaxed);
+    }
+
+    /// The database answers again at `now`.
+    pub fn came_back(&self, now: i64) {
+        self.back_at.store(now, Ordering::Relaxed);
+        self.up.store(true, Ordering::Relaxed);
+    }
+
+    /// The oldest lease of a machine still counted alive at `now`: `now - heartbeat_timeout`,
+    /// except within one heartbeat timeout after an outage, when a lease that was fresh as the
+    /// outage began still counts.
+    pub fn lease_cutoff(&self, now: i64, heartbeat_timeout: Duration) -> i64 {
+        let timeout = heartbeat_timeout.as_millis() as i64;
+        let normal = now - timeout;
+        let down_since = self.down_since.load(Ordering::Relaxed);
+        if down_since == 0 || !self.is_up() {
+            return normal;
+        }
+        let back_at = self.back_at.load(Ordering::Relaxed);
+        if now < back_at + timeout {
+            normal.min(down_since - timeout)
+        } else {
+            normal
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_stopped_by_an_outage_count_for_one_timeout_after_it() {
+        let timeout = Duration::from_secs(15);
+        let reachability = Reachability::default();
+        assert_eq!(reachability.lease_cutoff(100_000, timeout), 85_000);
+        // Away from 100 s (last found up) to 160 s.
+        reachability.went_away(100_000);
+        assert!(!reachability.is_up());
+        assert_eq!(reachability.lease_cutoff(130_000, timeout), 115_000);
+        reachability.came_back(160_000);
+        assert!(reachability.is_up());
+        // A machine last seen at 90 s (fresh when the outage began) still counts...
+        assert_eq!(reachability.lease_cutoff(161_000, timeout), 85_000);
+        assert_eq!(reachability.lease_cutoff(174_999, timeout), 85_000);
+        // ...until one timeout after the database came back.
+        assert_eq!(reachability.lease_cutoff(175_000, timeout), 160_000);
+    }
+}
