@@ -8,6 +8,18 @@ use tsbroker_common::ValidationError;
 /// What an UNAVAILABLE for the database tells clients to wait before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// UNAVAILABLE because the database is away, with the hint to try again in [`RETRY_AFTER`]
+/// (`tsbroker_common::proto::RETRY_AFTER_MS_METADATA`).
+pub fn database_unavailable() -> tonic::Status {
+    let mut status =
+        tonic::Status::unavailable("the broker's database is unavailable; retry shortly");
+    status.metadata_mut().insert(
+        tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
+        tonic::metadata::MetadataValue::from(RETRY_AFTER.as_millis() as u64),
+    );
+    status
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
@@ -44,13 +56,7 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::Store(StoreError::Unavailable(error)) => {
                 tracing::warn!(%error, "store unavailable");
-                let mut status =
-                    Status::unavailable("the broker's database is unavailable; retry shortly");
-                status.metadata_mut().insert(
-                    tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
-                    tonic::metadata::MetadataValue::from(RETRY_AFTER.as_millis() as u64),
-                );
-                status
+                database_unavailable()
             }
             ApiError::Store(StoreError::Internal(error)) => {
                 tracing::error!(%error, "store error");

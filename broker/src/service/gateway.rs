@@ -67,13 +67,9 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let peer = request.remote_addr();
         if !self.core.get()?.database.is_up() {
-            // Nothing of a stream can be written now; the status says when to come back.
-            return Err(
-                ApiError::Store(StoreError::Unavailable(sqlx::Error::Protocol(
-                    "the health check finds the database away".into(),
-                )))
-                .into(),
-            );
+            // Nothing of a stream can be written now; the status says when to come back (not
+            // logged: the health monitor said it once, and agents ask every second).
+            return Err(crate::error::database_unavailable());
         }
         let (outbound, receiver) = mpsc::channel(64);
         let stream = AgentStream {
