@@ -85,6 +85,8 @@ pub async fn run(
 ) -> StreamExit {
     let mut backoff = Backoff::new(context.backoff);
     let mut sampler = LoadSampler::default();
+    // The last refusal that came with the broker's retry hint.
+    let mut last_hinted: Option<String> = None;
     loop {
         let started = Instant::now();
         let outcome = link::run_once(&context, &mut events, &mut sampler, &shutdown).await;
@@ -100,7 +102,15 @@ pub async fn run(
             Some(hint) => backoff.hinted_delay(hint),
             None => backoff.next_delay(),
         };
-        tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
+        // While the broker's database is away the agent asks every second: one warning, then
+        // the same refusal again only at debug.
+        let again = retry_after.is_some() && last_hinted.as_deref() == Some(reason.as_str());
+        if again {
+            tracing::debug!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still refused");
+        } else {
+            tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
+        }
+        last_hinted = retry_after.map(|_| reason.clone());
         update_status(&context.status, |status| status.last_error = reason);
         tokio::select! {
             () = shutdown.cancelled() => return StreamExit::Shutdown,
