@@ -285,8 +285,8 @@ fn wait_for_work(
         if state.held {
             state = wait(&shared.work, state);
         } else if state.requested > state.attempted {
-            let due = last_write.map_or(Instant::now(), |at| at + pacing.unwaited_interval);
             let now = Instant::now();
+            let due = last_write.map_or(now, |at| at + pacing.unwaited_interval);
             if state.waiters > 0 || due <= now {
                 return true;
             }

@@ -198,8 +198,7 @@ impl Decider {
             }
         }
         let from_store = self.decide_from_store(query, now, lease_cutoff);
-        let remembered = known.filter(|known| !known.sessions.is_empty());
-        let fallback = remembered
+        let fallback = known
             .as_ref()
             .and_then(|known| best_session(&known.sessions, &query.domain, i64::MIN));
         let Some(session) = fallback else {

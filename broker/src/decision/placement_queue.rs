@@ -238,8 +238,7 @@ impl Placer {
         let had_copy = cache.loaded_at().is_some();
         let started = std::time::Instant::now();
         let mut outcome = self.store.place_logons(&requests, &choose, cache).await;
-        let unavailable = matches!(outcome, Err(StoreError::Unavailable(_)));
-        if outcome.is_err() && had_copy && !unavailable {
+        if had_copy && matches!(outcome, Err(ref error) if !is_unavailable(error)) {
             // The copy may name a machine removed since: once more, reading the farm.
             cache.invalidate();
             outcome = self.store.place_logons(&requests, &choose, cache).await;
@@ -268,13 +267,17 @@ impl Placer {
                 for queued in batch {
                     let _ = queued.reply.send(Err(ApiError::Store(same_error(&error))));
                 }
-                if unavailable {
+                if is_unavailable(&error) {
                     return Err(error);
                 }
             }
         }
         Ok(())
     }
+}
+
+fn is_unavailable(error: &StoreError) -> bool {
+    matches!(error, StoreError::Unavailable(_))
 }
 
 /// The batch's error, for each of its placements.
