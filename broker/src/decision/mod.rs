@@ -217,6 +217,8 @@ impl Decider {
             }
         };
         tracing::warn!(
+            farm = %query.farm,
+            user = %query.user_name,
             database = why,
             machine = %session.machine_name,
             "database cannot decide: answering with the user's last known session"

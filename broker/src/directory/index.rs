@@ -1,9 +1,10 @@
 //! The in-memory index behind the session directory: every session of every farm by user (what
-//! a redirect asks) and by machine (to apply deletes and machine reloads), and each machine's
-//! redirect details and lease. Pure data, no I/O: `sync.rs` keeps it current.
+//! a redirect asks: a hash lookup, with the user keys also in order for prefix lookups) and by
+//! machine (to apply deletes and machine reloads), and each machine's redirect details and
+//! lease. Pure data, no I/O: `sync.rs` keeps it current.
 
 use crate::store::{DirectoryDelta, DirectoryMachine, MachineLease, SessionRecord, SessionRow};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 use tsbroker_common::model::SessionState;
@@ -29,13 +30,22 @@ struct MachineSessions {
     users: HashMap<i64, Arc<str>>,
 }
 
+/// A farm's users: by key for the redirect's exact lookup (a hash and one comparison, where an
+/// ordered map compares the key with dozens of others), and the keys in order for the rare
+/// lookup of a truncated name by prefix.
+#[derive(Default)]
+struct FarmUsers {
+    sessions: HashMap<Arc<str>, Vec<SessionEntry>>,
+    ordered: BTreeSet<Arc<str>>,
+}
+
 #[derive(Default)]
 pub struct DirectoryIndex {
     machines: HashMap<Uuid, DirectoryMachine>,
     /// Per machine: where each of its sessions is filed.
     by_machine: HashMap<Uuid, MachineSessions>,
     /// Per farm: user key → the user's sessions.
-    farms: HashMap<Arc<str>, BTreeMap<Arc<str>, Vec<SessionEntry>>>,
+    farms: HashMap<Arc<str>, FarmUsers>,
     sessions: usize,
 }
 
@@ -53,12 +63,17 @@ impl DirectoryIndex {
         self.delete_session(row.machine_id, row.session_id);
         let farm = self.intern_farm(&row.farm);
         let users = self.farms.entry(farm.clone()).or_default();
-        let user_key: Arc<str> = match users.get_key_value(row.user_key.as_str()) {
+        let user_key: Arc<str> = match users.sessions.get_key_value(row.user_key.as_str()) {
             Some((key, _)) => key.clone(),
-            None => Arc::from(row.user_key.as_str()),
+            None => {
+                let key: Arc<str> = Arc::from(row.user_key.as_str());
+                users.ordered.insert(key.clone());
+                key
+            }
         };
         let user_name = (row.user_name != row.user_key).then(|| row.user_name.into_boxed_str());
         users
+            .sessions
             .entry(user_key.clone())
             .or_default()
             .push(SessionEntry {
@@ -177,7 +192,11 @@ impl DirectoryIndex {
     /// does not know comes with machine state "unknown" (never reachable): the caller asks the
     /// database. The client address is not kept (the decision does not use it): empty.
     pub fn sessions_of(&self, farm: &str, user_key: &str) -> Vec<SessionRecord> {
-        let Some(entries) = self.farms.get(farm).and_then(|users| users.get(user_key)) else {
+        let Some(entries) = self
+            .farms
+            .get(farm)
+            .and_then(|users| users.sessions.get(user_key))
+        else {
             return Vec::new();
         };
         entries
@@ -211,10 +230,11 @@ impl DirectoryIndex {
             return Vec::new();
         };
         users
+            .ordered
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
+            .take_while(|key| key.starts_with(prefix))
             .take(limit)
-            .map(|(key, _)| key.to_string())
+            .map(|key| key.to_string())
             .collect()
     }
 
@@ -229,16 +249,17 @@ impl DirectoryIndex {
         let Some(users) = self.farms.get_mut(farm) else {
             return;
         };
-        let Some(entries) = users.get_mut(user_key) else {
+        let Some(entries) = users.sessions.get_mut(user_key) else {
             return;
         };
         let before = entries.len();
         entries.retain(|entry| !(entry.machine_id == machine && entry.session_id == session_id));
         self.sessions -= before - entries.len();
         if entries.is_empty() {
-            users.remove(user_key);
+            users.sessions.remove(user_key);
+            users.ordered.remove(user_key);
         }
-        if users.is_empty() {
+        if users.sessions.is_empty() {
             self.farms.remove(farm);
         }
     }
@@ -322,6 +343,22 @@ mod tests {
         assert!(index.sessions_of("f", "bob").is_empty());
         assert_eq!(index.sessions_of("f", "carol").len(), 1);
         assert_eq!(index.session_count(), 1);
+    }
+
+    #[test]
+    fn a_user_whose_sessions_are_gone_is_no_longer_found_by_prefix() {
+        let mut index = DirectoryIndex::default();
+        index.upsert_session(row(1, 1, "alexander", "active"));
+        index.upsert_session(row(1, 2, "alexandra", "active"));
+        index.upsert_session(row(2, 3, "alexandra", "active"));
+        index.delete_session(Uuid::from_u128(1), 1);
+        assert_eq!(index.users_with_prefix("f", "alexand", 2), ["alexandra"]);
+        // One of alexandra's two sessions gone: she is still found.
+        index.clear_machine_sessions(Uuid::from_u128(1));
+        assert_eq!(index.users_with_prefix("f", "alexand", 2), ["alexandra"]);
+        index.remove_machine(Uuid::from_u128(2));
+        assert!(index.users_with_prefix("f", "alexand", 2).is_empty());
+        assert_eq!(index.session_count(), 0);
     }
 
     #[test]

@@ -157,6 +157,8 @@ impl PluginLink {
         if !self.is_up() {
             return self.fallback("down");
         }
+        // Named in warnings: the Redirect's own span is only kept at debug level.
+        let (farm, user) = (request.farm.clone(), request.user_name.clone());
         let candidates: Vec<String> = request
             .candidates
             .iter()
@@ -173,12 +175,12 @@ impl PluginLink {
         match answer {
             Err(_) => {
                 self.record(method, "timeout", started);
-                tracing::warn!(plugin = %self.address, deadline = ?self.settings.deadline, "plug-in late; keeping the broker's pick");
+                tracing::warn!(plugin = %self.address, %farm, %user, deadline = ?self.settings.deadline, "plug-in late; keeping the broker's pick");
                 self.fallback("timeout")
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
-                tracing::warn!(plugin = %self.address, code = ?status.code(), message = status.message(), "plug-in failed; keeping the broker's pick");
+                tracing::warn!(plugin = %self.address, %farm, %user, code = ?status.code(), message = status.message(), "plug-in failed; keeping the broker's pick");
                 self.check_status(&status);
                 self.fallback("error")
             }
@@ -191,7 +193,7 @@ impl PluginLink {
                 match Uuid::parse_str(&chosen) {
                     Ok(machine) if candidates.contains(&chosen) => Suggestion::Machine(machine),
                     _ => {
-                        tracing::warn!(plugin = %self.address, %chosen, "plug-in chose a machine that is not a candidate; keeping the broker's pick");
+                        tracing::warn!(plugin = %self.address, %farm, %user, %chosen, "plug-in chose a machine that is not a candidate; keeping the broker's pick");
                         self.fallback("not_candidate")
                     }
                 }
@@ -208,6 +210,7 @@ impl PluginLink {
         if !self.supports_external() {
             return None;
         }
+        let (farm, user) = (request.farm.clone(), request.user_name.clone());
         let started = Instant::now();
         let mut client = self.client.clone();
         let answer = tokio::time::timeout(
@@ -231,7 +234,7 @@ impl PluginLink {
                     }
                     Err(_) if answer.address.is_empty() => None,
                     Err(error) => {
-                        tracing::warn!(plugin = %self.address, %error, "plug-in answered an unusable external address");
+                        tracing::warn!(plugin = %self.address, %farm, %user, %error, "plug-in answered an unusable external address");
                         self.fallback("error");
                         None
                     }
@@ -239,7 +242,7 @@ impl PluginLink {
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
-                tracing::warn!(plugin = %self.address, code = ?status.code(), "plug-in external-session call failed");
+                tracing::warn!(plugin = %self.address, %farm, %user, code = ?status.code(), "plug-in external-session call failed");
                 self.check_status(&status);
                 self.fallback("error");
                 None

