@@ -6,7 +6,8 @@
 //! copy of the records, the generation it includes), lets the lock go and writes the snapshot
 //! with [`TableFile::save`] (temporary file, fsync, rename, fsync of the directory). Changes
 //! made while a write is in progress are all covered by the next single write, so a burst of
-//! changes costs one or two writes, not one each.
+//! changes costs one or two writes, not one each; only a change that finds the worker idle
+//! wakes it.
 //!
 //! [`Persister::wait_for`] blocks until a write covering a generation has been attempted:
 //! control-socket events (PAM, xrdp's scripts) wait for it before they are answered, and the
@@ -138,8 +139,15 @@ impl Persister {
     pub fn changed(&self, generation: u64) {
         let mut state = self.shared.lock();
         if generation > state.requested {
+            // A worker with a change already to write (writing, or waiting out the interval)
+            // takes this one with it: only an idle worker needs waking. Under a stream of
+            // front-door connections that saves a futex wake per change, and the worker's
+            // waking up early only to go back to sleep.
+            let idle = state.requested <= state.attempted;
             state.requested = generation;
-            self.shared.work.notify_one();
+            if idle {
+                self.shared.work.notify_one();
+            }
         }
     }
 
