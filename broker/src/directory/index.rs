@@ -60,6 +60,25 @@ impl DirectoryIndex {
 
     /// Creates or replaces a session (absolute row: applying it again changes nothing).
     pub fn upsert_session(&mut self, row: SessionRow) {
+        self.file_session(row, true);
+    }
+
+    /// Files a session of the full load: as [`Self::upsert_session`], but the user keys are put
+    /// in order once, by [`Self::order_keys`] after the last row (a sort and a bulk build
+    /// rather than one B-tree insertion per user: the B-tree was 9 % of a restarted broker's
+    /// CPU while a million sessions loaded and 10,000 agents resynced).
+    pub fn load_session(&mut self, row: SessionRow) {
+        self.file_session(row, false);
+    }
+
+    /// Puts every farm's user keys in order (after [`Self::load_session`]).
+    pub fn order_keys(&mut self) {
+        for users in self.farms.values_mut() {
+            users.ordered = users.sessions.keys().cloned().collect();
+        }
+    }
+
+    fn file_session(&mut self, row: SessionRow, keep_order: bool) {
         self.delete_session(row.machine_id, row.session_id);
         let farm = self.intern_farm(&row.farm);
         let users = self.farms.entry(farm.clone()).or_default();
@@ -67,7 +86,9 @@ impl DirectoryIndex {
             Some((key, _)) => key.clone(),
             None => {
                 let key: Arc<str> = Arc::from(row.user_key.as_str());
-                users.ordered.insert(key.clone());
+                if keep_order {
+                    users.ordered.insert(key.clone());
+                }
                 key
             }
         };
@@ -359,6 +380,33 @@ mod tests {
         index.remove_machine(Uuid::from_u128(2));
         assert!(index.users_with_prefix("f", "alexand", 2).is_empty());
         assert_eq!(index.session_count(), 0);
+    }
+
+    #[test]
+    fn a_full_load_orders_the_keys_at_the_end() {
+        let mut loaded = DirectoryIndex::default();
+        for (session_id, user) in ["alexandra", "bob", "alexander", "alexandra"]
+            .into_iter()
+            .enumerate()
+        {
+            loaded.load_session(row(1, session_id as i64, user, "active"));
+        }
+        // A row read again replaces the first.
+        loaded.load_session(row(1, 1, "alexandrb", "active"));
+        loaded.order_keys();
+        assert_eq!(loaded.session_count(), 4);
+        assert_eq!(
+            loaded.users_with_prefix("f", "alexand", 3),
+            ["alexander", "alexandra", "alexandrb"]
+        );
+        assert!(loaded.users_with_prefix("f", "bo", 3).is_empty());
+        // Live changes after the load keep the order.
+        loaded.upsert_session(row(2, 1, "alexandr", "active"));
+        loaded.delete_session(Uuid::from_u128(1), 2);
+        assert_eq!(
+            loaded.users_with_prefix("f", "alexand", 3),
+            ["alexandr", "alexandra", "alexandrb"]
+        );
     }
 
     #[test]

@@ -121,8 +121,9 @@ async fn read_everything(store: &dyn Store) -> StoreResult<DirectoryIndex> {
         index.set_machine(machine.id, Some(machine));
     }
     store
-        .directory_sessions(None, &mut |row| index.upsert_session(row))
+        .directory_sessions(None, &mut |row| index.load_session(row))
         .await?;
+    index.order_keys();
     Ok(index)
 }
 
