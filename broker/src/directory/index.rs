@@ -391,7 +391,7 @@ mod tests {
         {
             loaded.load_session(row(1, session_id as i64, user, "active"));
         }
-        // A row read again replaces the first.
+        // A later row for session 1 (bob's) replaces it: bob has nothing left.
         loaded.load_session(row(1, 1, "alexandrb", "active"));
         loaded.order_keys();
         assert_eq!(loaded.session_count(), 4);
