@@ -92,7 +92,8 @@ enum Scenario {
         concurrency: usize,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
-        /// Machines joining at once during the initial load.
+        /// Machines joining at once during the initial load (reconnects after the restart are
+        /// not paced, as in a real farm).
         #[arg(long, default_value_t = 64)]
         join_concurrency: usize,
     },

@@ -159,7 +159,8 @@ pub struct SimFarm {
 
 impl SimFarm {
     /// Starts every machine; `join_limit` bounds how many are between connect and READY at
-    /// once (a bulk load), `None` lets them all go at once.
+    /// once during their first join (a bulk load), `None` lets them all go at once. A machine
+    /// that was READY once reconnects without that bound.
     pub fn start(
         settings: &FarmSettings,
         specs: Vec<MachineSpec>,
@@ -308,6 +309,9 @@ impl MachineTask {
             let mut ready = false;
             let end = self.stream(&mut commands, &mut ready).await;
             if ready {
+                // Only the bulk load is paced: a machine that joined once reconnects when its
+                // backoff says, as every agent of a real farm does after a broker restart.
+                self.join_gate = None;
                 self.counters.ready.fetch_sub(1, Ordering::Relaxed);
                 self.counters.changed.notify_waiters();
             }
