@@ -96,7 +96,9 @@ impl DirectoryIndex {
         users
             .sessions
             .entry(user_key.clone())
-            .or_default()
+            // Most users have one session: room for one, where a first push would make room
+            // for four (240 bytes a user that a million of them never use).
+            .or_insert_with(|| Vec::with_capacity(1))
             .push(SessionEntry {
                 machine_id: row.machine_id,
                 session_id: row.session_id,
@@ -335,6 +337,18 @@ mod tests {
         assert!(!on_unknown.machine_is_reachable(i64::MIN));
         assert!(index.sessions_of("f", "bob").is_empty());
         assert!(index.sessions_of("g", "alice").is_empty());
+    }
+
+    #[test]
+    fn a_user_with_one_session_takes_room_for_one() {
+        let mut index = DirectoryIndex::default();
+        index.upsert_session(row(1, 7, "alice", "active"));
+        index.load_session(row(1, 8, "bob", "active"));
+        index.order_keys();
+        let room = |user: &str| index.farms["f"].sessions[user].capacity();
+        assert_eq!((room("alice"), room("bob")), (1, 1));
+        index.upsert_session(row(2, 9, "alice", "disconnected"));
+        assert_eq!(index.sessions_of("f", "alice").len(), 2);
     }
 
     #[test]
