@@ -405,6 +405,47 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((user + system) / 100.0)
 }
 
+/// The CPU time that processes use during a closed-loop load's measured window (after its
+/// warm-up): started with the load, it reads each process's CPU time when the warm-up ends and
+/// when the window does. Divided by the operations counted in the window, it gives a cost per
+/// operation that, unlike a rate, hardly moves with what else the machine runs.
+pub struct CpuWindow {
+    task: tokio::task::JoinHandle<Vec<Option<f64>>>,
+}
+
+impl CpuWindow {
+    pub fn start(pids: Vec<Option<u32>>, warmup: Duration, duration: Duration) -> Self {
+        let task = tokio::spawn(async move {
+            let read = |pids: &[Option<u32>]| -> Vec<Option<f64>> {
+                pids.iter()
+                    .map(|pid| pid.and_then(process_cpu_seconds))
+                    .collect()
+            };
+            tokio::time::sleep(warmup).await;
+            let before = read(&pids);
+            tokio::time::sleep(duration).await;
+            let after = read(&pids);
+            before
+                .into_iter()
+                .zip(after)
+                .map(|(before, after)| Some(after? - before?))
+                .collect()
+        });
+        CpuWindow { task }
+    }
+
+    /// CPU seconds of each process (in the order given; `None` where it could not be read).
+    pub async fn seconds(self) -> Vec<Option<f64>> {
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Microseconds of CPU per operation, when both are known and there were operations.
+pub fn micros_per(cpu_seconds: Option<f64>, operations: u64) -> Option<f64> {
+    let seconds = cpu_seconds?;
+    (operations > 0).then(|| seconds * 1e6 / operations as f64)
+}
+
 /// nproc, CPU model, memory and load average, for the report's first line.
 pub fn machine_report() -> crate::report::Report {
     let mut report = crate::report::Report::new("machine");
@@ -433,6 +474,43 @@ pub fn machine_report() -> crate::report::Report {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_cpu_window_sees_the_work_done_in_it() {
+        let busy = Arc::new(AtomicBool::new(true));
+        let spinner = {
+            let busy = busy.clone();
+            std::thread::spawn(move || {
+                let mut spins = 0u64;
+                while busy.load(Ordering::Relaxed) {
+                    spins = std::hint::black_box(spins.wrapping_add(1));
+                }
+            })
+        };
+        // No process has pid 0's /proc entry: a process that cannot be read gives `None`.
+        let window = super::CpuWindow::start(
+            vec![Some(std::process::id()), Some(0)],
+            Duration::from_millis(50),
+            Duration::from_millis(400),
+        );
+        let seconds = window.seconds().await;
+        busy.store(false, Ordering::Relaxed);
+        spinner.join().unwrap();
+        // The spinning thread had at least a fraction of a core however busy the machine.
+        let own = seconds[0].expect("this process's CPU time");
+        assert!(
+            own >= 0.04,
+            "{own} s of CPU in a 0.4 s window with a thread spinning"
+        );
+        assert_eq!(seconds[1], None);
+        assert_eq!(super::micros_per(Some(0.5), 1000), Some(500.0));
+        assert_eq!(super::micros_per(Some(0.5), 0), None);
+        assert_eq!(super::micros_per(None, 10), None);
+    }
+
     #[test]
     fn database_names_are_replaced() {
         assert_eq!(

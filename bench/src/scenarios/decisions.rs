@@ -6,7 +6,7 @@
 //! (half disconnected, half active).
 
 use super::{FARM, channels, echo_load, redirect_load, seconds};
-use crate::env::{Broker, Database, process_cpu_seconds};
+use crate::env::{Broker, CpuWindow, Database, micros_per};
 use crate::report::Report;
 use crate::sim::{SimFarm, base_user, farm_specs};
 use crate::{Context, ProcessMode};
@@ -78,8 +78,14 @@ async fn run_on(
     let channels = channels(&broker.url(), options.connections).await?;
     let mut reports = Vec::new();
     for &concurrency in &options.concurrency {
+        // The broker's CPU is read only when it runs as its own process.
+        let broker_pid = broker
+            .pid()
+            .filter(|_| context.mode == ProcessMode::Process);
+        let echo_cpu = CpuWindow::start(vec![broker_pid], options.warmup, options.duration);
         let echo = echo_load(&channels, concurrency, options.warmup, options.duration).await;
-        let cpu_before = broker.pid().and_then(process_cpu_seconds);
+        let echo_cpu = echo_cpu.seconds().await[0];
+        let decisions_cpu = CpuWindow::start(vec![broker_pid], options.warmup, options.duration);
         let sessions = options.sessions.max(1);
         let new_percent = options.new_user_percent;
         let decisions = redirect_load(
@@ -97,7 +103,7 @@ async fn run_on(
             },
         )
         .await;
-        let cpu_after = broker.pid().and_then(process_cpu_seconds);
+        let decisions_cpu = decisions_cpu.seconds().await[0];
         let mut report = Report::new("decisions");
         report
             .set("store", context.store.name())
@@ -112,11 +118,22 @@ async fn run_on(
             .latency("echo_", &echo.histogram)
             .num("ratio_to_echo", decisions.rate() / echo.rate().max(1.0), 3)
             .num("load_s", seconds(load_time), 1);
-        if context.mode == ProcessMode::Process
-            && let (Some(before), Some(after)) = (cpu_before, cpu_after)
-        {
-            let busy = (after - before) / (options.duration + options.warmup).as_secs_f64();
-            report.num("broker_cpu_cores", busy, 2);
+        if let Some(busy) = decisions_cpu {
+            report.num("broker_cpu_cores", busy / options.duration.as_secs_f64(), 2);
+        }
+        // The broker's CPU per call: what a decision costs it against what the echo does,
+        // a ratio that moves far less than the rates with the rest of the machine's load.
+        let per_decision = micros_per(decisions_cpu, decisions.ok + decisions.errors);
+        let per_echo = micros_per(echo_cpu, echo.ok + echo.errors);
+        if let (Some(per_decision), Some(per_echo)) = (per_decision, per_echo) {
+            report
+                .num("broker_cpu_us_per_decision", per_decision, 1)
+                .num("broker_cpu_us_per_echo", per_echo, 1)
+                .num(
+                    "echo_to_decision_cpu",
+                    per_echo / per_decision.max(0.001),
+                    3,
+                );
         }
         if let Some(error) = decisions.top_error() {
             report.set("top_error", error.replace(' ', "_"));

@@ -8,7 +8,7 @@
 
 use super::FARM;
 use crate::Context;
-use crate::env::{Broker, Database, ProcessMode, free_port, sibling_binary};
+use crate::env::{Broker, CpuWindow, Database, ProcessMode, free_port, micros_per, sibling_binary};
 use crate::load::{LoadResult, closed_loop};
 use crate::report::Report;
 use crate::sim::{BaseSessions, MachineSpec, SimFarm, base_user};
@@ -67,6 +67,20 @@ struct Route {
     address: SocketAddr,
     /// The user names its connections carry.
     users: Arc<Vec<String>>,
+    /// The processes whose CPU a connection costs: the proxy (HAProxy or the agent) and, for
+    /// the front door, the broker it asks (`None` where not measured: in-process runs).
+    proxy_pid: Option<u32>,
+    broker_pid: Option<u32>,
+}
+
+/// What one path measured.
+struct PathResult {
+    name: &'static str,
+    connections: LoadResult,
+    bulk: Result<f64, String>,
+    /// CPU microseconds per connection of the proxy and of the broker.
+    proxy_cpu_us: Option<f64>,
+    broker_cpu_us: Option<f64>,
 }
 
 async fn run_on(
@@ -140,40 +154,71 @@ async fn run_on(
         Some(HaProxy::start(context, standin_address, state.path()).await?)
     };
     let remote_names: Vec<String> = (0..remote_users).map(base_user).collect();
+    let (agent_pid, broker_pid) = match context.mode {
+        ProcessMode::Process => (agent.pid(), broker.pid()),
+        ProcessMode::InProcess => (None, None),
+    };
     let mut paths = vec![Route {
         name: "direct",
         address: standin_address,
         users: Arc::new(local_users.clone()),
+        proxy_pid: None,
+        broker_pid: None,
     }];
     if let Some(haproxy) = &haproxy {
         paths.push(Route {
             name: "haproxy",
             address: haproxy.address,
             users: Arc::new(local_users.clone()),
+            proxy_pid: haproxy.child.id(),
+            broker_pid: None,
         });
     }
     paths.push(Route {
         name: "tsagent_local",
         address: agent.address,
         users: Arc::new(local_users.clone()),
+        proxy_pid: agent_pid,
+        broker_pid,
     });
     paths.push(Route {
         name: "tsagent_remote",
         address: agent.address,
         users: Arc::new(remote_names),
+        proxy_pid: agent_pid,
+        broker_pid,
     });
 
     let mut results = Vec::new();
     for path in &paths {
         context.progress(&format!("connections through {}", path.name));
+        let cpu = CpuWindow::start(
+            vec![path.proxy_pid, path.broker_pid],
+            options.warmup,
+            options.duration,
+        );
         let connections = connection_load(path, options).await;
+        let cpu = cpu.seconds().await;
+        let counted = connections.ok + connections.errors;
         let bulk = bulk_transfer(path.address, &path.users[0], options.bulk_mib).await;
-        results.push((path.name, connections, bulk));
+        results.push(PathResult {
+            name: path.name,
+            proxy_cpu_us: micros_per(cpu.first().copied().flatten(), counted),
+            broker_cpu_us: micros_per(cpu.get(1).copied().flatten(), counted),
+            connections,
+            bulk,
+        });
     }
-    let direct_p50 = quantile_ms(&results[0].1, 0.5);
-    let direct_p99 = quantile_ms(&results[0].1, 0.99);
+    let direct_p50 = quantile_ms(&results[0].connections, 0.5);
+    let direct_p99 = quantile_ms(&results[0].connections, 0.99);
     let mut reports = Vec::new();
-    for (name, connections, bulk) in &results {
+    for result in &results {
+        let PathResult {
+            name,
+            connections,
+            bulk,
+            ..
+        } = result;
         let mut report = Report::new("frontdoor");
         report
             .set("store", context.store.name())
@@ -196,32 +241,58 @@ async fn run_on(
             Ok(rate) => report.num("bulk_mib_per_s", *rate, 0),
             Err(error) => report.set("bulk_error", error.replace(' ', "_")),
         };
+        if let Some(micros) = result.proxy_cpu_us {
+            report.num("proxy_cpu_us_per_conn", micros, 1);
+        }
+        if let Some(micros) = result.broker_cpu_us {
+            report.num("broker_cpu_us_per_conn", micros, 1);
+        }
         if let Some(error) = connections.top_error() {
             report.set("top_error", error.replace(' ', "_"));
         }
         reports.push(report);
     }
-    if let Some(haproxy) = results.iter().find(|(name, ..)| *name == "haproxy") {
-        for (name, connections, bulk) in results
+    if let Some(haproxy) = results.iter().find(|result| result.name == "haproxy") {
+        for result in results
             .iter()
-            .filter(|(name, ..)| name.starts_with("tsagent"))
+            .filter(|result| result.name.starts_with("tsagent"))
         {
+            let PathResult {
+                name,
+                connections,
+                bulk,
+                ..
+            } = result;
             let mut report = Report::new("frontdoor_vs_haproxy");
             report
                 .set("store", context.store.name())
                 .set("path", *name)
                 .num(
                     "conn_rate_ratio",
-                    connections.rate() / haproxy.1.rate().max(1.0),
+                    connections.rate() / haproxy.connections.rate().max(1.0),
                     3,
                 )
                 .num(
                     "p99_ratio",
-                    quantile_ms(connections, 0.99) / quantile_ms(&haproxy.1, 0.99).max(0.001),
+                    quantile_ms(connections, 0.99)
+                        / quantile_ms(&haproxy.connections, 0.99).max(0.001),
                     3,
                 );
-            if let (Ok(ours), Ok(theirs)) = (bulk, &haproxy.2) {
+            if let (Ok(ours), Ok(theirs)) = (bulk, &haproxy.bulk) {
                 report.num("bulk_ratio", ours / theirs.max(0.001), 3);
+            }
+            // CPU per connection against HAProxy's: the agent's alone, then with the
+            // broker's answer to its Redirect.
+            if let (Some(ours), Some(theirs)) = (result.proxy_cpu_us, haproxy.proxy_cpu_us) {
+                let theirs = theirs.max(0.001);
+                report.num("cpu_per_conn_ratio", ours / theirs, 3);
+                if let Some(broker) = result.broker_cpu_us {
+                    report.num(
+                        "cpu_per_conn_with_broker_ratio",
+                        (ours + broker) / theirs,
+                        3,
+                    );
+                }
             }
             reports.push(report);
         }
@@ -495,6 +566,11 @@ impl FrontDoorAgent {
                 })
             }
         }
+    }
+
+    /// The agent's process id (when it runs as its own process).
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
     }
 
     async fn stop(self) {

@@ -133,6 +133,16 @@ async fn frontdoor(store: StoreKind) {
         assert!(report.get("bulk_error").is_none(), "{}", report.line());
         assert!(report.get_f64("bulk_mib_per_s") > 0.0, "{}", report.line());
     }
+    // HAProxy always runs as its own process: its CPU per connection is measured.
+    let haproxy = reports
+        .iter()
+        .find(|report| report.get("path").and_then(|path| path.as_str()) == Some("haproxy"))
+        .expect("a haproxy line");
+    assert!(
+        haproxy.get_f64("proxy_cpu_us_per_conn") >= 0.0,
+        "{}",
+        haproxy.line()
+    );
 }
 
 macro_rules! on_both_stores {
