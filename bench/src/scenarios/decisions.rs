@@ -77,11 +77,11 @@ async fn run_on(
     ));
     let channels = channels(&broker.url(), options.connections).await?;
     let mut reports = Vec::new();
+    // The broker's CPU is read only when it runs as its own process.
+    let broker_pid = broker
+        .pid()
+        .filter(|_| context.mode == ProcessMode::Process);
     for &concurrency in &options.concurrency {
-        // The broker's CPU is read only when it runs as its own process.
-        let broker_pid = broker
-            .pid()
-            .filter(|_| context.mode == ProcessMode::Process);
         let echo_cpu = CpuWindow::start(vec![broker_pid], options.warmup, options.duration);
         let echo = echo_load(&channels, concurrency, options.warmup, options.duration).await;
         let echo_cpu = echo_cpu.seconds().await[0];
