@@ -396,7 +396,30 @@ pub fn process_memory_kib(pid: u32) -> Option<(u64, u64)> {
 
 /// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
 pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) of a process's threads whose name starts with `prefix` (Linux
+/// keeps 15 bytes of a thread's name), e.g. the broker's SQLite connection threads; `Some(0.0)`
+/// when none is named so.
+pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0.0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let named = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|name| name.trim_end().starts_with(prefix));
+        if named {
+            // A thread that ended since the listing simply adds nothing.
+            total += stat_cpu_seconds(&path.join("stat").to_string_lossy()).unwrap_or(0.0);
+        }
+    }
+    Some(total)
+}
+
+/// User + system CPU seconds from a `/proc/…/stat` file.
+fn stat_cpu_seconds(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     let after_name = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let user: f64 = fields.get(11)?.parse().ok()?;
@@ -413,18 +436,44 @@ pub struct CpuWindow {
     task: tokio::task::JoinHandle<Vec<Option<f64>>>,
 }
 
+/// Whose CPU time a [`CpuWindow`] reads.
+#[derive(Clone, Copy, Debug)]
+pub enum CpuOf {
+    /// A whole process.
+    Process(u32),
+    /// A process's threads whose name starts with the prefix.
+    Threads(u32, &'static str),
+}
+
+impl CpuOf {
+    fn seconds(self) -> Option<f64> {
+        match self {
+            CpuOf::Process(pid) => process_cpu_seconds(pid),
+            CpuOf::Threads(pid, prefix) => threads_cpu_seconds(pid, prefix),
+        }
+    }
+}
+
 impl CpuWindow {
+    /// The CPU of whole processes (`None`: not read).
     pub fn start(pids: Vec<Option<u32>>, warmup: Duration, duration: Duration) -> Self {
+        let sources = pids.into_iter().map(|pid| pid.map(CpuOf::Process));
+        Self::of(sources.collect(), warmup, duration)
+    }
+
+    /// The CPU of each source (`None`: not read).
+    pub fn of(sources: Vec<Option<CpuOf>>, warmup: Duration, duration: Duration) -> Self {
         let task = tokio::spawn(async move {
-            let read = |pids: &[Option<u32>]| -> Vec<Option<f64>> {
-                pids.iter()
-                    .map(|pid| pid.and_then(process_cpu_seconds))
+            let read = |sources: &[Option<CpuOf>]| -> Vec<Option<f64>> {
+                sources
+                    .iter()
+                    .map(|source| source.and_then(CpuOf::seconds))
                     .collect()
             };
             tokio::time::sleep(warmup).await;
-            let before = read(&pids);
+            let before = read(&sources);
             tokio::time::sleep(duration).await;
-            let after = read(&pids);
+            let after = read(&sources);
             before
                 .into_iter()
                 .zip(after)
@@ -483,16 +532,27 @@ mod tests {
         let busy = Arc::new(AtomicBool::new(true));
         let spinner = {
             let busy = busy.clone();
-            std::thread::spawn(move || {
-                let mut spins = 0u64;
-                while busy.load(Ordering::Relaxed) {
-                    spins = std::hint::black_box(spins.wrapping_add(1));
-                }
-            })
+            std::thread::Builder::new()
+                .name("cpu-probe-spin".into())
+                .spawn(move || {
+                    let mut spins = 0u64;
+                    while busy.load(Ordering::Relaxed) {
+                        spins = std::hint::black_box(spins.wrapping_add(1));
+                    }
+                })
+                .unwrap()
         };
+        use super::CpuOf::{Process, Threads};
+        let own = std::process::id();
         // No process has pid 0's /proc entry: a process that cannot be read gives `None`.
-        let window = super::CpuWindow::start(
-            vec![Some(std::process::id()), Some(0)],
+        let window = super::CpuWindow::of(
+            vec![
+                Some(Process(own)),
+                Some(Process(0)),
+                Some(Threads(own, "cpu-probe")),
+                Some(Threads(own, "no-such-thread")),
+                None,
+            ],
             Duration::from_millis(50),
             Duration::from_millis(400),
         );
@@ -500,12 +560,19 @@ mod tests {
         busy.store(false, Ordering::Relaxed);
         spinner.join().unwrap();
         // The spinning thread had at least a fraction of a core however busy the machine.
-        let own = seconds[0].expect("this process's CPU time");
+        let whole = seconds[0].expect("this process's CPU time");
         assert!(
-            own >= 0.04,
-            "{own} s of CPU in a 0.4 s window with a thread spinning"
+            whole >= 0.04,
+            "{whole} s of CPU in a 0.4 s window with a thread spinning"
         );
         assert_eq!(seconds[1], None);
+        let spinning = seconds[2].expect("the spinning thread's CPU time");
+        assert!(
+            spinning >= 0.04 && spinning <= whole + 0.02,
+            "{spinning} of {whole}"
+        );
+        assert_eq!(seconds[3], Some(0.0));
+        assert_eq!(seconds[4], None);
         assert_eq!(super::micros_per(Some(0.5), 1000), Some(500.0));
         assert_eq!(super::micros_per(Some(0.5), 0), None);
         assert_eq!(super::micros_per(None, 10), None);

@@ -6,12 +6,15 @@
 //! (half disconnected, half active).
 
 use super::{FARM, channels, echo_load, redirect_load, seconds};
-use crate::env::{Broker, CpuWindow, Database, micros_per};
+use crate::env::{Broker, CpuOf, CpuWindow, Database, micros_per};
 use crate::report::Report;
 use crate::sim::{SimFarm, base_user, farm_specs};
-use crate::{Context, ProcessMode};
+use crate::{Context, ProcessMode, StoreKind};
 use rand::Rng;
 use std::time::{Duration, Instant};
+
+/// What sqlx names its SQLite connection threads (`sqlx-sqlite-worker-N`, cut to 15 bytes).
+const SQLITE_THREADS: &str = "sqlx-sqlite-wor";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -85,7 +88,17 @@ async fn run_on(
         let echo_cpu = CpuWindow::start(vec![broker_pid], options.warmup, options.duration);
         let echo = echo_load(&channels, concurrency, options.warmup, options.duration).await;
         let echo_cpu = echo_cpu.seconds().await[0];
-        let decisions_cpu = CpuWindow::start(vec![broker_pid], options.warmup, options.duration);
+        // The whole broker, and its SQLite connection threads (placements and stream writes).
+        let decisions_cpu = CpuWindow::of(
+            vec![
+                broker_pid.map(CpuOf::Process),
+                broker_pid
+                    .filter(|_| context.store == StoreKind::Sqlite)
+                    .map(|pid| CpuOf::Threads(pid, SQLITE_THREADS)),
+            ],
+            options.warmup,
+            options.duration,
+        );
         let sessions = options.sessions.max(1);
         let new_percent = options.new_user_percent;
         let decisions = redirect_load(
@@ -103,7 +116,10 @@ async fn run_on(
             },
         )
         .await;
-        let decisions_cpu = decisions_cpu.seconds().await[0];
+        let (decisions_cpu, sqlite_cpu) = match decisions_cpu.seconds().await[..] {
+            [whole, sqlite] => (whole, sqlite),
+            _ => (None, None),
+        };
         let mut report = Report::new("decisions");
         report
             .set("store", context.store.name())
@@ -134,6 +150,12 @@ async fn run_on(
                     per_echo / per_decision.max(0.001),
                     3,
                 );
+        }
+        if let (Some(sqlite), Some(whole)) = (sqlite_cpu, decisions_cpu) {
+            if let Some(per_decision) = micros_per(Some(sqlite), decisions.ok + decisions.errors) {
+                report.num("broker_sqlite_cpu_us_per_decision", per_decision, 1);
+            }
+            report.num("broker_sqlite_cpu_share", sqlite / whole.max(0.001), 3);
         }
         if let Some(error) = decisions.top_error() {
             report.set("top_error", error.replace(' ', "_"));
