@@ -167,3 +167,36 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(decisions, storm, ingest, scale, frontdoor);
+
+/// `bench/scripts/placement_batch_sqlite.py` (BENCHMARKS.md, tenth run) at a tiny size: it
+/// builds its file from the broker's SQLite migrations, so a migration that renames what it
+/// alters breaks it here, not in the next benchmark run.
+#[test]
+fn placement_batch_script_runs_on_the_current_migrations() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../bench/scripts/placement_batch_sqlite.py");
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--pending", "50", "--batches", "20", "--rounds", "1"])
+        .output()
+        .expect("python3 runs (scripts/install-test-deps.sh installs it)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let layouts: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with("round=1 "))
+        .collect();
+    assert_eq!(layouts.len(), 4, "{stdout}");
+    for line in layouts {
+        assert!(
+            line.contains(" batch_us=") && line.contains(" refresh_200_of_1000_ms="),
+            "{line}"
+        );
+        // 50 pending logons to start with, then 220 batches of 7 new ones.
+        assert!(line.ends_with(" pending_at_refresh=1590"), "{line}");
+    }
+}
