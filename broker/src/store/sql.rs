@@ -687,5 +687,6 @@ pub const HOT_QUERIES: &[(&str, &str)] = &[
     ("pending_logon_machine", SELECT_PENDING_LOGON_MACHINE),
     ("machine_by_id", SELECT_MACHINE_BY_ID),
     ("farm_machines", SELECT_FARM_MACHINES),
+    ("changed_machines", SELECT_CHANGED_MACHINES),
     ("expired_pending", DELETE_EXPIRED_PENDING),
 ];

@@ -58,6 +58,7 @@ async fn hot_queries_use_indexes_with_100k_sessions() {
             "pending_logon_machine" => query.bind(5i64).bind("big").bind("pending17"),
             "machine_by_id" => query.bind(5i64).bind(machine),
             "farm_machines" => query.bind(5i64).bind("big"),
+            "changed_machines" => query.bind(5i64).bind("big").bind(0i64),
             "expired_pending" => query.bind("big").bind(12i64),
             other => panic!("no parameters for hot query {other}: add them here"),
         };
