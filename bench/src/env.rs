@@ -567,8 +567,9 @@ mod tests {
         );
         assert_eq!(seconds[1], None);
         let spinning = seconds[2].expect("the spinning thread's CPU time");
+        // Both are read in clock ticks (10 ms), the thread's a moment after the process's.
         assert!(
-            spinning >= 0.04 && spinning <= whole + 0.02,
+            spinning >= 0.04 && spinning <= whole + 0.05,
             "{spinning} of {whole}"
         );
         assert_eq!(seconds[3], Some(0.0));
