@@ -73,7 +73,8 @@ def build(path, layout, pending, now):
                    "wal_autocheckpoint=0"):
         db.execute(f"PRAGMA {pragma}")
     for name in sorted(os.listdir(MIGRATIONS)):
-        db.executescript(open(os.path.join(MIGRATIONS, name)).read())
+        with open(os.path.join(MIGRATIONS, name)) as migration:
+            db.executescript(migration.read())
     rng = random.Random(7)
     db.execute("INSERT INTO farms (name, created_at) VALUES ('bench', ?)", (now,))
     machines = [uuid.UUID(int=rng.getrandbits(128)).bytes for _ in range(1000)]

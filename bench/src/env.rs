@@ -396,7 +396,7 @@ pub fn process_memory_kib(pid: u32) -> Option<(u64, u64)> {
 
 /// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
 pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+    stat_cpu_seconds(std::path::Path::new(&format!("/proc/{pid}/stat")))
 }
 
 /// CPU seconds (user + system) of a process's threads whose name starts with `prefix` (Linux
@@ -411,14 +411,14 @@ pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> Option<f64> {
             .is_ok_and(|name| name.trim_end().starts_with(prefix));
         if named {
             // A thread that ended since the listing simply adds nothing.
-            total += stat_cpu_seconds(&path.join("stat").to_string_lossy()).unwrap_or(0.0);
+            total += stat_cpu_seconds(&path.join("stat")).unwrap_or(0.0);
         }
     }
     Some(total)
 }
 
 /// User + system CPU seconds from a `/proc/…/stat` file.
-fn stat_cpu_seconds(path: &str) -> Option<f64> {
+fn stat_cpu_seconds(path: &std::path::Path) -> Option<f64> {
     let stat = std::fs::read_to_string(path).ok()?;
     let after_name = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
