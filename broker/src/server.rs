@@ -18,9 +18,9 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tsbroker_common::proto::FILE_DESCRIPTOR_SET;
@@ -98,7 +98,6 @@ pub async fn run(
         .context("read the listening address")?;
     let server_stop = CancellationToken::new();
     let server = Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -108,7 +107,7 @@ pub async fn run(
         .add_service(admin)
         .add_service(gateway)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            accepted_connections(listener),
             server_stop.clone().cancelled_owned(),
         );
     let mut server_task = tokio::spawn(server);
@@ -284,8 +283,27 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The connections `listener` accepts, each with `TCP_NODELAY` set. The builder's
+/// `tcp_nodelay` does not reach an incoming stream handed to tonic, and without it a gRPC
+/// answer written in two pieces can wait for the client's delayed ACK (40 ms on Linux).
+fn accepted_connections(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 #[cfg(test)]
 mod tests {
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_to_coalesce_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut incoming = super::accepted_connections(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
