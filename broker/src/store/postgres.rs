@@ -30,12 +30,24 @@ const PLACEMENT_CONNECTIONS: u32 = 8;
 /// How long a placement waits for one of them.
 const PLACEMENT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The placement connections' settings. Commits do not wait for the disk (see
+/// `begin_placement`). And as for the ingest pool: a batch's lookups probe keys, but a plan
+/// made on a new farm's nearly empty tables (no statistics yet, or a pilot's 50 rows) reads
+/// them whole, and each connection keeps that plan while a logon storm fills them (autovacuum
+/// analyses them a minute later at the earliest). With sequential scans off, each statement
+/// has one plan, made once per connection, of index probes.
+pub const PLACEMENT_SETTINGS: [(&str, &str); 3] = [
+    ("synchronous_commit", "off"),
+    ("enable_seqscan", "off"),
+    ("plan_cache_mode", "force_generic_plan"),
+];
+
 pub struct PostgresStore {
     pool: sqlx::PgPool,
     /// The group-commit writer's own connections (see `ingest`): placements waiting on a
     /// farm's lock hold connections of `pool`, never these.
     ingest_pool: sqlx::PgPool,
-    /// The placements' connections: `synchronous_commit=off` (see `begin_placement`).
+    /// The placements' connections, with [`PLACEMENT_SETTINGS`].
     placement_pool: sqlx::PgPool,
     changes: broadcast::Sender<Uuid>,
     directory: SinkSlot,
@@ -77,7 +89,7 @@ impl PostgresStore {
             .context("connect to postgresql")?;
         let placement_options = PgConnectOptions::from_str(database_url)
             .context("parse the postgresql url")?
-            .options([("synchronous_commit", "off")]);
+            .options(PLACEMENT_SETTINGS);
         let placement_pool = PgPoolOptions::new()
             .max_connections(PLACEMENT_CONNECTIONS)
             // A batch holds one for milliseconds, so a longer wait means the database is away:

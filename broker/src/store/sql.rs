@@ -676,8 +676,8 @@ pub(super) fn session_event_outcome(
 /// EXPLAIN these very strings on PostgreSQL with a large directory.
 /// `placement::select_pending_of_users(2, false)`, for the query-plan check.
 pub const PENDING_OF_TWO_USERS: &str = "SELECT user_key, machine_id FROM (SELECT k.column1 \
-     AS user_key, (SELECT p.machine_id FROM pending_logons p WHERE p.farm = $1 \
-     AND p.user_key = k.column1 AND p.expires_at > $2) AS machine_id \
+     AS user_key, (SELECT CASE WHEN p.expires_at > $2 THEN p.machine_id END \
+     FROM pending_logons p WHERE p.farm = $1 AND p.user_key = k.column1) AS machine_id \
      FROM (VALUES ($3), ($4)) AS k) AS found WHERE machine_id IS NOT NULL";
 
 pub const HOT_QUERIES: &[(&str, &str)] = &[

@@ -2,9 +2,11 @@
 //! 100,000 sessions in PostgreSQL, EXPLAIN of each hot statement uses indexes on `sessions`
 //! and `pending_logons` (with a realistic mix: few pending logons expired at any moment); a
 //! batch's pending logons are found by the primary key on PostgreSQL, before and after the
-//! tables have statistics, and on SQLite, which keeps none.
+//! tables have statistics, and on SQLite, which keeps none; and whether its users have
+//! sessions, by (farm, user) for each of them, also in the plan a new database's first
+//! placements cache (a logon storm on a new farm).
 
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use tsbroker::store::{self, HOT_QUERIES};
 use tsbroker_tests::TestDatabase;
 
@@ -85,6 +87,108 @@ async fn hot_queries_use_indexes_with_100k_sessions() {
         }
     }
     pool.close().await;
+    database.drop_database().await;
+}
+
+/// A logon storm on a new database: each placement connection plans the batch's lookup once,
+/// while the tables are nearly empty (never analysed, or analysed with a pilot's 60 sessions),
+/// and keeps that plan while the storm fills them (autovacuum analyses them a minute later at
+/// the earliest). With the placement connections' settings, the plan must still probe each
+/// user's pending logon and sessions by key, not read the farm's rows and filter them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_databases_cached_lookup_probes_each_users_sessions() {
+    let database = TestDatabase::postgres().await;
+    drop(store::open(&database.url).await.expect("migrate"));
+    let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    for statement in [
+        "INSERT INTO farms (name, created_at) VALUES ('new', 0)",
+        "INSERT INTO machines (id, farm, name, name_key, address, agent_weight, agent_session_limit, \
+         single_session, agent_version, state, session_count, last_seen_at, created_at, updated_at) \
+         SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, 'ts' || i || ':3389', 100, 0, \
+         false, '', 'ready', 0, 0, 0, 0 FROM generate_series(1, 100) AS i",
+        "INSERT INTO sessions (machine_id, session_id, farm, user_name, user_key, domain, state, \
+         client_address, logon_at, state_changed_at) \
+         SELECT md5('m' || i)::uuid, i, 'new', 'user' || i, 'user' || i, '', 'active', '', i, i \
+         FROM generate_series(1, 5) AS i",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    for (setting, value) in store::PLACEMENT_SETTINGS {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET {setting} = {value}")))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    for analysed in [false, true] {
+        if analysed {
+            // Autovacuum analyses a table after 50 changes at the least: a pilot's sessions.
+            sqlx::query(
+                "INSERT INTO sessions (machine_id, session_id, farm, user_name, user_key, domain, \
+                 state, client_address, logon_at, state_changed_at) \
+                 SELECT md5('m' || (i % 100 + 1))::uuid, i, 'new', 'user' || i, 'user' || i, '', \
+                 'active', '', i, i FROM generate_series(6, 60) AS i",
+            )
+            .execute(&mut connection)
+            .await
+            .unwrap();
+            sqlx::query("ANALYZE")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+        for keys in BATCH_KEYS {
+            let name = format!("lookup_{keys}_{analysed}");
+            let types = vec!["text"; keys].join(", ");
+            let prepare = format!(
+                "PREPARE {name} (text, bigint, {types}) AS {}",
+                store::select_pending_of_users(keys, true)
+            );
+            sqlx::query(sqlx::AssertSqlSafe(prepare))
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            let arguments: Vec<String> = (0..keys).map(|key| format!("'user{key}'")).collect();
+            let explain = format!(
+                "EXPLAIN EXECUTE {name} ('new', 5, {})",
+                arguments.join(", ")
+            );
+            let lines: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>(0))
+                .collect();
+            // Every read of either table is an index probe by farm and user.
+            let when = if analysed {
+                "analysed"
+            } else {
+                "never analysed"
+            };
+            let plan = lines.join("\n");
+            for (table, index) in [
+                ("sessions", "sessions_by_farm_user"),
+                ("pending_logons", "pending_logons_pkey"),
+            ] {
+                let reads: Vec<&[String]> = lines
+                    .windows(2)
+                    .filter(|pair| pair[0].contains(&format!(" on {table} ")))
+                    .collect();
+                assert!(
+                    !reads.is_empty()
+                        && reads.iter().all(|pair| {
+                            pair[0].contains(&format!("using {index}"))
+                                && pair[1].contains("Index Cond: ((farm = $1) AND (user_key = ")
+                        }),
+                    "{keys} users' {table}, tables {when}, cached plan:\n{plan}"
+                );
+            }
+        }
+    }
+    drop(connection);
     database.drop_database().await;
 }
 
