@@ -20,11 +20,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tsbroker_common::proto::FILE_DESCRIPTOR_SET;
 use tsbroker_common::proto::v1::{admin_server, agent_gateway_server, broker_server};
+use tsbroker_common::serve::accepted_connections;
 
 /// The service names the health service reports on ("" is the whole server).
 const HEALTH_NAMES: [&str; 4] = [
@@ -283,27 +283,8 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// The connections `listener` accepts, each with `TCP_NODELAY` set. The builder's
-/// `tcp_nodelay` does not reach an incoming stream handed to tonic, and without it a gRPC
-/// answer written in two pieces can wait for the client's delayed ACK (40 ms on Linux).
-fn accepted_connections(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 #[cfg(test)]
 mod tests {
-    use tokio_stream::StreamExt;
-
-    #[tokio::test]
-    async fn accepted_connections_do_not_wait_to_coalesce_writes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let mut incoming = super::accepted_connections(listener);
-        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
-        let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap());
-    }
-
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(

@@ -1,9 +1,11 @@
 //! Code shared by `tsbroker` and `tsagent`: the generated gRPC API, the domain types the
-//! services work with once input is validated, and logging set-up.
+//! services work with once input is validated, logging set-up, and serving gRPC on a bound
+//! listener.
 #![forbid(unsafe_code)]
 
 pub mod model;
 pub mod proto;
+pub mod serve;
 pub mod telemetry;
 pub mod validate;
 

@@ -60,9 +60,9 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tonic::transport::server::TcpIncoming;
 use tsbroker_common::proto::FILE_DESCRIPTOR_SET;
 use tsbroker_common::proto::v1::plugin_server::PluginServer;
+use tsbroker_common::serve::accepted_connections;
 use tsbroker_common::telemetry::{LogFormat, init_logging};
 
 /// Exit code for a bad flag or file (EX_USAGE), as the broker's.
@@ -155,15 +155,12 @@ async fn serve(listen: SocketAddr, external: external::ExternalHosts) -> anyhow:
         .context("build reflection v1alpha")?;
 
     tracing::info!(%local_address, external_users, "plug-in listening; waiting for the broker's Initialize");
-    // The builder's `tcp_nodelay` does not reach an incoming stream: set it on each
-    // connection, or an answer written in pieces can wait 40 ms for the broker's delayed ACK.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(PluginServer::new(service::ExamplePlugin::new(external)))
-        .serve_with_incoming_shutdown(incoming, stop_signal())
+        .serve_with_incoming_shutdown(accepted_connections(listener), stop_signal())
         .await
         .context("serve grpc")
 }

@@ -29,10 +29,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::plugin_server::{Plugin, PluginServer};
+use tsbroker_common::serve::accepted_connections;
 
 const HANG: Duration = Duration::from_secs(10);
 
@@ -402,7 +402,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let server = tonic::transport::Server::builder()
         .add_service(PluginServer::new(plugin))
-        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
+        .serve_with_incoming(accepted_connections(listener));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         served = server => served.context("serve grpc")?,

@@ -106,16 +106,13 @@ async fn a_new_databases_cached_lookup_probes_each_users_sessions() {
          single_session, agent_version, state, session_count, last_seen_at, created_at, updated_at) \
          SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, 'ts' || i || ':3389', 100, 0, \
          false, '', 'ready', 0, 0, 0, 0 FROM generate_series(1, 100) AS i",
-        "INSERT INTO sessions (machine_id, session_id, farm, user_name, user_key, domain, state, \
-         client_address, logon_at, state_changed_at) \
-         SELECT md5('m' || i)::uuid, i, 'new', 'user' || i, 'user' || i, '', 'active', '', i, i \
-         FROM generate_series(1, 5) AS i",
     ] {
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&mut connection)
             .await
             .unwrap();
     }
+    add_sessions(&mut connection, 1, 5).await;
     for (setting, value) in store::PLACEMENT_SETTINGS {
         sqlx::query(sqlx::AssertSqlSafe(format!("SET {setting} = {value}")))
             .execute(&mut connection)
@@ -125,15 +122,7 @@ async fn a_new_databases_cached_lookup_probes_each_users_sessions() {
     for analysed in [false, true] {
         if analysed {
             // Autovacuum analyses a table after 50 changes at the least: a pilot's sessions.
-            sqlx::query(
-                "INSERT INTO sessions (machine_id, session_id, farm, user_name, user_key, domain, \
-                 state, client_address, logon_at, state_changed_at) \
-                 SELECT md5('m' || (i % 100 + 1))::uuid, i, 'new', 'user' || i, 'user' || i, '', \
-                 'active', '', i, i FROM generate_series(6, 60) AS i",
-            )
-            .execute(&mut connection)
-            .await
-            .unwrap();
+            add_sessions(&mut connection, 6, 60).await;
             sqlx::query("ANALYZE")
                 .execute(&mut connection)
                 .await
@@ -190,6 +179,21 @@ async fn a_new_databases_cached_lookup_probes_each_users_sessions() {
     }
     drop(connection);
     database.drop_database().await;
+}
+
+/// Active sessions `first..=last` of farm `new`, user `user<i>` on machine `ts<i % 100 + 1>`.
+async fn add_sessions(connection: &mut sqlx::PgConnection, first: i32, last: i32) {
+    sqlx::query(
+        "INSERT INTO sessions (machine_id, session_id, farm, user_name, user_key, domain, state, \
+         client_address, logon_at, state_changed_at) \
+         SELECT md5('m' || (i % 100 + 1))::uuid, i, 'new', 'user' || i, 'user' || i, '', \
+         'active', '', i, i FROM generate_series($1::int, $2::int) AS i",
+    )
+    .bind(first)
+    .bind(last)
+    .execute(connection)
+    .await
+    .unwrap();
 }
 
 /// SQLite keeps no statistics: its plan for a batch's pending logons must take the primary key
