@@ -183,6 +183,12 @@ pub(super) const SELECT_DIRECTORY_SESSIONS: &str = "SELECT machine_id, session_i
 pub(super) const SELECT_MACHINE_LEASES: &str =
     "SELECT id, state, last_seen_at, updated_at FROM machines";
 
+/// The sessions of `count` machines (`$1…`): what a replica reads again when another announces
+/// that it changed them.
+pub fn select_sessions_of_machines(count: usize) -> String {
+    where_in(SELECT_DIRECTORY_SESSIONS, "machine_id", count)
+}
+
 /// `base` restricted to `count` ids (`$1…`) of `column`.
 pub(super) fn where_in(base: &str, column: &str, count: usize) -> String {
     let list: Vec<String> = (1..=count).map(|at| format!("${at}")).collect();

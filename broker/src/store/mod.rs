@@ -23,7 +23,7 @@ pub use error::StoreError;
 pub use ingest::plan::SessionRow;
 pub use ingest::{IngestItem, IngestOp, IngestReply, IngestWriter, ItemResult};
 pub use placement::select_pending_of_users;
-pub use postgres::{PLACEMENT_SETTINGS, PostgresStore};
+pub use postgres::{MAIN_SETTINGS, PLACEMENT_SETTINGS, PostgresStore};
 pub use records::*;
 pub use sql::HOT_QUERIES;
 pub use sqlite::SqliteStore;

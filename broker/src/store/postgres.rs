@@ -42,7 +42,17 @@ pub const PLACEMENT_SETTINGS: [(&str, &str); 3] = [
     ("plan_cache_mode", "force_generic_plan"),
 ];
 
+/// The main pool's settings. Its statements are rare next to the placements and agents' events
+/// (administrators' calls, agents' settings, a decision read from the database while the
+/// directory loads, another replica's sessions read again), so each is planned when it runs,
+/// with the tables' current sizes: PostgreSQL's default keeps a plan after five executions,
+/// and one made while a new farm's tables held a pilot's rows reads them whole until
+/// autovacuum analyses them again (a minute or more into a logon storm). The directory's
+/// whole-table loads keep their sequential scans.
+pub const MAIN_SETTINGS: [(&str, &str); 1] = [("plan_cache_mode", "force_custom_plan")];
+
 pub struct PostgresStore {
+    /// Everything but placements and agents' events, with [`MAIN_SETTINGS`].
     pool: sqlx::PgPool,
     /// The group-commit writer's own connections (see `ingest`): placements waiting on a
     /// farm's lock hold connections of `pool`, never these.
@@ -60,10 +70,13 @@ impl PostgresStore {
     /// Connects, runs the migrations and starts listening for other replicas' changes.
     pub async fn open(database_url: &str) -> anyhow::Result<Self> {
         use anyhow::Context;
+        let main_options = PgConnectOptions::from_str(database_url)
+            .context("parse the postgresql url")?
+            .options(MAIN_SETTINGS);
         let pool = PgPoolOptions::new()
             .max_connections(32)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(database_url)
+            .connect_with(main_options)
             .await
             .context("connect to postgresql")?;
         sqlx::migrate!("./migrations/postgres")

@@ -596,8 +596,7 @@ macro_rules! impl_store {
                     return Ok(());
                 };
                 for chunk in ids.chunks(sql::IDS_PER_STATEMENT) {
-                    let statement =
-                        feed::where_in(feed::SELECT_DIRECTORY_SESSIONS, "machine_id", chunk.len());
+                    let statement = feed::select_sessions_of_machines(chunk.len());
                     let mut query = sqlx::query_as(sqlx::AssertSqlSafe(statement));
                     for id in chunk {
                         query = query.bind(*id);

@@ -4,7 +4,8 @@
 //! batch's pending logons are found by the primary key on PostgreSQL, before and after the
 //! tables have statistics, and on SQLite, which keeps none; and whether its users have
 //! sessions, by (farm, user) for each of them, also in the plan a new database's first
-//! placements cache (a logon storm on a new farm).
+//! placements cache (a logon storm on a new farm); and the main pool's lookups are planned for
+//! the size the tables have when they run.
 
 use sqlx::{Connection, Row};
 use tsbroker::store::{self, HOT_QUERIES};
@@ -97,28 +98,9 @@ async fn hot_queries_use_indexes_with_100k_sessions() {
 /// user's pending logon and sessions by key, not read the farm's rows and filter them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_databases_cached_lookup_probes_each_users_sessions() {
-    let database = TestDatabase::postgres().await;
-    drop(store::open(&database.url).await.expect("migrate"));
-    let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
-    for statement in [
-        "INSERT INTO farms (name, created_at) VALUES ('new', 0)",
-        "INSERT INTO machines (id, farm, name, name_key, address, agent_weight, agent_session_limit, \
-         single_session, agent_version, state, session_count, last_seen_at, created_at, updated_at) \
-         SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, 'ts' || i || ':3389', 100, 0, \
-         false, '', 'ready', 0, 0, 0, 0 FROM generate_series(1, 100) AS i",
-    ] {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&mut connection)
-            .await
-            .unwrap();
-    }
+    let (database, mut connection) = new_farm(&[]).await;
     add_sessions(&mut connection, 1, 5).await;
-    for (setting, value) in store::PLACEMENT_SETTINGS {
-        sqlx::query(sqlx::AssertSqlSafe(format!("SET {setting} = {value}")))
-            .execute(&mut connection)
-            .await
-            .unwrap();
-    }
+    set_all(&mut connection, &store::PLACEMENT_SETTINGS).await;
     for analysed in [false, true] {
         if analysed {
             // Autovacuum analyses a table after 50 changes at the least: a pilot's sessions.
@@ -144,13 +126,7 @@ async fn a_new_databases_cached_lookup_probes_each_users_sessions() {
                 "EXPLAIN EXECUTE {name} ('new', 5, {})",
                 arguments.join(", ")
             );
-            let lines: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
-                .fetch_all(&mut connection)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<String, _>(0))
-                .collect();
+            let lines = plan_lines(&mut connection, explain).await;
             // Every read of either table is an index probe by farm and user.
             let when = if analysed {
                 "analysed"
@@ -179,6 +155,142 @@ async fn a_new_databases_cached_lookup_probes_each_users_sessions() {
     }
     drop(connection);
     database.drop_database().await;
+}
+
+/// The main pool's lookups by key on a new farm's database: its statements run rarely, but a
+/// plan PostgreSQL kept after five executions on a pilot's analysed tables (60 sessions) would
+/// read them whole while a logon storm fills them. With the main pool's settings, each is
+/// planned for the tables' size when it runs: every read of either table is an index probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_main_pools_lookups_follow_a_new_farms_growth() {
+    // No analysis in the middle of the test: the storm outruns autovacuum.
+    let (database, mut connection) = new_farm(&[
+        "ALTER TABLE sessions SET (autovacuum_enabled = false)",
+        "ALTER TABLE pending_logons SET (autovacuum_enabled = false)",
+    ])
+    .await;
+    add_sessions(&mut connection, 1, 60).await;
+    add_pending_logons(&mut connection, 1, 60).await;
+    sqlx::query("ANALYZE")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    set_all(&mut connection, &store::MAIN_SETTINGS).await;
+    let machine = "md5('m7')::uuid";
+    let lookups = [
+        ("user_sessions", "text, text", "'new', 'user7'".to_string()),
+        (
+            "users_with_prefix",
+            "text, text, text, bigint",
+            "'new', 'user7', 'user8', 2".to_string(),
+        ),
+        (
+            "pending_logon_machine",
+            "bigint, text, text",
+            "5, 'new', 'pending7'".to_string(),
+        ),
+        ("machine_by_id", "bigint, uuid", format!("5, {machine}")),
+    ];
+    let mut prepared = Vec::new();
+    for (name, types, arguments) in lookups {
+        let statement = HOT_QUERIES
+            .iter()
+            .find(|(hot, _)| *hot == name)
+            .map(|(_, statement)| statement.to_string())
+            .unwrap_or_else(|| panic!("no hot query {name}"));
+        prepared.push((name, types, statement, arguments));
+    }
+    prepared.push((
+        "sessions_of_machines",
+        "uuid, uuid",
+        store::directory_feed::select_sessions_of_machines(2),
+        format!("{machine}, md5('m8')::uuid"),
+    ));
+    for (name, types, statement, arguments) in &prepared {
+        let prepare = format!("PREPARE {name} ({types}) AS {statement}");
+        sqlx::query(sqlx::AssertSqlSafe(prepare))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        // PostgreSQL's default keeps a generic plan after five executions.
+        for _ in 0..6 {
+            sqlx::query(sqlx::AssertSqlSafe(format!("EXECUTE {name} ({arguments})")))
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+    add_sessions(&mut connection, 61, 10_000).await;
+    add_pending_logons(&mut connection, 61, 10_000).await;
+    for (name, _, _, arguments) in &prepared {
+        let explain = format!("EXPLAIN EXECUTE {name} ({arguments})");
+        let plan = plan_lines(&mut connection, explain).await.join("\n");
+        for table in ["sessions", "pending_logons"] {
+            assert!(
+                !plan.contains(&format!("Seq Scan on {table}")),
+                "{name} reads all of {table} after the storm:\n{plan}"
+            );
+        }
+    }
+    drop(connection);
+    database.drop_database().await;
+}
+
+/// A new database with farm `new` of 100 ready machines `ts1`…`ts100` (after `first`
+/// statements), and a connection to it.
+async fn new_farm(first: &[&str]) -> (TestDatabase, sqlx::PgConnection) {
+    let database = TestDatabase::postgres().await;
+    drop(store::open(&database.url).await.expect("migrate"));
+    let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let farm = [
+        "INSERT INTO farms (name, created_at) VALUES ('new', 0)",
+        "INSERT INTO machines (id, farm, name, name_key, address, agent_weight, agent_session_limit, \
+         single_session, agent_version, state, session_count, last_seen_at, created_at, updated_at) \
+         SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, 'ts' || i || ':3389', 100, 0, \
+         false, '', 'ready', 0, 0, 0, 0 FROM generate_series(1, 100) AS i",
+    ];
+    for statement in first.iter().chain(&farm) {
+        sqlx::query(sqlx::AssertSqlSafe(*statement))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    (database, connection)
+}
+
+/// The lines of an EXPLAIN's plan.
+async fn plan_lines(connection: &mut sqlx::PgConnection, explain: String) -> Vec<String> {
+    sqlx::query(sqlx::AssertSqlSafe(explain))
+        .fetch_all(connection)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<String, _>(0))
+        .collect()
+}
+
+/// The connection takes a pool's `settings`.
+async fn set_all(connection: &mut sqlx::PgConnection, settings: &[(&str, &str)]) {
+    for (setting, value) in settings {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET {setting} = {value}")))
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+    }
+}
+
+/// Pending logons `first..=last` of farm `new`, user `pending<i>` on machine `ts<i % 100 + 1>`.
+async fn add_pending_logons(connection: &mut sqlx::PgConnection, first: i32, last: i32) {
+    sqlx::query(
+        "INSERT INTO pending_logons (farm, user_key, machine_id, created_at, expires_at) \
+         SELECT 'new', 'pending' || i, md5('m' || (i % 100 + 1))::uuid, 0, 100000 \
+         FROM generate_series($1::int, $2::int) AS i",
+    )
+    .bind(first)
+    .bind(last)
+    .execute(connection)
+    .await
+    .unwrap();
 }
 
 /// Active sessions `first..=last` of farm `new`, user `user<i>` on machine `ts<i % 100 + 1>`.
