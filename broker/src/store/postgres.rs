@@ -30,12 +30,21 @@ const PLACEMENT_CONNECTIONS: u32 = 8;
 /// How long a placement waits for one of them.
 const PLACEMENT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The placement connections' settings. Commits do not wait for the disk (see
-/// `begin_placement`). And as for the ingest pool: a batch's lookups probe keys, but a plan
-/// made on a new farm's nearly empty tables (no statistics yet, or a pilot's 50 rows) reads
-/// them whole, and each connection keeps that plan while a logon storm fills them (autovacuum
-/// analyses them a minute later at the earliest). With sequential scans off, each statement
-/// has one plan, made once per connection, of index probes.
+/// The ingest connections' settings. Every ingest statement finds its rows by key (a table of
+/// ids joined with a primary key or index). Without statistics (a fresh farm: autovacuum has
+/// not analysed the tables yet) or with a plan made while a table was small, the planner would
+/// scan the whole table instead; with sequential scans off, each statement has one plan, made
+/// once per connection, of index probes — right for a handful of keys and for thousands.
+const INGEST_SETTINGS: [(&str, &str); 2] = [
+    ("enable_seqscan", "off"),
+    ("plan_cache_mode", "force_generic_plan"),
+];
+
+/// The placement connections' settings: commits that do not wait for the disk (see
+/// `begin_placement`), and the ingest connections' one plan of index probes per statement — a
+/// batch's lookups probe keys, but a plan made on a new farm's nearly empty tables (no
+/// statistics yet, or a pilot's 50 rows) reads them whole, and each connection would keep it
+/// while a logon storm fills them (autovacuum analyses them a minute later at the earliest).
 pub const PLACEMENT_SETTINGS: [(&str, &str); 3] = [
     ("synchronous_commit", "off"),
     ("enable_seqscan", "off"),
@@ -54,8 +63,8 @@ pub const MAIN_SETTINGS: [(&str, &str); 1] = [("plan_cache_mode", "force_custom_
 pub struct PostgresStore {
     /// Everything but placements and agents' events, with [`MAIN_SETTINGS`].
     pool: sqlx::PgPool,
-    /// The group-commit writer's own connections (see `ingest`): placements waiting on a
-    /// farm's lock hold connections of `pool`, never these.
+    /// The group-commit writer's own connections (see `ingest`), with [`INGEST_SETTINGS`]:
+    /// placements waiting on a farm's lock hold connections of `pool`, never these.
     ingest_pool: sqlx::PgPool,
     /// The placements' connections, with [`PLACEMENT_SETTINGS`].
     placement_pool: sqlx::PgPool,
@@ -70,46 +79,31 @@ impl PostgresStore {
     /// Connects, runs the migrations and starts listening for other replicas' changes.
     pub async fn open(database_url: &str) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let main_options = PgConnectOptions::from_str(database_url)
-            .context("parse the postgresql url")?
-            .options(MAIN_SETTINGS);
+        let options =
+            PgConnectOptions::from_str(database_url).context("parse the postgresql url")?;
         let pool = PgPoolOptions::new()
             .max_connections(32)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(main_options)
+            .connect_with(options.clone().options(MAIN_SETTINGS))
             .await
             .context("connect to postgresql")?;
         sqlx::migrate!("./migrations/postgres")
             .run(&pool)
             .await
             .context("migrate the postgresql database")?;
-        // Every ingest statement finds its rows by key (a table of ids joined with a primary
-        // key or index). Without statistics (a fresh farm: autovacuum has not analyzed the
-        // tables yet) or with a plan made while a table was small, the planner would scan the
-        // whole table instead; with sequential scans off, each statement has one plan, made
-        // once per connection, of index probes — right for a handful of keys and for thousands.
-        let ingest_options = PgConnectOptions::from_str(database_url)
-            .context("parse the postgresql url")?
-            .options([
-                ("enable_seqscan", "off"),
-                ("plan_cache_mode", "force_generic_plan"),
-            ]);
         let ingest_pool = PgPoolOptions::new()
             .max_connections(INGEST_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(ingest_options)
+            .connect_with(options.clone().options(INGEST_SETTINGS))
             .await
             .context("connect to postgresql")?;
-        let placement_options = PgConnectOptions::from_str(database_url)
-            .context("parse the postgresql url")?
-            .options(PLACEMENT_SETTINGS);
         let placement_pool = PgPoolOptions::new()
             .max_connections(PLACEMENT_CONNECTIONS)
             // A batch holds one for milliseconds, so a longer wait means the database is away:
             // the caller hears UNAVAILABLE before a front door stops waiting (3 s) and sends
             // the user to its own RDP service.
             .acquire_timeout(PLACEMENT_ACQUIRE_TIMEOUT)
-            .connect_with(placement_options)
+            .connect_with(options.options(PLACEMENT_SETTINGS))
             .await
             .context("connect to postgresql")?;
         let (changes, _) = broadcast::channel(1024);
