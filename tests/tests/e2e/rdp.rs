@@ -36,6 +36,15 @@ fn short_grace(config: &mut tsagent::AgentConfig) {
     config.unconfirmed_logon_grace = SHORT_GRACE;
 }
 
+/// Every broker here. The servers start one after another, each a few seconds after the last
+/// (an Xvfb and an RDP server first): with slow start on, a later machine would count with a
+/// fraction of its weight for as long as it lagged the first one, and where a new logon goes
+/// would depend on how long the servers took to start on a loaded machine. Slow start has its
+/// own test (policies.rs).
+fn without_slow_start(config: &mut tsbroker::BrokerConfig) {
+    config.farms.defaults.slow_start = Duration::ZERO;
+}
+
 /// A terminal server: an RDP server and the agent whose front door stands before it.
 struct Server {
     shadow: ShadowServer,
@@ -172,7 +181,7 @@ async fn refused_token(front_door_port: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_disconnected_user_reaches_their_server_through_another_front_door() {
     let database = TestDatabase::postgres().await;
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let broker = spawn_broker(&database.url, without_slow_start).await;
     let mut directory = broker.broker_client().await;
     let a = server(&broker, "ts-a.example.test").await;
     let b = server_with(&broker, "ts-b.example.test", short_grace).await;
@@ -285,7 +294,7 @@ async fn a_disconnected_user_reaches_their_server_through_another_front_door() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_user_reaches_the_least_loaded_server() {
     let database = TestDatabase::postgres().await;
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let broker = spawn_broker(&database.url, without_slow_start).await;
     let mut directory = broker.broker_client().await;
     let a = server(&broker, "ts-a.example.test").await;
     let b = server(&broker, "ts-b.example.test").await;
@@ -375,7 +384,7 @@ async fn a_new_user_reaches_the_least_loaded_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connects_and_drops_seen_by_the_front_door_reach_the_directory() {
     let database = TestDatabase::postgres().await;
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let broker = spawn_broker(&database.url, without_slow_start).await;
     let mut directory = broker.broker_client().await;
     let a = server_with(&broker, "ts-a.example.test", short_grace).await;
     let machine_id = a.agent.machine_id();
@@ -439,7 +448,7 @@ async fn connects_and_drops_seen_by_the_front_door_reach_the_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_broker_down_clients_reach_the_local_server_and_the_directory_catches_up() {
     let database = TestDatabase::postgres().await;
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let broker = spawn_broker(&database.url, without_slow_start).await;
     let address = broker.address;
     let a = server_with(&broker, "ts-a.example.test", short_grace).await;
     let b = server(&broker, "ts-b.example.test").await;
@@ -467,7 +476,7 @@ async fn with_the_broker_down_clients_reach_the_local_server_and_the_directory_c
         "{mine:?}"
     );
 
-    let broker = spawn_broker_at(&database.url, address, |_| {}).await;
+    let broker = spawn_broker_at(&database.url, address, without_slow_start).await;
     let mut directory = broker.broker_client().await;
     let session = broker_shows(
         &mut directory,
@@ -499,7 +508,7 @@ async fn with_the_broker_down_clients_reach_the_local_server_and_the_directory_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routing_tokens_and_collections_from_xfreerdp_are_honoured() {
     let database = TestDatabase::postgres().await;
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let broker = spawn_broker(&database.url, without_slow_start).await;
     let mut directory = broker.broker_client().await;
     // A's list of the farm's machines is not refreshed on its own during the test, and holds
     // A (READY) but not B when B joins: the token for B must make A look again (B shares A's
@@ -576,7 +585,7 @@ async fn routing_tokens_and_collections_from_xfreerdp_are_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_nla_logon_leaves_no_session() {
     let database = TestDatabase::postgres().await;
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let broker = spawn_broker(&database.url, without_slow_start).await;
     let mut directory = broker.broker_client().await;
     // The default grace: what a farm runs with.
     let a = server(&broker, "ts-a.example.test").await;
