@@ -30,6 +30,9 @@ const PLACEMENT_CONNECTIONS: u32 = 8;
 /// How long a placement waits for one of them.
 const PLACEMENT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A setting a pool's connections start with: name and value.
+type Setting = (&'static str, &'static str);
+
 /// The ingest connections' settings. Every ingest statement finds its rows by key (a table of
 /// ids joined with a primary key or index). Without statistics (a fresh farm: autovacuum has
 /// not analysed the tables yet) or with a plan made while a table was small, the planner would
@@ -115,7 +118,7 @@ impl PostgresStore {
             directory.clone(),
             instance,
         ));
-        Ok(PostgresStore {
+        let store = PostgresStore {
             pool,
             ingest_pool,
             placement_pool,
@@ -123,7 +126,45 @@ impl PostgresStore {
             directory,
             instance,
             listener,
-        })
+        };
+        match store.settings_not_in_effect().await {
+            Ok(wrong) => {
+                for setting in wrong {
+                    tracing::warn!(
+                        setting,
+                        "a postgresql connection setting did not take effect (a connection pooler \
+                         that drops startup options?): lookups may plan poorly on a growing farm"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not read the connections' settings back"),
+        }
+        Ok(store)
+    }
+
+    /// The settings a connection of each pool does not have as this store asked (as
+    /// "pool: name = value, not expected"); empty when all took effect. They are sent as startup
+    /// options, which a connection pooler in between may drop or refuse.
+    pub async fn settings_not_in_effect(&self) -> Result<Vec<String>, sqlx::Error> {
+        let pools: [(&str, &sqlx::PgPool, &[Setting]); 3] = [
+            ("main", &self.pool, &MAIN_SETTINGS),
+            ("ingest", &self.ingest_pool, &INGEST_SETTINGS),
+            ("placement", &self.placement_pool, &PLACEMENT_SETTINGS),
+        ];
+        let mut wrong = Vec::new();
+        for (pool_name, pool, settings) in pools {
+            let mut connection = pool.acquire().await?;
+            for (name, expected) in settings {
+                let value: String = sqlx::query_scalar("SELECT current_setting($1)")
+                    .bind(*name)
+                    .fetch_one(&mut *connection)
+                    .await?;
+                if value != *expected {
+                    wrong.push(format!("{pool_name}: {name} = {value}, not {expected}"));
+                }
+            }
+        }
+        Ok(wrong)
     }
 
     /// PostgreSQL orders writers by row locks: no turn to take in the process.

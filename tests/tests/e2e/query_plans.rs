@@ -4,8 +4,9 @@
 //! batch's pending logons are found by the primary key on PostgreSQL, before and after the
 //! tables have statistics, and on SQLite, which keeps none; and whether its users have
 //! sessions, by (farm, user) for each of them, also in the plan a new database's first
-//! placements cache (a logon storm on a new farm); and the main pool's lookups are planned for
-//! the size the tables have when they run.
+//! placements cache (a logon storm on a new farm); the main pool's lookups are planned for the
+//! size the tables have when they run; and the store's pools start their connections with
+//! the settings these tests rely on.
 
 use sqlx::{Connection, Row};
 use tsbroker::store::{self, HOT_QUERIES};
@@ -238,6 +239,23 @@ async fn the_main_pools_lookups_follow_a_new_farms_growth() {
 
 /// A new database with farm `new` of 100 ready machines `ts1`…`ts100` (after `first`
 /// statements), and a connection to it.
+/// The plan tests above SET the settings on their own connection; the store's pools must start
+/// every connection with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stores_connections_carry_their_settings() {
+    let database = TestDatabase::postgres().await;
+    let store = store::PostgresStore::open(&database.url)
+        .await
+        .expect("open the store");
+    let wrong = store
+        .settings_not_in_effect()
+        .await
+        .expect("read the settings back");
+    assert!(wrong.is_empty(), "settings not in effect: {wrong:?}");
+    drop(store);
+    database.drop_database().await;
+}
+
 async fn new_farm(first: &[&str]) -> (TestDatabase, sqlx::PgConnection) {
     let database = TestDatabase::postgres().await;
     drop(store::open(&database.url).await.expect("migrate"));
