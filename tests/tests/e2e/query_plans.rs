@@ -237,8 +237,6 @@ async fn the_main_pools_lookups_follow_a_new_farms_growth() {
     database.drop_database().await;
 }
 
-/// A new database with farm `new` of 100 ready machines `ts1`…`ts100` (after `first`
-/// statements), and a connection to it.
 /// The plan tests above SET the settings on their own connection; the store's pools must start
 /// every connection with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,6 +254,8 @@ async fn the_stores_connections_carry_their_settings() {
     database.drop_database().await;
 }
 
+/// A new database with farm `new` of 100 ready machines `ts1`…`ts100` (after `first`
+/// statements), and a connection to it.
 async fn new_farm(first: &[&str]) -> (TestDatabase, sqlx::PgConnection) {
     let database = TestDatabase::postgres().await;
     drop(store::open(&database.url).await.expect("migrate"));
