@@ -38,7 +38,7 @@ type Setting = (&'static str, &'static str);
 /// not analysed the tables yet) or with a plan made while a table was small, the planner would
 /// scan the whole table instead; with sequential scans off, each statement has one plan, made
 /// once per connection, of index probes — right for a handful of keys and for thousands.
-const INGEST_SETTINGS: [(&str, &str); 2] = [
+const INGEST_SETTINGS: [Setting; 2] = [
     ("enable_seqscan", "off"),
     ("plan_cache_mode", "force_generic_plan"),
 ];
@@ -48,7 +48,7 @@ const INGEST_SETTINGS: [(&str, &str); 2] = [
 /// batch's lookups probe keys, but a plan made on a new farm's nearly empty tables (no
 /// statistics yet, or a pilot's 50 rows) reads them whole, and each connection would keep it
 /// while a logon storm fills them (autovacuum analyses them a minute later at the earliest).
-pub const PLACEMENT_SETTINGS: [(&str, &str); 3] = [
+pub const PLACEMENT_SETTINGS: [Setting; 3] = [
     ("synchronous_commit", "off"),
     ("enable_seqscan", "off"),
     ("plan_cache_mode", "force_generic_plan"),
@@ -61,7 +61,7 @@ pub const PLACEMENT_SETTINGS: [(&str, &str); 3] = [
 /// and one made while a new farm's tables held a pilot's rows reads them whole until
 /// autovacuum analyses them again (a minute or more into a logon storm). The directory's
 /// whole-table loads keep their sequential scans.
-pub const MAIN_SETTINGS: [(&str, &str); 1] = [("plan_cache_mode", "force_custom_plan")];
+pub const MAIN_SETTINGS: [Setting; 1] = [("plan_cache_mode", "force_custom_plan")];
 
 pub struct PostgresStore {
     /// Everything but placements and agents' events, with [`MAIN_SETTINGS`].
