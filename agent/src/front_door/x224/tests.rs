@@ -1,4 +1,5 @@
-//! The parser against the specification's example, hand-built packets and arbitrary bytes.
+//! The parser against the specification's example, packets captured from real clients, hand-built
+//! packets and arbitrary bytes.
 
 use super::*;
 use proptest::prelude::*;
@@ -107,6 +108,57 @@ fn spec_example() {
 fn builder_matches_spec_example() {
     let built = build_connection_request(Some("Cookie: mstshash=eltons"), Some(PROTOCOL_RDP));
     assert_eq!(built, SPEC_EXAMPLE);
+}
+
+/// First packets captured from Debian 12's clients (a listener that saved what they sent):
+/// rdesktop 1.9.0 keeps `-u DOMAIN\user` raw and never truncates; xfreerdp 2.11 splits the
+/// domain off `/u:DOMAIN\user`, and given `/load-balance-info` sends that line instead of any
+/// user cookie. Each asks for TLS and CredSSP, and the builder reproduces each byte for byte.
+#[test]
+fn captured_client_packets() {
+    let tls_and_credssp = PROTOCOL_SSL | PROTOCOL_HYBRID;
+    let captured: [(&str, &[u8], &str, RoutingHint); 4] = [
+        (
+            "rdesktop -u 'CORP\\alice'",
+            b"\x03\x00\x00\x30\x2b\xe0\x00\x00\x00\x00\x00Cookie: mstshash=CORP\\alice\r\n\
+              \x01\x00\x08\x00\x03\x00\x00\x00",
+            "Cookie: mstshash=CORP\\alice",
+            RoutingHint::UserName("CORP\\alice".into()),
+        ),
+        (
+            "rdesktop -d CORP -u averyveryverylongusername",
+            b"\x03\x00\x00\x3f\x3a\xe0\x00\x00\x00\x00\x00\
+              Cookie: mstshash=averyveryverylongusername\r\n\x01\x00\x08\x00\x03\x00\x00\x00",
+            "Cookie: mstshash=averyveryverylongusername",
+            RoutingHint::UserName("averyveryverylongusername".into()),
+        ),
+        (
+            "xfreerdp /u:'CORP\\alice'",
+            b"\x03\x00\x00\x2b\x26\xe0\x00\x00\x00\x00\x00Cookie: mstshash=alice\r\n\
+              \x01\x00\x08\x00\x03\x00\x00\x00",
+            "Cookie: mstshash=alice",
+            RoutingHint::UserName("alice".into()),
+        ),
+        (
+            "xfreerdp /u:alice /d:CORP /load-balance-info:'tsv://MS Terminal Services Plugin.1.Sales'",
+            b"\x03\x00\x00\x3e\x39\xe0\x00\x00\x00\x00\x00\
+              tsv://MS Terminal Services Plugin.1.Sales\r\n\x01\x00\x08\x00\x03\x00\x00\x00",
+            "tsv://MS Terminal Services Plugin.1.Sales",
+            RoutingHint::Collection("Sales".into()),
+        ),
+    ];
+    for (client, packet, line, hint) in captured {
+        let req = complete(packet);
+        assert_eq!(req.hint, hint, "{client}");
+        assert_eq!(req.requested_protocols, Some(tls_and_credssp), "{client}");
+        assert_eq!(req.packet_len, packet.len(), "{client}");
+        assert_eq!(req.trailing_bytes, 0, "{client}");
+        assert_eq!(
+            build_connection_request(Some(line), Some(tls_and_credssp)),
+            packet,
+            "{client}"
+        );
+    }
 }
 
 /// A bare Connection Request: no cookie, no negotiation.
