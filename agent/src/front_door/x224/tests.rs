@@ -112,12 +112,13 @@ fn builder_matches_spec_example() {
 
 /// First packets captured from Debian 12's clients (a listener that saved what they sent):
 /// rdesktop 1.9.0 keeps `-u DOMAIN\user` raw and never truncates; xfreerdp 2.11 splits the
-/// domain off `/u:DOMAIN\user`, and given `/load-balance-info` sends that line instead of any
-/// user cookie. Each asks for TLS and CredSSP, and the builder reproduces each byte for byte.
+/// domain off `/u:DOMAIN\user` but sends `/u:user@domain` whole, and given `/load-balance-info`
+/// sends that line instead of any user cookie. Each asks for TLS and CredSSP, and the builder
+/// reproduces each byte for byte.
 #[test]
 fn captured_client_packets() {
     let tls_and_credssp = PROTOCOL_SSL | PROTOCOL_HYBRID;
-    let captured: [(&str, &[u8], &str, RoutingHint); 4] = [
+    let captured: [(&str, &[u8], &str, RoutingHint); 5] = [
         (
             "rdesktop -u 'CORP\\alice'",
             b"\x03\x00\x00\x30\x2b\xe0\x00\x00\x00\x00\x00Cookie: mstshash=CORP\\alice\r\n\
@@ -138,6 +139,13 @@ fn captured_client_packets() {
               \x01\x00\x08\x00\x03\x00\x00\x00",
             "Cookie: mstshash=alice",
             RoutingHint::UserName("alice".into()),
+        ),
+        (
+            "xfreerdp /u:alice@corp.example.com",
+            b"\x03\x00\x00\x3c\x37\xe0\x00\x00\x00\x00\x00\
+              Cookie: mstshash=alice@corp.example.com\r\n\x01\x00\x08\x00\x03\x00\x00\x00",
+            "Cookie: mstshash=alice@corp.example.com",
+            RoutingHint::UserName("alice@corp.example.com".into()),
         ),
         (
             "xfreerdp /u:alice /d:CORP /load-balance-info:'tsv://MS Terminal Services Plugin.1.Sales'",
