@@ -236,6 +236,67 @@ async fn routes_to_this_machine_or_another_with_a_proxy_header() {
     harness.shutdown.cancel();
 }
 
+/// mstsc cuts its cookie to 9 characters: the front door asks the broker with a 9-character
+/// user name marked as possibly cut (with or without a domain before it), and names of other
+/// lengths unmarked; the full name the broker answers is the one the session is recorded under.
+#[tokio::test]
+async fn a_cookie_cut_to_nine_characters_is_resolved_by_the_broker() {
+    let mut harness = harness(Vec::new(), true).await;
+    let full_name = pb::RedirectResponse {
+        user_name: "alexander.long".into(),
+        ..answer(
+            NAME,
+            &harness.front_door.to_string(),
+            pb::RedirectReason::ExistingSession,
+        )
+    };
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Ok(full_name)));
+    let cookies = [
+        ("Cookie: mstshash=alexander", "alexander", true),
+        ("Cookie: mstshash=CORP\\alexander", "alexander", true),
+        ("Cookie: mstshash=alexande", "alexande", false),
+        ("Cookie: mstshash=alexander.", "alexander.", false),
+    ];
+    for (cookie, _, _) in cookies {
+        let (_, bytes) = request_with_tail(Some(cookie));
+        exchange(harness.front_door, &bytes).await;
+        assert_eq!(next(&mut harness.local).await, bytes, "{cookie}");
+    }
+    let asked: Vec<(String, bool)> = harness.fake.with(|state| {
+        state
+            .redirect_requests
+            .iter()
+            .map(|request| {
+                (
+                    request.user_name.clone(),
+                    request.user_name_may_be_truncated,
+                )
+            })
+            .collect()
+    });
+    let expected: Vec<(String, bool)> = cookies
+        .iter()
+        .map(|(_, user, cut)| ((*user).to_owned(), *cut))
+        .collect();
+    assert_eq!(asked, expected);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recorded: Vec<String> = harness
+        .agent
+        .directory()
+        .list()
+        .into_iter()
+        .map(|session| session.user_name)
+        .collect();
+    assert_eq!(
+        recorded,
+        ["alexander.long"],
+        "one session, under the full name"
+    );
+    harness.shutdown.cancel();
+}
+
 #[tokio::test]
 async fn proxy_headers_are_trusted_only_from_farm_machines() {
     let foreign = vec![machine(NAME, "192.0.2.1:3389", pb::MachineState::Ready)];
