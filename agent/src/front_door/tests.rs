@@ -126,6 +126,14 @@ async fn harness_with(
     }
 }
 
+impl Harness {
+    /// What the fake broker answers every `Redirect` with from now on.
+    fn answer_with(&self, answer: pb::RedirectResponse) {
+        self.fake
+            .with(|state| state.redirect_answer = Some(Ok(answer)));
+    }
+}
+
 /// Connects, sends `bytes`, closes its sending side, and returns what came back.
 async fn exchange(front_door: SocketAddr, bytes: &[u8]) -> (SocketAddr, Vec<u8>) {
     let mut client = TcpStream::connect(front_door).await.unwrap();
@@ -165,9 +173,7 @@ async fn routes_to_this_machine_or_another_with_a_proxy_header() {
         &harness.front_door.to_string(),
         pb::RedirectReason::LoadBalanced,
     );
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(ours)));
+    harness.answer_with(ours);
     let (_, bytes) = request_with_tail(Some("Cookie: mstshash=CORP\\alice"));
     let (client, back) = exchange(harness.front_door, &bytes).await;
     // The local service got exactly the client's bytes, and answered through the door.
@@ -199,9 +205,7 @@ async fn routes_to_this_machine_or_another_with_a_proxy_header() {
         &remote_address.to_string(),
         pb::RedirectReason::LoadBalanced,
     );
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(theirs)));
+    harness.answer_with(theirs);
     let (packet, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
     let (client, _) = exchange(harness.front_door, &bytes).await;
     let seen = next(&mut remote).await;
@@ -223,9 +227,7 @@ async fn routes_to_this_machine_or_another_with_a_proxy_header() {
             pb::RedirectReason::LoadBalanced,
         )
     };
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(plain)));
+    harness.answer_with(plain);
     let (_, bytes) = request_with_tail(Some("Cookie: mstshash=carol"));
     exchange(harness.front_door, &bytes).await;
     assert_eq!(
@@ -250,9 +252,7 @@ async fn a_cookie_cut_to_nine_characters_is_resolved_by_the_broker() {
             pb::RedirectReason::ExistingSession,
         )
     };
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(full_name)));
+    harness.answer_with(full_name);
     let cookies = [
         ("Cookie: mstshash=alexander", "alexander", true),
         ("Cookie: mstshash=CORP\\alexander", "alexander", true),
@@ -390,9 +390,7 @@ async fn collection_tokens_stop_at_the_front_door() {
         &harness.front_door.to_string(),
         pb::RedirectReason::LoadBalanced,
     );
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(ours)));
+    harness.answer_with(ours);
     exchange(harness.front_door, &bytes).await;
     assert_eq!(next(&mut harness.local).await, expected);
 
@@ -405,9 +403,7 @@ async fn collection_tokens_stop_at_the_front_door() {
             pb::RedirectReason::LoadBalanced,
         )
     };
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(plain)));
+    harness.answer_with(plain);
     exchange(harness.front_door, &bytes).await;
     assert_eq!(next(&mut remote).await, expected);
 
@@ -417,9 +413,7 @@ async fn collection_tokens_stop_at_the_front_door() {
         &remote_address.to_string(),
         pb::RedirectReason::LoadBalanced,
     );
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(theirs)));
+    harness.answer_with(theirs);
     exchange(harness.front_door, &bytes).await;
     let seen = next(&mut remote).await;
     let header_len = proxy_header::FIXED_LEN + proxy_header::payload_len(&seen).unwrap();
@@ -484,9 +478,7 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
         &closed_address,
         pb::RedirectReason::LoadBalanced,
     );
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(new_logon)));
+    harness.answer_with(new_logon);
     exchange(harness.front_door, &bytes).await;
     assert_eq!(next(&mut harness.local).await, bytes);
     let excluded: Vec<Vec<String>> = harness.fake.with(|state| {
@@ -508,9 +500,7 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
         &closed_address,
         pb::RedirectReason::ExistingSession,
     );
-    harness
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(existing)));
+    harness.answer_with(existing);
     let (_, back) = exchange(harness.front_door, &bytes).await;
     assert!(back.is_empty());
     nothing(&mut harness.local).await;
@@ -605,9 +595,7 @@ async fn a_refused_new_logon_goes_to_the_next_candidate() {
         &refusing_local.front_door.to_string(),
         pb::RedirectReason::ExistingSession,
     );
-    refusing_local
-        .fake
-        .with(|state| state.redirect_answer = Some(Ok(existing)));
+    refusing_local.answer_with(existing);
     let (_, back) = exchange(refusing_local.front_door, &bytes).await;
     assert!(back.is_empty());
     nothing(&mut third).await;
