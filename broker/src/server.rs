@@ -34,6 +34,30 @@ const HEALTH_NAMES: [&str; 4] = [
     "tsbroker.v1.AgentGateway",
 ];
 
+/// The services this server answers, the ones reflection lists. `tsbroker.v1.Plugin` (served
+/// by plug-ins, not here) stays describable: every type of the descriptor sets is.
+const SERVED_SERVICES: [&str; 6] = [
+    broker_server::SERVICE_NAME,
+    admin_server::SERVICE_NAME,
+    agent_gateway_server::SERVICE_NAME,
+    tonic_health::pb::health_server::SERVICE_NAME,
+    tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+    tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+];
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    SERVED_SERVICES.into_iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ),
+        |builder, service| builder.with_service_name(service),
+    )
+}
+
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How often it is checked while it does not answer.
 const HEALTH_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -61,14 +85,8 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("build reflection v1")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1 = reflection().build_v1().context("build reflection v1")?;
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .context("build reflection v1alpha")?;
 

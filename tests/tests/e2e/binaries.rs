@@ -168,8 +168,8 @@ async fn the_readme_grpcurl_examples_work_as_written() {
         "tsbroker.v1.Broker",
         "tsbroker.v1.Admin",
         "tsbroker.v1.AgentGateway",
-        "tsbroker.v1.Plugin",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
     ] {
         assert!(
             outputs[0].contains(service),
@@ -177,6 +177,18 @@ async fn the_readme_grpcurl_examples_work_as_written() {
             outputs[0]
         );
     }
+    // Plug-ins serve tsbroker.v1.Plugin, the broker does not: not listed, still described.
+    assert!(!outputs[0].contains("tsbroker.v1.Plugin"), "{}", outputs[0]);
+    let described = tokio::process::Command::new(&grpcurl)
+        .args(["-plaintext", &broker.address.to_string()])
+        .args(["describe", "tsbroker.v1.Plugin"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&described.stdout).contains("rpc GetMostSuitableServer"),
+        "{described:?}"
+    );
     assert!(outputs[1].contains("rpc Redirect"), "{}", outputs[1]);
     assert!(outputs[2].contains("SERVING"), "{}", outputs[2]);
     assert!(
