@@ -6,6 +6,7 @@ mod agent;
 mod bench_smoke;
 mod binaries;
 mod concurrency;
+mod config_examples;
 mod conformance;
 mod directory;
 mod ingest_conformance;
