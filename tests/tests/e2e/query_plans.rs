@@ -6,7 +6,7 @@
 //! sessions, by (farm, user) for each of them, also in the plan a new database's first
 //! placements cache (a logon storm on a new farm); the main pool's lookups are planned for the
 //! size the tables have when they run; and the store's pools start their connections with
-//! the settings these tests rely on.
+//! the settings these tests rely on, on an SQLite built the way `.cargo/config.toml` says.
 
 use sqlx::{Connection, Row};
 use tsbroker::store::{self, HOT_QUERIES};
@@ -252,6 +252,23 @@ async fn the_stores_connections_carry_their_settings() {
     assert!(wrong.is_empty(), "settings not in effect: {wrong:?}");
     drop(store);
     database.drop_database().await;
+}
+
+/// The embedded SQLite is compiled without its memory statistics (`.cargo/config.toml`): with
+/// them, every allocation of every connection's thread takes one process-wide mutex.
+#[tokio::test]
+async fn the_embedded_sqlite_keeps_no_memory_statistics() {
+    let mut connection = sqlx::SqliteConnection::connect("sqlite::memory:")
+        .await
+        .unwrap();
+    let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        options.iter().any(|option| option == "DEFAULT_MEMSTATUS=0"),
+        "{options:?}"
+    );
 }
 
 /// A new database with farm `new` of 100 ready machines `ts1`…`ts100` (after `first`
