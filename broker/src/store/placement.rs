@@ -108,6 +108,15 @@ pub(crate) fn merge_changed(
     true
 }
 
+/// Sets each machine's logons in flight from the farm's counts by machine; a machine with
+/// none in the counts has none.
+pub(crate) fn set_pending_counts(machines: &mut [MachineRecord], counts: Vec<(Uuid, i64)>) {
+    let counts: HashMap<Uuid, i64> = counts.into_iter().collect();
+    for machine in machines {
+        machine.pending_logons = counts.get(&machine.id).copied().unwrap_or(0);
+    }
+}
+
 /// The keys of an `IN (…)` list, the last repeated up to the next power of two: a batch's
 /// lookups then have one of a few statement texts, which each connection prepares once.
 pub(crate) fn padded_keys<'k, 'a>(keys: &'k [&'a str]) -> Vec<&'k &'a str> {
