@@ -5,7 +5,8 @@
 //! tables have statistics, and on SQLite, which keeps none; and whether its users have
 //! sessions, by (farm, user) for each of them, also in the plan a new database's first
 //! placements cache (a logon storm on a new farm); the main pool's lookups are planned for the
-//! size the tables have when they run; a large farm's placement reads are not JIT-compiled;
+//! size the tables have when they run; a machine's logons in flight are counted from one
+//! index; a large farm's placement reads are not JIT-compiled;
 //! and the store's pools start their connections with
 //! the settings these tests rely on, on an SQLite built the way `.cargo/config.toml` says.
 
@@ -225,6 +226,45 @@ async fn a_farm_read_planned_on_a_new_farm_stays_linear_as_it_grows() {
             plan.join("\n")
         );
     }
+    drop(connection);
+    database.drop_database().await;
+}
+
+/// A machine's logons in flight — the count each read of changed machines makes for every
+/// machine it returns — are found through one index on (machine, expiry), never by combining
+/// the machine's index with the expiry index: a generic plan that did (a BitmapAnd) read every
+/// unexpired logon of the farm once per machine, 0.2–1.5 s a read after a broker restart at
+/// 10,000 machines with 17,000 logons in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machines_logons_in_flight_are_counted_from_one_index() {
+    let (database, mut connection) = new_farm(&[]).await;
+    add_pending_logons(&mut connection, 1, 5_000).await;
+    sqlx::query("ANALYZE")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    set_all(&mut connection, &store::PLACEMENT_SETTINGS).await;
+    let (_, statement) = HOT_QUERIES
+        .iter()
+        .find(|(name, _)| *name == "changed_machines")
+        .expect("changed_machines in HOT_QUERIES");
+    let prepare = format!("PREPARE changed (bigint, text, bigint) AS {statement}");
+    sqlx::query(sqlx::AssertSqlSafe(prepare))
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let explain = "EXPLAIN (ANALYZE, TIMING OFF) EXECUTE changed (5, 'new', 0)".to_string();
+    let plan = plan_lines(&mut connection, explain).await;
+    let one_index = plan.iter().any(|line| {
+        line.contains("Index Cond:")
+            && line.contains("machine_id = m.id")
+            && line.contains("expires_at > $1")
+    });
+    assert!(
+        one_index && !plan.iter().any(|line| line.contains("BitmapAnd")),
+        "a machine's logons in flight are not counted from one index:\n{}",
+        plan.join("\n")
+    );
     drop(connection);
     database.drop_database().await;
 }
