@@ -6,9 +6,9 @@
 //! sessions, by (farm, user) for each of them, also in the plan a new database's first
 //! placements cache (a logon storm on a new farm); the main pool's lookups are planned for the
 //! size the tables have when they run; a machine's logons in flight are counted from one
-//! index; a large farm's placement reads are not JIT-compiled;
-//! and the store's pools start their connections with
-//! the settings these tests rely on, on an SQLite built the way `.cargo/config.toml` says.
+//! index; a large farm's placement reads are not JIT-compiled; and the store's pools start
+//! their connections with the settings these tests rely on, on an SQLite built the way
+//! `.cargo/config.toml` says.
 
 use sqlx::{Connection, Row};
 use tsbroker::store::{self, HOT_QUERIES};
@@ -175,45 +175,33 @@ async fn a_farm_read_planned_on_a_new_farm_stays_linear_as_it_grows() {
     ])
     .await;
     set_all(&mut connection, &store::PLACEMENT_SETTINGS).await;
-    let reads: Vec<(&str, &str)> = HOT_QUERIES
+    let reads: Vec<&str> = HOT_QUERIES
         .iter()
-        .filter(|(name, _)| name.starts_with("farm_"))
-        .map(|(name, statement)| (*name, *statement))
+        .map(|(name, _)| *name)
+        .filter(|name| name.starts_with("farm_"))
         .collect();
     assert!(!reads.is_empty());
-    // Each read's parameters: (types, values).
-    let parameters = |name: &str| match name {
-        "farm_machines" => ("text", "'new'"),
-        "farm_pending_counts" => ("bigint, text", "5, 'new'"),
-        other => panic!("no parameters for {other}: add them here"),
-    };
-    let execute = |name: &str| format!("EXECUTE {name} ({})", parameters(name).1);
-    for (name, statement) in &reads {
-        let prepare = format!("PREPARE {name} ({}) AS {statement}", parameters(name).0);
-        for query in [prepare, execute(name)] {
-            sqlx::query(sqlx::AssertSqlSafe(query))
-                .execute(&mut connection)
-                .await
-                .unwrap();
-        }
-    }
-    for statement in [
-        "INSERT INTO machines (id, farm, name, name_key, address, agent_weight, \
-         agent_session_limit, single_session, agent_version, state, session_count, last_seen_at, \
-         created_at, updated_at) SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, \
-         'ts' || i || ':3389', 100, 0, false, '', 'ready', 0, 0, 0, 0 \
-         FROM generate_series(101, 2000) AS i",
-        "INSERT INTO pending_logons (farm, user_key, machine_id, created_at, expires_at) \
-         SELECT 'new', 'pending' || i, md5('m' || i)::uuid, 0, 100000 \
-         FROM generate_series(1, 1000) AS i",
-    ] {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
+    for name in &reads {
+        prepare_placement_read(&mut connection, name).await;
+        sqlx::query(sqlx::AssertSqlSafe(execute_placement_read(name)))
             .execute(&mut connection)
             .await
             .unwrap();
     }
-    for (name, _) in &reads {
-        let explain = format!("EXPLAIN (ANALYZE, TIMING OFF) {}", execute(name));
+    add_machines(&mut connection, 101, 2_000).await;
+    sqlx::query(
+        "INSERT INTO pending_logons (farm, user_key, machine_id, created_at, expires_at) \
+         SELECT 'new', 'pending' || i, md5('m' || i)::uuid, 0, 100000 \
+         FROM generate_series(1, 1000) AS i",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    for name in &reads {
+        let explain = format!(
+            "EXPLAIN (ANALYZE, TIMING OFF) {}",
+            execute_placement_read(name)
+        );
         let plan = plan_lines(&mut connection, explain).await;
         let discarded: u64 = plan
             .iter()
@@ -244,16 +232,10 @@ async fn a_machines_logons_in_flight_are_counted_from_one_index() {
         .await
         .unwrap();
     set_all(&mut connection, &store::PLACEMENT_SETTINGS).await;
-    let (_, statement) = HOT_QUERIES
-        .iter()
-        .find(|(name, _)| *name == "changed_machines")
-        .expect("changed_machines in HOT_QUERIES");
-    let prepare = format!("PREPARE changed (bigint, text, bigint) AS {statement}");
-    sqlx::query(sqlx::AssertSqlSafe(prepare))
-        .execute(&mut connection)
-        .await
-        .unwrap();
-    let explain = "EXPLAIN (ANALYZE, TIMING OFF) EXECUTE changed (5, 'new', 0)".to_string();
+    prepare_placement_read(&mut connection, "changed_machines").await;
+    // Every machine of the farm changed since 0.
+    let explain =
+        "EXPLAIN (ANALYZE, TIMING OFF) EXECUTE changed_machines (5, 'new', 0)".to_string();
     let plan = plan_lines(&mut connection, explain).await;
     let one_index = plan.iter().any(|line| {
         line.contains("Index Cond:")
@@ -277,12 +259,8 @@ async fn a_machines_logons_in_flight_are_counted_from_one_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_farms_reads_are_not_jit_compiled() {
     let (database, mut connection) = new_farm(&[]).await;
+    add_machines(&mut connection, 101, 10_000).await;
     for statement in [
-        "INSERT INTO machines (id, farm, name, name_key, address, agent_weight, \
-         agent_session_limit, single_session, agent_version, state, session_count, last_seen_at, \
-         created_at, updated_at) SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, \
-         'ts' || i || ':3389', 100, 0, false, '', 'ready', 0, 0, 0, i \
-         FROM generate_series(101, 10000) AS i",
         "INSERT INTO pending_logons (farm, user_key, machine_id, created_at, expires_at) \
          SELECT 'new', 'pending' || i, md5('m' || (i % 10000 + 1))::uuid, 0, 100000 \
          FROM generate_series(1, 500000) AS i",
@@ -294,26 +272,13 @@ async fn a_large_farms_reads_are_not_jit_compiled() {
             .unwrap();
     }
     set_all(&mut connection, &store::PLACEMENT_SETTINGS).await;
-    // Each read's parameters: (types, values).
-    let parameters = |name: &str| match name {
-        "changed_machines" => ("bigint, text, bigint", "5, 'new', 9990"),
-        "farm_machines" => ("text", "'new'"),
-        "farm_pending_counts" => ("bigint, text", "5, 'new'"),
-        _ => ("", ""),
-    };
-    let mut read = 0;
-    for (name, statement) in HOT_QUERIES {
-        let (types, values) = parameters(name);
-        if types.is_empty() {
-            continue;
-        }
-        read += 1;
-        let prepare = format!("PREPARE {name} ({types}) AS {statement}");
-        sqlx::query(sqlx::AssertSqlSafe(prepare))
-            .execute(&mut connection)
-            .await
-            .unwrap();
-        let explain = format!("EXPLAIN (ANALYZE, TIMING OFF) EXECUTE {name} ({values})");
+    let reads = ["changed_machines", "farm_machines", "farm_pending_counts"];
+    for name in reads {
+        prepare_placement_read(&mut connection, name).await;
+        let explain = format!(
+            "EXPLAIN (ANALYZE, TIMING OFF) {}",
+            execute_placement_read(name)
+        );
         let plan = plan_lines(&mut connection, explain).await;
         assert!(
             !plan.iter().any(|line| line.starts_with("JIT:")),
@@ -321,7 +286,6 @@ async fn a_large_farms_reads_are_not_jit_compiled() {
             plan.join("\n")
         );
     }
-    assert_eq!(read, 3, "a farm read of HOT_QUERIES is missing");
     drop(connection);
     database.drop_database().await;
 }
@@ -445,20 +409,62 @@ async fn new_farm(first: &[&str]) -> (TestDatabase, sqlx::PgConnection) {
     let database = TestDatabase::postgres().await;
     drop(store::open(&database.url).await.expect("migrate"));
     let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
-    let farm = [
-        "INSERT INTO farms (name, created_at) VALUES ('new', 0)",
-        "INSERT INTO machines (id, farm, name, name_key, address, agent_weight, agent_session_limit, \
-         single_session, agent_version, state, session_count, last_seen_at, created_at, updated_at) \
-         SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, 'ts' || i || ':3389', 100, 0, \
-         false, '', 'ready', 0, 0, 0, 0 FROM generate_series(1, 100) AS i",
-    ];
-    for statement in first.iter().chain(&farm) {
+    let farm = "INSERT INTO farms (name, created_at) VALUES ('new', 0)";
+    for statement in first.iter().chain([&farm]) {
         sqlx::query(sqlx::AssertSqlSafe(*statement))
             .execute(&mut connection)
             .await
             .unwrap();
     }
+    add_machines(&mut connection, 1, 100).await;
     (database, connection)
+}
+
+/// Machines `ts<first>`…`ts<last>` of farm `new`, ready, each last changed at time `i`.
+async fn add_machines(connection: &mut sqlx::PgConnection, first: i32, last: i32) {
+    insert_series(
+        connection,
+        "INSERT INTO machines (id, farm, name, name_key, address, agent_weight, \
+         agent_session_limit, single_session, agent_version, state, session_count, last_seen_at, \
+         created_at, updated_at) SELECT md5('m' || i)::uuid, 'new', 'ts' || i, 'ts' || i, \
+         'ts' || i || ':3389', 100, 0, false, '', 'ready', 0, 0, 0, i \
+         FROM generate_series($1::int, $2::int) AS i",
+        first,
+        last,
+    )
+    .await;
+}
+
+/// A placement batch's read of farm `new` from [`HOT_QUERIES`]: its parameters' types, and
+/// the values its tests run it with (now 5; changed since 9,990).
+fn placement_read_parameters(name: &str) -> (&'static str, &'static str) {
+    match name {
+        "changed_machines" => ("bigint, text, bigint", "5, 'new', 9990"),
+        "farm_machines" => ("text", "'new'"),
+        "farm_pending_counts" => ("bigint, text", "5, 'new'"),
+        other => panic!("no parameters for placement read {other}: add them here"),
+    }
+}
+
+/// PREPAREs the placement read `name` under its own name (a generic plan, with the placement
+/// connections' settings).
+async fn prepare_placement_read(connection: &mut sqlx::PgConnection, name: &str) {
+    let (_, statement) = HOT_QUERIES
+        .iter()
+        .find(|(hot, _)| *hot == name)
+        .unwrap_or_else(|| panic!("{name} in HOT_QUERIES"));
+    let (types, _) = placement_read_parameters(name);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PREPARE {name} ({types}) AS {statement}"
+    )))
+    .execute(connection)
+    .await
+    .unwrap();
+}
+
+/// EXECUTE of the prepared placement read `name` with its test values.
+fn execute_placement_read(name: &str) -> String {
+    format!("EXECUTE {name} ({})", placement_read_parameters(name).1)
 }
 
 /// The lines of an EXPLAIN's plan.
@@ -484,31 +490,44 @@ async fn set_all(connection: &mut sqlx::PgConnection, settings: &[(&str, &str)])
 
 /// Pending logons `first..=last` of farm `new`, user `pending<i>` on machine `ts<i % 100 + 1>`.
 async fn add_pending_logons(connection: &mut sqlx::PgConnection, first: i32, last: i32) {
-    sqlx::query(
+    insert_series(
+        connection,
         "INSERT INTO pending_logons (farm, user_key, machine_id, created_at, expires_at) \
          SELECT 'new', 'pending' || i, md5('m' || (i % 100 + 1))::uuid, 0, 100000 \
          FROM generate_series($1::int, $2::int) AS i",
+        first,
+        last,
     )
-    .bind(first)
-    .bind(last)
-    .execute(connection)
-    .await
-    .unwrap();
+    .await;
 }
 
 /// Active sessions `first..=last` of farm `new`, user `user<i>` on machine `ts<i % 100 + 1>`.
 async fn add_sessions(connection: &mut sqlx::PgConnection, first: i32, last: i32) {
-    sqlx::query(
+    insert_series(
+        connection,
         "INSERT INTO sessions (machine_id, session_id, farm, user_name, user_key, domain, state, \
          client_address, logon_at, state_changed_at) \
          SELECT md5('m' || (i % 100 + 1))::uuid, i, 'new', 'user' || i, 'user' || i, '', \
          'active', '', i, i FROM generate_series($1::int, $2::int) AS i",
+        first,
+        last,
     )
-    .bind(first)
-    .bind(last)
-    .execute(connection)
-    .await
-    .unwrap();
+    .await;
+}
+
+/// Runs an INSERT … SELECT over `generate_series($1::int, $2::int) AS i`, for `first..=last`.
+async fn insert_series(
+    connection: &mut sqlx::PgConnection,
+    statement: &'static str,
+    first: i32,
+    last: i32,
+) {
+    sqlx::query(statement)
+        .bind(first)
+        .bind(last)
+        .execute(connection)
+        .await
+        .unwrap();
 }
 
 /// SQLite keeps no statistics: its plan for a batch's pending logons must take the primary key
