@@ -25,7 +25,10 @@ pub struct SqliteStore {
     /// The group-commit writer's own connection (see `ingest`), so its turn at SQLite's
     /// single writer never waits for a free connection of `pool` too.
     ingest_pool: sqlx::SqlitePool,
-    /// The placements' connections: `synchronous=NORMAL` (see `begin_placement`).
+    /// The placements' connection: `synchronous=NORMAL` (see `begin_placement`). One: a
+    /// placement's transaction holds SQLite's single writer, so a second connection would never
+    /// place at the same time, and placements alternating between two would each find the
+    /// other's commit and drop their page cache.
     placement_pool: sqlx::SqlitePool,
     changes: broadcast::Sender<Uuid>,
     directory: SinkSlot,
@@ -98,7 +101,7 @@ impl SqliteStore {
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
         let placement_pool = SqlitePoolOptions::new()
-            .max_connections(2)
+            .max_connections(1)
             // A connection to a local file does not go stale: no round trip to the
             // connection's thread before each batch.
             .test_before_acquire(false)
