@@ -159,6 +159,8 @@ pub enum DirectoryError {
 /// [`Directory::front_door_detach`] when the connection ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attachment {
+    /// The session when the connection was attached. A local source may renumber it later
+    /// (PAM reports the display number); the table follows the session, not this number.
     pub session_id: u32,
     pub attachment: u64,
     /// This connection opened the session (a new logon), or joined one that another

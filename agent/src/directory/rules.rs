@@ -98,6 +98,12 @@ fn adopt(table: &mut Table, old_id: u32, request: &SessionRequest) -> Option<u32
     let new_id = request.session_id.unwrap_or(old_id);
     if new_id != old_id {
         table.emit(SessionEventKind::Logoff, &record);
+        // The front-door connections to it follow it: their end disconnects it under its id.
+        for live in table.live.values_mut() {
+            if live.session_id == old_id {
+                live.session_id = new_id;
+            }
+        }
     }
     if let Some(displaced) = table.sessions.remove(&new_id) {
         tracing::warn!(session_id = new_id, user = %displaced.user_name, "session replaced by a new logon");
@@ -350,11 +356,14 @@ pub(super) struct ConnectionEnd {
 /// Returns whether the table changed.
 pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
     let Attachment {
-        session_id,
         attachment,
         pending_logon,
+        ..
     } = end.attachment;
-    table.live.remove(&attachment);
+    // The session the connection holds now: a local source may have renumbered it (`adopt`).
+    let Some(LiveConnection { session_id, .. }) = table.live.remove(&attachment) else {
+        return false;
+    };
     let others_open = table
         .live
         .values()

@@ -120,11 +120,27 @@ fn front_door_logon_merges_with_the_real_logon() {
             (Logon, 12, "alexander.long".into()),
         ]
     );
-    // The connection's end disconnects the merged session only if it is still attached.
+    // The connection still holds the merged session under its new id: its end disconnects
+    // it (xrdp has no disconnect hook; this is how the broker learns the user left).
     directory.front_door_detach(attached, SHORT);
-    assert!(drain(&mut events).is_empty());
-    assert_eq!(directory.list().len(), 1);
-    assert!(!directory.list()[0].unconfirmed);
+    assert_eq!(
+        drain(&mut events),
+        vec![(Disconnect, 12, "alexander.long".into())]
+    );
+    let sessions = directory.list();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(
+        (sessions[0].session_id, sessions[0].state),
+        (12, RecordState::Disconnected)
+    );
+    assert!(!sessions[0].unconfirmed);
+    // Back through the front door: a reconnection to session 12, whose end disconnects it.
+    let again = directory.front_door_attach("alexander", "", "").unwrap();
+    assert_eq!(again.session_id, 12);
+    assert_eq!(directory.list()[0].state, RecordState::Active);
+    directory.front_door_detach(again, SHORT);
+    assert_eq!(directory.list()[0].state, RecordState::Disconnected);
+    assert_eq!(kinds(&mut events), vec![Reconnect, Disconnect]);
 }
 
 #[test]
@@ -245,8 +261,8 @@ fn a_confirmed_front_door_logon_is_disconnected() {
     assert_eq!(sessions[0].state, RecordState::Disconnected);
     assert_eq!(kinds(&mut events), vec![Logon, Reconnect, Disconnect]);
 
-    // Merged with the logon PAM reports (under its own id): the connection's end, which no
-    // longer holds the merged session, leaves it as it is.
+    // Merged with the logon PAM reports under its own id (xrdp's display number): the
+    // connection holds the session under that id, and its end disconnects it.
     let attached = directory.front_door_attach("bob", "", "").unwrap();
     directory.apply(Logon, request("bob", Some(7))).unwrap();
     directory.front_door_detach(attached, SHORT);
@@ -255,8 +271,22 @@ fn a_confirmed_front_door_logon_is_disconnected() {
         .into_iter()
         .find(|record| record.user_name == "bob")
         .unwrap();
-    assert_eq!((bob.session_id, bob.state), (7, RecordState::Active));
+    assert_eq!((bob.session_id, bob.state), (7, RecordState::Disconnected));
     assert!(!bob.unconfirmed);
+    // A newer connection took the session over: the older one's end leaves it active.
+    let older = directory.front_door_attach("bob", "", "").unwrap();
+    let newer = directory.front_door_attach("bob", "", "").unwrap();
+    directory.front_door_detach(older, SHORT);
+    let state = |name: &str| {
+        directory
+            .list()
+            .into_iter()
+            .find(|record| record.user_name == name)
+            .map(|record| record.state)
+    };
+    assert_eq!(state("bob"), Some(RecordState::Active));
+    directory.front_door_detach(newer, SHORT);
+    assert_eq!(state("bob"), Some(RecordState::Disconnected));
     // PAM's logon without an id merges into the front door's session, keeping its id, and
     // the connection's end disconnects it.
     let attached = directory.front_door_attach("carol", "", "").unwrap();
