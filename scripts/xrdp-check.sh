@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# The xrdp deployment of deploy/pam/README.md, end to end and with the real parts: Debian's xrdp
+# and xorgxrdp behind the agent's front door, PAM's pam_exec hook, xrdp's reconnect script
+# through sudo, real xfreerdp clients, the broker's view through grpcurl. It checks that
+#   1. a logon through the front door is one ACTIVE session, under xrdp's display number;
+#   2. the client leaving makes it DISCONNECTED (xrdp has no disconnect hook: the front door
+#      reports it);
+#   3. Redirect sends the user back (EXISTING_SESSION) and a new client reattaches to the same
+#      session: xrdp's reconnect hook reports it, and it is ACTIVE again, still the only one;
+#   4. a wrong password leaves no session once the client gives up;
+#   5. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
+#
+#   scripts/xrdp-check.sh --yes
+#
+# It changes the system, so it runs only as root and with --yes (CI, on a throwaway machine,
+# passes it): it installs xrdp, xorgxrdp, xterm and sudo when missing, adds the users tsb-ann
+# and tsb-ben, and follows the README's steps (/etc/xrdp/xrdp.ini, /etc/pam.d/xrdp-sesman,
+# /etc/sudoers.d/tsagent, /etc/xrdp/reconnectwm.sh, /usr/lib/tsagent/, /usr/bin/tsagent). At
+# exit it stops what it started, removes the users and puts every file back as it was. Needs
+# xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh) and ports 3350 and 3390.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+TSB_LOG_PREFIX=xrdp-check.sh
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+[ "${1:-}" = --yes ] || die "changes this system (users, PAM, sudoers, xrdp); run as root with --yes on a throwaway machine"
+is_root || die "must run as root"
+
+PASSWORD='Tsb-check-1234'
+USERS=(tsb-ann tsb-ben)
+FARM=default
+CONTROL_SOCKET=/run/tsagent/control.sock
+LOGON_SECONDS=90 # from xfreerdp's start to PAM's logon: Xorg and the session start first
+
+path_append /usr/sbin
+path_append /sbin
+if dir=$(find_grpcurl_dir); then path_append "$dir"; fi
+for tool in xfreerdp Xvfb python3 grpcurl; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool missing (scripts/install-test-deps.sh installs it)"
+done
+need=()
+for pkg in xrdp xorgxrdp xterm sudo; do dpkg_installed "$pkg" || need+=("$pkg"); done
+if [ ${#need[@]} -gt 0 ]; then
+    apt_install "${need[@]}" || die "apt-get install ${need[*]} failed"
+    # Where the package's scripts started the servers just installed, stop them: this script
+    # starts its own, configured.
+    xrdp --kill >/dev/null 2>&1 || true
+    xrdp-sesman --kill >/dev/null 2>&1 || true
+fi
+
+for port in 3350 3390; do
+    if ss -Hltn "sport = :$port" | grep -q .; then die "port $port is in use (an xrdp already running?)"; fi
+done
+[ ! -e "$CONTROL_SOCKET" ] || die "$CONTROL_SOCKET exists: an agent runs on this machine"
+for user in "${USERS[@]}"; do
+    if id "$user" >/dev/null 2>&1; then die "user $user exists"; fi
+done
+
+log "building tsbroker and tsagent"
+cargo build -q -j2 -p tsbroker -p tsagent
+bin="${CARGO_TARGET_DIR:-target}/debug"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tsbroker-xrdp-check.XXXXXX")
+mkdir "$work/saved"
+saved_files=()
+pids=()
+users_added=()
+
+# Remembers FILE as it is now (or that it does not exist), to be put back at exit.
+save() {
+    local file=$1 copy
+    copy="$work/saved/$(printf '%s' "$file" | tr / _)"
+    if [ -e "$file" ]; then cp -a "$file" "$copy"; else : >"$copy.absent"; fi
+    saved_files+=("$file")
+}
+
+# shellcheck disable=SC2317 # run by the EXIT trap
+cleanup() {
+    local status=$? file copy pid user
+    trap - EXIT
+    if [ "$status" -ne 0 ]; then
+        for file in "$work"/*.log /var/log/xrdp-sesman.log /var/log/xrdp.log; do
+            [ -f "$file" ] || continue
+            log "----- last lines of $file"
+            tail -n 25 "$file" >&2 || true
+        done
+    fi
+    # xrdp forks a process per connection; the sessions' X servers run as the users. TERM
+    # first, so that each X server removes its lock file.
+    for pid in "${pids[@]}"; do
+        pkill -P "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+    done
+    for user in "${users_added[@]}"; do pkill -u "$user" 2>/dev/null || true; done
+    sleep 1
+    for pid in "${pids[@]}"; do
+        pkill -KILL -P "$pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    for user in "${users_added[@]}"; do pkill -KILL -u "$user" 2>/dev/null || true; done
+    for user in "${users_added[@]}"; do userdel -r "$user" >/dev/null 2>&1 || log "could not remove user $user"; done
+    for file in "${saved_files[@]}"; do
+        copy="$work/saved/$(printf '%s' "$file" | tr / _)"
+        if [ -e "$copy.absent" ]; then rm -rf "$file"; else cp -a "$copy" "$file"; fi
+    done
+    rm -f /run/xrdp/xrdp.pid /run/xrdp/xrdp-sesman.pid "$CONTROL_SOCKET"
+    rm -rf "$work"
+    if [ "$status" -eq 0 ]; then log "OK"; else log "FAILED"; fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+fail() {
+    log "FAILED: $*"
+    exit 1
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits up to SECONDS for COMMAND... to succeed; false when it never did.
+wait_until() {
+    local seconds=$1 deadline
+    shift
+    deadline=$((SECONDS + seconds))
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.5
+    done
+}
+
+# --- the deployment, as deploy/pam/README.md says ---------------------------------------------
+log "setting up xrdp, PAM and sudo as deploy/pam/README.md says"
+for user in "${USERS[@]}"; do
+    useradd -m -s /bin/bash "$user"
+    users_added+=("$user")
+    echo "$user:$PASSWORD" | chpasswd
+    # The session: one terminal (startwm.sh runs ~/.xsession through Xsession).
+    echo 'exec xterm' >"/home/$user/.xsession"
+    chown "$user:" "/home/$user/.xsession"
+done
+save /usr/bin/tsagent
+install -m 0755 "$bin/tsagent" /usr/bin/tsagent
+save /usr/lib/tsagent
+install -D -m 0755 deploy/pam/tsagent-session /usr/lib/tsagent/pam-session
+save /etc/pam.d/xrdp-sesman
+echo 'session optional pam_exec.so quiet /usr/lib/tsagent/pam-session' >>/etc/pam.d/xrdp-sesman
+install -D -m 0755 deploy/xrdp/tsagent-reconnect /usr/lib/tsagent/xrdp-reconnect
+save /etc/sudoers.d/tsagent
+install -m 0440 deploy/xrdp/sudoers /etc/sudoers.d/tsagent
+visudo -cf /etc/sudoers.d/tsagent >/dev/null || fail "deploy/xrdp/sudoers does not parse"
+save /etc/xrdp/reconnectwm.sh
+install -m 0755 deploy/xrdp/reconnectwm.sh /etc/xrdp/reconnectwm.sh
+save /etc/xrdp/xrdp.ini
+# [Globals]'s port only: the session types' sections have port= lines of their own.
+sed -i '/^\[Globals\]/,/^\[/ s|^port=.*|port=tcp://127.0.0.1:3390|' /etc/xrdp/xrdp.ini
+sed -n '/^\[Globals\]/,/^\[/p' /etc/xrdp/xrdp.ini | grep -qx 'port=tcp://127.0.0.1:3390' ||
+    fail "could not set xrdp's port"
+save /run/tsagent
+mkdir -p /run/tsagent # the systemd unit's RuntimeDirectory
+
+broker_port=$(free_port)
+front_door_port=$(free_port)
+broker="127.0.0.1:$broker_port"
+
+# xrdp logs to /var/log/xrdp.log whatever else it does: only what it writes from here on counts.
+xrdp_log_lines=$( (cat /var/log/xrdp.log 2>/dev/null || true) | wc -l)
+xrdp-sesman --nodaemon >"$work/sesman.log" 2>&1 &
+pids+=($!)
+xrdp --nodaemon >"$work/xrdp.log" 2>&1 &
+pids+=($!)
+"$bin/tsbroker" --listen "$broker" --database-url "sqlite://$work/tsbroker.db" >"$work/broker.log" 2>&1 &
+pids+=($!)
+RUST_LOG=info "$bin/tsagent" --broker "http://$broker" --farm "$FARM" --machine-name xrdp-check \
+    --advertise "127.0.0.1:$front_door_port" --front-door "127.0.0.1:$front_door_port" \
+    --local-rdp 127.0.0.1:3390 --state-dir "$work/agent-state" >"$work/agent.log" 2>&1 &
+pids+=($!)
+
+display=""
+for n in $(seq 90 140); do
+    if [ ! -e "/tmp/.X11-unix/X$n" ] && [ ! -e "/tmp/.X$n-lock" ]; then
+        display=":$n"
+        break
+    fi
+done
+[ -n "$display" ] || fail "no free X display for the clients"
+Xvfb "$display" -screen 0 1024x768x24 -nolisten tcp >"$work/xvfb.log" 2>&1 &
+pids+=($!)
+
+listening() { ss -Hltn "sport = :$1" | grep -q .; }
+wait_until 30 listening 3390 || fail "xrdp does not listen on 127.0.0.1:3390"
+wait_until 30 grep -q 'the broker has this machine ready' "$work/agent.log" ||
+    fail "the agent did not become ready at the broker"
+wait_until 10 listening "$front_door_port" || fail "the front door does not listen"
+wait_until 10 test -e "/tmp/.X11-unix/X${display#:}" || fail "Xvfb did not start"
+
+# --- helpers on the broker's view ------------------------------------------------------------
+# Prints the user's sessions in the farm as the broker lists them: "ID STATE" lines.
+sessions_of() {
+    grpcurl -plaintext -d "{\"user_name\": \"$1\", \"farm\": \"$FARM\"}" "$broker" \
+        tsbroker.v1.Broker/ListSessions | python3 -c '
+import json, sys
+for s in json.load(sys.stdin).get("sessions", []):
+    print(s.get("sessionId", 0), s.get("state", "").removeprefix("SESSION_STATE_"))'
+}
+# True when the user's sessions are exactly EXPECTED ("ID STATE" lines, or "" for none).
+sessions_are() { [ "$(sessions_of "$1")" = "$2" ]; }
+# True when the user has exactly one session in STATE with an id in [LOW, HIGH).
+one_session_in() {
+    local lines id state
+    lines=$(sessions_of "$1")
+    [ "$(printf '%s\n' "$lines" | grep -c .)" -eq 1 ] || return 1
+    read -r id state <<<"$lines"
+    [ "$state" = "$2" ] && [ "$id" -ge "$3" ] && [ "$id" -lt "$4" ]
+}
+expect_sessions() {
+    local user=$1 expected=$2 seconds=$3 what=$4
+    wait_until "$seconds" sessions_are "$user" "$expected" ||
+        fail "$what: the broker lists [$(sessions_of "$user" | paste -sd, -)] for $user, not [$(printf '%s' "$expected" | paste -sd, -)]"
+}
+
+client=""
+# Starts a real client through the front door (it stays connected until stop_client).
+start_client() {
+    DISPLAY=$display xfreerdp "/v:127.0.0.1:$front_door_port" "/u:$1" "/p:$2" /cert:ignore \
+        /log-level:INFO >>"$work/client-$1.log" 2>&1 &
+    client=$!
+    pids+=("$client")
+}
+stop_client() {
+    kill "$client" 2>/dev/null || true
+    wait "$client" 2>/dev/null || true
+}
+
+# --- the checks -------------------------------------------------------------------------------
+ann=${USERS[0]}
+ben=${USERS[1]}
+
+log "1. $ann logs on through the front door"
+start_client "$ann" "$PASSWORD"
+# xrdp numbers sessions by X display from 10; ids the agent allocates itself start at 100000.
+wait_until "$LOGON_SECONDS" one_session_in "$ann" ACTIVE 10 100000 ||
+    fail "logon: the broker lists [$(sessions_of "$ann" | paste -sd, -)] for $ann, not one ACTIVE session under xrdp's display number (PAM's logon merged with the front door's)"
+read -r id _ <<<"$(sessions_of "$ann")"
+log "   one ACTIVE session, $id (display :$id)"
+
+log "2. $ann's client leaves"
+stop_client
+expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect"
+
+log "3. $ann comes back"
+reason=$(grpcurl -plaintext -d "{\"user_name\": \"$ann\", \"farm\": \"$FARM\"}" "$broker" \
+    tsbroker.v1.Broker/Redirect | python3 -c 'import json, sys; print(json.load(sys.stdin).get("reason", ""))')
+[ "$reason" = REDIRECT_REASON_EXISTING_SESSION ] || fail "Redirect for $ann answered $reason"
+start_client "$ann" "$PASSWORD"
+wait_until "$LOGON_SECONDS" grep -q "event=Reconnect session_id=$id user=$ann" "$work/agent.log" ||
+    fail "xrdp's reconnect hook did not report session $id"
+expect_sessions "$ann" "$id ACTIVE" 15 "reconnection"
+[ "$(pgrep -c -u "$ann" -x Xorg)" -eq 1 ] || fail "$ann has more than one X server: xrdp started a second session"
+stop_client
+expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect after the reconnection"
+
+log "4. $ben types a wrong password"
+start_client "$ben" wrong-password
+wait_until 30 one_session_in "$ben" ACTIVE 100000 4294967296 ||
+    fail "the front door's logon for $ben is not listed: [$(sessions_of "$ben" | paste -sd, -)]"
+xrdp_refused() { tail -n +"$((xrdp_log_lines + 1))" /var/log/xrdp.log | grep -q "login failed for user $ben"; }
+wait_until 30 xrdp_refused ||
+    fail "xrdp did not refuse the wrong password"
+stop_client
+expect_sessions "$ben" "" 15 "failed logon"
+
+log "5. $ann's session ends (its programs exit)"
+pkill -u "$ann" -x xterm || fail "no xterm of $ann's session"
+expect_sessions "$ann" "" 30 "logoff"
