@@ -51,7 +51,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 for port in 3350 3390; do
-    if ss -Hltn "sport = :$port" | grep -q .; then die "port $port is in use (an xrdp already running?)"; fi
+    if ss -Hltn "sport = :$port" | grep . >/dev/null; then die "port $port is in use (an xrdp already running?)"; fi
 done
 [ ! -e "$CONTROL_SOCKET" ] || die "$CONTROL_SOCKET exists: an agent runs on this machine"
 for user in "${USERS[@]}"; do
@@ -159,7 +159,7 @@ install -m 0755 deploy/xrdp/reconnectwm.sh /etc/xrdp/reconnectwm.sh
 save /etc/xrdp/xrdp.ini
 # [Globals]'s port only: the session types' sections have port= lines of their own.
 sed -i '/^\[Globals\]/,/^\[/ s|^port=.*|port=tcp://127.0.0.1:3390|' /etc/xrdp/xrdp.ini
-sed -n '/^\[Globals\]/,/^\[/p' /etc/xrdp/xrdp.ini | grep -qx 'port=tcp://127.0.0.1:3390' ||
+sed -n '/^\[Globals\]/,/^\[/p' /etc/xrdp/xrdp.ini | grep -x 'port=tcp://127.0.0.1:3390' >/dev/null ||
     fail "could not set xrdp's port"
 save /run/tsagent
 mkdir -p /run/tsagent # the systemd unit's RuntimeDirectory
@@ -192,7 +192,7 @@ done
 Xvfb "$display" -screen 0 1024x768x24 -nolisten tcp >"$work/xvfb.log" 2>&1 &
 pids+=($!)
 
-listening() { ss -Hltn "sport = :$1" | grep -q .; }
+listening() { ss -Hltn "sport = :$1" | grep . >/dev/null; }
 wait_until 30 listening 3390 || fail "xrdp does not listen on 127.0.0.1:3390"
 wait_until 30 grep -q 'the broker has this machine ready' "$work/agent.log" ||
     fail "the agent did not become ready at the broker"
@@ -269,7 +269,7 @@ log "4. $ben types a wrong password"
 start_client "$ben" wrong-password
 wait_until 30 one_session_in "$ben" ACTIVE 100000 4294967296 ||
     fail "the front door's logon for $ben is not listed: [$(sessions_of "$ben" | paste -sd, -)]"
-xrdp_refused() { tail -n +"$((xrdp_log_lines + 1))" /var/log/xrdp.log | grep -q "login failed for user $ben"; }
+xrdp_refused() { tail -n +"$((xrdp_log_lines + 1))" /var/log/xrdp.log | grep "login failed for user $ben" >/dev/null; }
 wait_until 30 xrdp_refused ||
     fail "xrdp did not refuse the wrong password"
 stop_client
