@@ -7,8 +7,9 @@
 #      reports it);
 #   3. Redirect sends the user back (EXISTING_SESSION) and a new client reattaches to the same
 #      session: xrdp's reconnect hook reports it, and it is ACTIVE again, still the only one;
-#   4. a wrong password leaves no session once the client gives up;
-#   5. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
+#   4. a session whose client the agent's crash cut off is DISCONNECTED once it is back;
+#   5. a wrong password leaves no session once the client gives up;
+#   6. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
 #
 #   scripts/xrdp-check.sh --yes
 #
@@ -176,10 +177,15 @@ xrdp --nodaemon >"$work/xrdp.log" 2>&1 &
 pids+=($!)
 "$bin/tsbroker" --listen "$broker" --database-url "sqlite://$work/tsbroker.db" >"$work/broker.log" 2>&1 &
 pids+=($!)
-RUST_LOG=info "$bin/tsagent" --broker "http://$broker" --farm "$FARM" --machine-name xrdp-check \
-    --advertise "127.0.0.1:$front_door_port" --front-door "127.0.0.1:$front_door_port" \
-    --local-rdp 127.0.0.1:3390 --state-dir "$work/agent-state" >"$work/agent.log" 2>&1 &
-pids+=($!)
+agent=""
+start_agent() {
+    RUST_LOG=info "$bin/tsagent" --broker "http://$broker" --farm "$FARM" --machine-name xrdp-check \
+        --advertise "127.0.0.1:$front_door_port" --front-door "127.0.0.1:$front_door_port" \
+        --local-rdp 127.0.0.1:3390 --state-dir "$work/agent-state" >>"$work/agent.log" 2>&1 &
+    agent=$!
+    pids+=("$agent")
+}
+start_agent
 
 display=""
 for n in $(seq 90 140); do
@@ -194,7 +200,9 @@ pids+=($!)
 
 listening() { ss -Hltn "sport = :$1" | grep . >/dev/null; }
 wait_until 30 listening 3390 || fail "xrdp does not listen on 127.0.0.1:3390"
-wait_until 30 grep -q 'the broker has this machine ready' "$work/agent.log" ||
+# True when the agent's log has at least N lines matching PATTERN.
+logged() { [ "$(grep -c -- "$2" "$work/agent.log")" -ge "$1" ]; }
+wait_until 30 logged 1 'the broker has this machine ready' ||
     fail "the agent did not become ready at the broker"
 wait_until 10 listening "$front_door_port" || fail "the front door does not listen"
 wait_until 10 test -e "/tmp/.X11-unix/X${display#:}" || fail "Xvfb did not start"
@@ -258,14 +266,28 @@ reason=$(grpcurl -plaintext -d "{\"user_name\": \"$ann\", \"farm\": \"$FARM\"}" 
     tsbroker.v1.Broker/Redirect | python3 -c 'import json, sys; print(json.load(sys.stdin).get("reason", ""))')
 [ "$reason" = REDIRECT_REASON_EXISTING_SESSION ] || fail "Redirect for $ann answered $reason"
 start_client "$ann" "$PASSWORD"
-wait_until "$LOGON_SECONDS" grep -q "event=Reconnect session_id=$id user=$ann" "$work/agent.log" ||
+reconnected="event=Reconnect session_id=$id user=$ann"
+wait_until "$LOGON_SECONDS" logged 1 "$reconnected" ||
     fail "xrdp's reconnect hook did not report session $id"
 expect_sessions "$ann" "$id ACTIVE" 15 "reconnection"
 [ "$(pgrep -c -u "$ann" -x Xorg)" -eq 1 ] || fail "$ann has more than one X server: xrdp started a second session"
 stop_client
 expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect after the reconnection"
 
-log "4. $ben types a wrong password"
+log "4. the agent is killed while $ann is connected, and started again"
+start_client "$ann" "$PASSWORD"
+wait_until "$LOGON_SECONDS" logged 2 "$reconnected" ||
+    fail "xrdp's reconnect hook did not report session $id again"
+expect_sessions "$ann" "$id ACTIVE" 15 "second reconnection"
+kill -KILL "$agent"
+wait "$agent" 2>/dev/null || true
+stop_client # its connection went with the agent; it must not reconnect on its own
+start_agent
+wait_until 30 logged 2 'the broker has this machine ready' ||
+    fail "the restarted agent did not become ready at the broker"
+expect_sessions "$ann" "$id DISCONNECTED" 15 "the session after the agent's crash"
+
+log "5. $ben types a wrong password"
 start_client "$ben" wrong-password
 wait_until 30 one_session_in "$ben" ACTIVE 100000 4294967296 ||
     fail "the front door's logon for $ben is not listed: [$(sessions_of "$ben" | paste -sd, -)]"
@@ -275,6 +297,6 @@ wait_until 30 xrdp_refused ||
 stop_client
 expect_sessions "$ben" "" 15 "failed logon"
 
-log "5. $ann's session ends (its programs exit)"
+log "6. $ann's session ends (its programs exit)"
 pkill -u "$ann" -x xterm || fail "no xterm of $ann's session"
 expect_sessions "$ann" "" 30 "logoff"

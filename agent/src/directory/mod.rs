@@ -212,15 +212,29 @@ impl Directory {
         let stored = file.load()?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut sessions = BTreeMap::new();
+        let mut clients_lost = 0;
+        let now = model::now_millis();
         for mut record in stored.sessions {
             if model::user_key(&record.user_name).is_empty() {
                 continue;
             }
-            // No front-door connection survives a restart.
+            // No front-door connection survives a restart: a session one still held (the
+            // agent ended without cutting it, as a crash does) lost its client with it.
+            if record.attachment != 0 && record.state == RecordState::Active {
+                record.state = RecordState::Disconnected;
+                record.changed_ms = now;
+                clients_lost += 1;
+            }
             record.attachment = 0;
             sessions.insert(record.session_id, record);
         }
         tracing::info!(path = %file.path().display(), sessions = sessions.len(), "session table loaded");
+        if clients_lost > 0 {
+            tracing::warn!(
+                sessions = clients_lost,
+                "sessions whose front-door connection ended with the previous agent process are disconnected"
+            );
+        }
         let table = Table {
             sessions,
             next_session_id: stored.next_session_id.max(FIRST_ALLOCATED_SESSION_ID),

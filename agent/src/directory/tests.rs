@@ -195,15 +195,26 @@ fn table_survives_a_restart() {
             )
             .unwrap();
         directory.apply(Disconnect, request("alice", None)).unwrap();
+        directory.apply(Logon, request("dave", Some(11))).unwrap();
+        // bob's connection is still open when the agent ends without cutting it (a crash).
         directory.front_door_attach("bob", "", "").unwrap();
+        assert!(directory.flush());
     }
     let (directory, _events) = Directory::open(dir.path()).unwrap();
     let sessions = directory.list();
-    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions.len(), 3);
     assert_eq!(sessions[0].session_id, 10);
     assert_eq!(sessions[0].domain, "CORP");
     assert_eq!(sessions[0].state, RecordState::Disconnected);
-    assert_eq!(sessions[1].attachment, 0);
+    // A session no front-door connection held keeps its state.
+    assert_eq!(
+        (sessions[1].session_id, sessions[1].state),
+        (11, RecordState::Active)
+    );
+    // bob's client went with the agent's process: disconnected, and nothing holds it.
+    assert_eq!(sessions[2].user_name, "bob");
+    assert_eq!(sessions[2].state, RecordState::Disconnected);
+    assert_eq!(sessions[2].attachment, 0);
     // Allocation goes on after the ids used before the restart.
     let next = directory.apply(Logon, request("carol", None)).unwrap();
     assert_eq!(next.session_id, FIRST_ALLOCATED_SESSION_ID + 1);
