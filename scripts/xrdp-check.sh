@@ -15,7 +15,7 @@
 #
 # It changes the system, so it runs only as root and with --yes (CI, on a throwaway machine,
 # passes it): it installs xrdp, xorgxrdp, xterm and sudo when missing, adds the users tsb-ann
-# and tsb-ben, and follows the README's steps (/etc/xrdp/xrdp.ini, /etc/pam.d/xrdp-sesman,
+# and tsb-ben, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini, /etc/pam.d/xrdp-sesman,
 # /etc/sudoers.d/tsagent, /etc/xrdp/reconnectwm.sh, /usr/lib/tsagent/, /usr/bin/tsagent). At
 # exit it stops what it started, removes the users and puts every file back as it was. Needs
 # xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh) and ports 3350 and 3390.
@@ -104,7 +104,8 @@ cleanup() {
     for user in "${users_added[@]}"; do userdel -r "$user" >/dev/null 2>&1 || log "could not remove user $user"; done
     for file in "${saved_files[@]}"; do
         copy="$work/saved/$(printf '%s' "$file" | tr / _)"
-        if [ -e "$copy.absent" ]; then rm -rf "$file"; else cp -a "$copy" "$file"; fi
+        rm -rf "$file"
+        [ -e "$copy.absent" ] || cp -a "$copy" "$file"
     done
     rm -f /run/xrdp/xrdp.pid /run/xrdp/xrdp-sesman.pid "$CONTROL_SOCKET"
     rm -rf "$work"
