@@ -161,6 +161,11 @@ pub struct Cli {
     /// Address to serve Prometheus metrics on (/metrics), e.g. 127.0.0.1:9150 [default: none].
     #[arg(long, env = "TSBROKER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve nothing: ask the broker at the listen address (on loopback when that is every
+    /// interface) whether it is SERVING, print its answer, and exit 0 if it is, 1 if not or
+    /// if it cannot be asked. For container health checks.
+    #[arg(long)]
+    pub health_check: bool,
 }
 
 /// The TOML file's shape: every key optional.

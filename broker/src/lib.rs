@@ -3,13 +3,15 @@
 //!
 //! `server::run` assembles the gRPC services (`service`) over a `store`; the redirect
 //! decision and its policies live in `decision`, the in-memory copy of the sessions it reads
-//! first in `directory`, external plug-ins in `plugin`.
+//! first in `directory`, external plug-ins in `plugin`; `health_check` is the binary's probe
+//! of a running broker.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod decision;
 pub mod directory;
 pub mod error;
+pub mod health_check;
 pub mod metrics;
 pub mod plugin;
 pub mod server;

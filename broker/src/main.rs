@@ -1,4 +1,5 @@
-//! The `tsbroker` binary: parse settings, set up logging, serve until SIGINT or SIGTERM.
+//! The `tsbroker` binary: parse settings, set up logging, serve until SIGINT or SIGTERM (or,
+//! with `--health-check`, ask a running broker whether it is serving).
 #![forbid(unsafe_code)]
 
 use clap::Parser;
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    let health_check = cli.health_check;
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(reason) => {
@@ -33,16 +35,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    if health_check {
+        return check_health(config.listen);
+    }
     tsbroker_common::telemetry::init_logging(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("tsbroker: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
@@ -63,6 +62,38 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// The runtime `builder` makes, with I/O and timers; the exit code when it cannot be built.
+fn build_runtime(
+    mut builder: tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|error| {
+        eprintln!("tsbroker: cannot start the runtime: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+/// `--health-check`: 0 when the broker at `listen` is SERVING, 1 otherwise.
+fn check_health(listen: std::net::SocketAddr) -> ExitCode {
+    let runtime = match build_runtime(tokio::runtime::Builder::new_current_thread()) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(tsbroker::health_check::check(listen)) {
+        Ok(status) => {
+            println!("{}", status.as_str_name());
+            if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(reason) => {
+            eprintln!("tsbroker: health check: {reason}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -3,6 +3,7 @@
 use crate::support::eventually;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tsbroker_tests::binaries::{tool, workspace_binary};
 use tsbroker_tests::fake_agent::machine as description;
 use tsbroker_tests::{FakeAgent, TestDatabase, spawn_broker};
@@ -247,4 +248,68 @@ async fn without_a_database_the_broker_is_not_serving_and_says_so() {
         .await
         .expect("stops while waiting for the database");
     stopped.unwrap().unwrap();
+}
+
+/// `tsbroker --health-check`, the containers' health probe: exit 0 and SERVING from a broker
+/// whose store is open (asked on loopback when the listen address is every interface), exit 1
+/// and NOT_SERVING from one still waiting for its database, exit 1 and the reason when nothing
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_check_flag_tells_a_serving_broker_from_one_that_is_not() {
+    async fn health_check(listen: String) -> (Option<i32>, String, String) {
+        let output = tokio::process::Command::new(workspace_binary("tsbroker"))
+            .args(["--listen", &listen, "--health-check"])
+            .env_remove("TSBROKER_DATABASE_URL")
+            .output()
+            .await
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+    async fn start(database_url: String) -> (std::net::SocketAddr, CancellationToken) {
+        let config = tsbroker::BrokerConfig {
+            database_url,
+            ..tsbroker::BrokerConfig::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(tsbroker::run(config, listener, shutdown.clone()));
+        (address, shutdown)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (serving, stop_serving) =
+        start(format!("sqlite://{}", dir.path().join("t.db").display())).await;
+    eventually(20, || async {
+        health_check(serving.to_string()).await == (Some(0), "SERVING".into(), String::new())
+    })
+    .await;
+    let every_interface = format!("0.0.0.0:{}", serving.port());
+    let (code, stdout, _) = health_check(every_interface).await;
+    assert_eq!((code, stdout.as_str()), (Some(0), "SERVING"));
+
+    let unused_port = tsbroker_tests::process::free_port();
+    let (waiting, stop_waiting) = start(format!(
+        "postgres://postgres@127.0.0.1:{unused_port}/postgres"
+    ))
+    .await;
+    let (code, stdout, stderr) = health_check(waiting.to_string()).await;
+    assert_eq!(
+        (code, stdout.as_str()),
+        (Some(1), "NOT_SERVING"),
+        "{stderr}"
+    );
+
+    let nobody = format!("127.0.0.1:{}", tsbroker_tests::process::free_port());
+    let (code, stdout, stderr) = health_check(nobody.clone()).await;
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    assert!(
+        stderr.contains(&format!("cannot connect to {nobody}")),
+        "{stderr}"
+    );
+    stop_serving.cancel();
+    stop_waiting.cancel();
 }

@@ -1,0 +1,70 @@
+//! `tsbroker --health-check`: asks a running broker's health service whether it is serving,
+//! for container health checks and scripts. The broker answers SERVING only once its store is
+//! open and migrated, so this is a better probe than the port being open.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// The longest the whole check may take (Docker's own timeout in the images is longer).
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The address to ask: the broker's listen address, with an unspecified host (it listens on
+/// every interface) replaced by loopback.
+pub fn target(listen: SocketAddr) -> SocketAddr {
+    let mut target = listen;
+    if listen.ip().is_unspecified() {
+        target.set_ip(match listen {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    target
+}
+
+/// The whole server's status as the broker at `listen` reports it; an error says why it could
+/// not be asked.
+pub async fn check(listen: SocketAddr) -> Result<ServingStatus, String> {
+    let address = target(listen);
+    let ask = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|error| format!("bad address {address}: {error}"))?
+            .connect()
+            .await
+            .map_err(|error| {
+                format!(
+                    "cannot connect to {address}: {:#}",
+                    anyhow::Error::new(error)
+                )
+            })?;
+        let answer = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .map_err(|status| format!("{address} answered {status}"))?;
+        Ok(ServingStatus::try_from(answer.into_inner().status).unwrap_or(ServingStatus::Unknown))
+    };
+    tokio::time::timeout(TIMEOUT, ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from {address} within {TIMEOUT:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unspecified_host_is_asked_on_loopback() {
+        let cases = [
+            ("0.0.0.0:50051", "127.0.0.1:50051"),
+            ("[::]:50051", "[::1]:50051"),
+            ("192.0.2.4:7000", "192.0.2.4:7000"),
+            ("127.0.0.1:50051", "127.0.0.1:50051"),
+        ];
+        for (listen, asked) in cases {
+            let listen: SocketAddr = listen.parse().unwrap();
+            assert_eq!(target(listen), asked.parse().unwrap(), "{listen}");
+        }
+    }
+}
