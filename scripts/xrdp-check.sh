@@ -7,9 +7,11 @@
 #      reports it);
 #   3. Redirect sends the user back (EXISTING_SESSION) and a new client reattaches to the same
 #      session: xrdp's reconnect hook reports it, and it is ACTIVE again, still the only one;
-#   4. a session whose client the agent's crash cut off is DISCONNECTED once it is back;
-#   5. a wrong password leaves no session once the client gives up;
-#   6. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
+#   4. through another machine's front door (PROXY v2 to this one's) the user reaches the same
+#      session, and leaving disconnects it;
+#   5. a session whose client the agent's crash cut off is DISCONNECTED once it is back;
+#   6. a wrong password leaves no session once the client gives up;
+#   7. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
 #
 #   scripts/xrdp-check.sh --yes
 #
@@ -234,9 +236,10 @@ expect_sessions() {
 }
 
 client=""
-# Starts a real client through the front door (it stays connected until stop_client).
+# Starts a real client through the front door at PORT (this machine's unless given; it stays
+# connected until stop_client).
 start_client() {
-    DISPLAY=$display xfreerdp "/v:127.0.0.1:$front_door_port" "/u:$1" "/p:$2" /cert:ignore \
+    DISPLAY=$display xfreerdp "/v:127.0.0.1:${3:-$front_door_port}" "/u:$1" "/p:$2" /cert:ignore \
         /log-level:INFO >>"$work/client-$1.log" 2>&1 &
     client=$!
     pids+=("$client")
@@ -275,9 +278,32 @@ expect_sessions "$ann" "$id ACTIVE" 15 "reconnection"
 stop_client
 expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect after the reconnection"
 
-log "4. the agent is killed while $ann is connected, and started again"
-start_client "$ann" "$PASSWORD"
+log "4. $ann comes back through another machine's front door"
+# A second machine of the farm with no RDP service of its own: its front door sends ann to
+# this machine's (PROXY v2 header first), which hands the connection to xrdp.
+other_port=$(free_port)
+RUST_LOG=info "$bin/tsagent" --broker "http://$broker" --farm "$FARM" --machine-name xrdp-check-other \
+    --advertise "127.0.0.1:$other_port" --front-door "127.0.0.1:$other_port" \
+    --local-rdp "127.0.0.1:$(free_port)" --control-socket "$work/other.sock" \
+    --state-dir "$work/other-state" >"$work/other-agent.log" 2>&1 &
+other=$!
+pids+=("$other")
+wait_until 30 grep -q 'the broker has this machine ready' "$work/other-agent.log" ||
+    fail "the second agent did not become ready at the broker"
+start_client "$ann" "$PASSWORD" "$other_port"
 wait_until "$LOGON_SECONDS" logged 2 "$reconnected" ||
+    fail "xrdp's reconnect hook did not report session $id for the connection through the other front door"
+expect_sessions "$ann" "$id ACTIVE" 15 "reconnection through the other front door"
+grep -q 'routing to another machine.*machine=xrdp-check ' "$work/other-agent.log" ||
+    fail "the other front door did not send $ann to this machine"
+stop_client
+expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect through the other front door"
+kill -TERM "$other" # it leaves the farm (REMOVED), so later logons are placed here
+wait "$other" 2>/dev/null || true
+
+log "5. the agent is killed while $ann is connected, and started again"
+start_client "$ann" "$PASSWORD"
+wait_until "$LOGON_SECONDS" logged 3 "$reconnected" ||
     fail "xrdp's reconnect hook did not report session $id again"
 expect_sessions "$ann" "$id ACTIVE" 15 "second reconnection"
 kill -KILL "$agent"
@@ -288,7 +314,7 @@ wait_until 30 logged 2 'the broker has this machine ready' ||
     fail "the restarted agent did not become ready at the broker"
 expect_sessions "$ann" "$id DISCONNECTED" 15 "the session after the agent's crash"
 
-log "5. $ben types a wrong password"
+log "6. $ben types a wrong password"
 start_client "$ben" wrong-password
 wait_until 30 one_session_in "$ben" ACTIVE 100000 4294967296 ||
     fail "the front door's logon for $ben is not listed: [$(sessions_of "$ben" | paste -sd, -)]"
@@ -298,6 +324,6 @@ wait_until 30 xrdp_refused ||
 stop_client
 expect_sessions "$ben" "" 15 "failed logon"
 
-log "6. $ann's session ends (its programs exit)"
+log "7. $ann's session ends (its programs exit)"
 pkill -u "$ann" -x xterm || fail "no xterm of $ann's session"
 expect_sessions "$ann" "" 30 "logoff"
