@@ -40,8 +40,11 @@ command -v grpcurl >/dev/null 2>&1 || die "grpcurl missing (scripts/install-test
 if ss -Hltn 'sport = :3389' | grep . >/dev/null; then die "port 3389 is in use"; fi
 
 # runc: crun refuses this kind of machine's hybrid cgroups; the ulimits stay under the hard ones.
+# Without systemd, podman complains on stderr that it cannot set health check timers: its
+# stderr goes to a log, shown when the check fails.
 run() {
-    podman --runtime runc run -d --network=host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 "$@"
+    podman --runtime runc run -d --network=host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
+        "$@" 2>>"$work/podman.log"
 }
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -54,6 +57,10 @@ pg_dir=""
 cleanup() {
     local status=$? name
     trap - EXIT
+    if [ "$status" -ne 0 ] && [ -f "$work/podman.log" ]; then
+        log "----- podman's messages"
+        grep -v 'systemd' "$work/podman.log" >&2 || true
+    fi
     for name in "${containers[@]}"; do
         if [ "$status" -ne 0 ]; then
             log "----- last lines of $name's log"
@@ -129,6 +136,7 @@ bash scripts/ensure-postgres.sh --env-file "$work/pg.env" >"$work/pg.log" 2>&1 |
 . "$work/pg.env"
 pg_dir=${TSBROKER_TEST_PG_DIR:-}
 database="tsbroker_container_check_$$"
+# shellcheck disable=SC2153 # DATABASE_URL comes from pg.env
 psql "$DATABASE_URL" -qc "CREATE DATABASE $database" || fail "could not create a database"
 database_url="${DATABASE_URL%/*}/$database"
 ports=("$(free_port)" "$(free_port)")
@@ -178,7 +186,7 @@ done
 
 # --- 5. stop -----------------------------------------------------------------------------------
 log "5. podman stop"
-podman stop -t 20 tsagent-check tsbroker-check-0 tsbroker-check-1 >/dev/null
+podman stop -t 20 tsagent-check tsbroker-check-0 tsbroker-check-1 >/dev/null 2>>"$work/podman.log"
 for name in tsagent-check tsbroker-check-0 tsbroker-check-1; do
     code=$(podman inspect --format '{{.State.ExitCode}}' "$name")
     [ "$code" = 0 ] || fail "$name exited with status $code after SIGTERM"
