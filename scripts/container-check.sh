@@ -90,7 +90,8 @@ if ! have_image docker.io/library/debian:bookworm-slim && ! podman pull -q docke
     debootstrap --variant=minbase bookworm "$work/rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 ||
         fail "debootstrap failed (see $work/debootstrap.log)"
     rm -f "$work"/rootfs/var/cache/apt/archives/*.deb
-    tar -C "$work/rootfs" -c . | podman import - docker.io/library/debian:bookworm-slim >/dev/null
+    tar -C "$work/rootfs" -c . |
+        podman import - docker.io/library/debian:bookworm-slim >/dev/null 2>>"$work/podman.log"
     rm -rf "$work/rootfs"
 fi
 if ! have_image docker.io/library/rust:1-bookworm && ! podman pull -q docker.io/library/rust:1-bookworm >/dev/null 2>&1; then
@@ -111,7 +112,8 @@ COPY cargo-bin /usr/local/cargo/bin
 COPY ca.crt /etc/ssl/certs/ca-certificates.crt
 ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 EOF
-    podman build -q --isolation=chroot --network=host -t docker.io/library/rust:1-bookworm "$work/rust" >/dev/null ||
+    podman build -q --isolation=chroot --network=host -t docker.io/library/rust:1-bookworm \
+        "$work/rust" >/dev/null 2>>"$work/podman.log" ||
         fail "could not make the rust:1-bookworm stand-in"
     rm -rf "$work/rust"
 fi
