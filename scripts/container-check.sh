@@ -26,8 +26,7 @@ TSB_LOG_PREFIX=container-check.sh
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-[ "${1:-}" = --yes ] || die "installs packages and runs containers on port 3389; run as root with --yes"
-is_root || die "must run as root"
+require_root_and_yes "${1:-}" "installs packages and runs containers on port 3389"
 
 need=()
 command -v podman >/dev/null 2>&1 || need+=(podman)
@@ -45,9 +44,6 @@ if ss -Hltn 'sport = :3389' | grep . >/dev/null; then die "port 3389 is in use";
 run() {
     podman --runtime runc run -d --network=host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
         "$@" 2>>"$work/podman.log"
-}
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tsbroker-container-check.XXXXXX")
@@ -78,10 +74,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-fail() {
-    log "FAILED: $*"
-    exit 1
-}
 
 # --- base images ------------------------------------------------------------------------------
 have_image() { podman image exists "$1"; }
@@ -149,13 +141,7 @@ for i in 0 1; do
         -v "$name-data:/var/lib/tsbroker" localhost/tsbroker:check >/dev/null
 done
 healthy() { podman healthcheck run "$1" >/dev/null 2>&1; }
-wait_healthy() {
-    local deadline=$((SECONDS + 60))
-    until healthy "$1"; do
-        [ "$SECONDS" -lt "$deadline" ] || fail "$1 is not healthy"
-        sleep 1
-    done
-}
+wait_healthy() { wait_until 60 healthy "$1" || fail "$1 is not healthy"; }
 for name in tsbroker-check-0 tsbroker-check-1; do wait_healthy "$name"; done
 
 # --- 3. the agent ------------------------------------------------------------------------------

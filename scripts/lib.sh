@@ -12,6 +12,35 @@ die() {
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
+# For the checks that change the system they run on: goes on only as root and when the first
+# argument is --yes; otherwise stops with WHAT (what the script would do).
+require_root_and_yes() {
+    [ "${1:-}" = --yes ] || die "$2; run as root with --yes"
+    is_root || die "must run as root"
+}
+
+# A check that did not hold: says so and exits 1 (through the caller's EXIT trap).
+fail() {
+    log "FAILED: $*"
+    exit 1
+}
+
+# A TCP port on 127.0.0.1 that nothing listens on now.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits up to SECONDS for COMMAND... to succeed; false when it never did.
+wait_until() {
+    local seconds=$1 deadline
+    shift
+    deadline=$((SECONDS + seconds))
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.5
+    done
+}
+
 # True when this script may run commands as root: it is root, or password-less sudo works
 # (never prompts: CI has no standard input).
 can_be_root() {

@@ -28,8 +28,7 @@ TSB_LOG_PREFIX=xrdp-check.sh
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-[ "${1:-}" = --yes ] || die "changes this system (users, PAM, sudoers, xrdp); run as root with --yes on a throwaway machine"
-is_root || die "must run as root"
+require_root_and_yes "${1:-}" "changes this system (users, PAM, sudoers, xrdp): for a throwaway machine"
 
 PASSWORD='Tsb-check-1234'
 USERS=(tsb-ann tsb-ben)
@@ -117,26 +116,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-fail() {
-    log "FAILED: $*"
-    exit 1
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Waits up to SECONDS for COMMAND... to succeed; false when it never did.
-wait_until() {
-    local seconds=$1 deadline
-    shift
-    deadline=$((SECONDS + seconds))
-    until "$@"; do
-        [ "$SECONDS" -lt "$deadline" ] || return 1
-        sleep 0.5
-    done
-}
 
 # --- the deployment, as deploy/pam/README.md says ---------------------------------------------
 log "setting up xrdp, PAM and sudo as deploy/pam/README.md says"
