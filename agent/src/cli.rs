@@ -6,8 +6,6 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::DEFAULT_CONTROL_SOCKET;
-
 /// tsagent: reports this terminal server and its sessions to tsbroker, and redirects RDP
 /// clients through its front door.
 ///
@@ -120,9 +118,10 @@ pub enum SessionCommand {
 
 #[derive(Debug, Args)]
 pub struct SocketArg {
-    /// The agent's control socket
-    #[arg(long, env = "TSAGENT_CONTROL_SOCKET", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
-    pub control_socket: PathBuf,
+    /// The agent's control socket [default: tsagent's own --control-socket, else the
+    /// control_socket of its --config file, else /run/tsagent/control.sock]
+    #[arg(long, env = "TSAGENT_CONTROL_SOCKET", value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +197,9 @@ mod tests {
             panic!("expected session logoff");
         };
         assert_eq!((args.user.as_str(), args.session_id), ("alice", Some(12)));
-        assert_eq!(args.socket.control_socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(
+            args.socket.control_socket,
+            Some(PathBuf::from("/tmp/x.sock"))
+        );
     }
 }

@@ -2,11 +2,12 @@
 //! one through its control socket.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tsagent::cli::{Cli, Command, SessionCommand, SessionEventArgs};
+use tsagent::cli::{AgentArgs, Cli, Command, SessionCommand, SessionEventArgs};
 use tsagent::control::{Request, SessionArgs, client};
 
 /// Exit status for bad settings (EX_USAGE).
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(command) => runtime.block_on(control_command(command)),
+        Some(command) => runtime.block_on(control_command(command, &cli.agent)),
         None => run_agent(runtime, cli),
     }
 }
@@ -83,7 +84,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn session_args(args: SessionEventArgs) -> (std::path::PathBuf, SessionArgs) {
+fn session_args(args: SessionEventArgs) -> (Option<PathBuf>, SessionArgs) {
     let request = SessionArgs {
         user: args.user,
         domain: args.domain,
@@ -113,7 +114,7 @@ fn pam_request() -> Result<Request, String> {
     }
 }
 
-async fn control_command(command: Command) -> ExitCode {
+async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
     let (socket, request) = match command {
         Command::Status(socket) => (socket.control_socket, Request::Status),
         Command::Session { action } => match action {
@@ -142,6 +143,13 @@ async fn control_command(command: Command) -> ExitCode {
                 (socket, Request::Logoff(args))
             }
         },
+    };
+    let socket = match tsagent::settings::control_socket(socket, agent) {
+        Ok(socket) => socket,
+        Err(reason) => {
+            eprintln!("tsagent: {reason}");
+            return ExitCode::from(EXIT_BAD_SETTINGS);
+        }
     };
     let response = match client::call(&socket, &request).await {
         Ok(response) => response,

@@ -80,6 +80,20 @@ fn is_same_listener(front_door: SocketAddr, local_rdp: &str) -> bool {
         && (front_door.ip().is_unspecified() || front_door.ip() == local.ip())
 }
 
+/// The control socket a subcommand (`session ...`, `status`) speaks to: its own
+/// `--control-socket`, else the one given to `tsagent` before the subcommand, else the
+/// `--config` file's, else the default: where the agent started with the same settings listens.
+pub fn control_socket(subcommand: Option<PathBuf>, agent: &AgentArgs) -> Result<PathBuf, String> {
+    if let Some(path) = subcommand.or_else(|| agent.control_socket.clone()) {
+        return Ok(path);
+    }
+    let from_file = match &agent.config {
+        Some(path) => read_file(path)?.control_socket,
+        None => None,
+    };
+    Ok(from_file.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONTROL_SOCKET)))
+}
+
 /// The agent's configuration from the command line (flags, environment) and its file.
 pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String> {
     let file = match &args.config {
@@ -229,6 +243,40 @@ mod tests {
             ..Default::default()
         };
         assert!(agent_config(args).unwrap_err().starts_with("--local-rdp"));
+    }
+
+    #[test]
+    fn subcommands_find_the_socket_the_agent_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tsagent.toml");
+        std::fs::write(&path, "control_socket = \"/run/file.sock\"\n").unwrap();
+        let with_file = AgentArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let socket = |sub: Option<&str>, agent: &AgentArgs| {
+            control_socket(sub.map(PathBuf::from), agent).unwrap()
+        };
+        assert_eq!(socket(None, &with_file), PathBuf::from("/run/file.sock"));
+        assert_eq!(
+            socket(Some("/run/sub.sock"), &with_file),
+            PathBuf::from("/run/sub.sock")
+        );
+        let with_flag = AgentArgs {
+            control_socket: Some("/run/flag.sock".into()),
+            ..with_file
+        };
+        assert_eq!(socket(None, &with_flag), PathBuf::from("/run/flag.sock"));
+        assert_eq!(
+            socket(None, &AgentArgs::default()),
+            PathBuf::from(config::DEFAULT_CONTROL_SOCKET)
+        );
+        let missing = AgentArgs {
+            config: Some(dir.path().join("missing.toml")),
+            ..Default::default()
+        };
+        let error = control_socket(None, &missing).unwrap_err();
+        assert!(error.starts_with("--config"), "{error}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! line that speaks to an agent's control socket, and the broker's view of a machine's
 //! sessions in the same shape as the agent's `tsagent session list`.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -195,12 +196,15 @@ pub async fn tsagent_cli(args: &[&str], control_socket: &Path) -> String {
 
 /// Like [`tsagent_cli`], whatever the outcome.
 pub async fn tsagent_cli_output(args: &[&str], control_socket: &Path) -> std::process::Output {
+    let mut args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    args.extend([OsStr::new("--control-socket"), control_socket.as_os_str()]);
+    tsagent_output(&args).await
+}
+
+/// Runs the real `tsagent` with exactly `args`, whatever the outcome.
+pub async fn tsagent_output(args: &[&OsStr]) -> std::process::Output {
     let mut command = tokio::process::Command::new(workspace_binary("tsagent"));
-    command
-        .args(args)
-        .arg("--control-socket")
-        .arg(control_socket)
-        .kill_on_drop(true);
+    command.args(args).kill_on_drop(true);
     tokio::time::timeout(CLI_TIMEOUT, command.output())
         .await
         .unwrap_or_else(|_| panic!("tsagent {args:?} did not finish within {CLI_TIMEOUT:?}"))

@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
 use tsbroker_tests::spawn_agent::{
-    ListedSession, broker_sessions, parse_session_list, tsagent_cli_output,
+    ListedSession, broker_sessions, parse_session_list, tsagent_cli_output, tsagent_output,
 };
 use tsbroker_tests::{AgentProcess, TestAgent, TestDatabase, spawn_broker, spawn_broker_at};
 
@@ -82,6 +82,24 @@ async fn an_agent_joins_and_its_control_socket_sessions_reach_the_broker(databas
             && status.contains(&format!("broker: connected (machine id {})", joined.id)),
         "{status}"
     );
+    // An operator's `tsagent --config FILE status` (or with --control-socket before the
+    // subcommand) finds the agent where that file (or flag) put its socket.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tsagent.toml");
+    let socket = agent.control_socket.to_str().unwrap();
+    std::fs::write(&config, format!("control_socket = {socket:?}\n")).unwrap();
+    for before in [
+        ["--config".as_ref(), config.as_os_str()],
+        ["--control-socket".as_ref(), socket.as_ref()],
+    ] {
+        let output = tsagent_output(&[before[0], before[1], "status".as_ref()]).await;
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && said.contains("machine: ts-join.example.test"),
+            "tsagent {before:?} status: {said} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 
     // Logons, as PAM reports them: one with a number of its own, one with the display number
     // and a domain.
