@@ -10,8 +10,10 @@
 #   4. through another machine's front door (PROXY v2 to this one's) the user reaches the same
 #      session, and leaving disconnects it;
 #   5. a session whose client the agent's crash cut off is DISCONNECTED once it is back;
-#   6. a wrong password leaves no session once the client gives up;
-#   7. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
+#   6. another client, rdesktop (its own X.224 request and cookie), reattaches to the session
+#      through the front door, and leaving disconnects it;
+#   7. a wrong password leaves no session once the client gives up;
+#   8. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
 #
 #   scripts/xrdp-check.sh --yes
 #
@@ -20,7 +22,8 @@
 # and tsb-ben, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini, /etc/pam.d/xrdp-sesman,
 # /etc/sudoers.d/tsagent, /etc/xrdp/reconnectwm.sh, /usr/lib/tsagent/, /usr/bin/tsagent). At
 # exit it stops what it started, removes the users and puts every file back as it was. Needs
-# xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh) and ports 3350 and 3390.
+# xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh; rdesktop it installs) and
+# ports 3350 and 3390.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,7 +46,7 @@ for tool in xfreerdp Xvfb python3 grpcurl; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool missing (scripts/install-test-deps.sh installs it)"
 done
 need=()
-for pkg in xrdp xorgxrdp xterm sudo; do dpkg_installed "$pkg" || need+=("$pkg"); done
+for pkg in xrdp xorgxrdp xterm sudo rdesktop; do dpkg_installed "$pkg" || need+=("$pkg"); done
 if [ ${#need[@]} -gt 0 ]; then
     apt_install "${need[@]}" || die "apt-get install ${need[*]} failed"
     # Where the package's scripts started the servers just installed, stop them: this script
@@ -218,7 +221,7 @@ client=""
 # Starts a real client through the front door at PORT (this machine's unless given; it stays
 # connected until stop_client).
 start_client() {
-    DISPLAY=$display xfreerdp "/v:127.0.0.1:${3:-$front_door_port}" "/u:$1" "/p:$2" /cert:ignore \
+    HOME=$work DISPLAY=$display xfreerdp "/v:127.0.0.1:${3:-$front_door_port}" "/u:$1" "/p:$2" /cert:ignore \
         /log-level:INFO >>"$work/client-$1.log" 2>&1 &
     client=$!
     pids+=("$client")
@@ -267,7 +270,7 @@ RUST_LOG=info "$bin/tsagent" --broker "http://$broker" --farm "$FARM" --machine-
     --state-dir "$work/other-state" >"$work/other-agent.log" 2>&1 &
 other=$!
 pids+=("$other")
-wait_until 30 grep -q 'the broker has this machine ready' "$work/other-agent.log" ||
+wait_until 30 grep -qs 'the broker has this machine ready' "$work/other-agent.log" ||
     fail "the second agent did not become ready at the broker"
 start_client "$ann" "$PASSWORD" "$other_port"
 wait_until "$LOGON_SECONDS" logged 2 "$reconnected" ||
@@ -293,7 +296,21 @@ wait_until 30 logged 2 'the broker has this machine ready' ||
     fail "the restarted agent did not become ready at the broker"
 expect_sessions "$ann" "$id DISCONNECTED" 15 "the session after the agent's crash"
 
-log "6. $ben types a wrong password"
+log "6. $ann comes back with rdesktop"
+# rdesktop asks on its standard input whether to trust the server's certificate, and keeps the
+# answer under $HOME.
+HOME=$work DISPLAY=$display rdesktop -u "$ann" -p "$PASSWORD" "127.0.0.1:$front_door_port" \
+    <<<yes >>"$work/rdesktop-$ann.log" 2>&1 &
+client=$!
+pids+=("$client")
+wait_until "$LOGON_SECONDS" logged 4 "$reconnected" ||
+    fail "xrdp's reconnect hook did not report session $id for rdesktop"
+expect_sessions "$ann" "$id ACTIVE" 15 "reconnection with rdesktop"
+[ "$(pgrep -c -u "$ann" -x Xorg)" -eq 1 ] || fail "$ann has more than one X server after rdesktop"
+stop_client
+expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect of rdesktop"
+
+log "7. $ben types a wrong password"
 start_client "$ben" wrong-password
 wait_until 30 one_session_in "$ben" ACTIVE 100000 4294967296 ||
     fail "the front door's logon for $ben is not listed: [$(sessions_of "$ben" | paste -sd, -)]"
@@ -303,6 +320,6 @@ wait_until 30 xrdp_refused ||
 stop_client
 expect_sessions "$ben" "" 15 "failed logon"
 
-log "7. $ann's session ends (its programs exit)"
+log "8. $ann's session ends (its programs exit)"
 pkill -u "$ann" -x xterm || fail "no xterm of $ann's session"
 expect_sessions "$ann" "" 30 "logoff"
