@@ -10,20 +10,20 @@
 #   4. through another machine's front door (PROXY v2 to this one's) the user reaches the same
 #      session, and leaving disconnects it;
 #   5. a session whose client the agent's crash cut off is DISCONNECTED once it is back;
-#   6. another client, rdesktop (its own X.224 request and cookie), reattaches to the session
-#      through the front door, and leaving disconnects it;
+#   6. with another client, rdesktop (its own X.224 request and cookie), the same: a logon
+#      under the display number, leaving disconnects it, the return reattaches to it;
 #   7. a wrong password leaves no session once the client gives up;
 #   8. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
 #
 #   scripts/xrdp-check.sh --yes
 #
 # It changes the system, so it runs only as root and with --yes (CI, on a throwaway machine,
-# passes it): it installs xrdp, xorgxrdp, xterm and sudo when missing, adds the users tsb-ann
-# and tsb-ben, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini, /etc/pam.d/xrdp-sesman,
-# /etc/sudoers.d/tsagent, /etc/xrdp/reconnectwm.sh, /usr/lib/tsagent/, /usr/bin/tsagent). At
-# exit it stops what it started, removes the users and puts every file back as it was. Needs
-# xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh; rdesktop it installs) and
-# ports 3350 and 3390.
+# passes it): it installs xrdp, xorgxrdp, xterm, sudo and rdesktop when missing, adds the users
+# tsb-ann, tsb-ben and tsb-cat, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini,
+# /etc/pam.d/xrdp-sesman, /etc/sudoers.d/tsagent, /etc/xrdp/reconnectwm.sh, /usr/lib/tsagent/,
+# /usr/bin/tsagent). At exit it stops what it started, removes the users and puts every file
+# back as it was. Needs xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh;
+# rdesktop it installs) and ports 3350 and 3390.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,7 +34,7 @@ TSB_LOG_PREFIX=xrdp-check.sh
 require_root_and_yes "${1:-}" "changes this system (users, PAM, sudoers, xrdp): for a throwaway machine"
 
 PASSWORD='Tsb-check-1234'
-USERS=(tsb-ann tsb-ben)
+USERS=(tsb-ann tsb-ben tsb-cat)
 FARM=default
 CONTROL_SOCKET=/run/tsagent/control.sock
 LOGON_SECONDS=90 # from xfreerdp's start to PAM's logon: Xorg and the session start first
@@ -234,6 +234,7 @@ stop_client() {
 # --- the checks -------------------------------------------------------------------------------
 ann=${USERS[0]}
 ben=${USERS[1]}
+cat=${USERS[2]}
 
 log "1. $ann logs on through the front door"
 start_client "$ann" "$PASSWORD"
@@ -296,19 +297,28 @@ wait_until 30 logged 2 'the broker has this machine ready' ||
     fail "the restarted agent did not become ready at the broker"
 expect_sessions "$ann" "$id DISCONNECTED" 15 "the session after the agent's crash"
 
-log "6. $ann comes back with rdesktop"
+log "6. $cat logs on with rdesktop, leaves and comes back"
 # rdesktop asks on its standard input whether to trust the server's certificate, and keeps the
 # answer under $HOME.
-HOME=$work DISPLAY=$display rdesktop -u "$ann" -p "$PASSWORD" "127.0.0.1:$front_door_port" \
-    <<<yes >>"$work/rdesktop-$ann.log" 2>&1 &
-client=$!
-pids+=("$client")
-wait_until "$LOGON_SECONDS" logged 4 "$reconnected" ||
-    fail "xrdp's reconnect hook did not report session $id for rdesktop"
-expect_sessions "$ann" "$id ACTIVE" 15 "reconnection with rdesktop"
-[ "$(pgrep -c -u "$ann" -x Xorg)" -eq 1 ] || fail "$ann has more than one X server after rdesktop"
+start_rdesktop() {
+    HOME=$work DISPLAY=$display rdesktop -u "$1" -p "$PASSWORD" "127.0.0.1:$front_door_port" \
+        <<<yes >>"$work/rdesktop-$1.log" 2>&1 &
+    client=$!
+    pids+=("$client")
+}
+start_rdesktop "$cat"
+wait_until "$LOGON_SECONDS" one_session_in "$cat" ACTIVE 10 100000 ||
+    fail "rdesktop logon: the broker lists [$(sessions_of "$cat" | paste -sd, -)] for $cat, not one ACTIVE session under xrdp's display number"
+read -r cat_id _ <<<"$(sessions_of "$cat")"
 stop_client
-expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect of rdesktop"
+expect_sessions "$cat" "$cat_id DISCONNECTED" 15 "disconnect of rdesktop"
+start_rdesktop "$cat"
+wait_until "$LOGON_SECONDS" logged 1 "event=Reconnect session_id=$cat_id user=$cat" ||
+    fail "xrdp's reconnect hook did not report session $cat_id for rdesktop"
+expect_sessions "$cat" "$cat_id ACTIVE" 15 "reconnection with rdesktop"
+[ "$(pgrep -c -u "$cat" -x Xorg)" -eq 1 ] || fail "$cat has more than one X server: xrdp started a second session"
+stop_client
+expect_sessions "$cat" "$cat_id DISCONNECTED" 15 "disconnect after rdesktop's reconnection"
 
 log "7. $ben types a wrong password"
 start_client "$ben" wrong-password
