@@ -12,14 +12,17 @@
 #   5. a session whose client the agent's crash cut off is DISCONNECTED once it is back;
 #   6. with another client, rdesktop (its own X.224 request and cookie), the same: a logon
 #      under the display number, leaving disconnects it, the return reattaches to it;
-#   7. a wrong password leaves no session once the client gives up;
-#   8. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
+#   7. a client given the farm as a collection (no user cookie) logs on, leaves and comes back:
+#      the front door's only connection of an unknown user is the one PAM's logon and the
+#      reconnect hook report, so its end disconnects the session;
+#   8. a wrong password leaves no session once the client gives up;
+#   9. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
 #
 #   scripts/xrdp-check.sh --yes
 #
 # It changes the system, so it runs only as root and with --yes (CI, on a throwaway machine,
 # passes it): it installs xrdp, xorgxrdp, xterm, sudo and rdesktop when missing, adds the users
-# tsb-ann, tsb-ben and tsb-cat, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini,
+# tsb-ann, tsb-ben, tsb-cat and tsb-dan, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini,
 # /etc/pam.d/xrdp-sesman, /etc/sudoers.d/tsagent, /etc/xrdp/reconnectwm.sh, /usr/lib/tsagent/,
 # /usr/bin/tsagent). At exit it stops what it started, removes the users and puts every file
 # back as it was. Needs xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh;
@@ -34,7 +37,7 @@ TSB_LOG_PREFIX=xrdp-check.sh
 require_root_and_yes "${1:-}" "changes this system (users, PAM, sudoers, xrdp): for a throwaway machine"
 
 PASSWORD='Tsb-check-1234'
-USERS=(tsb-ann tsb-ben tsb-cat)
+USERS=(tsb-ann tsb-ben tsb-cat tsb-dan)
 FARM=default
 CONTROL_SOCKET=/run/tsagent/control.sock
 LOGON_SECONDS=90 # from xfreerdp's start to PAM's logon: Xorg and the session start first
@@ -235,6 +238,7 @@ stop_client() {
 ann=${USERS[0]}
 ben=${USERS[1]}
 cat=${USERS[2]}
+dan=${USERS[3]}
 
 log "1. $ann logs on through the front door"
 start_client "$ann" "$PASSWORD"
@@ -297,6 +301,26 @@ wait_until 30 logged 2 'the broker has this machine ready' ||
     fail "the restarted agent did not become ready at the broker"
 expect_sessions "$ann" "$id DISCONNECTED" 15 "the session after the agent's crash"
 
+# USER logs on with the client START (a function) starts, leaves, comes back with it and leaves
+# again; WHAT names the client in failures.
+logon_leave_return() {
+    local user=$1 start=$2 what=$3 session
+    "$start" "$user"
+    wait_until "$LOGON_SECONDS" one_session_in "$user" ACTIVE 10 100000 ||
+        fail "logon with $what: the broker lists [$(sessions_of "$user" | paste -sd, -)] for $user, not one ACTIVE session under xrdp's display number"
+    read -r session _ <<<"$(sessions_of "$user")"
+    stop_client
+    expect_sessions "$user" "$session DISCONNECTED" 15 "disconnect of $what"
+    "$start" "$user"
+    wait_until "$LOGON_SECONDS" logged 1 "event=Reconnect session_id=$session user=$user" ||
+        fail "xrdp's reconnect hook did not report session $session for $what"
+    expect_sessions "$user" "$session ACTIVE" 15 "reconnection with $what"
+    [ "$(pgrep -c -u "$user" -x Xorg)" -eq 1 ] ||
+        fail "$user has more than one X server: xrdp started a second session"
+    stop_client
+    expect_sessions "$user" "$session DISCONNECTED" 15 "disconnect after the reconnection with $what"
+}
+
 log "6. $cat logs on with rdesktop, leaves and comes back"
 # rdesktop asks on its standard input whether to trust the server's certificate, and keeps the
 # answer under $HOME.
@@ -306,21 +330,21 @@ start_rdesktop() {
     client=$!
     pids+=("$client")
 }
-start_rdesktop "$cat"
-wait_until "$LOGON_SECONDS" one_session_in "$cat" ACTIVE 10 100000 ||
-    fail "rdesktop logon: the broker lists [$(sessions_of "$cat" | paste -sd, -)] for $cat, not one ACTIVE session under xrdp's display number"
-read -r cat_id _ <<<"$(sessions_of "$cat")"
-stop_client
-expect_sessions "$cat" "$cat_id DISCONNECTED" 15 "disconnect of rdesktop"
-start_rdesktop "$cat"
-wait_until "$LOGON_SECONDS" logged 1 "event=Reconnect session_id=$cat_id user=$cat" ||
-    fail "xrdp's reconnect hook did not report session $cat_id for rdesktop"
-expect_sessions "$cat" "$cat_id ACTIVE" 15 "reconnection with rdesktop"
-[ "$(pgrep -c -u "$cat" -x Xorg)" -eq 1 ] || fail "$cat has more than one X server: xrdp started a second session"
-stop_client
-expect_sessions "$cat" "$cat_id DISCONNECTED" 15 "disconnect after rdesktop's reconnection"
+logon_leave_return "$cat" start_rdesktop rdesktop
 
-log "7. $ben types a wrong password"
+log "7. $dan logs on with a collection instead of a user cookie, leaves and comes back"
+# The front door cannot tell whose connection it hands to xrdp: it is the one PAM's logon and
+# the reconnect hook report because it is the only one open.
+start_collection_client() {
+    HOME=$work DISPLAY=$display xfreerdp "/v:127.0.0.1:$front_door_port" "/u:$1" "/p:$PASSWORD" \
+        /cert:ignore "/load-balance-info:tsv://MS Terminal Services Plugin.1.$FARM" \
+        /log-level:INFO >>"$work/client-$1.log" 2>&1 &
+    client=$!
+    pids+=("$client")
+}
+logon_leave_return "$dan" start_collection_client "a collection and no user cookie"
+
+log "8. $ben types a wrong password"
 start_client "$ben" wrong-password
 wait_until 30 one_session_in "$ben" ACTIVE 100000 4294967296 ||
     fail "the front door's logon for $ben is not listed: [$(sessions_of "$ben" | paste -sd, -)]"
@@ -330,6 +354,6 @@ wait_until 30 xrdp_refused ||
 stop_client
 expect_sessions "$ben" "" 15 "failed logon"
 
-log "8. $ann's session ends (its programs exit)"
+log "9. $ann's session ends (its programs exit)"
 pkill -u "$ann" -x xterm || fail "no xterm of $ann's session"
 expect_sessions "$ann" "" 30 "logoff"

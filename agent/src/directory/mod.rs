@@ -30,6 +30,9 @@ mod rules;
 mod store;
 #[cfg(test)]
 mod tests;
+mod unknown;
+#[cfg(test)]
+mod unknown_tests;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -167,6 +170,12 @@ pub struct Attachment {
     /// connection opened and that is still unconfirmed: its short end may mean the logon never
     /// happened. False for a reconnection to a session the user already had here.
     pub pending_logon: bool,
+}
+
+/// A front-door connection whose user is unknown (see [`Directory::front_door_attach_unknown`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownConnection {
+    attachment: u64,
 }
 
 pub(crate) struct Table {
@@ -334,8 +343,40 @@ impl Directory {
     /// nothing confirmed and that lasted less than the unconfirmed-logon grace failed, and its
     /// session is removed.
     pub fn front_door_detach(&self, attachment: Attachment, lasted: Option<Duration>) {
+        self.connection_ended(attachment.attachment, attachment.pending_logon, lasted);
+    }
+
+    /// The front door handed a connection whose user it could not tell (no cookie, or one
+    /// that is not a user name) to the local RDP service. A local source's report may match it
+    /// to a session later (`unknown.rs`); until then its end changes nothing.
+    pub fn front_door_attach_unknown(&self) -> UnknownConnection {
+        let mut table = self.lock();
+        table.attachments += 1;
+        let attachment = table.attachments;
+        table.live.insert(
+            attachment,
+            rules::LiveConnection {
+                session_id: None,
+                pending_logon: false,
+            },
+        );
+        UnknownConnection { attachment }
+    }
+
+    /// A connection of [`Directory::front_door_attach_unknown`] ended: as
+    /// [`Directory::front_door_detach`] for the session it was matched to, if any.
+    pub fn front_door_detach_unknown(
+        &self,
+        connection: UnknownConnection,
+        lasted: Option<Duration>,
+    ) {
+        self.connection_ended(connection.attachment, false, lasted);
+    }
+
+    fn connection_ended(&self, attachment: u64, pending_logon: bool, lasted: Option<Duration>) {
         let end = rules::ConnectionEnd {
             attachment,
+            pending_logon,
             lasted,
             grace: self.unconfirmed_logon_grace,
         };

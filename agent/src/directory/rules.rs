@@ -100,8 +100,8 @@ fn adopt(table: &mut Table, old_id: u32, request: &SessionRequest) -> Option<u32
         table.emit(SessionEventKind::Logoff, &record);
         // The front-door connections to it follow it: their end disconnects it under its id.
         for live in table.live.values_mut() {
-            if live.session_id == old_id {
-                live.session_id = new_id;
+            if live.session_id == Some(old_id) {
+                live.session_id = Some(new_id);
             }
         }
     }
@@ -217,6 +217,9 @@ pub(super) fn apply(
             }
         }
     };
+    if matches!(kind, SessionEventKind::Logon | SessionEventKind::Reconnect) {
+        super::unknown::match_connection(table, session_id);
+    }
     change(table, session_id, kind, &request.client_address, now)
         .ok_or_else(|| DirectoryError::NoSuchSession(describe(&request)))
 }
@@ -292,7 +295,7 @@ pub(super) fn front_door_attach(
             let mut holders = table
                 .live
                 .values()
-                .filter(|live| live.session_id == session_id)
+                .filter(|live| live.session_id == Some(session_id))
                 .peekable();
             let pending = table
                 .sessions
@@ -313,7 +316,7 @@ pub(super) fn front_door_attach(
     table.live.insert(
         attachment,
         LiveConnection {
-            session_id,
+            session_id: Some(session_id),
             pending_logon,
         },
     );
@@ -339,14 +342,18 @@ pub(super) fn front_door_attach(
 /// A front-door connection that is still open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct LiveConnection {
-    pub session_id: u32,
+    /// The session it holds; `None` while the user is unknown (see `unknown.rs`).
+    pub session_id: Option<u32>,
     pub pending_logon: bool,
 }
 
 /// How a front-door connection ended.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ConnectionEnd {
-    pub attachment: Attachment,
+    /// The connection's attachment number.
+    pub attachment: u64,
+    /// Whether it opened (or joined) a logon nothing had confirmed when it was attached.
+    pub pending_logon: bool,
     /// How long the connection lasted; `None` when the agent cut it (stopping).
     pub lasted: Option<Duration>,
     /// The unconfirmed-logon grace.
@@ -355,19 +362,24 @@ pub(super) struct ConnectionEnd {
 
 /// Returns whether the table changed.
 pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
-    let Attachment {
+    let ConnectionEnd {
         attachment,
         pending_logon,
         ..
-    } = end.attachment;
-    // The session the connection holds now: a local source may have renumbered it (`adopt`).
-    let Some(LiveConnection { session_id, .. }) = table.live.remove(&attachment) else {
+    } = end;
+    // The session the connection holds now: a local source may have renumbered it (`adopt`),
+    // or matched a connection of an unknown user to it (`unknown.rs`).
+    let Some(LiveConnection {
+        session_id: Some(session_id),
+        ..
+    }) = table.live.remove(&attachment)
+    else {
         return false;
     };
     let others_open = table
         .live
         .values()
-        .any(|live| live.session_id == session_id);
+        .any(|live| live.session_id == Some(session_id));
     let Some(record) = table.sessions.get_mut(&session_id) else {
         return false;
     };

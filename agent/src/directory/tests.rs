@@ -17,7 +17,7 @@ fn request(user: &str, session_id: Option<u32>) -> SessionRequest {
 const SHORT: Option<Duration> = Some(Duration::from_secs(2));
 const LONG: Option<Duration> = Some(Duration::from_secs(45));
 
-fn drain(events: &mut DirectoryEvents) -> Vec<(SessionEventKind, u32, String)> {
+pub(super) fn drain(events: &mut DirectoryEvents) -> Vec<(SessionEventKind, u32, String)> {
     let mut seen = Vec::new();
     while let Ok(event) = events.try_recv() {
         seen.push((

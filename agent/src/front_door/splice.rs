@@ -25,6 +25,7 @@ use super::FrontDoorShared;
 use super::proxy_header;
 use super::route::ConnectingUser;
 use super::x224;
+use crate::directory::{Attachment, UnknownConnection};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a target has to answer the replayed request before the splice goes on without
@@ -183,25 +184,41 @@ pub async fn to_local(
             &client_address.to_string(),
         )
     });
-    if let Some(attachment) = attachment {
-        tracing::debug!(
-            session_id = attachment.session_id,
-            "connection handed to the local rdp service"
-        );
-    } else {
-        tracing::debug!("connection handed to the local rdp service (user unknown)");
-    }
+    let held = match attachment {
+        Some(attachment) => {
+            tracing::debug!(
+                session_id = attachment.session_id,
+                "connection handed to the local rdp service"
+            );
+            Held::Session(attachment)
+        }
+        None => {
+            tracing::debug!("connection handed to the local rdp service (user unknown)");
+            Held::Unknown(shared.directory.front_door_attach_unknown())
+        }
+    };
     let started = tokio::time::Instant::now();
     match splice(client, upstream, shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }
-    if let Some(attachment) = attachment {
-        // How long the connection lasted tells a logon that failed from one that happened;
-        // a connection the agent cut because it is stopping tells nothing.
-        let lasted = (!shutdown.is_cancelled()).then(|| started.elapsed());
-        shared.directory.front_door_detach(attachment, lasted);
+    // How long the connection lasted tells a logon that failed from one that happened; a
+    // connection the agent cut because it is stopping tells nothing.
+    let lasted = (!shutdown.is_cancelled()).then(|| started.elapsed());
+    match held {
+        Held::Session(attachment) => shared.directory.front_door_detach(attachment, lasted),
+        Held::Unknown(connection) => shared
+            .directory
+            .front_door_detach_unknown(connection, lasted),
     }
+}
+
+/// What a local connection is in the session table.
+enum Held {
+    /// A session, from the user the client named.
+    Session(Attachment),
+    /// Nothing yet: the user is unknown until a local source's report matches it.
+    Unknown(UnknownConnection),
 }
 
 /// Sends the connection on to another machine (`upstream`, from [`open_remote`]).

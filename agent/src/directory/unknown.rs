@@ -1,0 +1,84 @@
+//! Front-door connections whose user the front door could not tell, matched to the session a
+//! local source reports, by elimination.
+//!
+//! xrdp has no disconnect hook: the table learns that a user left when the front-door
+//! connection holding their session ends, and a connection holds a session only once the table
+//! can tie the two. A client given a collection (`loadbalanceinfo`, `/load-balance-info`) or a
+//! routing token sends no user cookie, and a cookie may name the user in another form than PAM
+//! does (`ann@example.com` for `ann`). When a local source (PAM's logon, xrdp's reconnect hook)
+//! reports a session that no connection holds, the connection is one of those open to the RDP
+//! service that could be it: one whose user is unknown, or the connection of a front-door logon
+//! that nothing confirmed under its cookie's name. Every connection to the RDP service comes
+//! through the front door (it listens on loopback only), so when exactly one connection could
+//! be it, that one is. With two or more nothing is matched — the session's leaving is then
+//! seen only at its next event, as before — never guessed.
+
+use tsbroker_common::model::SessionEventKind;
+
+use super::rules::LiveConnection;
+use super::{Origin, Table};
+
+/// Ties the one open connection that could hold `session_id` to it; nothing when a connection
+/// holds it already or when none or several could.
+pub(super) fn match_connection(table: &mut Table, session_id: u32) {
+    if table
+        .live
+        .values()
+        .any(|live| live.session_id == Some(session_id))
+    {
+        return;
+    }
+    let candidates: Vec<(u64, LiveConnection)> = table
+        .live
+        .iter()
+        .filter(|(_, live)| could_hold(table, live, session_id))
+        .map(|(&attachment, &live)| (attachment, live))
+        .take(2)
+        .collect();
+    let [(attachment, live)] = candidates[..] else {
+        if candidates.len() > 1 {
+            tracing::debug!(
+                session_id,
+                "several front-door connections could hold the session: none is matched"
+            );
+        }
+        return;
+    };
+    if let Some(unconfirmed) = live.session_id {
+        // The logon opened under the cookie's name is this one, under PAM's name.
+        if let Some(record) = table.sessions.remove(&unconfirmed) {
+            table.emit(SessionEventKind::Logoff, &record);
+        }
+    }
+    table.live.insert(
+        attachment,
+        LiveConnection {
+            session_id: Some(session_id),
+            pending_logon: false,
+        },
+    );
+    if let Some(record) = table.sessions.get_mut(&session_id) {
+        record.attachment = attachment;
+        tracing::info!(
+            session_id,
+            user = %record.user_name,
+            "the only front-door connection that could hold the session now does"
+        );
+    }
+}
+
+/// Whether `live` could be the connection of session `session_id`: its user is unknown, or it
+/// is the logon of another name that nothing confirmed.
+fn could_hold(table: &Table, live: &LiveConnection, session_id: u32) -> bool {
+    match live.session_id {
+        None => true,
+        Some(other) => {
+            other != session_id
+                && live.pending_logon
+                && table
+                    .sessions
+                    .get(&other)
+                    .is_some_and(|record| record.unconfirmed && record.origin == Origin::FrontDoor)
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Tests of matching front-door connections of unknown users to the sessions PAM and xrdp's
+//! reconnect hook report (`unknown.rs`).
+
+use std::time::Duration;
+
+use super::tests::drain as events;
+use super::*;
+use tsbroker_common::model::SessionEventKind::{Disconnect, Logoff, Logon, Reconnect};
+
+const ENDED: Option<Duration> = Some(Duration::from_secs(120));
+
+fn request(user: &str, session_id: u32) -> SessionRequest {
+    SessionRequest {
+        user_name: user.to_owned(),
+        session_id: Some(session_id),
+        ..Default::default()
+    }
+}
+
+fn state_of(directory: &Directory, session_id: u32) -> Option<RecordState> {
+    directory
+        .list()
+        .into_iter()
+        .find(|record| record.session_id == session_id)
+        .map(|record| record.state)
+}
+
+#[test]
+fn the_only_connection_without_a_user_holds_the_session_pam_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
+    // A client given a collection sends no cookie; xrdp logs the user on as display 10.
+    let connection = directory.front_door_attach_unknown();
+    directory.apply(Logon, request("ann", 10)).unwrap();
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
+    directory.front_door_detach_unknown(connection, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+    assert_eq!(
+        events(&mut receiver),
+        vec![(Logon, 10, "ann".into()), (Disconnect, 10, "ann".into())]
+    );
+
+    // Back without a cookie: xrdp's reconnect hook reports display 10, and the connection's
+    // end disconnects it again.
+    let connection = directory.front_door_attach_unknown();
+    directory.apply(Reconnect, request("ann", 10)).unwrap();
+    directory.front_door_detach_unknown(connection, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+    assert_eq!(
+        events(&mut receiver),
+        vec![
+            (Reconnect, 10, "ann".into()),
+            (Disconnect, 10, "ann".into())
+        ]
+    );
+}
+
+#[test]
+fn with_two_candidates_nothing_is_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
+    let first = directory.front_door_attach_unknown();
+    let second = directory.front_door_attach_unknown();
+    directory.apply(Logon, request("ann", 10)).unwrap();
+    directory.front_door_detach_unknown(first, ENDED);
+    directory.front_door_detach_unknown(second, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
+    assert_eq!(events(&mut receiver), vec![(Logon, 10, "ann".into())]);
+
+    // A cookie logon still waiting for its PAM logon is a candidate too.
+    let unknown = directory.front_door_attach_unknown();
+    let ben = directory.front_door_attach("ben", "", "").unwrap();
+    directory.apply(Logon, request("cat", 11)).unwrap();
+    directory.front_door_detach_unknown(unknown, ENDED);
+    assert_eq!(state_of(&directory, 11), Some(RecordState::Active));
+    // Ben's own logon is matched by name, as always.
+    directory.apply(Logon, request("ben", 12)).unwrap();
+    directory.front_door_detach(ben, ENDED);
+    assert_eq!(state_of(&directory, 12), Some(RecordState::Disconnected));
+}
+
+#[test]
+fn a_cookie_in_another_form_gives_way_to_pams_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
+    // The client typed the UPN; PAM knows the user as "ann".
+    let attached = directory
+        .front_door_attach("ann@example.com", "", "10.0.0.9:5000")
+        .unwrap();
+    let phantom = attached.session_id;
+    directory.apply(Logon, request("ann", 10)).unwrap();
+    let sessions = directory.list();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(
+        (sessions[0].session_id, sessions[0].user_name.as_str()),
+        (10, "ann")
+    );
+    directory.front_door_detach(attached, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+    assert_eq!(
+        events(&mut receiver),
+        vec![
+            (Logon, phantom, "ann@example.com".into()),
+            (Logoff, phantom, "ann@example.com".into()),
+            (Logon, 10, "ann".into()),
+            (Disconnect, 10, "ann".into()),
+        ]
+    );
+}
+
+#[test]
+fn a_connection_already_holding_the_session_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    directory.apply(Logon, request("ann", 10)).unwrap();
+    directory.apply(Disconnect, request("ann", 10)).unwrap();
+    // Ann comes back with her cookie while someone else sits at xrdp's login screen.
+    let ann = directory.front_door_attach("ann", "", "").unwrap();
+    let unknown = directory.front_door_attach_unknown();
+    directory.apply(Reconnect, request("ann", 10)).unwrap();
+    directory.front_door_detach_unknown(unknown, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
+    directory.front_door_detach(ann, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+}
