@@ -25,6 +25,15 @@ pub fn user_key(user_name: &str) -> String {
     user_name.to_lowercase()
 }
 
+/// The user part of a name in user principal form (`ann@example.com` → `ann`), which is how
+/// Linux logons (PAM) usually name the same user; `None` for other names.
+pub fn upn_user_part(user_name: &str) -> Option<&str> {
+    match user_name.split_once('@') {
+        Some((user, suffix)) if !user.is_empty() && !suffix.is_empty() => Some(user),
+        _ => None,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MachineState {
     Joining,
@@ -341,6 +350,15 @@ pub fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn principal_names_have_a_user_part() {
+        assert_eq!(upn_user_part("ann@example.com"), Some("ann"));
+        assert_eq!(upn_user_part("ann@examp"), Some("ann"));
+        for name in ["ann", "@example.com", "ann@", "CORP\\ann"] {
+            assert_eq!(upn_user_part(name), None, "{name}");
+        }
+    }
 
     #[test]
     fn machine_ids_are_stable_and_case_insensitive() {

@@ -272,30 +272,38 @@ impl Decider {
     }
 
     /// The user's sessions in the farm; a truncated name that is the unique prefix of a user
-    /// with sessions becomes that user.
+    /// with sessions becomes that user, and a name in user principal form without sessions of
+    /// its own (`ann@example.com`) becomes its user part (`ann`) when that one has sessions.
     async fn sessions_of(
         &self,
         query: &RedirectQuery,
     ) -> Result<(String, Vec<SessionRecord>), ApiError> {
         let user_key = model::user_key(&query.user_name);
         let sessions = self.store.user_sessions(&query.farm, &user_key).await?;
-        let may_be_cut = query.user_name_may_be_truncated
-            && query.user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
-        if !sessions.is_empty() || !may_be_cut {
+        if !sessions.is_empty() {
             return Ok((user_key, sessions));
         }
-        let matches = self
-            .store
-            .users_with_prefix(&query.farm, &user_key, 2)
-            .await?;
-        match matches.as_slice() {
-            [full_key] => {
+        let may_be_cut = query.user_name_may_be_truncated
+            && query.user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
+        if may_be_cut {
+            let matches = self
+                .store
+                .users_with_prefix(&query.farm, &user_key, 2)
+                .await?;
+            // None, or ambiguous: not this way.
+            if let [full_key] = matches.as_slice() {
                 let sessions = self.store.user_sessions(&query.farm, full_key).await?;
-                Ok((full_key.clone(), sessions))
+                return Ok((full_key.clone(), sessions));
             }
-            // None, or ambiguous: an unknown user.
-            _ => Ok((user_key, sessions)),
         }
+        if let Some(user) = model::upn_user_part(&query.user_name) {
+            let short_key = model::user_key(user);
+            let sessions = self.store.user_sessions(&query.farm, &short_key).await?;
+            if !sessions.is_empty() {
+                return Ok((short_key, sessions));
+            }
+        }
+        Ok((user_key, sessions))
     }
 
     /// Places a new logon; `None` when `check_sessions` found that the user has a session.

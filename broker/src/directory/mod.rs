@@ -189,8 +189,10 @@ impl SessionDirectory {
     }
 
     /// The user's sessions in the farm; a name that may be an `mstshash` cookie cut to 9
-    /// characters and matches no user is taken as the prefix of the one user it can be.
-    /// `None` when the directory is not loaded.
+    /// characters and matches no user is taken as the prefix of the one user it can be, and a
+    /// name in user principal form that matches no user (`ann@example.com`, as Windows clients
+    /// send it) as its user part (`ann`, as PAM reports Linux logons) when that one has
+    /// sessions. `None` when the directory is not loaded.
     pub fn lookup(
         &self,
         farm: &str,
@@ -203,16 +205,26 @@ impl SessionDirectory {
         };
         let user_key = model::user_key(user_name);
         let sessions = index.sessions_of(farm, &user_key);
-        let may_be_cut = may_be_truncated && user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
-        if !sessions.is_empty() || !may_be_cut {
+        if !sessions.is_empty() {
             return Some(DirectoryAnswer { user_key, sessions });
         }
-        match index.users_with_prefix(farm, &user_key, 2).as_slice() {
-            [full_key] => Some(DirectoryAnswer {
+        let may_be_cut = may_be_truncated && user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
+        if may_be_cut && let [full_key] = index.users_with_prefix(farm, &user_key, 2).as_slice() {
+            return Some(DirectoryAnswer {
                 sessions: index.sessions_of(farm, full_key),
                 user_key: full_key.clone(),
-            }),
-            _ => Some(DirectoryAnswer { user_key, sessions }),
+            });
         }
+        if let Some(user) = model::upn_user_part(user_name) {
+            let short_key = model::user_key(user);
+            let sessions = index.sessions_of(farm, &short_key);
+            if !sessions.is_empty() {
+                return Some(DirectoryAnswer {
+                    user_key: short_key,
+                    sessions,
+                });
+            }
+        }
+        Some(DirectoryAnswer { user_key, sessions })
     }
 }

@@ -21,6 +21,7 @@ on_both_stores!(
     returning_users_are_answered_from_memory,
     the_directory_follows_every_commit,
     truncated_names_resolve_in_memory,
+    principal_names_find_the_user_pam_names,
     a_placement_checking_sessions_refuses_a_user_who_has_one,
 );
 
@@ -202,6 +203,41 @@ async fn truncated_names_resolve_in_memory(database: &TestDatabase) {
     let exact = directory.lookup(FARM, "alexander", true).unwrap();
     assert_eq!(exact.sessions.len(), 1);
     assert_eq!(exact.sessions[0].session_id, 4);
+    stop.cancel();
+}
+
+async fn principal_names_find_the_user_pam_names(database: &TestDatabase) {
+    let store = store::open(&database.url).await.unwrap();
+    ready(
+        store.as_ref(),
+        "ts1",
+        &[
+            active(1, "ann"),
+            active(2, "bo@example.com"),
+            active(3, "bo"),
+        ],
+    )
+    .await;
+    let (directory, stop) = loaded(store.clone()).await;
+    // A Windows client sends the name as typed; PAM reported the logon as "ann".
+    let ann = directory.lookup(FARM, "Ann@Example.com", false).unwrap();
+    assert_eq!((ann.user_key.as_str(), ann.sessions.len()), ("ann", 1));
+    // mstsc's 9 characters of it still name ann.
+    let cut = directory.lookup(FARM, "ann@examp", true).unwrap();
+    assert_eq!(
+        (cut.user_key.as_str(), cut.sessions[0].session_id),
+        ("ann", 1)
+    );
+    // A user with sessions under the whole name is that user, not the user part.
+    let bo = directory.lookup(FARM, "bo@example.com", false).unwrap();
+    assert_eq!(
+        (bo.user_key.as_str(), bo.sessions[0].session_id),
+        ("bo@example.com", 2)
+    );
+    // Nobody under either name: an unknown user, placed under the name sent.
+    let carl = directory.lookup(FARM, "carl@example.com", false).unwrap();
+    assert_eq!(carl.user_key, "carl@example.com");
+    assert!(carl.sessions.is_empty());
     stop.cancel();
 }
 

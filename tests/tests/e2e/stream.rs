@@ -18,7 +18,7 @@ on_both_stores!(
     protocol_violations_get_precise_answers,
     removal_by_the_agent_and_by_an_admin,
     full_and_empty_farms_say_why,
-    truncated_cookie_names_find_the_full_user,
+    cut_and_principal_names_find_their_user,
 );
 
 async fn joining_machines_resync_and_users_return_to_their_session(database: &TestDatabase) {
@@ -499,7 +499,7 @@ async fn full_and_empty_farms_say_why(database: &TestDatabase) {
     broker.stop().await;
 }
 
-async fn truncated_cookie_names_find_the_full_user(database: &TestDatabase) {
+async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
     let broker = spawn_broker(&database.url, |_| {}).await;
     let mut client = broker.broker_client().await;
     let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
@@ -510,6 +510,7 @@ async fn truncated_cookie_names_find_the_full_user(database: &TestDatabase) {
             session(1, "alexander.long", pb::SessionState::Disconnected),
             session(2, "bernadette.a", pb::SessionState::Disconnected),
             session(3, "bernadette.b", pb::SessionState::Disconnected),
+            session(4, "ann", pb::SessionState::Disconnected),
         ],
     )
     .await;
@@ -551,5 +552,37 @@ async fn truncated_cookie_names_find_the_full_user(database: &TestDatabase) {
         pb::RedirectReason::LoadBalanced,
         "without the flag, names are exact"
     );
+
+    // Windows clients send the name as typed, often `user@domain`; PAM reported the Linux
+    // logon as `user`. The answer names the user as the directory knows them (the front door
+    // then finds the session under that name), also from mstsc's 9 characters of it.
+    let upn = |user: &str| pb::RedirectRequest {
+        user_name_may_be_truncated: false,
+        ..truncated(user)
+    };
+    for request in [
+        upn("ann@example.com"),
+        upn("ANN@corp.example"),
+        truncated("ann@examp"),
+    ] {
+        let name = request.user_name.clone();
+        let ann = client.redirect(request).await.unwrap().into_inner();
+        assert_eq!(
+            (
+                ann.machine_name.as_str(),
+                ann.user_name.as_str(),
+                reason(&ann)
+            ),
+            ("ts-b", "ann", pb::RedirectReason::ExistingSession),
+            "{name}"
+        );
+    }
+    // No session under either name: a new logon.
+    let carl = client
+        .redirect(upn("carl@example.com"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reason(&carl), pb::RedirectReason::LoadBalanced);
     broker.stop().await;
 }
