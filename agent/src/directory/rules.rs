@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use tsbroker_common::model::{SessionEventKind, user_key};
+use tsbroker_common::model::{SessionEventKind, upn_user_part, user_key};
 use tsbroker_common::validate;
 
 use super::{
@@ -42,7 +42,7 @@ fn domains_match(record: &SessionRecord, domain: &str) -> bool {
 }
 
 /// The record is this user's: same name, or a front-door record whose name is the 9-character
-/// cookie that mstsc cut the user's name to.
+/// cookie that mstsc cut the user's name to, or the user's name in `user@domain` form.
 fn is_users(record: &SessionRecord, user_name: &str, domain: &str) -> bool {
     if !domains_match(record, domain) {
         return false;
@@ -51,8 +51,9 @@ fn is_users(record: &SessionRecord, user_name: &str, domain: &str) -> bool {
     let key = user_key(user_name);
     record_key == key
         || (record.origin == Origin::FrontDoor
-            && record.user_name.chars().count() == TRUNCATED_COOKIE_LEN
-            && key.starts_with(&record_key))
+            && ((record.user_name.chars().count() == TRUNCATED_COOKIE_LEN
+                && key.starts_with(&record_key))
+                || upn_user_part(&record.user_name).is_some_and(|user| user_key(user) == key)))
 }
 
 /// The user's most recent session, preferring those in `preferred` state.
@@ -271,14 +272,18 @@ pub(super) fn front_door_attach(
 ) -> Attachment {
     let hint_key = user_key(&request.user_name);
     let hint_is_truncated = request.user_name.chars().count() == TRUNCATED_COOKIE_LEN;
-    // The cookie may be the first 9 characters of the name a local source reported.
+    let hint_user_key = upn_user_part(&request.user_name).map(user_key);
+    // The cookie may be the first 9 characters of the name a local source reported, or that
+    // name in `user@domain` form.
     let found = table
         .sessions
         .values()
         .filter(|record| domains_match(record, &request.domain))
         .filter(|record| {
             let key = user_key(&record.user_name);
-            key == hint_key || (hint_is_truncated && key.starts_with(&hint_key))
+            key == hint_key
+                || (hint_is_truncated && key.starts_with(&hint_key))
+                || hint_user_key.as_ref() == Some(&key)
         })
         .max_by_key(|record| {
             (

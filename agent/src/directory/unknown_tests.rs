@@ -1,5 +1,5 @@
-//! Tests of matching front-door connections of unknown users to the sessions PAM and xrdp's
-//! reconnect hook report (`unknown.rs`).
+//! Tests of tying front-door connections to the sessions PAM and xrdp's reconnect hook report
+//! when the client named no user (`unknown.rs`) or named them in `user@domain` form.
 
 use std::time::Duration;
 
@@ -80,12 +80,12 @@ fn with_two_candidates_nothing_is_matched() {
 }
 
 #[test]
-fn a_cookie_in_another_form_gives_way_to_pams_name() {
+fn a_cookie_with_another_name_gives_way_to_pams() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
-    // The client typed the UPN; PAM knows the user as "ann".
+    // The client typed an alias the directory service knows; PAM reports the user as "ann".
     let attached = directory
-        .front_door_attach("ann@example.com", "", "10.0.0.9:5000")
+        .front_door_attach("asmith", "", "10.0.0.9:5000")
         .unwrap();
     let phantom = attached.session_id;
     directory.apply(Logon, request("ann", 10)).unwrap();
@@ -100,8 +100,8 @@ fn a_cookie_in_another_form_gives_way_to_pams_name() {
     assert_eq!(
         events(&mut receiver),
         vec![
-            (Logon, phantom, "ann@example.com".into()),
-            (Logoff, phantom, "ann@example.com".into()),
+            (Logon, phantom, "asmith".into()),
+            (Logoff, phantom, "asmith".into()),
             (Logon, 10, "ann".into()),
             (Disconnect, 10, "ann".into()),
         ]
@@ -122,4 +122,32 @@ fn a_connection_already_holding_the_session_is_not_replaced() {
     assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
     directory.front_door_detach(ann, ENDED);
     assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+}
+
+#[test]
+fn principal_names_are_the_users_pam_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    // Two logons at once, each cookie in user@domain form: no elimination, the names match.
+    let ann = directory
+        .front_door_attach("ann@example.com", "", "")
+        .unwrap();
+    let bob = directory
+        .front_door_attach("bob@example.com", "", "")
+        .unwrap();
+    directory.apply(Logon, request("bob", 11)).unwrap();
+    directory.apply(Logon, request("ann", 10)).unwrap();
+    assert_eq!(directory.list().len(), 2, "{:?}", directory.list());
+    directory.front_door_detach(ann, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+    assert_eq!(state_of(&directory, 11), Some(RecordState::Active));
+    // Back with the same cookie: a reconnection to ann's session.
+    let again = directory
+        .front_door_attach("ANN@example.com", "", "")
+        .unwrap();
+    assert_eq!((again.session_id, again.pending_logon), (10, false));
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
+    directory.front_door_detach(again, ENDED);
+    directory.front_door_detach(bob, ENDED);
+    assert_eq!(state_of(&directory, 11), Some(RecordState::Disconnected));
 }
