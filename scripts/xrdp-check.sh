@@ -16,7 +16,9 @@
 #      the front door's only connection of an unknown user is the one PAM's logon and the
 #      reconnect hook report, so its end disconnects the session;
 #   8. a wrong password leaves no session once the client gives up;
-#   9. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
+#   9. three clients at once — two returning users and a new logon — each end up in their own
+#      session (one X server each) and each leaving is seen;
+#  10. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
 #
 #   scripts/xrdp-check.sh --yes
 #
@@ -354,6 +356,26 @@ wait_until 30 xrdp_refused ||
 stop_client
 expect_sessions "$ben" "" 15 "failed logon"
 
-log "9. $ann's session ends (its programs exit)"
+log "9. $ann and $cat come back and $ben logs on, all at once, then all leave"
+read -r cat_id _ <<<"$(sessions_of "$cat")"
+together=()
+for user in "$ann" "$cat" "$ben"; do
+    start_client "$user" "$PASSWORD"
+    together+=("$client")
+done
+wait_until "$LOGON_SECONDS" one_session_in "$ben" ACTIVE 10 100000 ||
+    fail "concurrent logon: the broker lists [$(sessions_of "$ben" | paste -sd, -)] for $ben, not one ACTIVE session under xrdp's display number"
+read -r ben_id _ <<<"$(sessions_of "$ben")"
+expect_sessions "$ann" "$id ACTIVE" 30 "concurrent reconnection"
+expect_sessions "$cat" "$cat_id ACTIVE" 30 "concurrent reconnection"
+for user in "$ann" "$cat" "$ben"; do
+    [ "$(pgrep -c -u "$user" -x Xorg)" -eq 1 ] || fail "$user has more than one X server after the concurrent logons"
+done
+for client in "${together[@]}"; do stop_client; done
+expect_sessions "$ann" "$id DISCONNECTED" 15 "concurrent disconnect"
+expect_sessions "$cat" "$cat_id DISCONNECTED" 15 "concurrent disconnect"
+expect_sessions "$ben" "$ben_id DISCONNECTED" 15 "concurrent disconnect"
+
+log "10. $ann's session ends (its programs exit)"
 pkill -u "$ann" -x xterm || fail "no xterm of $ann's session"
 expect_sessions "$ann" "" 30 "logoff"
