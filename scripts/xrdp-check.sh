@@ -14,7 +14,8 @@
 #      under the display number, leaving disconnects it, the return reattaches to it;
 #   7. a client given the farm as a collection (no user cookie) logs on, leaves and comes back:
 #      the front door's only connection of an unknown user is the one PAM's logon and the
-#      reconnect hook report, so its end disconnects the session;
+#      reconnect hook report, so its end disconnects the session; back from two devices in
+#      turn, the first one's drop leaves the session ACTIVE under the second;
 #   8. a wrong password leaves no session once the client gives up;
 #   9. three clients at once — two returning users and a new logon — each end up in their own
 #      session (one X server each) and each leaving is seen;
@@ -345,6 +346,24 @@ start_collection_client() {
     pids+=("$client")
 }
 logon_leave_return "$dan" start_collection_client "a collection and no user cookie"
+# Back from two devices in turn: xrdp hands the session to the second client and drops the
+# first, whose end must not make the session DISCONNECTED while the second is attached.
+read -r dan_id _ <<<"$(sessions_of "$dan")"
+dan_reconnected="event=Reconnect session_id=$dan_id user=$dan"
+start_collection_client "$dan"
+first=$client
+wait_until "$LOGON_SECONDS" logged 2 "$dan_reconnected" ||
+    fail "xrdp's reconnect hook did not report session $dan_id for the first device"
+expect_sessions "$dan" "$dan_id ACTIVE" 15 "reconnection from the first device"
+start_collection_client "$dan"
+wait_until "$LOGON_SECONDS" logged 3 "$dan_reconnected" ||
+    fail "xrdp's reconnect hook did not report session $dan_id for the second device"
+first_gone() { ! kill -0 "$first" 2>/dev/null; }
+wait_until 30 first_gone || fail "xrdp did not drop the first device's client"
+sleep 2
+expect_sessions "$dan" "$dan_id ACTIVE" 1 "the first device dropped while the second is attached"
+stop_client
+expect_sessions "$dan" "$dan_id DISCONNECTED" 15 "disconnect of the second device"
 
 log "8. $ben types a wrong password"
 start_client "$ben" wrong-password

@@ -358,6 +358,7 @@ impl Directory {
             rules::LiveConnection {
                 session_id: None,
                 pending_logon: false,
+                matched: false,
             },
         );
         UnknownConnection { attachment }

@@ -219,7 +219,7 @@ pub(super) fn apply(
         }
     };
     if matches!(kind, SessionEventKind::Logon | SessionEventKind::Reconnect) {
-        super::unknown::match_connection(table, session_id);
+        super::unknown::match_connection(table, session_id, kind);
     }
     change(table, session_id, kind, &request.client_address, now)
         .ok_or_else(|| DirectoryError::NoSuchSession(describe(&request)))
@@ -323,6 +323,7 @@ pub(super) fn front_door_attach(
         LiveConnection {
             session_id: Some(session_id),
             pending_logon,
+            matched: false,
         },
     );
     if let Some(record) = table.sessions.get_mut(&session_id) {
@@ -350,6 +351,8 @@ pub(super) struct LiveConnection {
     /// The session it holds; `None` while the user is unknown (see `unknown.rs`).
     pub session_id: Option<u32>,
     pub pending_logon: bool,
+    /// Tied to its session by elimination (`unknown.rs`), not by the user it named.
+    pub matched: bool,
 }
 
 /// How a front-door connection ended.

@@ -11,20 +11,27 @@
 //! that nothing confirmed under its cookie's name. Every connection to the RDP service comes
 //! through the front door (it listens on loopback only), so when exactly one connection could
 //! be it, that one is. With two or more nothing is matched — the session's leaving is then
-//! seen only at its next event, as before — never guessed.
+//! seen only at its next event, as before — never guessed. A reconnection to a session that a
+//! connection matched this way holds means a new client took it over (xrdp drops the old
+//! one): the one open connection that could be the new client holds it from then on.
 
 use tsbroker_common::model::SessionEventKind;
 
 use super::rules::LiveConnection;
 use super::{Origin, Table};
 
-/// Ties the one open connection that could hold `session_id` to it; nothing when a connection
-/// holds it already or when none or several could.
-pub(super) fn match_connection(table: &mut Table, session_id: u32) {
-    if table
+/// Ties the one open connection that could hold `session_id` to it after a local source
+/// reported `kind` for it; nothing when a connection holds it already (unless this is a
+/// reconnection and the holders were matched by elimination too) or when none or several
+/// could.
+pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: SessionEventKind) {
+    let mut holders = table
         .live
         .values()
-        .any(|live| live.session_id == Some(session_id))
+        .filter(|live| live.session_id == Some(session_id))
+        .peekable();
+    if holders.peek().is_some()
+        && !(kind == SessionEventKind::Reconnect && holders.all(|live| live.matched))
     {
         return;
     }
@@ -55,6 +62,7 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32) {
         LiveConnection {
             session_id: Some(session_id),
             pending_logon: false,
+            matched: true,
         },
     );
     if let Some(record) = table.sessions.get_mut(&session_id) {

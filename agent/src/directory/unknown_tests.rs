@@ -151,3 +151,36 @@ fn principal_names_are_the_users_pam_reports() {
     directory.front_door_detach(bob, ENDED);
     assert_eq!(state_of(&directory, 11), Some(RecordState::Disconnected));
 }
+
+#[test]
+fn a_new_client_without_a_name_takes_over_a_session_matched_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    let first = directory.front_door_attach_unknown();
+    directory.apply(Logon, request("ann", 10)).unwrap();
+    // Ann connects from a second device, again without a cookie; xrdp hands her session to it
+    // (the reconnect hook reports it) and drops the first client.
+    let second = directory.front_door_attach_unknown();
+    directory.apply(Reconnect, request("ann", 10)).unwrap();
+    directory.front_door_detach_unknown(first, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
+    directory.front_door_detach_unknown(second, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+}
+
+#[test]
+fn a_session_its_user_named_is_not_taken_by_a_connection_without_a_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    directory.apply(Logon, request("ann", 10)).unwrap();
+    directory.apply(Disconnect, request("ann", 10)).unwrap();
+    // Ann is back with her cookie; someone else sits at xrdp's login screen. The reconnect
+    // hook's report is about ann's connection.
+    let ann = directory.front_door_attach("ann", "", "").unwrap();
+    let stranger = directory.front_door_attach_unknown();
+    directory.apply(Reconnect, request("ann", 10)).unwrap();
+    directory.front_door_detach_unknown(stranger, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
+    directory.front_door_detach(ann, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+}
