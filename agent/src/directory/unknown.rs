@@ -4,8 +4,9 @@
 //! xrdp has no disconnect hook: the table learns that a user left when the front-door
 //! connection holding their session ends, and a connection holds a session only once the table
 //! can tie the two. A client given a collection (`loadbalanceinfo`, `/load-balance-info`) or a
-//! routing token sends no user cookie, and a cookie may name the user in another form than PAM
-//! does (`ann@example.com` for `ann`). When a local source (PAM's logon, xrdp's reconnect hook)
+//! routing token sends no user cookie, and a cookie may name the user otherwise than PAM does
+//! (an alias the directory service knows; `ann@example.com` for `ann` is matched by name in
+//! `rules.rs`). When a local source (PAM's logon, xrdp's reconnect hook)
 //! reports a session that no connection holds, the connection is one of those open to the RDP
 //! service that could be it: one whose user is unknown, or the connection of a front-door logon
 //! that nothing confirmed under its cookie's name. Every connection to the RDP service comes
