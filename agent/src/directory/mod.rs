@@ -350,17 +350,11 @@ impl Directory {
     /// that is not a user name) to the local RDP service. A local source's report may match it
     /// to a session later (`unknown.rs`); until then its end changes nothing.
     pub fn front_door_attach_unknown(&self) -> UnknownConnection {
-        let mut table = self.lock();
-        table.attachments += 1;
-        let attachment = table.attachments;
-        table.live.insert(
-            attachment,
-            rules::LiveConnection {
-                session_id: None,
-                pending_logon: false,
-                matched: false,
-            },
-        );
+        let attachment = self.lock().open_connection(rules::LiveConnection {
+            session_id: None,
+            pending_logon: false,
+            matched: false,
+        });
         UnknownConnection { attachment }
     }
 
@@ -453,6 +447,14 @@ fn clamp_u32(count: usize) -> u32 {
 }
 
 impl Table {
+    /// Numbers a front-door connection that just opened and keeps it among the live ones;
+    /// returns its attachment number.
+    fn open_connection(&mut self, connection: rules::LiveConnection) -> u64 {
+        self.attachments += 1;
+        self.live.insert(self.attachments, connection);
+        self.attachments
+    }
+
     /// Counts a change for the writer; returns its generation.
     fn changed(&mut self) -> u64 {
         self.generation += 1;

@@ -41,19 +41,43 @@ fn domains_match(record: &SessionRecord, domain: &str) -> bool {
     domain.is_empty() || record.domain.is_empty() || record.domain.eq_ignore_ascii_case(domain)
 }
 
-/// The record is this user's: same name, or a front-door record whose name is the 9-character
-/// cookie that mstsc cut the user's name to, or the user's name in `user@domain` form.
+/// A name from a client's cookie, ready to be compared with the names local sources report.
+struct CookieName {
+    key: String,
+    /// 9 characters: mstsc may have cut the name to this.
+    may_be_cut: bool,
+    /// The user part's key of a `user@domain` name.
+    user_part_key: Option<String>,
+}
+
+impl CookieName {
+    fn new(name: &str) -> Self {
+        CookieName {
+            key: user_key(name),
+            may_be_cut: name.chars().count() == TRUNCATED_COOKIE_LEN,
+            user_part_key: upn_user_part(name).map(user_key),
+        }
+    }
+
+    /// Whether the cookie names the user whose key is `key`: the same name, its first 9
+    /// characters, or the name in `user@domain` form.
+    fn names(&self, key: &str) -> bool {
+        self.key == key
+            || (self.may_be_cut && key.starts_with(&self.key))
+            || self.user_part_key.as_deref() == Some(key)
+    }
+}
+
+/// The record is this user's: same name, or a front-door record whose cookie names the user.
 fn is_users(record: &SessionRecord, user_name: &str, domain: &str) -> bool {
     if !domains_match(record, domain) {
         return false;
     }
-    let record_key = user_key(&record.user_name);
     let key = user_key(user_name);
-    record_key == key
-        || (record.origin == Origin::FrontDoor
-            && ((record.user_name.chars().count() == TRUNCATED_COOKIE_LEN
-                && key.starts_with(&record_key))
-                || upn_user_part(&record.user_name).is_some_and(|user| user_key(user) == key)))
+    match record.origin {
+        Origin::FrontDoor => CookieName::new(&record.user_name).names(&key),
+        Origin::Control => user_key(&record.user_name) == key,
+    }
 }
 
 /// The user's most recent session, preferring those in `preferred` state.
@@ -270,21 +294,12 @@ pub(super) fn front_door_attach(
     request: SessionRequest,
     now: i64,
 ) -> Attachment {
-    let hint_key = user_key(&request.user_name);
-    let hint_is_truncated = request.user_name.chars().count() == TRUNCATED_COOKIE_LEN;
-    let hint_user_key = upn_user_part(&request.user_name).map(user_key);
-    // The cookie may be the first 9 characters of the name a local source reported, or that
-    // name in `user@domain` form.
+    let cookie = CookieName::new(&request.user_name);
     let found = table
         .sessions
         .values()
         .filter(|record| domains_match(record, &request.domain))
-        .filter(|record| {
-            let key = user_key(&record.user_name);
-            key == hint_key
-                || (hint_is_truncated && key.starts_with(&hint_key))
-                || hint_user_key.as_ref() == Some(&key)
-        })
+        .filter(|record| cookie.names(&user_key(&record.user_name)))
         .max_by_key(|record| {
             (
                 record.state == RecordState::Disconnected,
@@ -316,16 +331,11 @@ pub(super) fn front_door_attach(
             true,
         ),
     };
-    table.attachments += 1;
-    let attachment = table.attachments;
-    table.live.insert(
-        attachment,
-        LiveConnection {
-            session_id: Some(session_id),
-            pending_logon,
-            matched: false,
-        },
-    );
+    let attachment = table.open_connection(LiveConnection {
+        session_id: Some(session_id),
+        pending_logon,
+        matched: false,
+    });
     if let Some(record) = table.sessions.get_mut(&session_id) {
         record.attachment = attachment;
         if kind == SessionEventKind::Reconnect && record.state != RecordState::Active {
