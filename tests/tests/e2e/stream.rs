@@ -178,7 +178,10 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
     let b = FakeAgent::join(
         &broker.url(),
         description("ts-b", "farm", 100),
-        vec![session(1, "alice", pb::SessionState::Disconnected)],
+        vec![
+            session(1, "alice", pb::SessionState::Disconnected),
+            session(2, "ann", pb::SessionState::Disconnected),
+        ],
     )
     .await;
     b.hang_up();
@@ -193,6 +196,20 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
     assert_eq!(
         alice.machine_name, "ts-a",
         "an unreachable machine gets no reconnection"
+    );
+    // Placed from the database under the user the `user@domain` name resolves to, so a retry
+    // under PAM's form of the name finds that logon in flight.
+    let upn = redirect(&mut client, "farm", "ann@example.com")
+        .await
+        .unwrap();
+    let ann = redirect(&mut client, "farm", "ann").await.unwrap();
+    assert_eq!(
+        (
+            upn.machine_name.as_str(),
+            ann.machine_name.as_str(),
+            reason(&ann)
+        ),
+        ("ts-a", "ts-a", pb::RedirectReason::PendingLogon)
     );
     for user in 0..5 {
         assert_eq!(
