@@ -3,6 +3,7 @@
 
 use crate::decision::farm_settings::{FarmBook, FarmFileSettings};
 use crate::decision::policy::PolicyRegistry;
+use crate::tls::TlsFiles;
 use clap::Parser;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -39,6 +40,8 @@ pub struct BrokerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Per-farm policy settings, groups and plug-ins (config file only).
     pub farms: FarmBook,
+    /// TLS on the gRPC port; none serves plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for BrokerConfig {
@@ -55,6 +58,7 @@ impl Default for BrokerConfig {
             shutdown_grace: Duration::from_secs(10),
             metrics_listen: None,
             farms: FarmBook::default(),
+            tls: None,
         }
     }
 }
@@ -161,6 +165,17 @@ pub struct Cli {
     /// Address to serve Prometheus metrics on (/metrics), e.g. 127.0.0.1:9150 [default: none].
     #[arg(long, env = "TSBROKER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate (then any intermediates) to serve gRPC over TLS with [default: none:
+    /// plaintext].
+    #[arg(long, env = "TSBROKER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TSBROKER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA whose certificates agents and other callers must present (health checks and
+    /// reflection excepted) [default: none: no client certificates asked for].
+    #[arg(long, env = "TSBROKER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Serve nothing: ask the broker at the listen address (on loopback when that is every
     /// interface) whether it is SERVING, print its answer, and exit 0 if it is, 1 if not or
     /// if it cannot be asked. For container health checks.
@@ -185,6 +200,9 @@ struct FileConfig {
     #[serde(default, with = "humantime_option")]
     shutdown_grace: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     /// Settings for every farm not listed under `farms`.
     farm_defaults: Option<FarmFileSettings>,
     #[serde(default)]
@@ -252,6 +270,11 @@ impl Cli {
                 .unwrap_or(defaults.shutdown_grace),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             farms: farm_book(file.farm_defaults.as_ref(), &file.farms)?,
+            tls: tls_files(
+                self.tls_cert.or(file.tls_cert),
+                self.tls_key.or(file.tls_key),
+                self.tls_client_ca.or(file.tls_client_ca),
+            )?,
         };
         config.validate()?;
         Ok(config)
@@ -261,6 +284,27 @@ impl Cli {
 /// An empty token (say `TSBROKER_ADMIN_TOKEN=` in a compose file) means none.
 fn non_empty(token: Option<Secret>) -> Option<Secret> {
     token.filter(|token| !token.0.is_empty())
+}
+
+/// TLS needs a certificate and its key together; a client CA only means something with them.
+fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<TlsFiles>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        })),
+        (Some(_), None) => Err("tls_cert needs tls_key (the certificate's private key)".into()),
+        (None, Some(_)) => Err("tls_key needs tls_cert (the certificate it is the key of)".into()),
+        (None, None) if client_ca.is_some() => {
+            Err("tls_client_ca needs tls_cert and tls_key (client certificates need TLS)".into())
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Resolves `[farm_defaults]` over the built-in defaults and each `[farms.<name>]` over those.
@@ -342,6 +386,37 @@ mod tests {
             .unwrap_err();
         assert!(error.contains("unknown policy"), "{error}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key() {
+        let config = Cli::parse_from([
+            "tsbroker",
+            "--tls-cert",
+            "/etc/tsbroker/cert.pem",
+            "--tls-key",
+            "/etc/tsbroker/key.pem",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            config.tls,
+            Some(TlsFiles {
+                cert: "/etc/tsbroker/cert.pem".into(),
+                key: "/etc/tsbroker/key.pem".into(),
+                client_ca: None,
+            })
+        );
+        for (args, named) in [
+            (vec!["--tls-cert", "c.pem"], "tls_key"),
+            (vec!["--tls-key", "k.pem"], "tls_cert"),
+            (vec!["--tls-client-ca", "ca.pem"], "tls_client_ca"),
+        ] {
+            let error = Cli::parse_from(std::iter::once("tsbroker").chain(args))
+                .into_config()
+                .unwrap_err();
+            assert!(error.contains(named), "{error}");
+        }
     }
 
     #[test]

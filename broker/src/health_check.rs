@@ -1,12 +1,17 @@
 //! `tsbroker --health-check`: asks a running broker's health service whether it is serving,
 //! for container health checks and scripts. The broker answers SERVING only once its store is
-//! open and migrated, so this is a better probe than the port being open.
+//! open and migrated, so this is a better probe than the port being open. Over TLS it trusts
+//! exactly the broker's own certificate (whatever names it carries) and presents none: health
+//! checks need no client certificate.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::tls::ServerTls;
 
 /// The longest the whole check may take (Docker's own timeout in the images is longer).
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -26,19 +31,26 @@ pub fn target(listen: SocketAddr) -> SocketAddr {
 
 /// The whole server's status as the broker at `listen` reports it; an error says why it could
 /// not be asked.
-pub async fn check(listen: SocketAddr) -> Result<ServingStatus, String> {
+pub async fn check(listen: SocketAddr, tls: Option<&ServerTls>) -> Result<ServingStatus, String> {
     let address = target(listen);
     let ask = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|error| format!("bad address {address}: {error}"))?
-            .connect()
-            .await
-            .map_err(|error| {
-                format!(
-                    "cannot connect to {address}: {:#}",
-                    anyhow::Error::new(error)
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map_err(|error| format!("bad address {address}: {error}"))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config_with_verifier(
+                    ClientTlsConfig::new().domain_name("localhost"),
+                    tls.own_certificate(),
                 )
-            })?;
+                .map_err(|error| format!("TLS settings: {error}"))?;
+        }
+        let channel = endpoint.connect().await.map_err(|error| {
+            format!(
+                "cannot connect to {address}: {:#}",
+                anyhow::Error::new(error)
+            )
+        })?;
         let answer = HealthClient::new(channel)
             .check(HealthCheckRequest::default())
             .await

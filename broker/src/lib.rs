@@ -17,6 +17,7 @@ pub mod plugin;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 
 pub use config::BrokerConfig;
 pub use server::run;

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         }
     };
     if health_check {
-        return check_health(config.listen);
+        return check_health(&config);
     }
     tsbroker_common::telemetry::init_logging(config.log_format);
     let runtime = match build_runtime(tokio::runtime::Builder::new_multi_thread()) {
@@ -74,13 +74,21 @@ fn build_runtime(
     })
 }
 
-/// `--health-check`: 0 when the broker at `listen` is SERVING, 1 otherwise.
-fn check_health(listen: std::net::SocketAddr) -> ExitCode {
+/// `--health-check`: 0 when the broker at the listen address is SERVING, 1 otherwise.
+fn check_health(config: &tsbroker::BrokerConfig) -> ExitCode {
+    let tls = match config.tls.as_ref().map(tsbroker::tls::ServerTls::load) {
+        None => None,
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(error)) => {
+            eprintln!("tsbroker: health check: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match build_runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(tsbroker::health_check::check(listen)) {
+    match runtime.block_on(tsbroker::health_check::check(config.listen, tls.as_ref())) {
         Ok(status) => {
             println!("{}", status.as_str_name());
             if status == tonic_health::pb::health_check_response::ServingStatus::Serving {

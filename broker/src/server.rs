@@ -8,12 +8,13 @@ use crate::directory::SessionDirectory;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHub;
 use crate::service::admin_api::AdminApi;
-use crate::service::auth::TokenGuard;
+use crate::service::auth::AccessGuard;
 use crate::service::broker_api::BrokerApi;
 use crate::service::gateway::{GatewayApi, GatewaySettings};
 use crate::service::{Core, CoreCell};
 use crate::store::reachability::Reachability;
 use crate::store::{self, IngestWriter, Store};
+use crate::tls::ServerTls;
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,8 +91,15 @@ pub async fn run(
         .build_v1alpha()
         .context("build reflection v1alpha")?;
 
-    let agent_guard = TokenGuard::new(config.agent_token.clone(), false, "AgentGateway");
-    let admin_guard = TokenGuard::new(config.admin_token.clone(), true, "Admin");
+    let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
+    let certificates_required = tls
+        .as_ref()
+        .is_some_and(ServerTls::client_certificates_required);
+    let agent_guard = AccessGuard::token(config.agent_token.clone(), false, "AgentGateway")
+        .client_certificate(certificates_required);
+    let admin_guard = AccessGuard::token(config.admin_token.clone(), true, "Admin")
+        .client_certificate(certificates_required);
+    let broker_guard = AccessGuard::open("Broker").client_certificate(certificates_required);
     if config.admin_token.is_none() {
         tracing::warn!(
             "no admin token configured: the Admin service answers loopback clients only"
@@ -109,13 +117,22 @@ pub async fn run(
         AdminApi::new(core.clone(), policies.clone()),
         move |request| admin_guard.check(request),
     );
-    let broker = broker_server::BrokerServer::new(BrokerApi::new(core.clone()));
+    let broker = broker_server::BrokerServer::with_interceptor(
+        BrokerApi::new(core.clone()),
+        move |request| broker_guard.check(request),
+    );
 
     let local_address = listener
         .local_addr()
         .context("read the listening address")?;
     let server_stop = CancellationToken::new();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.server_config())
+            .context("TLS settings (--tls-cert, --tls-key, --tls-client-ca)")?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -129,7 +146,12 @@ pub async fn run(
             server_stop.clone().cancelled_owned(),
         );
     let mut server_task = tokio::spawn(server);
-    tracing::info!(%local_address, database = %redact_url(&config.database_url), "tsbroker listening");
+    tracing::info!(
+        %local_address,
+        database = %redact_url(&config.database_url),
+        tls = tls_mode(tls.as_ref()),
+        "tsbroker listening"
+    );
 
     let store = tokio::select! {
         store = open_store(&config.database_url) => store,
@@ -288,6 +310,15 @@ async fn monitor_store(
 }
 
 /// The URL without its password, for logs.
+/// How the gRPC port is protected, for the start-up log line.
+fn tls_mode(tls: Option<&ServerTls>) -> &'static str {
+    match tls {
+        None => "off",
+        Some(tls) if tls.client_certificates_required() => "on, client certificates required",
+        Some(_) => "on",
+    }
+}
+
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {

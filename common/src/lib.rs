@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod pem;
 pub mod proto;
 pub mod serve;
 pub mod telemetry;

@@ -1,32 +1,61 @@
-//! Guards for the agent and admin paths: a bearer token each, checked in constant time. With
-//! no admin token configured, the Admin service answers loopback clients only.
+//! Guards for the broker's services: a bearer token for the agent and admin paths, checked in
+//! constant time (with no admin token configured, the Admin service answers loopback clients
+//! only), and, with a TLS client CA configured, a client certificate it signed for every service
+//! but health and reflection (the TLS handshake has verified any certificate presented).
 
 use crate::config::Secret;
 use tonic::{Request, Status};
 
-/// Checks `authorization: Bearer <token>` against `expected`; with no token configured,
-/// `loopback_only` decides whether only loopback peers are let in.
+/// What a service asks of a call before it runs.
 #[derive(Clone)]
-pub struct TokenGuard {
+pub struct AccessGuard {
     expected: Option<Secret>,
     loopback_only_without_token: bool,
+    client_certificate_required: bool,
     service: &'static str,
 }
 
-impl TokenGuard {
-    pub fn new(
+impl AccessGuard {
+    /// Checks `authorization: Bearer <token>` against `expected`; with no token configured,
+    /// `loopback_only_without_token` decides whether only loopback peers are let in.
+    pub fn token(
         expected: Option<Secret>,
         loopback_only_without_token: bool,
         service: &'static str,
     ) -> Self {
-        TokenGuard {
+        AccessGuard {
             expected,
             loopback_only_without_token,
+            client_certificate_required: false,
             service,
         }
     }
 
+    /// No token: anyone may call (subject to the client certificate).
+    pub fn open(service: &'static str) -> Self {
+        AccessGuard::token(None, false, service)
+    }
+
+    /// Refuses calls that came without a client certificate when `required`.
+    pub fn client_certificate(self, required: bool) -> Self {
+        AccessGuard {
+            client_certificate_required: required,
+            ..self
+        }
+    }
+
     pub fn check<T>(&self, request: Request<T>) -> Result<Request<T>, Status> {
+        if self.client_certificate_required {
+            let presented = request
+                .peer_certs()
+                .is_some_and(|certificates| !certificates.is_empty());
+            if !presented {
+                return Err(Status::unauthenticated(format!(
+                    "the {} service needs a client certificate signed by the broker's client CA",
+                    self.service
+                )));
+            }
+        }
         match &self.expected {
             Some(expected) => {
                 let presented = request
@@ -77,7 +106,7 @@ mod tests {
 
     #[test]
     fn tokens_are_checked() {
-        let guard = TokenGuard::new(Some(Secret("0123456789abcdef".into())), true, "admin");
+        let guard = AccessGuard::token(Some(Secret("0123456789abcdef".into())), true, "admin");
         let mut request = Request::new(());
         request
             .metadata_mut()
@@ -95,13 +124,41 @@ mod tests {
 
     #[test]
     fn without_token_admin_is_loopback_only() {
-        let guard = TokenGuard::new(None, true, "admin");
+        let guard = AccessGuard::token(None, true, "admin");
         // No peer address known: refused.
         assert_eq!(
             guard.check(Request::new(())).unwrap_err().code(),
             tonic::Code::PermissionDenied
         );
-        let open = TokenGuard::new(None, false, "agent");
+        let open = AccessGuard::token(None, false, "agent");
         assert!(open.check(Request::new(())).is_ok());
+    }
+
+    #[test]
+    fn a_required_client_certificate_is_asked_for_before_the_token() {
+        let guard = AccessGuard::open("Broker").client_certificate(true);
+        let refused = guard.check(Request::new(())).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert!(
+            refused.message().contains("client certificate"),
+            "{refused:?}"
+        );
+        let guard = AccessGuard::token(Some(Secret("0123456789abcdef".into())), false, "agent")
+            .client_certificate(true);
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer 0123456789abcdef".parse().unwrap());
+        let refused = guard.check(request).unwrap_err();
+        assert!(
+            refused.message().contains("client certificate"),
+            "{refused:?}"
+        );
+        assert!(
+            AccessGuard::open("Broker")
+                .client_certificate(false)
+                .check(Request::new(()))
+                .is_ok()
+        );
     }
 }
