@@ -93,7 +93,7 @@ pub async fn start(
     let (directory, events) = Directory::open(&config.state_dir)?;
     let directory = directory.with_unconfirmed_logon_grace(config.unconfirmed_logon_grace);
     let token = BearerToken::new(config.agent_token.as_deref())?;
-    let endpoint = broker_client::endpoint(&config.broker_url)?;
+    let endpoint = broker_client::endpoint(&config.broker_url, &config.broker_tls)?;
     let status: SharedStatus = Arc::new(Mutex::new(LinkStatus {
         weight: config.weight,
         session_limit: config.session_limit,

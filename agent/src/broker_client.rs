@@ -1,12 +1,16 @@
 //! How the agent reaches the broker: one `Endpoint` with HTTP/2 keepalive (so a dead link is
-//! noticed in seconds) and the agent token as `authorization: Bearer` metadata on every call.
+//! noticed in seconds), TLS for an https:// broker (its CA, the agent's client certificate),
+//! and the agent token as `authorization: Bearer` metadata on every call.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tsbroker_common::pem;
+
+use crate::config::BrokerTls;
 use tsbroker_common::proto::v1::agent_gateway_client::AgentGatewayClient;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
 
@@ -51,16 +55,36 @@ pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 pub type Gateway = AgentGatewayClient<AuthChannel>;
 pub type Broker = BrokerClient<AuthChannel>;
 
-/// The broker's endpoint with the agent's transport settings.
-pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+/// The broker's endpoint with the agent's transport settings; for an https:// URL, TLS with
+/// `tls`'s files, read now so that a bad one stops the agent at start.
+pub fn endpoint(url: &str, tls: &BrokerTls) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("parse broker url {url:?}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(client_tls(tls)?)
+            .context("TLS settings for the broker")?;
+    }
     Ok(endpoint)
+}
+
+fn client_tls(tls: &BrokerTls) -> anyhow::Result<ClientTlsConfig> {
+    let mut config = match &tls.ca {
+        Some(path) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
+            pem::read_certificates(path, "--broker-ca")?.pem,
+        )),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    if let (Some(cert_path), Some(key_path)) = (&tls.cert, &tls.key) {
+        let (chain, key) = pem::read_key_pair(cert_path, key_path)?;
+        config = config.identity(Identity::from_pem(chain.pem, key.pem));
+    }
+    Ok(config)
 }
 
 pub fn gateway(channel: Channel, token: BearerToken) -> Gateway {

@@ -26,9 +26,19 @@ pub struct AgentArgs {
     /// TOML file with any of these settings (keys in snake_case); flags and environment win
     #[arg(long, env = "TSAGENT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The broker's gRPC URL [default: http://127.0.0.1:50051]
+    /// The broker's gRPC URL, http:// or https:// (TLS) [default: http://127.0.0.1:50051]
     #[arg(long, env = "TSAGENT_BROKER", value_name = "URL")]
     pub broker: Option<String>,
+    /// PEM CA certificate(s) to trust for an https:// broker [default: the system's roots]
+    #[arg(long, env = "TSAGENT_BROKER_CA", value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate to present to an https:// broker that asks for one
+    /// (--tls-client-ca on the broker) [default: none]
+    #[arg(long, env = "TSAGENT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, env = "TSAGENT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// This machine's name in the farm [default: the host's FQDN, else its short name]
     #[arg(long, env = "TSAGENT_MACHINE_NAME", value_name = "NAME")]
     pub machine_name: Option<String>,

@@ -44,9 +44,19 @@ impl Default for BackoffSettings {
     }
 }
 
+/// TLS to an https:// broker: the CA to trust (else the system's roots) and the client
+/// certificate to present, if any.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BrokerTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
 /// Everything the agent runs with. Build one with [`AgentConfig::new`] and set fields.
 pub struct AgentConfig {
     pub broker_url: String,
+    pub broker_tls: BrokerTls,
     /// The machine's name (FQDN), unique in its farm.
     pub machine_name: String,
     pub farm: String,
@@ -89,6 +99,7 @@ impl AgentConfig {
         let state_dir = state_dir.into();
         AgentConfig {
             broker_url: DEFAULT_BROKER_URL.to_owned(),
+            broker_tls: BrokerTls::default(),
             advertise: format!("{machine_name}:3389"),
             machine_name,
             farm: DEFAULT_FARM.to_owned(),
@@ -124,13 +135,26 @@ impl AgentConfig {
         if self.single_session && self.session_limit > 1 {
             return Err("--session-limit: more than 1 with --single-session".to_owned());
         }
-        let url_ok = self.broker_url.starts_with("http://")
+        let https = self.broker_url.starts_with("https://");
+        let url_ok = (https || self.broker_url.starts_with("http://"))
             && tonic::transport::Endpoint::from_shared(self.broker_url.clone()).is_ok();
         if !url_ok {
             return Err(format!(
-                "--broker: {:?} is not an http:// URL (TLS is not supported yet)",
+                "--broker: {:?} is not an http:// or https:// URL",
                 self.broker_url
             ));
+        }
+        let tls = &self.broker_tls;
+        if !https && (tls.ca.is_some() || tls.cert.is_some()) {
+            return Err(format!(
+                "--broker-ca/--tls-cert: only for an https:// broker, not {:?}",
+                self.broker_url
+            ));
+        }
+        match (&tls.cert, &tls.key) {
+            (Some(_), None) => return Err("--tls-cert: needs --tls-key".to_owned()),
+            (None, Some(_)) => return Err("--tls-key: needs --tls-cert".to_owned()),
+            _ => {}
         }
         if let Some(token) = &self.agent_token {
             let printable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
@@ -159,6 +183,7 @@ impl fmt::Debug for AgentConfig {
         formatter
             .debug_struct("AgentConfig")
             .field("broker_url", &self.broker_url)
+            .field("broker_tls", &self.broker_tls)
             .field("machine_name", &self.machine_name)
             .field("farm", &self.farm)
             .field("advertise", &self.advertise)
@@ -193,6 +218,21 @@ mod tests {
         assert!(!format!("{config:?}").contains("s3cret"));
         config.broker_url = "grpc://x".into();
         assert!(config.validate().unwrap_err().starts_with("--broker"));
+    }
+
+    #[test]
+    fn tls_settings_go_with_an_https_broker() {
+        let mut config = AgentConfig::new("ts1.example.com", "/tmp/x");
+        config.broker_tls.ca = Some("/etc/tsagent/ca.pem".into());
+        assert!(config.validate().unwrap_err().starts_with("--broker-ca"));
+        config.broker_url = "https://broker.example.com:50051".into();
+        assert!(config.validate().is_ok());
+        config.broker_tls.cert = Some("/etc/tsagent/agent.pem".into());
+        assert!(config.validate().unwrap_err().starts_with("--tls-cert"));
+        config.broker_tls.key = Some("/etc/tsagent/agent.key".into());
+        assert!(config.validate().is_ok());
+        config.broker_tls.cert = None;
+        assert!(config.validate().unwrap_err().starts_with("--tls-key"));
     }
 
     #[test]

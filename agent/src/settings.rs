@@ -8,13 +8,16 @@ use serde::Deserialize;
 use tsbroker_common::telemetry::LogFormat;
 
 use crate::cli::AgentArgs;
-use crate::config::{self, AgentConfig, FrontDoorBind};
+use crate::config::{self, AgentConfig, BrokerTls, FrontDoorBind};
 
 /// The `--config` file: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
     pub broker: Option<String>,
+    pub broker_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub machine_name: Option<String>,
     pub farm: Option<String>,
     pub advertise: Option<String>,
@@ -124,6 +127,11 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
     if let Some(broker) = args.broker.or(file.broker) {
         config.broker_url = broker;
     }
+    config.broker_tls = BrokerTls {
+        ca: args.broker_ca.or(file.broker_ca),
+        cert: args.tls_cert.or(file.tls_cert),
+        key: args.tls_key.or(file.tls_key),
+    };
     if let Some(farm) = args.farm.or(file.farm) {
         config.farm = farm;
     }

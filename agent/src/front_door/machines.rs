@@ -269,7 +269,7 @@ mod tests {
         let fake = crate::test_support::FakeBroker::default();
         fake.with(|state| state.machines = vec![ready("ts1.example", "127.0.0.1:4000")]);
         let url = fake.serve(CancellationToken::new()).await;
-        let endpoint = crate::broker_client::endpoint(&url).unwrap();
+        let endpoint = crate::broker_client::endpoint(&url, &Default::default()).unwrap();
         let broker = crate::broker_client::broker(
             endpoint.connect_lazy(),
             crate::broker_client::BearerToken::default(),
