@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks of the deployment files: deploy/docker/compose.yaml against the Compose
 # Specification's JSON schema (the one Docker Compose v2 reads; check-jsonschema from PyPI in a
-# throwaway virtualenv), and the systemd units in deploy/systemd with `systemd-analyze verify`
+# throwaway virtualenv), and the systemd units in deploy/systemd, each with its TLS drop-in from
+# deploy/systemd/tls, with `systemd-analyze verify`
 # (any complaint fails; the programs' paths are pointed at /bin/true, since the units name
 # where a package installs them). The images themselves are built and run by
 # scripts/container-check.sh.
@@ -37,11 +38,15 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
 fi
 mkdir "$work/units"
 for unit in deploy/systemd/*.service; do
-    sed -E 's#/usr/bin/(tsagent|tsbroker)#/bin/true#g' "$unit" >"$work/units/$(basename "$unit")"
+    name=$(basename "$unit")
+    sed -E 's#/usr/bin/(tsagent|tsbroker)#/bin/true#g' "$unit" >"$work/units/$name"
+    # The TLS drop-in, installed where systemd reads a unit's drop-ins.
+    mkdir "$work/units/$name.d"
+    cp "deploy/systemd/tls/${name%.service}.conf" "$work/units/$name.d/tls.conf"
 done
-complaints=$(systemd-analyze verify "$work"/units/*.service 2>&1) || true
+complaints=$(SYSTEMD_UNIT_PATH="$work/units:" systemd-analyze verify "$work"/units/*.service 2>&1) || true
 if [ -n "$complaints" ]; then
     printf '%s\n' "$complaints" >&2
     die "systemd-analyze verify complains about deploy/systemd"
 fi
-log "deploy/systemd/*.service pass systemd-analyze verify"
+log "deploy/systemd/*.service and their TLS drop-ins pass systemd-analyze verify"

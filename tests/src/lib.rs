@@ -10,6 +10,7 @@ pub mod process;
 pub mod rdp;
 pub mod spawn;
 pub mod spawn_agent;
+pub mod tls;
 
 pub use database::{Backend, TestDatabase};
 pub use fake_agent::FakeAgent;

@@ -73,6 +73,8 @@ fn the_brokers_example_config_is_accepted_with_every_setting() {
         Some("127.0.0.1:9150".parse().unwrap())
     );
     assert!(config.admin_token.is_some() && config.agent_token.is_some());
+    let tls = config.tls.expect("the TLS settings");
+    assert_eq!(tls.client_ca, Some("/etc/tsbroker/ca.pem".into()));
 }
 
 #[test]
@@ -114,7 +116,20 @@ fn the_agents_example_config_is_accepted_with_every_setting() {
         taken.len() >= 10,
         "settings found in the example: {taken:?}"
     );
-    for text in [example.as_str(), full.as_str()] {
+    // The TLS settings are for an https:// broker.
+    let full = full.replace(
+        "broker = \"http://broker.example.com",
+        "broker = \"https://broker.example.com",
+    );
+    let tls = tsagent::config::BrokerTls {
+        ca: Some("/etc/tsagent/ca.pem".into()),
+        cert: Some("/etc/tsagent/agent.pem".into()),
+        key: Some("/etc/tsagent/agent.key".into()),
+    };
+    for (text, scheme, tls) in [
+        (example.as_str(), "http", Default::default()),
+        (full.as_str(), "https", tls),
+    ] {
         let path = dir.path().join("tsagent.toml");
         std::fs::write(&path, text).unwrap();
         let args = tsagent::cli::AgentArgs {
@@ -125,7 +140,11 @@ fn the_agents_example_config_is_accepted_with_every_setting() {
         };
         let (config, _) =
             tsagent::settings::agent_config(args).unwrap_or_else(|error| panic!("{error}\n{text}"));
-        assert_eq!(config.broker_url, "http://broker.example.com:50051");
+        assert_eq!(config.broker_tls, tls);
+        assert_eq!(
+            config.broker_url,
+            format!("{scheme}://broker.example.com:50051")
+        );
         assert_eq!(config.local_rdp, "127.0.0.1:3390");
     }
     let path = dir.path().join("tsagent.toml");

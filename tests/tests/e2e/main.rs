@@ -16,3 +16,4 @@ mod policies;
 mod query_plans;
 mod rdp;
 mod stream;
+mod tls;
