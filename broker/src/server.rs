@@ -108,6 +108,7 @@ pub async fn run(
     let gateway_settings = GatewaySettings {
         heartbeat_interval: config.heartbeat_interval(),
         heartbeat_timeout: config.heartbeat_timeout,
+        machine_named_by_certificate: certificates_required,
     };
     let gateway = agent_gateway_server::AgentGatewayServer::with_interceptor(
         GatewayApi::new(core.clone(), gateway_settings, shutdown.clone()),

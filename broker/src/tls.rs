@@ -80,6 +80,26 @@ impl ServerTls {
     }
 }
 
+/// Checks that a client certificate names `machine` among its subjectAltName entries (a DNS
+/// name, or a wildcard as TLS allows it; an IP address for a machine named by one): an agent
+/// whose certificate the client CA signed may speak only for the machine its certificate names.
+pub fn certificate_names_machine(
+    certificate: &CertificateDer<'_>,
+    machine: &str,
+) -> Result<(), String> {
+    let name = rustls::pki_types::ServerName::try_from(machine).map_err(|_| {
+        format!("machine name {machine:?} is not a DNS name a certificate can carry")
+    })?;
+    let parsed = webpki::EndEntityCert::try_from(certificate)
+        .map_err(|error| format!("the client certificate cannot be read: {error}"))?;
+    parsed.verify_is_valid_for_subject_name(&name).map_err(|_| {
+        format!(
+            "the client certificate does not name machine {machine:?} (a subjectAltName DNS \
+             entry must)"
+        )
+    })
+}
+
 /// Trusts one certificate, the broker's own; the handshake's signatures are still checked, so
 /// the server proved it holds that certificate's key.
 #[derive(Debug)]
@@ -126,5 +146,52 @@ impl rustls::client::danger::ServerCertVerifier for OwnCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::pem::PemObject;
+
+    /// `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1
+    /// -subj /CN=ts1.example.com -addext "subjectAltName=DNS:ts1.example.com,
+    /// DNS:*.farm.example.com,IP:192.0.2.7"` (the names are checked, not the dates).
+    const NAMED: &str = "-----BEGIN CERTIFICATE-----
+MIIBwDCCAWegAwIBAgIUHy9cVgTHbJVYIQq/lx8x5fQjfh8wCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPdHMxLmV4YW1wbGUuY29tMB4XDTI2MTIwNTA4MzI1NVoXDTI2
+MTIwNjA4MzI1NVowGjEYMBYGA1UEAwwPdHMxLmV4YW1wbGUuY29tMFkwEwYHKoZI
+zj0CAQYIKoZIzj0DAQcDQgAEREsbLKNI7YFCMtvbgToqf2c4p5UaOo9OGsYkPkh4
+GQt480p8KxGvLFhmlUAh+OlkeVlYtNI2bs4yJXyn/2L8wKOBijCBhzAdBgNVHQ4E
+FgQUeYR/HL+O1RXlSRHXreRg4CUUmSIwHwYDVR0jBBgwFoAUeYR/HL+O1RXlSRHX
+reRg4CUUmSIwDwYDVR0TAQH/BAUwAwEB/zA0BgNVHREELTArgg90czEuZXhhbXBs
+ZS5jb22CEiouZmFybS5leGFtcGxlLmNvbYcEwAACBzAKBggqhkjOPQQDAgNHADBE
+AiBlhEPEGdyGpdmY8sFoM4cjD2Lg3frmn8wW3hr5yGwfGQIgD/R6n0AGq4QRDJmK
+MkRvy+bnmwsU2D5e116UEi5B6Go=
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn a_certificate_admits_the_machines_its_alternative_names_name() {
+        let certificate = CertificateDer::from_pem_slice(NAMED.as_bytes()).unwrap();
+        for admitted in [
+            "ts1.example.com",
+            "TS1.Example.com",
+            "ts5.farm.example.com",
+            "192.0.2.7",
+        ] {
+            assert_eq!(certificate_names_machine(&certificate, admitted), Ok(()));
+        }
+        for refused in [
+            "ts2.example.com",
+            "a.b.farm.example.com",
+            "192.0.2.8",
+            "ts1",
+        ] {
+            let why = certificate_names_machine(&certificate, refused).unwrap_err();
+            assert!(why.contains("does not name machine"), "{refused}: {why}");
+        }
+        let why = certificate_names_machine(&certificate, "ts 1").unwrap_err();
+        assert!(why.contains("not a DNS name"), "{why}");
     }
 }

@@ -130,13 +130,16 @@ impl TestCa {
         )
     }
 
-    /// A client certificate for `common_name`, files `name.pem` and `name.key`.
+    /// A client certificate for `common_name` (also its subjectAltName DNS name: the machine
+    /// an agent's certificate names), files `name.pem` and `name.key`.
     pub fn client(&self, name: &str, common_name: &str) -> CertifiedKey {
         key_and_request(&self.dir, name, common_name);
         self.sign(
             name,
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=clientAuth\n",
+            &format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{common_name}\n"
+            ),
         )
     }
 }

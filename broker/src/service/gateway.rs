@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::CertificateDer;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tsbroker_common::model::{
     self, LoadReport, MachineDescription, MachineState, SessionEvent, SessionInfo,
@@ -39,6 +40,9 @@ const MAX_EVENT_BATCH: usize = 256;
 pub struct GatewaySettings {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Client certificates are required (TLS with a client CA): a stream may speak only for
+    /// the machine its certificate names.
+    pub machine_named_by_certificate: bool,
 }
 
 pub struct GatewayApi {
@@ -66,6 +70,9 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let peer = request.remote_addr();
+        let certificate = request
+            .peer_certs()
+            .and_then(|chain| chain.first().cloned());
         if !self.core.get()?.database.is_up() {
             // Nothing of a stream can be written now; the status says when to come back (not
             // logged: the health monitor said it once, and agents ask every second).
@@ -83,6 +90,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             settings: self.settings.clone(),
             outbound,
             peer,
+            certificate,
             connection: Uuid::new_v4(),
             machine: None,
             last_seq: 0,
@@ -132,6 +140,8 @@ struct AgentStream {
     settings: GatewaySettings,
     outbound: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
     peer: Option<SocketAddr>,
+    /// The client certificate the agent presented, if any (verified by the TLS handshake).
+    certificate: Option<CertificateDer<'static>>,
     /// This stream's id; the store refuses its writes once another stream owns the machine.
     connection: Uuid,
     machine: Option<MachineRecord>,
@@ -363,6 +373,20 @@ impl AgentStream {
         let description = MachineDescription::try_from(description).map_err(|error| {
             StreamEnd::Refused(Status::invalid_argument(format!("ADDED: {error}")))
         })?;
+        if self.settings.machine_named_by_certificate {
+            let named = match &self.certificate {
+                Some(certificate) => {
+                    crate::tls::certificate_names_machine(certificate, &description.name)
+                }
+                None => Err("no client certificate".to_owned()),
+            };
+            if let Err(why) = named {
+                tracing::warn!(machine = %description.name, peer = ?self.peer, why, "ADDED refused");
+                return Err(StreamEnd::Refused(Status::permission_denied(format!(
+                    "ADDED: {why}"
+                ))));
+            }
+        }
         let id = model::machine_id(&description.farm, &description.name);
         if self.machine_id().is_some_and(|current| current != id) {
             return Err(StreamEnd::Refused(Status::failed_precondition(

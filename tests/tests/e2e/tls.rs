@@ -78,8 +78,8 @@ async fn broker_link(agent: &AgentProcess) -> String {
 /// only the CA (reflection and health stay open) but needs a client certificate for the
 /// services; a plaintext client gets nothing; `--health-check` with the same settings says
 /// SERVING; an agent with a certificate the CA signed streams its machine and its front door's
-/// `Redirect` is answered, while an agent with none, or with one of another CA, is refused and
-/// says so in `tsagent status`.
+/// `Redirect` is answered, while an agent with none, with one of another CA, or with one the CA
+/// signed for another machine, is refused and says so in `tsagent status`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -236,6 +236,19 @@ async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_e
         &path("ts3.sock"),
         &path("ts3.log"),
     );
+    // The farm's CA signed this one, for ts4: it may not speak for ts5.
+    let pretender_cert = ca.client("ts4", "ts4.tls.test");
+    let pretender = AgentProcess::spawn(
+        &agent_args(
+            port,
+            "ts5.tls.test",
+            &path("ts5"),
+            &[&ca_cert, &pretender_cert.cert, &pretender_cert.key],
+            &[],
+        ),
+        &path("ts5.sock"),
+        &path("ts5.log"),
+    );
     member.wait_until_connected(Duration::from_secs(30)).await;
     let list_machines = || {
         grpcurl(
@@ -255,13 +268,18 @@ async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_e
             && broker_link(&foreign)
                 .await
                 .starts_with("broker: not connected")
+            && broker_link(&pretender)
+                .await
+                .contains("does not name machine")
     })
     .await;
     let (_, listed) = list_machines().await;
-    assert!(
-        !listed.contains("ts2.tls.test") && !listed.contains("ts3.tls.test"),
-        "a machine without a certificate of the farm's CA joined: {listed}"
-    );
+    for outsider in ["ts2.tls.test", "ts3.tls.test", "ts5.tls.test"] {
+        assert!(
+            !listed.contains(outsider),
+            "{outsider} joined without a certificate of the farm's CA naming it: {listed}"
+        );
+    }
 
     // A client through the member's front door: the broker is asked over TLS and places the
     // logon there, the stand-in RDP service gets the request and the client its answer.
