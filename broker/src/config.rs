@@ -173,12 +173,13 @@ pub struct Cli {
     #[arg(long, env = "TSBROKER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA whose certificates agents and other callers must present (health checks and
-    /// reflection excepted) [default: none: no client certificates asked for].
+    /// reflection excepted); an agent's must name its machine in its subjectAltName
+    /// [default: none: no client certificates asked for].
     #[arg(long, env = "TSBROKER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
     /// Serve nothing: ask the broker at the listen address (on loopback when that is every
-    /// interface) whether it is SERVING, print its answer, and exit 0 if it is, 1 if not or
-    /// if it cannot be asked. For container health checks.
+    /// interface) whether it is SERVING, over TLS when --tls-cert is set, print its answer, and
+    /// exit 0 if it is, 1 if not or if it cannot be asked. For container health checks.
     #[arg(long)]
     pub health_check: bool,
 }
