@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tsbroker_common::model::{self, MachineDescription};
 use uuid::Uuid;
 
-use crate::broker_client::{self, BearerToken};
+use crate::broker_client::BearerToken;
+use crate::broker_link::{BrokerLink, TLS_FILES_CHECK_INTERVAL};
 use crate::config::{AgentConfig, FrontDoorBind};
 use crate::control::server::{self as control_server, ControlHandler};
 use crate::directory::Directory;
@@ -93,7 +94,7 @@ pub async fn start(
     let (directory, events) = Directory::open(&config.state_dir)?;
     let directory = directory.with_unconfirmed_logon_grace(config.unconfirmed_logon_grace);
     let token = BearerToken::new(config.agent_token.as_deref())?;
-    let endpoint = broker_client::endpoint(&config.broker_url, &config.broker_tls)?;
+    let link = BrokerLink::new(&config.broker_url, &config.broker_tls, token)?;
     let status: SharedStatus = Arc::new(Mutex::new(LinkStatus {
         weight: config.weight,
         session_limit: config.session_limit,
@@ -130,6 +131,9 @@ pub async fn start(
         advertise: config.advertise.clone(),
         front_door: front_door_addr.map(|address| address.to_string()),
     };
+    parts.push(tokio::spawn(
+        link.clone().watch(TLS_FILES_CHECK_INTERVAL, stop.clone()),
+    ));
     parts.push(tokio::spawn(control_server::serve(
         control_listener,
         config.control_socket.clone(),
@@ -137,8 +141,7 @@ pub async fn start(
         stop.clone(),
     )));
     if let Some(listener) = front_door_listener {
-        let broker = broker_client::broker(endpoint.connect_lazy(), token.clone());
-        let machines = MachineCache::new(broker.clone(), config.farm.clone());
+        let machines = MachineCache::new(link.clone(), config.farm.clone());
         parts.push(tokio::spawn(
             machines
                 .clone()
@@ -152,7 +155,7 @@ pub async fn start(
                 client_timeout: config.client_timeout,
                 max_connections: config.max_connections,
             },
-            broker,
+            link: link.clone(),
             machines,
             directory: directory.clone(),
         });
@@ -164,8 +167,7 @@ pub async fn start(
     }
     let context = StreamContext {
         description,
-        endpoint,
-        token,
+        link: link.clone(),
         backoff: config.backoff,
         default_heartbeat: config.default_heartbeat,
         welcome_timeout: config.welcome_timeout,

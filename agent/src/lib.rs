@@ -8,6 +8,7 @@
 mod agent;
 pub mod backoff;
 pub mod broker_client;
+pub mod broker_link;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -154,22 +154,8 @@ mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
 
-    /// `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1
-    /// -subj /CN=ts1.example.com -addext "subjectAltName=DNS:ts1.example.com,
-    /// DNS:*.farm.example.com,IP:192.0.2.7"` (the names are checked, not the dates).
-    const NAMED: &str = "-----BEGIN CERTIFICATE-----
-MIIBwDCCAWegAwIBAgIUHy9cVgTHbJVYIQq/lx8x5fQjfh8wCgYIKoZIzj0EAwIw
-GjEYMBYGA1UEAwwPdHMxLmV4YW1wbGUuY29tMB4XDTI2MTIwNTA4MzI1NVoXDTI2
-MTIwNjA4MzI1NVowGjEYMBYGA1UEAwwPdHMxLmV4YW1wbGUuY29tMFkwEwYHKoZI
-zj0CAQYIKoZIzj0DAQcDQgAEREsbLKNI7YFCMtvbgToqf2c4p5UaOo9OGsYkPkh4
-GQt480p8KxGvLFhmlUAh+OlkeVlYtNI2bs4yJXyn/2L8wKOBijCBhzAdBgNVHQ4E
-FgQUeYR/HL+O1RXlSRHXreRg4CUUmSIwHwYDVR0jBBgwFoAUeYR/HL+O1RXlSRHX
-reRg4CUUmSIwDwYDVR0TAQH/BAUwAwEB/zA0BgNVHREELTArgg90czEuZXhhbXBs
-ZS5jb22CEiouZmFybS5leGFtcGxlLmNvbYcEwAACBzAKBggqhkjOPQQDAgNHADBE
-AiBlhEPEGdyGpdmY8sFoM4cjD2Lg3frmn8wW3hr5yGwfGQIgD/R6n0AGq4QRDJmK
-MkRvy+bnmwsU2D5e116UEi5B6Go=
------END CERTIFICATE-----
-";
+    /// common/testdata/README.md says what it is.
+    const NAMED: &str = include_str!("../../common/testdata/ts1-example-com.pem");
 
     #[test]
     fn a_certificate_admits_the_machines_its_alternative_names_name() {

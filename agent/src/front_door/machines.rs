@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::proto::v1 as pb;
 
-use crate::broker_client::Broker;
+use crate::broker_link::BrokerLink;
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,7 +44,7 @@ struct CacheState {
 /// Shared, cheap to clone.
 #[derive(Clone)]
 pub struct MachineCache {
-    broker: Broker,
+    link: Arc<BrokerLink>,
     farm: String,
     state: Arc<RwLock<CacheState>>,
     refreshing: Arc<tokio::sync::Mutex<()>>,
@@ -99,9 +99,9 @@ async fn known(machine: pb::Machine) -> Option<KnownMachine> {
 }
 
 impl MachineCache {
-    pub fn new(broker: Broker, farm: String) -> Self {
+    pub fn new(link: Arc<BrokerLink>, farm: String) -> Self {
         MachineCache {
-            broker,
+            link,
             farm,
             state: Arc::new(RwLock::new(CacheState::default())),
             refreshing: Arc::new(tokio::sync::Mutex::new(())),
@@ -121,7 +121,7 @@ impl MachineCache {
         let request = pb::ListMachinesRequest {
             farm: self.farm.clone(),
         };
-        let mut broker = self.broker.clone();
+        let mut broker = self.link.broker();
         let response = tokio::time::timeout(LIST_TIMEOUT, broker.list_machines(request))
             .await
             .context("list machines: timed out")?
@@ -269,12 +269,8 @@ mod tests {
         let fake = crate::test_support::FakeBroker::default();
         fake.with(|state| state.machines = vec![ready("ts1.example", "127.0.0.1:4000")]);
         let url = fake.serve(CancellationToken::new()).await;
-        let endpoint = crate::broker_client::endpoint(&url, &Default::default()).unwrap();
-        let broker = crate::broker_client::broker(
-            endpoint.connect_lazy(),
-            crate::broker_client::BearerToken::default(),
-        );
-        let cache = MachineCache::new(broker, "default".into());
+        let link = BrokerLink::new(&url, &Default::default(), Default::default()).unwrap();
+        let cache = MachineCache::new(link, "default".into());
         cache.refresh().await.unwrap();
         assert!(cache.peer("127.0.0.1".parse().unwrap()).await.is_some());
 

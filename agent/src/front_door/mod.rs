@@ -11,11 +11,12 @@ pub mod splice;
 mod tests;
 pub mod x224;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::broker_client::Broker;
+use crate::broker_link::BrokerLink;
 use crate::directory::Directory;
 use machines::MachineCache;
 
@@ -36,7 +37,8 @@ pub struct FrontDoorSettings {
 /// Shared by every connection.
 pub struct FrontDoorShared {
     pub settings: FrontDoorSettings,
-    pub broker: Broker,
+    /// The broker's client, current with the TLS files.
+    pub link: Arc<BrokerLink>,
     pub machines: MachineCache,
     pub directory: Directory,
 }

@@ -133,7 +133,7 @@ async fn redirect(
         user_name_may_be_truncated,
         exclude_machine_ids: refused.to_vec(),
     };
-    let mut broker = shared.broker.clone();
+    let mut broker = shared.link.broker();
     let answer = tokio::time::timeout(REDIRECT_TIMEOUT, broker.redirect(request)).await;
     let response = match answer {
         Ok(Ok(response)) => response.into_inner(),

@@ -91,11 +91,14 @@ pub(super) async fn run_once(
     sampler: &mut LoadSampler,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
+    // A renewed certificate or CA is used from the next connection on.
+    context.link.reload_if_changed();
+    let endpoint = context.link.endpoint();
     let channel = tokio::select! {
         () = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-        channel = context.endpoint.connect() => channel.context("connect to broker")?,
+        channel = endpoint.connect() => channel.context("connect to broker")?,
     };
-    let mut client = broker_client::gateway(channel, context.token.clone());
+    let mut client = broker_client::gateway(channel, context.link.token());
     let (sender, receiver) = mpsc::channel(OUTBOX_DEPTH);
     let mut outbox = Outbox {
         sender,

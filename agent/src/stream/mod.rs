@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tsbroker_common::model::MachineDescription;
 use tsbroker_common::proto::v1 as pb;
 
 use crate::backoff::Backoff;
-use crate::broker_client::BearerToken;
+use crate::broker_link::BrokerLink;
 use crate::config::BackoffSettings;
 use crate::directory::{Directory, DirectoryEvents};
 use crate::load::LoadSampler;
@@ -49,8 +48,8 @@ pub(crate) fn update_status(status: &SharedStatus, change: impl FnOnce(&mut Link
 /// Everything the stream needs.
 pub struct StreamContext {
     pub description: MachineDescription,
-    pub endpoint: Endpoint,
-    pub token: BearerToken,
+    /// The endpoint each stream opens, current with the TLS files, and the agent token.
+    pub link: Arc<BrokerLink>,
     pub backoff: BackoffSettings,
     /// Load report interval until the Welcome names one.
     pub default_heartbeat: Duration,

