@@ -14,7 +14,7 @@ use crate::service::gateway::{GatewayApi, GatewaySettings};
 use crate::service::{Core, CoreCell};
 use crate::store::reachability::Reachability;
 use crate::store::{self, IngestWriter, Store};
-use crate::tls::ServerTls;
+use crate::tls::TlsListener;
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,10 +91,10 @@ pub async fn run(
         .build_v1alpha()
         .context("build reflection v1alpha")?;
 
-    let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
+    let tls = config.tls.as_ref().map(TlsListener::open).transpose()?;
     let certificates_required = tls
         .as_ref()
-        .is_some_and(ServerTls::client_certificates_required);
+        .is_some_and(|tls| tls.client_certificates_required());
     let agent_guard = AccessGuard::token(config.agent_token.clone(), false, "AgentGateway")
         .client_certificate(certificates_required);
     let admin_guard = AccessGuard::token(config.admin_token.clone(), true, "Admin")
@@ -127,13 +127,8 @@ pub async fn run(
         .local_addr()
         .context("read the listening address")?;
     let server_stop = CancellationToken::new();
-    let mut builder = Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder
-            .tls_config(tls.server_config())
-            .context("TLS settings (--tls-cert, --tls-key, --tls-client-ca)")?;
-    }
-    let server = builder
+    let tls_mode = tls_mode(tls.as_deref());
+    let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -141,16 +136,22 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(broker)
         .add_service(admin)
-        .add_service(gateway)
-        .serve_with_incoming_shutdown(
-            accepted_connections(listener),
-            server_stop.clone().cancelled_owned(),
-        );
-    let mut server_task = tokio::spawn(server);
+        .add_service(gateway);
+    let stopped = server_stop.clone().cancelled_owned();
+    let mut server_task =
+        match tls {
+            Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
+                tls.connections(listener, server_stop.clone()),
+                stopped,
+            )),
+            None => tokio::spawn(
+                router.serve_with_incoming_shutdown(accepted_connections(listener), stopped),
+            ),
+        };
     tracing::info!(
         %local_address,
         database = %redact_url(&config.database_url),
-        tls = tls_mode(tls.as_ref()),
+        tls = tls_mode,
         "tsbroker listening"
     );
 
@@ -312,7 +313,7 @@ async fn monitor_store(
 
 /// The URL without its password, for logs.
 /// How the gRPC port is protected, for the start-up log line.
-fn tls_mode(tls: Option<&ServerTls>) -> &'static str {
+fn tls_mode(tls: Option<&TlsListener>) -> &'static str {
     match tls {
         None => "off",
         Some(tls) if tls.client_certificates_required() => "on, client certificates required",

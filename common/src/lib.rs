@@ -6,6 +6,7 @@
 pub mod model;
 pub mod pem;
 pub mod proto;
+pub mod renewal;
 pub mod serve;
 pub mod telemetry;
 pub mod validate;

@@ -409,3 +409,56 @@ async fn an_agent_takes_up_renewed_certificates_without_a_restart() {
         agent.log.tail(20)
     );
 }
+
+/// A renewed broker certificate is served from the next handshake on without a restart, and
+/// the agents' streams opened before it go on: the health check given the new files (which
+/// trusts exactly that certificate) says SERVING once the broker serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_serves_its_renewed_certificate_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let ca = TestCa::new(dir.path(), "farm-ca");
+    let first = ca.server("first");
+    let renewed = ca.server("renewed");
+    let agent_cert = ca.client("agent", "ts1.tls.test");
+    // Where the broker's files live, and the renewal lands.
+    let installed = CertifiedKey {
+        cert: path("broker.pem"),
+        key: path("broker.key"),
+    };
+    let install = |from: &CertifiedKey| {
+        std::fs::copy(&from.cert, &installed.cert).unwrap();
+        std::fs::copy(&from.key, &installed.key).unwrap();
+    };
+    install(&first);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let flags = tls_flags(&installed, &ca.cert());
+    let log = LogFile::create(&path("broker.log"));
+    let _broker = start_broker(&listen, &path("broker.db"), &flags, &log);
+    wait_until_serving(&listen, &flags).await;
+    let mut agent = AgentProcess::spawn(
+        &agent_args(
+            port,
+            "ts1.tls.test",
+            &path("ts1"),
+            &[&ca.cert(), &agent_cert.cert, &agent_cert.key],
+            &[],
+        ),
+        &path("ts1.sock"),
+        &path("ts1.log"),
+    );
+    agent.wait_until_connected(Duration::from_secs(30)).await;
+
+    install(&renewed);
+    let renewed_flags = tls_flags(&renewed, &ca.cert());
+    wait_until_serving(&listen, &renewed_flags).await;
+    assert!(log.text().contains("TLS files changed"), "{}", log.tail(20));
+    assert!(broker_link(&agent).await.starts_with("broker: connected"));
+    assert_eq!(
+        agent.log.count("connected to the broker"),
+        1,
+        "the agent's stream was cut: {}",
+        agent.log.tail(20)
+    );
+}

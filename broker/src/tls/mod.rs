@@ -1,18 +1,22 @@
 //! TLS on the broker's gRPC port: its certificate chain and key, and optionally a CA whose
 //! certificates clients must present (checked per service in `service::auth`; health checks
 //! and reflection stay open). The files are read and checked at start, so a bad one stops the
-//! broker with the file's name and what is wrong with it.
+//! broker with the file's name and what is wrong with it; `listener.rs` serves connections with
+//! them and takes up renewed files while the broker runs.
+
+mod listener;
+mod own_certificate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
+use anyhow::Context;
 use rustls::pki_types::CertificateDer;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use rustls::server::WebPkiClientVerifier;
 use tsbroker_common::pem;
 
-/// How long a client may take over its TLS handshake before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use listener::{FILES_CHECK_INTERVAL, TlsListener};
+pub use own_certificate::OwnCertificate;
 
 /// Where the TLS files are, as the settings name them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,49 +29,69 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// The files' contents, checked: they parse and the key is the certificate's.
+impl TlsFiles {
+    fn paths(&self) -> Vec<PathBuf> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The files' contents, checked, as a rustls server configuration.
 #[derive(Clone)]
 pub struct ServerTls {
-    cert_pem: Vec<u8>,
-    key_pem: Vec<u8>,
-    client_ca_pem: Option<Vec<u8>>,
+    config: Arc<rustls::ServerConfig>,
+    client_certificates_required: bool,
     /// The broker's own certificate, which its health check trusts.
     leaf: CertificateDer<'static>,
 }
 
 impl ServerTls {
+    /// Reads and checks the files: the key is the certificate's, the CA file holds
+    /// certificates. A client certificate is optional at the handshake, so that health checks
+    /// and reflection work without one; the services that need one refuse calls without it
+    /// (`service::auth`). One that is presented must be signed by the client CA.
     pub fn load(files: &TlsFiles) -> anyhow::Result<ServerTls> {
         let (chain, key) = pem::read_key_pair(&files.cert, &files.key)?;
-        let client_ca_pem = match &files.client_ca {
-            Some(path) => Some(pem::read_certificates(path, "--tls-client-ca")?.pem),
-            None => None,
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?;
+        let builder = match &files.client_ca {
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for certificate in pem::read_certificates(path, "--tls-client-ca")?.certificates {
+                    roots.add(certificate).with_context(|| {
+                        format!("--tls-client-ca {}: not a CA certificate", path.display())
+                    })?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .allow_unauthenticated()
+                        .build()
+                        .with_context(|| format!("--tls-client-ca {}", path.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
         };
+        let leaf = chain.certificates[0].clone();
+        let mut config = builder
+            .with_single_cert(chain.certificates, key.key)
+            .with_context(|| format!("--tls-cert {}", files.cert.display()))?;
+        // gRPC is HTTP/2, and clients (grpcurl's Go stack among them) insist on being told so.
+        config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(ServerTls {
-            leaf: chain.certificates[0].clone(),
-            cert_pem: chain.pem,
-            key_pem: key.pem,
-            client_ca_pem,
+            config: Arc::new(config),
+            client_certificates_required: files.client_ca.is_some(),
+            leaf,
         })
-    }
-
-    /// tonic's server settings. A client certificate is optional at the handshake, so that
-    /// health checks and reflection work without one; the services that need one refuse calls
-    /// without it (`service::auth`). One that is presented must be signed by the client CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        let config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .timeout(HANDSHAKE_TIMEOUT);
-        match &self.client_ca_pem {
-            Some(pem) => config
-                .client_ca_root(Certificate::from_pem(pem))
-                .client_auth_optional(true),
-            None => config,
-        }
     }
 
     /// Whether calls must come with a client certificate the client CA signed.
     pub fn client_certificates_required(&self) -> bool {
-        self.client_ca_pem.is_some()
+        self.client_certificates_required
     }
 
     /// A verifier for the broker's own health check: it accepts exactly this certificate (the
@@ -100,62 +124,13 @@ pub fn certificate_names_machine(
     })
 }
 
-/// Trusts one certificate, the broker's own; the handshake's signatures are still checked, so
-/// the server proved it holds that certificate's key.
-#[derive(Debug)]
-pub struct OwnCertificate {
-    leaf: CertificateDer<'static>,
-    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl rustls::client::danger::ServerCertVerifier for OwnCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.leaf.as_ref() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the server's certificate is not the one in --tls-cert".to_owned(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        signature: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, signature, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        signature: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, signature, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
 
     /// common/testdata/README.md says what it is.
-    const NAMED: &str = include_str!("../../common/testdata/ts1-example-com.pem");
+    const NAMED: &str = include_str!("../../../common/testdata/ts1-example-com.pem");
 
     #[test]
     fn a_certificate_admits_the_machines_its_alternative_names_name() {

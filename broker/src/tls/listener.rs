@@ -1,0 +1,143 @@
+//! Serves TLS on the broker's listener with the files as they are now: handshakes run side by
+//! side within a time limit (a slow or silent client holds up no one), and the files are looked
+//! at every [`FILES_CHECK_INTERVAL`]. Renewed files that load are used from the next handshake
+//! on (connections already open keep theirs); files that do not load yet (a renewal half
+//! written, a key that does not match) are logged and the previous ones kept.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tsbroker_common::renewal::{Renewable, check_every};
+
+use super::{ServerTls, TlsFiles};
+
+/// How often the files are looked at (their size and modification time).
+pub const FILES_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections through their handshake, waiting for the gRPC server to take them.
+const READY_QUEUE: usize = 64;
+
+pub struct TlsListener {
+    files: TlsFiles,
+    tls: Renewable<ServerTls>,
+}
+
+impl TlsListener {
+    /// Reads the files now: a bad one is an error at start.
+    pub fn open(files: &TlsFiles) -> anyhow::Result<Arc<TlsListener>> {
+        let tls = Renewable::new(files.paths(), || ServerTls::load(files))?;
+        Ok(Arc::new(TlsListener {
+            files: files.clone(),
+            tls,
+        }))
+    }
+
+    /// Whether calls must come with a client certificate (fixed by the settings).
+    pub fn client_certificates_required(&self) -> bool {
+        self.tls.with(ServerTls::client_certificates_required)
+    }
+
+    /// Loads the files again when one changed since it was last read. Whether it did.
+    pub fn reload_if_changed(&self) -> bool {
+        self.tls.renew_if_changed(|| ServerTls::load(&self.files))
+    }
+
+    /// The connections `listener` accepts, through their TLS handshake (with `TCP_NODELAY`,
+    /// as `tsbroker_common::serve::accepted_connections`), until `stop`; the files are watched
+    /// meanwhile.
+    pub fn connections(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        let (ready, connections) = mpsc::channel(READY_QUEUE);
+        tokio::spawn(self.clone().accept(listener, ready, stop.clone()));
+        tokio::spawn(self.watch(stop));
+        ReceiverStream::new(connections)
+    }
+
+    async fn accept(
+        self: Arc<Self>,
+        listener: TcpListener,
+        ready: mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = stop.cancelled() => return,
+                () = ready.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(self.tls.with(|tls| tls.config.clone()));
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = ready.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    }
+
+    async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        check_every(FILES_CHECK_INTERVAL, stop.cancelled(), || {
+            self.reload_if_changed();
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CERT: &str = include_str!("../../../common/testdata/ts1-example-com.pem");
+    const KEY: &str = include_str!("../../../common/testdata/ts1-example-com.key");
+
+    #[test]
+    fn renewed_files_are_taken_up_and_broken_ones_are_not() {
+        let dir = std::env::temp_dir().join(format!("tsbroker-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = TlsFiles {
+            cert: dir.join("broker.pem"),
+            key: dir.join("broker.key"),
+            client_ca: None,
+        };
+        std::fs::write(&files.cert, CERT).unwrap();
+        std::fs::write(&files.key, KEY).unwrap();
+        let listener = TlsListener::open(&files).unwrap();
+        assert!(!listener.reload_if_changed(), "nothing changed");
+        // A renewal half written: the previous settings stay.
+        std::fs::write(&files.key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        assert!(!listener.reload_if_changed());
+        assert!(!listener.client_certificates_required());
+        // Written in full: taken up once.
+        std::fs::write(&files.key, format!("{KEY}\n")).unwrap();
+        assert!(listener.reload_if_changed());
+        assert!(!listener.reload_if_changed());
+        // A file gone is a change that does not load.
+        std::fs::remove_file(&files.cert).unwrap();
+        assert!(!listener.reload_if_changed());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
