@@ -311,7 +311,6 @@ async fn monitor_store(
     }
 }
 
-/// The URL without its password, for logs.
 /// How the gRPC port is protected, for the start-up log line.
 fn tls_mode(tls: Option<&TlsListener>) -> &'static str {
     match tls {
@@ -321,6 +320,7 @@ fn tls_mode(tls: Option<&TlsListener>) -> &'static str {
     }
 }
 
+/// The URL without its password, for logs.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
