@@ -54,7 +54,16 @@ pub async fn check(listen: SocketAddr, tls: Option<&ServerTls>) -> Result<Servin
         let answer = HealthClient::new(channel)
             .check(HealthCheckRequest::default())
             .await
-            .map_err(|status| format!("{address} answered {status}"))?;
+            .map_err(|status| {
+                // A plaintext HTTP/2 preface to a TLS port gets the connection closed with a
+                // protocol error: say what is most likely wrong.
+                let hint = if tls.is_none() && status.code() == tonic::Code::Internal {
+                    " (does it serve TLS? give the check the broker's --tls-cert and --tls-key)"
+                } else {
+                    ""
+                };
+                format!("{address} answered {status}{hint}")
+            })?;
         Ok(ServingStatus::try_from(answer.into_inner().status).unwrap_or(ServingStatus::Unknown))
     };
     tokio::time::timeout(TIMEOUT, ask)

@@ -117,12 +117,13 @@ async fn broker_link(agent: &AgentProcess) -> String {
 }
 
 /// A broker serving TLS that asks for client certificates (one given a key that is not its
-/// certificate's does not start): grpcurl lists and describes it with
-/// only the CA (reflection and health stay open) but needs a client certificate for the
-/// services; a plaintext client gets nothing; `--health-check` with the same settings says
-/// SERVING; an agent with a certificate the CA signed streams its machine and its front door's
-/// `Redirect` is answered, while an agent with none, with one of another CA, or with one the CA
-/// signed for another machine, is refused and says so in `tsagent status`.
+/// certificate's does not start): grpcurl lists and describes it with only the CA (reflection
+/// and health stay open) but needs a client certificate for the services; a plaintext client
+/// gets nothing (and `--health-check` without the TLS settings says why); `--health-check` with
+/// the same settings says SERVING, and with another certificate refuses the broker's; an agent
+/// with a certificate the CA signed streams its machine and its front door's `Redirect` is
+/// answered, while an agent with none, with one of another CA, or with one the CA signed for
+/// another machine, is refused and says so in `tsagent status`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,6 +210,15 @@ async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_e
         !plaintext.status.success(),
         "a plaintext client was answered"
     );
+    // The health check without the TLS settings says what is most likely wrong.
+    let plain_check = tokio::process::Command::new(workspace_binary("tsbroker"))
+        .args(["--listen", &listen, "--health-check"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&plain_check.stderr);
+    assert_eq!(plain_check.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does it serve TLS?"), "{stderr}");
 
     // The agent with a certificate, fronting a stand-in RDP service.
     let rdp_service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
