@@ -137,12 +137,16 @@ pub struct BrokerOptions {
     pub slow_start_off: bool,
     /// Where the process writes its log (process mode).
     pub log_dir: PathBuf,
+    /// Serve TLS with these files (`--tls`).
+    pub tls: Option<tsbroker::tls::TlsFiles>,
 }
 
 /// A running broker.
 pub struct Broker {
     pub address: SocketAddr,
     pub mode: ProcessMode,
+    /// Serves TLS: its URL is https://.
+    tls: bool,
     kind: BrokerKind,
 }
 
@@ -179,6 +183,7 @@ impl Broker {
                 if options.slow_start_off {
                     config.farms.defaults.slow_start = Duration::ZERO;
                 }
+                config.tls = options.tls.clone();
                 let bind = address.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
                 let listener = tokio::net::TcpListener::bind(bind)
                     .await
@@ -190,6 +195,7 @@ impl Broker {
                 Broker {
                     address,
                     mode,
+                    tls: options.tls.is_some(),
                     kind: BrokerKind::InProcess { shutdown, task },
                 }
             }
@@ -230,6 +236,13 @@ impl Broker {
                         .arg("--heartbeat-timeout")
                         .arg(format!("{}ms", timeout.as_millis()));
                 }
+                if let Some(tls) = &options.tls {
+                    command
+                        .arg("--tls-cert")
+                        .arg(&tls.cert)
+                        .arg("--tls-key")
+                        .arg(&tls.key);
+                }
                 if options.slow_start_off {
                     let path = options
                         .log_dir
@@ -243,6 +256,7 @@ impl Broker {
                 Broker {
                     address,
                     mode,
+                    tls: options.tls.is_some(),
                     kind: BrokerKind::Process { child },
                 }
             }
@@ -252,7 +266,8 @@ impl Broker {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.address)
     }
 
     /// The broker's process id (this process for an in-process broker).
@@ -273,7 +288,7 @@ impl Broker {
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Ok(channel) = Endpoint::from_shared(self.url())?.connect().await {
+            if let Ok(channel) = endpoint(&self.url())?.connect().await {
                 let answer = HealthClient::new(channel)
                     .check(HealthCheckRequest::default())
                     .await;
@@ -335,15 +350,21 @@ impl Broker {
 
 /// A channel (one HTTP/2 connection) to `url`.
 pub async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .tcp_nodelay(true)
-        .connect()
-        .await?)
+    Ok(endpoint(url)?.tcp_nodelay(true).connect().await?)
+}
+
+/// `url`'s endpoint, with the tool's TLS settings for an https:// URL (`--tls`).
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_owned())?;
+    match crate::tls::client_config() {
+        Some(tls) if url.starts_with("https://") => Ok(endpoint.tls_config(tls)?),
+        _ => Ok(endpoint),
+    }
 }
 
 /// A lazily connected channel (one HTTP/2 connection, reconnected when it breaks).
 pub fn lazy_channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
+    Ok(endpoint(url)?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy())

@@ -9,6 +9,7 @@ pub mod load;
 pub mod report;
 pub mod scenarios;
 pub mod sim;
+pub mod tls;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,8 @@ pub struct Context {
     pub streams_per_connection: usize,
     /// Print progress lines to stderr.
     pub verbose: bool,
+    /// The broker serves TLS with these files (`--tls`).
+    pub tls: Option<tsbroker::tls::TlsFiles>,
 }
 
 impl Context {
@@ -37,6 +40,7 @@ impl Context {
             log_dir: std::env::temp_dir().join("tsbroker-bench-logs"),
             streams_per_connection: 100,
             verbose: false,
+            tls: None,
         }
     }
 
@@ -53,6 +57,7 @@ impl Context {
             heartbeat_timeout: None,
             slow_start_off: false,
             log_dir: self.log_dir.clone(),
+            tls: self.tls.clone(),
         }
     }
 

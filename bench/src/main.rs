@@ -30,6 +30,10 @@ struct Cli {
     /// Simulated agent streams per HTTP/2 connection.
     #[arg(long, global = true, default_value_t = 100)]
     streams_per_connection: usize,
+    /// The broker serves gRPC over TLS (certificates made with `openssl` for the run) and the
+    /// tool's clients use it: what TLS costs. Not for frontdoor (its agent speaks plaintext).
+    #[arg(long, global = true)]
+    tls: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -125,6 +129,21 @@ fn main() -> ExitCode {
     runtime.block_on(run(cli))
 }
 
+/// With `--tls`, the broker's certificate files in a directory kept for the run.
+fn tls_files(cli: &Cli) -> anyhow::Result<Option<(tempfile::TempDir, tsbroker::tls::TlsFiles)>> {
+    if !cli.tls {
+        return Ok(None);
+    }
+    if matches!(cli.scenario, Scenario::Frontdoor { .. }) {
+        anyhow::bail!("frontdoor does not run with TLS");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("tsbroker-bench-tls-")
+        .tempdir()?;
+    let files = tsbroker_bench::tls::set_up(dir.path())?;
+    Ok(Some((dir, files)))
+}
+
 fn print(report: &Report, json: bool) {
     if json {
         println!("{}", report.json());
@@ -140,11 +159,20 @@ async fn run(cli: Cli) -> ExitCode {
         cli.store.clone()
     };
     print(&tsbroker_bench::env::machine_report(), cli.json);
+    // Kept until the run ends: the broker reads its files from there.
+    let tls_dir = match tls_files(&cli) {
+        Ok(made) => made,
+        Err(error) => {
+            eprintln!("tsbroker-bench: --tls: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut failed = false;
     for store in stores {
         let mut context = Context::new(store, cli.mode);
         context.verbose = cli.verbose;
         context.streams_per_connection = cli.streams_per_connection;
+        context.tls = tls_dir.as_ref().map(|(_, files)| files.clone());
         let result = match &cli.scenario {
             Scenario::Decisions {
                 machines,
@@ -232,8 +260,11 @@ async fn run(cli: Cli) -> ExitCode {
         };
         match result {
             Ok(reports) => {
-                for report in &reports {
-                    print(report, cli.json);
+                for mut report in reports {
+                    if cli.tls {
+                        report.set("tls", "on");
+                    }
+                    print(&report, cli.json);
                 }
             }
             Err(error) => {

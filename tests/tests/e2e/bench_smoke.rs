@@ -200,3 +200,44 @@ fn placement_batch_script_runs_on_the_current_migrations() {
         assert!(line.ends_with(" pending_at_refresh=1590"), "{line}");
     }
 }
+
+/// `tsbroker-bench decisions --tls` (BENCHMARKS.md, twenty-first run) as the binary runs it: the
+/// broker serves TLS with certificates made for the run, every call goes over it, and the
+/// result line says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_run_over_tls() {
+    let output =
+        tokio::process::Command::new(tsbroker_tests::binaries::workspace_binary("tsbroker-bench"))
+            .args([
+                "decisions",
+                "--store",
+                "sqlite",
+                "--tls",
+                "--machines",
+                "8",
+                "--sessions",
+                "400",
+                "--concurrency",
+                "4",
+                "--duration",
+                "400ms",
+            ])
+            .output()
+            .await
+            .expect("tsbroker-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("decisions "))
+        .unwrap_or_else(|| panic!("no decisions line: {stdout}"));
+    assert!(
+        line.contains(" errors=0 ") && line.ends_with(" tls=on"),
+        "{line}"
+    );
+    assert!(!line.contains(" decisions_per_s=0 "), "{line}");
+}
