@@ -55,9 +55,10 @@ pub async fn check(listen: SocketAddr, tls: Option<&ServerTls>) -> Result<Servin
             .check(HealthCheckRequest::default())
             .await
             .map_err(|status| {
-                // A plaintext HTTP/2 preface to a TLS port gets the connection closed with a
-                // protocol error: say what is most likely wrong.
-                let hint = if tls.is_none() && status.code() == tonic::Code::Internal {
+                // A plaintext HTTP/2 preface to a TLS port gets the connection closed, seen as
+                // a protocol error or a broken pipe: say what is most likely wrong.
+                let closed = matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown);
+                let hint = if tls.is_none() && closed {
                     " (does it serve TLS? give the check the broker's --tls-cert and --tls-key)"
                 } else {
                     ""
