@@ -1,14 +1,16 @@
-//! The agent's way to the broker, kept current: the endpoint (and the front door's client over
-//! it) is built again when the TLS files it was built from change on disk, so a renewed client
-//! certificate or CA is taken up without restarting the agent (a restart would cut every client
-//! connection the front door carries). Connections already open keep the certificate they were
-//! made with; TLS checks it only at the handshake.
+//! The agent's way to the broker: one HTTP/2 connection (a lazy channel, connected when first
+//! used and again after it drops) that the stream and the front door's calls share, so a farm
+//! of N machines holds N connections on the broker, not 2N. Kept current: the channel is built
+//! again when the TLS files it was built from change on disk, so a renewed client certificate
+//! or CA is taken up without restarting the agent (a restart would cut every client connection
+//! the front door carries). Connections already open keep the certificate they were made with;
+//! TLS checks it only at the handshake.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::Channel;
 use tsbroker_common::renewal::{Renewable, check_every};
 
 use crate::broker_client::{self, BearerToken, Broker};
@@ -25,8 +27,8 @@ pub struct BrokerLink {
 }
 
 struct Current {
-    endpoint: Endpoint,
-    /// Over a lazy channel of `endpoint`: connects when first used, and again when it drops.
+    /// Lazy: connects when first used, and again when it drops.
+    channel: Channel,
     broker: Broker,
 }
 
@@ -47,9 +49,9 @@ impl BrokerLink {
         }))
     }
 
-    /// The endpoint to open the next stream with.
-    pub fn endpoint(&self) -> Endpoint {
-        self.current.with(|current| current.endpoint.clone())
+    /// The channel to open the next stream on.
+    pub fn channel(&self) -> Channel {
+        self.current.with(|current| current.channel.clone())
     }
 
     /// The client for `Redirect` and `ListMachines`, sharing one connection.
@@ -61,8 +63,8 @@ impl BrokerLink {
         self.token.clone()
     }
 
-    /// Builds the endpoint again when a TLS file changed since it was last read; files that
-    /// do not load now leave the working endpoint in place (and are tried again at the next
+    /// Builds the channel again when a TLS file changed since it was last read; files that
+    /// do not load now leave the working channel in place (and are tried again at the next
     /// check, as a renewal may be half written). Whether it was rebuilt.
     pub fn reload_if_changed(&self) -> bool {
         self.current
@@ -82,9 +84,9 @@ impl BrokerLink {
 }
 
 fn build(url: &str, tls: &BrokerTls, token: &BearerToken) -> anyhow::Result<Current> {
-    let endpoint = broker_client::endpoint(url, tls)?;
-    let broker = broker_client::broker(endpoint.connect_lazy(), token.clone());
-    Ok(Current { endpoint, broker })
+    let channel = broker_client::endpoint(url, tls)?.connect_lazy();
+    let broker = broker_client::broker(channel.clone(), token.clone());
+    Ok(Current { channel, broker })
 }
 
 #[cfg(test)]
@@ -106,7 +108,7 @@ mod tests {
         let link =
             BrokerLink::new("https://broker.example.com:50051", &tls, Default::default()).unwrap();
         assert!(!link.reload_if_changed(), "nothing changed");
-        // Half written: kept out, the working endpoint stays.
+        // Half written: kept out, the working channel stays.
         std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
         assert!(!link.reload_if_changed());
         // Whole again: taken up once.

@@ -323,6 +323,10 @@ impl AgentProcess {
         self.process.is_running()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// SIGTERM; the exit status (panics if it does not stop within `limit`).
     pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
         self.process.terminate(limit).await

@@ -91,14 +91,10 @@ pub(super) async fn run_once(
     sampler: &mut LoadSampler,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
-    // A renewed certificate or CA is used from the next connection on.
+    // A renewed certificate or CA is used from the next connection on. The channel (shared with
+    // the front door) connects with the call below if it is not connected.
     context.link.reload_if_changed();
-    let endpoint = context.link.endpoint();
-    let channel = tokio::select! {
-        () = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-        channel = endpoint.connect() => channel.context("connect to broker")?,
-    };
-    let mut client = broker_client::gateway(channel, context.link.token());
+    let mut client = broker_client::gateway(context.link.channel(), context.link.token());
     let (sender, receiver) = mpsc::channel(OUTBOX_DEPTH);
     let mut outbox = Outbox {
         sender,

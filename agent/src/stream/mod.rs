@@ -48,7 +48,8 @@ pub(crate) fn update_status(status: &SharedStatus, change: impl FnOnce(&mut Link
 /// Everything the stream needs.
 pub struct StreamContext {
     pub description: MachineDescription,
-    /// The endpoint each stream opens, current with the TLS files, and the agent token.
+    /// The channel each stream opens on (shared with the front door), current with the TLS
+    /// files, and the agent token.
     pub link: Arc<BrokerLink>,
     pub backoff: BackoffSettings,
     /// Load report interval until the Welcome names one.

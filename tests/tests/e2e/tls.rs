@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tsbroker_tests::binaries::{tool, workspace_binary};
 use tsbroker_tests::process::{ChildGuard, LogFile, free_port};
+use tsbroker_tests::rdp::tcp_connections_of;
 use tsbroker_tests::spawn_agent::{AgentProcess, tsagent_cli_output};
 use tsbroker_tests::tls::{CertifiedKey, TestCa};
 
@@ -123,7 +124,8 @@ async fn broker_link(agent: &AgentProcess) -> String {
 /// the same settings says SERVING, and with another certificate refuses the broker's; an agent
 /// with a certificate the CA signed streams its machine and its front door's `Redirect` is
 /// answered, while an agent with none, with one of another CA, or with one the CA signed for
-/// another machine, is refused and says so in `tsagent status`.
+/// another machine, is refused and says so in `tsagent status`. The member's stream and its
+/// front door's calls share one connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,6 +357,12 @@ async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_e
         sessions.contains("ts1.tls.test")
     })
     .await;
+    // The stream and the front door's calls share one connection to the broker.
+    let to_broker = tcp_connections_of(member.pid())
+        .into_iter()
+        .filter(|(_, remote)| remote.port() == port)
+        .count();
+    assert_eq!(to_broker, 1);
 }
 
 /// Certificates renewed under a running agent are used from its next connection on, without a
