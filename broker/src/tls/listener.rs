@@ -40,9 +40,9 @@ impl TlsListener {
         }))
     }
 
-    /// Whether calls must come with a client certificate (fixed by the settings).
+    /// Whether calls must come with a client certificate the client CA signed.
     pub fn client_certificates_required(&self) -> bool {
-        self.tls.with(ServerTls::client_certificates_required)
+        self.files.client_ca.is_some()
     }
 
     /// Loads the files again when one changed since it was last read. Whether it did.

@@ -15,7 +15,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use tsbroker_common::pem;
 
-pub use listener::{FILES_CHECK_INTERVAL, TlsListener};
+pub use listener::TlsListener;
 pub use own_certificate::OwnCertificate;
 
 /// Where the TLS files are, as the settings name them.
@@ -40,10 +40,8 @@ impl TlsFiles {
 }
 
 /// The files' contents, checked, as a rustls server configuration.
-#[derive(Clone)]
 pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
-    client_certificates_required: bool,
     /// The broker's own certificate, which its health check trusts.
     leaf: CertificateDer<'static>,
 }
@@ -84,14 +82,8 @@ impl ServerTls {
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(ServerTls {
             config: Arc::new(config),
-            client_certificates_required: files.client_ca.is_some(),
             leaf,
         })
-    }
-
-    /// Whether calls must come with a client certificate the client CA signed.
-    pub fn client_certificates_required(&self) -> bool {
-        self.client_certificates_required
     }
 
     /// A verifier for the broker's own health check: it accepts exactly this certificate (the
