@@ -202,12 +202,15 @@ fn placement_batch_script_runs_on_the_current_migrations() {
 }
 
 /// `tsbroker-bench decisions --tls` (BENCHMARKS.md, twenty-first run) as the binary runs it: the
-/// broker serves TLS with certificates made for the run, every call goes over it, and the
-/// result line says so.
+/// broker it starts says it serves TLS, every call goes over it (none fails), and the result
+/// line says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_run_over_tls() {
+    // The tool keeps its brokers' logs under $TMPDIR/tsbroker-bench-logs.
+    let tmp = tempfile::tempdir().unwrap();
     let output =
         tokio::process::Command::new(tsbroker_tests::binaries::workspace_binary("tsbroker-bench"))
+            .env("TMPDIR", tmp.path())
             .args([
                 "decisions",
                 "--store",
@@ -240,4 +243,13 @@ async fn decisions_run_over_tls() {
         "{line}"
     );
     assert!(!line.contains(" decisions_per_s=0 "), "{line}");
+    let logs = std::fs::read_dir(tmp.path().join("tsbroker-bench-logs"))
+        .expect("the brokers' log directory")
+        .flatten()
+        .map(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        logs.contains("tls=\"on\""),
+        "the broker did not serve TLS:\n{logs}"
+    );
 }
