@@ -1,9 +1,9 @@
 //! `--tls`: the broker serves gRPC over TLS and every client of the tool (load, simulated
 //! agents) connects with it, to measure what TLS costs against the same scenario without.
-//! The certificates are made by the `openssl` command line for the run: a CA and a broker
-//! certificate for 127.0.0.1 (EC P-256, what deploy/README.md makes too).
+//! The certificates are made by the `openssl` command line for the run ([`Ca`]): a CA and a
+//! broker certificate for localhost and 127.0.0.1 (EC P-256, what deploy/README.md makes too).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -17,87 +17,14 @@ static CLIENT_CA: OnceLock<Vec<u8>> = OnceLock::new();
 /// The broker's certificate files, made in `dir` (which must outlive the run); from then on
 /// the tool's clients trust their CA.
 pub fn set_up(dir: &Path) -> anyhow::Result<TlsFiles> {
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("run openssl (Debian: apt-get install openssl)")?;
-        if !output.status.success() {
-            bail!(
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(())
-    };
-    let key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &[
-                "req",
-                "-x509",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=tsbroker-bench-ca",
-            ][..],
-            &key,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        ]
-        .concat(),
-    )?;
-    openssl(
-        &[
-            &["req", "-new", "-subj", "/CN=127.0.0.1"][..],
-            &key,
-            &["-keyout", "broker.key", "-out", "broker.csr"],
-        ]
-        .concat(),
-    )?;
-    std::fs::write(
-        dir.join("broker.ext"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "broker.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "broker.pem",
-        "-extfile",
-        "broker.ext",
-    ])?;
-    let ca = std::fs::read(dir.join("ca.pem"))?;
-    if CLIENT_CA.set(ca).is_err() {
+    let ca = Ca::new(dir, "ca")?;
+    let broker = ca.server("broker")?;
+    if CLIENT_CA.set(std::fs::read(ca.cert())?).is_err() {
         bail!("TLS was set up twice");
     }
     Ok(TlsFiles {
-        cert: dir.join("broker.pem"),
-        key: dir.join("broker.key"),
+        cert: broker.cert,
+        key: broker.key,
         client_ca: None,
     })
 }
@@ -107,4 +34,144 @@ pub fn client_config() -> Option<ClientTlsConfig> {
     CLIENT_CA
         .get()
         .map(|ca| ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+}
+
+/// A CA's files in a directory (`NAME.pem`, `NAME.key`), and what it signs there: EC P-256
+/// keys, two days of validity. The end-to-end tests make theirs with it too.
+pub struct Ca {
+    dir: PathBuf,
+    name: String,
+}
+
+/// A certificate and its key.
+pub struct CertifiedKey {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
+fn openssl(args: &[&str], dir: &Path) -> anyhow::Result<()> {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("run openssl (Debian: apt-get install openssl)")?;
+    if !output.status.success() {
+        bail!(
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Ca {
+    pub fn new(dir: &Path, name: &str) -> anyhow::Result<Ca> {
+        let (key, cert, subject) = (
+            format!("{name}.key"),
+            format!("{name}.pem"),
+            format!("/CN={name}"),
+        );
+        let fixed = [
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+            "-subj",
+            &subject,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ];
+        openssl(&[&fixed[..], &NEW_KEY].concat(), dir)?;
+        Ok(Ca {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The CA's certificate, what clients and servers are told to trust.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join(format!("{}.pem", self.name))
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1, files `name.pem` and `name.key`.
+    pub fn server(&self, name: &str) -> anyhow::Result<CertifiedKey> {
+        self.sign(
+            name,
+            "localhost",
+            "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+    }
+
+    /// A client certificate for `common_name` (also its subjectAltName DNS name: the machine
+    /// an agent's certificate names), files `name.pem` and `name.key`.
+    pub fn client(&self, name: &str, common_name: &str) -> anyhow::Result<CertifiedKey> {
+        self.sign(
+            name,
+            common_name,
+            &format!("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{common_name}\n"),
+        )
+    }
+
+    /// A key, a request for `common_name`, and the CA's signature with `extensions`.
+    fn sign(
+        &self,
+        name: &str,
+        common_name: &str,
+        extensions: &str,
+    ) -> anyhow::Result<CertifiedKey> {
+        let (key, request, cert, extensions_file) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subject = format!("/CN={common_name}");
+        let fixed = [
+            "req", "-new", "-keyout", &key, "-out", &request, "-subj", &subject,
+        ];
+        openssl(&[&fixed[..], &NEW_KEY].concat(), &self.dir)?;
+        std::fs::write(
+            self.dir.join(&extensions_file),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{extensions}"),
+        )?;
+        let (ca_cert, ca_key) = (format!("{}.pem", self.name), format!("{}.key", self.name));
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &request,
+                "-CA",
+                &ca_cert,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &cert,
+                "-extfile",
+                &extensions_file,
+            ],
+            &self.dir,
+        )?;
+        Ok(CertifiedKey {
+            cert: self.dir.join(cert),
+            key: self.dir.join(key),
+        })
+    }
 }
