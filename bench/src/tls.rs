@@ -26,6 +26,7 @@ pub fn set_up(dir: &Path) -> anyhow::Result<TlsFiles> {
         cert: broker.cert,
         key: broker.key,
         client_ca: None,
+        client_crl: None,
     })
 }
 
@@ -124,6 +125,45 @@ impl Ca {
             common_name,
             &format!("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{common_name}\n"),
         )
+    }
+
+    /// Adds `cert` (one this CA signed) to the certificates it revokes.
+    pub fn revoke(&self, cert: &Path) -> anyhow::Result<()> {
+        let config = self.revocation_config()?;
+        let cert = cert.display().to_string();
+        openssl(&["ca", "-config", &config, "-revoke", &cert], &self.dir)
+    }
+
+    /// The CA's revocation list as it stands (PEM), written to `name` in its directory.
+    pub fn revocation_list(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let config = self.revocation_config()?;
+        openssl(
+            &["ca", "-config", &config, "-gencrl", "-out", name],
+            &self.dir,
+        )?;
+        Ok(self.dir.join(name))
+    }
+
+    /// `openssl ca`'s configuration for the CA's revocations, and the database it keeps them
+    /// in (`NAME-index.txt`, `NAME-crlnumber`: a numbered list is a version 2 CRL, the only
+    /// kind rustls takes), made the first time.
+    fn revocation_config(&self) -> anyhow::Result<String> {
+        let name = &self.name;
+        let config = format!("{name}-ca.cnf");
+        if !self.dir.join(&config).exists() {
+            std::fs::write(self.dir.join(format!("{name}-index.txt")), "")?;
+            std::fs::write(self.dir.join(format!("{name}-crlnumber")), "01\n")?;
+            std::fs::write(
+                self.dir.join(&config),
+                format!(
+                    "[ca]\ndefault_ca = revocations\n[revocations]\n\
+                     database = {name}-index.txt\ncrlnumber = {name}-crlnumber\n\
+                     certificate = {name}.pem\nprivate_key = {name}.key\n\
+                     default_md = sha256\ndefault_crl_days = 2\n"
+                ),
+            )?;
+        }
+        Ok(config)
     }
 
     /// A key, a request for `common_name`, and the CA's signature with `extensions`.

@@ -177,6 +177,12 @@ pub struct Cli {
     /// [default: none: no client certificates asked for].
     #[arg(long, env = "TSBROKER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// PEM certificate revocation lists (CRLs) of --tls-client-ca: a revoked certificate
+    /// cannot connect. Each CA of --tls-client-ca (and each intermediate below it) needs its
+    /// current CRL in the file, else the certificates it issued are refused; re-read when it
+    /// changes [default: none: no revocation checks].
+    #[arg(long, env = "TSBROKER_TLS_CLIENT_CRL")]
+    pub tls_client_crl: Option<PathBuf>,
     /// Serve nothing: ask the broker at the listen address (on loopback when that is every
     /// interface) whether it is SERVING, over TLS when --tls-cert is set, print its answer, and
     /// exit 0 if it is, 1 if not or if it cannot be asked. For container health checks.
@@ -204,6 +210,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    tls_client_crl: Option<PathBuf>,
     /// Settings for every farm not listed under `farms`.
     farm_defaults: Option<FarmFileSettings>,
     #[serde(default)]
@@ -275,6 +282,7 @@ impl Cli {
                 self.tls_cert.or(file.tls_cert),
                 self.tls_key.or(file.tls_key),
                 self.tls_client_ca.or(file.tls_client_ca),
+                self.tls_client_crl.or(file.tls_client_crl),
             )?,
         };
         config.validate()?;
@@ -287,17 +295,25 @@ fn non_empty(token: Option<Secret>) -> Option<Secret> {
     token.filter(|token| !token.0.is_empty())
 }
 
-/// TLS needs a certificate and its key together; a client CA only means something with them.
+/// TLS needs a certificate and its key together; a client CA only means something with them,
+/// and revocation lists only with a client CA.
 fn tls_files(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    client_crl: Option<PathBuf>,
 ) -> Result<Option<TlsFiles>, String> {
+    if client_crl.is_some() && client_ca.is_none() {
+        return Err(
+            "tls_client_crl needs tls_client_ca (it revokes certificates that CA issued)".into(),
+        );
+    }
     match (cert, key) {
         (Some(cert), Some(key)) => Ok(Some(TlsFiles {
             cert,
             key,
             client_ca,
+            client_crl,
         })),
         (Some(_), None) => Err("tls_cert needs tls_key (the certificate's private key)".into()),
         (None, Some(_)) => Err("tls_key needs tls_cert (the certificate it is the key of)".into()),
@@ -406,18 +422,37 @@ mod tests {
                 cert: "/etc/tsbroker/cert.pem".into(),
                 key: "/etc/tsbroker/key.pem".into(),
                 client_ca: None,
+                client_crl: None,
             })
         );
+        let both = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
         for (args, named) in [
             (vec!["--tls-cert", "c.pem"], "tls_key"),
             (vec!["--tls-key", "k.pem"], "tls_cert"),
             (vec!["--tls-client-ca", "ca.pem"], "tls_client_ca"),
+            (
+                [&both[..], &["--tls-client-crl", "crl.pem"]].concat(),
+                "tls_client_crl",
+            ),
         ] {
             let error = Cli::parse_from(std::iter::once("tsbroker").chain(args))
                 .into_config()
                 .unwrap_err();
             assert!(error.contains(named), "{error}");
         }
+        let revoking = Cli::parse_from(
+            [
+                &["tsbroker"][..],
+                &both,
+                &["--tls-client-ca", "ca.pem", "--tls-client-crl", "crl.pem"],
+            ]
+            .concat(),
+        )
+        .into_config()
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(revoking.client_crl, Some("crl.pem".into()));
     }
 
     #[test]

@@ -315,6 +315,9 @@ async fn monitor_store(
 fn tls_mode(tls: Option<&TlsListener>) -> &'static str {
     match tls {
         None => "off",
+        Some(tls) if tls.revocation_checked() => {
+            "on, client certificates required, revocation checked"
+        }
         Some(tls) if tls.client_certificates_required() => "on, client certificates required",
         Some(_) => "on",
     }

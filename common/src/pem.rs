@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, anyhow, bail};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// A file's bytes (what tonic takes) and the certificates in it, at least one.
 pub struct CertificateFile {
@@ -64,6 +64,24 @@ pub fn read_key_pair(cert: &Path, key: &Path) -> anyhow::Result<(CertificateFile
     Ok((chain, private))
 }
 
+/// Certificate revocation lists ("BEGIN X509 CRL" blocks), at least one.
+pub fn read_revocation_lists(
+    path: &Path,
+    setting: &str,
+) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let pem = read(path, setting)?;
+    let lists = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| anyhow!("{setting} {}: bad PEM: {error}", path.display()))?;
+    if lists.is_empty() {
+        bail!(
+            "{setting} {}: no revocation list in it (PEM \"BEGIN X509 CRL\" blocks)",
+            path.display()
+        );
+    }
+    Ok(lists)
+}
+
 fn read(path: &Path, setting: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{setting} {}", path.display()))
 }
@@ -94,6 +112,13 @@ mod tests {
         assert!(error.contains("no certificate"), "{error}");
         let error = format!("{:#}", read_private_key(&text, "--tls-key").err().unwrap());
         assert!(error.contains("no private key"), "{error}");
+        let error = format!(
+            "{:#}",
+            read_revocation_lists(&text, "--tls-client-crl")
+                .err()
+                .unwrap()
+        );
+        assert!(error.contains("no revocation list"), "{error}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

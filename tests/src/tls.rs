@@ -1,6 +1,7 @@
 //! Throwaway certificates for TLS tests, made by the real `openssl` command line with the
 //! benchmark tool's CA maker (`tsbroker_bench::tls::Ca`): a CA, server certificates for
-//! `localhost` and 127.0.0.1, and client certificates, all signed by it. Failures panic.
+//! `localhost` and 127.0.0.1, client certificates, all signed by it, and its revocation lists.
+//! Failures panic.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,20 @@ impl TestCa {
     pub fn client(&self, name: &str, common_name: &str) -> CertifiedKey {
         self.0
             .client(name, common_name)
+            .unwrap_or_else(|error| panic!("{error:#}"))
+    }
+
+    /// Adds `cert` (one this CA signed) to the certificates it revokes.
+    pub fn revoke(&self, cert: &Path) {
+        self.0
+            .revoke(cert)
+            .unwrap_or_else(|error| panic!("{error:#}"))
+    }
+
+    /// The CA's revocation list as it stands (PEM), written to `name` in its directory.
+    pub fn revocation_list(&self, name: &str) -> PathBuf {
+        self.0
+            .revocation_list(name)
             .unwrap_or_else(|error| panic!("{error:#}"))
     }
 }

@@ -45,6 +45,11 @@ impl TlsListener {
         self.files.client_ca.is_some()
     }
 
+    /// Whether client certificates are checked against revocation lists.
+    pub fn revocation_checked(&self) -> bool {
+        self.files.client_crl.is_some()
+    }
+
     /// Loads the files again when one changed since it was last read. Whether it did.
     pub fn reload_if_changed(&self) -> bool {
         self.tls.renew_if_changed(|| ServerTls::load(&self.files))
@@ -92,6 +97,9 @@ impl TlsListener {
                     Ok(Ok(stream)) => {
                         let _ = ready.send(Ok(stream)).await;
                     }
+                    Ok(Err(error)) if refused_certificate(&error) => {
+                        tracing::info!(%peer, %error, "a client certificate was refused");
+                    }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -105,6 +113,17 @@ impl TlsListener {
         })
         .await;
     }
+}
+
+/// Whether a handshake failed on the client's certificate (not signed by the client CA,
+/// revoked, expired): worth an operator's attention, unlike scanners and dropped connections.
+fn refused_certificate(error: &io::Error) -> bool {
+    matches!(
+        error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_))
+    )
 }
 
 #[cfg(test)]
@@ -122,6 +141,7 @@ mod tests {
             cert: dir.join("broker.pem"),
             key: dir.join("broker.key"),
             client_ca: None,
+            client_crl: None,
         };
         std::fs::write(&files.cert, CERT).unwrap();
         std::fs::write(&files.key, KEY).unwrap();

@@ -6,6 +6,7 @@
 
 mod listener;
 mod own_certificate;
+mod revocation;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,15 +28,22 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// PEM: the CA(s) whose certificates clients must present; none asks for no certificate.
     pub client_ca: Option<PathBuf>,
+    /// PEM: the revocation lists of the client CAs; none checks no revocation.
+    pub client_crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
     fn paths(&self) -> Vec<PathBuf> {
-        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect()
+        [
+            Some(&self.cert),
+            Some(&self.key),
+            self.client_ca.as_ref(),
+            self.client_crl.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
     }
 }
 
@@ -48,7 +56,7 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Reads and checks the files: the key is the certificate's, the CA file holds
-    /// certificates. A client certificate is optional at the handshake, so that health checks
+    /// certificates, the revocation lists parse and cover each CA. A client certificate is optional at the handshake, so that health checks
     /// and reflection work without one; the services that need one refuse calls without it
     /// (`service::auth`). One that is presented must be signed by the client CA.
     pub fn load(files: &TlsFiles) -> anyhow::Result<ServerTls> {
@@ -59,14 +67,22 @@ impl ServerTls {
             .context("TLS versions")?;
         let builder = match &files.client_ca {
             Some(path) => {
+                let cas = pem::read_certificates(path, "--tls-client-ca")?.certificates;
+                let revoked = match &files.client_crl {
+                    Some(crl) => revocation::load(crl, &cas, path)?,
+                    None => Vec::new(),
+                };
                 let mut roots = rustls::RootCertStore::empty();
-                for certificate in pem::read_certificates(path, "--tls-client-ca")?.certificates {
+                for certificate in cas {
                     roots.add(certificate).with_context(|| {
                         format!("--tls-client-ca {}: not a CA certificate", path.display())
                     })?;
                 }
+                // With lists, every certificate of a client's chain below the CA is checked,
+                // and one whose issuer has no list is refused (rustls's default).
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .with_crls(revoked)
                         .allow_unauthenticated()
                         .build()
                         .with_context(|| format!("--tls-client-ca {}", path.display()))?;

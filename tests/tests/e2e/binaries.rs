@@ -27,6 +27,7 @@ fn help_explains_every_setting() {
         "--tls-cert",
         "--tls-key",
         "--tls-client-ca",
+        "--tls-client-crl",
         "--log-format",
         "--config",
         "TSBROKER_DATABASE_URL",

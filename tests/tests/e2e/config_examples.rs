@@ -75,6 +75,7 @@ fn the_brokers_example_config_is_accepted_with_every_setting() {
     assert!(config.admin_token.is_some() && config.agent_token.is_some());
     let tls = config.tls.expect("the TLS settings");
     assert_eq!(tls.client_ca, Some("/etc/tsbroker/ca.pem".into()));
+    assert_eq!(tls.client_crl, Some("/etc/tsbroker/ca.crl".into()));
 }
 
 #[test]

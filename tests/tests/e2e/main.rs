@@ -17,3 +17,4 @@ mod query_plans;
 mod rdp;
 mod stream;
 mod tls;
+mod tls_revocation;

@@ -17,7 +17,7 @@ use crate::support::eventually;
 /// `grpcurl -cacert CA [-cert -key] <data> localhost:PORT <call>` (`localhost`: the name in
 /// the broker's certificate): its exit code and its output, standard error after standard
 /// output.
-async fn grpcurl(
+pub(crate) async fn grpcurl(
     port: u16,
     ca: &Path,
     client: Option<&CertifiedKey>,
@@ -43,7 +43,25 @@ async fn grpcurl(
     (output.status.code().unwrap_or(-1), text)
 }
 
-fn agent_args(port: u16, name: &str, state: &Path, tls: &[&Path], extra: &[String]) -> Vec<String> {
+/// `Broker/ListMachines` of farm `default` through grpcurl with `client`'s certificate.
+pub(crate) async fn list_machines(port: u16, ca: &Path, client: &CertifiedKey) -> (i32, String) {
+    grpcurl(
+        port,
+        ca,
+        Some(client),
+        Some(r#"{"farm": "default"}"#),
+        &["tsbroker.v1.Broker/ListMachines"],
+    )
+    .await
+}
+
+pub(crate) fn agent_args(
+    port: u16,
+    name: &str,
+    state: &Path,
+    tls: &[&Path],
+    extra: &[String],
+) -> Vec<String> {
     let mut args = vec![
         "--broker".to_owned(),
         format!("https://localhost:{port}"),
@@ -65,7 +83,7 @@ fn grpcurl_tool() -> std::path::PathBuf {
 }
 
 /// The broker's TLS flags: its certificate and key, and the CA of its clients.
-fn tls_flags(server: &CertifiedKey, client_ca: &Path) -> Vec<String> {
+pub(crate) fn tls_flags(server: &CertifiedKey, client_ca: &Path) -> Vec<String> {
     [
         "--tls-cert",
         &server.cert.display().to_string(),
@@ -79,7 +97,12 @@ fn tls_flags(server: &CertifiedKey, client_ca: &Path) -> Vec<String> {
 }
 
 /// The real `tsbroker` on `listen` with `tls_flags`, its database in `database`.
-fn start_broker(listen: &str, database: &Path, tls_flags: &[String], log: &LogFile) -> ChildGuard {
+pub(crate) fn start_broker(
+    listen: &str,
+    database: &Path,
+    tls_flags: &[String],
+    log: &LogFile,
+) -> ChildGuard {
     let (stdout, stderr) = log.stdio();
     let mut command = Command::new(workspace_binary("tsbroker"));
     command
@@ -94,7 +117,7 @@ fn start_broker(listen: &str, database: &Path, tls_flags: &[String], log: &LogFi
 }
 
 /// Until `tsbroker --health-check` with the same settings says SERVING.
-async fn wait_until_serving(listen: &str, tls_flags: &[String]) {
+pub(crate) async fn wait_until_serving(listen: &str, tls_flags: &[String]) {
     eventually(30, || async {
         let output = tokio::process::Command::new(workspace_binary("tsbroker"))
             .args(["--listen", listen, "--health-check"])
@@ -108,7 +131,7 @@ async fn wait_until_serving(listen: &str, tls_flags: &[String]) {
 }
 
 /// `tsagent status`'s line about the broker.
-async fn broker_link(agent: &AgentProcess) -> String {
+pub(crate) async fn broker_link(agent: &AgentProcess) -> String {
     let output = tsagent_cli_output(&["status"], &agent.control_socket).await;
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -275,15 +298,7 @@ async fn a_tls_broker_serves_the_agents_and_operators_its_ca_signed_and_no_one_e
         &path("ts5.log"),
     );
     member.wait_until_connected(Duration::from_secs(30)).await;
-    let list_machines = || {
-        grpcurl(
-            port,
-            &ca_cert,
-            Some(&operator),
-            Some(r#"{"farm": "default"}"#),
-            &["tsbroker.v1.Broker/ListMachines"],
-        )
-    };
+    let list_machines = || list_machines(port, &ca_cert, &operator);
     let (code, listed) = list_machines().await;
     assert_eq!(code, 0, "{listed}");
     assert!(listed.contains("ts1.tls.test"), "{listed}");

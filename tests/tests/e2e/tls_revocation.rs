@@ -1,0 +1,158 @@
+//! Revoking a client certificate (`tsbroker --tls-client-crl`), as an operator does it: the
+//! real binaries, a CA kept by the real `openssl ca`, the broker's list file replaced while it
+//! runs, the machine removed with the real grpcurl.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tsbroker_tests::binaries::workspace_binary;
+use tsbroker_tests::process::{LogFile, free_port};
+use tsbroker_tests::spawn_agent::AgentProcess;
+use tsbroker_tests::tls::TestCa;
+
+use crate::support::eventually;
+use crate::tls::{agent_args, broker_link, grpcurl, start_broker, tls_flags, wait_until_serving};
+
+/// A broker with revocation lists refuses to start without a list from each client CA (one
+/// of another CA's, a file with none), and serves with an empty one; once a machine's
+/// certificate is revoked and the list file replaced, the running broker refuses it from the
+/// next handshake on (an operator's revoked certificate is refused at once by grpcurl), the
+/// machine is removed (its agent told to stop), and the agent started again with the revoked
+/// certificate cannot connect, while the farm's other machine, restarted, connects as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let ca = TestCa::new(dir.path(), "farm-ca");
+    let server = ca.server("broker");
+    let (ts1, ts2) = (
+        ca.client("ts1", "ts1.tls.test"),
+        ca.client("ts2", "ts2.tls.test"),
+    );
+    let (operator, auditor) = (
+        ca.client("operator", "operator"),
+        ca.client("auditor", "auditor"),
+    );
+    let ca_cert = ca.cert();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut flags = tls_flags(&server, &ca_cert);
+    flags.push("--tls-client-crl".to_owned());
+
+    // Lists that would refuse every client stop the broker, saying why.
+    let foreign = TestCa::new(dir.path(), "other-ca").revocation_list("other.crl");
+    std::fs::write(path("empty.crl"), "").unwrap();
+    for (list, why) in [
+        (
+            &foreign,
+            "no revocation list issued by certificate 1 of --tls-client-ca",
+        ),
+        (&path("empty.crl"), "no revocation list in it"),
+    ] {
+        let refused = Command::new(workspace_binary("tsbroker"))
+            .args(["--listen", &listen, "--database-url"])
+            .arg(format!("sqlite://{}", path("unused.db").display()))
+            .args(&flags)
+            .arg(list)
+            .env_remove("TSBROKER_DATABASE_URL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "started with {list:?}");
+        assert!(stderr.contains(why), "{stderr}");
+    }
+
+    // The file an operator's CA publishes to, replaced whole on each update.
+    let installed = path("farm.crl");
+    std::fs::copy(ca.revocation_list("farm-0.crl"), &installed).unwrap();
+    flags.push(installed.display().to_string());
+    let log = LogFile::create(&path("broker.log"));
+    let _broker = start_broker(&listen, &path("broker.db"), &flags, &log);
+    wait_until_serving(&listen, &flags).await;
+    assert!(
+        log.text().contains("revocation checked"),
+        "{}",
+        log.tail(20)
+    );
+    let spawn = |name: &str, cert: &tsbroker_tests::tls::CertifiedKey| {
+        AgentProcess::spawn(
+            &agent_args(
+                port,
+                &format!("{name}.tls.test"),
+                &path(name),
+                &[&ca_cert, &cert.cert, &cert.key],
+                &[],
+            ),
+            &path(&format!("{name}.sock")),
+            &path(&format!("{name}.log")),
+        )
+    };
+    let mut first = spawn("ts1", &ts1);
+    let mut second = spawn("ts2", &ts2);
+    first.wait_until_connected(Duration::from_secs(30)).await;
+    second.wait_until_connected(Duration::from_secs(30)).await;
+    let list_machines = || crate::tls::list_machines(port, &ca_cert, &operator);
+    let auditor_lists = || crate::tls::list_machines(port, &ca_cert, &auditor);
+    let (code, listed) = auditor_lists().await;
+    assert_eq!(code, 0, "{listed}");
+    assert!(listed.contains("ts2.tls.test"), "{listed}");
+
+    ca.revoke(&ts2.cert);
+    ca.revoke(&auditor.cert);
+    let renewed = ca.revocation_list("farm-1.crl");
+    std::fs::copy(&renewed, path("farm.crl.new")).unwrap();
+    std::fs::rename(path("farm.crl.new"), &installed).unwrap();
+    // Taken up within the broker's file check (10 s), without a restart.
+    eventually(25, || async { auditor_lists().await.0 != 0 }).await;
+    assert!(log.text().contains("TLS files changed"), "{}", log.tail(20));
+    eventually(5, || async {
+        log.text()
+            .contains("a client certificate was refused peer=127.0.0.1")
+    })
+    .await;
+    assert!(log.text().contains("Revoked"), "{}", log.tail(20));
+    let (code, listed) = list_machines().await;
+    assert_eq!(
+        code, 0,
+        "the operator's certificate is not revoked: {listed}"
+    );
+
+    // The machine is removed: its agent is told so and stops.
+    let (code, removed) = grpcurl(
+        port,
+        &ca_cert,
+        Some(&operator),
+        Some(r#"{"machine": {"farm": "default", "machine_name": "ts2.tls.test"}, "force": true}"#),
+        &["tsbroker.v1.Admin/RemoveMachine"],
+    )
+    .await;
+    assert_eq!(code, 0, "{removed}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while second.is_running() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed machine's agent did not stop: {}",
+            second.log.tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Started again with its revoked certificate, it cannot connect; the other machine can.
+    let second = spawn("ts2", &ts2);
+    first.terminate(Duration::from_secs(15)).await;
+    let mut first = spawn("ts1", &ts1);
+    first.wait_until_connected(Duration::from_secs(30)).await;
+    let refused_before = log.text().matches("Revoked").count();
+    eventually(20, || async {
+        broker_link(&second)
+            .await
+            .starts_with("broker: not connected")
+            && log.text().matches("Revoked").count() > refused_before
+    })
+    .await;
+    let (_, listed) = list_machines().await;
+    assert!(listed.contains("ts1.tls.test"), "{listed}");
+    assert!(
+        !listed.contains("ts2.tls.test"),
+        "the revoked machine came back: {listed}"
+    );
+}
