@@ -178,9 +178,10 @@ pub struct Cli {
     #[arg(long, env = "TSBROKER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
     /// PEM certificate revocation lists (CRLs) of --tls-client-ca: a revoked certificate
-    /// cannot connect. Each CA of --tls-client-ca (and each intermediate below it) needs its
-    /// current CRL in the file, else the certificates it issued are refused; re-read when it
-    /// changes [default: none: no revocation checks].
+    /// cannot connect, and its open connections are cut when a changed file is read (within
+    /// 10 s). Each CA of --tls-client-ca (and each intermediate below it) needs its current CRL
+    /// in the file, else the certificates it issued are refused [default: none: no revocation
+    /// checks].
     #[arg(long, env = "TSBROKER_TLS_CLIENT_CRL")]
     pub tls_client_crl: Option<PathBuf>,
     /// Serve nothing: ask the broker at the listen address (on loopback when that is every

@@ -1,21 +1,23 @@
 //! Serves TLS on the broker's listener with the files as they are now: handshakes run side by
 //! side within a time limit (a slow or silent client holds up no one), and the files are looked
 //! at every [`FILES_CHECK_INTERVAL`]. Renewed files that load are used from the next handshake
-//! on (connections already open keep theirs); files that do not load yet (a renewal half
-//! written, a key that does not match) are logged and the previous ones kept.
+//! on; connections already open keep theirs, except that one whose client certificate the new
+//! files refuse (revoked, or of a CA no longer trusted) is cut (`live.rs`). Files that do not
+//! load yet (a renewal half written, a key that does not match) are logged and the previous
+//! ones kept.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::renewal::{Renewable, check_every};
 
+use super::live::{LiveConnections, Tracked};
 use super::{ServerTls, TlsFiles};
 
 /// How often the files are looked at (their size and modification time).
@@ -28,6 +30,7 @@ const READY_QUEUE: usize = 64;
 pub struct TlsListener {
     files: TlsFiles,
     tls: Renewable<ServerTls>,
+    live: Arc<LiveConnections>,
 }
 
 impl TlsListener {
@@ -37,6 +40,7 @@ impl TlsListener {
         Ok(Arc::new(TlsListener {
             files: files.clone(),
             tls,
+            live: Arc::default(),
         }))
     }
 
@@ -62,7 +66,7 @@ impl TlsListener {
         self: Arc<Self>,
         listener: TcpListener,
         stop: CancellationToken,
-    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    ) -> ReceiverStream<io::Result<Tracked>> {
         let (ready, connections) = mpsc::channel(READY_QUEUE);
         tokio::spawn(self.clone().accept(listener, ready, stop.clone()));
         tokio::spawn(self.watch(stop));
@@ -72,7 +76,7 @@ impl TlsListener {
     async fn accept(
         self: Arc<Self>,
         listener: TcpListener,
-        ready: mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
+        ready: mpsc::Sender<io::Result<Tracked>>,
         stop: CancellationToken,
     ) {
         loop {
@@ -91,11 +95,11 @@ impl TlsListener {
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(self.tls.with(|tls| tls.config.clone()));
-            let ready = ready.clone();
+            let (ready, live) = (ready.clone(), self.live.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = ready.send(Ok(stream)).await;
+                        let _ = ready.send(Ok(live.track(stream, peer))).await;
                     }
                     Ok(Err(error)) if refused_certificate(&error) => {
                         tracing::info!(%peer, %error, "a client certificate was refused");
@@ -109,9 +113,22 @@ impl TlsListener {
 
     async fn watch(self: Arc<Self>, stop: CancellationToken) {
         check_every(FILES_CHECK_INTERVAL, stop.cancelled(), || {
-            self.reload_if_changed();
+            if self.reload_if_changed() {
+                let listener = self.clone();
+                // A signature check or more per open connection: off the runtime's threads.
+                tokio::task::spawn_blocking(move || listener.recheck_open_connections());
+            }
         })
         .await;
+    }
+
+    /// Checks the open connections' client certificates with the files as they are now, and
+    /// cuts those refused. How many it cut.
+    fn recheck_open_connections(&self) -> usize {
+        match self.tls.with(|tls| tls.client_verifier.clone()) {
+            Some(verifier) => self.live.recheck(verifier.as_ref()),
+            None => 0,
+        }
     }
 }
 

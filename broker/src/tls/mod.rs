@@ -5,6 +5,7 @@
 //! them and takes up renewed files while the broker runs.
 
 mod listener;
+mod live;
 mod own_certificate;
 mod revocation;
 
@@ -14,9 +15,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use tsbroker_common::pem;
 
 pub use listener::TlsListener;
+pub use live::Tracked;
 pub use own_certificate::OwnCertificate;
 
 /// Where the TLS files are, as the settings name them.
@@ -52,6 +55,8 @@ pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
     /// The broker's own certificate, which its health check trusts.
     leaf: CertificateDer<'static>,
+    /// What checks client certificates (with a client CA), kept to check open connections again.
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
 }
 
 impl ServerTls {
@@ -65,6 +70,7 @@ impl ServerTls {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .context("TLS versions")?;
+        let mut client_verifier = None;
         let builder = match &files.client_ca {
             Some(path) => {
                 let cas = pem::read_certificates(path, "--tls-client-ca")?.certificates;
@@ -86,6 +92,7 @@ impl ServerTls {
                         .allow_unauthenticated()
                         .build()
                         .with_context(|| format!("--tls-client-ca {}", path.display()))?;
+                client_verifier = Some(verifier.clone());
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
@@ -99,6 +106,7 @@ impl ServerTls {
         Ok(ServerTls {
             config: Arc::new(config),
             leaf,
+            client_verifier,
         })
     }
 
