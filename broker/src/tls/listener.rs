@@ -133,13 +133,14 @@ impl TlsListener {
 }
 
 /// Whether a handshake failed on the client's certificate (not signed by the client CA,
-/// revoked, expired): worth an operator's attention, unlike scanners and dropped connections.
+/// revoked, expired) or on a revocation list that cannot be used: worth an operator's
+/// attention, unlike scanners and dropped connections.
 fn refused_certificate(error: &io::Error) -> bool {
     matches!(
         error
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
-        Some(rustls::Error::InvalidCertificate(_))
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::InvalidCertRevocationList(_))
     )
 }
 

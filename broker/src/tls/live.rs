@@ -1,8 +1,8 @@
 //! The open connections that presented a client certificate, held to the TLS files as they are
 //! now: when changed files load (a new revocation list, another client CA), each is checked
-//! again with the new verifier, and one whose certificate it refuses is shut down. Revoking a
-//! machine's certificate so cuts it off within the files' check interval, instead of at its
-//! next reconnection (an agent's stream lasts for days).
+//! again with the new verifier, and one whose certificate it refuses for certain is shut down.
+//! Revoking a machine's certificate so cuts it off within the files' check interval, instead of
+//! at its next reconnection (an agent's stream lasts for days).
 //!
 //! A tracked connection keeps a duplicate of its socket's descriptor to shut it down from
 //! outside (the gRPC server owns the stream); the duplicate is dropped with the connection.
@@ -72,8 +72,11 @@ impl LiveConnections {
     }
 
     /// Checks every tracked connection's certificate with `verifier` and shuts down those it
-    /// refuses; how many it shut down. The checks (a signature or more each) run outside the
-    /// lock, so connections come and go meanwhile: call it off the runtime's threads.
+    /// refuses for certain (revoked, expired, not of a trusted CA); how many it shut down. A
+    /// certificate the lists cannot settle (a list with a bad signature, an issuer without a
+    /// list) keeps its connection, with a warning: a broken list file must not cut the farm
+    /// off. The checks (a signature or more each) run outside the lock, so connections come
+    /// and go meanwhile: call it off the runtime's threads.
     pub fn recheck(&self, verifier: &dyn ClientCertVerifier) -> usize {
         let now = UnixTime::now();
         let snapshot: Vec<(u64, Vec<CertificateDer<'static>>)> = self
@@ -81,16 +84,28 @@ impl LiveConnections {
             .iter()
             .map(|(id, live)| (*id, live.chain.clone()))
             .collect();
-        let refused: Vec<(u64, rustls::Error)> = snapshot
-            .into_iter()
-            .filter_map(|(id, chain)| {
-                let (end_entity, intermediates) = chain.split_first()?;
-                let error = verifier
-                    .verify_client_cert(end_entity, intermediates, now)
-                    .err()?;
-                Some((id, error))
-            })
-            .collect();
+        let mut refused = Vec::new();
+        let mut unsettled = (0, None);
+        for (id, chain) in snapshot {
+            let Some((end_entity, intermediates)) = chain.split_first() else {
+                continue;
+            };
+            match verifier.verify_client_cert(end_entity, intermediates, now) {
+                Ok(_) => {}
+                Err(error) if refused_for_certain(&error) => refused.push((id, error)),
+                Err(error) => {
+                    unsettled.0 += 1;
+                    unsettled.1.get_or_insert(error);
+                }
+            }
+        }
+        if let (count, Some(error)) = unsettled {
+            tracing::warn!(
+                connections = count,
+                %error,
+                "open connections kept: the TLS files cannot settle their client certificates"
+            );
+        }
         let mut open = self.lock();
         let mut cut = 0;
         for (id, error) in refused {
@@ -114,6 +129,16 @@ impl LiveConnections {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Whether `error` says the certificate itself is not acceptable, rather than that the
+/// revocation lists could not be used.
+fn refused_for_certain(error: &rustls::Error) -> bool {
+    matches!(
+        error,
+        rustls::Error::InvalidCertificate(reason)
+            if *reason != rustls::CertificateError::UnknownRevocationStatus
+    )
 }
 
 /// Removes its connection from the tracked ones when the connection is dropped.

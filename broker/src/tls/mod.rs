@@ -61,9 +61,10 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Reads and checks the files: the key is the certificate's, the CA file holds
-    /// certificates, the revocation lists parse and cover each CA. A client certificate is optional at the handshake, so that health checks
-    /// and reflection work without one; the services that need one refuse calls without it
-    /// (`service::auth`). One that is presented must be signed by the client CA.
+    /// certificates, the revocation lists parse and one comes from each CA. A client
+    /// certificate is optional at the handshake, so that health checks and reflection work
+    /// without one; the services that need one refuse calls without it (`service::auth`). One
+    /// that is presented must be signed by the client CA.
     pub fn load(files: &TlsFiles) -> anyhow::Result<ServerTls> {
         let (chain, key) = pem::read_key_pair(&files.cert, &files.key)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());

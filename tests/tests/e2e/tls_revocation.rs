@@ -18,7 +18,8 @@ use crate::tls::{agent_args, broker_link, grpcurl, start_broker, tls_flags, wait
 /// certificate is revoked and the list file replaced, the running broker takes it up without a
 /// restart: an operator's revoked certificate is refused at its next handshake (grpcurl), the
 /// machine's stream, open since before, is cut and its agent's reconnections refused, while
-/// the farm's other machine keeps its stream; the operator then removes the machine.
+/// the farm's other machine keeps its stream; the operator then removes the machine. A list
+/// that cannot be used (signed by another key) refuses new handshakes but cuts no one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,4 +165,31 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
     let (_, listed) = list_machines().await;
     assert!(listed.contains("ts1.tls.test"), "{listed}");
     assert!(!listed.contains("ts2.tls.test"), "{listed}");
+
+    // A list under the CA's name but signed by another key (the CA made again): it settles no
+    // certificate, so new handshakes are refused, saying why, but no open connection is cut.
+    std::fs::create_dir(path("remade")).unwrap();
+    let remade = TestCa::new(&path("remade"), "farm-ca").revocation_list("farm.crl");
+    std::fs::copy(&remade, path("farm.crl.new")).unwrap();
+    std::fs::rename(path("farm.crl.new"), &installed).unwrap();
+    eventually(25, || async {
+        log.text()
+            .contains("open connections kept: the TLS files cannot settle")
+    })
+    .await;
+    let (code, refused) = list_machines().await;
+    assert_ne!(code, 0, "{refused}");
+    eventually(5, || async {
+        log.text()
+            .contains("invalid certificate revocation list: BadSignature")
+    })
+    .await;
+    assert_eq!(
+        log.text().matches("connection cut").count(),
+        1,
+        "{}",
+        log.tail(20)
+    );
+    assert!(broker_link(&first).await.starts_with("broker: connected"));
+    assert_eq!(first.log.count("connected to the broker"), 1);
 }
