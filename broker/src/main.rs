@@ -76,7 +76,10 @@ fn build_runtime(
 
 /// `--health-check`: 0 when the broker at the listen address is SERVING, 1 otherwise.
 fn check_health(config: &tsbroker::BrokerConfig) -> ExitCode {
-    let tls = match config.tls.as_ref().map(tsbroker::tls::ServerTls::load) {
+    // The check needs the broker's own certificate only: a client CA or revocation list being
+    // renewed at that moment must not make a serving broker look down.
+    let own = config.tls.as_ref().map(tsbroker::tls::TlsFiles::own_only);
+    let tls = match own.as_ref().map(tsbroker::tls::ServerTls::load) {
         None => None,
         Some(Ok(tls)) => Some(tls),
         Some(Err(error)) => {

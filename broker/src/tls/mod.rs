@@ -36,6 +36,16 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// The broker's own certificate and key, without the files that check clients.
+    pub fn own_only(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: None,
+            client_crl: None,
+        }
+    }
+
     fn paths(&self) -> Vec<PathBuf> {
         [
             Some(&self.cert),

@@ -75,6 +75,21 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
         "{}",
         log.tail(20)
     );
+    // The health check needs only the broker's own files: a list being replaced (here, gone)
+    // does not make a serving broker look down.
+    let mut gone = flags.clone();
+    *gone.last_mut().unwrap() = path("missing.crl").display().to_string();
+    let check = Command::new(workspace_binary("tsbroker"))
+        .args(["--listen", &listen, "--health-check"])
+        .args(&gone)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        "SERVING",
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let spawn = |name: &str, cert: &tsbroker_tests::tls::CertifiedKey| {
         AgentProcess::spawn(
             &agent_args(
