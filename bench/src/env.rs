@@ -242,6 +242,12 @@ impl Broker {
                         .arg(&tls.cert)
                         .arg("--tls-key")
                         .arg(&tls.key);
+                    if let Some(ca) = &tls.client_ca {
+                        command.arg("--tls-client-ca").arg(ca);
+                    }
+                    if let Some(crl) = &tls.client_crl {
+                        command.arg("--tls-client-crl").arg(crl);
+                    }
                 }
                 if options.slow_start_off {
                     let path = options

@@ -6,7 +6,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
-use tsbroker_bench::scenarios::{decisions, frontdoor, ingest, scale, storm};
+use tsbroker_bench::scenarios::{decisions, frontdoor, ingest, revocation, scale, storm};
 use tsbroker_bench::{Context, ProcessMode, Report, StoreKind};
 
 /// Benchmarks of tsbroker and tsagent (issue 5).
@@ -31,7 +31,8 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 100)]
     streams_per_connection: usize,
     /// The broker serves gRPC over TLS (certificates made with `openssl` for the run) and the
-    /// tool's clients use it: what TLS costs. Not for frontdoor (its agent speaks plaintext).
+    /// tool's clients use it: what TLS costs. Not for frontdoor (its agent speaks plaintext);
+    /// revocation always runs over TLS.
     #[arg(long, global = true)]
     tls: bool,
     #[command(subcommand)]
@@ -112,6 +113,15 @@ enum Scenario {
         #[arg(long, default_value_t = 512)]
         bulk_mib: usize,
     },
+    /// What checking open TLS connections against a new revocation list costs the broker.
+    Revocation {
+        /// TLS connections with a client certificate held open.
+        #[arg(long, default_value_t = 5_000)]
+        connections: usize,
+        /// Each CPU window (longer than the broker's 10 s file check).
+        #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+        window: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -131,7 +141,7 @@ fn main() -> ExitCode {
 
 /// With `--tls`, the broker's certificate files in a directory kept for the run.
 fn tls_files(cli: &Cli) -> anyhow::Result<Option<(tempfile::TempDir, tsbroker::tls::TlsFiles)>> {
-    if !cli.tls {
+    if !cli.tls && !matches!(cli.scenario, Scenario::Revocation { .. }) {
         return Ok(None);
     }
     if matches!(cli.scenario, Scenario::Frontdoor { .. }) {
@@ -257,6 +267,16 @@ async fn run(cli: Cli) -> ExitCode {
                 };
                 frontdoor::run(&context, &options).await
             }
+            Scenario::Revocation {
+                connections,
+                window,
+            } => {
+                let options = revocation::Options {
+                    connections: *connections,
+                    window: *window,
+                };
+                revocation::run(&context, &options).await
+            }
         };
         match result {
             Ok(reports) => {
@@ -291,5 +311,6 @@ fn scenario_name(scenario: &Scenario) -> &'static str {
         Scenario::Ingest { .. } => "ingest",
         Scenario::Scale { .. } => "scale",
         Scenario::Frontdoor { .. } => "frontdoor",
+        Scenario::Revocation { .. } => "revocation",
     }
 }

@@ -30,6 +30,11 @@ pub fn set_up(dir: &Path) -> anyhow::Result<TlsFiles> {
     })
 }
 
+/// The CA the broker's certificate comes from (PEM), when TLS is set up.
+pub fn broker_ca_pem() -> Option<&'static [u8]> {
+    CLIENT_CA.get().map(Vec::as_slice)
+}
+
 /// The clients' TLS settings, when `--tls` set them up.
 pub fn client_config() -> Option<ClientTlsConfig> {
     CLIENT_CA

@@ -1,8 +1,10 @@
-//! The five scenarios of issue 5.
+//! The five scenarios of issue 5, and `revocation` (what checking open TLS connections against
+//! a new revocation list costs).
 
 pub mod decisions;
 pub mod frontdoor;
 pub mod ingest;
+pub mod revocation;
 pub mod scale;
 pub mod storm;
 

@@ -253,3 +253,38 @@ async fn decisions_run_over_tls() {
         "the broker did not serve TLS:\n{logs}"
     );
 }
+
+/// `tsbroker-bench revocation` (BENCHMARKS.md, twenty-second run) as the binary runs it, at 20
+/// connections: they stay open while a list revoking nothing is taken up, and are all cut once
+/// the list revokes their certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_cuts_every_connection_and_only_then() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output =
+        tokio::process::Command::new(tsbroker_tests::binaries::workspace_binary("tsbroker-bench"))
+            .env("TMPDIR", tmp.path())
+            .args([
+                "revocation",
+                "--store",
+                "sqlite",
+                "--connections",
+                "20",
+                "--window",
+                "11s",
+            ])
+            .output()
+            .await
+            .expect("tsbroker-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("revocation "))
+        .unwrap_or_else(|| panic!("no revocation line: {stdout}"));
+    assert!(line.contains(" connections=20 "), "{line}");
+    assert!(line.contains(" recheck_cut_cpu_us_per_conn="), "{line}");
+}
