@@ -208,36 +208,24 @@ fn placement_batch_script_runs_on_the_current_migrations() {
 async fn decisions_run_over_tls() {
     // The tool keeps its brokers' logs under $TMPDIR/tsbroker-bench-logs.
     let tmp = tempfile::tempdir().unwrap();
-    let output =
-        tokio::process::Command::new(tsbroker_tests::binaries::workspace_binary("tsbroker-bench"))
-            .env("TMPDIR", tmp.path())
-            .args([
-                "decisions",
-                "--store",
-                "sqlite",
-                "--tls",
-                "--machines",
-                "8",
-                "--sessions",
-                "400",
-                "--concurrency",
-                "4",
-                "--duration",
-                "400ms",
-            ])
-            .output()
-            .await
-            .expect("tsbroker-bench runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find(|line| line.starts_with("decisions "))
-        .unwrap_or_else(|| panic!("no decisions line: {stdout}"));
+    let line = run_tool(
+        tmp.path(),
+        &[
+            "decisions",
+            "--store",
+            "sqlite",
+            "--tls",
+            "--machines",
+            "8",
+            "--sessions",
+            "400",
+            "--concurrency",
+            "4",
+            "--duration",
+            "400ms",
+        ],
+    )
+    .await;
     assert!(
         line.contains(" errors=0 ") && line.ends_with(" tls=on"),
         "{line}"
@@ -260,18 +248,30 @@ async fn decisions_run_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_cuts_every_connection_and_only_then() {
     let tmp = tempfile::tempdir().unwrap();
+    let line = run_tool(
+        tmp.path(),
+        &[
+            "revocation",
+            "--store",
+            "sqlite",
+            "--connections",
+            "20",
+            "--window",
+            "11s",
+        ],
+    )
+    .await;
+    assert!(line.contains(" connections=20 "), "{line}");
+    assert!(line.contains(" recheck_cut_cpu_us_per_conn="), "{line}");
+}
+
+/// Runs the `tsbroker-bench` binary with `args` and `TMPDIR` at `tmp`; it must succeed. The
+/// result line of its scenario (the first argument).
+async fn run_tool(tmp: &std::path::Path, args: &[&str]) -> String {
     let output =
         tokio::process::Command::new(tsbroker_tests::binaries::workspace_binary("tsbroker-bench"))
-            .env("TMPDIR", tmp.path())
-            .args([
-                "revocation",
-                "--store",
-                "sqlite",
-                "--connections",
-                "20",
-                "--window",
-                "11s",
-            ])
+            .env("TMPDIR", tmp)
+            .args(args)
             .output()
             .await
             .expect("tsbroker-bench runs");
@@ -281,10 +281,10 @@ async fn revocation_cuts_every_connection_and_only_then() {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let line = stdout
+    let scenario = format!("{} ", args[0]);
+    stdout
         .lines()
-        .find(|line| line.starts_with("revocation "))
-        .unwrap_or_else(|| panic!("no revocation line: {stdout}"));
-    assert!(line.contains(" connections=20 "), "{line}");
-    assert!(line.contains(" recheck_cut_cpu_us_per_conn="), "{line}");
+        .find(|line| line.starts_with(&scenario))
+        .unwrap_or_else(|| panic!("no {scenario}line: {stdout}"))
+        .to_owned()
 }
