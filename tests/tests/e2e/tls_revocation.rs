@@ -143,9 +143,14 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
                 .starts_with("broker: not connected")
     })
     .await;
-    let refused_before = log.text().matches("Revoked").count();
+    // Its agent's first reconnection, within a second of the cut, is refused: its stream went
+    // down twice (the cut, the refusal), and the broker logged a revoked certificate since.
     eventually(20, || async {
-        log.text().matches("Revoked").count() > refused_before
+        let text = log.text();
+        second.log.count("broker stream down") >= 2
+            && text
+                .find("connection cut")
+                .is_some_and(|cut| text[cut..].contains("Revoked"))
     })
     .await;
     assert!(
@@ -153,12 +158,8 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
             .await
             .starts_with("broker: not connected")
     );
-    assert_eq!(
-        log.text().matches("connection cut").count(),
-        1,
-        "{}",
-        log.tail(20)
-    );
+    // (A grpcurl call with the auditor's certificate may have been open then, and cut too.)
+    let cuts = log.text().matches("connection cut").count();
     assert!(broker_link(&first).await.starts_with("broker: connected"));
     assert_eq!(
         first.log.count("connected to the broker"),
@@ -201,7 +202,7 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
     .await;
     assert_eq!(
         log.text().matches("connection cut").count(),
-        1,
+        cuts,
         "{}",
         log.tail(20)
     );
