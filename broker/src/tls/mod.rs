@@ -84,17 +84,16 @@ impl ServerTls {
         let mut client_verifier = None;
         let builder = match &files.client_ca {
             Some(path) => {
-                let cas = pem::read_certificates(path, "--tls-client-ca")?.certificates;
-                let revoked = match &files.client_crl {
-                    Some(crl) => revocation::load(crl, &cas, path)?,
-                    None => Vec::new(),
-                };
                 let mut roots = rustls::RootCertStore::empty();
-                for certificate in cas {
+                for certificate in pem::read_certificates(path, "--tls-client-ca")?.certificates {
                     roots.add(certificate).with_context(|| {
                         format!("--tls-client-ca {}: not a CA certificate", path.display())
                     })?;
                 }
+                let revoked = match &files.client_crl {
+                    Some(crl) => revocation::load(crl, &roots.roots, path)?,
+                    None => Vec::new(),
+                };
                 // With lists, every certificate of a client's chain below the CA is checked,
                 // and one whose issuer has no list is refused (rustls's default).
                 let verifier =

@@ -7,17 +7,17 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail};
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use rustls::pki_types::{CertificateRevocationListDer, TrustAnchor};
 use tsbroker_common::pem;
 use webpki::{BorrowedCertRevocationList, CertRevocationList};
 
 const SETTING: &str = "--tls-client-crl";
 
-/// The lists in `path`, each parsed, one of them issued by each of `client_cas` (the
-/// certificates of the file `client_ca_path`).
+/// The lists in `path`, each parsed, one of them issued by each of `client_cas` (the CAs of
+/// the file `client_ca_path`, in its order).
 pub fn load(
     path: &Path,
-    client_cas: &[CertificateDer<'_>],
+    client_cas: &[TrustAnchor<'_>],
     client_ca_path: &Path,
 ) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
     let lists = pem::read_revocation_lists(path, SETTING)?;
@@ -34,17 +34,7 @@ pub fn load(
         issuers.push(CertRevocationList::from(parsed).issuer().to_vec());
     }
     for (index, ca) in client_cas.iter().enumerate() {
-        let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|error| {
-            anyhow!(
-                "--tls-client-ca {}: certificate {} cannot be read: {error:?}",
-                client_ca_path.display(),
-                index + 1
-            )
-        })?;
-        if !issuers
-            .iter()
-            .any(|issuer| issuer[..] == anchor.subject[..])
-        {
+        if !issuers.iter().any(|issuer| issuer[..] == ca.subject[..]) {
             bail!(
                 "{SETTING} {}: no revocation list issued by certificate {} of --tls-client-ca \
                  {} (every client CA needs its current list, or the certificates it issued \
