@@ -65,7 +65,12 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
 
     // The file an operator's CA publishes to, replaced whole on each update.
     let installed = path("farm.crl");
-    std::fs::copy(ca.revocation_list("farm-0.crl"), &installed).unwrap();
+    // Replaced whole, in one rename, as an operator's update should.
+    let install = |list: &std::path::Path| {
+        std::fs::copy(list, path("farm.crl.new")).unwrap();
+        std::fs::rename(path("farm.crl.new"), &installed).unwrap();
+    };
+    install(&ca.revocation_list("farm-0.crl"));
     flags.push(installed.display().to_string());
     let log = LogFile::create(&path("broker.log"));
     let _broker = start_broker(&listen, &path("broker.db"), &flags, &log);
@@ -116,8 +121,7 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
     ca.revoke(&ts2.cert);
     ca.revoke(&auditor.cert);
     let renewed = ca.revocation_list("farm-1.crl");
-    std::fs::copy(&renewed, path("farm.crl.new")).unwrap();
-    std::fs::rename(path("farm.crl.new"), &installed).unwrap();
+    install(&renewed);
     // Taken up within the broker's file check (10 s), without a restart.
     eventually(25, || async { auditor_lists().await.0 != 0 }).await;
     assert!(log.text().contains("TLS files changed"), "{}", log.tail(20));
@@ -186,8 +190,7 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
     // certificate, so new handshakes are refused, saying why, but no open connection is cut.
     std::fs::create_dir(path("remade")).unwrap();
     let remade = TestCa::new(&path("remade"), "farm-ca").revocation_list("farm.crl");
-    std::fs::copy(&remade, path("farm.crl.new")).unwrap();
-    std::fs::rename(path("farm.crl.new"), &installed).unwrap();
+    install(&remade);
     eventually(25, || async {
         log.text()
             .contains("open connections kept: the TLS files cannot settle")
