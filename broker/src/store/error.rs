@@ -28,7 +28,7 @@ impl From<sqlx::Error> for StoreError {
                     StoreError::Conflict(database_error.message().to_owned())
                 } else if database_error.is_foreign_key_violation() {
                     StoreError::NotFound(database_error.message().to_owned())
-                } else if is_busy(database_error.code().as_deref()) {
+                } else if is_transient(database_error.as_ref()) {
                     StoreError::Unavailable(error)
                 } else {
                     StoreError::Internal(error)
@@ -45,10 +45,62 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// SQLite's BUSY/LOCKED and PostgreSQL's serialization, deadlock and connection classes.
-fn is_busy(code: Option<&str>) -> bool {
-    matches!(
-        code,
-        Some("5" | "6" | "40001" | "40P01" | "57P01" | "57P03")
-    ) || code.is_some_and(|code| code.starts_with("08"))
+/// Whether the database refused for a reason of its own state, not the request's: worth
+/// retrying once it is resolved (the operator frees disk space, the server comes back).
+fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        code.parse().is_ok_and(sqlite_transient)
+    } else {
+        postgres_transient(&code)
+    }
+}
+
+/// SQLite, by primary result code (the low byte of the extended code sqlx reports): BUSY and
+/// LOCKED (another writer), IOERR (the disk failed a read or write), FULL (no space left).
+fn sqlite_transient(extended_code: i32) -> bool {
+    matches!(extended_code & 0xff, 5 | 6 | 10 | 13)
+}
+
+/// PostgreSQL, by SQLSTATE: serialization failures and deadlocks, lost connections (class 08),
+/// insufficient resources (class 53: disk full, out of memory, too many connections), and a
+/// server shutting down or starting (57P01-57P03).
+fn postgres_transient(sqlstate: &str) -> bool {
+    matches!(sqlstate, "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+        || sqlstate.starts_with("08")
+        || sqlstate.starts_with("53")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_errors_of_the_files_state_are_worth_retrying() {
+        // BUSY, BUSY_SNAPSHOT, LOCKED, IOERR, IOERR_FSYNC, FULL.
+        for code in [5, 517, 6, 10, 1034, 13] {
+            assert!(sqlite_transient(code), "{code}");
+        }
+        // ERROR, CONSTRAINT_CHECK, CORRUPT, READONLY, MISMATCH.
+        for code in [1, 275, 11, 8, 20] {
+            assert!(!sqlite_transient(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn postgres_errors_of_the_servers_state_are_worth_retrying() {
+        for code in [
+            "40001", "40P01", "08006", "53100", "53300", "57P01", "57P03",
+        ] {
+            assert!(postgres_transient(code), "{code}");
+        }
+        for code in ["23505", "22P02", "42P01", "XX000"] {
+            assert!(!postgres_transient(code), "{code}");
+        }
+    }
 }

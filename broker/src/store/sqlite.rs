@@ -64,6 +64,29 @@ async fn checkpoint_wal(pool: sqlx::SqlitePool) {
     }
 }
 
+/// What the three pools share: a 10 s wait for a connection, and no connection reused that a
+/// failed transaction left stuck. sqlx counts a transaction as open until its `ROLLBACK`
+/// succeeds; when SQLite has already ended it itself (a `COMMIT` refused because the disk is
+/// full), that `ROLLBACK` fails too, and the connection would refuse every later `BEGIN`
+/// ("non-zero transaction depth") for the rest of the process. Such a connection is closed
+/// instead (closing ends whatever SQLite still holds) and the pool opens a new one, so writes
+/// resume once the disk has room again.
+fn pool_options() -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .acquire_timeout(Duration::from_secs(10))
+        .before_acquire(|connection, _| {
+            Box::pin(async move {
+                let stuck = sqlx::Connection::is_in_transaction(connection);
+                if stuck {
+                    tracing::warn!(
+                        "an SQLite connection left in a failed transaction is closed and replaced"
+                    );
+                }
+                Ok(!stuck)
+            })
+        })
+}
+
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.checkpointer.abort();
@@ -84,9 +107,8 @@ impl SqliteStore {
             .foreign_keys(true)
             // Commits never checkpoint; `checkpoint_wal` does.
             .pragma("wal_autocheckpoint", "0");
-        let pool = SqlitePoolOptions::new()
+        let pool = pool_options()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
@@ -94,18 +116,16 @@ impl SqliteStore {
             .run(&pool)
             .await
             .context("migrate the sqlite database")?;
-        let ingest_pool = SqlitePoolOptions::new()
+        let ingest_pool = pool_options()
             .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
-        let placement_pool = SqlitePoolOptions::new()
+        let placement_pool = pool_options()
             .max_connections(1)
             // A connection to a local file does not go stale: no round trip to the
             // connection's thread before each batch.
             .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.synchronous(SqliteSynchronous::Normal))
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
@@ -171,3 +191,59 @@ impl StoreHooks for SqliteStore {
 
 sql::impl_store!(SqliteStore, sqlx::Sqlite);
 ingest::sql::impl_ingest!(SqliteStore, sqlx::Sqlite, sqlite, "");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transaction SQLite ended by itself (as when a `COMMIT` finds the disk full; here a
+    /// trigger's `RAISE(ROLLBACK)`, which does the same on purpose) leaves sqlx counting it open:
+    /// the connection it was on must not be handed out again.
+    #[tokio::test]
+    async fn a_connection_whose_transaction_sqlite_ended_is_not_reused() {
+        let dir = std::env::temp_dir().join(format!("tsbroker-sqlite-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.join("test.db"))
+            .create_if_missing(true);
+        let pool = pool_options()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        for statement in [
+            "CREATE TABLE t (x INTEGER)",
+            "CREATE TRIGGER refuse BEFORE INSERT ON t WHEN NEW.x < 0 \
+             BEGIN SELECT RAISE(ROLLBACK, 'negative'); END",
+        ] {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let refused = sqlx::query("INSERT INTO t VALUES (-1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("negative"), "{refused}");
+        drop(tx);
+
+        // The pool's one connection was stuck; a new one begins and writes.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let rows: Vec<(i64,)> = sqlx::query_as("SELECT x FROM t")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, vec![(2,)]);
+        pool.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
