@@ -19,6 +19,7 @@ use crate::control::server::{self as control_server, ControlHandler};
 use crate::directory::Directory;
 use crate::front_door::machines::MachineCache;
 use crate::front_door::{self, FrontDoorSettings, FrontDoorShared};
+use crate::metrics::AgentMetrics;
 use crate::stream::{self, LinkStatus, SharedStatus, StreamContext, StreamExit};
 
 /// How long the parts get to finish once the agent stops.
@@ -28,6 +29,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct RunningAgent {
     /// Where the front door listens, when it runs.
     pub front_door_addr: Option<SocketAddr>,
+    /// Where `/metrics` is served, when it is.
+    pub metrics_addr: Option<SocketAddr>,
     pub control_socket: PathBuf,
     /// This machine's id in the directory.
     pub machine_id: Uuid,
@@ -119,7 +122,20 @@ pub async fn start(
         Some(listener) => Some(listener.local_addr().context("front door address")?),
         None => None,
     };
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listen for metrics on {address}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(listener.local_addr().context("metrics address")?),
+        None => None,
+    };
     let control_listener = control_server::bind(&config.control_socket)?;
+    let metrics = Arc::new(AgentMetrics::default());
 
     let stop = shutdown.child_token();
     let mut parts: Vec<JoinHandle<()>> = Vec::new();
@@ -134,6 +150,14 @@ pub async fn start(
     parts.push(tokio::spawn(
         link.clone().watch(TLS_FILES_CHECK_INTERVAL, stop.clone()),
     ));
+    if let Some(listener) = metrics_listener {
+        let (metrics, status, directory) = (metrics.clone(), status.clone(), directory.clone());
+        parts.push(tokio::spawn(tsbroker_common::metrics_http::serve(
+            move || metrics.render(&status, &directory),
+            listener,
+            stop.clone().cancelled_owned(),
+        )));
+    }
     parts.push(tokio::spawn(control_server::serve(
         control_listener,
         config.control_socket.clone(),
@@ -158,6 +182,7 @@ pub async fn start(
             link: link.clone(),
             machines,
             directory: directory.clone(),
+            metrics: metrics.clone(),
         });
         parts.push(tokio::spawn(front_door::serve(
             listener,
@@ -180,6 +205,7 @@ pub async fn start(
         %machine_id,
         advertise = %config.advertise,
         front_door = ?front_door_addr,
+        metrics = ?metrics_addr,
         control_socket = %config.control_socket.display(),
         "agent started"
     );
@@ -206,6 +232,7 @@ pub async fn start(
     });
     Ok(RunningAgent {
         front_door_addr,
+        metrics_addr,
         control_socket: config.control_socket,
         machine_id,
         directory,

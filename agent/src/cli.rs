@@ -95,6 +95,10 @@ pub struct AgentArgs {
     /// Log line format: plain or json [default: plain]
     #[arg(long, env = "TSAGENT_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Address to serve Prometheus metrics on (/metrics, plain HTTP), e.g. 127.0.0.1:9151
+    /// [default: none]
+    #[arg(long, env = "TSAGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -82,6 +82,8 @@ pub struct AgentConfig {
     /// Sent as `authorization: Bearer <token>` on every call to the broker.
     pub agent_token: Option<String>,
     pub max_connections: usize,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub backoff: BackoffSettings,
     /// Load report interval used until the broker's Welcome names one.
     pub default_heartbeat: Duration,
@@ -114,6 +116,7 @@ impl AgentConfig {
             unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
             agent_token: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            metrics_listen: None,
             backoff: BackoffSettings::default(),
             default_heartbeat: Duration::from_secs(5),
             machine_refresh: Duration::from_secs(5),
@@ -201,6 +204,7 @@ impl fmt::Debug for AgentConfig {
                 &self.agent_token.as_ref().map(|_| "<redacted>"),
             )
             .field("max_connections", &self.max_connections)
+            .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
 }

@@ -15,6 +15,7 @@ pub mod control;
 pub mod directory;
 pub mod front_door;
 pub mod load;
+pub mod metrics;
 pub mod settings;
 pub mod stream;
 #[cfg(test)]

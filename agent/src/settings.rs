@@ -34,6 +34,7 @@ pub struct FileSettings {
     pub unconfirmed_logon_grace: Option<String>,
     pub agent_token: Option<String>,
     pub log_format: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub fn read_file(path: &Path) -> Result<FileSettings, String> {
@@ -176,6 +177,7 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
             .map_err(|error| format!("--unconfirmed-logon-grace: {text:?}: {error}"))?;
     }
     config.agent_token = args.agent_token.or(file.agent_token);
+    config.metrics_listen = args.metrics_listen.or(file.metrics_listen);
     config.validate()?;
     Ok((config, log_format))
 }

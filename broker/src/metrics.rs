@@ -8,9 +8,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -150,33 +147,5 @@ impl Metrics {
             tracing::error!("could not encode metrics");
         }
         text
-    }
-}
-
-/// Serves `/metrics` on `listener` until `shutdown`.
-pub async fn serve(
-    metrics: Arc<Metrics>,
-    listener: tokio::net::TcpListener,
-    shutdown: CancellationToken,
-) {
-    let address: Option<SocketAddr> = listener.local_addr().ok();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
-    tracing::info!(?address, "serving metrics on /metrics");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "metrics server stopped");
     }
 }

@@ -75,10 +75,11 @@ pub async fn run(
         let metrics_listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("listen for metrics on {address}"))?;
-        tokio::spawn(crate::metrics::serve(
-            metrics.clone(),
+        let scraped = metrics.clone();
+        tokio::spawn(tsbroker_common::metrics_http::serve(
+            move || scraped.render(),
             metrics_listener,
-            shutdown.clone(),
+            shutdown.clone().cancelled_owned(),
         ));
     }
     let core = CoreCell::default();

@@ -419,6 +419,22 @@ impl Directory {
         self.lock().sessions.values().cloned().collect()
     }
 
+    /// (active, disconnected) sessions.
+    pub fn state_counts(&self) -> (usize, usize) {
+        let table = self.lock();
+        let active = table
+            .sessions
+            .values()
+            .filter(|record| record.state == RecordState::Active)
+            .count();
+        (active, table.sessions.len() - active)
+    }
+
+    /// Whether the last save of the table failed (it is tried again; see `persist`).
+    pub fn save_failing(&self) -> bool {
+        self.shared.persister.failing()
+    }
+
     /// (sessions, front-door logons not yet confirmed by a local session source).
     pub fn counts(&self) -> (u32, u32) {
         let table = self.lock();

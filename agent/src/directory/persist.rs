@@ -185,6 +185,12 @@ impl Persister {
         self.wait_for(target)
     }
 
+    /// Whether the last write failed (a later change or the retry pause tries again).
+    pub fn failing(&self) -> bool {
+        let state = self.shared.lock();
+        state.written < state.attempted
+    }
+
     /// Successful writes since the start.
     #[cfg(test)]
     pub fn writes(&self) -> u64 {

@@ -239,11 +239,13 @@ fn a_failed_write_is_logged_and_tried_again() {
     assert_eq!(directory.writes(), 0);
     assert!(!dir.path().join("sessions.json").exists());
     assert!(!directory.flush());
+    assert!(directory.save_failing());
 
     // The disk is back: the next change writes everything, the earlier one included.
     std::fs::remove_dir(&blocker).unwrap();
     directory.apply(Logon, logon("bob", 11)).unwrap();
     assert_eq!(on_disk_ids(dir.path()), vec![10, 11]);
+    assert!(!directory.save_failing());
 
     // Without a new change, the writer tries again on its own after a pause.
     std::fs::create_dir(&blocker).unwrap();
@@ -261,6 +263,7 @@ fn a_failed_write_is_logged_and_tried_again() {
         thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(on_disk(dir.path()).sessions, directory.list());
+    assert!(!directory.save_failing());
 
     // A disk that fails at the stop: the last handle still goes, without hanging or panicking.
     std::fs::create_dir(&blocker).unwrap();

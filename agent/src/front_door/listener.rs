@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::route::{self, Decision};
 use super::{FrontDoorShared, first_packet, splice};
+use crate::metrics::Outcome;
 
 /// Most times one new logon is sent somewhere (the broker's pick, then its next candidates)
 /// before the local RDP service is the last resort.
@@ -52,6 +53,7 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 let _permit = permit;
+                let _open = shared.metrics.open_connection();
                 handle(&shared, stream, peer, &shutdown).await;
             }
             .instrument(span),
@@ -59,7 +61,8 @@ pub async fn serve(
     }
 }
 
-/// One client connection, start to end. Logs its own failures.
+/// One client connection, start to end. Logs its own failures and counts what became of it
+/// once that is known (before the splice, which may last for hours).
 pub async fn handle(
     shared: &FrontDoorShared,
     mut client: TcpStream,
@@ -78,10 +81,12 @@ pub async fn handle(
         Ok(Ok(first)) => first,
         Ok(Err(error)) => {
             tracing::info!(%error, "bad first packet, closing");
+            shared.metrics.connection(Outcome::BadRequest);
             return;
         }
         Err(_) => {
             tracing::info!("no complete first packet within the client timeout, closing");
+            shared.metrics.connection(Outcome::BadRequest);
             return;
         }
     };
@@ -92,6 +97,7 @@ pub async fn handle(
         // Already routed by another front door: never ask the broker again (no loops).
         let Some(machine) = shared.machines.peer(peer.ip()).await else {
             tracing::warn!("proxy header from a peer that is not a machine of the farm, closing");
+            shared.metrics.connection(Outcome::Refused);
             return;
         };
         let client_address = source.unwrap_or(peer);
@@ -102,6 +108,7 @@ pub async fn handle(
         };
         match splice::open_local(shared, &first.packet).await {
             Ok(upstream) => {
+                shared.metrics.connection(Outcome::ProxiedIn);
                 splice::to_local(
                     shared,
                     &mut client,
@@ -117,6 +124,7 @@ pub async fn handle(
                     error = format!("{error:#}"),
                     "local rdp service refused the connection, closing"
                 );
+                shared.metrics.connection(Outcome::Refused);
             }
         }
         return;
@@ -134,6 +142,7 @@ pub async fn handle(
         let (machine_id, retry, error, user) = match decision {
             Decision::Refuse { why } => {
                 tracing::warn!(why, "connection refused");
+                shared.metrics.connection(Outcome::Refused);
                 return;
             }
             Decision::Local { .. } if refused.contains(&this_machine) => {
@@ -141,6 +150,7 @@ pub async fn handle(
                     refused = refused.len(),
                     "no machine of the farm took the connection, closing"
                 );
+                shared.metrics.connection(Outcome::Refused);
                 return;
             }
             Decision::Local {
@@ -150,6 +160,7 @@ pub async fn handle(
             } => match splice::open_local(shared, packet).await {
                 Ok(upstream) => {
                     tracing::info!(why, "routing to the local rdp service");
+                    shared.metrics.connection(Outcome::Local);
                     splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
                     return;
                 }
@@ -159,6 +170,7 @@ pub async fn handle(
                         error = format!("{error:#}"),
                         "local rdp service refused the connection, closing"
                     );
+                    shared.metrics.connection(Outcome::Refused);
                     return;
                 }
             },
@@ -173,12 +185,14 @@ pub async fn handle(
                 match splice::open_remote(&address, &client, peer, packet, external).await {
                     Ok(upstream) => {
                         tracing::info!(machine = %machine_name, %machine_id, %address, reconnection, "routing to another machine");
-                        splice::to_remote(&mut client, upstream, shutdown).await;
+                        shared.metrics.connection(Outcome::Remote);
+                        splice::to_remote(shared, &mut client, upstream, shutdown).await;
                         return;
                     }
                     Err(error) if reconnection => {
                         // The user's session is there: another machine would open a second one.
                         tracing::warn!(machine = %machine_name, error = format!("{error:#}"), "machine of the user's session refused the connection, closing");
+                        shared.metrics.connection(Outcome::Refused);
                         return;
                     }
                     // A plug-in's host outside the farm has no id the broker could leave out.
@@ -208,11 +222,13 @@ pub async fn handle(
             refused = refused.len(),
             "no machine of the farm took the connection, closing"
         );
+        shared.metrics.connection(Outcome::Refused);
         return;
     }
     match splice::open_local(shared, packet).await {
         Ok(upstream) => {
             tracing::info!("routing the new logon to the local rdp service");
+            shared.metrics.connection(Outcome::Local);
             splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
         }
         Err(error) => {
@@ -220,6 +236,7 @@ pub async fn handle(
                 error = format!("{error:#}"),
                 "local rdp service refused the connection too, closing"
             );
+            shared.metrics.connection(Outcome::Refused);
         }
     }
 }

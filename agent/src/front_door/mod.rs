@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::broker_link::BrokerLink;
 use crate::directory::Directory;
+use crate::metrics::AgentMetrics;
 use machines::MachineCache;
 
 pub use listener::serve;
@@ -41,6 +42,7 @@ pub struct FrontDoorShared {
     pub link: Arc<BrokerLink>,
     pub machines: MachineCache,
     pub directory: Directory,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 impl FrontDoorShared {

@@ -134,7 +134,16 @@ async fn redirect(
         exclude_machine_ids: refused.to_vec(),
     };
     let mut broker = shared.link.broker();
+    let asked = std::time::Instant::now();
     let answer = tokio::time::timeout(REDIRECT_TIMEOUT, broker.redirect(request)).await;
+    let failure = match &answer {
+        Ok(Ok(_)) => None,
+        Ok(Err(status)) => Some(format!("{:?}", status.code())),
+        Err(_) => Some("timeout".to_owned()),
+    };
+    shared
+        .metrics
+        .redirect(asked.elapsed().as_secs_f64(), failure);
     let response = match answer {
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => return local_after_error(user, &status),

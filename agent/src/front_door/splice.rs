@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,7 @@ use super::proxy_header;
 use super::route::ConnectingUser;
 use super::x224;
 use crate::directory::{Attachment, UnknownConnection};
+use crate::metrics::ByteCounters;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a target has to answer the replayed request before the splice goes on without
@@ -44,6 +46,8 @@ pub struct Upstream {
     stream: TcpStream,
     /// What the target answered first, still to be sent to the client.
     answer: Vec<u8>,
+    /// The client's bytes already sent on (its first packet), for the byte counters.
+    request_len: u64,
 }
 
 /// Opens a TCP connection to "host:port" within a few seconds.
@@ -56,10 +60,11 @@ pub async fn connect(address: &str) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Connects to `address`, replays `prefix` and waits for the target's first answer. An error
-/// means the target refused the connection: refused or timed out the TCP connection, or
-/// closed it without answering.
-pub async fn open(address: &str, prefix: &[u8]) -> anyhow::Result<Upstream> {
+/// Connects to `address`, replays `prefix` (the client's first packet, `request_len` bytes as
+/// the client sent them, as the target should see it) and waits for the target's first
+/// answer. An error means the target refused the connection: refused or timed out the TCP
+/// connection, or closed it without answering.
+async fn open(address: &str, prefix: &[u8], request_len: usize) -> anyhow::Result<Upstream> {
     let mut stream = connect(address).await?;
     stream
         .write_all(prefix)
@@ -75,12 +80,21 @@ pub async fn open(address: &str, prefix: &[u8]) -> anyhow::Result<Upstream> {
         // Slow to answer is not a refusal: the client gets the answer when it comes.
         Err(_) => answer.clear(),
     }
-    Ok(Upstream { stream, answer })
+    Ok(Upstream {
+        stream,
+        answer,
+        request_len: request_len as u64,
+    })
 }
 
 /// Opens this machine's RDP service with the request it should see.
 pub async fn open_local(shared: &FrontDoorShared, packet: &[u8]) -> anyhow::Result<Upstream> {
-    open(&shared.settings.local_rdp, &for_rdp_service(packet)).await
+    open(
+        &shared.settings.local_rdp,
+        &for_rdp_service(packet),
+        packet.len(),
+    )
+    .await
 }
 
 /// Opens another machine: its front door gets a PROXY v2 header with the client's address
@@ -101,28 +115,31 @@ pub async fn open_remote(
         prefix.extend_from_slice(&proxy_header::encode(client_address, local));
         prefix.extend_from_slice(packet);
     }
-    open(address, &prefix).await
+    open(address, &prefix, packet.len()).await
 }
 
 /// Sends the target's first answer to the client, then copies both ways until either side
-/// closes or the agent stops. Returns the bytes copied (client to upstream, upstream to
-/// client).
+/// closes or the agent stops, adding what it copies to `bytes` as it goes. Returns the bytes
+/// copied (client to upstream, upstream to client).
 pub async fn splice(
     client: &mut TcpStream,
     mut upstream: Upstream,
+    bytes: &ByteCounters,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(u64, u64)> {
     client
         .write_all(&upstream.answer)
         .await
         .context("send the target's answer")?;
+    bytes.from_client.inc_by(upstream.request_len);
+    bytes.to_client.inc_by(upstream.answer.len() as u64);
     let (from_client, to_client) = client.split();
     let (from_upstream, to_upstream) = upstream.stream.split();
     tokio::select! {
         copied = async {
             tokio::try_join!(
-                one_way(from_client, to_upstream),
-                one_way(from_upstream, to_client),
+                one_way(from_client, to_upstream, &bytes.from_client),
+                one_way(from_upstream, to_client, &bytes.to_client),
             )
         } => copied.context("copy"),
         () = shutdown.cancelled() => Ok((0, 0)),
@@ -131,7 +148,7 @@ pub async fn splice(
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s sending side (what
 /// `copy_bidirectional` does in each direction, with a buffer that is not zero-filled).
-async fn one_way<R, W>(mut from: R, mut to: W) -> io::Result<u64>
+async fn one_way<R, W>(mut from: R, mut to: W, counter: &Counter) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -145,6 +162,7 @@ where
         }
         to.write_all(&buffer).await?;
         copied += buffer.len() as u64;
+        counter.inc_by(buffer.len() as u64);
     }
     to.shutdown().await?;
     Ok(copied)
@@ -198,7 +216,7 @@ pub async fn to_local(
         }
     };
     let started = tokio::time::Instant::now();
-    match splice(client, upstream, shutdown).await {
+    match splice(client, upstream, shared.metrics.byte_counters(), shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }
@@ -222,8 +240,13 @@ enum Held {
 }
 
 /// Sends the connection on to another machine (`upstream`, from [`open_remote`]).
-pub async fn to_remote(client: &mut TcpStream, upstream: Upstream, shutdown: &CancellationToken) {
-    match splice(client, upstream, shutdown).await {
+pub async fn to_remote(
+    shared: &FrontDoorShared,
+    client: &mut TcpStream,
+    upstream: Upstream,
+    shutdown: &CancellationToken,
+) {
+    match splice(client, upstream, shared.metrics.byte_counters(), shutdown).await {
         Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }

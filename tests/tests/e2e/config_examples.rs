@@ -147,6 +147,8 @@ fn the_agents_example_config_is_accepted_with_every_setting() {
             format!("{scheme}://broker.example.com:50051")
         );
         assert_eq!(config.local_rdp, "127.0.0.1:3390");
+        let metrics = (scheme == "https").then(|| "127.0.0.1:9151".parse().unwrap());
+        assert_eq!(config.metrics_listen, metrics);
     }
     let path = dir.path().join("tsagent.toml");
     let args = tsagent::cli::AgentArgs {

@@ -1,6 +1,8 @@
 //! Front-door decisions end to end in one process: a fake broker, plain TCP echo servers in
 //! the place of RDP services and other front doors, and an agent whose front door listens on
-//! 127.0.0.1:0.
+//! 127.0.0.1:0 (with its `/metrics` on another; `metrics.rs` reads it).
+
+mod metrics;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -113,6 +115,7 @@ async fn harness_with(
     config.client_timeout = Duration::from_millis(300);
     config.machine_refresh = Duration::from_millis(100);
     config.unconfirmed_logon_grace = unconfirmed_logon_grace;
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let shutdown = CancellationToken::new();
     let agent = crate::start(config, shutdown.clone()).await.unwrap();
     assert_eq!(agent.front_door_addr, Some(front_door));

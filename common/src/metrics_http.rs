@@ -1,0 +1,35 @@
+//! The `/metrics` endpoint both binaries serve (`--metrics-listen`): Prometheus text over plain
+//! HTTP/1.1, encoded from the caller's registry at each scrape.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+/// Serves `/metrics` on `listener` until `shutdown` completes; `render` gives the text.
+pub async fn serve<F>(
+    render: F,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) where
+    F: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    let address: Option<SocketAddr> = listener.local_addr().ok();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    render(),
+                )
+            }
+        }),
+    );
+    tracing::info!(?address, "serving metrics on /metrics");
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(%error, "metrics server stopped");
+    }
+}
