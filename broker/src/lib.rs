@@ -7,6 +7,7 @@
 //! of a running broker.
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod directory;

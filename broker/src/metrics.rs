@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -60,6 +61,8 @@ pub struct Metrics {
     pub agent_messages: Family<KindLabels, Counter>,
     /// kind: memory (the session directory answered), database, or memory_degraded.
     pub session_lookups: Family<KindLabels, Counter>,
+    /// The database server's clock minus this machine's (PostgreSQL), as last measured.
+    pub clock_offset_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -124,8 +127,16 @@ impl Default for Metrics {
              memory_degraded (the database unavailable: the last known session)",
             session_lookups.clone(),
         );
+        let clock_offset_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "clock_offset_seconds",
+            "The database server's clock minus this machine's, as last measured (PostgreSQL; the \
+             broker keeps the farm's times by the database's clock)",
+            clock_offset_seconds.clone(),
+        );
         Metrics {
             registry,
+            clock_offset_seconds,
             decisions,
             redirect_errors,
             plugin_calls,

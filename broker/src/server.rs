@@ -170,6 +170,14 @@ pub async fn run(
             return Err(error);
         }
     };
+    // The store measured its clock when it opened; this reports it and keeps it measured.
+    let mut clock_warned = false;
+    crate::clock::measure(store.as_ref(), &metrics, &mut clock_warned).await;
+    tokio::spawn(crate::clock::follow(
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let database = Arc::new(Reachability::default());
     let decision_settings = DecisionSettings {
         heartbeat_timeout: config.heartbeat_timeout,
@@ -238,7 +246,7 @@ async fn declare_farms(store: &dyn Store, config: &BrokerConfig) -> anyhow::Resu
     for (farm, settings) in &config.farms.farms {
         if let Some(policy) = &settings.policy {
             store
-                .declare_farm(farm, policy, tsbroker_common::model::now_millis())
+                .declare_farm(farm, policy, store.now())
                 .await
                 .with_context(|| format!("set the policy of farm {farm:?}"))?;
             tracing::info!(%farm, %policy, "farm policy from the configuration");
@@ -280,7 +288,7 @@ async fn monitor_store(
 ) {
     let mut serving = true;
     // The last check that found the database answering: an outage began after it.
-    let mut last_up = tsbroker_common::model::now_millis();
+    let mut last_up = store.now();
     loop {
         let interval = if serving {
             HEALTH_CHECK_INTERVAL
@@ -293,7 +301,7 @@ async fn monitor_store(
         }
         let healthy = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.ping()).await;
         let healthy = matches!(healthy, Ok(Ok(())));
-        let now = tsbroker_common::model::now_millis();
+        let now = store.now();
         if healthy != serving {
             serving = healthy;
             if healthy {

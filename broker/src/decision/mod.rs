@@ -161,7 +161,7 @@ impl Decider {
     }
 
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
-        let now = model::now_millis();
+        let now = self.store.now();
         let lease_cutoff = self.settings.lease_cutoff(now);
         if query.user_name.is_empty() {
             let placed = self

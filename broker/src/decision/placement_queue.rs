@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tsbroker_common::model;
 use uuid::Uuid;
 
 /// Most placements one transaction makes.
@@ -188,7 +187,7 @@ impl Placer {
         batch: Vec<Queued>,
         cache: &mut FarmCache,
     ) -> Result<(), StoreError> {
-        let now = model::now_millis();
+        let now = self.store.now();
         let farm_settings = self.farms.get(farm);
         let requests: Vec<PlacementRequest<'_>> = batch
             .iter()

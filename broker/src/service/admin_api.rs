@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::plugin::notices::{self, ChangedField};
 use crate::store::{MachineChange, Store};
 use tonic::{Request, Response, Status};
-use tsbroker_common::model::{self, MachineState};
+use tsbroker_common::model::MachineState;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::{ValidationError, validate};
 
@@ -35,7 +35,7 @@ impl AdminApi {
         let store = core.store.as_ref();
         let machine = machine_ref::resolve(store, &reference.unwrap_or_default()).await?;
         let machine = store
-            .change_machine(machine.id, change, model::now_millis())
+            .change_machine(machine.id, change, store.now())
             .await
             .map_err(ApiError::from)?;
         let field = match change {

@@ -287,7 +287,7 @@ impl AgentStream {
             }
             (_, Some(machine)) => machine.id,
         };
-        let now = model::now_millis();
+        let now = self.store.now();
         match body {
             Body::Added(_) => unreachable!("handled above"),
             Body::Resync(resync) => {
@@ -449,7 +449,7 @@ impl AgentStream {
         let outcomes = self
             .store_call(self.ingest.events(machine, self.connection, batch))
             .await?;
-        let now = model::now_millis();
+        let now = self.store.now();
         for ((seq, event), outcome) in events.drain(..).zip(outcomes) {
             match outcome {
                 EventOutcome::Applied => {}

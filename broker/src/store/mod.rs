@@ -42,6 +42,20 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// The farm's clock (`crate::clock`): every time this broker writes or compares with what
+    /// is stored is taken from it.
+    fn clock(&self) -> &crate::clock::Clock;
+
+    /// Now, in milliseconds since the epoch, by the farm's clock.
+    fn now(&self) -> i64 {
+        self.clock().now()
+    }
+
+    /// Measures this machine's clock against the database server's and takes the offset up
+    /// (database minus this machine, ms); `None` when there is nothing to measure (SQLite) or
+    /// the round trip was too slow to tell.
+    async fn measure_clock(&self) -> StoreResult<Option<i64>>;
+
     /// ADDED: creates or updates the machine (and its farm, with `new_farm_policy` if the farm
     /// is new), binds it to `connection`, and puts it in the JOINING state. Administrators'
     /// settings (drain, overrides) are kept.

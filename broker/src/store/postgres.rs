@@ -86,6 +86,8 @@ pub struct PostgresStore {
     /// This store's id in directory notifications (its own are not applied twice).
     instance: Uuid,
     listener: tokio::task::JoinHandle<()>,
+    /// The database server's clock, as measured from here.
+    clock: crate::clock::Clock,
 }
 
 impl PostgresStore {
@@ -136,7 +138,10 @@ impl PostgresStore {
             directory,
             instance,
             listener,
+            clock: crate::clock::Clock::default(),
         };
+        // Before anything is stamped with this broker's time.
+        store.measure_database_clock().await?;
         match store.settings_not_in_effect().await {
             Ok(wrong) => {
                 for setting in wrong {
@@ -175,6 +180,22 @@ impl PostgresStore {
             }
         }
         Ok(wrong)
+    }
+
+    /// The server's clock against this machine's (see `crate::clock`): the offset, taken up.
+    async fn measure_database_clock(&self) -> StoreResult<Option<i64>> {
+        let before = model::now_millis();
+        let server: i64 =
+            sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8")
+                .fetch_one(&self.pool)
+                .await?;
+        let after = model::now_millis();
+        if after - before > crate::clock::MAX_ROUND_TRIP_MS {
+            return Ok(None);
+        }
+        let offset = server - (before + after) / 2;
+        self.clock.adjust(offset);
+        Ok(Some(offset))
     }
 
     /// PostgreSQL orders writers by row locks: no turn to take in the process.

@@ -171,6 +171,14 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            fn clock(&self) -> &$crate::clock::Clock {
+                &self.clock
+            }
+
+            async fn measure_clock(&self) -> StoreResult<Option<i64>> {
+                self.measure_database_clock().await
+            }
+
             async fn apply_ingest(
                 &self,
                 items: &[$crate::store::IngestItem],
@@ -459,7 +467,7 @@ macro_rules! impl_store {
 
             async fn get_machine(&self, machine: Uuid) -> StoreResult<Option<MachineRecord>> {
                 Ok(sqlx::query_as(sql::SELECT_MACHINE_BY_ID)
-                    .bind(model::now_millis())
+                    .bind(self.now())
                     .bind(machine)
                     .fetch_optional(&self.pool)
                     .await?)
@@ -471,7 +479,7 @@ macro_rules! impl_store {
                 name: &str,
             ) -> StoreResult<Option<MachineRecord>> {
                 Ok(sqlx::query_as(sql::SELECT_MACHINE_BY_NAME)
-                    .bind(model::now_millis())
+                    .bind(self.now())
                     .bind(farm)
                     .bind(name.to_ascii_lowercase())
                     .fetch_optional(&self.pool)
@@ -480,7 +488,7 @@ macro_rules! impl_store {
 
             async fn list_machines(&self, farm: Option<&str>) -> StoreResult<Vec<MachineRecord>> {
                 Ok(sqlx::query_as(sql::SELECT_MACHINES)
-                    .bind(model::now_millis())
+                    .bind(self.now())
                     .bind(farm)
                     .fetch_all(&self.pool)
                     .await?)
@@ -554,7 +562,7 @@ macro_rules! impl_store {
                 self.announce_change(machine).await;
                 self.publish_directory($crate::store::DirectoryDelta::removed(
                     vec![machine],
-                    model::now_millis(),
+                    self.now(),
                 ))
                 .await;
                 Ok(sessions.max(0) as u64)

@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
-use tsbroker_common::model::{self, LoadReport, MachineDescription, SessionInfo, SessionState};
+use tsbroker_common::model::{LoadReport, MachineDescription, SessionInfo, SessionState};
 use uuid::Uuid;
 
 pub struct SqliteStore {
@@ -38,6 +38,8 @@ pub struct SqliteStore {
     /// SQLite's busy handler, which sleeps 1, 2, 5, 10… ms between tries whatever the time
     /// the lock is held (behind a 3 ms group commit, a placement would wait 8 ms).
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// This machine's clock (the database is a file here): no offset.
+    clock: crate::clock::Clock,
 }
 
 /// How often the WAL is checkpointed.
@@ -139,7 +141,13 @@ impl SqliteStore {
             changes,
             directory: SinkSlot::default(),
             writer: Arc::default(),
+            clock: crate::clock::Clock::default(),
         })
+    }
+
+    /// Nothing to measure: the file is on this machine, and this broker alone writes it.
+    async fn measure_database_clock(&self) -> StoreResult<Option<i64>> {
+        Ok(None)
     }
 
     /// The writer's turn (see `writer`): held from before `BEGIN` until after the commit.

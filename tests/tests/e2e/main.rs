@@ -5,6 +5,7 @@ mod support;
 mod agent;
 mod bench_smoke;
 mod binaries;
+mod clock;
 mod concurrency;
 mod config_examples;
 mod conformance;

@@ -24,6 +24,11 @@ pub trait IngestTarget: Send + Sync + 'static {
     /// Applies the items in one transaction: `Err` if nothing was committed, else one result
     /// per item, in order.
     async fn apply_ingest(&self, items: &[IngestItem], now: i64) -> StoreResult<Vec<ItemResult>>;
+
+    /// Now, by the farm's clock (`crate::clock`).
+    fn now(&self) -> i64 {
+        model::now_millis()
+    }
 }
 
 struct StoreTarget(Arc<dyn Store>);
@@ -32,6 +37,10 @@ struct StoreTarget(Arc<dyn Store>);
 impl IngestTarget for StoreTarget {
     async fn apply_ingest(&self, items: &[IngestItem], now: i64) -> StoreResult<Vec<ItemResult>> {
         self.0.apply_ingest(items, now).await
+    }
+
+    fn now(&self) -> i64 {
+        self.0.now()
     }
 }
 
@@ -267,7 +276,7 @@ async fn apply_with_retries(
 ) -> StoreResult<Vec<ItemResult>> {
     let mut attempt = 1;
     loop {
-        match target.apply_ingest(items, model::now_millis()).await {
+        match target.apply_ingest(items, target.now()).await {
             Err(error) if attempt < attempts && is_conflict(&error) => {
                 tracing::debug!(%error, attempt, "group of stream writes conflicted; again");
                 attempt += 1;

@@ -1,0 +1,134 @@
+//! Replicas whose clocks disagree, on one PostgreSQL database: a real `tsbroker` started under
+//! `faketime` with its clock 40 s ahead keeps the farm's times by the database server's clock,
+//! so the machines the other replica serves are alive to it (a returning user goes back to her
+//! session, not to a second one on a machine of its own), its own machines are alive to the
+//! other replica, and it says how far off its clock is, in its log and its metrics.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::broker_client::BrokerClient;
+use tsbroker_tests::binaries::{tool, workspace_binary};
+use tsbroker_tests::process::{ChildGuard, LogFile, free_port};
+use tsbroker_tests::{TestAgent, TestDatabase, spawn_broker};
+
+use crate::support::{eventually, reason, redirect, scrape};
+
+const FARM: &str = "default";
+
+/// The machine a `Redirect` sent the user to, and why.
+async fn placed(
+    client: &mut BrokerClient<tonic::transport::Channel>,
+    user: &str,
+) -> (String, pb::RedirectReason) {
+    let response = redirect(client, FARM, user)
+        .await
+        .unwrap_or_else(|status| panic!("redirect {user}: {status:?}"));
+    let why = reason(&response);
+    (response.machine_name, why)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_is_off_keeps_the_farms_time() {
+    let database = TestDatabase::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let heartbeat_timeout = Duration::from_secs(15);
+    let steady = spawn_broker(&database.url, |config| {
+        config.heartbeat_timeout = heartbeat_timeout;
+    })
+    .await;
+
+    // The other replica: the real binary, its clock (not its timers) 40 s ahead.
+    let (port, metrics_port) = (free_port(), free_port());
+    let log = LogFile::create(&dir.path().join("ahead.log"));
+    let (stdout, stderr) = log.stdio();
+    let mut command = Command::new(tool("faketime", "apt-get install faketime"));
+    command
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env_remove("TSBROKER_DATABASE_URL")
+        .args(["-f", "+40s"])
+        .arg(workspace_binary("tsbroker"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--database-url", &database.url])
+        .args(["--heartbeat-timeout", "15s"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .stdout(stdout)
+        .stderr(stderr);
+    let mut ahead = ChildGuard::spawn("tsbroker, clock 40 s ahead", command);
+    assert!(
+        log.wait_for(
+            "store ready; serving",
+            1,
+            Duration::from_secs(30),
+            Some(&mut ahead)
+        )
+        .await,
+        "{}",
+        log.tail(20)
+    );
+    let ahead_url = format!("http://127.0.0.1:{port}");
+
+    // One machine reports to each replica; alice has a session on the steady one's.
+    let ts1 = TestAgent::start(&steady.url(), "ts1", |_| {}).await;
+    let ts2 = TestAgent::start(&ahead_url, "ts2", |_| {}).await;
+    ts1.cli(&["session", "logon", "--user", "alice", "--session-id", "3"])
+        .await;
+    let mut steady_client = steady.broker_client().await;
+    let channel = tonic::transport::Endpoint::from_shared(ahead_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut ahead_client = BrokerClient::new(channel);
+    // Past a whole heartbeat timeout, so that a lease read by the wrong clock would be stale.
+    tokio::time::sleep(heartbeat_timeout + Duration::from_secs(2)).await;
+
+    // The replica ahead sends alice back to her session: ts1 is alive to it.
+    assert_eq!(
+        placed(&mut ahead_client, "alice").await,
+        ("ts1".to_owned(), pb::RedirectReason::ExistingSession)
+    );
+    // New users: both machines are candidates to the replica ahead (ts2, with no session yet,
+    // takes the first; then the two share), and to the steady one.
+    let mut machines = Vec::new();
+    for user in ["bob", "carol", "dave", "erin"] {
+        let (machine, why) = placed(&mut ahead_client, user).await;
+        assert_eq!(why, pb::RedirectReason::LoadBalanced, "{user}");
+        machines.push(machine);
+    }
+    machines.sort();
+    machines.dedup();
+    assert_eq!(
+        machines,
+        ["ts1", "ts2"],
+        "machines the replica ahead placed on"
+    );
+    assert_eq!(
+        placed(&mut steady_client, "frank").await.1,
+        pb::RedirectReason::LoadBalanced
+    );
+
+    // It says so, in its log and in its metrics.
+    assert_eq!(
+        log.count("this machine's clock is 40.0 s ahead of the database server's"),
+        1,
+        "{}",
+        log.tail(20)
+    );
+    eventually(5, || async {
+        let text = scrape(metrics_port).await;
+        let offset = text
+            .lines()
+            .find_map(|line| line.strip_prefix("tsbroker_clock_offset_seconds "))
+            .and_then(|value| value.trim().parse::<f64>().ok());
+        matches!(offset, Some(offset) if (-41.0..=-39.0).contains(&offset))
+    })
+    .await;
+
+    ts1.stop().await;
+    ts2.stop().await;
+    ahead.terminate(Duration::from_secs(10)).await;
+    steady.stop().await;
+    database.drop_database().await;
+}
