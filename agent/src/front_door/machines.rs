@@ -1,8 +1,10 @@
 //! The front door's view of its farm: the machines `Broker.ListMachines` returns, refreshed
-//! every few seconds, with the IP addresses their names and advertised hosts resolve to. It
+//! every few seconds, with the IP addresses their names and advertised hosts resolve to
+//! (`host_cache.rs` keeps those for a while). It
 //! answers "is this peer a machine of the farm?" (to trust a PROXY header) and "which READY
 //! machine does this routing token name?" (so the front door is never an open proxy).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -11,10 +13,13 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::proto::v1 as pb;
 
+use super::host_cache::HostCache;
 use crate::broker_link::BrokerLink;
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How old a host's addresses may be at a periodic refresh, and at one after a miss.
+const HOST_TTL: Duration = Duration::from_secs(30);
+const HOST_TTL_AFTER_MISS: Duration = Duration::from_secs(5);
 /// A miss triggers a refresh, at most this often (a miss soon after a refresh waits for the
 /// next one).
 const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
@@ -48,6 +53,7 @@ pub struct MachineCache {
     farm: String,
     state: Arc<RwLock<CacheState>>,
     refreshing: Arc<tokio::sync::Mutex<()>>,
+    hosts: Arc<HostCache>,
 }
 
 /// Splits "host:port", removing brackets around an IPv6 host.
@@ -60,31 +66,15 @@ pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
     Some((host, port.parse().ok()?))
 }
 
-async fn resolve(host: &str) -> Vec<IpAddr> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return vec![ip.to_canonical()];
-    }
-    let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, 0))).await;
-    match lookup {
-        Ok(Ok(addresses)) => addresses
-            .map(|address| address.ip().to_canonical())
-            .collect(),
-        _ => {
-            tracing::debug!(host, "could not resolve a farm machine's host");
-            Vec::new()
-        }
-    }
-}
-
-async fn known(machine: pb::Machine) -> Option<KnownMachine> {
+/// The farm's machine as the cache keeps it, with what its advertised host and its name
+/// resolve to (`None` for a removed machine or an address without a port).
+fn known(machine: pb::Machine, addresses: &HashMap<String, Vec<IpAddr>>) -> Option<KnownMachine> {
     if machine.state == pb::MachineState::Removed as i32 {
         return None;
     }
     let (host, port) = split_host_port(&machine.address)?;
-    let mut ips = resolve(host).await;
-    if !machine.name.eq_ignore_ascii_case(host) {
-        ips.extend(resolve(&machine.name).await);
-    }
+    let mut ips = addresses.get(host).cloned().unwrap_or_default();
+    ips.extend(addresses.get(&machine.name).into_iter().flatten().copied());
     ips.sort();
     ips.dedup();
     Some(KnownMachine {
@@ -100,21 +90,28 @@ async fn known(machine: pb::Machine) -> Option<KnownMachine> {
 
 impl MachineCache {
     pub fn new(link: Arc<BrokerLink>, farm: String) -> Self {
+        Self::with_hosts(link, farm, HostCache::default())
+    }
+
+    /// With `hosts` resolving the machines' names (tests count its lookups).
+    pub fn with_hosts(link: Arc<BrokerLink>, farm: String, hosts: HostCache) -> Self {
         MachineCache {
             link,
             farm,
             state: Arc::new(RwLock::new(CacheState::default())),
             refreshing: Arc::new(tokio::sync::Mutex::new(())),
+            hosts: Arc::new(hosts),
         }
     }
 
     /// Asks the broker for the farm's machines; the previous list stays on failure.
     pub async fn refresh(&self) -> anyhow::Result<()> {
         let _one_at_a_time = self.refreshing.lock().await;
-        self.refresh_locked().await
+        self.refresh_locked(HOST_TTL).await
     }
 
-    async fn refresh_locked(&self) -> anyhow::Result<()> {
+    /// A refresh whose host names' addresses may be `host_ttl` old.
+    async fn refresh_locked(&self, host_ttl: Duration) -> anyhow::Result<()> {
         if let Ok(mut state) = self.state.write() {
             state.attempted = Some(Instant::now());
         }
@@ -126,16 +123,24 @@ impl MachineCache {
             .await
             .context("list machines: timed out")?
             .context("list machines")?;
-        let resolving = response
+        let listed: Vec<pb::Machine> = response
             .into_inner()
             .machines
             .into_iter()
             .filter(|machine| machine.farm.eq_ignore_ascii_case(&self.farm))
-            .map(known);
-        let machines = futures::future::join_all(resolving)
-            .await
-            .into_iter()
+            .collect();
+        let hosts: Vec<&str> = listed
+            .iter()
+            .filter_map(|machine| {
+                let (host, _) = split_host_port(&machine.address)?;
+                Some([host, machine.name.as_str()])
+            })
             .flatten()
+            .collect();
+        let addresses = self.hosts.addresses(&hosts, host_ttl).await;
+        let machines = listed
+            .into_iter()
+            .filter_map(|machine| known(machine, &addresses))
             .collect();
         let mut state = self
             .state
@@ -190,7 +195,7 @@ impl MachineCache {
                 tokio::time::sleep(MIN_REFRESH_GAP - since).await;
             }
         }
-        if let Err(error) = self.refresh_locked().await {
+        if let Err(error) = self.refresh_locked(HOST_TTL_AFTER_MISS).await {
             tracing::debug!(
                 error = format!("{error:#}"),
                 "on-demand refresh of the farm's machines failed"
@@ -298,6 +303,36 @@ mod tests {
         assert!(cache.routing_target(token).await.is_some());
         // Still nobody at an address of no machine.
         assert!(cache.peer("198.51.100.1".parse().unwrap()).await.is_none());
+    }
+
+    /// Refreshes every few seconds (and after misses) do not resolve the farm's names each
+    /// time: a name is asked again only once its answer is old.
+    #[tokio::test]
+    async fn refreshes_reuse_what_names_resolved_to() {
+        use std::sync::atomic::Ordering;
+        let fake = crate::test_support::FakeBroker::default();
+        fake.with(|state| {
+            state.machines = vec![
+                ready("ts1.farm", "ts1.farm:3389"),
+                ready("ts2.farm", "192.0.2.2:3389"),
+            ]
+        });
+        let url = fake.serve(CancellationToken::new()).await;
+        let link = BrokerLink::new(&url, &Default::default(), Default::default()).unwrap();
+        let (hosts, asked) = super::super::host_cache::tests::counting();
+        let cache = MachineCache::with_hosts(link, "default".into(), hosts);
+        for _ in 0..3 {
+            cache.refresh().await.unwrap();
+        }
+        // ts1.farm (its name and host), ts2.farm (its name; its host is an address): once each.
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        let ts1 = cache.peer("192.0.2.1".parse().unwrap()).await.unwrap();
+        assert_eq!(ts1.name, "ts1.farm");
+        assert!(cache.peer("192.0.2.2".parse().unwrap()).await.is_some());
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        // A miss refreshes the list at once, asking again only for answers over 5 s old.
+        assert!(cache.peer("198.51.100.7".parse().unwrap()).await.is_none());
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and splices the connection there.
 
 pub mod first_packet;
+pub mod host_cache;
 pub mod listener;
 pub mod machines;
 pub mod proxy_header;
