@@ -87,7 +87,10 @@ pub struct AgentConfig {
     pub backoff: BackoffSettings,
     /// Load report interval used until the broker's Welcome names one.
     pub default_heartbeat: Duration,
-    /// How often the front door refreshes its list of the farm's machines.
+    /// How often the front door refreshes its list of the farm's machines (each refresh is
+    /// a `ListMachines` of the whole farm, which the broker reads from its database); a lookup
+    /// that misses refreshes it at once, so a machine that joins or comes back is found
+    /// without waiting for this.
     pub machine_refresh: Duration,
     /// How long the stream waits for the broker's Welcome after ADDED.
     pub welcome_timeout: Duration,
@@ -119,7 +122,7 @@ impl AgentConfig {
             metrics_listen: None,
             backoff: BackoffSettings::default(),
             default_heartbeat: Duration::from_secs(5),
-            machine_refresh: Duration::from_secs(5),
+            machine_refresh: Duration::from_secs(30),
             welcome_timeout: Duration::from_secs(10),
         }
     }

@@ -1,8 +1,11 @@
 //! The front door's view of its farm: the machines `Broker.ListMachines` returns, refreshed
-//! every few seconds, with the IP addresses their names and advertised hosts resolve to
-//! (`host_cache.rs` keeps those for a while). It
-//! answers "is this peer a machine of the farm?" (to trust a PROXY header) and "which READY
-//! machine does this routing token name?" (so the front door is never an open proxy).
+//! every 30 s and at once when a lookup misses, with the IP addresses their names and
+//! advertised hosts resolve to (`host_cache.rs` keeps those for a while). It answers "is this
+//! peer a machine of the farm?" (to trust a PROXY header) and "which READY machine does this
+//! routing token name?" (so the front door is never an open proxy). Every refresh reads the
+//! whole farm from the broker's database; a miss covers what a longer period could miss (a
+//! machine that joined or came back), so the period only bounds how long a machine that left
+//! stays trusted.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
@@ -10,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::proto::v1 as pb;
 
@@ -150,16 +154,17 @@ impl MachineCache {
         Ok(())
     }
 
-    /// Refreshes every `interval` until `shutdown`.
+    /// Refreshes at once, then every `interval` (give or take a tenth, so that agents started
+    /// together do not ask together) until `shutdown`.
     pub async fn refresh_every(self, interval: Duration, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut pause = Duration::ZERO;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
+                () = tokio::time::sleep(pause) => {}
             }
+            pause = interval.mul_f64(rand::rng().random_range(0.9..=1.1));
             match self.refresh().await {
                 Ok(()) => failing = false,
                 Err(error) if !failing => {
