@@ -196,6 +196,7 @@ pub async fn start(
         backoff: config.backoff,
         default_heartbeat: config.default_heartbeat,
         welcome_timeout: config.welcome_timeout,
+        displaced_check: config.displaced_check,
         directory: directory.clone(),
         status: status.clone(),
     };

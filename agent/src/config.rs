@@ -94,6 +94,9 @@ pub struct AgentConfig {
     pub machine_refresh: Duration,
     /// How long the stream waits for the broker's Welcome after ADDED.
     pub welcome_timeout: Duration,
+    /// How often an agent displaced by another one using its machine name asks the broker
+    /// whether the machine is free again.
+    pub displaced_check: Duration,
 }
 
 impl AgentConfig {
@@ -124,6 +127,7 @@ impl AgentConfig {
             default_heartbeat: Duration::from_secs(5),
             machine_refresh: Duration::from_secs(30),
             welcome_timeout: Duration::from_secs(10),
+            displaced_check: Duration::from_secs(30),
         }
     }
 

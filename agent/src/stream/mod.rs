@@ -2,6 +2,7 @@
 //! then session events and load reports; reconnects with backoff and resyncs after any break;
 //! REMOVED on shutdown.
 
+mod displaced;
 mod link;
 #[cfg(test)]
 mod tests;
@@ -55,6 +56,8 @@ pub struct StreamContext {
     /// Load report interval until the Welcome names one.
     pub default_heartbeat: Duration,
     pub welcome_timeout: Duration,
+    /// How often a displaced agent asks whether its machine is free again (`displaced`).
+    pub displaced_check: Duration,
     pub directory: Directory,
     pub status: SharedStatus,
 }
@@ -95,6 +98,22 @@ pub async fn run(
             Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
             Ok(Outcome::Removed) => return StreamExit::Removed,
             Ok(Outcome::Ended(reason)) => (reason, None),
+            Err(error) if displaced::taken_over(&error) => {
+                let why = format!(
+                    "another agent connected to the broker as machine {:?} of farm {:?} (a \
+                     copy of this server with the same name? give each server its own \
+                     --machine-name); this agent stays off until that one is gone",
+                    context.description.name, context.description.farm
+                );
+                tracing::error!("{why}");
+                update_status(&context.status, |status| status.last_error = why);
+                if !displaced::wait_until_free(&context, context.displaced_check, &shutdown).await {
+                    return StreamExit::Shutdown;
+                }
+                tracing::info!("the machine is free again: reconnecting");
+                while events.try_recv().is_ok() {}
+                continue;
+            }
             Err(error) => (format!("{error:#}"), retry_after(&error)),
         };
         backoff.stream_ended(started.elapsed());

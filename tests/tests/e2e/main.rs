@@ -10,6 +10,7 @@ mod concurrency;
 mod config_examples;
 mod conformance;
 mod directory;
+mod displaced;
 mod ingest_conformance;
 mod outage;
 mod plugins;
