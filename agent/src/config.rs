@@ -127,7 +127,7 @@ impl AgentConfig {
             default_heartbeat: Duration::from_secs(5),
             machine_refresh: Duration::from_secs(30),
             welcome_timeout: Duration::from_secs(10),
-            displaced_check: Duration::from_secs(30),
+            displaced_check: Duration::from_secs(10),
         }
     }
 

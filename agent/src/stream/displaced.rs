@@ -1,12 +1,14 @@
 //! Another agent speaking as this machine. The broker ends a machine's stream when a newer
 //! connection for the same machine arrives ("took over"). An agent that reconnects itself never
 //! sees that on the stream it uses (it has left the old one), so an agent whose *current*
-//! stream is taken over knows that another process connected under its machine name — most
-//! often a cloned server that kept the name. Reconnecting at once would take the machine back,
+//! stream, READY and acknowledged, is taken over knows that another process connected under
+//! its machine name — most often a cloned server that kept the name. (A takeover before READY
+//! may still be this agent's own earlier attempt, processed late by a busy broker: that is
+//! retried as any other break.) Reconnecting at once would take the machine back,
 //! the other agent would do the same, and the machine's sessions would flip between the two
 //! servers' at every turn. So the displaced agent says so and stays off the broker until the
 //! machine is free again (the other agent's stream ended: UNREACHABLE, REMOVED or unknown),
-//! asking the broker every `check_every`.
+//! asking the broker every `check_every` (10 s by default).
 
 use std::time::Duration;
 

@@ -93,12 +93,17 @@ pub async fn run(
     loop {
         let started = Instant::now();
         let outcome = link::run_once(&context, &mut events, &mut sampler, &shutdown).await;
-        update_status(&context.status, |status| status.connected = false);
+        // Whether the broker had acknowledged READY on the stream that just ended.
+        let mut was_ready = false;
+        update_status(&context.status, |status| {
+            was_ready = status.connected;
+            status.connected = false;
+        });
         let (reason, retry_after) = match outcome {
             Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
             Ok(Outcome::Removed) => return StreamExit::Removed,
             Ok(Outcome::Ended(reason)) => (reason, None),
-            Err(error) if displaced::taken_over(&error) => {
+            Err(error) if was_ready && displaced::taken_over(&error) => {
                 let why = format!(
                     "another agent connected to the broker as machine {:?} of farm {:?} (a \
                      copy of this server with the same name? give each server its own \
