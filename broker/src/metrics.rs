@@ -63,6 +63,8 @@ pub struct Metrics {
     pub session_lookups: Family<KindLabels, Counter>,
     /// The database server's clock minus this machine's (PostgreSQL), as last measured.
     pub clock_offset_seconds: Gauge<f64, AtomicU64>,
+    /// Streams taken over by a newer connection while their agent was still reporting.
+    pub live_takeovers: Counter,
 }
 
 impl Default for Metrics {
@@ -134,9 +136,17 @@ impl Default for Metrics {
              broker keeps the farm's times by the database's clock)",
             clock_offset_seconds.clone(),
         );
+        let live_takeovers = Counter::default();
+        registry.register(
+            "live_takeovers",
+            "Agent streams a newer connection for the same machine took over while their agent \
+             was still reporting: two servers using one machine name",
+            live_takeovers.clone(),
+        );
         Metrics {
             registry,
             clock_offset_seconds,
+            live_takeovers,
             decisions,
             redirect_errors,
             plugin_calls,

@@ -95,6 +95,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             machine: None,
             last_seq: 0,
             resynced: false,
+            last_heard: tokio::time::Instant::now(),
             settings_sent: None,
         };
         stream.metrics.agent_streams.inc();
@@ -147,6 +148,8 @@ struct AgentStream {
     machine: Option<MachineRecord>,
     last_seq: u64,
     resynced: bool,
+    /// When the agent's last message arrived.
+    last_heard: tokio::time::Instant,
     /// The settings the agent last heard, so unchanged settings are not sent again.
     settings_sent: Option<pb::MachineSettings>,
 }
@@ -175,6 +178,7 @@ impl AgentStream {
                         Ok(Ok(None)) => break StreamEnd::Closed,
                         Ok(Ok(Some(message))) => message,
                     };
+                    self.last_heard = tokio::time::Instant::now();
                     let (batch, after) = take_ready_batch(first, &mut inbound);
                     if let Err(end) = self.handle_batch(batch).await {
                         break end;
@@ -513,11 +517,36 @@ impl AgentStream {
         }
     }
 
+    /// Another connection took this stream's machine. An agent reconnects only once it found
+    /// its link dead (HTTP/2 keepalive: 5-10 s without an answer), so its old stream has been
+    /// quiet for longer than a heartbeat interval; a resynced stream whose agent reported
+    /// within one (it reports every interval) is another process speaking as this machine —
+    /// two servers with one name, whose displaced agent then stays off and says so. Counted
+    /// and warned about.
+    fn taken_over(&self, name: Option<&str>) {
+        let live = self.resynced
+            && self.last_heard.elapsed()
+                < self.settings.heartbeat_interval + Duration::from_secs(1);
+        if live {
+            self.metrics.live_takeovers.inc();
+            tracing::warn!(
+                machine = ?name, peer = ?self.peer,
+                "a newer connection took over this machine while its agent was still reporting: \
+                 two servers may be using this machine's name"
+            );
+        } else {
+            tracing::info!(machine = ?name, peer = ?self.peer, "a newer connection took over this machine");
+        }
+    }
+
     /// Records the end in the directory first (UNREACHABLE unless the machine left or another
     /// stream owns it), then gives the agent its last words.
     async fn finish(self, end: StreamEnd) {
         self.metrics.agent_streams.dec();
         let name = self.machine_name().map(str::to_owned);
+        if matches!(end, StreamEnd::Superseded) {
+            self.taken_over(name.as_deref());
+        }
         let keeps_ownership = !matches!(
             end,
             StreamEnd::Removed | StreamEnd::Superseded | StreamEnd::RemovedByAdmin

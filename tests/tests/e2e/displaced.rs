@@ -1,19 +1,23 @@
 //! Two servers whose agents use one machine name (a cloned server that kept its name): the
 //! agent that connected last holds the machine, the other one says why it stays off and does
 //! not take the machine back — no flipping of the machine's sessions between the two — and
-//! takes it once the other agent is gone.
+//! takes it once the other agent is gone. The broker counts the one takeover of a live stream.
 
 use std::time::Duration;
 
 use tsbroker_tests::spawn_agent::{ListedSession, broker_sessions};
 use tsbroker_tests::{TestAgent, TestDatabase, spawn_broker};
 
-use crate::support::eventually;
+use crate::support::{counter, eventually, scrape};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_whose_machine_name_another_took_stays_off_until_it_is_free() {
     let database = TestDatabase::sqlite();
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let metrics_port = tsbroker_tests::process::free_port();
+    let broker = spawn_broker(&database.url, |config| {
+        config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
+    })
+    .await;
     let mut client = broker.broker_client().await;
     let quick = |config: &mut tsagent::AgentConfig| {
         config.displaced_check = Duration::from_millis(300);
@@ -50,6 +54,14 @@ async fn an_agent_whose_machine_name_another_took_stays_off_until_it_is_free() {
         assert!(!original.running().link_status().connected);
         assert_eq!(broker_sessions(&mut client, &machine_id).await, bob);
     }
+    let takeovers = counter(
+        &scrape(metrics_port).await,
+        &["tsbroker_live_takeovers_total"],
+    );
+    assert_eq!(
+        takeovers, 1.0,
+        "the broker counts the copy's takeover, once"
+    );
 
     // The copy goes away (REMOVED): the original takes its machine back, with its session.
     copy.stop().await;
