@@ -1,5 +1,5 @@
-//! Replicas whose clocks disagree, on one PostgreSQL database: a real `tsbroker` started under
-//! `faketime` with its clock 40 s ahead keeps the farm's times by the database server's clock,
+//! Replicas whose clocks disagree, on one PostgreSQL database: a real `tsbroker` run with
+//! libfaketime (Debian's `faketime`) preloaded, its clock 40 s ahead, keeps the farm's times by the database server's clock,
 //! so the machines the other replica serves are alive to it (a returning user goes back to her
 //! session, not to a second one on a machine of its own), its own machines are alive to the
 //! other replica, and it says how far off its clock is, in its log and its metrics.
@@ -9,13 +9,30 @@ use std::time::Duration;
 
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
-use tsbroker_tests::binaries::{tool, workspace_binary};
+use tsbroker_tests::binaries::workspace_binary;
 use tsbroker_tests::process::{ChildGuard, LogFile, free_port};
 use tsbroker_tests::{TestAgent, TestDatabase, spawn_broker};
 
 use crate::support::{eventually, reason, redirect, scrape};
 
 const FARM: &str = "default";
+
+/// Debian's libfaketime, preloaded into the broker itself (not through the `faketime`
+/// command, which would stand between the test's guard and the broker and leave the broker
+/// running when the guard stops it). The test fails, naming the package, when it is missing.
+fn libfaketime() -> std::path::PathBuf {
+    let mut candidates = vec![std::path::PathBuf::from("/usr/lib/faketime")];
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        candidates.extend(entries.flatten().map(|entry| entry.path().join("faketime")));
+    }
+    candidates
+        .into_iter()
+        .map(|dir| dir.join("libfaketime.so.1"))
+        .find(|library| library.is_file())
+        .expect(
+            "libfaketime.so.1 not found: apt-get install faketime (scripts/test.sh installs it)",
+        )
+}
 
 /// The machine a `Redirect` sent the user to, and why.
 async fn placed(
@@ -43,12 +60,12 @@ async fn a_replica_whose_clock_is_off_keeps_the_farms_time() {
     let (port, metrics_port) = (free_port(), free_port());
     let log = LogFile::create(&dir.path().join("ahead.log"));
     let (stdout, stderr) = log.stdio();
-    let mut command = Command::new(tool("faketime", "apt-get install faketime"));
+    let mut command = Command::new(workspace_binary("tsbroker"));
     command
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME", "+40s")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .env_remove("TSBROKER_DATABASE_URL")
-        .args(["-f", "+40s"])
-        .arg(workspace_binary("tsbroker"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--database-url", &database.url])
         .args(["--heartbeat-timeout", "15s"])
