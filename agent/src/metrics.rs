@@ -30,6 +30,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (an outcome's index is `outcome as usize`).
     const ALL: [Outcome; 5] = [
         Outcome::Local,
         Outcome::Remote,
@@ -191,9 +192,7 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     /// Counts a connection's outcome.
     pub fn connection(&self, outcome: Outcome) {
-        if let Some(index) = Outcome::ALL.iter().position(|known| *known == outcome) {
-            self.connections[index].inc();
-        }
+        self.connections[outcome as usize].inc();
     }
 
     /// A connection opened; the guard counts it closed when dropped.

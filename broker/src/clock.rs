@@ -51,8 +51,9 @@ impl Clock {
     }
 }
 
-/// Measures the offset to the database's clock once, logging it when it is large.
-pub async fn measure(store: &dyn Store, metrics: &Metrics, warned: &mut bool) {
+/// Measures the offset to the database's clock once, logging it when it is large; `warned`:
+/// whether the last measurement was warned about. Returns whether this one was.
+pub async fn measure(store: &dyn Store, metrics: &Metrics, warned: bool) -> bool {
     match store.measure_clock().await {
         Ok(Some(offset)) => {
             metrics.clock_offset_seconds.set(offset as f64 / 1000.0);
@@ -66,28 +67,36 @@ pub async fn measure(store: &dyn Store, metrics: &Metrics, warned: &mut bool) {
                      keep the clocks in step (NTP)",
                     offset.abs() as f64 / 1000.0
                 );
-            } else if *warned {
+            } else if warned {
                 tracing::info!(
                     offset_ms = offset,
                     "this machine's clock is in step with the database server's again"
                 );
             }
-            *warned = off;
+            off
         }
-        Ok(None) => {}
-        Err(error) => tracing::debug!(%error, "could not read the database's clock"),
+        Ok(None) => warned,
+        Err(error) => {
+            tracing::debug!(%error, "could not read the database's clock");
+            warned
+        }
     }
 }
 
-/// Measures the offset every minute until `shutdown`.
-pub async fn follow(store: Arc<dyn Store>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut warned = store.clock().offset_ms().abs() >= WARN_MS;
+/// Measures the offset every minute until `shutdown`, after a first measurement that was
+/// `warned` about or not.
+pub async fn follow(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    mut warned: bool,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(MEASURE_EVERY) => {}
         }
-        measure(store.as_ref(), &metrics, &mut warned).await;
+        warned = measure(store.as_ref(), &metrics, warned).await;
     }
 }
 

@@ -170,12 +170,13 @@ pub async fn run(
             return Err(error);
         }
     };
-    // The store measured its clock when it opened; this reports it and keeps it measured.
-    let mut clock_warned = false;
-    crate::clock::measure(store.as_ref(), &metrics, &mut clock_warned).await;
+    // The database's clock, measured before anything is stamped with the broker's time, then
+    // every minute.
+    let clock_warned = crate::clock::measure(store.as_ref(), &metrics, false).await;
     tokio::spawn(crate::clock::follow(
         store.clone(),
         metrics.clone(),
+        clock_warned,
         shutdown.clone(),
     ));
     let database = Arc::new(Reachability::default());

@@ -140,8 +140,6 @@ impl PostgresStore {
             listener,
             clock: crate::clock::Clock::default(),
         };
-        // Before anything is stamped with this broker's time.
-        store.measure_database_clock().await?;
         match store.settings_not_in_effect().await {
             Ok(wrong) => {
                 for setting in wrong {
