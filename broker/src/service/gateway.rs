@@ -4,7 +4,8 @@
 //! heartbeat, and forwards administrators' changes to the agent as commands. Its writes (ADDED,
 //! RESYNC, READY, runs of session events, load reports, the UNREACHABLE mark at its end) go
 //! through the group-commit writer (`store::ingest`), which applies many streams' writes in one
-//! transaction; a stream has one write in flight at a time, so its own order holds.
+//! transaction; a stream has one write in flight at a time, so its own order holds. Messages
+//! are read in batches (`inbound`): a run of session events is one write.
 
 use crate::decision::Decider;
 use crate::decision::policy::SESSION_COUNT;
@@ -12,11 +13,11 @@ use crate::error::ApiError;
 use crate::metrics::{KindLabels, Metrics};
 use crate::plugin::{PluginHub, notices};
 use crate::service::changes::{ChangeRouter, ChangeSubscription};
+use crate::service::inbound::{Inbound, InboundEnd};
 use crate::service::{CoreCell, convert};
 use crate::store::{
     EventOutcome, IngestWriter, MachineRecord, Store, StoreError, StreamMachineState,
 };
-use futures::FutureExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,9 +33,6 @@ use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::agent_message::Body;
 use tsbroker_common::proto::v1::broker_message::Body as Reply;
 use uuid::Uuid;
-
-/// Most messages taken from a stream at once (its session events go to the store as one run).
-const MAX_EVENT_BATCH: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct GatewaySettings {
@@ -99,7 +97,8 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             settings_sent: None,
         };
         stream.metrics.agent_streams.inc();
-        tokio::spawn(stream.run(request.into_inner(), self.shutdown.clone()));
+        let inbound = Inbound::new(request.into_inner());
+        tokio::spawn(stream.run(inbound, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
@@ -155,7 +154,11 @@ struct AgentStream {
 }
 
 impl AgentStream {
-    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut inbound: Inbound<Streaming<pb::AgentMessage>>,
+        shutdown: CancellationToken,
+    ) {
         let end = loop {
             let change = async {
                 match &self.subscription {
@@ -171,20 +174,22 @@ impl AgentStream {
                         break end;
                     }
                 },
-                received = tokio::time::timeout(self.settings.heartbeat_timeout, inbound.message()) => {
+                received = tokio::time::timeout(self.settings.heartbeat_timeout, inbound.next()) => {
                     let first = match received {
                         Err(_) => break StreamEnd::Silent,
-                        Ok(Err(status)) => break StreamEnd::Transport(status),
-                        Ok(Ok(None)) => break StreamEnd::Closed,
-                        Ok(Ok(Some(message))) => message,
+                        Ok(Some(Err(status))) => break StreamEnd::Transport(status),
+                        Ok(None) => break StreamEnd::Closed,
+                        Ok(Some(Ok(message))) => message,
                     };
                     self.last_heard = tokio::time::Instant::now();
-                    let (batch, after) = take_ready_batch(first, &mut inbound);
+                    let (batch, after) = inbound.batch(first).await;
                     if let Err(end) = self.handle_batch(batch).await {
                         break end;
                     }
-                    if let Some(end) = after {
-                        break end;
+                    match after {
+                        None => {}
+                        Some(InboundEnd::Closed) => break StreamEnd::Closed,
+                        Some(InboundEnd::Failed(status)) => break StreamEnd::Transport(status),
                     }
                 }
             }
@@ -603,24 +608,6 @@ fn shutdown_message(reason: &str, removed: bool) -> pb::BrokerMessage {
             removed,
         })),
     }
-}
-
-/// The first message and whatever else has already arrived (up to a batch), without waiting;
-/// plus how the stream ended if it ended meanwhile.
-fn take_ready_batch(
-    first: pb::AgentMessage,
-    inbound: &mut Streaming<pb::AgentMessage>,
-) -> (Vec<pb::AgentMessage>, Option<StreamEnd>) {
-    let mut batch = vec![first];
-    while batch.len() < MAX_EVENT_BATCH {
-        match inbound.message().now_or_never() {
-            Some(Ok(Some(message))) => batch.push(message),
-            Some(Ok(None)) => return (batch, Some(StreamEnd::Closed)),
-            Some(Err(status)) => return (batch, Some(StreamEnd::Transport(status))),
-            None => break,
-        }
-    }
-    (batch, None)
 }
 
 /// Checks every session of a RESYNC; the message names the first bad one.

@@ -7,6 +7,7 @@ pub mod broker_api;
 pub mod changes;
 pub mod convert;
 pub mod gateway;
+mod inbound;
 pub mod machine_ref;
 
 use crate::decision::Decider;
