@@ -125,6 +125,7 @@ done
 
 # --- 2. two brokers on one PostgreSQL -----------------------------------------------------------
 log "2. two broker containers on one PostgreSQL"
+unset TSBROKER_TEST_PG_DIR # only a server started here is this check's to remove
 bash scripts/ensure-postgres.sh --env-file "$work/pg.env" >"$work/pg.log" 2>&1 || fail "no PostgreSQL"
 # shellcheck disable=SC1091 # written just above
 . "$work/pg.env"

@@ -59,6 +59,8 @@ trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
 
 log "checking PostgreSQL"
+# Only a server started now is this run's to remove, not one an earlier env file named.
+unset TSBROKER_TEST_PG_DIR
 pg_env=$(bash scripts/ensure-postgres.sh --owner-pid $$)
 eval "$pg_env"
 pg_dir=${TSBROKER_TEST_PG_DIR:-}
