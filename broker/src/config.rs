@@ -150,10 +150,12 @@ pub struct Cli {
     /// Most logons in flight to one machine [default: 20].
     #[arg(long, env = "TSBROKER_MAX_PENDING_LOGONS_PER_MACHINE")]
     pub max_pending_logons_per_machine: Option<u32>,
-    /// Bearer token the Admin service requires; without one, Admin answers loopback clients only.
+    /// Bearer token (16 characters or more) the Admin service requires; without one, Admin
+    /// answers loopback clients only.
     #[arg(long, env = "TSBROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Bearer token agents must present on their stream; without one, any agent may connect.
+    /// Bearer token (16 characters or more) agents must present on their stream; without one,
+    /// any agent may connect.
     #[arg(long, env = "TSBROKER_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
     /// Log format: plain or json [default: plain]. Verbosity: RUST_LOG (default info).

@@ -42,7 +42,7 @@ impl From<ValidationError> for tonic::Status {
     }
 }
 
-/// A farm name: 1..64 bytes of letters, digits, '-', '_' and '.'.
+/// A farm name: 1..64 bytes of ASCII letters, digits, '-', '_' and '.'.
 pub fn farm_name(field: &'static str, text: &str) -> Result<String, ValidationError> {
     if text.is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
@@ -59,7 +59,7 @@ pub fn farm_name(field: &'static str, text: &str) -> Result<String, ValidationEr
     {
         return Err(ValidationError::new(
             field,
-            format!("character {bad:?} not allowed (letters, digits, '-', '_', '.')"),
+            format!("character {bad:?} not allowed (ASCII letters, digits, '-', '_', '.')"),
         ));
     }
     Ok(text.to_owned())
@@ -167,12 +167,38 @@ pub fn weight(
 /// A machine id: a UUID in its usual text form.
 pub fn machine_id(field: &'static str, text: &str) -> Result<uuid::Uuid, ValidationError> {
     uuid::Uuid::parse_str(text)
-        .map_err(|_| ValidationError::new(field, format!("{text:?} is not a UUID")))
+        .map_err(|_| ValidationError::new(field, format!("{} is not a UUID", excerpt(text))))
+}
+
+/// Longest part of a refused value an error message repeats, in characters.
+const EXCERPT_CHARS: usize = 64;
+
+/// `text` quoted for an error message, cut to its first [`EXCERPT_CHARS`] characters with its
+/// length in bytes after it when longer: a refused 3 MB value is not sent back whole.
+pub fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_values_are_repeated_only_in_part() {
+        assert_eq!(excerpt("abc"), "\"abc\"");
+        let long = "é".repeat(100);
+        let shown = excerpt(&long);
+        assert!(
+            shown.starts_with(&format!("\"{}\"…", "é".repeat(EXCERPT_CHARS))),
+            "{shown}"
+        );
+        assert!(shown.ends_with("(200 bytes)"), "{shown}");
+        let error = machine_id("machine_id", &"a".repeat(3_000_000)).unwrap_err();
+        assert!(error.to_string().len() < 200, "{error}");
+    }
 
     #[test]
     fn farm_names() {

@@ -92,6 +92,13 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::SetSessionLimitRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
         let request = request.into_inner();
+        if request.clear && request.session_limit != 0 {
+            return Err(ApiError::from(ValidationError::new(
+                "session_limit",
+                "give a limit or clear, not both (clear gives the agent's limit back)",
+            ))
+            .into());
+        }
         let limit = (!request.clear).then_some(request.session_limit);
         Ok(Response::new(
             self.change(request.machine, MachineChange::SessionLimit(limit))
@@ -142,7 +149,10 @@ impl pb::admin_server::Admin for AdminApi {
             let known = self.policies.names().join(", ");
             return Err(ApiError::from(ValidationError::new(
                 "policy",
-                format!("unknown policy {:?} (known: {known})", request.policy),
+                format!(
+                    "unknown policy {} (known: {known})",
+                    validate::excerpt(&request.policy)
+                ),
             ))
             .into());
         }

@@ -62,11 +62,12 @@ impl AccessGuard {
                     .metadata()
                     .get("authorization")
                     .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.strip_prefix("Bearer "))
+                    .and_then(bearer_token)
                     .unwrap_or("");
                 if constant_time_eq(presented.as_bytes(), expected.0.as_bytes()) {
                     Ok(request)
                 } else {
+                    self.refused(&request, "no valid bearer token");
                     Err(Status::unauthenticated(format!(
                         "the {} service needs a valid bearer token",
                         self.service
@@ -76,10 +77,14 @@ impl AccessGuard {
             None if self.loopback_only_without_token => {
                 let loopback = request
                     .remote_addr()
-                    .is_some_and(|peer| peer.ip().is_loopback());
+                    .is_some_and(|peer| is_loopback(peer.ip()));
                 if loopback {
                     Ok(request)
                 } else {
+                    self.refused(
+                        &request,
+                        "not a loopback client, and no token is configured",
+                    );
                     Err(Status::permission_denied(format!(
                         "the {} service answers loopback clients only unless a token is configured",
                         self.service
@@ -89,6 +94,26 @@ impl AccessGuard {
             None => Ok(request),
         }
     }
+
+    /// Logs a refused call: worth an operator's attention (a misconfigured script, or someone
+    /// trying tokens), and the client hears nothing more than its status.
+    fn refused<T>(&self, request: &Request<T>, why: &str) {
+        let peer = request.remote_addr();
+        tracing::warn!(service = self.service, ?peer, "call refused: {why}");
+    }
+}
+
+/// The token of an `authorization` header's `Bearer` credentials (the scheme's case does not
+/// matter, RFC 9110 §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+/// A loopback address, counting IPv4's as seen on a dual-stack (`[::]`) listener:
+/// `::ffff:127.0.0.1`.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
@@ -120,6 +145,43 @@ mod tests {
             guard.check(request).unwrap_err().code(),
             tonic::Code::Unauthenticated
         );
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        let guard = AccessGuard::token(Some(Secret("0123456789abcdef".into())), true, "admin");
+        for (header, accepted) in [
+            ("bearer 0123456789abcdef", true),
+            ("Bearer 0123456789ABCDEF", false),
+            ("Bearer  0123456789abcdef", false),
+        ] {
+            let mut request = Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", header.parse().unwrap());
+            assert_eq!(guard.check(request).is_ok(), accepted, "{header}");
+        }
+    }
+
+    #[test]
+    fn loopback_includes_ipv4_mapped_addresses() {
+        for (address, loopback) in [
+            ("127.0.0.1", true),
+            ("127.1.2.3", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("::ffff:192.0.2.2", false),
+            ("192.0.2.2", false),
+            ("fd00::2", false),
+        ] {
+            let ip: std::net::IpAddr = address.parse().unwrap();
+            assert_eq!(is_loopback(ip), loopback, "{address}");
+        }
     }
 
     #[test]

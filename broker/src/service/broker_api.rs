@@ -166,18 +166,22 @@ impl pb::broker_server::Broker for BrokerApi {
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let request = request.into_inner();
-        let filter = session_filter(&request)?;
-        let sessions = self
+        let mut filter = session_filter(&request)?;
+        let page_size = filter.limit as usize;
+        // One row more than the page: whether another page follows, so that the last page
+        // (even a full one) comes without a token.
+        filter.limit += 1;
+        let mut sessions = self
             .core
             .get()?
             .store
             .list_sessions(&filter)
             .await
             .map_err(ApiError::from)?;
+        let more = sessions.len() > page_size;
+        sessions.truncate(page_size);
         let next_page_token = match sessions.last() {
-            Some(last) if sessions.len() == filter.limit as usize => {
-                format!("{}/{}", last.machine_id, last.session_id)
-            }
+            Some(last) if more => format!("{}/{}", last.machine_id, last.session_id),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListSessionsResponse {

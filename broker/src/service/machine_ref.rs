@@ -1,4 +1,6 @@
-//! Resolving a `MachineRef` (an id, or a farm and a name) to a machine.
+//! Resolving a `MachineRef` (an id, or a farm and a name) to a machine. A reference that gives
+//! both must name the same machine: a script that fills in every field never acts on another
+//! machine than the one it named.
 
 use crate::error::ApiError;
 use crate::store::{MachineRecord, Store};
@@ -9,13 +11,21 @@ pub async fn resolve(
     store: &dyn Store,
     reference: &pb::MachineRef,
 ) -> Result<MachineRecord, ApiError> {
+    let farm = (!reference.farm.is_empty())
+        .then(|| validate::farm_name("machine.farm", &reference.farm))
+        .transpose()?;
+    let name = (!reference.machine_name.is_empty())
+        .then(|| validate::machine_name("machine.machine_name", &reference.machine_name))
+        .transpose()?;
     let found = if !reference.machine_id.is_empty() {
         let id = validate::machine_id("machine.machine_id", &reference.machine_id)?;
-        store.get_machine(id).await?
-    } else if !reference.farm.is_empty() && !reference.machine_name.is_empty() {
-        let farm = validate::farm_name("machine.farm", &reference.farm)?;
-        let name = validate::machine_name("machine.machine_name", &reference.machine_name)?;
-        store.find_machine(&farm, &name).await?
+        let found = store.get_machine(id).await?;
+        if let Some(machine) = &found {
+            check_same_machine(machine, farm.as_deref(), name.as_deref())?;
+        }
+        found
+    } else if let (Some(farm), Some(name)) = (&farm, &name) {
+        store.find_machine(farm, name).await?
     } else {
         return Err(
             ValidationError::new("machine", "give machine_id, or farm and machine_name").into(),
@@ -32,4 +42,45 @@ pub async fn resolve(
         };
         ApiError::NotFound(what)
     })
+}
+
+/// The farm and name given beside an id must be the id's machine's (the name in any case, as
+/// a lookup by name).
+fn check_same_machine(
+    machine: &MachineRecord,
+    farm: Option<&str>,
+    name: Option<&str>,
+) -> Result<(), ValidationError> {
+    let farm_differs = farm.is_some_and(|farm| farm != machine.farm);
+    let name_differs = name.is_some_and(|name| !name.eq_ignore_ascii_case(&machine.name));
+    if farm_differs || name_differs {
+        return Err(ValidationError::new(
+            "machine",
+            format!(
+                "machine_id {} is {:?} in farm {:?}, not what farm and machine_name say; \
+                 give machine_id alone, or farm and machine_name",
+                machine.id, machine.name, machine.farm
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::machine_load;
+
+    #[test]
+    fn a_farm_or_name_beside_an_id_must_be_the_ids_machine() {
+        let machine = MachineRecord::clone(&machine_load(1, 100, 0).machine);
+        let (farm, name) = (machine.farm.clone(), machine.name.clone());
+        assert!(check_same_machine(&machine, None, None).is_ok());
+        assert!(check_same_machine(&machine, Some(&farm), Some(&name)).is_ok());
+        assert!(check_same_machine(&machine, None, Some(&name.to_ascii_uppercase())).is_ok());
+        assert!(check_same_machine(&machine, Some(&farm), None).is_ok());
+        let refused = check_same_machine(&machine, Some(&farm), Some("other.example")).unwrap_err();
+        assert!(refused.reason.contains(&name), "{refused}");
+        assert!(check_same_machine(&machine, Some("another-farm"), Some(&name)).is_err());
+    }
 }

@@ -15,6 +15,7 @@ mod ingest_conformance;
 mod outage;
 mod plugins;
 mod policies;
+mod queries;
 mod query_plans;
 mod rdp;
 mod stream;

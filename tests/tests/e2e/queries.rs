@@ -1,0 +1,170 @@
+//! What operators do by hand, over real gRPC: paging through `ListSessions`, naming a machine
+//! to `Admin` and `GetMachine` (and contradictory admin requests), and the `Admin` service's
+//! loopback rule on a dual-stack listener.
+
+use crate::support::on_both_stores;
+use std::collections::BTreeSet;
+use tonic::Code;
+use tonic::transport::Endpoint;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::admin_client::AdminClient;
+use tsbroker_tests::fake_agent::{machine as description, session};
+use tsbroker_tests::{Backend, FakeAgent, TestDatabase, spawn_broker, spawn_broker_at};
+
+on_both_stores!(
+    every_session_comes_once_and_the_last_page_says_so,
+    a_machine_named_two_ways_must_be_one_machine,
+);
+
+async fn every_session_comes_once_and_the_last_page_says_so(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let sessions = |machine: &str| -> Vec<pb::SessionInfo> {
+        (1..=6)
+            .map(|id| session(id, &format!("{machine}-user{id}"), pb::SessionState::Active))
+            .collect()
+    };
+    let _a = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm-p", 100),
+        sessions("a"),
+    )
+    .await;
+    let _b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm-p", 100),
+        sessions("b"),
+    )
+    .await;
+    for page_size in [1u32, 4, 5, 12, 13] {
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let page = client
+                .list_sessions(pb::ListSessionsRequest {
+                    farm: "farm-p".into(),
+                    page_size,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("ListSessions")
+                .into_inner();
+            pages += 1;
+            assert!(pages <= 12, "page size {page_size}: pages without end");
+            seen.extend(
+                page.sessions
+                    .iter()
+                    .map(|session| (session.machine_id.clone(), session.session_id)),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            assert_eq!(
+                page.sessions.len(),
+                page_size as usize,
+                "a page before the last"
+            );
+            token = page.next_page_token;
+        }
+        // Twelve sessions: a last page that is full comes without a token (no empty page after).
+        assert_eq!(pages, 12u32.div_ceil(page_size), "page size {page_size}");
+        let distinct: BTreeSet<_> = seen.iter().cloned().collect();
+        assert_eq!(seen.len(), 12, "page size {page_size}: {seen:?}");
+        assert_eq!(distinct.len(), 12, "page size {page_size}: {seen:?}");
+    }
+}
+
+async fn a_machine_named_two_ways_must_be_one_machine(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let mut admin = broker.admin_client().await;
+    let a = FakeAgent::join(&broker.url(), description("ts-a", "farm-r", 100), vec![]).await;
+    let b = FakeAgent::join(&broker.url(), description("ts-b", "farm-r", 100), vec![]).await;
+    let reference = |id: &str, farm: &str, name: &str| pb::MachineRef {
+        machine_id: id.to_owned(),
+        farm: farm.to_owned(),
+        machine_name: name.to_owned(),
+    };
+
+    // a's id with b's name, or with another farm: refused, and nothing is drained.
+    for wrong in [
+        reference(&a.machine_id, "farm-r", "ts-b"),
+        reference(&a.machine_id, "farm-x", "ts-a"),
+        reference(&a.machine_id, "", "ts-b"),
+    ] {
+        let refused = admin.drain_machine(wrong.clone()).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{wrong:?}: {refused:?}"
+        );
+        assert!(refused.message().contains("ts-a"), "{refused:?}");
+    }
+    let refused = client
+        .get_machine(pb::GetMachineRequest {
+            machine: Some(reference(&b.machine_id, "farm-r", "ts-a")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    for machine in [&a, &b] {
+        let listed = client
+            .get_machine(pb::GetMachineRequest {
+                machine: Some(reference(&machine.machine_id, "", "")),
+            })
+            .await
+            .expect("GetMachine by id")
+            .into_inner();
+        assert!(!listed.draining, "{listed:?}");
+    }
+
+    // The id with its own farm and name (in any case): the machine it names.
+    let drained = admin
+        .drain_machine(reference(&a.machine_id, "farm-r", "TS-A"))
+        .await
+        .expect("DrainMachine")
+        .into_inner();
+    assert_eq!(drained.id, a.machine_id);
+    assert!(drained.draining);
+
+    // A session limit and "clear" at once contradict each other: refused, nothing set.
+    let refused = admin
+        .set_session_limit(pb::SetSessionLimitRequest {
+            machine: Some(reference(&b.machine_id, "", "")),
+            session_limit: 5,
+            clear: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let unchanged = client
+        .get_machine(pb::GetMachineRequest {
+            machine: Some(reference(&b.machine_id, "", "")),
+        })
+        .await
+        .expect("GetMachine")
+        .into_inner();
+    assert_eq!(unchanged.session_limit, 0, "{unchanged:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_answers_ipv4_loopback_through_a_dual_stack_listener() {
+    let database = TestDatabase::new(Backend::Sqlite).await;
+    let broker = spawn_broker_at(&database.url, "[::]:0".parse().unwrap(), |_| {}).await;
+    let channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", broker.address.port()))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect over IPv4");
+    // The guard lets the call through (the peer is ::ffff:127.0.0.1); the machine is unknown.
+    let answer = AdminClient::new(channel)
+        .drain_machine(pb::MachineRef {
+            machine_id: uuid::Uuid::nil().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(answer.code(), Code::NotFound, "{answer:?}");
+}
