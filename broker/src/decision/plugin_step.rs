@@ -66,10 +66,11 @@ impl PluginStep<'_> {
             .filter(|load| load.ineligible.is_none())
             .collect();
         let candidates = group_pool(group, &eligible);
+        // A preview: the placement chooses for real once the plug-in has answered.
         let Some(broker_pick) = self
             .policies
             .get_or_default(&policy)
-            .choose(context, &candidates)
+            .preview(context, &candidates)
         else {
             return Ok(None);
         };

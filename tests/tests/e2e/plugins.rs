@@ -91,9 +91,15 @@ struct Setup {
 }
 
 async fn broker_with_plugin(plugin: &PluginProcess) -> Setup {
+    broker_with_plugin_and_policy(plugin, None).await
+}
+
+/// [`broker_with_plugin`], with farm "farm" under `policy` when given.
+async fn broker_with_plugin_and_policy(plugin: &PluginProcess, policy: Option<&str>) -> Setup {
     let database = TestDatabase::sqlite();
     let metrics_port = free_port();
     let farm = FarmSettings {
+        policy: policy.map(str::to_owned),
         slow_start: Duration::ZERO,
         plugin: Some(PluginSettings {
             address: plugin.address(),
@@ -228,6 +234,42 @@ async fn the_plugins_pick_is_honoured_and_failures_fall_back_within_the_deadline
     );
     setup.broker.stop().await;
     wait_for_call(&plugin, "Terminated", |_| true).await;
+}
+
+/// The broker's pick shown to the plug-in is a preview: a round-robin turn is taken once per
+/// placement, not once for the plug-in and again for the placement (which, with two machines,
+/// sent every new logon to the same one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_robin_takes_one_turn_per_logon_with_a_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = PluginProcess::start(dir.path(), free_port(), false, "rr");
+    let setup = broker_with_plugin_and_policy(&plugin, Some("round-robin")).await;
+    let broker = &setup.broker;
+    let _agents = [
+        FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await,
+        FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await,
+    ];
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-b" && call["state"] == "READY"
+    })
+    .await;
+    plugin.set_mode("keep");
+    let mut placed = Vec::new();
+    for user in 0..6 {
+        let (answer, _) = redirect(broker, &format!("rr-user{user}")).await;
+        assert_eq!(reason(&answer), pb::RedirectReason::LoadBalanced);
+        let asked = plugin.calls("GetMostSuitableServer");
+        let asked = asked.last().expect("asked");
+        assert_eq!(
+            asked["broker_pick"], answer.machine_name,
+            "the plug-in kept the pick it was shown"
+        );
+        placed.push(answer.machine_name);
+    }
+    for pair in placed.windows(2) {
+        assert_ne!(pair[0], pair[1], "turns alternate: {placed:?}");
+    }
+    setup.broker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

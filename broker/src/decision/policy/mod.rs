@@ -32,6 +32,12 @@ pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
     /// Picks one of `candidates` (never empty); `None` when none suits.
     fn choose(&self, context: &ChoiceContext<'_>, candidates: &[MachineLoad]) -> Option<Uuid>;
+    /// What `choose` would pick now, without changing what it picks next: the broker's pick
+    /// a plug-in is shown before the placement itself chooses. A policy that keeps state
+    /// between picks (a turn) must not advance it here.
+    fn preview(&self, context: &ChoiceContext<'_>, candidates: &[MachineLoad]) -> Option<Uuid> {
+        self.choose(context, candidates)
+    }
 }
 
 /// A stable pseudo-random order of machines per user (FNV-1a over user and machine id), so

@@ -22,35 +22,52 @@ impl Policy for RoundRobin {
     }
 
     fn choose(&self, context: &ChoiceContext<'_>, candidates: &[MachineLoad]) -> Option<Uuid> {
-        let mut farms = self
-            .credits
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let credits = farms.entry(context.farm.to_owned()).or_default();
-        // Machines that left the candidates lose their credit, so a returning one starts fair.
-        credits.retain(|machine, _| {
-            candidates
-                .iter()
-                .any(|candidate| candidate.machine.id == *machine)
-        });
-        let total: f64 = candidates.iter().map(MachineLoad::effective_weight).sum();
-        let mut best: Option<(f64, Uuid)> = None;
-        for candidate in candidates {
-            let credit = credits.entry(candidate.machine.id).or_insert(0.0);
-            *credit += candidate.effective_weight();
-            let better = best.is_none_or(|(best_credit, best_id)| {
-                *credit > best_credit || (*credit == best_credit && candidate.machine.id < best_id)
-            });
-            if better {
-                best = Some((*credit, candidate.machine.id));
-            }
-        }
-        let (_, chosen) = best?;
-        if let Some(credit) = credits.get_mut(&chosen) {
-            *credit -= total;
-        }
-        Some(chosen)
+        let mut farms = self.farms();
+        take_turn(
+            farms.entry(context.farm.to_owned()).or_default(),
+            candidates,
+        )
     }
+
+    fn preview(&self, context: &ChoiceContext<'_>, candidates: &[MachineLoad]) -> Option<Uuid> {
+        let mut credits = self.farms().get(context.farm).cloned().unwrap_or_default();
+        take_turn(&mut credits, candidates)
+    }
+}
+
+impl RoundRobin {
+    fn farms(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<Uuid, f64>>> {
+        self.credits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The machine whose turn it is, by the farm's `credits`, which are moved on past it.
+fn take_turn(credits: &mut HashMap<Uuid, f64>, candidates: &[MachineLoad]) -> Option<Uuid> {
+    // Machines that left the candidates lose their credit, so a returning one starts fair.
+    credits.retain(|machine, _| {
+        candidates
+            .iter()
+            .any(|candidate| candidate.machine.id == *machine)
+    });
+    let total: f64 = candidates.iter().map(MachineLoad::effective_weight).sum();
+    let mut best: Option<(f64, Uuid)> = None;
+    for candidate in candidates {
+        let credit = credits.entry(candidate.machine.id).or_insert(0.0);
+        *credit += candidate.effective_weight();
+        let better = best.is_none_or(|(best_credit, best_id)| {
+            *credit > best_credit || (*credit == best_credit && candidate.machine.id < best_id)
+        });
+        if better {
+            best = Some((*credit, candidate.machine.id));
+        }
+    }
+    let (_, chosen) = best?;
+    if let Some(credit) = credits.get_mut(&chosen) {
+        *credit -= total;
+    }
+    Some(chosen)
 }
 
 #[cfg(test)]
@@ -91,6 +108,24 @@ mod tests {
                 "{picks:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_preview_shows_the_next_turn_without_taking_it() {
+        let policy = RoundRobin::default();
+        let settings = crate::decision::farm_settings::FarmSettings::default();
+        let context = super::super::test_support::context(&settings, "u");
+        let machines = vec![machine_load(0, 100, 0), machine_load(1, 100, 0)];
+        let mut picks = Vec::new();
+        for _ in 0..4 {
+            let previewed = policy.preview(&context, &machines);
+            assert_eq!(policy.preview(&context, &machines), previewed);
+            let chosen = policy.choose(&context, &machines);
+            assert_eq!(chosen, previewed);
+            picks.push(chosen.unwrap());
+        }
+        assert_ne!(picks[0], picks[1], "{picks:?}");
+        assert_eq!(picks[0], picks[2], "{picks:?}");
     }
 
     #[test]
