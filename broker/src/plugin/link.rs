@@ -265,6 +265,8 @@ impl PluginLink {
         shutdown: CancellationToken,
     ) {
         let mut pause = RETRY_MIN;
+        // Said once at warning level, until the link has been up again.
+        let mut said_unreachable = false;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -275,6 +277,7 @@ impl PluginLink {
             {
                 Ok(()) => {
                     pause = RETRY_MIN;
+                    said_unreachable = false;
                     let reason = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         reason = self.forward(&mut receiver) => reason,
@@ -284,7 +287,12 @@ impl PluginLink {
                 }
                 Err(reason) => {
                     self.up.store(false, Ordering::Relaxed);
-                    tracing::debug!(plugin = %self.address, %reason, retry_in = ?pause, "plug-in not reachable");
+                    if said_unreachable {
+                        tracing::debug!(plugin = %self.address, %reason, retry_in = ?pause, "plug-in not reachable");
+                    } else {
+                        tracing::warn!(plugin = %self.address, %reason, "plug-in not reachable; the broker's own picks stand until it is (trying again)");
+                        said_unreachable = true;
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(pause) => {}

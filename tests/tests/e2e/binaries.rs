@@ -317,3 +317,53 @@ async fn the_health_check_flag_tells_a_serving_broker_from_one_that_is_not() {
     stop_serving.cancel();
     stop_waiting.cancel();
 }
+
+/// A plug-in that cannot be reached is said once at warning level (an operator's default log
+/// shows it), not once per retry, and not only at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_plugin_is_said_once_as_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let unused_port = tsbroker_tests::process::free_port();
+    let config = dir.path().join("tsbroker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n\
+             database_url = \"sqlite://{}\"\n\
+             [farms.f.plugin]\n\
+             address = \"http://127.0.0.1:{unused_port}\"\n",
+            tsbroker_tests::process::free_port(),
+            dir.path().join("b.db").display()
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(workspace_binary("tsbroker"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Retries at 0.2, 0.4, 0.8, 1.6 s: several failures in this time.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pid = child.id().expect("running");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("exits")
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("plug-in not reachable"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(said[0].contains("WARN"), "{log}");
+}
