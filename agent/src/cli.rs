@@ -109,7 +109,8 @@ pub enum Command {
         #[command(subcommand)]
         action: SessionCommand,
     },
-    /// Show the running agent's machine and its link to the broker
+    /// Show the running agent's machine and its link to the broker. Exit status: 0 connected
+    /// to the broker, 3 running but not connected, 1 the agent could not be asked
     Status(SocketArg),
 }
 
@@ -132,9 +133,12 @@ pub enum SessionCommand {
 
 #[derive(Debug, Args)]
 pub struct SocketArg {
-    /// The agent's control socket [default: tsagent's own --control-socket, else the
-    /// control_socket of its --config file, else /run/tsagent/control.sock]
-    #[arg(long, env = "TSAGENT_CONTROL_SOCKET", value_name = "PATH")]
+    /// The agent's control socket [default: tsagent's own --control-socket (or
+    /// TSAGENT_CONTROL_SOCKET), else the control_socket of its --config file, else
+    /// /run/tsagent/control.sock]
+    // No `env` here: the environment is read once, as tsagent's own flag's, so that a flag
+    // given before the subcommand wins over it.
+    #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 }
 

@@ -2,16 +2,19 @@
 //! one through its control socket.
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tsagent::cli::{AgentArgs, Cli, Command, SessionCommand, SessionEventArgs};
-use tsagent::control::{Request, SessionArgs, client};
+use tsagent::control::{Request, Response, SessionArgs, client};
 
 /// Exit status for bad settings (EX_USAGE).
 const EXIT_BAD_SETTINGS: u8 = 64;
+/// `tsagent status`: the agent runs but is not connected to the broker (health checks).
+const EXIT_NOT_CONNECTED: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -160,8 +163,15 @@ async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
     };
     match client::render(&response) {
         Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
+            // Not println!, which panics when the reader went away (`tsagent status | head -1`):
+            // a closed pipe is the reader's choice, and the exit status still tells.
+            let _ = writeln!(std::io::stdout(), "{text}");
+            match response {
+                Response::Status { status } if !status.link.connected => {
+                    ExitCode::from(EXIT_NOT_CONNECTED)
+                }
+                _ => ExitCode::SUCCESS,
+            }
         }
         Err(message) => {
             eprintln!("tsagent: {message}");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
+use tsbroker_tests::binaries::workspace_binary;
 use tsbroker_tests::spawn_agent::{
     ListedSession, broker_sessions, parse_session_list, tsagent_cli_output, tsagent_output,
 };
@@ -97,6 +98,42 @@ async fn an_agent_joins_and_its_control_socket_sessions_reach_the_broker(databas
         assert!(
             output.status.success() && said.contains("machine: ts-join.example.test"),
             "tsagent {before:?} status: {said} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Its reader gone (`tsagent status | head -0`): no panic, the exit status still tells.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    // (spawn, not output(), which would replace the standard output with a pipe of its own)
+    let output = tokio::process::Command::new(workspace_binary("tsagent"))
+        .args(["status", "--control-socket", socket])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A flag wins over the environment, before the subcommand as after it.
+    for args in [
+        ["--control-socket", socket, "status"],
+        ["status", "--control-socket", socket],
+    ] {
+        let output = tokio::process::Command::new(workspace_binary("tsagent"))
+            .env("TSAGENT_CONTROL_SOCKET", dir.path().join("elsewhere.sock"))
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "tsagent {args:?} with TSAGENT_CONTROL_SOCKET set: {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
@@ -225,8 +262,11 @@ async fn a_broker_restart_ends_with_the_agents_sessions_including_changes_made_w
         .cli(&["session", "disconnect", "--user", "alice"])
         .await;
     agent.cli(&["session", "logoff", "--user", "bob"]).await;
-    let status = agent.cli(&["status"]).await;
+    // `tsagent status` says so, and its exit status (3) tells a health check.
+    let output = tsagent_cli_output(&["status"], &agent.control_socket).await;
+    let status = String::from_utf8_lossy(&output.stdout);
     assert!(status.contains("broker: not connected"), "{status}");
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
     let mine = session_list(&agent).await;
     let users: Vec<(&str, &str)> = mine
         .iter()
