@@ -125,7 +125,7 @@ pub enum SessionCommand {
     /// The session ended
     Logoff(SessionEventArgs),
     /// For pam_exec: logon on open_session, logoff on close_session, from PAM_TYPE,
-    /// PAM_USER and PAM_RHOST
+    /// PAM_USER, PAM_TTY (the X display ":N" is session N) and PAM_RHOST (a bare address)
     Pam(SocketArg),
     /// List the sessions the agent knows
     List(SocketArg),

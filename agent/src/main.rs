@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tsagent::cli::{AgentArgs, Cli, Command, SessionCommand, SessionEventArgs};
-use tsagent::control::{Request, Response, SessionArgs, client};
+use tsagent::control::{Request, Response, SessionArgs, client, pam};
 
 /// Exit status for bad settings (EX_USAGE).
 const EXIT_BAD_SETTINGS: u8 = 64;
@@ -97,32 +97,12 @@ fn session_args(args: SessionEventArgs) -> (Option<PathBuf>, SessionArgs) {
     (args.socket.control_socket, request)
 }
 
-/// The request PAM's `pam_exec` asks for, from its environment.
-fn pam_request() -> Result<Request, String> {
-    let user = std::env::var("PAM_USER").map_err(|_| "PAM_USER is not set (run from pam_exec)")?;
-    let args = SessionArgs {
-        user,
-        client_address: std::env::var("PAM_RHOST")
-            .ok()
-            .filter(|host| !host.is_empty()),
-        ..Default::default()
-    };
-    match std::env::var("PAM_TYPE").as_deref() {
-        Ok("open_session") => Ok(Request::Logon(args)),
-        Ok("close_session") => Ok(Request::Logoff(args)),
-        Ok(other) => Err(format!(
-            "PAM_TYPE {other:?} is not open_session or close_session"
-        )),
-        Err(_) => Err("PAM_TYPE is not set (run from pam_exec)".to_owned()),
-    }
-}
-
 async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
     let (socket, request) = match command {
         Command::Status(socket) => (socket.control_socket, Request::Status),
         Command::Session { action } => match action {
             SessionCommand::List(socket) => (socket.control_socket, Request::List),
-            SessionCommand::Pam(socket) => match pam_request() {
+            SessionCommand::Pam(socket) => match pam::request(|name| std::env::var(name).ok()) {
                 Ok(request) => (socket.control_socket, request),
                 Err(reason) => {
                     eprintln!("tsagent: {reason}");

@@ -3,6 +3,7 @@
 //! `tsagent session …`; `tsagent session list` and `tsagent status` read from it.
 
 pub mod client;
+pub mod pam;
 pub mod server;
 #[cfg(test)]
 mod tests;
