@@ -19,7 +19,12 @@ pub async fn serve<F>(
             let render = render.clone();
             async move {
                 (
-                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    // What prometheus-client writes: OpenMetrics text (`# EOF` at the end,
+                    // counters' samples named `_total`), so Prometheus parses it as such.
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     render(),
                 )
             }

@@ -201,6 +201,12 @@ async fn the_plugins_pick_is_honoured_and_failures_fall_back_within_the_deadline
     }
     // The hang cost the deadline, not the plug-in's 10 s; notifications still flow meanwhile.
     let metrics = scrape(setup.metrics_port).await;
+    assert!(
+        metrics
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{metrics}"
+    );
     for cause in ["not_candidate", "error", "timeout"] {
         assert!(
             counter(
