@@ -40,10 +40,8 @@ pub struct FileSettings {
 pub fn read_file(path: &Path) -> Result<FileSettings, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("--config: cannot read {}: {error}", path.display()))?;
-    toml::from_str(&text).map_err(|error| {
-        let reason = error.message().replace('\n', " ");
-        format!("--config: {}: {reason}", path.display())
-    })
+    tsbroker_common::config_file::parse(&text)
+        .map_err(|error| format!("--config: {}: {error}", path.display()))
 }
 
 /// This host's name: the FQDN its short name resolves to, else the short name.

@@ -242,9 +242,8 @@ impl Cli {
                 let text = std::fs::read_to_string(path).map_err(|error| {
                     format!("cannot read config file {}: {error}", path.display())
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|error| {
-                    format!("config file {}: {}", path.display(), error.message())
-                })?
+                tsbroker_common::config_file::parse::<FileConfig>(&text)
+                    .map_err(|error| format!("config file {}: {error}", path.display()))?
             }
             None => FileConfig::default(),
         };

@@ -1,8 +1,9 @@
 //! Code shared by `tsbroker` and `tsagent`: the generated gRPC API, the domain types the
-//! services work with once input is validated, logging set-up, serving gRPC on a bound
-//! listener, and the `/metrics` endpoint.
+//! services work with once input is validated, logging set-up, reading settings files, serving
+//! gRPC on a bound listener, and the `/metrics` endpoint.
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod metrics_http;
 pub mod model;
 pub mod pem;
