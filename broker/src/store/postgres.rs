@@ -96,31 +96,34 @@ impl PostgresStore {
         use anyhow::Context;
         let options =
             PgConnectOptions::from_str(database_url).context("parse the postgresql url")?;
-        let pool = PgPoolOptions::new()
-            .max_connections(32)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.clone().options(MAIN_SETTINGS))
-            .await
-            .context("connect to postgresql")?;
+        let pool = connect_pool(
+            PgPoolOptions::new()
+                .max_connections(32)
+                .acquire_timeout(Duration::from_secs(5)),
+            options.clone().options(MAIN_SETTINGS),
+        )
+        .await?;
         sqlx::migrate!("./migrations/postgres")
             .run(&pool)
             .await
             .context("migrate the postgresql database")?;
-        let ingest_pool = PgPoolOptions::new()
-            .max_connections(INGEST_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.clone().options(INGEST_SETTINGS))
-            .await
-            .context("connect to postgresql")?;
-        let placement_pool = PgPoolOptions::new()
-            .max_connections(PLACEMENT_CONNECTIONS)
-            // A batch holds one for milliseconds, so a longer wait means the database is away:
-            // the caller hears UNAVAILABLE before a front door stops waiting (3 s) and sends
-            // the user to its own RDP service.
-            .acquire_timeout(PLACEMENT_ACQUIRE_TIMEOUT)
-            .connect_with(options.options(PLACEMENT_SETTINGS))
-            .await
-            .context("connect to postgresql")?;
+        let ingest_pool = connect_pool(
+            PgPoolOptions::new()
+                .max_connections(INGEST_CONNECTIONS)
+                .acquire_timeout(Duration::from_secs(10)),
+            options.clone().options(INGEST_SETTINGS),
+        )
+        .await?;
+        let placement_pool = connect_pool(
+            PgPoolOptions::new()
+                .max_connections(PLACEMENT_CONNECTIONS)
+                // A batch holds one for milliseconds, so a longer wait means the database is
+                // away: the caller hears UNAVAILABLE before a front door stops waiting (3 s)
+                // and sends the user to its own RDP service.
+                .acquire_timeout(PLACEMENT_ACQUIRE_TIMEOUT),
+            options.options(PLACEMENT_SETTINGS),
+        )
+        .await?;
         let (changes, _) = broadcast::channel(1024);
         let directory = SinkSlot::default();
         let instance = Uuid::new_v4();
@@ -281,6 +284,44 @@ impl StoreHooks for PostgresStore {
     const BACKEND: &'static str = "postgres";
     const LOCK_OWNER: &'static str =
         "SELECT connection_id, farm FROM machines WHERE id = $1 FOR NO KEY UPDATE";
+}
+
+/// A pool, connected. When the pool only says it timed out (it retries a refused connection
+/// until then, and keeps the cause to itself), one direct attempt tells the operator why:
+/// "connection refused", "password authentication failed", "database ... does not exist" (the
+/// server's message once, without its source file's line).
+async fn connect_pool(
+    pool: PgPoolOptions,
+    options: PgConnectOptions,
+) -> anyhow::Result<sqlx::PgPool> {
+    use sqlx::Connection;
+    match pool.connect_with(options.clone()).await {
+        Ok(pool) => Ok(pool),
+        Err(sqlx::Error::PoolTimedOut) => {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                sqlx::PgConnection::connect_with(&options),
+            )
+            .await;
+            let cause = match attempt {
+                Ok(Err(error)) => cause(&error),
+                Ok(Ok(_)) => "timed out waiting for a connection".to_owned(),
+                Err(_) => "no answer within 5 s".to_owned(),
+            };
+            anyhow::bail!("connect to postgresql: {cause}")
+        }
+        Err(error) => anyhow::bail!("connect to postgresql: {}", cause(&error)),
+    }
+}
+
+fn cause(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(database) => match database.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", database.message()),
+            None => database.message().to_owned(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// Forwards NOTIFY payloads to the in-process channels, reconnecting as needed: machine ids

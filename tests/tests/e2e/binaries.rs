@@ -367,3 +367,17 @@ async fn an_unreachable_plugin_is_said_once_as_a_warning() {
     assert_eq!(said.len(), 1, "{log}");
     assert!(said[0].contains("WARN"), "{log}");
 }
+
+/// An unreachable PostgreSQL is reported by its cause, not as the pool's "timed out": the
+/// operator reads "connection refused" (wrong host or port, server down) in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgresql_is_reported_by_its_cause() {
+    let unused_port = tsbroker_tests::process::free_port();
+    let url = format!("postgres://postgres@127.0.0.1:{unused_port}/postgres");
+    let error = match tsbroker::store::PostgresStore::open(&url).await {
+        Ok(_) => panic!("nothing listens on {url}"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("refused"), "{error}");
+    assert!(!error.contains("timed out"), "{error}");
+}
