@@ -110,7 +110,8 @@ pub enum Command {
         action: SessionCommand,
     },
     /// Show the running agent's machine and its link to the broker. Exit status: 0 connected
-    /// to the broker, 3 running but not connected, 1 the agent could not be asked
+    /// to the broker, 3 running but not connected, 1 the agent could not be asked, 64 bad
+    /// settings (an unreadable --config file)
     Status(SocketArg),
 }
 

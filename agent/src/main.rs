@@ -103,7 +103,9 @@ async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
         Command::Session { action } => match action {
             SessionCommand::List(socket) => (socket.control_socket, Request::List),
             SessionCommand::Pam(socket) => match pam::request(|name| std::env::var(name).ok()) {
-                Ok(request) => (socket.control_socket, request),
+                Ok(Some(request)) => (socket.control_socket, request),
+                // auth, account, password: nothing to report.
+                Ok(None) => return ExitCode::SUCCESS,
                 Err(reason) => {
                     eprintln!("tsagent: {reason}");
                     return ExitCode::from(EXIT_BAD_SETTINGS);

@@ -116,7 +116,10 @@ impl BrokerConfig {
             ("admin_token", &self.admin_token),
             ("agent_token", &self.agent_token),
         ] {
-            if token.as_ref().is_some_and(|token| token.0.len() < 16) {
+            if token
+                .as_ref()
+                .is_some_and(|token| token.0.chars().count() < 16)
+            {
                 return Err(format!("{name} must be at least 16 characters"));
             }
         }
@@ -346,6 +349,20 @@ fn farm_book(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_settings_file_error_does_not_repeat_a_secret() {
+        for (text, secret) in [
+            ("admin_token = 1234567890123456789\n", "1234567890"),
+            ("agent_token = [\"s3cret-s3cret-s3cret\"]\n", "s3cret"),
+            ("database_url = 5e3\n", "5e3"),
+            ("databse_url = \"postgres://u:pw@db/x\"\n", "pw@"),
+        ] {
+            let error = tsbroker_common::config_file::parse::<FileConfig>(text).unwrap_err();
+            assert!(error.starts_with("line 1 ("), "{error}");
+            assert!(!error.contains(secret), "{text}: {error}");
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -6,8 +6,13 @@
 
 use super::{Request, SessionArgs};
 
-/// The request for PAM's environment, as `variable` reads it.
-pub fn request(variable: impl Fn(&str) -> Option<String>) -> Result<Request, String> {
+/// The request for PAM's environment, as `variable` reads it; `None` for a PAM step that is
+/// not a session's opening or closing (auth, account, password: nothing to report).
+pub fn request(variable: impl Fn(&str) -> Option<String>) -> Result<Option<Request>, String> {
+    let kind = variable("PAM_TYPE").ok_or("PAM_TYPE is not set (run from pam_exec)")?;
+    if !matches!(kind.as_str(), "open_session" | "close_session") {
+        return Ok(None);
+    }
     let user = variable("PAM_USER")
         .filter(|user| !user.is_empty())
         .ok_or("PAM_USER is not set (run from pam_exec)")?;
@@ -18,14 +23,11 @@ pub fn request(variable: impl Fn(&str) -> Option<String>) -> Result<Request, Str
             .filter(|host| host.parse::<std::net::IpAddr>().is_ok()),
         ..Default::default()
     };
-    match variable("PAM_TYPE").as_deref() {
-        Some("open_session") => Ok(Request::Logon(args)),
-        Some("close_session") => Ok(Request::Logoff(args)),
-        Some(other) => Err(format!(
-            "PAM_TYPE {other:?} is not open_session or close_session"
-        )),
-        None => Err("PAM_TYPE is not set (run from pam_exec)".to_owned()),
-    }
+    Ok(Some(if kind == "open_session" {
+        Request::Logon(args)
+    } else {
+        Request::Logoff(args)
+    }))
 }
 
 /// The display number of an X display name: ":10" and ":10.0" are 10; anything else, none.
@@ -45,7 +47,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn request_for(pairs: &[(&str, &str)]) -> Result<Request, String> {
+    fn request_for(pairs: &[(&str, &str)]) -> Result<Option<Request>, String> {
         let environment: HashMap<String, String> = pairs
             .iter()
             .map(|(name, value)| (name.to_string(), value.to_string()))
@@ -62,7 +64,7 @@ mod tests {
             ("PAM_RHOST", "10.0.0.5"),
         ])
         .unwrap();
-        let Request::Logon(args) = opened else {
+        let Some(Request::Logon(args)) = opened else {
             panic!("{opened:?}")
         };
         assert_eq!(args.user, "alice");
@@ -76,7 +78,7 @@ mod tests {
             ("PAM_RHOST", "10.0.0.5:1234 - socket: 12"),
         ])
         .unwrap();
-        let Request::Logoff(args) = closed else {
+        let Some(Request::Logoff(args)) = closed else {
             panic!("{closed:?}")
         };
         assert_eq!(args.session_id, Some(12));
@@ -97,7 +99,12 @@ mod tests {
         assert!(error.contains("PAM_USER"), "{error}");
         let error = request_for(&[("PAM_USER", "alice")]).unwrap_err();
         assert!(error.contains("PAM_TYPE"), "{error}");
-        let error = request_for(&[("PAM_USER", "alice"), ("PAM_TYPE", "auth")]).unwrap_err();
-        assert!(error.contains("\"auth\""), "{error}");
+        // Other PAM steps: nothing to report, and not an error.
+        for kind in ["auth", "account", "password"] {
+            assert_eq!(
+                request_for(&[("PAM_USER", "alice"), ("PAM_TYPE", kind)]),
+                Ok(None)
+            );
+        }
     }
 }

@@ -47,8 +47,9 @@ pub struct PluginStep<'a> {
 }
 
 impl PluginStep<'_> {
-    /// The machine the plug-in prefers over the policy's pick, if any: computed on a snapshot of
-    /// the candidates, re-checked by the caller under the farm's lock.
+    /// The machine the plug-in chose, if it named one (`None`: the policy picks when the logon
+    /// is placed): computed on a snapshot of the candidates, re-checked by the caller under the
+    /// farm's lock.
     pub async fn preference(
         &self,
         query: &RedirectQuery,
@@ -90,9 +91,11 @@ impl PluginStep<'_> {
                 client_address: query.client_address.clone(),
             })
             .await;
+        // A machine the plug-in names is its choice, even the one it was shown: that pick was
+        // a preview, and the placement (other logons placed meanwhile) may choose another.
         Ok(match suggestion {
-            Suggestion::Machine(machine) if machine != broker_pick => Some(machine),
-            Suggestion::Machine(_) | Suggestion::Keep | Suggestion::Fallback(_) => None,
+            Suggestion::Machine(machine) => Some(machine),
+            Suggestion::Keep | Suggestion::Fallback(_) => None,
         })
     }
 }

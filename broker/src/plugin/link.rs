@@ -24,6 +24,15 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Where bringing the link up failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkStage {
+    /// `Initialize` got no answer, or an error: the plug-in is not reachable.
+    Initialize,
+    /// The full resync after `Initialize` failed.
+    Resync,
+}
+
 /// What a decision gets from a plug-in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Suggestion {
@@ -265,8 +274,8 @@ impl PluginLink {
         shutdown: CancellationToken,
     ) {
         let mut pause = RETRY_MIN;
-        // Said once at warning level, until the link has been up again.
-        let mut said_unreachable = false;
+        // What failed last, said once at warning level (again when it changes).
+        let mut said: Option<LinkStage> = None;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -277,7 +286,7 @@ impl PluginLink {
             {
                 Ok(()) => {
                     pause = RETRY_MIN;
-                    said_unreachable = false;
+                    said = None;
                     let reason = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         reason = self.forward(&mut receiver) => reason,
@@ -285,13 +294,21 @@ impl PluginLink {
                     self.up.store(false, Ordering::Relaxed);
                     tracing::warn!(plugin = %self.address, %reason, "plug-in link lost; will initialize and resync again");
                 }
-                Err(reason) => {
+                Err((stage, reason)) => {
                     self.up.store(false, Ordering::Relaxed);
-                    if said_unreachable {
-                        tracing::debug!(plugin = %self.address, %reason, retry_in = ?pause, "plug-in not reachable");
+                    let what = match stage {
+                        LinkStage::Initialize => {
+                            "plug-in not reachable; the broker's own picks stand until it is"
+                        }
+                        LinkStage::Resync => {
+                            "plug-in initialized, but its full resync failed; the broker's own picks stand until it works"
+                        }
+                    };
+                    if said == Some(stage) {
+                        tracing::debug!(plugin = %self.address, %reason, retry_in = ?pause, "{what}");
                     } else {
-                        tracing::warn!(plugin = %self.address, %reason, "plug-in not reachable; the broker's own picks stand until it is (trying again)");
-                        said_unreachable = true;
+                        tracing::warn!(plugin = %self.address, %reason, "{what} (trying again)");
+                        said = Some(stage);
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -308,7 +325,7 @@ impl PluginLink {
         receiver: &mut mpsc::Receiver<Notice>,
         store: &dyn Store,
         broker_id: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), (LinkStage, String)> {
         let request = pb::InitializeRequest {
             broker_id: broker_id.to_owned(),
             broker_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -322,8 +339,11 @@ impl PluginLink {
                 self.record("Initialize", "ok", started);
                 answer.into_inner()
             }
-            Ok(Err(status)) => return Err(format!("Initialize failed: {}", status.message())),
-            Err(_) => return Err("Initialize timed out".to_owned()),
+            Ok(Err(status)) => {
+                let reason = format!("Initialize failed: {}", status.message());
+                return Err((LinkStage::Initialize, reason));
+            }
+            Err(_) => return Err((LinkStage::Initialize, "Initialize timed out".to_owned())),
         };
         // Everything queued so far is covered by the resync that follows.
         while receiver.try_recv().is_ok() {}
@@ -336,7 +356,9 @@ impl PluginLink {
             plugin = %self.address, name = %answer.name, external = answer.supports_external_sessions,
             farms = ?self.farms, "plug-in initialized; sending a full resync"
         );
-        self.full_resync(store).await
+        self.full_resync(store)
+            .await
+            .map_err(|reason| (LinkStage::Resync, reason))
     }
 
     /// ADDED, RESYNC (batched) and CHANGED for every machine of the plug-in's farms.

@@ -202,6 +202,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_stream_closing_while_gathering_ends_it_at_once() {
+        let (sender, mut inbound) = inbound();
+        inbound.batch(event(1)).await;
+        later(&sender, Duration::ZERO, event(3));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            drop(sender);
+        });
+        let start = Instant::now();
+        let (batch, end) = inbound.batch(event(2)).await;
+        assert_eq!(seqs(&batch), [2, 3]);
+        assert!(matches!(end, Some(InboundEnd::Closed)), "{end:?}");
+        assert!(start.elapsed() < EVENT_GATHER, "not the whole window");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failure_while_gathering_is_reported_with_the_batch() {
         let (sender, mut inbound) = inbound();
         inbound.batch(event(1)).await;

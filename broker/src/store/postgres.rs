@@ -299,14 +299,16 @@ async fn connect_pool(
         Ok(pool) => Ok(pool),
         Err(sqlx::Error::PoolTimedOut) => {
             let attempt = tokio::time::timeout(
-                Duration::from_secs(5),
+                Duration::from_secs(2),
                 sqlx::PgConnection::connect_with(&options),
             )
             .await;
             let cause = match attempt {
                 Ok(Err(error)) => cause(&error),
-                Ok(Ok(_)) => "timed out waiting for a connection".to_owned(),
-                Err(_) => "no answer within 5 s".to_owned(),
+                Ok(Ok(_)) => {
+                    "no connection within the pool's time, though one answers now".to_owned()
+                }
+                Err(_) => "no answer (the host or a firewall drops the packets?)".to_owned(),
             };
             anyhow::bail!("connect to postgresql: {cause}")
         }

@@ -343,6 +343,7 @@ async fn an_unreachable_plugin_is_said_once_as_a_warning() {
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     // Retries at 0.2, 0.4, 0.8, 1.6 s: several failures in this time.

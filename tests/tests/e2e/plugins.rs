@@ -275,6 +275,17 @@ async fn round_robin_takes_one_turn_per_logon_with_a_plugin() {
     for pair in placed.windows(2) {
         assert_ne!(pair[0], pair[1], "turns alternate: {placed:?}");
     }
+    // A machine the plug-in names is its choice, also when it is the pick it was shown: after
+    // six turns the next is placed[0]'s machine, and the plug-in names it.
+    let next_turn = placed[0].clone();
+    plugin.set_mode(&format!("pick {next_turn}"));
+    for user in 0..4 {
+        let (answer, _) = redirect(broker, &format!("rr-pick{user}")).await;
+        assert_eq!(
+            (answer.machine_name.as_str(), reason(&answer)),
+            (next_turn.as_str(), pb::RedirectReason::Plugin)
+        );
+    }
     setup.broker.stop().await;
 }
 
