@@ -1,8 +1,10 @@
 //! Whether the database answers, as the health monitor last found it, and when it went away
 //! and came back. While it is away, agent streams are turned away at once (nothing of theirs
-//! can be written); for one heartbeat timeout after it is back, a machine is not taken for gone
-//! because its lease stopped while the outage kept its agent from writing it: agents need a
-//! moment to reconnect, and meanwhile their users must not be sent to a new session elsewhere.
+//! can be written); while it is away and for one heartbeat timeout after it is back, a machine is
+//! not taken for gone because its lease stopped while the outage kept its agent from writing it:
+//! agents need a moment to reconnect, and meanwhile their users must not be sent to a new session
+//! elsewhere. (A request can reach the database before the health monitor has seen it back: it
+//! is answered with the outage's cutoff too.)
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
@@ -45,14 +47,17 @@ impl Reachability {
     }
 
     /// The oldest lease of a machine still counted alive at `now`: `now - heartbeat_timeout`,
-    /// except within one heartbeat timeout after an outage, when a lease that was fresh as the
-    /// outage began still counts.
+    /// except during an outage and within one heartbeat timeout after it, when a lease that was
+    /// fresh as the outage began still counts.
     pub fn lease_cutoff(&self, now: i64, heartbeat_timeout: Duration) -> i64 {
         let timeout = heartbeat_timeout.as_millis() as i64;
         let normal = now - timeout;
         let down_since = self.down_since.load(Ordering::Relaxed);
-        if down_since == 0 || !self.is_up() {
+        if down_since == 0 {
             return normal;
+        }
+        if !self.is_up() {
+            return normal.min(down_since - timeout);
         }
         let back_at = self.back_at.load(Ordering::Relaxed);
         if now < back_at + timeout {
@@ -75,7 +80,8 @@ mod tests {
         // Away from 100 s (last found up) to 160 s.
         reachability.went_away(100_000);
         assert!(!reachability.is_up());
-        assert_eq!(reachability.lease_cutoff(130_000, timeout), 115_000);
+        // While it is away (a request may reach it before the monitor sees it back), too.
+        assert_eq!(reachability.lease_cutoff(130_000, timeout), 85_000);
         reachability.came_back(160_000);
         assert!(reachability.is_up());
         // A machine last seen at 90 s (fresh when the outage began) still counts...
