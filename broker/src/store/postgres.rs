@@ -41,15 +41,29 @@ type Setting = (&'static str, &'static str);
 /// of 1–2 ms.
 const NO_JIT: Setting = ("jit", "off");
 
+/// A transaction left open longer than this without a statement is ended by the server, and
+/// its locks let go: a replica frozen or cut off from the database in the middle of a placement
+/// (a paused VM, a network split) would otherwise hold its farm's lock, stopping every
+/// replica's new logons, until the server's TCP keepalive gave up (two hours by default). The
+/// broker's transactions run their statements back to back, in milliseconds.
+const IDLE_IN_TRANSACTION: Setting = ("idle_in_transaction_session_timeout", "5s");
+
+/// The longest wait for a row or farm lock on placement and ingest connections; past it the
+/// call fails as UNAVAILABLE (retry) instead of waiting on a frozen replica's lock until
+/// [`IDLE_IN_TRANSACTION`] ends it. Under load, locks are held for milliseconds.
+const LOCK_WAIT: Setting = ("lock_timeout", "2s");
+
 /// The ingest connections' settings. Every ingest statement finds its rows by key (a table of
 /// ids joined with a primary key or index). Without statistics (a fresh farm: autovacuum has
 /// not analysed the tables yet) or with a plan made while a table was small, the planner would
 /// scan the whole table instead; with sequential scans off, each statement has one plan, made
 /// once per connection, of index probes — right for a handful of keys and for thousands.
-const INGEST_SETTINGS: [Setting; 3] = [
+const INGEST_SETTINGS: [Setting; 5] = [
     ("enable_seqscan", "off"),
     ("plan_cache_mode", "force_generic_plan"),
     NO_JIT,
+    IDLE_IN_TRANSACTION,
+    LOCK_WAIT,
 ];
 
 /// The placement connections' settings: commits that do not wait for the disk (see
@@ -57,11 +71,13 @@ const INGEST_SETTINGS: [Setting; 3] = [
 /// batch's lookups probe keys, but a plan made on a new farm's nearly empty tables (no
 /// statistics yet, or a pilot's 50 rows) reads them whole, and each connection would keep it
 /// while a logon storm fills them (autovacuum analyses them a minute later at the earliest).
-pub const PLACEMENT_SETTINGS: [Setting; 4] = [
+pub const PLACEMENT_SETTINGS: [Setting; 6] = [
     ("synchronous_commit", "off"),
     ("enable_seqscan", "off"),
     ("plan_cache_mode", "force_generic_plan"),
     NO_JIT,
+    IDLE_IN_TRANSACTION,
+    LOCK_WAIT,
 ];
 
 /// The main pool's settings. Its statements are rare next to the placements and agents' events
@@ -71,7 +87,11 @@ pub const PLACEMENT_SETTINGS: [Setting; 4] = [
 /// and one made while a new farm's tables held a pilot's rows reads them whole until
 /// autovacuum analyses them again (a minute or more into a logon storm). The directory's
 /// whole-table loads keep their sequential scans.
-pub const MAIN_SETTINGS: [Setting; 2] = [("plan_cache_mode", "force_custom_plan"), NO_JIT];
+pub const MAIN_SETTINGS: [Setting; 3] = [
+    ("plan_cache_mode", "force_custom_plan"),
+    NO_JIT,
+    IDLE_IN_TRANSACTION,
+];
 
 pub struct PostgresStore {
     /// Everything but placements and agents' events, with [`MAIN_SETTINGS`].

@@ -11,6 +11,7 @@ mod config_examples;
 mod conformance;
 mod directory;
 mod displaced;
+mod frozen_replica;
 mod ingest_conformance;
 mod outage;
 mod plugins;

@@ -481,7 +481,7 @@ async fn plan_lines(connection: &mut sqlx::PgConnection, explain: String) -> Vec
 /// The connection takes a pool's `settings`.
 async fn set_all(connection: &mut sqlx::PgConnection, settings: &[(&str, &str)]) {
     for (setting, value) in settings {
-        sqlx::query(sqlx::AssertSqlSafe(format!("SET {setting} = {value}")))
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET {setting} = '{value}'")))
             .execute(&mut *connection)
             .await
             .unwrap();
