@@ -11,8 +11,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// UNAVAILABLE because the database is away, with the hint to try again in [`RETRY_AFTER`]
 /// (`tsbroker_common::proto::RETRY_AFTER_MS_METADATA`).
 pub fn database_unavailable() -> tonic::Status {
-    let mut status =
-        tonic::Status::unavailable("the broker's database is unavailable; retry shortly");
+    unavailable_retry_soon("the broker's database is unavailable; retry shortly")
+}
+
+/// UNAVAILABLE with `message` and the hint to try again in [`RETRY_AFTER`]: agents then come
+/// back within a second or two instead of after their growing backoff.
+pub fn unavailable_retry_soon(message: &str) -> tonic::Status {
+    let mut status = tonic::Status::unavailable(message);
     status.metadata_mut().insert(
         tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
         tonic::metadata::MetadataValue::from(RETRY_AFTER.as_millis() as u64),

@@ -45,7 +45,7 @@ impl CoreCell {
 
     pub fn get(&self) -> Result<&Core, tonic::Status> {
         self.0.get().ok_or_else(|| {
-            tonic::Status::unavailable("broker starting: its database is not ready yet")
+            crate::error::unavailable_retry_soon("broker starting: its database is not ready yet")
         })
     }
 }

@@ -247,6 +247,14 @@ async fn without_a_database_the_broker_is_not_serving_and_says_so() {
     };
     let status = broker.redirect(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // With the hint to come back soon, which agents honour instead of their growing backoff.
+    assert!(
+        status
+            .metadata()
+            .get(tsbroker_common::proto::RETRY_AFTER_MS_METADATA)
+            .is_some(),
+        "{status:?}"
+    );
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(10), task)
         .await
