@@ -113,6 +113,11 @@ pub struct Decider {
 }
 
 impl Decider {
+    /// The oldest lease of a machine counted alive at `now` (see [`DecisionSettings`]).
+    pub fn lease_cutoff(&self, now: i64) -> i64 {
+        self.settings.lease_cutoff(now)
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         settings: DecisionSettings,

@@ -46,7 +46,8 @@ impl AdminApi {
         core.plugins
             .notify(&machine.farm, notices::machine_changed(&machine, &[field]));
         tracing::info!(machine = %machine.name, farm = %machine.farm, ?change, "machine changed by admin");
-        Ok(convert::machine(&machine))
+        let cutoff = core.decider.lease_cutoff(store.now());
+        Ok(convert::machine_seen(&machine, cutoff))
     }
 }
 

@@ -140,15 +140,18 @@ impl pb::broker_server::Broker for BrokerApi {
         } else {
             Some(validate::farm_name("farm", farm).map_err(ApiError::from)?)
         };
-        let machines = self
-            .core
-            .get()?
+        let core = self.core.get()?;
+        let machines = core
             .store
             .list_machines(farm.as_deref())
             .await
             .map_err(ApiError::from)?;
+        let cutoff = core.decider.lease_cutoff(core.store.now());
         Ok(Response::new(pb::ListMachinesResponse {
-            machines: machines.iter().map(convert::machine).collect(),
+            machines: machines
+                .iter()
+                .map(|machine| convert::machine_seen(machine, cutoff))
+                .collect(),
         }))
     }
 
@@ -157,8 +160,10 @@ impl pb::broker_server::Broker for BrokerApi {
         request: Request<pb::GetMachineRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
         let reference = request.into_inner().machine.unwrap_or_default();
-        let machine = machine_ref::resolve(self.core.get()?.store.as_ref(), &reference).await?;
-        Ok(Response::new(convert::machine(&machine)))
+        let core = self.core.get()?;
+        let machine = machine_ref::resolve(core.store.as_ref(), &reference).await?;
+        let cutoff = core.decider.lease_cutoff(core.store.now());
+        Ok(Response::new(convert::machine_seen(&machine, cutoff)))
     }
 
     async fn list_sessions(

@@ -168,3 +168,56 @@ async fn admin_answers_ipv4_loopback_through_a_dual_stack_listener() {
         .unwrap_err();
     assert_eq!(answer.code(), Code::NotFound, "{answer:?}");
 }
+
+/// A machine whose lease ran out is UNREACHABLE to operators too, as it is to decisions, even
+/// when no broker marked it (its stream's replica died, or, here, gives it longer): two replicas
+/// on one database, the agent on the one with a long heartbeat timeout, silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_whose_lease_ran_out_is_shown_unreachable() {
+    use std::time::Duration;
+    let database = TestDatabase::postgres().await;
+    let patient = spawn_broker(&database.url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let strict = spawn_broker(&database.url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let agent = FakeAgent::join(&patient.url(), description("ts-l", "farm-l", 100), vec![]).await;
+    let state_on = |broker: &tsbroker_tests::TestBroker| {
+        let url = broker.url();
+        let id = agent.machine_id.clone();
+        async move {
+            let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+            let mut client = pb::broker_client::BrokerClient::new(channel);
+            let machine = client
+                .get_machine(pb::GetMachineRequest {
+                    machine: Some(pb::MachineRef {
+                        machine_id: id,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("GetMachine")
+                .into_inner();
+            let listed = client
+                .list_machines(pb::ListMachinesRequest {
+                    farm: "farm-l".into(),
+                })
+                .await
+                .expect("ListMachines")
+                .into_inner();
+            (machine.state, listed.machines[0].state)
+        }
+    };
+    let ready = pb::MachineState::Ready as i32;
+    let unreachable = pb::MachineState::Unreachable as i32;
+    assert_eq!(state_on(&strict).await, (ready, ready));
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(state_on(&strict).await, (unreachable, unreachable));
+    assert_eq!(state_on(&patient).await, (ready, ready));
+    strict.stop().await;
+    patient.stop().await;
+    database.drop_database().await;
+}
