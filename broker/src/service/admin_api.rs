@@ -157,12 +157,23 @@ impl pb::admin_server::Admin for AdminApi {
             ))
             .into());
         }
-        let record = self
-            .store()?
+        let core = self.core.get()?;
+        let store = core.store.as_ref();
+        let record = store
             .set_farm_policy(&farm, &request.policy)
             .await
             .map_err(ApiError::from)?;
         tracing::info!(%farm, policy = %request.policy, "farm policy changed by admin");
-        Ok(Response::new(convert::farm(&record)))
+        let machines = store
+            .list_machines(Some(&farm))
+            .await
+            .map_err(ApiError::from)?;
+        let cutoff = core.decider.lease_cutoff(store.now());
+        let seen = convert::farms_seen(std::slice::from_ref(&record), &machines, cutoff);
+        Ok(Response::new(
+            seen.into_iter()
+                .next()
+                .unwrap_or_else(|| convert::farm(&record)),
+        ))
     }
 }

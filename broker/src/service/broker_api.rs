@@ -199,15 +199,16 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         _request: Request<pb::ListFarmsRequest>,
     ) -> Result<Response<pb::ListFarmsResponse>, Status> {
-        let farms = self
-            .core
-            .get()?
+        let core = self.core.get()?;
+        let farms = core.store.list_farms().await.map_err(ApiError::from)?;
+        let machines = core
             .store
-            .list_farms()
+            .list_machines(None)
             .await
             .map_err(ApiError::from)?;
+        let cutoff = core.decider.lease_cutoff(core.store.now());
         Ok(Response::new(pb::ListFarmsResponse {
-            farms: farms.iter().map(convert::farm).collect(),
+            farms: convert::farms_seen(&farms, &machines, cutoff),
         }))
     }
 }

@@ -70,6 +70,29 @@ pub fn session(record: &SessionRecord) -> pb::Session {
     }
 }
 
+/// `farms` with their count of READY machines taken as [`machine_seen`] takes them (a READY
+/// machine whose lease ran out is not counted), from `machines` (theirs, or more).
+pub fn farms_seen(
+    farms: &[FarmRecord],
+    machines: &[MachineRecord],
+    lease_cutoff: i64,
+) -> Vec<pb::Farm> {
+    let mut ready: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for machine in machines {
+        if machine.machine_state() == MachineState::Ready && machine.last_seen_at >= lease_cutoff {
+            *ready.entry(machine.farm.as_str()).or_default() += 1;
+        }
+    }
+    farms
+        .iter()
+        .map(|record| FarmRecord {
+            ready_machine_count: ready.get(record.name.as_str()).copied().unwrap_or(0),
+            ..record.clone()
+        })
+        .map(|record| farm(&record))
+        .collect()
+}
+
 pub fn farm(record: &FarmRecord) -> pb::Farm {
     let clamp = |value: i64| value.clamp(0, i64::from(u32::MAX)) as u32;
     pb::Farm {

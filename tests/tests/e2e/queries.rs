@@ -208,15 +208,25 @@ async fn a_machine_whose_lease_ran_out_is_shown_unreachable() {
                 .await
                 .expect("ListMachines")
                 .into_inner();
-            (machine.state, listed.machines[0].state)
+            let farms = client
+                .list_farms(pb::ListFarmsRequest {})
+                .await
+                .expect("ListFarms")
+                .into_inner();
+            let farm = farms.farms.iter().find(|farm| farm.name == "farm-l");
+            (
+                machine.state,
+                listed.machines[0].state,
+                farm.expect("farm-l").ready_machine_count,
+            )
         }
     };
     let ready = pb::MachineState::Ready as i32;
     let unreachable = pb::MachineState::Unreachable as i32;
-    assert_eq!(state_on(&strict).await, (ready, ready));
+    assert_eq!(state_on(&strict).await, (ready, ready, 1));
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(state_on(&strict).await, (unreachable, unreachable));
-    assert_eq!(state_on(&patient).await, (ready, ready));
+    assert_eq!(state_on(&strict).await, (unreachable, unreachable, 0));
+    assert_eq!(state_on(&patient).await, (ready, ready, 1));
     strict.stop().await;
     patient.stop().await;
     database.drop_database().await;
