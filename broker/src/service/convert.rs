@@ -79,7 +79,7 @@ pub fn farms_seen(
 ) -> Vec<pb::Farm> {
     let mut ready: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
     for machine in machines {
-        if machine.machine_state() == MachineState::Ready && machine.last_seen_at >= lease_cutoff {
+        if machine.is_reachable(lease_cutoff) {
             *ready.entry(machine.farm.as_str()).or_default() += 1;
         }
     }

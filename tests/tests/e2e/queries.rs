@@ -16,6 +16,23 @@ on_both_stores!(
     a_machine_named_two_ways_must_be_one_machine,
 );
 
+/// `GetMachine` by id alone.
+async fn machine_by_id(
+    client: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::Machine {
+    client
+        .get_machine(pb::GetMachineRequest {
+            machine: Some(pb::MachineRef {
+                machine_id: id.to_owned(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("GetMachine by id")
+        .into_inner()
+}
+
 async fn every_session_comes_once_and_the_last_page_says_so(database: &TestDatabase) {
     let broker = spawn_broker(&database.url, |_| {}).await;
     let mut client = broker.broker_client().await;
@@ -110,13 +127,7 @@ async fn a_machine_named_two_ways_must_be_one_machine(database: &TestDatabase) {
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     for machine in [&a, &b] {
-        let listed = client
-            .get_machine(pb::GetMachineRequest {
-                machine: Some(reference(&machine.machine_id, "", "")),
-            })
-            .await
-            .expect("GetMachine by id")
-            .into_inner();
+        let listed = machine_by_id(&mut client, &machine.machine_id).await;
         assert!(!listed.draining, "{listed:?}");
     }
 
@@ -139,13 +150,7 @@ async fn a_machine_named_two_ways_must_be_one_machine(database: &TestDatabase) {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    let unchanged = client
-        .get_machine(pb::GetMachineRequest {
-            machine: Some(reference(&b.machine_id, "", "")),
-        })
-        .await
-        .expect("GetMachine")
-        .into_inner();
+    let unchanged = machine_by_id(&mut client, &b.machine_id).await;
     assert_eq!(unchanged.session_limit, 0, "{unchanged:?}");
 }
 
@@ -191,16 +196,7 @@ async fn a_machine_whose_lease_ran_out_is_shown_unreachable() {
         async move {
             let channel = Endpoint::from_shared(url).unwrap().connect().await.unwrap();
             let mut client = pb::broker_client::BrokerClient::new(channel);
-            let machine = client
-                .get_machine(pb::GetMachineRequest {
-                    machine: Some(pb::MachineRef {
-                        machine_id: id,
-                        ..Default::default()
-                    }),
-                })
-                .await
-                .expect("GetMachine")
-                .into_inner();
+            let machine = machine_by_id(&mut client, &id).await;
             let listed = client
                 .list_machines(pb::ListMachinesRequest {
                     farm: "farm-l".into(),

@@ -70,6 +70,15 @@ fn answer(name: &str, address: &str, reason: pb::RedirectReason) -> pb::Redirect
     }
 }
 
+/// [`answer`] for a machine that advertises its plain RDP service (no front door), placed by
+/// the policy.
+fn plain_rdp_answer(name: &str, address: &str) -> pb::RedirectResponse {
+    pb::RedirectResponse {
+        front_door: false,
+        ..answer(name, address, pb::RedirectReason::LoadBalanced)
+    }
+}
+
 struct Harness {
     fake: FakeBroker,
     agent: crate::RunningAgent,
@@ -222,14 +231,7 @@ async fn routes_to_this_machine_or_another_with_a_proxy_header() {
     nothing(&mut harness.local).await;
 
     // A machine that advertises a plain RDP service gets the client's bytes as they are.
-    let plain = pb::RedirectResponse {
-        front_door: false,
-        ..answer(
-            "ts3.example",
-            &remote_address.to_string(),
-            pb::RedirectReason::LoadBalanced,
-        )
-    };
+    let plain = plain_rdp_answer("ts3.example", &remote_address.to_string());
     harness.answer_with(plain);
     let (_, bytes) = request_with_tail(Some("Cookie: mstshash=carol"));
     exchange(harness.front_door, &bytes).await;
@@ -398,14 +400,7 @@ async fn collection_tokens_stop_at_the_front_door() {
     assert_eq!(next(&mut harness.local).await, expected);
 
     // Another machine's plain RDP service.
-    let plain = pb::RedirectResponse {
-        front_door: false,
-        ..answer(
-            "ts3.example",
-            &remote_address.to_string(),
-            pb::RedirectReason::LoadBalanced,
-        )
-    };
+    let plain = plain_rdp_answer("ts3.example", &remote_address.to_string());
     harness.answer_with(plain);
     exchange(harness.front_door, &bytes).await;
     assert_eq!(next(&mut remote).await, expected);
