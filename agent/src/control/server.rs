@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::model::SessionEventKind;
+use tsbroker_common::serve::AcceptPause;
 
 use super::{AgentStatus, MAX_LINE, Request, Response, SessionArgs};
 use crate::directory::{Directory, SessionRequest};
@@ -130,6 +131,7 @@ pub async fn serve(
     handler: ControlHandler,
     shutdown: CancellationToken,
 ) {
+    let mut pause = AcceptPause::new("control socket");
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -137,6 +139,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, _)) => {
+                pause.after_success();
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     let answered =
@@ -153,10 +156,7 @@ pub async fn serve(
                     }
                 });
             }
-            Err(error) => {
-                tracing::warn!(%error, "control socket accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(error) => pause.after_error(&error).await,
         }
     }
     let _ = std::fs::remove_file(&path);

@@ -3,12 +3,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use tsbroker_common::serve::AcceptPause;
 
 use super::route::{self, Decision};
 use super::{FrontDoorShared, first_packet, splice};
@@ -25,6 +25,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(shared.settings.max_connections));
+    let mut pause = AcceptPause::new("front door");
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -40,12 +41,11 @@ pub async fn serve(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors and the like: pause rather than spin.
-                tracing::warn!(%error, "front door accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                pause.after_error(&error).await;
                 continue;
             }
         };
+        pause.after_success();
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let shutdown = shutdown.clone();

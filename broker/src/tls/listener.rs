@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::renewal::{Renewable, check_every};
+use tsbroker_common::serve::AcceptPause;
 
 use super::live::{LiveConnections, Tracked};
 use super::{ServerTls, TlsFiles};
@@ -79,6 +80,7 @@ impl TlsListener {
         ready: mpsc::Sender<io::Result<Tracked>>,
         stop: CancellationToken,
     ) {
+        let mut pause = AcceptPause::new("gRPC over TLS");
         loop {
             let (tcp, peer) = tokio::select! {
                 () = stop.cancelled() => return,
@@ -86,13 +88,12 @@ impl TlsListener {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        tracing::warn!(%error, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        pause.after_error(&error).await;
                         continue;
                     }
                 },
             };
+            pause.after_success();
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(self.tls.with(|tls| tls.config.clone()));
             let (ready, live) = (ready.clone(), self.live.clone());

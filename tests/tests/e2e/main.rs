@@ -9,6 +9,7 @@ mod clock;
 mod concurrency;
 mod config_examples;
 mod conformance;
+mod descriptors;
 mod directory;
 mod displaced;
 mod frozen_replica;
