@@ -174,7 +174,12 @@ impl AgentStream {
                         break end;
                     }
                 },
-                received = tokio::time::timeout(self.settings.heartbeat_timeout, inbound.next()) => {
+                // From the last message heard, not from this wake: settings changes must not
+                // keep a silent agent's stream alive.
+                received = tokio::time::timeout_at(
+                    self.last_heard + self.settings.heartbeat_timeout,
+                    inbound.next(),
+                ) => {
                     let first = match received {
                         Err(_) => break StreamEnd::Silent,
                         Ok(Some(Err(status))) => break StreamEnd::Transport(status),

@@ -272,6 +272,31 @@ async fn silent_agents_time_out(database: &TestDatabase) {
     );
     let none = redirect(&mut client, "farm", "u").await.unwrap_err();
     assert_eq!(none.code(), Code::Unavailable, "{none:?}");
+
+    // An operator changing a silent machine's settings more often than the timeout does not
+    // keep its stream alive: the timeout runs from the agent's last message.
+    let mut silent = FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await;
+    let mut admin = broker.admin_client().await;
+    let toggling = tokio::spawn(async move {
+        for _ in 0..25 {
+            let _ = admin.drain_machine(by_name("farm", "ts-b")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = admin.undrain_machine(by_name("farm", "ts-b")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let status = silent
+        .wait_closed(Duration::from_secs(10))
+        .await
+        .expect("ended with a status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed {:?} after joining, settings changing every 100 ms",
+        started.elapsed()
+    );
+    toggling.abort();
     broker.stop().await;
 }
 
