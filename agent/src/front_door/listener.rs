@@ -26,6 +26,8 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(shared.settings.max_connections));
     let mut pause = AcceptPause::new("front door");
+    // Every accepted client connection inherits it.
+    splice::keep_alive(&listener);
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,

@@ -40,6 +40,19 @@ const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const COPY_BUFFER: usize = 32 * 1024;
 /// Room for the target's first answer (an X.224 Connection Confirm is 19 bytes).
 const ANSWER_BUFFER: usize = 4096;
+/// Once one side has closed its sending half, how long the other has to close too. RDP does
+/// not go on in one direction after the other ended: a peer that keeps its half open (gone
+/// quiet, or holding a slot on purpose) is cut after this (HAProxy's `timeout client-fin`).
+const HALF_CLOSED_LINGER: Duration = Duration::from_secs(30);
+/// TCP keepalive on both sockets of a connection: an idle peer that vanished without a FIN
+/// (a laptop's lid shut, a network gone) is found within about two minutes instead of never,
+/// since a disconnected RDP session can stay idle for hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
+/// Data unacknowledged this long ends the connection (Linux's `TCP_USER_TIMEOUT`; without it
+/// a peer that vanished mid-transfer is retried for about 15 minutes).
+const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(120);
 
 /// A target that took the replayed request.
 pub struct Upstream {
@@ -115,12 +128,34 @@ pub async fn open_remote(
         prefix.extend_from_slice(&proxy_header::encode(client_address, local));
         prefix.extend_from_slice(packet);
     }
-    open(address, &prefix, packet.len()).await
+    let upstream = open(address, &prefix, packet.len()).await?;
+    // Across the network the other machine can vanish too (the local service cannot).
+    keep_alive(&upstream.stream);
+    Ok(upstream)
 }
 
-/// Sends the target's first answer to the client, then copies both ways until either side
-/// closes or the agent stops, adding what it copies to `bytes` as it goes. Returns the bytes
-/// copied (client to upstream, upstream to client).
+/// Sets a socket to find a peer that went away silently (`KEEPALIVE_*`,
+/// `UNACKNOWLEDGED_LIMIT`). On a listening socket, the connections it accepts inherit the
+/// settings (Linux), at no cost per connection. Best effort: a socket that refuses keeps
+/// working.
+pub fn keep_alive(socket: &impl std::os::fd::AsFd) {
+    let socket = socket2::SockRef::from(socket);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(error) = socket
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT)))
+    {
+        tracing::debug!(%error, "TCP keepalive not set");
+    }
+}
+
+/// Sends the target's first answer to the client, then copies both ways until both sides
+/// have closed (the second given `HALF_CLOSED_LINGER` after the first) or the agent stops,
+/// adding what it copies to `bytes` as it goes. Returns the bytes copied (client to upstream,
+/// upstream to client).
 pub async fn splice(
     client: &mut TcpStream,
     mut upstream: Upstream,
@@ -135,37 +170,71 @@ pub async fn splice(
     bytes.to_client.inc_by(upstream.answer.len() as u64);
     let (from_client, to_client) = client.split();
     let (from_upstream, to_upstream) = upstream.stream.split();
-    tokio::select! {
-        copied = async {
-            tokio::try_join!(
-                one_way(from_client, to_upstream, &bytes.from_client),
-                one_way(from_upstream, to_client, &bytes.to_client),
-            )
-        } => copied.context("copy"),
-        () = shutdown.cancelled() => Ok((0, 0)),
+    let (mut up, mut down) = (0, 0);
+    let copied = tokio::select! {
+        copied = both_ways(
+            one_way(from_client, to_upstream, &bytes.from_client, &mut up),
+            one_way(from_upstream, to_client, &bytes.to_client, &mut down),
+            HALF_CLOSED_LINGER,
+        ) => copied.context("copy"),
+        () = shutdown.cancelled() => Ok(()),
+    };
+    copied.map(|()| (up, down))
+}
+
+/// Runs both directions of a connection until both have ended; once one has, the other is
+/// given `linger` to end too and is cut after it (not an error: the connection is over).
+async fn both_ways(
+    first: impl Future<Output = io::Result<()>>,
+    second: impl Future<Output = io::Result<()>>,
+    linger: Duration,
+) -> io::Result<()> {
+    tokio::pin!(first, second);
+    let first_ended = tokio::select! {
+        ended = &mut first => { ended?; true }
+        ended = &mut second => { ended?; false }
+    };
+    let rest = if first_ended {
+        tokio::time::timeout(linger, &mut second).await
+    } else {
+        tokio::time::timeout(linger, &mut first).await
+    };
+    match rest {
+        Ok(ended) => ended,
+        Err(_) => {
+            tracing::debug!(
+                linger_s = linger.as_secs(),
+                "one side closed and the other kept its half open: cut"
+            );
+            Ok(())
+        }
     }
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s sending side (what
-/// `copy_bidirectional` does in each direction, with a buffer that is not zero-filled).
-async fn one_way<R, W>(mut from: R, mut to: W, counter: &Counter) -> io::Result<u64>
+/// `copy_bidirectional` does in each direction, with a buffer that is not zero-filled),
+/// adding what it copies to `copied` as it goes.
+async fn one_way<R, W>(
+    mut from: R,
+    mut to: W,
+    counter: &Counter,
+    copied: &mut u64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buffer = Vec::with_capacity(COPY_BUFFER);
-    let mut copied = 0;
     loop {
         buffer.clear();
         if from.read_buf(&mut buffer).await? == 0 {
             break;
         }
         to.write_all(&buffer).await?;
-        copied += buffer.len() as u64;
+        *copied += buffer.len() as u64;
         counter.inc_by(buffer.len() as u64);
     }
-    to.shutdown().await?;
-    Ok(copied)
+    to.shutdown().await
 }
 
 /// The first packet as an RDP service gets it: the client's exact bytes, except that a
@@ -251,3 +320,7 @@ pub async fn to_remote(
         Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
     }
 }
+
+#[cfg(test)]
+#[path = "splice_tests.rs"]
+mod tests;

@@ -1,0 +1,87 @@
+//! The copy loop's ending rules and the sockets' keepalive.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use super::{HALF_CLOSED_LINGER, both_ways, keep_alive};
+
+#[tokio::test(start_paused = true)]
+async fn a_side_kept_half_open_is_cut_after_the_linger() {
+    let start = Instant::now();
+    let ended = both_ways(
+        async { Ok(()) },
+        std::future::pending::<io::Result<()>>(),
+        HALF_CLOSED_LINGER,
+    )
+    .await;
+    assert!(ended.is_ok(), "{ended:?}");
+    assert_eq!(start.elapsed(), HALF_CLOSED_LINGER);
+
+    // Either side.
+    let start = Instant::now();
+    both_ways(
+        std::future::pending::<io::Result<()>>(),
+        async { Ok(()) },
+        HALF_CLOSED_LINGER,
+    )
+    .await
+    .unwrap();
+    assert_eq!(start.elapsed(), HALF_CLOSED_LINGER);
+}
+
+#[tokio::test(start_paused = true)]
+async fn both_sides_closing_end_the_copy_when_the_second_does() {
+    let start = Instant::now();
+    both_ways(
+        async { Ok(()) },
+        async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(())
+        },
+        HALF_CLOSED_LINGER,
+    )
+    .await
+    .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_side_ends_the_copy_at_once_with_its_error() {
+    let start = Instant::now();
+    let ended = both_ways(
+        std::future::pending::<io::Result<()>>(),
+        async { Err(io::Error::from(io::ErrorKind::ConnectionReset)) },
+        HALF_CLOSED_LINGER,
+    )
+    .await;
+    assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn accepted_connections_inherit_the_listeners_keepalive() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    keep_alive(&listener);
+    let _client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    let socket = socket2::SockRef::from(&accepted);
+    assert!(socket.keepalive().unwrap());
+    assert_eq!(socket.tcp_keepalive_time().unwrap(), super::KEEPALIVE_IDLE);
+    assert_eq!(
+        socket.tcp_keepalive_interval().unwrap(),
+        super::KEEPALIVE_INTERVAL
+    );
+    assert_eq!(
+        socket.tcp_keepalive_retries().unwrap(),
+        super::KEEPALIVE_PROBES
+    );
+    assert_eq!(
+        socket.tcp_user_timeout().unwrap(),
+        Some(super::UNACKNOWLEDGED_LIMIT)
+    );
+}
