@@ -57,6 +57,12 @@ const PENDING_LOGON_MS: i64 = 60_000;
 /// How long a front-door connection must last for the logon it opened to count as real when
 /// no local session source confirms it (see [`Directory::with_unconfirmed_logon_grace`]).
 pub const DEFAULT_UNCONFIRMED_LOGON_GRACE: Duration = Duration::from_secs(30);
+/// At most this many sessions that only the front door knows of (no local source reported
+/// them) are kept disconnected; past it the one disconnected longest is dropped. Without a
+/// local source nothing reports a logoff, and the cookie's name is anyone's to write: the
+/// bound keeps the table, the broker's RESYNC and the machine's session count from growing
+/// with every made-up name.
+pub const MAX_FRONT_DOOR_SESSIONS: usize = 2_000;
 
 /// Who told the agent about a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +194,10 @@ pub(crate) struct Table {
     events: mpsc::UnboundedSender<NumberedEvent>,
     /// Counts the changes to save (not only those with an event): the writer's generation.
     generation: u64,
+    /// A local session source (PAM, the RDP service's scripts) reports to this agent: it has
+    /// sent an event since the agent started, or the table holds a session one reported. Then
+    /// only such a report confirms a front-door logon, not how long its connection lasted.
+    local_source_seen: bool,
 }
 
 /// The shared handle to the table; cheap to clone.
@@ -244,7 +254,11 @@ impl Directory {
                 "sessions whose front-door connection ended with the previous agent process are disconnected"
             );
         }
+        let local_source_seen = sessions
+            .values()
+            .any(|record| record.origin == Origin::Control);
         let table = Table {
+            local_source_seen,
             sessions,
             next_session_id: stored.next_session_id.max(FIRST_ALLOCATED_SESSION_ID),
             version: 0,
@@ -281,7 +295,9 @@ impl Directory {
     /// Sets how long a front-door connection must last for the session it opened to stay when
     /// nothing else confirms it: a shorter one that ends is a logon that failed (wrong password,
     /// or a cookie naming anyone), and its session is removed rather than left disconnected.
-    /// Zero keeps every such session.
+    /// Zero keeps every such session. Only while no local session source reports to the agent:
+    /// once one does, a front-door logon it did not confirm is removed when its connections
+    /// end, however long they lasted.
     pub fn with_unconfirmed_logon_grace(mut self, grace: Duration) -> Self {
         self.unconfirmed_logon_grace = grace;
         self

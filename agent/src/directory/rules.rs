@@ -180,6 +180,7 @@ pub(super) fn apply(
     request: SessionRequest,
     now: i64,
 ) -> Result<SessionRecord, DirectoryError> {
+    table.local_source_seen = true;
     // Find the session the event is about.
     let existing = match request.session_id {
         Some(session_id) => table.sessions.get(&session_id).map(|record| {
@@ -325,11 +326,14 @@ pub(super) fn front_door_attach(
                 && holders.all(|live| live.pending_logon);
             (session_id, SessionEventKind::Reconnect, pending)
         }
-        None => (
-            new_record(table, &request, Origin::FrontDoor, now),
-            SessionEventKind::Logon,
-            true,
-        ),
+        None => {
+            drop_oldest_front_door_sessions(table, super::MAX_FRONT_DOOR_SESSIONS - 1);
+            (
+                new_record(table, &request, Origin::FrontDoor, now),
+                SessionEventKind::Logon,
+                true,
+            )
+        }
     };
     let attachment = table.open_connection(LiveConnection {
         session_id: Some(session_id),
@@ -352,6 +356,34 @@ pub(super) fn front_door_attach(
         session_id,
         attachment,
         pending_logon,
+    }
+}
+
+/// Drops the sessions only the front door knows of that have been disconnected longest until
+/// at most `keep` such sessions are left (those a connection holds are never dropped).
+fn drop_oldest_front_door_sessions(table: &mut Table, keep: usize) {
+    let mut front_door_only: Vec<(RecordState, i64, u32)> = table
+        .sessions
+        .values()
+        .filter(|record| record.origin == Origin::FrontDoor)
+        .map(|record| (record.state, record.changed_ms, record.session_id))
+        .collect();
+    if front_door_only.len() <= keep {
+        return;
+    }
+    let excess = front_door_only.len() - keep;
+    front_door_only.retain(|(state, ..)| *state == RecordState::Disconnected);
+    front_door_only.sort_unstable_by_key(|&(_, changed_ms, session_id)| (changed_ms, session_id));
+    for &(_, _, session_id) in front_door_only.iter().take(excess) {
+        if let Some(record) = table.sessions.remove(&session_id) {
+            tracing::info!(
+                session_id,
+                user = %record.user_name,
+                limit = super::MAX_FRONT_DOOR_SESSIONS,
+                "too many sessions only the front door knows of: the one disconnected longest is dropped"
+            );
+            table.emit(SessionEventKind::Logoff, &record);
+        }
     }
 }
 
@@ -398,25 +430,30 @@ pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64)
         .live
         .values()
         .any(|live| live.session_id == Some(session_id));
+    let local_source = table.local_source_seen;
     let Some(record) = table.sessions.get_mut(&session_id) else {
         return false;
     };
     let mut changed = false;
     let short = end.lasted.is_some_and(|lasted| lasted < end.grace);
-    if record.unconfirmed && end.lasted.is_some() && !short {
-        // The RDP service kept this connection past the grace: the logon happened.
+    if record.unconfirmed && end.lasted.is_some() && !short && !local_source {
+        // The RDP service kept this connection past the grace, and no local source would
+        // have confirmed it: the logon happened.
         record.unconfirmed = false;
         changed = true;
     }
-    if record.unconfirmed && pending_logon && short && !others_open {
-        // Every connection of this logon ended soon and nothing confirmed it: it failed.
+    let failed = end.lasted.is_some() && (short || local_source);
+    if record.unconfirmed && pending_logon && failed && !others_open {
+        // Every connection of this logon ended, soon or with a local source that never
+        // confirmed it: it failed.
         tracing::info!(
             session_id,
             user = %record.user_name,
             lasted_ms = end.lasted.map_or(0, |lasted| {
                 u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX)
             }),
-            "front-door logon never confirmed and its connection ended within the grace: \
+            confirmed_by_local_sources_only = local_source,
+            "front-door logon never confirmed and its connections ended: \
              treated as a failed logon, session removed"
         );
         if let Some(record) = table.sessions.remove(&session_id) {

@@ -356,14 +356,19 @@ fn a_long_unconfirmed_front_door_logon_is_disconnected() {
 #[test]
 fn a_reconnection_is_never_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
     // A session PAM reported; a failed reconnection to it (wrong password) is short.
     directory.apply(Logon, request("alice", Some(3))).unwrap();
     directory.apply(Disconnect, request("alice", None)).unwrap();
     let attached = directory.front_door_attach("alice", "", "").unwrap();
     assert!(!attached.pending_logon);
     directory.front_door_detach(attached, SHORT);
-    // A front-door session that outlasted the grace once, then a short reconnection.
+    assert_eq!(directory.list()[0].state, RecordState::Disconnected);
+
+    // Without a local source (another machine's table): a front-door session that outlasted
+    // the grace once, then a short reconnection.
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
     let first = directory.front_door_attach("bob", "", "").unwrap();
     directory.front_door_detach(first, LONG);
     let again = directory.front_door_attach("bob", "", "").unwrap();
@@ -375,13 +380,7 @@ fn a_reconnection_is_never_removed() {
         .into_iter()
         .map(|record| (record.user_name, record.state))
         .collect();
-    assert_eq!(
-        states,
-        vec![
-            ("alice".to_owned(), RecordState::Disconnected),
-            ("bob".to_owned(), RecordState::Disconnected)
-        ]
-    );
+    assert_eq!(states, vec![("bob".to_owned(), RecordState::Disconnected)]);
     drain(&mut events);
 
     // An unconfirmed session from before a restart (its connection did not survive it) is
@@ -389,13 +388,80 @@ fn a_reconnection_is_never_removed() {
     let carol = directory.front_door_attach("carol", "", "").unwrap();
     drop(directory);
     let (directory, _events) = Directory::open(dir.path()).unwrap();
-    assert!(directory.list()[2].unconfirmed);
+    assert!(directory.list()[1].unconfirmed);
     let again = directory.front_door_attach("carol", "", "").unwrap();
     assert_eq!(again.session_id, carol.session_id);
     assert!(!again.pending_logon);
     directory.front_door_detach(again, SHORT);
-    assert_eq!(directory.list().len(), 3);
-    assert_eq!(directory.list()[2].state, RecordState::Disconnected);
+    assert_eq!(directory.list().len(), 2);
+    assert_eq!(directory.list()[1].state, RecordState::Disconnected);
+}
+
+#[test]
+fn with_a_local_source_only_its_report_confirms_a_front_door_logon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    directory.apply(Logon, request("alice", Some(3))).unwrap();
+    drain(&mut events);
+    // A made-up name held past the grace at the login screen: PAM never reports it, and its
+    // end removes it however long it lasted.
+    let mallory = directory.front_door_attach("mallory", "", "").unwrap();
+    directory.front_door_detach(mallory, LONG);
+    assert_eq!(directory.list().len(), 1);
+    assert_eq!(kinds(&mut events), vec![Logon, Logoff]);
+    // A logon PAM reports stays when its connection ends, however short.
+    let bob = directory.front_door_attach("bob", "", "").unwrap();
+    directory.apply(Logon, request("bob", Some(4))).unwrap();
+    directory.front_door_detach(bob, SHORT);
+    let bob = directory
+        .list()
+        .into_iter()
+        .find(|record| record.user_name == "bob");
+    assert_eq!(
+        bob.map(|record| record.state),
+        Some(RecordState::Disconnected)
+    );
+
+    // After a restart, the sessions PAM reported say that a local source is at work.
+    drop(directory);
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    let trudy = directory.front_door_attach("trudy", "", "").unwrap();
+    directory.front_door_detach(trudy, LONG);
+    assert_eq!(directory.list().len(), 2);
+    assert_eq!(kinds(&mut events), vec![Logon, Logoff]);
+}
+
+#[test]
+fn sessions_only_the_front_door_knows_of_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    // One user still connected, from the start.
+    let held = directory.front_door_attach("held", "", "").unwrap();
+    for user in 0..MAX_FRONT_DOOR_SESSIONS + 5 {
+        let attached = directory
+            .front_door_attach(&format!("u{user}"), "", "")
+            .unwrap();
+        directory.front_door_detach(attached, LONG);
+    }
+    let sessions = directory.list();
+    assert_eq!(sessions.len(), MAX_FRONT_DOOR_SESSIONS);
+    let names: std::collections::BTreeSet<String> = sessions
+        .into_iter()
+        .map(|record| record.user_name)
+        .collect();
+    // The connected session stays; the six disconnected longest went, each with a LOGOFF.
+    assert!(names.contains("held"));
+    for dropped in 0..6 {
+        assert!(!names.contains(&format!("u{dropped}")), "u{dropped} kept");
+    }
+    assert!(names.contains("u6"));
+    let logoffs: Vec<String> = drain(&mut events)
+        .into_iter()
+        .filter(|(kind, ..)| *kind == Logoff)
+        .map(|(_, _, user)| user)
+        .collect();
+    assert_eq!(logoffs, ["u0", "u1", "u2", "u3", "u4", "u5"]);
+    directory.front_door_detach(held, LONG);
 }
 
 #[test]

@@ -475,6 +475,10 @@ async fn with_the_broker_down_clients_reach_the_local_server_and_the_directory_c
             .any(|session| session.user == "alice" && session.state == "active"),
         "{mine:?}"
     );
+    // A reports its logons (carol's above), as PAM does: alice's too. Without it her session,
+    // which only the front door saw, would be taken for a failed logon when her connection
+    // ends (directory/rules.rs).
+    a.agent.cli(&["session", "logon", "--user", "alice"]).await;
 
     let broker = spawn_broker_at(&database.url, address, without_slow_start).await;
     let mut directory = broker.broker_client().await;
