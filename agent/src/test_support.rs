@@ -33,6 +33,8 @@ pub struct FakeState {
     /// Answered first, in order, before `redirect_answer`.
     pub queued_answers: std::collections::VecDeque<Result<pb::RedirectResponse, tonic::Code>>,
     pub machines: Vec<pb::Machine>,
+    /// This many RESYNCs are rejected (INVALID_ARGUMENT) instead of acknowledged.
+    pub reject_resyncs: usize,
 }
 
 #[derive(Clone, Default)]
@@ -177,7 +179,22 @@ impl AgentGateway for FakeBroker {
                     };
                     let _ = sender.send(reply(Command::Welcome(welcome))).await;
                 }
-                let _ = sender.send(reply(Command::Ack(pb::Ack { seq }))).await;
+                let reject = matches!(body, Some(Body::Resync(_)))
+                    && fake.with(|state| {
+                        let reject = state.reject_resyncs > 0;
+                        state.reject_resyncs = state.reject_resyncs.saturating_sub(1);
+                        reject
+                    });
+                let answer = if reject {
+                    Command::Reject(pb::Reject {
+                        seq,
+                        code: tonic::Code::InvalidArgument as i32,
+                        message: "sessions[0].user_name: refused by the test".into(),
+                    })
+                } else {
+                    Command::Ack(pb::Ack { seq })
+                };
+                let _ = sender.send(reply(answer)).await;
                 if let Some(Body::Removed(_)) = body {
                     break;
                 }

@@ -234,6 +234,13 @@ impl Directory {
         let mut clients_lost = 0;
         let now = model::now_millis();
         for mut record in stored.sessions {
+            // What the broker would refuse in a RESYNC (a hand-edited or restored file): one
+            // such record would keep the machine from ever being READY.
+            let checked = tsbroker_common::proto::v1::SessionInfo::from(&record.to_info());
+            if let Err(error) = SessionInfo::try_from(checked) {
+                tracing::warn!(session_id = record.session_id, %error, "session in the table file dropped: not valid");
+                continue;
+            }
             if model::user_key(&record.user_name).is_empty() {
                 continue;
             }

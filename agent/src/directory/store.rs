@@ -19,6 +19,14 @@ pub(super) struct StoredTable {
     pub sessions: Vec<SessionRecord>,
 }
 
+/// The file as read: its records one by one, so that one bad record costs only itself.
+#[derive(Deserialize)]
+struct RawTable {
+    format: u32,
+    next_session_id: u32,
+    sessions: Vec<serde_json::Value>,
+}
+
 /// Reads and writes the table file of one state directory.
 #[derive(Debug, Clone)]
 pub(super) struct TableFile {
@@ -40,10 +48,13 @@ impl TableFile {
     }
 
     /// The stored table; an empty one when there is no file yet. A file that cannot be read
-    /// as a table is moved aside (so the agent still starts) and reported in the log.
+    /// as a table (not JSON, not UTF-8) is moved aside (so the agent still starts) and
+    /// reported in the log; a record that cannot be read (a state a newer agent wrote, a field
+    /// edited by hand) is left out and reported, and the others are kept. A file of another
+    /// format is an error: this agent does not guess at what it holds.
     pub fn load(&self) -> anyhow::Result<StoredTable> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(StoredTable::default());
             }
@@ -51,29 +62,51 @@ impl TableFile {
                 return Err(error).with_context(|| format!("read {}", self.path.display()));
             }
         };
-        match serde_json::from_str::<StoredTable>(&text) {
-            Ok(table) if table.format == FORMAT => Ok(table),
-            Ok(table) => Err(anyhow::anyhow!(
-                "{} has format {}, this agent reads format {FORMAT}",
+        let raw = match serde_json::from_slice::<RawTable>(&bytes) {
+            Ok(raw) => raw,
+            Err(error) => return self.move_aside(&error),
+        };
+        if raw.format != FORMAT {
+            anyhow::bail!(
+                "{} has format {}, this agent reads format {FORMAT} (written by a newer agent? \
+                 move it aside to start with an empty table)",
                 self.path.display(),
-                table.format
-            )),
-            Err(error) => {
-                let aside = self.path.with_extension(format!(
-                    "json.corrupt-{}",
-                    tsbroker_common::model::now_millis()
-                ));
-                tracing::error!(
+                raw.format
+            );
+        }
+        let mut sessions = Vec::with_capacity(raw.sessions.len());
+        for (index, record) in raw.sessions.into_iter().enumerate() {
+            match serde_json::from_value::<SessionRecord>(record) {
+                Ok(record) => sessions.push(record),
+                Err(error) => tracing::error!(
                     path = %self.path.display(),
-                    moved_to = %aside.display(),
+                    index,
                     %error,
-                    "session table unreadable, starting with an empty one"
-                );
-                std::fs::rename(&self.path, &aside)
-                    .with_context(|| format!("move aside {}", self.path.display()))?;
-                Ok(StoredTable::default())
+                    "a session in the table file cannot be read: left out"
+                ),
             }
         }
+        Ok(StoredTable {
+            format: raw.format,
+            next_session_id: raw.next_session_id,
+            sessions,
+        })
+    }
+
+    fn move_aside(&self, error: &dyn std::fmt::Display) -> anyhow::Result<StoredTable> {
+        let aside = self.path.with_extension(format!(
+            "json.corrupt-{}",
+            tsbroker_common::model::now_millis()
+        ));
+        tracing::error!(
+            path = %self.path.display(),
+            moved_to = %aside.display(),
+            %error,
+            "session table unreadable, starting with an empty one"
+        );
+        std::fs::rename(&self.path, &aside)
+            .with_context(|| format!("move aside {}", self.path.display()))?;
+        Ok(StoredTable::default())
     }
 
     /// Replaces the file with `table`, atomically.

@@ -234,6 +234,54 @@ fn unreadable_table_is_moved_aside() {
     assert!(moved);
 }
 
+#[test]
+fn a_table_file_not_in_utf8_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sessions.json"),
+        b"{\"format\": 1, \xff\xfe}",
+    )
+    .unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    assert!(directory.list().is_empty());
+    assert!(!dir.path().join("sessions.json").exists());
+}
+
+#[test]
+fn bad_records_in_the_table_file_cost_only_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = |id: u32, user: &str, state: &str| {
+        format!(
+            r#"{{"session_id": {id}, "user_name": "{user}", "state": "{state}",
+                "logon_time_ms": 1700000000000, "changed_ms": 1700000000000,
+                "origin": "control"}}"#
+        )
+    };
+    let sessions = [
+        record(1, "alice", "disconnected"),
+        // A state a newer agent might write.
+        record(2, "bob", "suspended"),
+        // A name the broker refuses (a control character): its RESYNC would be refused.
+        record(3, "car\\u0007ol", "active"),
+        record(4, "dave", "active"),
+    ];
+    std::fs::write(
+        dir.path().join("sessions.json"),
+        format!(
+            r#"{{"format": 1, "next_session_id": 100000, "sessions": [{}]}}"#,
+            sessions.join(",")
+        ),
+    )
+    .unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let users: Vec<String> = directory
+        .list()
+        .into_iter()
+        .map(|record| record.user_name)
+        .collect();
+    assert_eq!(users, ["alice", "dave"]);
+}
+
 fn kinds(events: &mut DirectoryEvents) -> Vec<SessionEventKind> {
     drain(events).into_iter().map(|event| event.0).collect()
 }

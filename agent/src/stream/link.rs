@@ -237,6 +237,20 @@ fn handle_command(
             tracing::info!("the broker has this machine ready");
             update_status(&context.status, |status| status.connected = true);
         }
+        // RESYNC (sent just before READY) or READY refused: the machine would stay JOINING on
+        // this stream for ever. End it: the reason goes to the log and `tsagent status`, and
+        // the agent tries again after a pause.
+        Command::Reject(reject) if reject.seq == ready_seq || reject.seq + 1 == ready_seq => {
+            let kind = if reject.seq == ready_seq {
+                "READY"
+            } else {
+                "RESYNC"
+            };
+            return Some(Outcome::Ended(format!(
+                "the broker refused this machine's {kind} (code {}): {}",
+                reject.code, reject.message
+            )));
+        }
         command => outbox.settle(&command),
     }
     None

@@ -225,6 +225,36 @@ async fn removal_by_the_broker_stops_the_agent() {
 }
 
 #[tokio::test]
+async fn a_refused_resync_ends_the_stream_and_the_agent_tries_again() {
+    let fake = FakeBroker::default();
+    fake.with(|state| state.reject_resyncs = 1);
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
+        .await
+        .unwrap();
+    // The first stream's RESYNC is refused: rather than stay JOINING on it, the agent opens
+    // another, whose RESYNC and READY are taken.
+    fake.wait_for("a second stream, ready", |state| {
+        state.streams == 2 && kinds(state, 2).contains(&"ready")
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !agent.link_status().connected {
+        assert!(tokio::time::Instant::now() < deadline, "not connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn unreachable_broker_is_retried_and_shutdown_still_works() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens there.
