@@ -108,7 +108,11 @@ pub(super) async fn run_once(
         .await?;
     let response = tokio::select! {
         () = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-        response = client.connect(ReceiverStream::new(receiver)) => response.context("open stream")?,
+        // Bounded like the welcome: a proxy or a broker that takes the connection and never
+        // answers must not hold the agent here.
+        response = tokio::time::timeout(context.welcome_timeout, client.connect(ReceiverStream::new(receiver))) => {
+            response.map_err(|_| anyhow!("the broker did not answer the stream's opening"))?.context("open stream")?
+        }
     };
     let mut inbound = response.into_inner();
     let welcome = tokio::select! {

@@ -112,7 +112,13 @@ pub async fn run(
                 );
                 tracing::error!("{why}");
                 update_status(&context.status, |status| status.last_error = why);
-                if !displaced::wait_until_free(&context, context.displaced_check, &shutdown).await {
+                // The table's changes while off are in the next RESYNC: drop them as they come
+                // (the wait can last days; kept, they would pile up in memory).
+                let free = tokio::select! {
+                    free = displaced::wait_until_free(&context, context.displaced_check, &shutdown) => free,
+                    () = discard(&mut events) => unreachable!("discard never ends"),
+                };
+                if !free {
                     return StreamExit::Shutdown;
                 }
                 tracing::info!("the machine is free again: reconnecting");
@@ -143,6 +149,12 @@ pub async fn run(
         // Changes made while apart are in the table; the next RESYNC carries them.
         while events.try_recv().is_ok() {}
     }
+}
+
+/// Receives and drops the table's changes, for ever.
+async fn discard(events: &mut DirectoryEvents) {
+    while events.recv().await.is_some() {}
+    std::future::pending().await
 }
 
 /// The broker's own word on when to try again: an UNAVAILABLE it gave while its database is

@@ -279,6 +279,46 @@ async fn unreachable_broker_is_retried_and_shutdown_still_works() {
         .unwrap();
 }
 
+#[tokio::test]
+async fn a_broker_that_never_answers_the_opening_is_given_up_on() {
+    // Takes connections and reads them, never writes: a stuck broker or a proxy before one.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut sink = [0u8; 1024];
+                while matches!(
+                    tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await,
+                    Ok(1..)
+                ) {}
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&url, dir.path());
+    config.welcome_timeout = Duration::from_millis(300);
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let error = agent.link_status().last_error;
+        if error.contains("did not answer") || error.contains("no welcome") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still waiting on the broker: {error:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[test]
 fn the_brokers_retry_hint_is_read_from_its_unavailable_status_only() {
     use anyhow::Context;
