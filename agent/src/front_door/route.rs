@@ -59,6 +59,11 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
     })
 }
 
+/// `address` with an IPv4-mapped IPv6 address (`[::ffff:10.0.0.5]:3389`) as plain IPv4.
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
 /// Decides for a connection that did not come from another front door; `arrived_at` gives
 /// the address the client connected to (asked of the socket only for a routing token);
 /// `refused` lists the machines (ids) that already refused this connection, which the broker
@@ -71,7 +76,9 @@ pub async fn decide(
     refused: &[String],
 ) -> Decision {
     match hint {
-        RoutingHint::RoutingToken(token) if SocketAddr::V4(*token) == arrived_at() => {
+        // On a dual-stack [::] listener the address arrived at is IPv4-mapped: compare the
+        // plain IPv4 form with the token's.
+        RoutingHint::RoutingToken(token) if SocketAddr::V4(*token) == canonical(arrived_at()) => {
             Decision::Local {
                 user: None,
                 why: "routing token names this front door".to_owned(),
@@ -211,5 +218,19 @@ fn local_after_error(user: Option<ConnectingUser>, status: &tonic::Status) -> De
         user,
         why: format!("broker answered {:?}", status.code()),
         new_logon: false,
+    }
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    use std::net::SocketAddr;
+
+    #[test]
+    fn an_ipv4_mapped_address_compares_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.0.0.5]:3389".parse().unwrap();
+        let plain: SocketAddr = "10.0.0.5:3389".parse().unwrap();
+        assert_eq!(super::canonical(mapped), plain);
+        let v6: SocketAddr = "[2001:db8::1]:3389".parse().unwrap();
+        assert_eq!(super::canonical(v6), v6);
     }
 }
