@@ -183,6 +183,10 @@ pub async fn start(
             machines,
             directory: directory.clone(),
             metrics: metrics.clone(),
+            header_key: config
+                .agent_token
+                .as_deref()
+                .map(front_door::proxy_header::HeaderKey::from_token),
         });
         parts.push(tokio::spawn(front_door::serve(
             listener,

@@ -2,19 +2,16 @@
 //! another front door), then the client's TPKT + X.224 Connection Request, reading exactly the
 //! lengths the headers announce so that no byte of the RDP handshake after it is consumed.
 
-use std::net::SocketAddr;
-
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::proxy_header::{self, ProxyHeaderError};
+use super::proxy_header::{self, ProxyHeader, ProxyHeaderError};
 use super::x224::{self, ConnectionRequest, Parsed, X224Error};
 
 /// The start of a connection.
 #[derive(Debug)]
 pub struct FirstPacket {
-    /// The client address a PROXY header carried (`Some` only when one was sent; the inner
-    /// `None` for a header without addresses).
-    pub proxied: Option<Option<SocketAddr>>,
+    /// The PROXY header, when one was sent.
+    pub proxied: Option<ProxyHeader>,
     /// The X.224 packet's bytes, to replay to wherever the connection goes.
     pub packet: Vec<u8>,
     pub request: ConnectionRequest,
@@ -68,7 +65,7 @@ pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<FirstPacket, F
         fill(stream, &mut buffer, proxy_header::FIXED_LEN).await?;
         let payload = proxy_header::payload_len(&buffer)?;
         fill(stream, &mut buffer, proxy_header::FIXED_LEN + payload).await?;
-        proxied = Some(proxy_header::source_address(&buffer)?);
+        proxied = Some(proxy_header::parse(&buffer)?);
         buffer.clear();
     }
     loop {
@@ -111,14 +108,14 @@ mod tests {
 
     #[tokio::test]
     async fn reads_a_proxy_header_first() {
-        let client: SocketAddr = "203.0.113.9:41000".parse().unwrap();
+        let client: std::net::SocketAddr = "203.0.113.9:41000".parse().unwrap();
         let packet = build_connection_request(None, None);
-        let mut input = proxy_header::encode(client, "127.0.0.1:3389".parse().unwrap());
+        let mut input = proxy_header::encode(client, "127.0.0.1:3389".parse().unwrap(), None, 0);
         input.extend_from_slice(&packet);
         input.extend_from_slice(b"rest");
         let mut reader = &input[..];
         let first = read(&mut reader).await.unwrap();
-        assert_eq!(first.proxied, Some(Some(client)));
+        assert_eq!(first.proxied.and_then(|header| header.source), Some(client));
         assert_eq!(first.packet, packet);
         assert_eq!(reader, b"rest");
     }

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use tsbroker_common::serve::AcceptPause;
 
 use super::route::{self, Decision};
-use super::{FrontDoorShared, first_packet, splice};
+use super::{FrontDoorShared, first_packet, proxy_header, splice};
 use crate::metrics::Outcome;
 
 /// Most times one new logon is sent somewhere (the broker's pick, then its next candidates)
@@ -95,14 +95,28 @@ pub async fn handle(
     let hint = &first.request.hint;
     tracing::debug!(?hint, protocols = ?first.request.requested_protocols, "connection request");
 
-    if let Some(source) = first.proxied {
+    if let Some(header) = first.proxied {
         // Already routed by another front door: never ask the broker again (no loops).
         let Some(machine) = shared.machines.peer(peer.ip()).await else {
             tracing::warn!("proxy header from a peer that is not a machine of the farm, closing");
             shared.metrics.connection(Outcome::Refused);
             return;
         };
-        let client_address = source.unwrap_or(peer);
+        if !machine.front_door {
+            tracing::warn!(machine = %machine.name, "proxy header from a machine without a front door, closing");
+            shared.metrics.connection(Outcome::Refused);
+            return;
+        }
+        if let Some(key) = &shared.header_key
+            && let Err(why) = key.check(&header, proxy_header::now_secs())
+        {
+            // A user logged on to that machine can connect from it too: only a header signed
+            // with the farm's agent token comes from its front door.
+            tracing::warn!(machine = %machine.name, why, "proxy header refused, closing");
+            shared.metrics.connection(Outcome::Refused);
+            return;
+        }
+        let client_address = header.source.unwrap_or(peer);
         tracing::debug!(from_machine = %machine.name, client_address = %client_address, "connection routed here by another front door");
         let user = match hint {
             super::x224::RoutingHint::UserName(name) => route::user_from_cookie(name),
@@ -184,7 +198,16 @@ pub async fn handle(
                 external,
                 user,
             } => {
-                match splice::open_remote(&address, &client, peer, packet, external).await {
+                match splice::open_remote(
+                    &address,
+                    &client,
+                    peer,
+                    packet,
+                    external,
+                    shared.header_key.as_ref(),
+                )
+                .await
+                {
                     Ok(upstream) => {
                         tracing::info!(machine = %machine_name, %machine_id, %address, reconnection, "routing to another machine");
                         shared.metrics.connection(Outcome::Remote);

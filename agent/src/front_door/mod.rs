@@ -44,6 +44,9 @@ pub struct FrontDoorShared {
     pub machines: MachineCache,
     pub directory: Directory,
     pub metrics: Arc<AgentMetrics>,
+    /// Signs the PROXY headers this front door sends and checks those it receives: from the
+    /// agent token, when one is set (see `proxy_header`).
+    pub header_key: Option<proxy_header::HeaderKey>,
 }
 
 impl FrontDoorShared {

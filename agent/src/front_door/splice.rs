@@ -111,7 +111,7 @@ pub async fn open_local(shared: &FrontDoorShared, packet: &[u8]) -> anyhow::Resu
 }
 
 /// Opens another machine: its front door gets a PROXY v2 header with the client's address
-/// and the request as the client sent it; an external target (an RDP service, not a front
+/// (signed with `header_key`, when there is one) and the request as the client sent it; an external target (an RDP service, not a front
 /// door) gets the request as an RDP service should.
 pub async fn open_remote(
     address: &str,
@@ -119,13 +119,19 @@ pub async fn open_remote(
     client_address: SocketAddr,
     packet: &[u8],
     external: bool,
+    header_key: Option<&proxy_header::HeaderKey>,
 ) -> anyhow::Result<Upstream> {
     let mut prefix = Vec::with_capacity(packet.len() + 64);
     if external {
         prefix.extend_from_slice(&for_rdp_service(packet));
     } else {
         let local = client.local_addr().unwrap_or(client_address);
-        prefix.extend_from_slice(&proxy_header::encode(client_address, local));
+        prefix.extend_from_slice(&proxy_header::encode(
+            client_address,
+            local,
+            header_key,
+            proxy_header::now_secs(),
+        ));
         prefix.extend_from_slice(packet);
     }
     let upstream = open(address, &prefix, packet.len()).await?;

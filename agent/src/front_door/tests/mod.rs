@@ -105,6 +105,23 @@ async fn harness_with(
     unconfirmed_logon_grace: Duration,
     local_rdp: Option<String>,
 ) -> Harness {
+    harness_with_token(
+        machines,
+        broker_up,
+        unconfirmed_logon_grace,
+        local_rdp,
+        None,
+    )
+    .await
+}
+
+async fn harness_with_token(
+    machines: Vec<pb::Machine>,
+    broker_up: bool,
+    unconfirmed_logon_grace: Duration,
+    local_rdp: Option<String>,
+    agent_token: Option<&str>,
+) -> Harness {
     let fake = FakeBroker::default();
     fake.with(|state| state.machines = machines);
     let url = if broker_up {
@@ -125,6 +142,7 @@ async fn harness_with(
     config.machine_refresh = Duration::from_millis(100);
     config.unconfirmed_logon_grace = unconfirmed_logon_grace;
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.agent_token = agent_token.map(str::to_owned);
     let shutdown = CancellationToken::new();
     let agent = crate::start(config, shutdown.clone()).await.unwrap();
     assert_eq!(agent.front_door_addr, Some(front_door));
@@ -223,7 +241,7 @@ async fn routes_to_this_machine_or_another_with_a_proxy_header() {
     let seen = next(&mut remote).await;
     let header_len = proxy_header::FIXED_LEN + proxy_header::payload_len(&seen).unwrap();
     assert_eq!(
-        proxy_header::source_address(&seen[..header_len]).unwrap(),
+        proxy_header::parse(&seen[..header_len]).unwrap().source,
         Some(client)
     );
     assert_eq!(&seen[header_len..header_len + packet.len()], &packet[..]);
@@ -302,13 +320,64 @@ async fn a_cookie_cut_to_nine_characters_is_resolved_by_the_broker() {
     harness.shutdown.cancel();
 }
 
+/// With an agent token, a PROXY header counts only when signed with it: a user logged on to
+/// a farm machine can connect from its address, but not sign as its front door.
+#[tokio::test]
+async fn with_an_agent_token_only_signed_proxy_headers_are_trusted() {
+    const TOKEN: &str = "the-farms-agent-token-0123456789";
+    let peer = machine("ts2.example", "127.0.0.1:4000", pb::MachineState::Ready);
+    let mut harness = harness_with_token(vec![peer], true, Duration::ZERO, None, Some(TOKEN)).await;
+    let client: SocketAddr = "198.51.100.20:50000".parse().unwrap();
+    let (_, tail) = request_with_tail(Some("Cookie: mstshash=alice"));
+    let now = proxy_header::now_secs();
+    let send = |key: Option<&proxy_header::HeaderKey>| {
+        let mut bytes = proxy_header::encode(client, harness.front_door, key, now);
+        bytes.extend_from_slice(&tail);
+        bytes
+    };
+    let forged = [
+        send(None),
+        send(Some(&proxy_header::HeaderKey::from_token(
+            "not-the-farms-token",
+        ))),
+    ];
+    for bytes in forged {
+        let (_, back) = exchange(harness.front_door, &bytes).await;
+        assert!(back.is_empty());
+    }
+    nothing(&mut harness.local).await;
+    let signed = send(Some(&proxy_header::HeaderKey::from_token(TOKEN)));
+    let (_, back) = exchange(harness.front_door, &signed).await;
+    assert_eq!(next(&mut harness.local).await, tail);
+    assert_eq!(back, tail);
+    harness
+        .fake
+        .with(|state| assert!(state.redirect_requests.is_empty()));
+
+    // What this front door sends on to another machine is signed.
+    let (remote_address, mut remote) = echo_server().await;
+    harness.answer_with(answer(
+        "ts3.example",
+        &remote_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    ));
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
+    exchange(harness.front_door, &bytes).await;
+    let seen = next(&mut remote).await;
+    let header_len = proxy_header::FIXED_LEN + proxy_header::payload_len(&seen).unwrap();
+    let header = proxy_header::parse(&seen[..header_len]).unwrap();
+    let key = proxy_header::HeaderKey::from_token(TOKEN);
+    assert_eq!(key.check(&header, proxy_header::now_secs()), Ok(()));
+    harness.shutdown.cancel();
+}
+
 #[tokio::test]
 async fn proxy_headers_are_trusted_only_from_farm_machines() {
     let foreign = vec![machine(NAME, "192.0.2.1:3389", pb::MachineState::Ready)];
     let mut harness = harness(foreign, true).await;
     let client: SocketAddr = "198.51.100.20:50000".parse().unwrap();
     let (packet, tail) = request_with_tail(Some("Cookie: mstshash=alice"));
-    let mut bytes = proxy_header::encode(client, harness.front_door);
+    let mut bytes = proxy_header::encode(client, harness.front_door, None, 0);
     bytes.extend_from_slice(&tail);
     let (_, back) = exchange(harness.front_door, &bytes).await;
     assert!(back.is_empty());
@@ -541,7 +610,7 @@ async fn a_refused_new_logon_goes_to_the_next_candidate() {
     let (client, _) = exchange(harness.front_door, &bytes).await;
     // The next candidate got the connection, as another front door gets it.
     let seen = next(&mut other).await;
-    let header = proxy_header::encode(client, harness.front_door);
+    let header = proxy_header::encode(client, harness.front_door, None, 0);
     assert_eq!(&seen[..header.len()], header.as_slice());
     assert_eq!(
         &seen[header.len()..header.len() + packet.len()],
