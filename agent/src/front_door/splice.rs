@@ -30,8 +30,9 @@ use crate::directory::{Attachment, UnknownConnection};
 use crate::metrics::ByteCounters;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a target has to answer the replayed request before the splice goes on without
-/// its answer (RDP servers confirm at once; this only bounds the wait).
+/// How long a target has to answer the replayed request. RDP servers confirm at once; one
+/// that takes the connection and says nothing (hung, overloaded) counts as refusing it, so a
+/// new logon goes to the next candidate instead of waiting on it.
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Each direction's copy buffer (tokio's default is 8 KiB; bulk transfers want more). 32 KiB
 /// measured best on a 2-vCPU Xeon: 64 KiB carried 0.72–0.92 of HAProxy's bulk rate where
@@ -76,7 +77,7 @@ pub async fn connect(address: &str) -> anyhow::Result<TcpStream> {
 /// Connects to `address`, replays `prefix` (the client's first packet, `request_len` bytes as
 /// the client sent them, as the target should see it) and waits for the target's first
 /// answer. An error means the target refused the connection: refused or timed out the TCP
-/// connection, or closed it without answering.
+/// connection, closed it without answering, or did not answer in time.
 async fn open(address: &str, prefix: &[u8], request_len: usize) -> anyhow::Result<Upstream> {
     let mut stream = connect(address).await?;
     stream
@@ -90,8 +91,10 @@ async fn open(address: &str, prefix: &[u8], request_len: usize) -> anyhow::Resul
         Ok(Err(error)) => {
             return Err(error).with_context(|| format!("{address} reset the connection"));
         }
-        // Slow to answer is not a refusal: the client gets the answer when it comes.
-        Err(_) => answer.clear(),
+        Err(_) => anyhow::bail!(
+            "{address} did not answer the connection request within {} s",
+            FIRST_ANSWER_TIMEOUT.as_secs()
+        ),
     }
     Ok(Upstream {
         stream,

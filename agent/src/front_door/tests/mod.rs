@@ -582,6 +582,48 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
     harness.shutdown.cancel();
 }
 
+/// A machine whose RDP service takes the connection but never answers the request (hung)
+/// counts as refusing: the new logon goes to the next candidate, that machine left out.
+#[tokio::test]
+async fn a_target_that_never_answers_counts_as_refusing() {
+    let mut harness = harness(Vec::new(), true).await;
+    let staller = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let staller_address = staller.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = staller.accept().await {
+            held.push(stream);
+        }
+    });
+    let (other_address, mut other) = echo_server().await;
+    let stalling = answer(
+        "ts2.example",
+        &staller_address,
+        pb::RedirectReason::LoadBalanced,
+    );
+    let accepting = answer(
+        "ts3.example",
+        &other_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    harness.fake.with(|state| {
+        state.queued_answers = [Ok(stalling), Ok(accepting)].into();
+    });
+    let (packet, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
+    exchange(harness.front_door, &bytes).await;
+    let seen = next(&mut other).await;
+    assert!(seen.ends_with(&bytes) && seen.len() > packet.len());
+    let requests = harness
+        .fake
+        .with(|state| std::mem::take(&mut state.redirect_requests));
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        requests[1].exclude_machine_ids,
+        [machine_id(FARM, "ts2.example").to_string()]
+    );
+    harness.shutdown.cancel();
+}
+
 /// A new logon is retried on the broker's next candidate when its machine refuses the
 /// connection (that machine left out of the placement); when this machine's own RDP service
 /// refuses a new logon the broker placed here, the next candidate is asked for too.
