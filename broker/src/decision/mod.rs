@@ -255,7 +255,8 @@ impl Decider {
             .pending_logon(&query.farm, &user_key, now)
             .await?;
         if let Some(machine) = pending.filter(|machine| {
-            machine.is_reachable(lease_cutoff) && !query.excluded_machines.contains(&machine.id)
+            machine.takes_its_users_back(lease_cutoff)
+                && !query.excluded_machines.contains(&machine.id)
         }) {
             return Ok(pending_answer(&machine, query));
         }
@@ -449,8 +450,8 @@ fn anonymous_key() -> String {
     format!("\u{1}anonymous-{}", uuid::Uuid::new_v4())
 }
 
-/// The session to send the user back to: on a reachable machine, matching the domain when one
-/// was given; disconnected before active; the newest among equals.
+/// The session to send the user back to: on a machine that takes its users back (heard from
+/// within the heartbeat timeout), matching the domain when one was given; disconnected before active; the newest among equals.
 pub fn best_session<'a>(
     sessions: &'a [SessionRecord],
     domain: &str,
@@ -458,7 +459,7 @@ pub fn best_session<'a>(
 ) -> Option<&'a SessionRecord> {
     sessions
         .iter()
-        .filter(|session| session.machine_is_reachable(lease_cutoff))
+        .filter(|session| session.machine_takes_its_users_back(lease_cutoff))
         .filter(|session| {
             domain.is_empty()
                 || session.domain.is_empty()

@@ -332,9 +332,9 @@ mod tests {
         assert_eq!(on_known.machine_address, "ts1:3389");
         assert_eq!(on_known.user_name, "ALICE");
         assert_eq!(on_known.state, "disconnected");
-        assert!(on_known.machine_is_reachable(50));
+        assert!(on_known.machine_takes_its_users_back(50));
         let on_unknown = sessions.iter().find(|s| s.session_id == 3).unwrap();
-        assert!(!on_unknown.machine_is_reachable(i64::MIN));
+        assert!(!on_unknown.machine_takes_its_users_back(i64::MIN));
         assert!(index.sessions_of("f", "bob").is_empty());
         assert!(index.sessions_of("g", "alice").is_empty());
     }
@@ -453,7 +453,7 @@ mod tests {
         });
         let session = &index.sessions_of("f", "bob")[0];
         assert_eq!(session.machine_last_seen_at, 500);
-        assert!(!session.machine_is_reachable(0));
+        assert_eq!(session.machine_state, "unreachable");
         // A state applied since wins over a lease read before it.
         index.set_state(id, "ready", 400);
         index.set_lease(MachineLease {
@@ -462,7 +462,7 @@ mod tests {
             last_seen_at: 350,
             updated_at: 350,
         });
-        assert!(index.sessions_of("f", "bob")[0].machine_is_reachable(0));
+        assert_eq!(index.sessions_of("f", "bob")[0].machine_state, "ready");
         index.remove_machine(id);
         assert_eq!(index.machine_count(), 0);
         assert!(index.sessions_of("f", "bob").is_empty());

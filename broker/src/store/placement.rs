@@ -48,7 +48,7 @@ pub(crate) fn plan(
             .get(request.user_key)
             .and_then(|machine| farm.machine(*machine));
         if let Some(target) = pending_on
-            && target.is_reachable(request.lease_cutoff)
+            && target.takes_its_users_back(request.lease_cutoff)
             && !request.excluded.contains(&target.id)
         {
             placements.push(Placement::AlreadyPending(MachineRecord::clone(target)));

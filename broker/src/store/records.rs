@@ -68,6 +68,20 @@ impl MachineRecord {
     pub fn is_reachable(&self, lease_cutoff: i64) -> bool {
         self.machine_state() == MachineState::Ready && self.last_seen_at >= lease_cutoff
     }
+
+    /// Whether the machine's own users (their sessions, their logons in flight) are still sent
+    /// to it: heard from within the heartbeat timeout, whether its stream is up or not. A
+    /// stream ends for the broker's reasons (a restart, a replica gone, a proxy restarted) or
+    /// the agent's (restarted) far more often than with its server, whose RDP service goes on
+    /// serving the sessions: sending those users elsewhere at once would open them second
+    /// sessions. A new logon still needs [`MachineRecord::is_reachable`].
+    pub fn takes_its_users_back(&self, lease_cutoff: i64) -> bool {
+        takes_users_back(self.machine_state(), self.last_seen_at, lease_cutoff)
+    }
+}
+
+fn takes_users_back(state: MachineState, last_seen_at: i64, lease_cutoff: i64) -> bool {
+    state != MachineState::Removed && last_seen_at >= lease_cutoff
 }
 
 /// A farm with counts taken at read time.
@@ -104,9 +118,10 @@ impl SessionRecord {
         SessionState::parse(&self.state).unwrap_or(SessionState::Active)
     }
 
-    pub fn machine_is_reachable(&self, lease_cutoff: i64) -> bool {
-        MachineState::parse(&self.machine_state) == Some(MachineState::Ready)
-            && self.machine_last_seen_at >= lease_cutoff
+    /// [`MachineRecord::takes_its_users_back`] for the session's machine.
+    pub fn machine_takes_its_users_back(&self, lease_cutoff: i64) -> bool {
+        MachineState::parse(&self.machine_state)
+            .is_some_and(|state| takes_users_back(state, self.machine_last_seen_at, lease_cutoff))
     }
 }
 

@@ -94,7 +94,7 @@ async fn the_directory_follows_every_commit(database: &TestDatabase) {
     assert_eq!(answer.user_key, "alice");
     assert_eq!(answer.sessions.len(), 1);
     assert_eq!(answer.sessions[0].machine_address, "ts1:3389");
-    assert!(answer.sessions[0].machine_is_reachable(NOW - 15_000));
+    assert!(answer.sessions[0].machine_takes_its_users_back(NOW - 15_000));
 
     // Session events: a logon appears, a disconnect changes the state, a logoff removes it.
     let events = [

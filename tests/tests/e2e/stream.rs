@@ -167,14 +167,22 @@ async fn drained_machines_take_reconnections_but_no_new_logons(database: &TestDa
 }
 
 async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &TestDatabase) {
-    let broker = spawn_broker(&database.url, |_| {}).await;
+    let broker = spawn_broker(&database.url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(3)
+    })
+    .await;
     let mut client = broker.broker_client().await;
-    let _a = FakeAgent::join(
+    let mut a = FakeAgent::join(
         &broker.url(),
         description("ts-a", "farm", 100),
         vec![session(1, "x", pb::SessionState::Active)],
     )
     .await;
+    let a_heartbeats = tokio::spawn(async move {
+        while a.heartbeat().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
     let b = FakeAgent::join(
         &broker.url(),
         description("ts-b", "farm", 100),
@@ -184,6 +192,19 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
         ],
     )
     .await;
+    // A logon in flight to ts-b (ts-a left out by the caller).
+    let ts_a = machine(&mut client, "farm", "ts-a").await.id;
+    let in_flight = client
+        .redirect(pb::RedirectRequest {
+            user_name: "inflight".into(),
+            farm: "farm".into(),
+            exclude_machine_ids: vec![ts_a],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(in_flight.machine_name, "ts-b");
     b.hang_up();
     eventually(10, || {
         let mut client = client.clone();
@@ -192,11 +213,32 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
         }
     })
     .await;
+    // The logon in flight stays with ts-b: a retry (through any replica) is not placed twice.
+    let retry = redirect(&mut client, "farm", "inflight").await.unwrap();
+    assert_eq!(
+        (retry.machine_name.as_str(), reason(&retry)),
+        ("ts-b", pb::RedirectReason::PendingLogon)
+    );
+    // Its stream ended, but its server may well be serving (an agent restarted, a replica or
+    // a proxy gone): for the heartbeat timeout after its last message, its users are sent
+    // back to it; new logons are not.
     let alice = redirect(&mut client, "farm", "alice").await.unwrap();
     assert_eq!(
-        alice.machine_name, "ts-a",
-        "an unreachable machine gets no reconnection"
+        (alice.machine_name.as_str(), reason(&alice)),
+        ("ts-b", pb::RedirectReason::ExistingSession)
     );
+    let newcomer = redirect(&mut client, "farm", "newcomer").await.unwrap();
+    assert_eq!(newcomer.machine_name, "ts-a");
+    // Past the timeout, the machine looks gone: its users are placed elsewhere.
+    eventually(10, || {
+        let mut client = client.clone();
+        async move {
+            redirect(&mut client, "farm", "alice")
+                .await
+                .is_ok_and(|alice| alice.machine_name == "ts-a")
+        }
+    })
+    .await;
     // Placed from the database under the user the `user@domain` name resolves to, so a retry
     // under PAM's form of the name finds that logon in flight.
     let upn = redirect(&mut client, "farm", "ann@example.com")
@@ -249,6 +291,7 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
         (alice.machine_name.as_str(), reason(&alice)),
         ("ts-b", pb::RedirectReason::ExistingSession)
     );
+    a_heartbeats.abort();
     broker.stop().await;
 }
 
