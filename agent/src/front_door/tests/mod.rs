@@ -586,7 +586,7 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
 /// counts as refusing: the new logon goes to the next candidate, that machine left out.
 #[tokio::test]
 async fn a_target_that_never_answers_counts_as_refusing() {
-    let mut harness = harness(Vec::new(), true).await;
+    let harness = harness(Vec::new(), true).await;
     let staller = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let staller_address = staller.local_addr().unwrap().to_string();
     tokio::spawn(async move {
