@@ -288,7 +288,7 @@ grep -q 'routing to another machine.*machine=xrdp-check ' "$work/other-agent.log
     fail "the other front door did not send $ann to this machine"
 stop_client
 expect_sessions "$ann" "$id DISCONNECTED" 15 "disconnect through the other front door"
-kill -TERM "$other" # it leaves the farm (REMOVED), so later logons are placed here
+kill -TERM "$other" # it stops (unreachable: no new logons there), so later logons are placed here
 wait "$other" 2>/dev/null || true
 
 log "5. the agent is killed while $ann is connected, and started again"

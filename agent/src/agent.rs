@@ -203,6 +203,7 @@ pub async fn start(
         displaced_check: config.displaced_check,
         directory: directory.clone(),
         status: status.clone(),
+        leave_on_stop: config.leave_on_stop,
     };
     tracing::info!(
         machine = %config.machine_name,

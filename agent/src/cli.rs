@@ -59,6 +59,12 @@ pub struct AgentArgs {
     /// Single-session mode: at most one session on this machine [default: false]
     #[arg(long, env = "TSAGENT_SINGLE_SESSION", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub single_session: Option<bool>,
+    /// On stopping, tell the broker this machine leaves the farm (its sessions are dropped
+    /// from the directory): for machines that are destroyed after they stop. Without it a
+    /// stop or restart only closes the stream, and the machine's users are still sent back to
+    /// it for the broker's heartbeat timeout [default: false]
+    #[arg(long, env = "TSAGENT_LEAVE_ON_STOP", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub leave_on_stop: Option<bool>,
     /// The local control socket that `tsagent session ...` (PAM, xrdp scripts) speaks to
     /// [default: /run/tsagent/control.sock]
     #[arg(long, env = "TSAGENT_CONTROL_SOCKET", value_name = "PATH")]

@@ -66,6 +66,9 @@ pub struct AgentConfig {
     /// 0 means no limit.
     pub session_limit: u32,
     pub single_session: bool,
+    /// Stopping sends REMOVED (the machine leaves the farm, its sessions dropped) instead of
+    /// only closing the stream.
+    pub leave_on_stop: bool,
     pub control_socket: PathBuf,
     /// Holds the persisted session table.
     pub state_dir: PathBuf,
@@ -114,6 +117,7 @@ impl AgentConfig {
             weight: validate::DEFAULT_WEIGHT,
             session_limit: 0,
             single_session: false,
+            leave_on_stop: false,
             control_socket: state_dir.join("control.sock"),
             state_dir,
             front_door: None,
@@ -200,6 +204,7 @@ impl fmt::Debug for AgentConfig {
             .field("weight", &self.weight)
             .field("session_limit", &self.session_limit)
             .field("single_session", &self.single_session)
+            .field("leave_on_stop", &self.leave_on_stop)
             .field("control_socket", &self.control_socket)
             .field("state_dir", &self.state_dir)
             .field("front_door", &self.front_door)

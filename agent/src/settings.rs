@@ -24,6 +24,7 @@ pub struct FileSettings {
     pub weight: Option<u32>,
     pub session_limit: Option<u32>,
     pub single_session: Option<bool>,
+    pub leave_on_stop: Option<bool>,
     pub control_socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub front_door: Option<SocketAddr>,
@@ -139,6 +140,9 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
     }
     if let Some(limit) = args.session_limit.or(file.session_limit) {
         config.session_limit = limit;
+    }
+    if let Some(leave) = args.leave_on_stop.or(file.leave_on_stop) {
+        config.leave_on_stop = leave;
     }
     if let Some(single) = args.single_session.or(file.single_session) {
         config.single_session = single;

@@ -154,7 +154,7 @@ impl TestAgent {
         tsagent_cli(args, &self.control_socket).await
     }
 
-    /// Stops the agent (REMOVED to the broker) and waits for it.
+    /// Stops the agent (its stream closed; REMOVED with `leave_on_stop`) and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(agent) = self.agent.take() {

@@ -160,7 +160,12 @@ pub(super) async fn run_once(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                say_goodbye(&mut outbox, &mut inbound).await;
+                if context.leave_on_stop {
+                    say_goodbye(&mut outbox, &mut inbound).await;
+                }
+                // Otherwise the stream just closes: the broker marks the machine unreachable
+                // and keeps its sessions, whose users it still sends here for its heartbeat
+                // timeout — long enough for a restart.
                 return Ok(Outcome::Shutdown);
             }
             message = inbound.message() => {

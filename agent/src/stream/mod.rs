@@ -60,12 +60,15 @@ pub struct StreamContext {
     pub displaced_check: Duration,
     pub directory: Directory,
     pub status: SharedStatus,
+    /// On shutdown, REMOVED (leave the farm) rather than only closing the stream.
+    pub leave_on_stop: bool,
 }
 
 /// Why the stream task stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamExit {
-    /// The agent is shutting down (REMOVED was sent if the broker was reachable).
+    /// The agent is shutting down (with `leave_on_stop`, REMOVED was sent if the broker was
+    /// reachable; otherwise the stream was closed and the machine's sessions stay).
     Shutdown,
     /// The broker said the machine was removed: do not reconnect.
     Removed,

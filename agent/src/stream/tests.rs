@@ -127,7 +127,28 @@ async fn opening_order_events_and_load_reports() {
         (50, 7)
     );
 
-    // Shutdown sends REMOVED and stops.
+    // Shutdown closes the stream without REMOVED: the machine's sessions stay at the broker.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    fake.with(|state| assert!(!kinds(state, 1).contains(&"removed")));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn leaving_on_stop_sends_removed() {
+    let fake = FakeBroker::default();
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&url, dir.path());
+    config.leave_on_stop = true;
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    fake.wait_for("ready", |state| kinds(state, 1).contains(&"ready"))
+        .await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), agent.wait())
         .await
