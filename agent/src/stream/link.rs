@@ -225,7 +225,7 @@ fn shutdown_outcome(shutdown: &pb::Shutdown) -> Outcome {
         tracing::warn!(reason = %shutdown.reason, "the broker removed this machine, stopping");
         Outcome::Removed
     } else {
-        Outcome::Ended(format!("broker asked the agent to go: {}", shutdown.reason))
+        Outcome::BrokerLeaving(format!("broker asked the agent to go: {}", shutdown.reason))
     }
 }
 

@@ -81,7 +81,15 @@ pub(crate) enum Outcome {
     Removed,
     /// The broker ended the stream (or asked the agent to come back later).
     Ended(String),
+    /// The broker said it is going away (a restart, a replica stopping): a planned end, not a
+    /// failure. The agent comes back within `BROKER_LEAVING_RETRY`, with its backoff reset.
+    BrokerLeaving(String),
 }
+
+/// How soon an agent reconnects after its broker said it is going (a pick between half of it
+/// and all of it): another replica, or the restarted broker, takes it at once, and the
+/// machine's users are still sent back to it meanwhile.
+const BROKER_LEAVING_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs the stream until shutdown or removal, reconnecting after every break.
 pub async fn run(
@@ -106,6 +114,10 @@ pub async fn run(
             Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
             Ok(Outcome::Removed) => return StreamExit::Removed,
             Ok(Outcome::Ended(reason)) => (reason, None),
+            Ok(Outcome::BrokerLeaving(reason)) => {
+                backoff.reset();
+                (reason, Some(BROKER_LEAVING_RETRY))
+            }
             Err(error) if was_ready && displaced::taken_over(&error) => {
                 let why = format!(
                     "another agent connected to the broker as machine {:?} of farm {:?} (a \

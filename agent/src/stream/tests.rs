@@ -138,6 +138,46 @@ async fn opening_order_events_and_load_reports() {
 }
 
 #[tokio::test]
+async fn a_broker_going_away_is_rejoined_within_a_second_whatever_the_backoff() {
+    let fake = FakeBroker::default();
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&url, dir.path());
+    // A backoff that would keep the agent away for up to a minute.
+    config.backoff = BackoffSettings {
+        base: Duration::from_secs(60),
+        cap: Duration::from_secs(60),
+        healthy_after: Duration::from_secs(3600),
+    };
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    fake.wait_for("ready", |state| kinds(state, 1).contains(&"ready"))
+        .await;
+    let started = tokio::time::Instant::now();
+    fake.command(Command::Shutdown(pb::Shutdown {
+        reason: "broker shutting down".into(),
+        removed: false,
+    }))
+    .await;
+    fake.wait_for("a second stream, ready", |state| {
+        kinds(state, 2).contains(&"ready")
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn leaving_on_stop_sends_removed() {
     let fake = FakeBroker::default();
     let stop = CancellationToken::new();
