@@ -2,6 +2,8 @@
 //! status codes. Internal details are logged once here, never sent to clients.
 
 use crate::store::StoreError;
+use crate::warning_limit::WarningLimit;
+use std::sync::LazyLock;
 use std::time::Duration;
 use tsbroker_common::ValidationError;
 
@@ -60,8 +62,22 @@ impl From<ApiError> for tonic::Status {
                 Status::aborted("a newer connection for this machine took over")
             }
             ApiError::Store(StoreError::Unavailable(error)) => {
-                tracing::warn!(%error, "store unavailable");
-                database_unavailable()
+                // Every request fails while the database is away: one warning a minute.
+                static UNAVAILABLE: LazyLock<WarningLimit> = LazyLock::new(WarningLimit::default);
+                match UNAVAILABLE.warn_now() {
+                    Some(unwarned) => {
+                        tracing::warn!(%error, failed_since_last_warning = unwarned, "store unavailable")
+                    }
+                    None => tracing::debug!(%error, "store unavailable"),
+                }
+                if crate::store::is_lock_timeout(&error) {
+                    unavailable_retry_soon(
+                        "a farm's placement lock was held too long (another broker replica \
+                         frozen or cut off in the middle of a placement?); retry shortly",
+                    )
+                } else {
+                    database_unavailable()
+                }
             }
             ApiError::Store(StoreError::Internal(error)) => {
                 tracing::error!(%error, "store error");

@@ -6,13 +6,9 @@
 //! refused since), so that nobody can fill the log by calling without credentials.
 
 use crate::config::Secret;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use crate::warning_limit::WarningLimit;
+use std::sync::Arc;
 use tonic::{Request, Status};
-
-/// Least time between two warnings about refused calls to one service.
-const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What a service asks of a call before it runs.
 #[derive(Clone)]
@@ -21,36 +17,7 @@ pub struct AccessGuard {
     loopback_only_without_token: bool,
     client_certificate_required: bool,
     service: &'static str,
-    refusals: Arc<RefusalLog>,
-}
-
-/// When refusals were last warned about, and how many came since.
-#[derive(Default)]
-struct RefusalLog {
-    last_warning: Mutex<Option<Instant>>,
-    since: AtomicU64,
-}
-
-impl RefusalLog {
-    /// Whether this refusal is to be a warning, and how many went unwarned before it.
-    fn warn_now(&self) -> Option<u64> {
-        self.warn_at(Instant::now())
-    }
-
-    fn warn_at(&self, now: Instant) -> Option<u64> {
-        let mut last = self
-            .last_warning
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let due = last.is_none_or(|at| now.duration_since(at) >= REFUSAL_WARNING_INTERVAL);
-        if due {
-            *last = Some(now);
-            Some(self.since.swap(0, Ordering::Relaxed))
-        } else {
-            self.since.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
+    refusals: Arc<WarningLimit>,
 }
 
 impl AccessGuard {
@@ -214,19 +181,6 @@ mod tests {
                 .insert("authorization", header.parse().unwrap());
             assert_eq!(guard.check(request).is_ok(), accepted, "{header}");
         }
-    }
-
-    #[test]
-    fn refusals_are_warned_about_once_a_minute() {
-        let log = RefusalLog::default();
-        let start = Instant::now();
-        let at = |seconds: u64| start + Duration::from_secs(seconds);
-        assert_eq!(log.warn_at(at(0)), Some(0));
-        assert_eq!(log.warn_at(at(1)), None);
-        assert_eq!(log.warn_at(at(59)), None);
-        // A minute later: a warning again, counting the two in between.
-        assert_eq!(log.warn_at(at(60)), Some(2));
-        assert_eq!(log.warn_at(at(61)), None);
     }
 
     #[test]

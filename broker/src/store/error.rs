@@ -45,6 +45,34 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Whether a PostgreSQL error is a lock held past `lock_timeout` (55P03: another replica
+/// frozen in a transaction) or this replica's own transaction ended by
+/// `idle_in_transaction_session_timeout` (25P03): not the database being away. Also for an
+/// error passed on as [`describe_with_code`]'s text (a placement batch's, to each request).
+pub fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    const CODES: [&str; 2] = ["55P03", "25P03"];
+    match error {
+        sqlx::Error::Database(database_error) => database_error
+            .code()
+            .is_some_and(|code| CODES.contains(&code.as_ref())),
+        sqlx::Error::Protocol(text) => CODES
+            .iter()
+            .any(|code| text.ends_with(&format!("(SQLSTATE {code})"))),
+        _ => false,
+    }
+}
+
+/// The error as text, ending with its SQLSTATE when the database gave one.
+pub fn describe_with_code(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(database_error) => match database_error.code() {
+            Some(code) => format!("{error} (SQLSTATE {code})"),
+            None => error.to_string(),
+        },
+        _ => error.to_string(),
+    }
+}
+
 /// Whether the database refused for a reason of its own state, not the request's: worth
 /// retrying once it is resolved (the operator frees disk space, the server comes back).
 fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {

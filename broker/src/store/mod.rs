@@ -19,7 +19,7 @@ use tsbroker_common::model::{LoadReport, MachineDescription, SessionEvent, Sessi
 use uuid::Uuid;
 
 pub use directory_feed::{DirectoryDelta, DirectoryMachine, DirectorySink, MachineLease};
-pub use error::StoreError;
+pub use error::{StoreError, describe_with_code, is_lock_timeout};
 pub use ingest::plan::SessionRow;
 pub use ingest::{IngestItem, IngestOp, IngestReply, IngestWriter, ItemResult};
 pub use placement::select_pending_of_users;

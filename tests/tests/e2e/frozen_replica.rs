@@ -49,6 +49,11 @@ async fn a_frozen_replicas_farm_lock_stops_new_logons_only_for_seconds() {
     .expect("an answer, not a hang")
     .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // It says what happened: the database itself is fine.
+    assert!(
+        refused.message().contains("lock was held too long"),
+        "{refused:?}"
+    );
     assert!(
         asked.elapsed() < Duration::from_secs(3),
         "{:?}",
