@@ -177,7 +177,9 @@ pub async fn start(
                 machine_id,
                 local_rdp: config.local_rdp.clone(),
                 client_timeout: config.client_timeout,
-                max_connections: config.max_connections,
+                max_connections: front_door::descriptors::connections_allowed(
+                    config.max_connections,
+                ),
             },
             link: link.clone(),
             machines,

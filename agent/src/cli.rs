@@ -84,6 +84,10 @@ pub struct AgentArgs {
     /// How long a client may take to send its first packet before it is cut off [default: 10s]
     #[arg(long, env = "TSAGENT_CLIENT_TIMEOUT", value_name = "DURATION")]
     pub client_timeout: Option<humantime::Duration>,
+    /// Most client connections through the front door at once (each takes two file
+    /// descriptors; the agent lowers it to what its open-files limit allows) [default: 10000]
+    #[arg(long, env = "TSAGENT_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
     /// A session the front door opened from the client's cookie, that nothing local (PAM,
     /// `tsagent session ...`) confirmed, is removed as a failed logon (wrong password, or a
     /// cookie naming anyone) when its connection ends sooner than this; a longer connection

@@ -31,6 +31,7 @@ pub struct FileSettings {
     pub local_rdp: Option<String>,
     /// A duration such as "10s".
     pub client_timeout: Option<String>,
+    pub max_connections: Option<usize>,
     /// A duration such as "30s"; "0s" keeps unconfirmed front-door sessions.
     pub unconfirmed_logon_grace: Option<String>,
     pub agent_token: Option<String>,
@@ -165,6 +166,9 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
             "--local-rdp: {} is the front door itself; move the rdp service to another port",
             config.local_rdp
         ));
+    }
+    if let Some(max) = args.max_connections.or(file.max_connections) {
+        config.max_connections = max;
     }
     if let Some(timeout) = args.client_timeout {
         config.client_timeout = timeout.into();

@@ -180,6 +180,10 @@ pub async fn handle(
                     splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
                     return;
                 }
+                Err(error) if splice::is_local_shortage(&error) => {
+                    short_of_resources(shared, &error);
+                    return;
+                }
                 Err(error) if new_logon => (this_machine.clone(), true, error, user),
                 Err(error) => {
                     tracing::error!(
@@ -212,6 +216,10 @@ pub async fn handle(
                         tracing::info!(machine = %machine_name, %machine_id, %address, reconnection, "routing to another machine");
                         shared.metrics.connection(Outcome::Remote);
                         splice::to_remote(shared, &mut client, upstream, shutdown).await;
+                        return;
+                    }
+                    Err(error) if splice::is_local_shortage(&error) => {
+                        short_of_resources(shared, &error);
                         return;
                     }
                     Err(error) if reconnection => {
@@ -264,4 +272,14 @@ pub async fn handle(
             shared.metrics.connection(Outcome::Refused);
         }
     }
+}
+
+/// The agent itself could not make the connection (out of file descriptors or memory): nobody
+/// else is to blame, and the client is closed.
+fn short_of_resources(shared: &FrontDoorShared, error: &anyhow::Error) {
+    tracing::error!(
+        error = format!("{error:#}"),
+        "this agent is out of file descriptors or memory: cannot connect onwards, closing (raise LimitNOFILE= or lower max_connections)"
+    );
+    shared.metrics.connection(Outcome::Refused);
 }

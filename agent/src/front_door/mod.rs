@@ -1,6 +1,7 @@
 //! The RDP front door: reads a client's first packet, asks the broker where the user goes,
 //! and splices the connection there.
 
+pub mod descriptors;
 pub mod first_packet;
 pub mod host_cache;
 pub mod listener;

@@ -143,6 +143,20 @@ pub async fn open_remote(
     Ok(upstream)
 }
 
+/// Whether `error` is this agent's own shortage — no file descriptor (`EMFILE`, `ENFILE`),
+/// no buffer space or memory — rather than the target's refusal: a target must not be left
+/// out of a placement for it.
+pub fn is_local_shortage(error: &anyhow::Error) -> bool {
+    // Linux's numbers: ENOMEM, ENFILE, EMFILE, ENOBUFS.
+    const SHORTAGES: [i32; 4] = [12, 23, 24, 105];
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+            .is_some_and(|code| SHORTAGES.contains(&code))
+    })
+}
+
 /// Sets a socket to find a peer that went away silently (`KEEPALIVE_*`,
 /// `UNACKNOWLEDGED_LIMIT`). On a listening socket, the connections it accepts inherit the
 /// settings (Linux), at no cost per connection. Best effort: a socket that refuses keeps

@@ -85,3 +85,14 @@ async fn accepted_connections_inherit_the_listeners_keepalive() {
         Some(super::UNACKNOWLEDGED_LIMIT)
     );
 }
+
+#[test]
+fn running_out_of_descriptors_is_the_agents_shortage_not_a_refusal() {
+    use anyhow::Context;
+    let out_of_descriptors: anyhow::Result<()> =
+        Err(io::Error::from_raw_os_error(24)).context("connect to 10.0.0.2:3389");
+    assert!(super::is_local_shortage(&out_of_descriptors.unwrap_err()));
+    let refused: anyhow::Result<()> =
+        Err(io::Error::from(io::ErrorKind::ConnectionRefused)).context("connect to 10.0.0.2:3389");
+    assert!(!super::is_local_shortage(&refused.unwrap_err()));
+}

@@ -1,0 +1,70 @@
+//! How many client connections the front door can hold at once with the process's open-files
+//! limit: each takes two descriptors (the client's and the target's), and some are kept for
+//! everything else (the broker's connection, the control socket, the session table, metrics).
+
+/// Descriptors kept for everything but the front door's connections.
+const RESERVED: u64 = 64;
+
+/// `wanted`, lowered to what the open-files limit allows (warned about when it is).
+pub fn connections_allowed(wanted: usize) -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    match open_files_limit(&limits) {
+        Some(limit) => {
+            let allowed = allowed_by(limit, wanted);
+            if allowed < wanted {
+                tracing::warn!(
+                    open_files_limit = limit,
+                    max_connections = wanted,
+                    allowed,
+                    "the open-files limit holds the front door to fewer connections than max_connections (raise LimitNOFILE= or `ulimit -n`)"
+                );
+            }
+            allowed
+        }
+        None => wanted,
+    }
+}
+
+fn allowed_by(limit: u64, wanted: usize) -> usize {
+    let allowed = (limit.saturating_sub(RESERVED) / 2).max(1);
+    usize::try_from(allowed).map_or(wanted, |allowed| allowed.min(wanted))
+}
+
+/// The soft limit of `Max open files` in `/proc/self/limits`' text; `None` when unlimited or
+/// not found.
+fn open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: &str = "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max open files            1024                 524288               files     \n";
+
+    #[test]
+    fn the_soft_limit_is_read_and_leaves_room_for_the_rest() {
+        assert_eq!(open_files_limit(LIMITS), Some(1024));
+        assert_eq!(allowed_by(1024, 10_000), 480);
+        assert_eq!(allowed_by(65_536, 10_000), 10_000);
+        assert_eq!(allowed_by(10, 10_000), 1);
+        let unlimited = LIMITS.replace("1024                ", "unlimited           ");
+        assert_eq!(open_files_limit(&unlimited), None);
+        assert_eq!(open_files_limit("nothing here"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_limit_to_read() {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        assert!(open_files_limit(&limits).is_some_and(|limit| limit > 0));
+    }
+}
