@@ -117,11 +117,11 @@ pub async fn handle(
             return;
         }
         let client_address = header.source.unwrap_or(peer);
-        tracing::debug!(from_machine = %machine.name, client_address = %client_address, "connection routed here by another front door");
         let user = match hint {
             super::x224::RoutingHint::UserName(name) => route::user_from_cookie(name),
             _ => None,
         };
+        tracing::info!(from_machine = %machine.name, client = %client_address, user = %route::user_label(user.as_ref()), "connection routed here by another front door");
         match splice::open_local(shared, &first.packet).await {
             Ok(upstream) => {
                 shared.metrics.connection(Outcome::ProxiedIn);
@@ -175,7 +175,7 @@ pub async fn handle(
                 new_logon,
             } => match splice::open_local(shared, packet).await {
                 Ok(upstream) => {
-                    tracing::info!(why, "routing to the local rdp service");
+                    tracing::info!(user = %route::user_label(user.as_ref()), why, "routing to the local rdp service");
                     shared.metrics.connection(Outcome::Local);
                     splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
                     return;
@@ -201,6 +201,7 @@ pub async fn handle(
                 reconnection,
                 external,
                 user,
+                why,
             } => {
                 match splice::open_remote(
                     &address,
@@ -213,7 +214,7 @@ pub async fn handle(
                 .await
                 {
                     Ok(upstream) => {
-                        tracing::info!(machine = %machine_name, %machine_id, %address, reconnection, "routing to another machine");
+                        tracing::info!(user = %route::user_label(user.as_ref()), machine = %machine_name, %machine_id, %address, why, "routing to another machine");
                         shared.metrics.connection(Outcome::Remote);
                         splice::to_remote(shared, &mut client, upstream, shutdown).await;
                         return;
@@ -260,7 +261,7 @@ pub async fn handle(
     }
     match splice::open_local(shared, packet).await {
         Ok(upstream) => {
-            tracing::info!("routing the new logon to the local rdp service");
+            tracing::info!(user = %route::user_label(user.as_ref()), "routing the new logon to the local rdp service");
             shared.metrics.connection(Outcome::Local);
             splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
         }

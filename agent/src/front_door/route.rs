@@ -42,10 +42,21 @@ pub enum Decision {
         /// host outside the farm): no PROXY header.
         external: bool,
         user: Option<ConnectingUser>,
+        /// Why there, for the log (the broker's reason, or the routing token).
+        why: String,
     },
     Refuse {
         why: String,
     },
+}
+
+/// The user as the log shows them: `DOMAIN\user`, `user`, or `-` when the client named nobody.
+pub(super) fn user_label(user: Option<&ConnectingUser>) -> String {
+    match user {
+        Some(user) if !user.domain.is_empty() => format!("{}\\{}", user.domain, user.user_name),
+        Some(user) => user.user_name.clone(),
+        None => "-".to_owned(),
+    }
 }
 
 pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
@@ -101,6 +112,7 @@ pub async fn decide(
                 reconnection: true,
                 external: !machine.front_door,
                 user: None,
+                why: "routing token".to_owned(),
             },
             None => Decision::Refuse {
                 why: format!("routing token {token} names no ready machine of the farm"),
@@ -188,6 +200,7 @@ async fn redirect(
         reconnection: reason == pb::RedirectReason::ExistingSession,
         external: reason == pb::RedirectReason::External || !response.front_door,
         user,
+        why: format!("broker: {}", reason.as_str_name()),
     }
 }
 

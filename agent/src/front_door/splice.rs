@@ -308,10 +308,8 @@ pub async fn to_local(
         }
     };
     let started = tokio::time::Instant::now();
-    match splice(client, upstream, shared.metrics.byte_counters(), shutdown).await {
-        Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
-        Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
-    }
+    let copied = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
+    log_end(copied, started);
     // How long the connection lasted tells a logon that failed from one that happened; a
     // connection the agent cut because it is stopping tells nothing.
     let lasted = (!shutdown.is_cancelled()).then(|| started.elapsed());
@@ -338,9 +336,21 @@ pub async fn to_remote(
     upstream: Upstream,
     shutdown: &CancellationToken,
 ) {
-    match splice(client, upstream, shared.metrics.byte_counters(), shutdown).await {
-        Ok((sent, received)) => tracing::debug!(sent, received, "connection ended"),
-        Err(error) => tracing::debug!(error = format!("{error:#}"), "connection ended"),
+    let started = tokio::time::Instant::now();
+    let copied = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
+    log_end(copied, started);
+}
+
+/// One line per connection at its end: how long it lasted and what it carried each way.
+fn log_end(copied: anyhow::Result<(u64, u64)>, started: tokio::time::Instant) {
+    let lasted_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match copied {
+        Ok((from_client, to_client)) => {
+            tracing::info!(lasted_ms, from_client, to_client, "connection ended");
+        }
+        Err(error) => {
+            tracing::info!(lasted_ms, error = format!("{error:#}"), "connection ended");
+        }
     }
 }
 
