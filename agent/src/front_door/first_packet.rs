@@ -54,6 +54,24 @@ async fn fill<S: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Extends `buffer` with what `stream` has (at least one byte), never past `target` bytes.
+async fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buffer: &mut Vec<u8>,
+    target: usize,
+) -> Result<(), FirstPacketError> {
+    let start = buffer.len();
+    buffer.resize(target.max(start + 1), 0);
+    let read = stream.read(&mut buffer[start..]).await;
+    let read = match read {
+        Ok(0) => Err(FirstPacketError::Closed),
+        Ok(count) => Ok(count),
+        Err(error) => Err(FirstPacketError::from(error)),
+    };
+    buffer.truncate(start + read.as_ref().copied().unwrap_or(0));
+    read.map(|_| ())
+}
+
 /// Reads the first packet (the caller bounds the time it may take).
 pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<FirstPacket, FirstPacketError> {
     let mut buffer = Vec::with_capacity(64);
@@ -73,7 +91,10 @@ pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<FirstPacket, F
             Parsed::NeedMore { at_least } => {
                 // The parser refuses lengths beyond MAX_REQUEST_LEN; this only guards progress.
                 let target = at_least.clamp(buffer.len() + 1, x224::MAX_REQUEST_LEN);
-                fill(stream, &mut buffer, target).await?;
+                // What has arrived, up to the packet's end: the fields after the TPKT header
+                // (its length indicator first) are judged as soon as they come, not once the
+                // whole length the header claims is in.
+                read_some(stream, &mut buffer, target).await?;
             }
             Parsed::Complete(request) => {
                 buffer.truncate(request.packet_len);
@@ -104,6 +125,24 @@ mod tests {
         assert!(first.proxied.is_none());
         // What follows the packet was not consumed.
         assert_eq!(reader, b"TLS CLIENT HELLO");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_length_indicator_is_refused_without_waiting_for_the_claimed_length() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        // A TPKT header claiming 200 bytes, and a length indicator that cannot go with it;
+        // the client then sends nothing more and keeps the connection open.
+        tokio::io::AsyncWriteExt::write_all(&mut client, &[3, 0, 0, 200, 7])
+            .await
+            .unwrap();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(2), read(&mut server))
+            .await
+            .expect("refused at once, not after the client timeout");
+        assert!(matches!(
+            read,
+            Err(FirstPacketError::X224(X224Error::BadLengthIndicator))
+        ));
+        drop(client);
     }
 
     #[tokio::test]

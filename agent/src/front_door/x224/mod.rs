@@ -25,8 +25,10 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-/// Largest TPKT length accepted; a larger one is rejected with [`X224Error::TooLarge`].
-pub const MAX_REQUEST_LEN: usize = 4096;
+/// Largest TPKT length accepted: the TPKT header and a length indicator of at most 254 with
+/// the byte it counts from. A larger one is rejected with [`X224Error::TooLarge`] from the
+/// header alone, without waiting for the bytes it announces.
+pub const MAX_REQUEST_LEN: usize = TPKT_HEADER_LEN + 1 + MAX_LENGTH_INDICATOR as usize;
 
 /// `requestedProtocols` value for standard RDP security (no flag set).
 pub const PROTOCOL_RDP: u32 = 0x0000_0000;
@@ -126,7 +128,7 @@ pub enum X224Error {
     #[error("not a tpkt packet (expected version 3 and a zero reserved byte)")]
     NotTpkt,
     /// The TPKT length exceeds [`MAX_REQUEST_LEN`].
-    #[error("tpkt length {0} exceeds the limit of 4096 bytes")]
+    #[error("tpkt length {0} exceeds 259 bytes, the most an x.224 connection request can have")]
     TooLarge(usize),
     /// The TPKT length is too small to hold an X.224 Connection Request.
     #[error("tpkt length is too short for an x.224 connection request")]

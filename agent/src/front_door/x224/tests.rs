@@ -528,17 +528,22 @@ fn not_tpkt() {
 #[test]
 fn too_large() {
     assert_eq!(parse(&[3, 0, 0x10, 0x01]), Err(X224Error::TooLarge(4097)));
+    assert_eq!(parse(&[3, 0, 0x01, 0x04]), Err(X224Error::TooLarge(260)));
     assert_eq!(
         parse(&[3, 0, 0xFF, 0xFF, 0xFA]),
         Err(X224Error::TooLarge(65535))
     );
-    // At the limit the header alone is fine, but no length indicator can match it.
+    // At the limit the header alone is fine; the length indicator must then be 254.
     assert_eq!(
-        parse(&[3, 0, 0x10, 0x00]),
-        Ok(Parsed::NeedMore { at_least: 4096 })
+        parse(&[3, 0, 0x01, 0x03]),
+        Ok(Parsed::NeedMore { at_least: 259 })
     );
     assert_eq!(
-        parse(&[3, 0, 0x10, 0x00, 0xFF]),
+        parse(&[3, 0, 0x01, 0x03, 200]),
+        Err(X224Error::BadLengthIndicator)
+    );
+    assert_eq!(
+        parse(&[3, 0, 0x01, 0x03, 0xFF]),
         Err(X224Error::BadLengthIndicator)
     );
 }
@@ -562,10 +567,10 @@ fn bad_length_indicator() {
         assert_eq!(parse(&packet), Err(X224Error::BadLengthIndicator));
         assert_eq!(parse(&packet[..5]), Err(X224Error::BadLengthIndicator));
     }
-    // TPKT length 260 would need the reserved LI 255.
+    // TPKT length 260 would need the reserved LI 255: refused from the header alone.
     let mut packet = vec![3, 0, 1, 4, 0xFF, 0xE0];
     packet.resize(260, b'a');
-    assert_eq!(parse(&packet), Err(X224Error::BadLengthIndicator));
+    assert_eq!(parse(&packet), Err(X224Error::TooLarge(260)));
 }
 
 /// Other TPDU codes (connection confirm, data, disconnect) are rejected.
