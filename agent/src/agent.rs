@@ -97,7 +97,9 @@ pub async fn start(
     let (directory, events) = Directory::open(&config.state_dir)?;
     let directory = directory.with_unconfirmed_logon_grace(config.unconfirmed_logon_grace);
     let token = BearerToken::new(config.agent_token.as_deref())?;
-    let link = BrokerLink::new(&config.broker_url, &config.broker_tls, token)?;
+    // A farm's agents start on different replicas when several are given.
+    let first = usize::try_from(machine_id.as_u128() % 1_000_003).unwrap_or(0);
+    let link = BrokerLink::new(&config.broker_urls(), first, &config.broker_tls, token)?;
     let status: SharedStatus = Arc::new(Mutex::new(LinkStatus {
         weight: config.weight,
         session_limit: config.session_limit,

@@ -7,6 +7,7 @@
 //! TLS checks it only at the handshake.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -20,10 +21,14 @@ use crate::config::BrokerTls;
 pub const TLS_FILES_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 pub struct BrokerLink {
-    url: String,
+    /// The broker's replicas, in the order they are tried.
+    urls: Vec<String>,
     tls: BrokerTls,
     token: BearerToken,
-    current: Renewable<Current>,
+    /// Which of `urls` is in use (modulo their number).
+    at: AtomicUsize,
+    /// One lazy channel per URL: one not in use never connects.
+    current: Vec<Renewable<Current>>,
 }
 
 struct Current {
@@ -33,47 +38,81 @@ struct Current {
 }
 
 impl BrokerLink {
-    /// Reads the TLS files now: a bad one is an error at start.
-    pub fn new(url: &str, tls: &BrokerTls, token: BearerToken) -> anyhow::Result<Arc<BrokerLink>> {
-        let files = [&tls.ca, &tls.cert, &tls.key]
+    /// Reads the TLS files now: a bad one is an error at start. `first` picks the URL to start
+    /// with (modulo their number), so that a farm's agents spread over the replicas.
+    pub fn new(
+        urls: &[String],
+        first: usize,
+        tls: &BrokerTls,
+        token: BearerToken,
+    ) -> anyhow::Result<Arc<BrokerLink>> {
+        anyhow::ensure!(!urls.is_empty(), "no broker URL");
+        let files: Vec<_> = [&tls.ca, &tls.cert, &tls.key]
             .into_iter()
             .flatten()
             .cloned()
             .collect();
-        let current = Renewable::new(files, || build(url, tls, &token))?;
+        let current = urls
+            .iter()
+            .map(|url| Renewable::new(files.clone(), || build(url, tls, &token)))
+            .collect::<anyhow::Result<_>>()?;
         Ok(Arc::new(BrokerLink {
-            url: url.to_owned(),
+            urls: urls.to_vec(),
             tls: tls.clone(),
             token,
+            at: AtomicUsize::new(first % urls.len()),
             current,
         }))
     }
 
+    fn active(&self) -> usize {
+        self.at.load(Ordering::Relaxed) % self.urls.len()
+    }
+
+    /// The URL in use.
+    pub fn url(&self) -> &str {
+        &self.urls[self.active()]
+    }
+
+    /// Moves to the next replica, when there are several (after the stream broke): the
+    /// stream's next attempt and the front door's calls go there. The URL now in use, if it
+    /// changed.
+    pub fn fail_over(&self) -> Option<&str> {
+        if self.urls.len() < 2 {
+            return None;
+        }
+        self.at.fetch_add(1, Ordering::Relaxed);
+        Some(self.url())
+    }
+
     /// The channel to open the next stream on.
     pub fn channel(&self) -> Channel {
-        self.current.with(|current| current.channel.clone())
+        self.current[self.active()].with(|current| current.channel.clone())
     }
 
     /// The client for `Redirect` and `ListMachines`, sharing one connection.
     pub fn broker(&self) -> Broker {
-        self.current.with(|current| current.broker.clone())
+        self.current[self.active()].with(|current| current.broker.clone())
     }
 
     pub fn token(&self) -> BearerToken {
         self.token.clone()
     }
 
-    /// Builds the channel again when a TLS file changed since it was last read; files that
-    /// do not load now leave the working channel in place (and are tried again at the next
-    /// check, as a renewal may be half written). Whether it was rebuilt.
+    /// Builds the channels again when a TLS file changed since it was last read; files that
+    /// do not load now leave the working channels in place (and are tried again at the next
+    /// check, as a renewal may be half written). Whether they were rebuilt.
     pub fn reload_if_changed(&self) -> bool {
-        self.current
-            .renew_if_changed(|| build(&self.url, &self.tls, &self.token))
+        let mut changed = false;
+        for (url, current) in self.urls.iter().zip(&self.current) {
+            changed |= current.renew_if_changed(|| build(url, &self.tls, &self.token));
+        }
+        changed
     }
 
     /// Looks at the TLS files every `every` until `stop` (nothing to do without any).
     pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        if !self.current.has_files() {
+        if !self.current[0].has_files() {
             return;
         }
         check_every(every, stop.cancelled(), || {
@@ -105,8 +144,13 @@ mod tests {
             ca: Some(ca.clone()),
             ..BrokerTls::default()
         };
-        let link =
-            BrokerLink::new("https://broker.example.com:50051", &tls, Default::default()).unwrap();
+        let link = BrokerLink::new(
+            &["https://broker.example.com:50051".to_owned()],
+            0,
+            &tls,
+            Default::default(),
+        )
+        .unwrap();
         assert!(!link.reload_if_changed(), "nothing changed");
         // Half written: kept out, the working channel stays.
         std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
@@ -117,11 +161,31 @@ mod tests {
         assert!(!link.reload_if_changed());
         // A plaintext broker has no files to watch.
         let plain = BrokerLink::new(
-            "http://127.0.0.1:50051",
+            &["http://127.0.0.1:50051".to_owned()],
+            0,
             &BrokerTls::default(),
             Default::default(),
         )
         .unwrap();
         assert!(!plain.reload_if_changed());
+    }
+
+    #[tokio::test]
+    async fn several_replicas_are_gone_through_in_turn_from_the_first_given() {
+        let urls: Vec<String> = [
+            "http://10.0.0.1:50051",
+            "http://10.0.0.2:50051",
+            "http://10.0.0.3:50051",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let link = BrokerLink::new(&urls, 4, &BrokerTls::default(), Default::default()).unwrap();
+        assert_eq!(link.url(), urls[1]);
+        assert_eq!(link.fail_over(), Some(urls[2].as_str()));
+        assert_eq!(link.fail_over(), Some(urls[0].as_str()));
+        let one =
+            BrokerLink::new(&urls[..1], 7, &BrokerTls::default(), Default::default()).unwrap();
+        assert_eq!(one.fail_over(), None);
+        assert_eq!(one.url(), urls[0]);
     }
 }

@@ -26,7 +26,9 @@ pub struct AgentArgs {
     /// TOML file with any of these settings (keys in snake_case); flags and environment win
     #[arg(long, env = "TSAGENT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The broker's gRPC URL, http:// or https:// (TLS) [default: http://127.0.0.1:50051]
+    /// The broker's gRPC URL, http:// or https:// (TLS); for several replicas, their URLs
+    /// separated by commas (a farm's agents spread over them, and an agent whose stream breaks
+    /// tries the next) [default: http://127.0.0.1:50051]
     #[arg(long, env = "TSAGENT_BROKER", value_name = "URL")]
     pub broker: Option<String>,
     /// PEM CA certificate(s) to trust for an https:// broker [default: the system's roots]

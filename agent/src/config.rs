@@ -55,6 +55,7 @@ pub struct BrokerTls {
 
 /// Everything the agent runs with. Build one with [`AgentConfig::new`] and set fields.
 pub struct AgentConfig {
+    /// One URL, or several (a broker's replicas) separated by commas.
     pub broker_url: String,
     pub broker_tls: BrokerTls,
     /// The machine's name (FQDN), unique in its farm.
@@ -103,6 +104,16 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The broker's URLs, in the order given (`broker_url` split at commas).
+    pub fn broker_urls(&self) -> Vec<String> {
+        self.broker_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// A configuration with every default, for machine `machine_name` keeping its state in
     /// `state_dir` (the control socket goes there too, as `control.sock`).
     pub fn new(machine_name: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
@@ -149,14 +160,22 @@ impl AgentConfig {
         if self.single_session && self.session_limit > 1 {
             return Err("--session-limit: more than 1 with --single-session".to_owned());
         }
-        let https = self.broker_url.starts_with("https://");
-        let url_ok = (https || self.broker_url.starts_with("http://"))
-            && tonic::transport::Endpoint::from_shared(self.broker_url.clone()).is_ok();
-        if !url_ok {
-            return Err(format!(
-                "--broker: {:?} is not an http:// or https:// URL",
-                self.broker_url
-            ));
+        let urls = self.broker_urls();
+        if urls.is_empty() {
+            return Err("--broker: no URL".to_owned());
+        }
+        let https = urls[0].starts_with("https://");
+        for url in &urls {
+            let url_ok = (url.starts_with("https://") || url.starts_with("http://"))
+                && tonic::transport::Endpoint::from_shared(url.clone()).is_ok();
+            if !url_ok {
+                return Err(format!(
+                    "--broker: {url:?} is not an http:// or https:// URL"
+                ));
+            }
+            if url.starts_with("https://") != https {
+                return Err("--broker: all https:// or all http://, not both".to_owned());
+            }
         }
         let tls = &self.broker_tls;
         if !https && (tls.ca.is_some() || tls.cert.is_some()) {
@@ -233,6 +252,23 @@ mod tests {
         config.agent_token = Some("s3cret".into());
         assert!(!format!("{config:?}").contains("s3cret"));
         config.broker_url = "grpc://x".into();
+        assert!(config.validate().unwrap_err().starts_with("--broker"));
+    }
+
+    #[test]
+    fn several_broker_urls_are_separated_by_commas() {
+        let mut config = AgentConfig::new("ts1.example.com", "/tmp/x");
+        config.broker_url = "http://b1.example.com:50051, http://b2.example.com:50051,".into();
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.broker_urls(),
+            ["http://b1.example.com:50051", "http://b2.example.com:50051"]
+        );
+        config.broker_url = "http://b1.example.com:50051,https://b2.example.com:50051".into();
+        assert!(config.validate().unwrap_err().contains("not both"));
+        config.broker_url = "http://b1.example.com:50051,b2".into();
+        assert!(config.validate().unwrap_err().contains("\"b2\""));
+        config.broker_url = " , ".into();
         assert!(config.validate().unwrap_err().starts_with("--broker"));
     }
 

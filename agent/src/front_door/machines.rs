@@ -279,7 +279,13 @@ mod tests {
         let fake = crate::test_support::FakeBroker::default();
         fake.with(|state| state.machines = vec![ready("ts1.example", "127.0.0.1:4000")]);
         let url = fake.serve(CancellationToken::new()).await;
-        let link = BrokerLink::new(&url, &Default::default(), Default::default()).unwrap();
+        let link = BrokerLink::new(
+            std::slice::from_ref(&url),
+            0,
+            &Default::default(),
+            Default::default(),
+        )
+        .unwrap();
         let cache = MachineCache::new(link, "default".into());
         cache.refresh().await.unwrap();
         assert!(cache.peer("127.0.0.1".parse().unwrap()).await.is_some());
@@ -323,7 +329,13 @@ mod tests {
             ]
         });
         let url = fake.serve(CancellationToken::new()).await;
-        let link = BrokerLink::new(&url, &Default::default(), Default::default()).unwrap();
+        let link = BrokerLink::new(
+            std::slice::from_ref(&url),
+            0,
+            &Default::default(),
+            Default::default(),
+        )
+        .unwrap();
         let (hosts, asked) = super::super::host_cache::tests::counting();
         let cache = MachineCache::with_hosts(link, "default".into(), hosts);
         for _ in 0..3 {

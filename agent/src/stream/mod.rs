@@ -143,6 +143,11 @@ pub async fn run(
             Err(error) => (format!("{error:#}"), retry_after(&error)),
         };
         backoff.stream_ended(started.elapsed());
+        // With several replicas given, the next attempt (and the front door's calls) go to the
+        // next one: the one that just broke may be the one that is gone.
+        if let Some(url) = context.link.fail_over() {
+            tracing::info!(broker = url, "trying the next broker replica");
+        }
         let delay = match retry_after {
             Some(hint) => backoff.hinted_delay(hint),
             None => backoff.next_delay(),

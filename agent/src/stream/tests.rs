@@ -178,6 +178,41 @@ async fn a_broker_going_away_is_rejoined_within_a_second_whatever_the_backoff() 
 }
 
 #[tokio::test]
+async fn with_several_broker_urls_a_broken_stream_moves_to_the_next_replica() {
+    let (first, second) = (FakeBroker::default(), FakeBroker::default());
+    let stop = CancellationToken::new();
+    let first_url = first.serve(stop.clone()).await;
+    let second_url = second.serve(stop.clone()).await;
+    // The first replica is down (refuses streams): the agent ends up on the second, whichever
+    // it started with.
+    first.with(|state| state.refuse_streams = true);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&format!("{first_url}, {second_url}"), dir.path());
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    second
+        .wait_for("ready on the second", |state| {
+            kinds(state, 1).contains(&"ready")
+        })
+        .await;
+    // The second goes away, the first is back: the agent moves there.
+    first.with(|state| state.refuse_streams = false);
+    second.with(|state| state.refuse_streams = true);
+    second.break_stream().await;
+    first
+        .wait_for("ready on the first", |state| {
+            kinds(state, 1).contains(&"ready")
+        })
+        .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn leaving_on_stop_sends_removed() {
     let fake = FakeBroker::default();
     let stop = CancellationToken::new();
