@@ -58,7 +58,10 @@ fn run_agent(runtime: tokio::runtime::Runtime, cli: Cli) -> ExitCode {
     tsbroker_common::telemetry::init_logging(log_format);
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let stop = shutdown.clone();
+        tokio::spawn(tsbroker_common::signals::stop_on_signals(move || {
+            stop.cancel()
+        }));
         match tsagent::run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -67,24 +70,6 @@ fn run_agent(runtime: tokio::runtime::Runtime, cli: Cli) -> ExitCode {
             }
         }
     })
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for signals");
-        return;
-    };
-    let name = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "stopping");
-    shutdown.cancel();
 }
 
 fn session_args(args: SessionEventArgs) -> (Option<PathBuf>, SessionArgs) {

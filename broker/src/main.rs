@@ -52,7 +52,10 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let stop = shutdown.clone();
+        tokio::spawn(tsbroker_common::signals::stop_on_signals(move || {
+            stop.cancel()
+        }));
         match tsbroker::run(config, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -105,21 +108,4 @@ fn check_health(config: &tsbroker::BrokerConfig) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-    tracing::info!("signal received");
-    shutdown.cancel();
 }

@@ -10,6 +10,7 @@ pub mod pem;
 pub mod proto;
 pub mod renewal;
 pub mod serve;
+pub mod signals;
 pub mod telemetry;
 pub mod validate;
 
