@@ -19,6 +19,9 @@ const REDIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct ConnectingUser {
     pub user_name: String,
     pub domain: String,
+    /// The cookie had mstsc's 9 characters: the name may be the start of a longer one (with a
+    /// `DOMAIN\` in the cookie, the cut may fall in the user part, leaving it shorter).
+    pub may_be_truncated: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +70,8 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
     Some(ConnectingUser {
         user_name: user.to_owned(),
         domain: domain.unwrap_or_default().to_owned(),
+        may_be_truncated: name.chars().count() == TRUNCATED_COOKIE_LEN
+            || user.chars().count() == TRUNCATED_COOKIE_LEN,
     })
 }
 
@@ -137,12 +142,14 @@ async fn redirect(
     client: SocketAddr,
     refused: &[String],
 ) -> Decision {
-    let (user_name, domain) = match &user {
-        Some(user) => (user.user_name.clone(), user.domain.clone()),
-        None => (String::new(), String::new()),
+    let (user_name, domain, user_name_may_be_truncated) = match &user {
+        Some(user) => (
+            user.user_name.clone(),
+            user.domain.clone(),
+            user.may_be_truncated,
+        ),
+        None => (String::new(), String::new(), false),
     };
-    // mstsc cuts the cookie to 9 characters: only a name of that length may be a prefix.
-    let user_name_may_be_truncated = user_name.chars().count() == TRUNCATED_COOKIE_LEN;
     let request = pb::RedirectRequest {
         user_name,
         domain,
@@ -231,6 +238,20 @@ fn local_after_error(user: Option<ConnectingUser>, status: &tonic::Status) -> De
         user,
         why: format!("broker answered {:?}", status.code()),
         new_logon: false,
+    }
+}
+
+#[cfg(test)]
+mod cookie_tests {
+    #[test]
+    fn a_cookie_cut_to_nine_characters_may_hold_a_cut_name_with_or_without_a_domain() {
+        let cut = |cookie: &str| super::user_from_cookie(cookie).map(|user| user.may_be_truncated);
+        assert_eq!(cut("administr"), Some(true));
+        assert_eq!(cut("CORP\\caro"), Some(true));
+        assert_eq!(cut("CORP\\administr"), Some(true));
+        assert_eq!(cut("carol"), Some(false));
+        assert_eq!(cut("CORP\\carol"), Some(false));
+        assert_eq!(cut("CORP\\"), None);
     }
 }
 
