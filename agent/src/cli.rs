@@ -93,8 +93,8 @@ pub struct AgentArgs {
     /// A session the front door opened from the client's cookie, that nothing local (PAM,
     /// `tsagent session ...`) confirmed, is removed as a failed logon (wrong password, or a
     /// cookie naming anyone) when its connection ends sooner than this; a longer connection
-    /// leaves it disconnected. 0 keeps every such session. Only while no local source reports:
-    /// once PAM or a script does, only its report keeps such a session [default: 30s]
+    /// leaves it disconnected. 0 keeps every such session. Only until a local source reports a
+    /// logon (PAM): from then on only its report keeps such a session [default: 30s]
     #[arg(long, env = "TSAGENT_UNCONFIRMED_LOGON_GRACE", value_name = "DURATION")]
     pub unconfirmed_logon_grace: Option<humantime::Duration>,
     /// Token sent to the broker as `authorization: Bearer <token>`

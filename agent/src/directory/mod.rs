@@ -194,9 +194,10 @@ pub(crate) struct Table {
     events: mpsc::UnboundedSender<NumberedEvent>,
     /// Counts the changes to save (not only those with an event): the writer's generation.
     generation: u64,
-    /// A local session source (PAM, the RDP service's scripts) reports to this agent: it has
-    /// sent an event since the agent started, or the table holds a session one reported. Then
-    /// only such a report confirms a front-door logon, not how long its connection lasted.
+    /// A local session source (PAM, a logon script) has reported a logon since the agent
+    /// started. Then only such a report confirms a front-door logon, not how long its
+    /// connection lasted. (Not read from the table at start: a session left from a one-off
+    /// `tsagent session logon` must not switch a machine without PAM to this rule for good.)
     local_source_seen: bool,
 }
 
@@ -261,11 +262,8 @@ impl Directory {
                 "sessions whose front-door connection ended with the previous agent process are disconnected"
             );
         }
-        let local_source_seen = sessions
-            .values()
-            .any(|record| record.origin == Origin::Control);
         let table = Table {
-            local_source_seen,
+            local_source_seen: false,
             sessions,
             next_session_id: stored.next_session_id.max(FIRST_ALLOCATED_SESSION_ID),
             version: 0,

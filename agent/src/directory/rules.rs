@@ -180,7 +180,11 @@ pub(super) fn apply(
     request: SessionRequest,
     now: i64,
 ) -> Result<SessionRecord, DirectoryError> {
-    table.local_source_seen = true;
+    if kind == SessionEventKind::Logon {
+        // PAM (or a script) reports logons here: it would have reported a front-door logon
+        // that really happened. A reconnect hook alone does not say so.
+        table.local_source_seen = true;
+    }
     // Find the session the event is about.
     let existing = match request.session_id {
         Some(session_id) => table.sessions.get(&session_id).map(|record| {

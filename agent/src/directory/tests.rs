@@ -470,13 +470,36 @@ fn with_a_local_source_only_its_report_confirms_a_front_door_logon() {
         Some(RecordState::Disconnected)
     );
 
-    // After a restart, the sessions PAM reported say that a local source is at work.
+    // After a restart, until a local source reports a logon again, a connection's length
+    // confirms as before.
     drop(directory);
     let (directory, mut events) = Directory::open(dir.path()).unwrap();
     let trudy = directory.front_door_attach("trudy", "", "").unwrap();
     directory.front_door_detach(trudy, LONG);
-    assert_eq!(directory.list().len(), 2);
+    assert_eq!(directory.list().len(), 3);
+    assert_eq!(kinds(&mut events), vec![Logon, Disconnect]);
+    directory.apply(Logon, request("carol", Some(5))).unwrap();
+    drain(&mut events);
+    let eve = directory.front_door_attach("eve", "", "").unwrap();
+    directory.front_door_detach(eve, LONG);
+    assert_eq!(directory.list().len(), 4);
     assert_eq!(kinds(&mut events), vec![Logon, Logoff]);
+}
+
+#[test]
+fn a_reconnect_hook_alone_does_not_stop_a_connections_length_confirming() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    // xrdp's reconnect hook without PAM: reconnects and disconnects, never a logon.
+    let alice = directory.front_door_attach("alice", "", "").unwrap();
+    directory.front_door_detach(alice, LONG);
+    directory.apply(Reconnect, request("alice", None)).unwrap();
+    directory.apply(Disconnect, request("alice", None)).unwrap();
+    drain(&mut events);
+    let bob = directory.front_door_attach("bob", "", "").unwrap();
+    directory.front_door_detach(bob, LONG);
+    assert_eq!(directory.list().len(), 2);
+    assert_eq!(kinds(&mut events), vec![Logon, Disconnect]);
 }
 
 #[test]

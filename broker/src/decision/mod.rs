@@ -183,7 +183,9 @@ impl Decider {
             query.user_name_may_be_truncated,
         );
         if let Some(known) = &known {
-            if let Some(session) = best_session(&known.sessions, &query.domain, lease_cutoff) {
+            if let Some(session) = best_session(&known.sessions, &query.domain, |session| {
+                session.machine_takes_its_users_back(lease_cutoff)
+            }) {
                 self.count_lookup("memory");
                 return Ok(session_answer(session));
             }
@@ -205,7 +207,16 @@ impl Decider {
         let from_store = self.decide_from_store(query, now, lease_cutoff);
         let fallback = known
             .as_ref()
-            .and_then(|known| best_session(&known.sessions, &query.domain, i64::MIN));
+            // On a machine READY when last heard of, however long ago: its lease may have run
+            // out only because the database kept its agent from writing. Not on one whose
+            // stream had ended (stopped, or gone): that is where nobody should be sent blind.
+            .and_then(|known| {
+                best_session(
+                    &known.sessions,
+                    &query.domain,
+                    SessionRecord::machine_was_ready,
+                )
+            });
         let Some(session) = fallback else {
             self.count_lookup("database");
             return from_store.await;
@@ -247,7 +258,9 @@ impl Decider {
         lease_cutoff: i64,
     ) -> Result<RedirectAnswer, ApiError> {
         let (user_key, sessions) = self.sessions_of(query).await?;
-        if let Some(session) = best_session(&sessions, &query.domain, lease_cutoff) {
+        if let Some(session) = best_session(&sessions, &query.domain, |session| {
+            session.machine_takes_its_users_back(lease_cutoff)
+        }) {
             return Ok(session_answer(session));
         }
         let pending = self
@@ -450,16 +463,16 @@ fn anonymous_key() -> String {
     format!("\u{1}anonymous-{}", uuid::Uuid::new_v4())
 }
 
-/// The session to send the user back to: on a machine that takes its users back (heard from
-/// within the heartbeat timeout), matching the domain when one was given; disconnected before active; the newest among equals.
+/// The session to send the user back to: on a machine `eligible` accepts, matching the domain
+/// when one was given; disconnected before active; the newest among equals.
 pub fn best_session<'a>(
     sessions: &'a [SessionRecord],
     domain: &str,
-    lease_cutoff: i64,
+    eligible: impl Fn(&SessionRecord) -> bool,
 ) -> Option<&'a SessionRecord> {
     sessions
         .iter()
-        .filter(|session| session.machine_takes_its_users_back(lease_cutoff))
+        .filter(|session| eligible(session))
         .filter(|session| {
             domain.is_empty()
                 || session.domain.is_empty()
@@ -551,7 +564,10 @@ mod tests {
             session(3, "disconnected", 20, ""),
         ];
         assert_eq!(
-            best_session(&sessions, "", 0).unwrap().machine_id,
+            best_session(&sessions, "", |session| session
+                .machine_takes_its_users_back(0))
+            .unwrap()
+            .machine_id,
             uuid::Uuid::from_u128(3)
         );
     }
@@ -563,8 +579,29 @@ mod tests {
         let other_domain = session(2, "disconnected", 10, "EVIL");
         let sessions = vec![stale, other_domain, session(3, "active", 1, "corp")];
         assert_eq!(
-            best_session(&sessions, "CORP", 6).unwrap().machine_id,
+            best_session(&sessions, "CORP", |session| session
+                .machine_takes_its_users_back(6))
+            .unwrap()
+            .machine_id,
             uuid::Uuid::from_u128(3)
+        );
+    }
+
+    #[test]
+    fn the_fallback_without_the_database_takes_only_machines_last_seen_ready() {
+        // Stopped an hour ago (its stream closed: unreachable), with a disconnected session.
+        let mut stopped = session(1, "disconnected", 10, "");
+        stopped.machine_state = "unreachable".into();
+        stopped.machine_last_seen_at = -3_600_000;
+        // Ready when last heard of; its lease ran out during the outage.
+        let mut lapsed = session(2, "active", 5, "");
+        lapsed.machine_last_seen_at = -60_000;
+        let sessions = vec![stopped, lapsed];
+        assert_eq!(
+            best_session(&sessions, "", SessionRecord::machine_was_ready)
+                .unwrap()
+                .machine_id,
+            uuid::Uuid::from_u128(2)
         );
     }
 

@@ -118,6 +118,11 @@ impl SessionRecord {
         SessionState::parse(&self.state).unwrap_or(SessionState::Active)
     }
 
+    /// Whether the session's machine was READY when last heard of, however long ago.
+    pub fn machine_was_ready(&self) -> bool {
+        MachineState::parse(&self.machine_state) == Some(MachineState::Ready)
+    }
+
     /// [`MachineRecord::takes_its_users_back`] for the session's machine.
     pub fn machine_takes_its_users_back(&self, lease_cutoff: i64) -> bool {
         MachineState::parse(&self.machine_state)
