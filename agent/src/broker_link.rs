@@ -27,6 +27,8 @@ pub struct BrokerLink {
     token: BearerToken,
     /// Which of `urls` is in use (modulo their number).
     at: AtomicUsize,
+    /// The one this agent starts with and comes back to (its share of the farm's spread).
+    home: usize,
     /// One lazy channel per URL: one not in use never connects.
     current: Vec<Renewable<Current>>,
 }
@@ -61,6 +63,7 @@ impl BrokerLink {
             tls: tls.clone(),
             token,
             at: AtomicUsize::new(first % urls.len()),
+            home: first % urls.len(),
             current,
         }))
     }
@@ -74,14 +77,19 @@ impl BrokerLink {
         &self.urls[self.active()]
     }
 
-    /// Moves to the next replica, when there are several (after the stream broke): the
-    /// stream's next attempt and the front door's calls go there. The URL now in use, if it
-    /// changed.
+    /// After the stream broke, when there are several replicas: back to this agent's own
+    /// replica if it was away from it (so that a farm's agents do not all gather on one replica
+    /// after a rolling restart), else on to the next. The stream's next attempt and the front
+    /// door's calls go there. The URL now in use, if it changed.
     pub fn fail_over(&self) -> Option<&str> {
         if self.urls.len() < 2 {
             return None;
         }
-        self.at.fetch_add(1, Ordering::Relaxed);
+        let next = match self.active() {
+            at if at == self.home => (at + 1) % self.urls.len(),
+            _ => self.home,
+        };
+        self.at.store(next, Ordering::Relaxed);
         Some(self.url())
     }
 
@@ -171,7 +179,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn several_replicas_are_gone_through_in_turn_from_the_first_given() {
+    async fn several_replicas_each_agent_has_its_own_and_the_next_when_that_breaks() {
         let urls: Vec<String> = [
             "http://10.0.0.1:50051",
             "http://10.0.0.2:50051",
@@ -180,9 +188,12 @@ mod tests {
         .map(str::to_owned)
         .to_vec();
         let link = BrokerLink::new(&urls, 4, &BrokerTls::default(), Default::default()).unwrap();
+        // Its own replica first; when that breaks the next, and after a break there, its own
+        // again (a farm does not gather on one replica after a rolling restart).
         assert_eq!(link.url(), urls[1]);
         assert_eq!(link.fail_over(), Some(urls[2].as_str()));
-        assert_eq!(link.fail_over(), Some(urls[0].as_str()));
+        assert_eq!(link.fail_over(), Some(urls[1].as_str()));
+        assert_eq!(link.fail_over(), Some(urls[2].as_str()));
         let one =
             BrokerLink::new(&urls[..1], 7, &BrokerTls::default(), Default::default()).unwrap();
         assert_eq!(one.fail_over(), None);
