@@ -167,8 +167,10 @@ async fn drained_machines_take_reconnections_but_no_new_logons(database: &TestDa
 }
 
 async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &TestDatabase) {
+    // Long enough for the steps between ts-b's last message and the checks that it is still
+    // taken back, on a loaded machine; short enough to wait out below.
     let broker = spawn_broker(&database.url, |config| {
-        config.heartbeat_timeout = Duration::from_secs(3)
+        config.heartbeat_timeout = Duration::from_secs(6)
     })
     .await;
     let mut client = broker.broker_client().await;
@@ -183,7 +185,7 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
-    let b = FakeAgent::join(
+    let mut b = FakeAgent::join(
         &broker.url(),
         description("ts-b", "farm", 100),
         vec![
@@ -205,6 +207,8 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
         .unwrap()
         .into_inner();
     assert_eq!(in_flight.machine_name, "ts-b");
+    // Its last message: the heartbeat timeout runs from here.
+    b.heartbeat().await.unwrap();
     b.hang_up();
     eventually(10, || {
         let mut client = client.clone();

@@ -166,12 +166,21 @@ impl Harness {
 
 /// Connects, sends `bytes`, closes its sending side, and returns what came back.
 async fn exchange(front_door: SocketAddr, bytes: &[u8]) -> (SocketAddr, Vec<u8>) {
+    exchange_waiting(front_door, bytes, Duration::from_secs(5)).await
+}
+
+/// [`exchange`], waiting up to `wait` for the answer to end.
+async fn exchange_waiting(
+    front_door: SocketAddr,
+    bytes: &[u8],
+    wait: Duration,
+) -> (SocketAddr, Vec<u8>) {
     let mut client = TcpStream::connect(front_door).await.unwrap();
     let local = client.local_addr().unwrap();
     client.write_all(bytes).await.unwrap();
     client.shutdown().await.unwrap();
     let mut back = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await;
+    let _ = tokio::time::timeout(wait, client.read_to_end(&mut back)).await;
     (local, back)
 }
 
@@ -610,9 +619,12 @@ async fn a_target_that_never_answers_counts_as_refusing() {
         state.queued_answers = [Ok(stalling), Ok(accepting)].into();
     });
     let (packet, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
-    exchange(harness.front_door, &bytes).await;
+    // The client stays past the stalling target's 5 s and gets the next one's answer.
+    let (_, back) = exchange_waiting(harness.front_door, &bytes, Duration::from_secs(15)).await;
     let seen = next(&mut other).await;
     assert!(seen.ends_with(&bytes) && seen.len() > packet.len());
+    // The echo of the candidate that took it (its PROXY header first).
+    assert!(back.ends_with(&bytes), "{back:?}");
     let requests = harness
         .fake
         .with(|state| std::mem::take(&mut state.redirect_requests));
