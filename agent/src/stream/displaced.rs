@@ -56,11 +56,19 @@ pub(crate) async fn wait_until_free(
                 tracing::debug!(state, "the machine is still another agent's");
             }
             Err(status) if status.code() == tonic::Code::NotFound => return true,
-            Err(status) => tracing::debug!(
-                code = ?status.code(),
-                message = status.message(),
-                "cannot ask the broker whether the machine is free"
-            ),
+            Err(status) => {
+                tracing::debug!(
+                    code = ?status.code(),
+                    message = status.message(),
+                    "cannot ask the broker whether the machine is free"
+                );
+                // That replica may be gone: ask the next (the front door's calls follow).
+                if status.code() == tonic::Code::Unavailable
+                    && let Some(url) = context.link.fail_over()
+                {
+                    tracing::info!(broker = url, "trying the next broker replica");
+                }
+            }
         }
     }
 }
