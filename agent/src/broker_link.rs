@@ -78,16 +78,17 @@ impl BrokerLink {
     }
 
     /// After the stream broke, when there are several replicas: back to this agent's own
-    /// replica if it was away from it (so that a farm's agents do not all gather on one replica
-    /// after a rolling restart), else on to the next. The stream's next attempt and the front
-    /// door's calls go there. The URL now in use, if it changed.
-    pub fn fail_over(&self) -> Option<&str> {
+    /// replica when a stream that had worked elsewhere broke (so that a farm's agents do not
+    /// all gather on one replica after a rolling restart), else on to the next, through all of
+    /// them in turn. The stream's next attempt and the front door's calls go there. The URL now
+    /// in use, if it changed.
+    pub fn fail_over(&self, had_worked: bool) -> Option<&str> {
         if self.urls.len() < 2 {
             return None;
         }
         let next = match self.active() {
-            at if at == self.home => (at + 1) % self.urls.len(),
-            _ => self.home,
+            at if had_worked && at != self.home => self.home,
+            at => (at + 1) % self.urls.len(),
         };
         self.at.store(next, Ordering::Relaxed);
         Some(self.url())
@@ -188,15 +189,19 @@ mod tests {
         .map(str::to_owned)
         .to_vec();
         let link = BrokerLink::new(&urls, 4, &BrokerTls::default(), Default::default()).unwrap();
-        // Its own replica first; when that breaks the next, and after a break there, its own
-        // again (a farm does not gather on one replica after a rolling restart).
+        // Its own replica first; when that breaks the next, and after a stream that worked
+        // there broke, its own again (a farm does not gather on one replica after a rolling
+        // restart).
         assert_eq!(link.url(), urls[1]);
-        assert_eq!(link.fail_over(), Some(urls[2].as_str()));
-        assert_eq!(link.fail_over(), Some(urls[1].as_str()));
-        assert_eq!(link.fail_over(), Some(urls[2].as_str()));
+        assert_eq!(link.fail_over(true), Some(urls[2].as_str()));
+        assert_eq!(link.fail_over(true), Some(urls[1].as_str()));
+        // Replicas that do not answer: every one in turn, not only its own and the next.
+        assert_eq!(link.fail_over(false), Some(urls[2].as_str()));
+        assert_eq!(link.fail_over(false), Some(urls[0].as_str()));
+        assert_eq!(link.fail_over(false), Some(urls[1].as_str()));
         let one =
             BrokerLink::new(&urls[..1], 7, &BrokerTls::default(), Default::default()).unwrap();
-        assert_eq!(one.fail_over(), None);
+        assert_eq!(one.fail_over(false), None);
         assert_eq!(one.url(), urls[0]);
     }
 }

@@ -64,7 +64,7 @@ pub(crate) async fn wait_until_free(
                 );
                 // That replica may be gone: ask the next (the front door's calls follow).
                 if status.code() == tonic::Code::Unavailable
-                    && let Some(url) = context.link.fail_over()
+                    && let Some(url) = context.link.fail_over(false)
                 {
                     tracing::info!(broker = url, "trying the next broker replica");
                 }

@@ -145,7 +145,7 @@ pub async fn run(
         backoff.stream_ended(started.elapsed());
         // With several replicas given, the next attempt (and the front door's calls) go to the
         // next one: the one that just broke may be the one that is gone.
-        if let Some(url) = context.link.fail_over() {
+        if let Some(url) = context.link.fail_over(was_ready) {
             tracing::info!(broker = url, "trying the next broker replica");
         }
         let delay = match retry_after {

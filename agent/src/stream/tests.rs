@@ -213,6 +213,42 @@ async fn with_several_broker_urls_a_broken_stream_moves_to_the_next_replica() {
 }
 
 #[tokio::test]
+async fn with_two_replicas_of_three_down_the_third_is_found() {
+    let brokers = [
+        FakeBroker::default(),
+        FakeBroker::default(),
+        FakeBroker::default(),
+    ];
+    let stop = CancellationToken::new();
+    let mut urls = Vec::new();
+    for broker in &brokers {
+        urls.push(broker.serve(stop.clone()).await);
+    }
+    // Whichever the agent starts with, only one of the three takes streams.
+    for up in 0..3 {
+        for (index, broker) in brokers.iter().enumerate() {
+            broker.with(|state| state.refuse_streams = index != up);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let agent = crate::start(config(&urls.join(","), dir.path()), shutdown.clone())
+            .await
+            .unwrap();
+        brokers[up]
+            .wait_for("ready on the one replica up", |state| {
+                state.streams > 0 && kinds(state, state.streams).contains(&"ready")
+            })
+            .await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), agent.wait())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn leaving_on_stop_sends_removed() {
     let fake = FakeBroker::default();
     let stop = CancellationToken::new();
