@@ -64,7 +64,7 @@ pub struct AgentArgs {
     /// On stopping, tell the broker this machine leaves the farm (its sessions are dropped
     /// from the directory): for machines that are destroyed after they stop. Without it a
     /// stop or restart only closes the stream, and the machine's users are still sent back to
-    /// it until the broker's heartbeat timeout has passed since the last report [default: false]
+    /// it for the broker's heartbeat timeout from the stop [default: false]
     #[arg(long, env = "TSAGENT_LEAVE_ON_STOP", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub leave_on_stop: Option<bool>,
     /// The local control socket that `tsagent session ...` (PAM, xrdp scripts) speaks to

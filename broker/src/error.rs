@@ -61,6 +61,22 @@ impl From<ApiError> for tonic::Status {
             ApiError::Store(StoreError::Superseded) => {
                 Status::aborted("a newer connection for this machine took over")
             }
+            ApiError::Store(StoreError::Unavailable(error))
+                if crate::store::is_lock_timeout(&error) =>
+            {
+                const WHAT: &str = "a farm's placement lock was held too long";
+                static LOCK_WAITS: LazyLock<WarningLimit> = LazyLock::new(WarningLimit::default);
+                match LOCK_WAITS.warn_now() {
+                    Some(unwarned) => {
+                        tracing::warn!(%error, failed_since_last_warning = unwarned, "{WHAT}")
+                    }
+                    None => tracing::debug!(%error, "{WHAT}"),
+                }
+                unavailable_retry_soon(
+                    "a farm's placement lock was held too long (another broker replica frozen \
+                     or cut off in the middle of a placement?); retry shortly",
+                )
+            }
             ApiError::Store(StoreError::Unavailable(error)) => {
                 // Every request fails while the database is away: one warning a minute.
                 static UNAVAILABLE: LazyLock<WarningLimit> = LazyLock::new(WarningLimit::default);
@@ -70,14 +86,7 @@ impl From<ApiError> for tonic::Status {
                     }
                     None => tracing::debug!(%error, "store unavailable"),
                 }
-                if crate::store::is_lock_timeout(&error) {
-                    unavailable_retry_soon(
-                        "a farm's placement lock was held too long (another broker replica \
-                         frozen or cut off in the middle of a placement?); retry shortly",
-                    )
-                } else {
-                    database_unavailable()
-                }
+                database_unavailable()
             }
             ApiError::Store(StoreError::Internal(error)) => {
                 tracing::error!(%error, "store error");

@@ -237,6 +237,21 @@ impl FakeAgent {
         }
     }
 
+    /// Ends the agent's side cleanly, without REMOVED, as a stopping tsagent does, and waits
+    /// (up to 5 s) for the broker to end the stream too.
+    pub async fn close(self) {
+        let FakeAgent {
+            sender,
+            mut inbound,
+            ..
+        } = self;
+        drop(sender);
+        let _ = tokio::time::timeout(REPLY_TIMEOUT, async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
+    }
+
     /// Closes the agent's side without REMOVED, as a crashed agent's connection would end.
     pub fn hang_up(self) {
         drop(self);

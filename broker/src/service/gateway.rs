@@ -562,7 +562,14 @@ impl AgentStream {
             StreamEnd::Removed | StreamEnd::Superseded | StreamEnd::RemovedByAdmin
         );
         if let (Some(machine), true) = (self.machine_id(), keeps_ownership) {
-            match self.ingest.unreachable(machine, self.connection).await {
+            // The agent closed its stream itself (a stop, a restart), or this broker is going:
+            // it was alive just now, and its users are sent back to it from here on.
+            let agent_alive = matches!(end, StreamEnd::Closed | StreamEnd::BrokerShutdown);
+            match self
+                .ingest
+                .unreachable(machine, self.connection, agent_alive)
+                .await
+            {
                 Ok(true) => {
                     tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended");
                     if let Some(record) = &self.machine {

@@ -14,6 +14,7 @@ on_both_stores!(
     drained_machines_take_reconnections_but_no_new_logons,
     unreachable_machines_get_nobody_and_keep_their_sessions,
     silent_agents_time_out,
+    an_agent_that_closed_its_stream_counts_as_heard_from_then,
     a_broker_restart_keeps_every_session,
     protocol_violations_get_precise_answers,
     removal_by_the_agent_and_by_an_admin,
@@ -290,6 +291,41 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
     )
     .await;
     // alice was just sent to ts-a as a pending logon; her old session on ts-b wins now.
+    let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+    assert_eq!(
+        (alice.machine_name.as_str(), reason(&alice)),
+        ("ts-b", pb::RedirectReason::ExistingSession)
+    );
+    a_heartbeats.abort();
+    broker.stop().await;
+}
+
+/// A stopping agent closes its stream itself: it was alive then, and its users are sent back
+/// to it for a whole heartbeat timeout from that moment, not from its last report.
+async fn an_agent_that_closed_its_stream_counts_as_heard_from_then(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(5)
+    })
+    .await;
+    let mut client = broker.broker_client().await;
+    let mut a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let a_heartbeats = tokio::spawn(async move {
+        while a.heartbeat().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![session(1, "alice", pb::SessionState::Disconnected)],
+    )
+    .await;
+    let ready_at = tokio::time::Instant::now();
+    // Its last report is its READY; it stops 3 s later.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    b.close().await;
+    // Past the timeout since its last report, within it since it closed its stream.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(ready_at.elapsed())).await;
     let alice = redirect(&mut client, "farm", "alice").await.unwrap();
     assert_eq!(
         (alice.machine_name.as_str(), reason(&alice)),

@@ -52,6 +52,10 @@ pub enum IngestOp {
     /// The stream ended: UNREACHABLE if the connection still owns the machine and it is
     /// JOINING or READY. Not a refusal when it does not: the answer says whether it did.
     Unreachable,
+    /// As `Unreachable`, for a stream that ended with the agent alive at that moment (it
+    /// closed the stream itself, or the broker is going): the machine counts as heard from
+    /// now, so its users are sent back to it for a whole heartbeat timeout from here.
+    ClosedAlive,
 }
 
 /// What an item gives back once committed.
@@ -92,7 +96,8 @@ impl IngestItem {
             IngestOp::Added { .. }
             | IngestOp::Ready
             | IngestOp::Load(_)
-            | IngestOp::Unreachable => 1,
+            | IngestOp::Unreachable
+            | IngestOp::ClosedAlive => 1,
         }
     }
 }

@@ -102,6 +102,9 @@ pub(crate) const SET_READY: &str = "UPDATE machines SET state = 'ready', ready_s
 /// $1 now; the machines' owners checked, each JOINING or READY.
 pub(crate) const SET_UNREACHABLE: &str = "UPDATE machines SET state = 'unreachable', \
      updated_at = $1 WHERE id IN (SELECT column1 FROM ";
+/// As [`SET_UNREACHABLE`], for machines whose agent was alive when the stream ended.
+pub(crate) const SET_UNREACHABLE_HEARD: &str = "UPDATE machines SET state = 'unreachable', \
+     last_seen_at = $1, updated_at = $1 WHERE id IN (SELECT column1 FROM ";
 
 /// $1 now; rows (id, cpu, memory, sessions, pending).
 pub(crate) const RECORD_LOADS: &str = "UPDATE machines SET load_cpu = k.column2, \
@@ -290,18 +293,21 @@ macro_rules! impl_ingest {
             let mut readies: Vec<Uuid> = Vec::new();
             let mut loads: Vec<(usize, &LoadReport)> = Vec::new();
             let mut unreachable: Vec<Uuid> = Vec::new();
+            let mut closed_alive: Vec<Uuid> = Vec::new();
             for &index in round {
                 let item = &items[index];
                 if matches!(item.op, IngestOp::Added { .. }) {
                     continue;
                 }
-                if matches!(item.op, IngestOp::Unreachable) {
+                if matches!(item.op, IngestOp::Unreachable | IngestOp::ClosedAlive) {
                     // Only the owner marks, and only a JOINING or READY machine.
                     let marks = owners.get(&item.machine).is_some_and(|(owner, _, state)| {
                         *owner == Some(item.connection)
                             && matches!(state.as_str(), "joining" | "ready")
                     });
-                    if marks {
+                    if marks && matches!(item.op, IngestOp::ClosedAlive) {
+                        closed_alive.push(item.machine);
+                    } else if marks {
                         unreachable.push(item.machine);
                     }
                     results[index] = Some(Ok(IngestReply::Marked(marks)));
@@ -322,7 +328,7 @@ macro_rules! impl_ingest {
                     }
                 };
                 match &item.op {
-                    IngestOp::Added { .. } | IngestOp::Unreachable => {}
+                    IngestOp::Added { .. } | IngestOp::Unreachable | IngestOp::ClosedAlive => {}
                     IngestOp::Resync(sessions) => resyncs.push((index, farm, sessions)),
                     IngestOp::Events(events) => runs.push((
                         index,
@@ -457,13 +463,18 @@ macro_rules! impl_ingest {
             // READY, and the streams that ended.
             execute_id_list(tx, isql::SET_READY, Some(now), &readies).await?;
             execute_id_list(tx, isql::SET_UNREACHABLE, Some(now), &unreachable).await?;
+            execute_id_list(tx, isql::SET_UNREACHABLE_HEARD, Some(now), &closed_alive).await?;
             delta
                 .states
                 .extend(readies.iter().map(|id| (*id, "ready".to_owned())));
-            delta
-                .states
-                .extend(unreachable.iter().map(|id| (*id, "unreachable".to_owned())));
+            delta.states.extend(
+                unreachable
+                    .iter()
+                    .chain(&closed_alive)
+                    .map(|id| (*id, "unreachable".to_owned())),
+            );
             delta.seen.extend(readies.iter().copied());
+            delta.seen.extend(closed_alive.iter().copied());
 
             // Load reports (a machine has at most one in a round).
             for chunk in loads.chunks(chunk_rows) {

@@ -151,8 +151,17 @@ impl IngestWriter {
     }
 
     /// The stream's end; see `Store::mark_unreachable`.
-    pub async fn unreachable(&self, machine: Uuid, connection: Uuid) -> StoreResult<bool> {
-        self.submit(item(machine, connection, IngestOp::Unreachable))
+    pub async fn unreachable(
+        &self,
+        machine: Uuid,
+        connection: Uuid,
+        agent_alive: bool,
+    ) -> StoreResult<bool> {
+        let op = match agent_alive {
+            true => IngestOp::ClosedAlive,
+            false => IngestOp::Unreachable,
+        };
+        self.submit(item(machine, connection, op))
             .await?
             .into_marked()
     }
