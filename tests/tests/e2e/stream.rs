@@ -15,6 +15,7 @@ on_both_stores!(
     unreachable_machines_get_nobody_and_keep_their_sessions,
     silent_agents_time_out,
     an_agent_that_closed_its_stream_counts_as_heard_from_then,
+    a_machine_back_within_a_minute_keeps_its_ready_since,
     a_broker_restart_keeps_every_session,
     protocol_violations_get_precise_answers,
     removal_by_the_agent_and_by_an_admin,
@@ -332,6 +333,30 @@ async fn an_agent_that_closed_its_stream_counts_as_heard_from_then(database: &Te
         ("ts-b", pb::RedirectReason::ExistingSession)
     );
     a_heartbeats.abort();
+    broker.stop().await;
+}
+
+/// Slow start is for a machine that (re)joins a serving farm; one whose agent reconnects
+/// (another replica, a restart) keeps its place.
+async fn a_machine_back_within_a_minute_keeps_its_ready_since(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let first = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let ready_since = machine(&mut client, "farm", "ts-a").await.ready_since;
+    assert!(ready_since.is_some());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.close().await;
+    let again = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let back = machine(&mut client, "farm", "ts-a").await;
+    assert_eq!(back.state, pb::MachineState::Ready as i32);
+    assert_eq!(back.ready_since, ready_since);
+    // A machine that left the farm (REMOVED) and joins again starts over.
+    again.remove().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _rejoined = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let rejoined = machine(&mut client, "farm", "ts-a").await;
+    let when = |at: &pb::Machine| at.ready_since.as_ref().map(|at| (at.seconds, at.nanos));
+    assert!(when(&rejoined) > when(&back), "{rejoined:?}");
     broker.stop().await;
 }
 

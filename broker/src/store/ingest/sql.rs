@@ -40,6 +40,9 @@ pub(crate) const UPSERT_MACHINES_END: &str = " WHERE true ON CONFLICT (id) DO UP
      agent_weight = excluded.agent_weight, agent_session_limit = excluded.agent_session_limit, \
      single_session = excluded.single_session, agent_version = excluded.agent_version, \
      front_door = excluded.front_door, state = 'joining', connection_id = excluded.connection_id, \
+     ready_since = CASE WHEN machines.state <> 'removed' \
+     AND machines.last_seen_at >= excluded.last_seen_at - 60000 \
+     THEN machines.ready_since ELSE NULL END, \
      last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at";
 pub(crate) const UPSERT_MACHINES_TYPES: &[&str] = &[
     "uuid", "text", "text", "text", "text", "int8", "int8", "bool", "text", "uuid", "bool",
@@ -95,8 +98,12 @@ pub(crate) const DELETE_PENDING_FOR_USERS: &str = "DELETE FROM pending_logons \
      WHERE (farm, user_key) IN (SELECT column1, column2 FROM ";
 pub(crate) const USER_TYPES: &[&str] = &["text", "text"];
 
-/// $1 now.
-pub(crate) const SET_READY: &str = "UPDATE machines SET state = 'ready', ready_since = $1, \
+/// $1 now. A machine whose agent comes back within a minute of its last word (its stream
+/// moved to another replica, or the agent restarted) keeps when it became READY, and with it
+/// its place in slow start: its server did not restart (the ADDED upsert keeps `ready_since`
+/// only then, and clears it otherwise).
+pub(crate) const SET_READY: &str = "UPDATE machines SET state = 'ready', \
+     ready_since = COALESCE(ready_since, $1), \
      last_seen_at = $1, updated_at = $1 WHERE id IN (SELECT column1 FROM ";
 
 /// $1 now; the machines' owners checked, each JOINING or READY.
