@@ -27,6 +27,8 @@ use tsbroker_common::proto::FILE_DESCRIPTOR_SET;
 use tsbroker_common::proto::v1::{admin_server, agent_gateway_server, broker_server};
 use tsbroker_common::serve::accepted_connections;
 
+/// Streams reset before the server took them, at most, on one connection (see the builder).
+const PENDING_ACCEPT_RESETS: usize = 4096;
 /// The service names the health service reports on ("" is the whole server).
 const HEALTH_NAMES: [&str; 4] = [
     "",
@@ -132,6 +134,11 @@ pub async fn run(
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // h2 ends a connection (GOAWAY) on which more than 20 streams were reset before the
+        // server took them: what a broker finds after a freeze of a few seconds (a paused VM)
+        // when front doors gave up on their calls meanwhile, and that connection also carries
+        // the agent's stream. Still bounded, against a client doing it on purpose.
+        .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -20,6 +20,7 @@ mod policies;
 mod queries;
 mod query_plans;
 mod rdp;
+mod resets;
 mod stream;
 mod tls;
 mod tls_revocation;

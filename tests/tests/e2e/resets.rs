@@ -1,0 +1,81 @@
+//! A broker frozen for a moment (a paused VM, a stalled host) while its clients give up on
+//! their calls: when it resumes it finds many streams reset before it took them. That must not
+//! end the connection, which an agent's stream shares with its front door's calls.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::broker_client::BrokerClient;
+use tsbroker_tests::binaries::workspace_binary;
+use tsbroker_tests::process::{ChildGuard, LogFile, free_port};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_given_up_while_the_broker_was_frozen_do_not_end_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = LogFile::create(&dir.path().join("broker.log"));
+    let (stdout, stderr) = log.stdio();
+    let mut command = Command::new(workspace_binary("tsbroker"));
+    command
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.path().join("b.db").display()))
+        .env("RUST_LOG", "info")
+        .stdout(stdout)
+        .stderr(stderr);
+    let mut broker = ChildGuard::spawn("tsbroker", command);
+    assert!(
+        log.wait_for("store ready", 1, Duration::from_secs(20), Some(&mut broker))
+            .await,
+        "{}",
+        log.tail(20)
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A long-lived stream on the connection, as an agent's is.
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+
+    broker.signal("STOP");
+    // Calls the client gives up on (a front door's Redirect waits 3 s), more than h2's
+    // default allowance of 20 streams reset before the server took them.
+    let calls: Vec<_> = (0..60)
+        .map(|index| {
+            let mut client = BrokerClient::new(channel.clone());
+            tokio::spawn(async move {
+                let request = pb::RedirectRequest {
+                    farm: "default".into(),
+                    user_name: format!("user{index}"),
+                    ..Default::default()
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(300), client.redirect(request))
+                    .await;
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.signal("CONT");
+
+    // The stream is still there: nothing arrives (the broker stays SERVING), and no error.
+    let next = tokio::time::timeout(Duration::from_secs(3), watch.message()).await;
+    assert!(
+        next.is_err(),
+        "the long-lived stream ended when the broker resumed: {next:?}\n{}",
+        log.tail(10)
+    );
+}
