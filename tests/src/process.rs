@@ -216,3 +216,35 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
         .port()
 }
+
+/// The `tsbroker` binary's process, serving on 127.0.0.1:`port` from an SQLite file in `dir`,
+/// logging at info into a log file there, once it says its store is ready. `wrap` makes the
+/// command that runs it from the binary's path and arguments (`Command::new` for the binary
+/// itself, or a shell that sets limits first).
+pub async fn broker_process(
+    dir: &Path,
+    port: u16,
+    wrap: impl FnOnce(PathBuf, Vec<String>) -> Command,
+) -> (ChildGuard, LogFile) {
+    let log = LogFile::create(&dir.join("broker.log"));
+    let (stdout, stderr) = log.stdio();
+    let args = vec![
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--database-url".to_owned(),
+        format!("sqlite://{}", dir.join("b.db").display()),
+    ];
+    let mut command = wrap(crate::binaries::workspace_binary("tsbroker"), args);
+    command
+        .env("RUST_LOG", "info")
+        .stdout(stdout)
+        .stderr(stderr);
+    let mut broker = ChildGuard::spawn("tsbroker", command);
+    assert!(
+        log.wait_for("store ready", 1, Duration::from_secs(20), Some(&mut broker))
+            .await,
+        "{}",
+        log.tail(20)
+    );
+    (broker, log)
+}

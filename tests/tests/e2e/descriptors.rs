@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tsbroker_tests::binaries::workspace_binary;
-use tsbroker_tests::process::{ChildGuard, LogFile, free_port};
+use tsbroker_tests::process::{broker_process, free_port};
 
 /// CPU time (user + system) the process has used, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -29,27 +29,17 @@ fn clock_ticks_per_second() -> u64 {
 async fn out_of_descriptors_the_broker_pauses_says_so_and_serves_again() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let log = LogFile::create(&dir.path().join("broker.log"));
-    let (stdout, stderr) = log.stdio();
-    let mut command = Command::new("sh");
     // 64 descriptors: enough for the broker's own files and pools, not for 100 clients.
-    command
-        .arg("-c")
-        .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
-        .arg(workspace_binary("tsbroker"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.path().join("b.db").display()))
-        .env("RUST_LOG", "info")
-        .stdout(stdout)
-        .stderr(stderr);
-    let mut broker = ChildGuard::spawn("tsbroker", command);
-    assert!(
-        log.wait_for("store ready", 1, Duration::from_secs(20), Some(&mut broker))
-            .await,
-        "{}",
-        log.tail(20)
-    );
+    let (mut broker, log) = broker_process(dir.path(), port, |binary, args| {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
+            .arg(binary)
+            .args(args);
+        command
+    })
+    .await;
 
     // More connections than descriptors: the kernel completes them all (the listen backlog),
     // the broker can accept only some.

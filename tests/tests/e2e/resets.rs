@@ -9,30 +9,18 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
-use tsbroker_tests::binaries::workspace_binary;
-use tsbroker_tests::process::{ChildGuard, LogFile, free_port};
+use tsbroker_tests::process::{broker_process, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_given_up_while_the_broker_was_frozen_do_not_end_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let log = LogFile::create(&dir.path().join("broker.log"));
-    let (stdout, stderr) = log.stdio();
-    let mut command = Command::new(workspace_binary("tsbroker"));
-    command
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.path().join("b.db").display()))
-        .env("RUST_LOG", "info")
-        .stdout(stdout)
-        .stderr(stderr);
-    let mut broker = ChildGuard::spawn("tsbroker", command);
-    assert!(
-        log.wait_for("store ready", 1, Duration::from_secs(20), Some(&mut broker))
-            .await,
-        "{}",
-        log.tail(20)
-    );
+    let (mut broker, log) = broker_process(dir.path(), port, |binary, args| {
+        let mut command = Command::new(binary);
+        command.args(args);
+        command
+    })
+    .await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect()
