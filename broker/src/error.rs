@@ -64,14 +64,12 @@ impl From<ApiError> for tonic::Status {
             ApiError::Store(StoreError::Unavailable(error))
                 if crate::store::is_lock_timeout(&error) =>
             {
-                const WHAT: &str = "a farm's placement lock was held too long";
                 static LOCK_WAITS: LazyLock<WarningLimit> = LazyLock::new(WarningLimit::default);
-                match LOCK_WAITS.warn_now() {
-                    Some(unwarned) => {
-                        tracing::warn!(%error, failed_since_last_warning = unwarned, "{WHAT}")
-                    }
-                    None => tracing::debug!(%error, "{WHAT}"),
-                }
+                warn_limited(
+                    &LOCK_WAITS,
+                    &error,
+                    "a farm's placement lock was held too long",
+                );
                 unavailable_retry_soon(
                     "a farm's placement lock was held too long (another broker replica frozen \
                      or cut off in the middle of a placement?); retry shortly",
@@ -80,12 +78,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Store(StoreError::Unavailable(error)) => {
                 // Every request fails while the database is away: one warning a minute.
                 static UNAVAILABLE: LazyLock<WarningLimit> = LazyLock::new(WarningLimit::default);
-                match UNAVAILABLE.warn_now() {
-                    Some(unwarned) => {
-                        tracing::warn!(%error, failed_since_last_warning = unwarned, "store unavailable")
-                    }
-                    None => tracing::debug!(%error, "store unavailable"),
-                }
+                warn_limited(&UNAVAILABLE, &error, "store unavailable");
                 database_unavailable()
             }
             ApiError::Store(StoreError::Internal(error)) => {
@@ -93,5 +86,14 @@ impl From<ApiError> for tonic::Status {
                 Status::internal("internal database error (logged by the broker)")
             }
         }
+    }
+}
+
+/// `what` happened to a request: a warning when `limit` says one is due (with how many went
+/// unwarned), else at debug level.
+fn warn_limited(limit: &WarningLimit, error: &sqlx::Error, what: &str) {
+    match limit.warn_now() {
+        Some(unwarned) => tracing::warn!(%error, failed_since_last_warning = unwarned, "{what}"),
+        None => tracing::debug!(%error, "{what}"),
     }
 }

@@ -103,7 +103,8 @@ impl AcceptPause {
     }
 
     /// Whether the last accept failed (a run of failures is going on).
-    pub fn is_failing(&self) -> bool {
+    #[cfg(test)]
+    fn is_failing(&self) -> bool {
         self.run.is_some()
     }
 }

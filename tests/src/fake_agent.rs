@@ -237,6 +237,16 @@ impl FakeAgent {
         }
     }
 
+    /// Sends a heartbeat every 300 ms from a task of its own until the stream fails (abort the
+    /// task to stop): an agent that stays heard from while the test looks elsewhere.
+    pub fn keep_reporting(mut self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while self.heartbeat().await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    }
+
     /// Ends the agent's side cleanly, without REMOVED, as a stopping tsagent does, and waits
     /// (up to 5 s) for the broker to end the stream too.
     pub async fn close(self) {

@@ -366,19 +366,22 @@ pub(super) fn front_door_attach(
 /// Drops the sessions only the front door knows of that have been disconnected longest until
 /// at most `keep` such sessions are left (those a connection holds are never dropped).
 fn drop_oldest_front_door_sessions(table: &mut Table, keep: usize) {
-    let mut front_door_only: Vec<(RecordState, i64, u32)> = table
-        .sessions
-        .values()
-        .filter(|record| record.origin == Origin::FrontDoor)
-        .map(|record| (record.state, record.changed_ms, record.session_id))
-        .collect();
-    if front_door_only.len() <= keep {
+    let front_door_only = |record: &&SessionRecord| record.origin == Origin::FrontDoor;
+    // Counted first: on every new front-door logon, and almost always under the bound.
+    let count = table.sessions.values().filter(front_door_only).count();
+    if count <= keep {
         return;
     }
-    let excess = front_door_only.len() - keep;
-    front_door_only.retain(|(state, ..)| *state == RecordState::Disconnected);
-    front_door_only.sort_unstable_by_key(|&(_, changed_ms, session_id)| (changed_ms, session_id));
-    for &(_, _, session_id) in front_door_only.iter().take(excess) {
+    let excess = count - keep;
+    let mut droppable: Vec<(i64, u32)> = table
+        .sessions
+        .values()
+        .filter(front_door_only)
+        .filter(|record| record.state == RecordState::Disconnected)
+        .map(|record| (record.changed_ms, record.session_id))
+        .collect();
+    droppable.sort_unstable();
+    for &(_, session_id) in droppable.iter().take(excess) {
         if let Some(record) = table.sessions.remove(&session_id) {
             tracing::info!(
                 session_id,

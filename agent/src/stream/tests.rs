@@ -25,6 +25,22 @@ fn config(url: &str, dir: &std::path::Path) -> AgentConfig {
     config
 }
 
+/// An agent started on `config`, with the token that stops it.
+async fn started(config: AgentConfig) -> (crate::RunningAgent, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    (agent, shutdown)
+}
+
+/// Stops the agent and waits (5 s at most) for it to end without error.
+async fn stopped(agent: crate::RunningAgent, shutdown: CancellationToken) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 fn logon(user: &str, session_id: u32) -> SessionRequest {
     SessionRequest {
         user_name: user.into(),
@@ -62,10 +78,7 @@ async fn opening_order_events_and_load_reports() {
             .apply(SessionEventKind::Logon, logon("alice", 10))
             .unwrap();
     }
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
-        .await
-        .unwrap();
+    let (agent, shutdown) = started(config(&url, dir.path())).await;
     fake.wait_for("ready and two load reports", |state| {
         kinds(state, 1)
             .iter()
@@ -128,11 +141,7 @@ async fn opening_order_events_and_load_reports() {
     );
 
     // Shutdown closes the stream without REMOVED: the machine's sessions stay at the broker.
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), agent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stopped(agent, shutdown).await;
     fake.with(|state| assert!(!kinds(state, 1).contains(&"removed")));
     stop.cancel();
 }
@@ -150,8 +159,7 @@ async fn a_broker_going_away_is_rejoined_within_a_second_whatever_the_backoff() 
         cap: Duration::from_secs(60),
         healthy_after: Duration::from_secs(3600),
     };
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    let (agent, shutdown) = started(config).await;
     fake.wait_for("ready", |state| kinds(state, 1).contains(&"ready"))
         .await;
     let started = tokio::time::Instant::now();
@@ -169,11 +177,7 @@ async fn a_broker_going_away_is_rejoined_within_a_second_whatever_the_backoff() 
         "{:?}",
         started.elapsed()
     );
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), agent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stopped(agent, shutdown).await;
     stop.cancel();
 }
 
@@ -188,8 +192,7 @@ async fn with_several_broker_urls_a_broken_stream_moves_to_the_next_replica() {
     first.with(|state| state.refuse_streams = true);
     let dir = tempfile::tempdir().unwrap();
     let config = config(&format!("{first_url}, {second_url}"), dir.path());
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    let (agent, shutdown) = started(config).await;
     second
         .wait_for("ready on the second", |state| {
             kinds(state, 1).contains(&"ready")
@@ -204,11 +207,7 @@ async fn with_several_broker_urls_a_broken_stream_moves_to_the_next_replica() {
             kinds(state, 1).contains(&"ready")
         })
         .await;
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), agent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stopped(agent, shutdown).await;
     stop.cancel();
 }
 
@@ -230,20 +229,13 @@ async fn with_two_replicas_of_three_down_the_third_is_found() {
             broker.with(|state| state.refuse_streams = index != up);
         }
         let dir = tempfile::tempdir().unwrap();
-        let shutdown = CancellationToken::new();
-        let agent = crate::start(config(&urls.join(","), dir.path()), shutdown.clone())
-            .await
-            .unwrap();
+        let (agent, shutdown) = started(config(&urls.join(","), dir.path())).await;
         brokers[up]
             .wait_for("ready on the one replica up", |state| {
                 state.streams > 0 && kinds(state, state.streams).contains(&"ready")
             })
             .await;
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), agent.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        stopped(agent, shutdown).await;
     }
     stop.cancel();
 }
@@ -256,15 +248,10 @@ async fn leaving_on_stop_sends_removed() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(&url, dir.path());
     config.leave_on_stop = true;
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    let (agent, shutdown) = started(config).await;
     fake.wait_for("ready", |state| kinds(state, 1).contains(&"ready"))
         .await;
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), agent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stopped(agent, shutdown).await;
     fake.with(|state| assert_eq!(kinds(state, 1).last(), Some(&"removed")));
     stop.cancel();
 }
@@ -276,10 +263,7 @@ async fn reconnect_resyncs_what_happened_while_apart() {
     let stop = CancellationToken::new();
     let url = fake.serve(stop.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
-        .await
-        .unwrap();
+    let (agent, shutdown) = started(config(&url, dir.path())).await;
     fake.wait_for("first ready", |state| kinds(state, 1).contains(&"ready"))
         .await;
     assert!(agent.wait_until_connected(Duration::from_secs(5)).await);
@@ -363,10 +347,7 @@ async fn a_refused_resync_ends_the_stream_and_the_agent_tries_again() {
     let stop = CancellationToken::new();
     let url = fake.serve(stop.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
-        .await
-        .unwrap();
+    let (agent, shutdown) = started(config(&url, dir.path())).await;
     // The first stream's RESYNC is refused: rather than stay JOINING on it, the agent opens
     // another, whose RESYNC and READY are taken.
     fake.wait_for("a second stream, ready", |state| {
@@ -378,11 +359,7 @@ async fn a_refused_resync_ends_the_stream_and_the_agent_tries_again() {
         assert!(tokio::time::Instant::now() < deadline, "not connected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), agent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stopped(agent, shutdown).await;
     stop.cancel();
 }
 
@@ -393,10 +370,7 @@ async fn unreachable_broker_is_retried_and_shutdown_still_works() {
     let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", unused.local_addr().unwrap());
     drop(unused);
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config(&url, dir.path()), shutdown.clone())
-        .await
-        .unwrap();
+    let (agent, shutdown) = started(config(&url, dir.path())).await;
     agent
         .directory()
         .apply(SessionEventKind::Logon, logon("carol", 3))
@@ -404,11 +378,7 @@ async fn unreachable_broker_is_retried_and_shutdown_still_works() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!agent.link_status().connected);
     assert!(!agent.link_status().last_error.is_empty());
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), agent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stopped(agent, shutdown).await;
 }
 
 #[tokio::test]
@@ -430,8 +400,7 @@ async fn a_broker_that_never_answers_the_opening_is_given_up_on() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(&url, dir.path());
     config.welcome_timeout = Duration::from_millis(300);
-    let shutdown = CancellationToken::new();
-    let agent = crate::start(config, shutdown.clone()).await.unwrap();
+    let (agent, shutdown) = started(config).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let error = agent.link_status().last_error;
@@ -444,11 +413,7 @@ async fn a_broker_that_never_answers_the_opening_is_given_up_on() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), agent.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    stopped(agent, shutdown).await;
 }
 
 #[test]

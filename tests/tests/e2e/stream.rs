@@ -176,17 +176,13 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
     })
     .await;
     let mut client = broker.broker_client().await;
-    let mut a = FakeAgent::join(
+    let a_heartbeats = FakeAgent::join(
         &broker.url(),
         description("ts-a", "farm", 100),
         vec![session(1, "x", pb::SessionState::Active)],
     )
-    .await;
-    let a_heartbeats = tokio::spawn(async move {
-        while a.heartbeat().await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
+    .await
+    .keep_reporting();
     let mut b = FakeAgent::join(
         &broker.url(),
         description("ts-b", "farm", 100),
@@ -309,12 +305,9 @@ async fn an_agent_that_closed_its_stream_counts_as_heard_from_then(database: &Te
     })
     .await;
     let mut client = broker.broker_client().await;
-    let mut a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
-    let a_heartbeats = tokio::spawn(async move {
-        while a.heartbeat().await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
+    let a_heartbeats = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![])
+        .await
+        .keep_reporting();
     let b = FakeAgent::join(
         &broker.url(),
         description("ts-b", "farm", 100),

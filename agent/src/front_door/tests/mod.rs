@@ -157,6 +157,15 @@ async fn harness_with_token(
 }
 
 impl Harness {
+    /// The fake broker places the next new logon on ts2 at `first`, then (asked again, ts2
+    /// left out) on ts3 at `second`.
+    fn place_on_then_on(&self, first: &str, second: &str) {
+        let first = answer("ts2.example", first, pb::RedirectReason::LoadBalanced);
+        let second = answer("ts3.example", second, pb::RedirectReason::LoadBalanced);
+        self.fake
+            .with(|state| state.queued_answers = [Ok(first), Ok(second)].into());
+    }
+
     /// What the fake broker answers every `Redirect` with from now on.
     fn answer_with(&self, answer: pb::RedirectResponse) {
         self.fake
@@ -605,19 +614,7 @@ async fn a_target_that_never_answers_counts_as_refusing() {
         }
     });
     let (other_address, mut other) = echo_server().await;
-    let stalling = answer(
-        "ts2.example",
-        &staller_address,
-        pb::RedirectReason::LoadBalanced,
-    );
-    let accepting = answer(
-        "ts3.example",
-        &other_address.to_string(),
-        pb::RedirectReason::LoadBalanced,
-    );
-    harness.fake.with(|state| {
-        state.queued_answers = [Ok(stalling), Ok(accepting)].into();
-    });
+    harness.place_on_then_on(&staller_address, &other_address.to_string());
     let (packet, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
     // The client stays past the stalling target's 5 s and gets the next one's answer.
     let (_, back) = exchange_waiting(harness.front_door, &bytes, Duration::from_secs(15)).await;
@@ -646,20 +643,10 @@ async fn a_refused_new_logon_goes_to_the_next_candidate() {
     let closed_address = closed.local_addr().unwrap().to_string();
     drop(closed);
     let (other_address, mut other) = echo_server().await;
-    let refusing = answer(
-        "ts2.example",
-        &closed_address,
-        pb::RedirectReason::LoadBalanced,
-    );
-    let accepting = answer(
-        "ts3.example",
-        &other_address.to_string(),
-        pb::RedirectReason::LoadBalanced,
-    );
-    harness.fake.with(|state| {
-        state.queued_answers = [Ok(refusing), Ok(accepting)].into();
-        state.redirect_answer = Some(Err(tonic::Code::Internal));
-    });
+    harness.place_on_then_on(&closed_address, &other_address.to_string());
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Err(tonic::Code::Internal)));
     let (packet, bytes) = request_with_tail(Some("Cookie: mstshash=bob"));
     let (client, _) = exchange(harness.front_door, &bytes).await;
     // The next candidate got the connection, as another front door gets it.
