@@ -248,3 +248,29 @@ pub async fn broker_process(
     );
     (broker, log)
 }
+
+/// Connects to the broker on `port` and opens a `Health/Watch` stream (a call that never ends
+/// by itself, as an agent's stream), once it has said SERVING. Returns the connection too.
+pub async fn watch_health(
+    port: u16,
+) -> (
+    tonic::transport::Channel,
+    tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    (channel, watch)
+}

@@ -21,6 +21,7 @@ mod queries;
 mod query_plans;
 mod rdp;
 mod resets;
+mod stopping;
 mod stream;
 mod tls;
 mod tls_revocation;

@@ -5,11 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
-use tsbroker_tests::process::{broker_process, free_port};
+use tsbroker_tests::process::{broker_process, free_port, watch_health};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_given_up_while_the_broker_was_frozen_do_not_end_the_connection() {
@@ -21,20 +19,8 @@ async fn calls_given_up_while_the_broker_was_frozen_do_not_end_the_connection() 
         command
     })
     .await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     // A long-lived stream on the connection, as an agent's is.
-    let mut watch = HealthClient::new(channel.clone())
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(watch.message().await.unwrap().is_some());
+    let (channel, mut watch) = watch_health(port).await;
 
     broker.signal("STOP");
     // Calls the client gives up on (a front door's Redirect waits 3 s), more than h2's
