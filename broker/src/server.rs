@@ -197,6 +197,7 @@ pub async fn run(
     let plugins = PluginHub::start(
         &config.farms,
         store.clone(),
+        &decision_settings,
         metrics.clone(),
         shutdown.clone(),
     )?;

@@ -8,6 +8,11 @@ use std::time::Duration;
 use tsbroker_common::model;
 use wildmatch::WildMatch;
 
+/// The longest a plug-in's deadline may be: a new logon waits for it.
+const MAX_PLUGIN_DEADLINE: Duration = Duration::from_secs(2);
+/// The most session changes in one notification to a plug-in.
+const MAX_PLUGIN_BATCH: usize = 1000;
+
 /// How a farm places new logons.
 #[derive(Clone, Debug)]
 pub struct FarmSettings {
@@ -197,10 +202,28 @@ impl FarmFileSettings {
                         "farm {farm:?}: plugin address must start with http:// or https://"
                     ));
                 }
+                let deadline = plugin.deadline.unwrap_or(Duration::from_millis(100));
+                if deadline < Duration::from_millis(1) || deadline > MAX_PLUGIN_DEADLINE {
+                    return Err(format!(
+                        "farm {farm:?}: plugin deadline must be from 1ms to {MAX_PLUGIN_DEADLINE:?} \
+                         (every new logon waits for it; a front door waits 3s for its answer)"
+                    ));
+                }
+                let batch_size = plugin.batch_size.unwrap_or(25);
+                if !(1..=MAX_PLUGIN_BATCH).contains(&batch_size) {
+                    return Err(format!(
+                        "farm {farm:?}: plugin batch_size must be from 1 to {MAX_PLUGIN_BATCH}"
+                    ));
+                }
+                if plugin.ca_file.is_some() && !plugin.address.starts_with("https://") {
+                    return Err(format!(
+                        "farm {farm:?}: plugin ca_file is only used with an https:// address"
+                    ));
+                }
                 Some(PluginSettings {
                     address: plugin.address.clone(),
-                    deadline: plugin.deadline.unwrap_or(Duration::from_millis(100)),
-                    batch_size: plugin.batch_size.unwrap_or(25).max(1),
+                    deadline,
+                    batch_size,
                     ca_file: plugin.ca_file.clone(),
                 })
             }
@@ -257,6 +280,18 @@ mod tests {
                 .unwrap_err()
                 .contains("cpu_threshold")
         );
+        for (bad, says) in [
+            ("deadline = \"0ms\"", "deadline"),
+            ("deadline = \"5s\"", "deadline"),
+            ("batch_size = 0", "batch_size"),
+            ("batch_size = 100000", "batch_size"),
+            ("ca_file = \"/etc/ca.pem\"", "https://"),
+        ] {
+            let file = format!("[plugin]\naddress = \"http://127.0.0.1:50070\"\n{bad}");
+            let bad: FarmFileSettings = toml::from_str(&file).unwrap();
+            let error = bad.resolve(&FarmSettings::default(), "f").unwrap_err();
+            assert!(error.contains(says), "{file}: {error}");
+        }
         let bad: FarmFileSettings = toml::from_str("[plugin]\naddress = \"tcp://x\"").unwrap();
         assert!(
             bad.resolve(&FarmSettings::default(), "f")

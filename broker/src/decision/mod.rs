@@ -189,19 +189,18 @@ impl Decider {
                 self.count_lookup("memory");
                 return Ok(session_answer(session));
             }
-            if known.sessions.is_empty() {
-                if let Some(answer) = self.external_session(query).await {
-                    self.count_lookup("memory");
-                    return Ok(answer);
-                }
-                if let Some(answer) = self
+            // A farm with a plug-in takes the database's way (below): the user's logon in
+            // flight is read first, so that a retry does not ask the plug-in about a logon
+            // already placed. A `None` placement: the directory was behind, and the user has
+            // a session after all.
+            if known.sessions.is_empty()
+                && self.plugins.for_farm(&query.farm).is_none()
+                && let Some(answer) = self
                     .place(query, &known.user_key, now, lease_cutoff, true)
                     .await?
-                {
-                    self.count_lookup("memory");
-                    return Ok(answer);
-                }
-                // The directory was behind: the user has a session after all.
+            {
+                self.count_lookup("memory");
+                return Ok(answer);
             }
         }
         let from_store = self.decide_from_store(query, now, lease_cutoff);

@@ -3,12 +3,18 @@
 //! then live notifications in order, merged into batches. Decision calls (`suggest`,
 //! `external_session`) go straight to the plug-in with a deadline and never wait for the task.
 
+use super::connection::{ConnectionCount, CountingConnector};
 use super::notices::{self, Notice};
+
+mod resync;
+use crate::decision::DecisionSettings;
 use crate::decision::farm_settings::PluginSettings;
 use crate::metrics::{Metrics, PluginCallLabels, PluginFallbackLabels, PluginMethodLabels};
-use crate::store::{SessionFilter, Store};
+use crate::store::Store;
+use crate::warning_limit::WarningLimit;
+use resync::ResyncCutoffs;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +29,8 @@ const QUEUE_CAPACITY: usize = 10_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often an idle link checks that the plug-in is still the one it initialized.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Where bringing the link up failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +39,12 @@ enum LinkStage {
     Initialize,
     /// The full resync after `Initialize` failed.
     Resync,
+}
+
+/// A notice in the queue, numbered in the order notices were given to it.
+pub struct Queued {
+    seq: u64,
+    notice: Notice,
 }
 
 /// What a decision gets from a plug-in.
@@ -49,13 +63,24 @@ pub struct PluginLink {
     pub settings: PluginSettings,
     pub farms: Vec<String>,
     client: PluginClient<Channel>,
+    channel: Channel,
+    /// Connections made to the plug-in so far, and the one `Initialize` went over: a call
+    /// answered over a later connection may have reached a plug-in that restarted.
+    connections: ConnectionCount,
+    initialized_on: AtomicU64,
     up: AtomicBool,
     supports_external: AtomicBool,
     /// Set when notifications were dropped: the link re-initializes and resyncs.
     overflowed: AtomicBool,
     /// Woken when a decision call shows the plug-in lost its state or its connection.
     reinitialize: tokio::sync::Notify,
-    queue: mpsc::Sender<Notice>,
+    /// Rate limits of the fallback warnings: late, failed, not a candidate.
+    warnings: [WarningLimit; 3],
+    queue: mpsc::Sender<Queued>,
+    /// The number the next queued notice gets.
+    next_seq: AtomicU64,
+    /// For the machines' leases as decisions see them.
+    decision: DecisionSettings,
     metrics: Arc<Metrics>,
 }
 
@@ -64,8 +89,9 @@ impl PluginLink {
     pub fn new(
         settings: PluginSettings,
         farms: Vec<String>,
+        decision: DecisionSettings,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<(Arc<PluginLink>, mpsc::Receiver<Notice>)> {
+    ) -> anyhow::Result<(Arc<PluginLink>, mpsc::Receiver<Queued>)> {
         use anyhow::Context;
         let mut endpoint = Endpoint::from_shared(settings.address.clone())
             .with_context(|| format!("plug-in address {:?}", settings.address))?
@@ -83,16 +109,24 @@ impl PluginLink {
             endpoint = endpoint.tls_config(tls).context("plug-in TLS settings")?;
         }
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let (connector, connections) = CountingConnector::new();
+        let channel = endpoint.connect_with_connector_lazy(connector);
         let link = PluginLink {
             address: settings.address.clone(),
             settings,
             farms,
-            client: PluginClient::new(endpoint.connect_lazy()),
+            client: PluginClient::new(channel.clone()),
+            channel,
+            connections,
+            initialized_on: AtomicU64::new(0),
             up: AtomicBool::new(false),
             supports_external: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
             reinitialize: tokio::sync::Notify::new(),
+            warnings: Default::default(),
             queue,
+            next_seq: AtomicU64::new(0),
+            decision,
             metrics,
         };
         Ok((Arc::new(link), receiver))
@@ -112,7 +146,9 @@ impl PluginLink {
             // The next Initialize is followed by a full RESYNC, which covers this.
             return;
         }
-        if self.queue.try_send(notice).is_err() && !self.overflowed.swap(true, Ordering::Relaxed) {
+        let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+        let queued = Queued { seq, notice };
+        if self.queue.try_send(queued).is_err() && !self.overflowed.swap(true, Ordering::Relaxed) {
             tracing::warn!(plugin = %self.address, "plug-in notification queue full; a full resync will follow");
         }
     }
@@ -147,6 +183,39 @@ impl PluginLink {
             tracing::warn!(plugin = %self.address, code = ?status.code(), "plug-in needs initializing again");
             self.reinitialize.notify_one();
         }
+    }
+
+    /// Says why the broker's pick stood: a warning at most once a minute for each cause (a slow
+    /// plug-in fails every decision), counting the others, which go to the debug level.
+    fn fallback_warning(&self, cause: &'static str, farm: &str, user: &str, detail: &str) {
+        let limit = match cause {
+            "timeout" => &self.warnings[0],
+            "error" => &self.warnings[1],
+            _ => &self.warnings[2],
+        };
+        let plugin = &self.address;
+        match limit.warn_now() {
+            Some(unwarned) => tracing::warn!(
+                %plugin, %farm, %user, cause, detail, since_last_warning = unwarned,
+                "plug-in's answer not used; keeping the broker's pick (said at most once a minute for each cause)"
+            ),
+            None => {
+                tracing::debug!(%plugin, %farm, %user, cause, detail, "plug-in's answer not used; keeping the broker's pick")
+            }
+        }
+    }
+
+    /// Whether the plug-in answered over a connection made after its `Initialize` (it may have
+    /// restarted, and know nothing): if so, the link initializes and resyncs it again.
+    fn reconnected(&self) -> bool {
+        if self.connections.get() == self.initialized_on.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(plugin = %self.address, "plug-in reached over a new connection (it may have restarted); initializing it again");
+            self.reinitialize.notify_one();
+        }
+        true
     }
 
     fn fallback(&self, cause: &'static str) -> Suggestion {
@@ -184,14 +253,23 @@ impl PluginLink {
         match answer {
             Err(_) => {
                 self.record(method, "timeout", started);
-                tracing::warn!(plugin = %self.address, %farm, %user, deadline = ?self.settings.deadline, "plug-in late; keeping the broker's pick");
+                let detail = format!(
+                    "no answer within the deadline, {:?}",
+                    self.settings.deadline
+                );
+                self.fallback_warning("timeout", &farm, &user, &detail);
                 self.fallback("timeout")
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
-                tracing::warn!(plugin = %self.address, %farm, %user, code = ?status.code(), message = status.message(), "plug-in failed; keeping the broker's pick");
+                let detail = format!("{:?}: {}", status.code(), status.message());
+                self.fallback_warning("error", &farm, &user, &detail);
                 self.check_status(&status);
                 self.fallback("error")
+            }
+            Ok(Ok(_)) if self.reconnected() => {
+                self.record(method, "ok", started);
+                self.fallback("reconnected")
             }
             Ok(Ok(answer)) => {
                 self.record(method, "ok", started);
@@ -202,7 +280,8 @@ impl PluginLink {
                 match Uuid::parse_str(&chosen) {
                     Ok(machine) if candidates.contains(&chosen) => Suggestion::Machine(machine),
                     _ => {
-                        tracing::warn!(plugin = %self.address, %farm, %user, %chosen, "plug-in chose a machine that is not a candidate; keeping the broker's pick");
+                        let detail = format!("it named {chosen:?}, which is not a candidate");
+                        self.fallback_warning("not_candidate", &farm, &user, &detail);
                         self.fallback("not_candidate")
                     }
                 }
@@ -229,6 +308,11 @@ impl PluginLink {
         .await;
         let method = "GetUserExternalSession";
         match answer {
+            Ok(Ok(_)) if self.reconnected() => {
+                self.record(method, "ok", started);
+                self.fallback("reconnected");
+                None
+            }
             Ok(Ok(answer)) => {
                 self.record(method, "ok", started);
                 let answer = answer.into_inner();
@@ -243,7 +327,8 @@ impl PluginLink {
                     }
                     Err(_) if answer.address.is_empty() => None,
                     Err(error) => {
-                        tracing::warn!(plugin = %self.address, %farm, %user, %error, "plug-in answered an unusable external address");
+                        let detail = format!("an unusable external address: {error}");
+                        self.fallback_warning("error", &farm, &user, &detail);
                         self.fallback("error");
                         None
                     }
@@ -251,13 +336,23 @@ impl PluginLink {
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
-                tracing::warn!(plugin = %self.address, %farm, %user, code = ?status.code(), "plug-in external-session call failed");
+                let detail = format!(
+                    "GetUserExternalSession: {:?}: {}",
+                    status.code(),
+                    status.message()
+                );
+                self.fallback_warning("error", &farm, &user, &detail);
                 self.check_status(&status);
                 self.fallback("error");
                 None
             }
             Err(_) => {
                 self.record(method, "timeout", started);
+                let detail = format!(
+                    "GetUserExternalSession: no answer within {:?}",
+                    self.settings.deadline
+                );
+                self.fallback_warning("timeout", &farm, &user, &detail);
                 self.fallback("timeout");
                 None
             }
@@ -268,7 +363,7 @@ impl PluginLink {
     /// any failure starts over (with a growing pause).
     pub async fn run(
         self: Arc<Self>,
-        mut receiver: mpsc::Receiver<Notice>,
+        mut receiver: mpsc::Receiver<Queued>,
         store: Arc<dyn Store>,
         broker_id: String,
         shutdown: CancellationToken,
@@ -284,12 +379,12 @@ impl PluginLink {
                 .connect_and_resync(&mut receiver, store.as_ref(), &broker_id)
                 .await
             {
-                Ok(()) => {
+                Ok(cutoffs) => {
                     pause = RETRY_MIN;
                     said = None;
                     let reason = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        reason = self.forward(&mut receiver) => reason,
+                        reason = self.forward(&mut receiver, cutoffs) => reason,
                     };
                     self.up.store(false, Ordering::Relaxed);
                     tracing::warn!(plugin = %self.address, %reason, "plug-in link lost; will initialize and resync again");
@@ -322,10 +417,10 @@ impl PluginLink {
 
     async fn connect_and_resync(
         &self,
-        receiver: &mut mpsc::Receiver<Notice>,
+        receiver: &mut mpsc::Receiver<Queued>,
         store: &dyn Store,
         broker_id: &str,
-    ) -> Result<(), (LinkStage, String)> {
+    ) -> Result<ResyncCutoffs, (LinkStage, String)> {
         let request = pb::InitializeRequest {
             broker_id: broker_id.to_owned(),
             broker_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -337,6 +432,8 @@ impl PluginLink {
         let answer = match answer {
             Ok(Ok(answer)) => {
                 self.record("Initialize", "ok", started);
+                self.initialized_on
+                    .store(self.connections.get(), Ordering::Release);
                 answer.into_inner()
             }
             Ok(Err(status)) => {
@@ -361,53 +458,38 @@ impl PluginLink {
             .map_err(|reason| (LinkStage::Resync, reason))
     }
 
-    /// ADDED, RESYNC (batched) and CHANGED for every machine of the plug-in's farms.
-    async fn full_resync(&self, store: &dyn Store) -> Result<(), String> {
-        self.metrics
-            .plugin_resyncs
-            .get_or_create(&PluginMethodLabels {
-                plugin: self.address.clone(),
-                method: "resync",
-            })
-            .inc();
-        for farm in &self.farms {
-            let machines = store
-                .list_machines(Some(farm))
-                .await
-                .map_err(|error| error.to_string())?;
-            for machine in machines {
-                let sessions = all_sessions(store, machine.id).await?;
-                let mut sequence = vec![notices::machine_added(&machine)];
-                sequence.extend(notices::sessions_resync(
-                    &machine.id.to_string(),
-                    sessions,
-                    self.settings.batch_size,
-                ));
-                sequence.push(notices::machine_state_changed(&machine));
-                for notice in sequence {
-                    self.send(notice).await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Sends queued notifications in order, merging live session events into batches, until a
     /// call fails or the queue overflowed.
-    async fn forward(&self, receiver: &mut mpsc::Receiver<Notice>) -> String {
+    async fn forward(
+        &self,
+        receiver: &mut mpsc::Receiver<Queued>,
+        cutoffs: ResyncCutoffs,
+    ) -> String {
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe.reset();
         loop {
             let received = tokio::select! {
                 received = receiver.recv() => received,
                 _ = self.reinitialize.notified() => return "a call showed the plug-in needs initializing".to_owned(),
+                _ = probe.tick() => match self.probe().await {
+                    Ok(()) => continue,
+                    Err(reason) => return reason,
+                },
             };
             let Some(first) = received else {
                 return "queue closed".to_owned();
             };
-            let mut pending = vec![first];
-            while pending.len() < 1024 {
-                match receiver.try_recv() {
-                    Ok(notice) => pending.push(notice),
-                    Err(_) => break,
+            let mut pending = Vec::new();
+            let mut next = Some(first);
+            while let Some(queued) = next.take() {
+                // What the last full resync's snapshot of its machine already held is not
+                // sent again on top of it.
+                if !cutoffs.covers(&queued) {
+                    pending.push(queued.notice);
+                }
+                if pending.len() < 1024 {
+                    next = receiver.try_recv().ok();
                 }
             }
             for notice in notices::merge_live_batches(pending, self.settings.batch_size) {
@@ -439,6 +521,10 @@ impl PluginLink {
             ),
         };
         match answer {
+            Ok(Ok(())) if self.reconnected() => {
+                self.record(method, "ok", started);
+                Err(format!("{method} answered over a new connection"))
+            }
             Ok(Ok(())) => {
                 self.record(method, "ok", started);
                 Ok(())
@@ -454,6 +540,27 @@ impl PluginLink {
         }
     }
 
+    /// Checks that the plug-in still answers, over the connection it was initialized on: a
+    /// health check (a plug-in without the health service answers UNIMPLEMENTED, which is
+    /// as good), so that a plug-in that restarted in a quiet farm is initialized again before
+    /// the next decision asks it.
+    async fn probe(&self) -> Result<(), String> {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, health.check(request)).await {
+            Err(_) => Err("no answer to a health check".to_owned()),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                Err(format!("health check: {}", status.message()))
+            }
+            Ok(_) if self.reconnected() => {
+                Err("the plug-in answered over a new connection (it may have restarted)".to_owned())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// Terminated, for a clean shutdown (bounded, best effort).
     pub async fn terminate(&self, reason: &str) {
         if !self.is_up() {
@@ -465,28 +572,5 @@ impl PluginLink {
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), client.terminated(request)).await;
         self.up.store(false, Ordering::Relaxed);
-    }
-}
-
-/// Every session of a machine, page by page.
-async fn all_sessions(store: &dyn Store, machine: Uuid) -> Result<Vec<pb::Session>, String> {
-    let mut sessions = Vec::new();
-    let mut filter = SessionFilter {
-        machine: Some(machine),
-        limit: 10_000,
-        ..SessionFilter::default()
-    };
-    loop {
-        let page = store
-            .list_sessions(&filter)
-            .await
-            .map_err(|error| error.to_string())?;
-        sessions.extend(page.iter().map(notices::session_from_record));
-        match page.last() {
-            Some(last) if page.len() == filter.limit as usize => {
-                filter.after = Some((last.machine_id, last.session_id))
-            }
-            _ => return Ok(sessions),
-        }
     }
 }

@@ -3,12 +3,14 @@
 //! and routes each farm's notifications and decisions to it. A slow or dead plug-in delays
 //! nothing but its own notifications, and a decision never waits past the farm's deadline.
 
+mod connection;
 mod link;
 pub mod notices;
 
 pub use link::{PluginLink, Suggestion};
 pub use notices::Notice;
 
+use crate::decision::DecisionSettings;
 use crate::decision::farm_settings::FarmBook;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -27,6 +29,7 @@ impl PluginHub {
     pub fn start(
         farms: &FarmBook,
         store: Arc<dyn Store>,
+        decision: &DecisionSettings,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<PluginHub>> {
@@ -50,7 +53,8 @@ impl PluginHub {
         let broker_id = uuid::Uuid::new_v4().to_string();
         let mut hub = PluginHub::default();
         for (address, (settings, served)) in farms_by_plugin {
-            let (link, receiver) = PluginLink::new(settings, served.clone(), metrics.clone())?;
+            let (link, receiver) =
+                PluginLink::new(settings, served.clone(), decision.clone(), metrics.clone())?;
             tokio::spawn(link.clone().run(
                 receiver,
                 store.clone(),

@@ -15,6 +15,16 @@ pub enum Notice {
     Sessions(pb::SessionChangeNotificationRequest),
 }
 
+impl Notice {
+    /// The machine the notice is about.
+    pub fn machine_id(&self) -> &str {
+        match self {
+            Notice::Machine(request) => &request.machine_id,
+            Notice::Sessions(request) => &request.machine_id,
+        }
+    }
+}
+
 /// ADDED with the whole machine.
 pub fn machine_added(machine: &MachineRecord) -> Notice {
     machine_notice(

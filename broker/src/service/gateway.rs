@@ -604,7 +604,7 @@ impl AgentStream {
             )),
             StreamEnd::Refused(status) => Err(status),
             StreamEnd::Transport(status) => {
-                tracing::info!(machine = ?name, code = ?status.code(), message = status.message(), "agent stream broke");
+                tracing::info!(machine = ?name, code = ?status.code(), detail = status.message(), "agent stream broke");
                 return;
             }
             StreamEnd::Closed | StreamEnd::Removed => return,

@@ -15,6 +15,8 @@ use tsbroker_tests::fake_agent::{machine as description, session};
 use tsbroker_tests::process::{ChildGuard, free_port};
 use tsbroker_tests::{FakeAgent, TestBroker, TestDatabase, spawn_broker};
 
+mod restarts;
+
 const DEADLINE: Duration = Duration::from_millis(100);
 
 /// A running `scripted-plugin` with its record and mode files.
@@ -436,87 +438,6 @@ async fn notifications_come_in_order_and_in_batches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_restarted_plugin_gets_a_full_resync_that_matches_the_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let plugin = PluginProcess::start(dir.path(), port, false, "1");
-    let setup = broker_with_plugin(&plugin).await;
-    let broker = &setup.broker;
-    let mut a = FakeAgent::join(
-        &broker.url(),
-        description("ts-a", "farm", 100),
-        vec![session(1, "alice", pb::SessionState::Disconnected)],
-    )
-    .await;
-    let _b = FakeAgent::join(
-        &broker.url(),
-        description("ts-b", "farm", 100),
-        (1..=30)
-            .map(|id| session(id, &format!("b{id}"), pb::SessionState::Active))
-            .collect(),
-    )
-    .await;
-    wait_for_call(&plugin, "MachineChangeNotification", |call| {
-        call["machine_name"] == "ts-b" && call["state"] == "READY"
-    })
-    .await;
-    drop(plugin);
-    // Changes while the plug-in is away.
-    a.logon(2, "while-away").await.unwrap();
-    a.logoff(1, "alice").await.unwrap();
-    let plugin = PluginProcess::start(dir.path(), port, false, "2");
-    wait_for_call(&plugin, "MachineChangeNotification", |call| {
-        call["type"] == "CHANGED" && call["machine_name"] == "ts-b"
-    })
-    .await;
-    wait_for_call(&plugin, "MachineChangeNotification", |call| {
-        call["type"] == "CHANGED" && call["machine_name"] == "ts-a"
-    })
-    .await;
-    assert_eq!(
-        plugin.records()[0]["method"],
-        "Initialize",
-        "Initialize comes first"
-    );
-    let mut resynced: Vec<(String, String)> = plugin
-        .calls("SessionChangeNotification")
-        .iter()
-        .filter(|call| call["notification"] == "RESYNC")
-        .flat_map(|call| {
-            let machine = call["machine_name"].as_str().unwrap().to_owned();
-            call["changes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(move |change| (machine.clone(), change["user"].as_str().unwrap().to_owned()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    resynced.sort();
-    let mut client = broker.broker_client().await;
-    let listed = client
-        .list_sessions(pb::ListSessionsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut directory: Vec<(String, String)> = listed
-        .sessions
-        .iter()
-        .map(|session| (session.machine_name.clone(), session.user_name.clone()))
-        .collect();
-    directory.sort();
-    assert_eq!(resynced, directory);
-    assert!(directory.contains(&("ts-a".into(), "while-away".into())));
-    assert_eq!(directory.len(), 31);
-    let metrics = scrape(setup.metrics_port).await;
-    assert!(
-        counter(&metrics, &["tsbroker_plugin_resyncs_total"]) >= 2.0,
-        "{metrics}"
-    );
-    setup.broker.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn external_sessions_come_back_as_external() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = PluginProcess::start(dir.path(), free_port(), true, "1");
@@ -561,6 +482,41 @@ async fn external_sessions_come_back_as_external() {
 /// The example plug-in, as an operator runs it: its policy (fewest active sessions) overrides
 /// the broker's (fewest sessions); after it restarts in a quiet farm, the next decision it
 /// refuses (FAILED_PRECONDITION: not initialized) makes the broker initialize and resync it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_of_a_logon_in_flight_does_not_ask_the_plugin_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = PluginProcess::start(dir.path(), free_port(), true, "1");
+    let setup = broker_with_plugin(&plugin).await;
+    let broker = &setup.broker;
+    let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let _b = FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-b" && call["state"] == "READY"
+    })
+    .await;
+    plugin.set_mode("pick ts-b");
+    let (first, _) = redirect(broker, "carol").await;
+    assert_eq!(reason(&first), pb::RedirectReason::Plugin);
+    let asked = |method| plugin.calls(method).len();
+    let (suggestions, externals) = (
+        asked("GetMostSuitableServer"),
+        asked("GetUserExternalSession"),
+    );
+    assert_eq!((suggestions, externals), (1, 1));
+    // The client comes back before its logon is reported: the same machine, nothing asked.
+    let (retry, _) = redirect(broker, "carol").await;
+    assert_eq!(reason(&retry), pb::RedirectReason::PendingLogon);
+    assert_eq!(retry.machine_name, "ts-b");
+    assert_eq!(
+        (
+            asked("GetMostSuitableServer"),
+            asked("GetUserExternalSession")
+        ),
+        (1, 1)
+    );
+    setup.broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
     let port = free_port();
