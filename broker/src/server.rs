@@ -208,7 +208,11 @@ pub async fn run(
         config.farms.clone(),
         plugins.clone(),
         metrics.clone(),
-        SessionDirectory::start(store.clone(), shutdown.child_token()),
+        SessionDirectory::start(
+            store.clone(),
+            shutdown.child_token(),
+            plugins.follow_other_replicas(store.clone()),
+        ),
     ));
     core.set(Core {
         store: store.clone(),

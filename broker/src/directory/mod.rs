@@ -148,6 +148,9 @@ pub struct DirectoryAnswer {
 }
 
 /// A handle on the directory; its task stops with `stop`.
+/// Called with the machines another replica changed, once the directory has read them again.
+pub type ChangedElsewhere = Arc<dyn Fn(Vec<uuid::Uuid>) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct SessionDirectory {
     shared: Arc<Shared>,
@@ -156,7 +159,11 @@ pub struct SessionDirectory {
 impl SessionDirectory {
     /// Attaches a directory to `store` and starts loading it; it follows the store's commits
     /// from this moment.
-    pub fn start(store: Arc<dyn Store>, stop: CancellationToken) -> Self {
+    pub fn start(
+        store: Arc<dyn Store>,
+        stop: CancellationToken,
+        changed_elsewhere: Option<ChangedElsewhere>,
+    ) -> Self {
         let (reloads, requests) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             state: RwLock::new(State::Loading {
@@ -166,7 +173,13 @@ impl SessionDirectory {
             reloads,
         });
         store.attach_directory(Arc::new(Sink(Arc::downgrade(&shared))));
-        tokio::spawn(sync::run(store, shared.clone(), requests, stop));
+        tokio::spawn(sync::run(
+            store,
+            shared.clone(),
+            requests,
+            changed_elsewhere,
+            stop,
+        ));
         SessionDirectory { shared }
     }
 

@@ -10,7 +10,7 @@
 //! the database is away the index keeps serving what it knows.
 
 use super::index::DirectoryIndex;
-use super::{Reload, Shared};
+use super::{ChangedElsewhere, Reload, Shared};
 use crate::store::{Store, StoreResult};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,11 +27,12 @@ pub(super) async fn run(
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     mut requests: mpsc::UnboundedReceiver<Reload>,
+    changed_elsewhere: Option<ChangedElsewhere>,
     stop: CancellationToken,
 ) {
     loop {
         let outcome = tokio::select! {
-            outcome = load_and_follow(store.as_ref(), &shared, &mut requests) => outcome,
+            outcome = load_and_follow(store.as_ref(), &shared, &mut requests, changed_elsewhere.as_ref()) => outcome,
             _ = stop.cancelled() => return,
         };
         shared.unload();
@@ -54,6 +55,7 @@ async fn load_and_follow(
     store: &dyn Store,
     shared: &Shared,
     requests: &mut mpsc::UnboundedReceiver<Reload>,
+    changed_elsewhere: Option<&ChangedElsewhere>,
 ) -> StoreResult<()> {
     // Requests made before this read are answered by it.
     while requests.try_recv().is_ok() {}
@@ -90,7 +92,10 @@ async fn load_and_follow(
                     }
                     pending = requests.try_recv().ok();
                 }
-                reload(store, shared, machines).await?;
+                let machines = reload(store, shared, machines).await?;
+                if let Some(hook) = changed_elsewhere {
+                    hook(machines);
+                }
             }
             _ = leases.tick(), if refresh_leases => match store.machine_leases().await {
                 Ok(leases) => {
@@ -128,7 +133,8 @@ async fn read_everything(store: &dyn Store) -> StoreResult<DirectoryIndex> {
 }
 
 /// Reads the machines and their sessions again and replaces what the index had of them.
-async fn reload(store: &dyn Store, shared: &Shared, mut ids: Vec<Uuid>) -> StoreResult<()> {
+/// Returns the machines read.
+async fn reload(store: &dyn Store, shared: &Shared, mut ids: Vec<Uuid>) -> StoreResult<Vec<Uuid>> {
     ids.sort_unstable();
     ids.dedup();
     let rows = store.directory_machines(Some(&ids)).await?;
@@ -147,5 +153,5 @@ async fn reload(store: &dyn Store, shared: &Shared, mut ids: Vec<Uuid>) -> Store
             index.upsert_session(row);
         }
     });
-    Ok(())
+    Ok(ids)
 }

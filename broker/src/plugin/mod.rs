@@ -95,6 +95,47 @@ impl PluginHub {
         }
     }
 
+    /// What the session directory calls with the machines other replicas changed (`None`
+    /// without plug-ins): each is read again and queued whole for its farm's plug-in, in the
+    /// order the changes came, by one task.
+    pub fn follow_other_replicas(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+    ) -> Option<crate::directory::ChangedElsewhere> {
+        if self.links.is_empty() {
+            return None;
+        }
+        let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel::<Vec<uuid::Uuid>>();
+        let hub = self.clone();
+        tokio::spawn(async move {
+            while let Some(machines) = changed.recv().await {
+                for id in machines {
+                    hub.resync_changed_machine(store.as_ref(), id).await;
+                }
+            }
+        });
+        Some(Arc::new(move |machines| {
+            let _ = changes.send(machines);
+        }))
+    }
+
+    async fn resync_changed_machine(&self, store: &dyn Store, id: uuid::Uuid) {
+        let machine = match store.get_machine(id).await {
+            Ok(Some(machine)) => machine,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(%error, machine = %id, "cannot read a machine another replica changed; its plug-in's view waits for the next resync");
+                return;
+            }
+        };
+        let Some(link) = self.by_farm.get(&machine.farm) else {
+            return;
+        };
+        if let Err(error) = link.queue_machine_resync(store, machine).await {
+            tracing::debug!(%error, machine = %id, "cannot read the sessions of a machine another replica changed");
+        }
+    }
+
     /// Tells every plug-in the broker is stopping.
     pub async fn terminate(&self, reason: &str) {
         for link in &self.links {

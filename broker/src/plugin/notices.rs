@@ -184,26 +184,54 @@ pub fn session_from_record(record: &SessionRecord) -> pb::Session {
     convert::session(record)
 }
 
-/// Merges consecutive live session notices of the same machine into batches of at most
-/// `batch_size` changes; everything else passes through in order.
+/// Merges live session notices into batches of at most `batch_size` changes per machine.
+/// Between two notices that are not live session events (a machine's notice, a RESYNC batch),
+/// which keep their places, the live events are grouped by machine, machines in the order of
+/// their first event: each machine's events stay in their order (a farm's agents interleave
+/// theirs, so merging only neighbours left most batches at one event).
 pub fn merge_live_batches(notices: Vec<Notice>, batch_size: usize) -> Vec<Notice> {
+    let batch_size = batch_size.max(1);
     let mut merged: Vec<Notice> = Vec::with_capacity(notices.len());
+    let mut run: Vec<pb::SessionChangeNotificationRequest> = Vec::new();
     for notice in notices {
-        let live = matches!(&notice, Notice::Sessions(request)
-            if request.notification == pb::NotificationType::Unspecified as i32);
-        if let (true, Some(Notice::Sessions(last)), Notice::Sessions(request)) =
-            (live, merged.last_mut(), &notice)
-        {
-            let same_stream = last.notification == pb::NotificationType::Unspecified as i32
-                && last.machine_id == request.machine_id;
-            if same_stream && last.changes.len() + request.changes.len() <= batch_size {
-                last.changes.extend(request.changes.iter().cloned());
-                continue;
+        match notice {
+            Notice::Sessions(request)
+                if request.notification == pb::NotificationType::Unspecified as i32 =>
+            {
+                match run
+                    .iter_mut()
+                    .find(|group| group.machine_id == request.machine_id)
+                {
+                    Some(group) => group.changes.extend(request.changes),
+                    None => run.push(request),
+                }
+            }
+            barrier => {
+                flush_run(&mut run, batch_size, &mut merged);
+                merged.push(barrier);
             }
         }
-        merged.push(notice);
     }
+    flush_run(&mut run, batch_size, &mut merged);
     merged
+}
+
+/// Each machine's grouped live events, in batches of at most `batch_size`.
+fn flush_run(
+    run: &mut Vec<pb::SessionChangeNotificationRequest>,
+    batch_size: usize,
+    merged: &mut Vec<Notice>,
+) {
+    for group in run.drain(..) {
+        for changes in group.changes.chunks(batch_size) {
+            merged.push(Notice::Sessions(pb::SessionChangeNotificationRequest {
+                notification: group.notification,
+                machine_id: group.machine_id.clone(),
+                changes: changes.to_vec(),
+                last_batch: true,
+            }));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,7 +271,32 @@ mod tests {
         notices.push(live("m2", "x"));
         notices.push(live("m1", "y"));
         let merged = merge_live_batches(notices, 25);
-        assert_eq!(sizes(&merged), vec![25, 25, 10, 1, 1]);
+        // m1's 61 events in order, then m2's.
+        assert_eq!(sizes(&merged), vec![25, 25, 11, 1]);
+        let users = |notice: &Notice| match notice {
+            Notice::Sessions(request) => request
+                .changes
+                .iter()
+                .map(|change| change.session.as_ref().unwrap().user_name.clone())
+                .collect::<Vec<_>>(),
+            Notice::Machine(_) => Vec::new(),
+        };
+        assert_eq!(users(&merged[2]).last().unwrap(), "y");
+        assert_eq!(users(&merged[3]), vec!["x"]);
+    }
+
+    #[test]
+    fn interleaved_machines_merge_but_not_across_a_machine_notice() {
+        let mut notices = Vec::new();
+        for user in 0..10 {
+            notices.push(live("m1", &format!("a{user}")));
+            notices.push(live("m2", &format!("b{user}")));
+        }
+        notices.push(machine_removed("m2", "m2", "farm"));
+        notices.push(live("m1", "after"));
+        let merged = merge_live_batches(notices, 25);
+        assert_eq!(sizes(&merged), vec![10, 10, 0, 1]);
+        assert_eq!(merged[2].machine_id(), "m2");
     }
 
     #[test]

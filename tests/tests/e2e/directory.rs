@@ -38,7 +38,7 @@ fn active(session_id: u32, user: &str) -> SessionInfo {
 
 async fn loaded(store: Arc<dyn Store>) -> (SessionDirectory, CancellationToken) {
     let stop = CancellationToken::new();
-    let directory = SessionDirectory::start(store, stop.clone());
+    let directory = SessionDirectory::start(store, stop.clone(), None);
     eventually(10, || {
         let directory = directory.clone();
         async move { directory.is_loaded() }

@@ -15,6 +15,7 @@ use tsbroker_tests::fake_agent::{machine as description, session};
 use tsbroker_tests::process::{ChildGuard, free_port};
 use tsbroker_tests::{FakeAgent, TestBroker, TestDatabase, spawn_broker};
 
+mod replicas;
 mod restarts;
 
 const DEADLINE: Duration = Duration::from_millis(100);

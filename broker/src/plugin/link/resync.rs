@@ -83,6 +83,36 @@ impl PluginLink {
     }
 }
 
+impl PluginLink {
+    /// Queues a machine whole (ADDED, RESYNC of its sessions, CHANGED state; REMOVED for one
+    /// that left) after another replica changed it: that replica's live notifications go to
+    /// its own link only, so each replica keeps its plug-in's view of the farm whole.
+    pub async fn queue_machine_resync(
+        &self,
+        store: &dyn Store,
+        machine: MachineRecord,
+    ) -> Result<(), String> {
+        if !self.is_up() {
+            // The next Initialize's full resync covers it.
+            return Ok(());
+        }
+        let id = machine.id.to_string();
+        if machine.machine_state() == MachineState::Removed {
+            self.notify(notices::machine_removed(&id, &machine.name, &machine.farm));
+            return Ok(());
+        }
+        let lease_cutoff = self.decision.lease_cutoff(store.now());
+        let machine = as_decisions_see_it(machine, lease_cutoff);
+        let sessions = all_sessions(store, machine.id).await?;
+        self.notify(notices::machine_added(&machine));
+        for notice in notices::sessions_resync(&id, sessions, self.settings.batch_size) {
+            self.notify(notice);
+        }
+        self.notify(notices::machine_state_changed(&machine));
+        Ok(())
+    }
+}
+
 /// A READY or JOINING machine whose lease ran out is UNREACHABLE, as decisions take it (a
 /// machine whose agent stopped while no broker was running is still READY in its row).
 fn as_decisions_see_it(mut machine: MachineRecord, lease_cutoff: i64) -> MachineRecord {
