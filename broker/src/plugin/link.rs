@@ -393,7 +393,7 @@ impl PluginLink {
                     self.up.store(false, Ordering::Relaxed);
                     let what = match stage {
                         LinkStage::Initialize => {
-                            "plug-in not reachable; the broker's own picks stand until it is"
+                            "plug-in not initialized (not reachable, or its Initialize failed); the broker's own picks stand until it is"
                         }
                         LinkStage::Resync => {
                             "plug-in initialized, but its full resync failed; the broker's own picks stand until it works"
@@ -437,10 +437,23 @@ impl PluginLink {
                 answer.into_inner()
             }
             Ok(Err(status)) => {
-                let reason = format!("Initialize failed: {}", status.message());
+                // An HTTP server that is not gRPC shows up as a protocol error.
+                let hint = if status.message().contains("protocol error") {
+                    " (is a gRPC server listening at this address?)"
+                } else {
+                    ""
+                };
+                let reason = format!(
+                    "Initialize failed: {:?}: {}{hint}",
+                    status.code(),
+                    status.message()
+                );
                 return Err((LinkStage::Initialize, reason));
             }
-            Err(_) => return Err((LinkStage::Initialize, "Initialize timed out".to_owned())),
+            Err(_) => {
+                let reason = format!("Initialize got no answer within {CALL_TIMEOUT:?}");
+                return Err((LinkStage::Initialize, reason));
+            }
         };
         // Everything queued so far is covered by the resync that follows.
         while receiver.try_recv().is_ok() {}

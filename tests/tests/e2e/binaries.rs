@@ -371,7 +371,7 @@ async fn an_unreachable_plugin_is_said_once_as_a_warning() {
     let log = String::from_utf8_lossy(&output.stderr);
     let said: Vec<&str> = log
         .lines()
-        .filter(|line| line.contains("plug-in not reachable"))
+        .filter(|line| line.contains("plug-in not initialized (not reachable"))
         .collect();
     assert_eq!(said.len(), 1, "{log}");
     assert!(said[0].contains("WARN"), "{log}");
