@@ -29,7 +29,8 @@ const QUEUE_CAPACITY: usize = 10_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// How often an idle link checks that the plug-in is still the one it initialized.
+/// How often the link checks that the plug-in is still the one it initialized (and follows
+/// the machines' leases).
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Where bringing the link up failed.
@@ -79,6 +80,8 @@ pub struct PluginLink {
     queue: mpsc::Sender<Queued>,
     /// The number the next queued notice gets.
     next_seq: AtomicU64,
+    /// Each machine's state as last sent to the plug-in (by id).
+    told_states: std::sync::Mutex<std::collections::HashMap<String, i32>>,
     /// For the machines' leases as decisions see them.
     decision: DecisionSettings,
     metrics: Arc<Metrics>,
@@ -126,6 +129,7 @@ impl PluginLink {
             warnings: Default::default(),
             queue,
             next_seq: AtomicU64::new(0),
+            told_states: Default::default(),
             decision,
             metrics,
         };
@@ -384,7 +388,7 @@ impl PluginLink {
                     said = None;
                     let reason = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        reason = self.forward(&mut receiver, cutoffs) => reason,
+                        reason = self.forward(&mut receiver, cutoffs, store.as_ref()) => reason,
                     };
                     self.up.store(false, Ordering::Relaxed);
                     tracing::warn!(plugin = %self.address, %reason, "plug-in link lost; will initialize and resync again");
@@ -477,6 +481,7 @@ impl PluginLink {
         &self,
         receiver: &mut mpsc::Receiver<Queued>,
         cutoffs: ResyncCutoffs,
+        store: &dyn Store,
     ) -> String {
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -486,7 +491,10 @@ impl PluginLink {
                 received = receiver.recv() => received,
                 _ = self.reinitialize.notified() => return "a call showed the plug-in needs initializing".to_owned(),
                 _ = probe.tick() => match self.probe().await {
-                    Ok(()) => continue,
+                    Ok(()) => {
+                        self.follow_leases(store).await;
+                        continue;
+                    }
                     Err(reason) => return reason,
                 },
             };
@@ -519,6 +527,9 @@ impl PluginLink {
     async fn send(&self, notice: Notice) -> Result<(), String> {
         let started = Instant::now();
         let mut client = self.client.clone();
+        if let Notice::Machine(request) = &notice {
+            self.note_state_told(request);
+        }
         let (method, answer) = match notice {
             Notice::Machine(request) => (
                 "MachineChangeNotification",

@@ -113,6 +113,46 @@ impl PluginLink {
     }
 }
 
+impl PluginLink {
+    /// Notes the state a machine notice tells the plug-in (ADDED, REMOVED, or CHANGED naming
+    /// the state).
+    pub(super) fn note_state_told(&self, request: &pb::MachineChangeNotificationRequest) {
+        let Some(machine) = &request.machine else {
+            return;
+        };
+        let tells_state = request.r#type != pb::NotificationType::Changed as i32
+            || request.changed_fields.iter().any(|field| field == "state");
+        if tells_state && let Ok(mut told) = self.told_states.lock() {
+            told.insert(request.machine_id.clone(), machine.state);
+        }
+    }
+
+    /// Tells the plug-in of machines whose state as decisions see it is no longer the one it
+    /// was told: a lease that ran out with no stream to end (an agent that stopped while no
+    /// broker ran, a replica killed with its agents' streams) changes nothing in the database.
+    pub(super) async fn follow_leases(&self, store: &dyn Store) {
+        for farm in &self.farms {
+            let Ok(machines) = store.list_machines(Some(farm)).await else {
+                return;
+            };
+            let lease_cutoff = self.decision.lease_cutoff(store.now());
+            for machine in machines {
+                let machine = as_decisions_see_it(machine, lease_cutoff);
+                let state = machine.machine_state().to_proto() as i32;
+                let stale = self
+                    .told_states
+                    .lock()
+                    .ok()
+                    .and_then(|told| told.get(&machine.id.to_string()).copied())
+                    .is_some_and(|told| told != state);
+                if stale {
+                    self.notify(notices::machine_state_changed(&machine));
+                }
+            }
+        }
+    }
+}
+
 /// A READY or JOINING machine whose lease ran out is UNREACHABLE, as decisions take it (a
 /// machine whose agent stopped while no broker was running is still READY in its row).
 fn as_decisions_see_it(mut machine: MachineRecord, lease_cutoff: i64) -> MachineRecord {

@@ -3,10 +3,11 @@
 
 use super::{PluginProcess, broker_with_plugin, redirect, wait_for_call};
 use crate::support::{counter, reason, scrape};
+use std::process::Command;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_tests::FakeAgent;
 use tsbroker_tests::fake_agent::{machine as description, session};
-use tsbroker_tests::process::free_port;
+use tsbroker_tests::process::{broker_process, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_plugin_gets_a_full_resync_that_matches_the_directory() {
@@ -150,4 +151,78 @@ async fn a_plugin_restarted_in_a_quiet_farm_is_initialized_before_it_is_asked() 
         "{metrics}"
     );
     setup.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_machine_gone_while_the_broker_was_down_turns_unreachable_for_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = PluginProcess::start(dir.path(), free_port(), false, "1");
+    let config = dir.path().join("tsbroker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[farms.farm]\nslow_start = \"0s\"\n[farms.farm.plugin]\naddress = \"{}\"\n",
+            plugin.address()
+        ),
+    )
+    .unwrap();
+    let start = |port| {
+        let config = config.clone();
+        broker_process(dir.path(), port, move |binary, args| {
+            let mut command = Command::new(binary);
+            command
+                .args(args)
+                .arg("--config")
+                .arg(config)
+                .args(["--heartbeat-timeout", "3s"]);
+            command
+        })
+    };
+    let port = free_port();
+    let (mut broker, _log) = start(port).await;
+    let agent = FakeAgent::join(
+        &format!("http://127.0.0.1:{port}"),
+        description("ts-a", "farm", 100),
+        vec![session(1, "alice", pb::SessionState::Active)],
+    )
+    .await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-a" && call["state"] == "READY"
+    })
+    .await;
+    // The broker dies with the agent's stream; the agent is gone too, and tells nobody.
+    broker.kill();
+    agent.hang_up();
+    let port = free_port();
+    let (_broker, log) = start(port).await;
+    // Back within the timeout, the full resync shows the machine as it looks: still READY.
+    let resynced_state = || {
+        let records = plugin.records();
+        let second_start = records
+            .iter()
+            .enumerate()
+            .filter(|(_, record)| record["method"] == "Initialize")
+            .nth(1)?
+            .0;
+        records[second_start..]
+            .iter()
+            .find(|call| call["type"] == "CHANGED" && call["machine_name"] == "ts-a")
+            .map(|call| call["state"].clone())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let state = loop {
+        if let Some(state) = resynced_state() {
+            break state;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", log.tail(10));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(state, "READY", "{:#?}", plugin.records());
+    // Once its lease has run out, the plug-in is told, with no stream ending to say so.
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["type"] == "CHANGED"
+            && call["machine_name"] == "ts-a"
+            && call["state"] == "UNREACHABLE"
+    })
+    .await;
 }
