@@ -6,10 +6,11 @@
 use super::connection::{ConnectionCount, CountingConnector};
 use super::notices::{self, Notice};
 
+mod decisions;
 mod resync;
 use crate::decision::DecisionSettings;
 use crate::decision::farm_settings::PluginSettings;
-use crate::metrics::{Metrics, PluginCallLabels, PluginFallbackLabels, PluginMethodLabels};
+use crate::metrics::{Metrics, PluginCallLabels, PluginMethodLabels};
 use crate::store::Store;
 use crate::warning_limit::WarningLimit;
 use resync::ResyncCutoffs;
@@ -186,180 +187,6 @@ impl PluginLink {
         {
             tracing::warn!(plugin = %self.address, code = ?status.code(), "plug-in needs initializing again");
             self.reinitialize.notify_one();
-        }
-    }
-
-    /// Says why the broker's pick stood: a warning at most once a minute for each cause (a slow
-    /// plug-in fails every decision), counting the others, which go to the debug level.
-    fn fallback_warning(&self, cause: &'static str, farm: &str, user: &str, detail: &str) {
-        let limit = match cause {
-            "timeout" => &self.warnings[0],
-            "error" => &self.warnings[1],
-            _ => &self.warnings[2],
-        };
-        let plugin = &self.address;
-        match limit.warn_now() {
-            Some(unwarned) => tracing::warn!(
-                %plugin, %farm, %user, cause, detail, since_last_warning = unwarned,
-                "plug-in's answer not used; keeping the broker's pick (said at most once a minute for each cause)"
-            ),
-            None => {
-                tracing::debug!(%plugin, %farm, %user, cause, detail, "plug-in's answer not used; keeping the broker's pick")
-            }
-        }
-    }
-
-    /// Whether the plug-in answered over a connection made after its `Initialize` (it may have
-    /// restarted, and know nothing): if so, the link initializes and resyncs it again.
-    fn reconnected(&self) -> bool {
-        if self.connections.get() == self.initialized_on.load(Ordering::Acquire) {
-            return false;
-        }
-        if self.up.swap(false, Ordering::Relaxed) {
-            tracing::warn!(plugin = %self.address, "plug-in reached over a new connection (it may have restarted); initializing it again");
-            self.reinitialize.notify_one();
-        }
-        true
-    }
-
-    fn fallback(&self, cause: &'static str) -> Suggestion {
-        self.metrics
-            .plugin_fallbacks
-            .get_or_create(&PluginFallbackLabels {
-                plugin: self.address.clone(),
-                cause,
-            })
-            .inc();
-        Suggestion::Fallback(cause)
-    }
-
-    /// GetMostSuitableServer within the farm's deadline. An answer that is not a candidate is a
-    /// fallback too.
-    pub async fn suggest(&self, request: pb::GetMostSuitableServerRequest) -> Suggestion {
-        if !self.is_up() {
-            return self.fallback("down");
-        }
-        // Named in warnings: the Redirect's own span is only kept at debug level.
-        let (farm, user) = (request.farm.clone(), request.user_name.clone());
-        let candidates: Vec<String> = request
-            .candidates
-            .iter()
-            .filter_map(|candidate| candidate.machine.as_ref().map(|machine| machine.id.clone()))
-            .collect();
-        let started = Instant::now();
-        let mut client = self.client.clone();
-        let answer = tokio::time::timeout(
-            self.settings.deadline,
-            client.get_most_suitable_server(request),
-        )
-        .await;
-        let method = "GetMostSuitableServer";
-        match answer {
-            Err(_) => {
-                self.record(method, "timeout", started);
-                let detail = format!(
-                    "no answer within the deadline, {:?}",
-                    self.settings.deadline
-                );
-                self.fallback_warning("timeout", &farm, &user, &detail);
-                self.fallback("timeout")
-            }
-            Ok(Err(status)) => {
-                self.record(method, "error", started);
-                let detail = format!("{:?}: {}", status.code(), status.message());
-                self.fallback_warning("error", &farm, &user, &detail);
-                self.check_status(&status);
-                self.fallback("error")
-            }
-            Ok(Ok(_)) if self.reconnected() => {
-                self.record(method, "ok", started);
-                self.fallback("reconnected")
-            }
-            Ok(Ok(answer)) => {
-                self.record(method, "ok", started);
-                let chosen = answer.into_inner().machine_id;
-                if chosen.is_empty() {
-                    return Suggestion::Keep;
-                }
-                match Uuid::parse_str(&chosen) {
-                    Ok(machine) if candidates.contains(&chosen) => Suggestion::Machine(machine),
-                    _ => {
-                        let detail = format!("it named {chosen:?}, which is not a candidate");
-                        self.fallback_warning("not_candidate", &farm, &user, &detail);
-                        self.fallback("not_candidate")
-                    }
-                }
-            }
-        }
-    }
-
-    /// GetUserExternalSession within the deadline: `Some((address, host name))` when the
-    /// plug-in has a host outside the farm for the user.
-    pub async fn external_session(
-        &self,
-        request: pb::GetUserExternalSessionRequest,
-    ) -> Option<(String, String)> {
-        if !self.supports_external() {
-            return None;
-        }
-        let (farm, user) = (request.farm.clone(), request.user_name.clone());
-        let started = Instant::now();
-        let mut client = self.client.clone();
-        let answer = tokio::time::timeout(
-            self.settings.deadline,
-            client.get_user_external_session(request),
-        )
-        .await;
-        let method = "GetUserExternalSession";
-        match answer {
-            Ok(Ok(_)) if self.reconnected() => {
-                self.record(method, "ok", started);
-                self.fallback("reconnected");
-                None
-            }
-            Ok(Ok(answer)) => {
-                self.record(method, "ok", started);
-                let answer = answer.into_inner();
-                match tsbroker_common::validate::address("address", &answer.address) {
-                    Ok(address) => {
-                        let name = if answer.host_name.is_empty() {
-                            address.clone()
-                        } else {
-                            answer.host_name
-                        };
-                        Some((address, name))
-                    }
-                    Err(_) if answer.address.is_empty() => None,
-                    Err(error) => {
-                        let detail = format!("an unusable external address: {error}");
-                        self.fallback_warning("error", &farm, &user, &detail);
-                        self.fallback("error");
-                        None
-                    }
-                }
-            }
-            Ok(Err(status)) => {
-                self.record(method, "error", started);
-                let detail = format!(
-                    "GetUserExternalSession: {:?}: {}",
-                    status.code(),
-                    status.message()
-                );
-                self.fallback_warning("error", &farm, &user, &detail);
-                self.check_status(&status);
-                self.fallback("error");
-                None
-            }
-            Err(_) => {
-                self.record(method, "timeout", started);
-                let detail = format!(
-                    "GetUserExternalSession: no answer within {:?}",
-                    self.settings.deadline
-                );
-                self.fallback_warning("timeout", &farm, &user, &detail);
-                self.fallback("timeout");
-                None
-            }
         }
     }
 
@@ -562,6 +389,19 @@ impl PluginLink {
                 Err(format!("{method} timed out"))
             }
         }
+    }
+
+    /// Whether the plug-in answered over a connection made after its `Initialize` (it may have
+    /// restarted, and know nothing): if so, the link initializes and resyncs it again.
+    fn reconnected(&self) -> bool {
+        if self.connections.get() == self.initialized_on.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(plugin = %self.address, "plug-in reached over a new connection (it may have restarted); initializing it again");
+            self.reinitialize.notify_one();
+        }
+        true
     }
 
     /// Checks that the plug-in still answers, over the connection it was initialized on: a

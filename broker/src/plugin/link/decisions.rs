@@ -1,0 +1,173 @@
+//! The plug-in's part of a decision: `GetMostSuitableServer` and `GetUserExternalSession`,
+//! each bounded by the farm's deadline. Whatever goes wrong (late, an error, a machine that is
+//! not a candidate, an answer over a connection the plug-in was not initialized on) keeps the
+//! broker's own answer, counted by cause and warned about at most once a minute per cause.
+
+use super::{PluginLink, Suggestion};
+use crate::metrics::PluginFallbackLabels;
+use std::time::Instant;
+use tsbroker_common::proto::v1 as pb;
+use uuid::Uuid;
+
+impl PluginLink {
+    /// Says why the broker's pick stood: a warning at most once a minute for each cause (a slow
+    /// plug-in fails every decision), counting the others, which go to the debug level.
+    fn fallback_warning(&self, cause: &'static str, farm: &str, user: &str, detail: &str) {
+        let limit = match cause {
+            "timeout" => &self.warnings[0],
+            "error" => &self.warnings[1],
+            _ => &self.warnings[2],
+        };
+        let plugin = &self.address;
+        match limit.warn_now() {
+            Some(unwarned) => tracing::warn!(
+                %plugin, %farm, %user, cause, detail, since_last_warning = unwarned,
+                "plug-in's answer not used; keeping the broker's pick (said at most once a minute for each cause)"
+            ),
+            None => {
+                tracing::debug!(%plugin, %farm, %user, cause, detail, "plug-in's answer not used; keeping the broker's pick")
+            }
+        }
+    }
+
+    fn fallback(&self, cause: &'static str) -> Suggestion {
+        self.metrics
+            .plugin_fallbacks
+            .get_or_create(&PluginFallbackLabels {
+                plugin: self.address.clone(),
+                cause,
+            })
+            .inc();
+        Suggestion::Fallback(cause)
+    }
+
+    /// GetMostSuitableServer within the farm's deadline. An answer that is not a candidate is a
+    /// fallback too.
+    pub async fn suggest(&self, request: pb::GetMostSuitableServerRequest) -> Suggestion {
+        if !self.is_up() {
+            return self.fallback("down");
+        }
+        // Named in warnings: the Redirect's own span is only kept at debug level.
+        let (farm, user) = (request.farm.clone(), request.user_name.clone());
+        let candidates: Vec<String> = request
+            .candidates
+            .iter()
+            .filter_map(|candidate| candidate.machine.as_ref().map(|machine| machine.id.clone()))
+            .collect();
+        let started = Instant::now();
+        let mut client = self.client.clone();
+        let answer = tokio::time::timeout(
+            self.settings.deadline,
+            client.get_most_suitable_server(request),
+        )
+        .await;
+        let method = "GetMostSuitableServer";
+        match answer {
+            Err(_) => {
+                self.record(method, "timeout", started);
+                let detail = format!(
+                    "no answer within the deadline, {:?}",
+                    self.settings.deadline
+                );
+                self.fallback_warning("timeout", &farm, &user, &detail);
+                self.fallback("timeout")
+            }
+            Ok(Err(status)) => {
+                self.record(method, "error", started);
+                let detail = format!("{:?}: {}", status.code(), status.message());
+                self.fallback_warning("error", &farm, &user, &detail);
+                self.check_status(&status);
+                self.fallback("error")
+            }
+            Ok(Ok(_)) if self.reconnected() => {
+                self.record(method, "ok", started);
+                self.fallback("reconnected")
+            }
+            Ok(Ok(answer)) => {
+                self.record(method, "ok", started);
+                let chosen = answer.into_inner().machine_id;
+                if chosen.is_empty() {
+                    return Suggestion::Keep;
+                }
+                match Uuid::parse_str(&chosen) {
+                    Ok(machine) if candidates.contains(&chosen) => Suggestion::Machine(machine),
+                    _ => {
+                        let detail = format!("it named {chosen:?}, which is not a candidate");
+                        self.fallback_warning("not_candidate", &farm, &user, &detail);
+                        self.fallback("not_candidate")
+                    }
+                }
+            }
+        }
+    }
+
+    /// GetUserExternalSession within the deadline: `Some((address, host name))` when the
+    /// plug-in has a host outside the farm for the user.
+    pub async fn external_session(
+        &self,
+        request: pb::GetUserExternalSessionRequest,
+    ) -> Option<(String, String)> {
+        if !self.supports_external() {
+            return None;
+        }
+        let (farm, user) = (request.farm.clone(), request.user_name.clone());
+        let started = Instant::now();
+        let mut client = self.client.clone();
+        let answer = tokio::time::timeout(
+            self.settings.deadline,
+            client.get_user_external_session(request),
+        )
+        .await;
+        let method = "GetUserExternalSession";
+        match answer {
+            Ok(Ok(_)) if self.reconnected() => {
+                self.record(method, "ok", started);
+                self.fallback("reconnected");
+                None
+            }
+            Ok(Ok(answer)) => {
+                self.record(method, "ok", started);
+                let answer = answer.into_inner();
+                match tsbroker_common::validate::address("address", &answer.address) {
+                    Ok(address) => {
+                        let name = if answer.host_name.is_empty() {
+                            address.clone()
+                        } else {
+                            answer.host_name
+                        };
+                        Some((address, name))
+                    }
+                    Err(_) if answer.address.is_empty() => None,
+                    Err(error) => {
+                        let detail = format!("an unusable external address: {error}");
+                        self.fallback_warning("error", &farm, &user, &detail);
+                        self.fallback("error");
+                        None
+                    }
+                }
+            }
+            Ok(Err(status)) => {
+                self.record(method, "error", started);
+                let detail = format!(
+                    "GetUserExternalSession: {:?}: {}",
+                    status.code(),
+                    status.message()
+                );
+                self.fallback_warning("error", &farm, &user, &detail);
+                self.check_status(&status);
+                self.fallback("error");
+                None
+            }
+            Err(_) => {
+                self.record(method, "timeout", started);
+                let detail = format!(
+                    "GetUserExternalSession: no answer within {:?}",
+                    self.settings.deadline
+                );
+                self.fallback_warning("timeout", &farm, &user, &detail);
+                self.fallback("timeout");
+                None
+            }
+        }
+    }
+}
