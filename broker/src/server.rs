@@ -226,7 +226,7 @@ pub async fn run(
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!(backend = store.backend(), "store ready; serving");
     let monitor = tokio::spawn(monitor_store(
-        store,
+        store.clone(),
         health.clone(),
         database,
         shutdown.clone(),
@@ -238,6 +238,7 @@ pub async fn run(
     };
     monitor.abort();
     if let Some(served) = served {
+        store.release_database();
         return served.context("server task")?.context("serve grpc");
     }
     tracing::info!("shutting down");
@@ -245,7 +246,10 @@ pub async fn run(
     plugins.terminate("broker shutting down").await;
     // Agent streams watch `shutdown` and are ending now; then the server drains its calls.
     server_stop.cancel();
-    match tokio::time::timeout(config.shutdown_grace, server_task).await {
+    let served = tokio::time::timeout(config.shutdown_grace, server_task).await;
+    // Another broker may open the database now (a restart in the same process).
+    store.release_database();
+    match served {
         Ok(served) => served.context("server task")?.context("serve grpc")?,
         Err(_) => {
             tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period; closing")

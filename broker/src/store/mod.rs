@@ -42,6 +42,10 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Lets another broker open the database once this one has stopped serving (SQLite's file
+    /// is this process's while it runs).
+    fn release_database(&self) {}
+
     /// The farm's clock (`crate::clock`): every time this broker writes or compares with what
     /// is stored is taken from it.
     fn clock(&self) -> &crate::clock::Clock;

@@ -203,6 +203,9 @@ impl PostgresStore {
         Ok(wrong)
     }
 
+    /// Nothing to release: PostgreSQL is shared by every replica.
+    fn release_database_file(&self) {}
+
     /// The server's clock against this machine's (see `crate::clock`): the offset, taken up.
     async fn measure_database_clock(&self) -> StoreResult<Option<i64>> {
         let before = model::now_millis();

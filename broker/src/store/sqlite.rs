@@ -13,6 +13,7 @@ use super::{
     SessionFilter, SessionRecord, StoreError, StoreResult, StreamMachineState,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,8 @@ pub struct SqliteStore {
     /// SQLite's busy handler, which sleeps 1, 2, 5, 10… ms between tries whatever the time
     /// the lock is held (behind a 3 ms group commit, a placement would wait 8 ms).
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// The database file, locked while this broker runs (see `own_database_file`).
+    owner: std::sync::Mutex<Option<std::fs::File>>,
     /// This machine's clock (the database is a file here): no offset.
     clock: crate::clock::Clock,
 }
@@ -115,6 +118,36 @@ fn must_truncate(log: i64, copied: i64) -> bool {
     log > WAL_LIMIT_FRAMES && copied == log
 }
 
+/// Locks the database file for this process (`flock`, which SQLite's own locks do not touch):
+/// one broker per SQLite file. A second one would answer from a session directory that never
+/// hears of the first one's commits; replicas share PostgreSQL instead. `None` for a database
+/// in memory.
+fn own_database_file(url: &str, path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    use anyhow::Context;
+    let in_memory = url.contains("mode=memory") || path.to_string_lossy().starts_with("file:");
+    if in_memory {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open sqlite database {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "sqlite database {} is in use by another process (another tsbroker?): one broker \
+             per SQLite file; several replicas share a PostgreSQL database instead",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("lock sqlite database {}", path.display()))
+        }
+    }
+}
+
 /// What the three pools share: a 10 s wait for a connection, and no connection reused that a
 /// failed transaction left stuck. sqlx counts a transaction as open until its `ROLLBACK`
 /// succeeds; when SQLite has already ended it itself (a `COMMIT` refused because the disk is
@@ -160,6 +193,7 @@ impl SqliteStore {
             .pragma("wal_autocheckpoint", "0")
             // When SQLite starts the WAL over, the file is cut back to this.
             .pragma("journal_size_limit", WAL_LIMIT_BYTES.to_string());
+        let owner = own_database_file(database_url, options.get_filename())?;
         let pool = pool_options()
             .max_connections(8)
             .connect_with(options.clone())
@@ -186,6 +220,7 @@ impl SqliteStore {
         let writer = Arc::default();
         let checkpointer = tokio::spawn(checkpoint_wal(pool.clone(), Arc::clone(&writer)));
         Ok(SqliteStore {
+            owner: std::sync::Mutex::new(owner),
             checkpointer,
             pool,
             ingest_pool,
@@ -200,6 +235,13 @@ impl SqliteStore {
     /// Nothing to measure: the file is on this machine, and this broker alone writes it.
     async fn measure_database_clock(&self) -> StoreResult<Option<i64>> {
         Ok(None)
+    }
+
+    /// Unlocks the database file (the pools stay open for whatever still finishes).
+    fn release_database_file(&self) {
+        if let Ok(mut owner) = self.owner.lock() {
+            owner.take();
+        }
     }
 
     /// The writer's turn (see `writer`): held from before `BEGIN` until after the commit.

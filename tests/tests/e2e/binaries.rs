@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tsbroker_tests::binaries::{tool, workspace_binary};
 use tsbroker_tests::fake_agent::machine as description;
+use tsbroker_tests::process::free_port;
 use tsbroker_tests::{FakeAgent, TestDatabase, spawn_broker};
 
 #[test]
@@ -389,4 +390,33 @@ async fn an_unreachable_postgresql_is_reported_by_its_cause() {
     };
     assert!(error.contains("refused"), "{error}");
     assert!(!error.contains("timed out"), "{error}");
+}
+
+/// A second broker on the SQLite file another one uses is refused at once, saying why (it
+/// would answer from a session directory that never hears of the first one's commits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_the_same_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_first, _log) =
+        tsbroker_tests::process::broker_process(dir.path(), free_port(), |binary, args| {
+            let mut command = Command::new(binary);
+            command.args(args);
+            command
+        })
+        .await;
+    let second = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(workspace_binary("tsbroker"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--database-url")
+            .arg(format!("sqlite://{}", dir.path().join("b.db").display()))
+            .output(),
+    )
+    .await
+    .expect("the second broker exits")
+    .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{said}");
+    assert!(said.contains("in use by another process"), "{said}");
 }
