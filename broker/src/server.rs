@@ -187,6 +187,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let database = Arc::new(Reachability::default());
+    restart_grace(store.as_ref(), &database, config.heartbeat_timeout).await;
     let decision_settings = DecisionSettings {
         heartbeat_timeout: config.heartbeat_timeout,
         pending_logon_ttl: config.pending_logon_ttl,
@@ -256,6 +257,28 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// After the broker was away (stopped, crashed, its host down), the machines its agents were
+/// reporting count alive for two heartbeat timeouts from its start (see
+/// `Reachability::started_after`): time for agents to reconnect through their backoff.
+async fn restart_grace(store: &dyn Store, database: &Reachability, heartbeat_timeout: Duration) {
+    let Ok(machines) = store.list_machines(None).await else {
+        return;
+    };
+    let last_heard = machines
+        .iter()
+        .filter(|machine| machine.machine_state() != tsbroker_common::model::MachineState::Removed)
+        .map(|machine| machine.last_seen_at)
+        .max();
+    if let Some(last_heard) = last_heard {
+        database.started_after(
+            last_heard,
+            store.now(),
+            2 * heartbeat_timeout,
+            heartbeat_timeout,
+        );
+    }
 }
 
 /// Sets the policy of every farm the configuration names one for.

@@ -46,6 +46,30 @@ impl Reachability {
         self.up.store(true, Ordering::Relaxed);
     }
 
+    /// The broker starts at `now` on a database whose machines were last heard of at
+    /// `last_heard` (by the broker that ran before, which may have been away much longer than
+    /// a heartbeat timeout): taken as an outage of the database from then, so that a machine
+    /// alive when the broker went counts alive for `grace` after the start, while its agent
+    /// reconnects (with its backoff), and its users are sent back to it rather than to a
+    /// second session elsewhere. With other replicas running, `last_heard` is about `now`:
+    /// nothing changes.
+    pub fn started_after(
+        &self,
+        last_heard: i64,
+        now: i64,
+        grace: Duration,
+        heartbeat_timeout: Duration,
+    ) {
+        if last_heard <= 0 || last_heard >= now {
+            return;
+        }
+        let timeout = heartbeat_timeout.as_millis() as i64;
+        let grace = grace.as_millis() as i64;
+        self.down_since.store(last_heard, Ordering::Relaxed);
+        // The cutoff of the outage holds until `back_at + timeout`.
+        self.back_at.store(now + grace - timeout, Ordering::Relaxed);
+    }
+
     /// The oldest lease of a machine still counted alive at `now`: `now - heartbeat_timeout`,
     /// except during an outage and within one heartbeat timeout after it, when a lease that was
     /// fresh as the outage began still counts.
@@ -89,5 +113,21 @@ mod tests {
         assert_eq!(reachability.lease_cutoff(174_999, timeout), 85_000);
         // ...until one timeout after the database came back.
         assert_eq!(reachability.lease_cutoff(175_000, timeout), 160_000);
+    }
+
+    #[test]
+    fn machines_alive_when_the_broker_went_count_for_the_grace_after_it_starts() {
+        let timeout = Duration::from_secs(15);
+        let reachability = Reachability::default();
+        // Machines last heard of at 100 s; the broker starts again at 200 s.
+        reachability.started_after(100_000, 200_000, Duration::from_secs(30), timeout);
+        assert!(reachability.is_up());
+        assert_eq!(reachability.lease_cutoff(200_000, timeout), 85_000);
+        assert_eq!(reachability.lease_cutoff(229_999, timeout), 85_000);
+        assert_eq!(reachability.lease_cutoff(230_000, timeout), 215_000);
+        // Other replicas kept the leases fresh: nothing changes.
+        let busy = Reachability::default();
+        busy.started_after(200_000, 200_000, Duration::from_secs(30), timeout);
+        assert_eq!(busy.lease_cutoff(200_000, timeout), 185_000);
     }
 }

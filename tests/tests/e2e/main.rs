@@ -21,6 +21,7 @@ mod queries;
 mod query_plans;
 mod rdp;
 mod resets;
+mod restart;
 mod stopping;
 mod stream;
 mod tls;
