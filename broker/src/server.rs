@@ -339,8 +339,8 @@ async fn monitor_store(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let healthy = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.ping()).await;
-        let healthy = matches!(healthy, Ok(Ok(())));
+        let checked = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.ping()).await;
+        let healthy = matches!(checked, Ok(Ok(())));
         let now = store.now();
         if healthy != serving {
             serving = healthy;
@@ -350,7 +350,11 @@ async fn monitor_store(
                 set_health(&health, ServingStatus::Serving).await;
             } else {
                 database.went_away(last_up);
-                tracing::error!("database does not answer: not serving");
+                let why = match checked {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no answer within {HEALTH_CHECK_INTERVAL:?}"),
+                };
+                tracing::error!(%why, "database does not answer (or, SQLite, take a write): not serving");
                 set_health(&health, ServingStatus::NotServing).await;
             }
         }

@@ -258,11 +258,7 @@ pub async fn watch_health(
     tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
 ) {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&format!("http://127.0.0.1:{port}")).await;
     let mut watch = tonic_health::pb::health_client::HealthClient::new(channel.clone())
         .watch(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
@@ -273,4 +269,13 @@ pub async fn watch_health(
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
     (channel, watch)
+}
+
+/// A gRPC connection to `url` (panics when there is none).
+pub async fn connect(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|error| panic!("connect to {url}: {error}"))
 }

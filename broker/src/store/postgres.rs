@@ -203,6 +203,12 @@ impl PostgresStore {
         Ok(wrong)
     }
 
+    /// Whether the server answers.
+    async fn probe_database(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Nothing to release: PostgreSQL is shared by every replica.
     fn release_database_file(&self) {}
 

@@ -157,7 +157,8 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> String {
 
 /// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`),
 /// `write_turn()`, `begin_write()`, `begin_placement()`, `announce_change(id)`,
-/// `publish_directory(delta)`, `release_database_file()` and the const `LOCK_OWNER`.
+/// `publish_directory(delta)`, `release_database_file()`, `probe_database()` and the const
+/// `LOCK_OWNER`.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         #[async_trait::async_trait]
@@ -167,8 +168,7 @@ macro_rules! impl_store {
             }
 
             async fn ping(&self) -> StoreResult<()> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
-                Ok(())
+                self.probe_database().await
             }
 
             fn release_database(&self) {

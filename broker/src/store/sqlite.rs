@@ -237,6 +237,19 @@ impl SqliteStore {
         Ok(None)
     }
 
+    /// Whether the database takes a write: the file is always there to read, and what goes
+    /// away is room to write (a full disk, a file made read-only). One page of the file's
+    /// header (`user_version`, which nothing else uses) is written in the writers' turn.
+    async fn probe_database(&self) -> StoreResult<()> {
+        let _turn = self.write_turn().await;
+        let stamp = (crate::store::Store::now(self) / 1000) & 0x7fff_ffff;
+        let probe = format!("PRAGMA user_version = {stamp}");
+        sqlx::query(sqlx::AssertSqlSafe(probe))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Unlocks the database file (the pools stay open for whatever still finishes).
     fn release_database_file(&self) {
         if let Ok(mut owner) = self.owner.lock() {

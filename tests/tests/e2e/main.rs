@@ -13,6 +13,7 @@ mod descriptors;
 mod directory;
 mod displaced;
 mod frozen_replica;
+mod full_disk;
 mod ingest_conformance;
 mod outage;
 mod plugins;

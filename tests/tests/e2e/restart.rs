@@ -10,7 +10,7 @@ use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
 use tsbroker_tests::FakeAgent;
 use tsbroker_tests::fake_agent::{machine as description, session};
-use tsbroker_tests::process::{broker_process, free_port};
+use tsbroker_tests::process::{broker_process, connect, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_are_sent_back_to_machines_whose_agents_have_not_reconnected_yet() {
@@ -46,11 +46,7 @@ async fn users_are_sent_back_to_machines_whose_agents_have_not_reconnected_yet()
     let _b = FakeAgent::join(&url, description("ts-b", "default", 100), vec![])
         .await
         .keep_reporting();
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&url).await;
     let mut client = BrokerClient::new(channel);
     let answer = redirect(&mut client, "default", "alice").await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(3));

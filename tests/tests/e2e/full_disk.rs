@@ -1,0 +1,93 @@
+//! The SQLite broker when its database stops taking writes (a full disk): the file can still
+//! be read, so only a write shows it. The broker is run with `SIGXFSZ` ignored, so that a
+//! file-size limit (`prlimit --fsize`, set on the running process) makes every write fail as a
+//! full disk does. Health goes NOT_SERVING, and once writes work again, the machines whose
+//! agents could not write their heartbeats meanwhile still take their users back.
+
+use crate::support::{reason, redirect};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::broker_client::BrokerClient;
+use tsbroker_tests::FakeAgent;
+use tsbroker_tests::binaries::tool;
+use tsbroker_tests::fake_agent::{machine as description, session};
+use tsbroker_tests::process::{broker_process, connect, free_port};
+
+fn limit_file_size(pid: u32, limit: &str) {
+    let prlimit = tool("prlimit", "apt-get install util-linux");
+    let status = Command::new(prlimit)
+        .args(["--pid", &pid.to_string(), &format!("--fsize={limit}:")])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_for_health(channel: &tonic::transport::Channel, wanted: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest::default())
+            .await;
+        if answer.is_ok_and(|answer| answer.get_ref().status == wanted as i32) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health never became {wanted:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_takes_no_writes_is_an_outage_and_users_are_sent_back_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (broker, log) = broker_process(dir.path(), port, |binary, args| {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("trap '' XFSZ; exec \"$0\" \"$@\"")
+            .arg(binary)
+            .args(args)
+            .args(["--heartbeat-timeout", "2s"]);
+        command
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{port}");
+    let _a = FakeAgent::join(
+        &url,
+        description("ts-a", "default", 100),
+        vec![session(1, "alice", pb::SessionState::Disconnected)],
+    )
+    .await
+    .keep_reporting();
+    let _b = FakeAgent::join(&url, description("ts-b", "default", 100), vec![])
+        .await
+        .keep_reporting();
+    let channel = connect(&url).await;
+
+    // Every write fails from now on, as with a full disk.
+    limit_file_size(broker.pid(), "4096");
+    wait_for_health(&channel, ServingStatus::NotServing).await;
+    assert!(
+        log.wait_for("take a write", 1, Duration::from_secs(1), None)
+            .await,
+        "{}",
+        log.tail(10)
+    );
+    // Longer than the heartbeat timeout without a write.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    limit_file_size(broker.pid(), "unlimited");
+    wait_for_health(&channel, ServingStatus::Serving).await;
+
+    // The agents' streams ended with the outage; alice's machine still takes her back.
+    let answer = redirect(&mut BrokerClient::new(channel), "default", "alice")
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}\n{}", log.tail(10)));
+    assert_eq!(
+        (reason(&answer), answer.machine_name.as_str()),
+        (pb::RedirectReason::ExistingSession, "ts-a")
+    );
+}
