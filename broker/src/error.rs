@@ -91,9 +91,11 @@ impl From<ApiError> for tonic::Status {
 
 /// `what` happened to a request: a warning when `limit` says one is due (with how many went
 /// unwarned), else at debug level.
-fn warn_limited(limit: &WarningLimit, error: &sqlx::Error, what: &str) {
+pub(crate) fn warn_limited(limit: &WarningLimit, error: &dyn std::fmt::Display, what: &str) {
     match limit.warn_now() {
-        Some(unwarned) => tracing::warn!(%error, failed_since_last_warning = unwarned, "{what}"),
+        Some(unwarned) => {
+            tracing::warn!(%error, since_last_warning = unwarned, "{what} (said at most once a minute)")
+        }
         None => tracing::debug!(%error, "{what}"),
     }
 }

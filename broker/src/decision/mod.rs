@@ -231,13 +231,26 @@ impl Decider {
                 return answer;
             }
         };
-        tracing::warn!(
-            farm = %query.farm,
-            user = %query.user_name,
-            database = why,
-            machine = %session.machine_name,
-            "database cannot decide: answering with the user's last known session"
-        );
+        // Every returning user's answer while the database is away: one warning a minute.
+        static DEGRADED: std::sync::LazyLock<crate::warning_limit::WarningLimit> =
+            std::sync::LazyLock::new(Default::default);
+        match DEGRADED.warn_now() {
+            Some(unwarned) => tracing::warn!(
+                farm = %query.farm,
+                user = %query.user_name,
+                database = why,
+                machine = %session.machine_name,
+                since_last_warning = unwarned,
+                "database cannot decide: answering with the user's last known session (said at most once a minute)"
+            ),
+            None => tracing::debug!(
+                farm = %query.farm,
+                user = %query.user_name,
+                database = why,
+                machine = %session.machine_name,
+                "database cannot decide: answering with the user's last known session"
+            ),
+        }
         self.count_lookup("memory_degraded");
         Ok(session_answer(session))
     }

@@ -571,7 +571,11 @@ impl AgentStream {
                 .await
             {
                 Ok(true) => {
-                    tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended");
+                    if matches!(end, StreamEnd::BrokerShutdown) {
+                        tracing::info!(machine = ?name, "machine's stream ended: this broker is stopping");
+                    } else {
+                        tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended");
+                    }
                     if let Some(record) = &self.machine {
                         let unreachable = MachineRecord {
                             state: MachineState::Unreachable.as_str().to_owned(),

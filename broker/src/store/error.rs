@@ -90,9 +90,11 @@ fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
 }
 
 /// SQLite, by primary result code (the low byte of the extended code sqlx reports): BUSY and
-/// LOCKED (another writer), IOERR (the disk failed a read or write), FULL (no space left).
+/// LOCKED (another writer), READONLY (the file or its file system made read-only), IOERR (the
+/// disk failed a read or write), FULL (no space left): the database is there but takes no
+/// writes until its operator acts, which callers hear as UNAVAILABLE, not as a broker fault.
 fn sqlite_transient(extended_code: i32) -> bool {
-    matches!(extended_code & 0xff, 5 | 6 | 10 | 13)
+    matches!(extended_code & 0xff, 5 | 6 | 8 | 10 | 13)
 }
 
 /// PostgreSQL, by SQLSTATE: serialization failures and deadlocks, lost connections (class 08),
@@ -114,12 +116,12 @@ mod tests {
 
     #[test]
     fn sqlite_errors_of_the_files_state_are_worth_retrying() {
-        // BUSY, BUSY_SNAPSHOT, LOCKED, IOERR, IOERR_FSYNC, FULL.
-        for code in [5, 517, 6, 10, 1034, 13] {
+        // BUSY, BUSY_SNAPSHOT, LOCKED, READONLY, READONLY_DBMOVED, IOERR, IOERR_FSYNC, FULL.
+        for code in [5, 517, 6, 8, 1032, 10, 1034, 13] {
             assert!(sqlite_transient(code), "{code}");
         }
-        // ERROR, CONSTRAINT_CHECK, CORRUPT, READONLY, MISMATCH.
-        for code in [1, 275, 11, 8, 20] {
+        // ERROR, CONSTRAINT_CHECK, CORRUPT, MISMATCH.
+        for code in [1, 275, 11, 20] {
             assert!(!sqlite_transient(code), "{code}");
         }
     }

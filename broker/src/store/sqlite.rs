@@ -162,9 +162,18 @@ fn pool_options() -> SqlitePoolOptions {
             Box::pin(async move {
                 let stuck = sqlx::Connection::is_in_transaction(connection);
                 if stuck {
-                    tracing::warn!(
-                        "an SQLite connection left in a failed transaction is closed and replaced"
-                    );
+                    // Each failed write does this while the disk is full: one warning a minute.
+                    static REPLACED: std::sync::LazyLock<crate::warning_limit::WarningLimit> =
+                        std::sync::LazyLock::new(Default::default);
+                    match REPLACED.warn_now() {
+                        Some(unwarned) => tracing::warn!(
+                            since_last_warning = unwarned,
+                            "an SQLite connection left in a failed transaction is closed and replaced (said at most once a minute)"
+                        ),
+                        None => tracing::debug!(
+                            "an SQLite connection left in a failed transaction is closed and replaced"
+                        ),
+                    }
                 }
                 Ok(!stuck)
             })
@@ -241,6 +250,7 @@ impl SqliteStore {
     /// away is room to write (a full disk, a file made read-only). One page of the file's
     /// header (`user_version`, which nothing else uses) is written in the writers' turn.
     async fn probe_database(&self) -> StoreResult<()> {
+        self.check_file_still_there()?;
         let _turn = self.write_turn().await;
         let stamp = (crate::store::Store::now(self) / 1000) & 0x7fff_ffff;
         let probe = format!("PRAGMA user_version = {stamp}");
@@ -248,6 +258,28 @@ impl SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// A database file deleted (or replaced) under the running broker is still written, by its
+    /// open descriptors, and lost at the next start: an outage until someone restarts it.
+    fn check_file_still_there(&self) -> StoreResult<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(owner) = self.owner.lock() else {
+            return Ok(());
+        };
+        let Some(file) = owner.as_ref() else {
+            return Ok(());
+        };
+        match file.metadata() {
+            Ok(metadata) if metadata.nlink() == 0 => {
+                Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                    "the database file was deleted or replaced while the broker ran: restart it \
+                     (what it wrote since is in the deleted file)"
+                        .into(),
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Unlocks the database file (the pools stay open for whatever still finishes).

@@ -1,5 +1,5 @@
-//! The SQLite broker when its database stops taking writes (a full disk): the file can still
-//! be read, so only a write shows it. The broker is run with `SIGXFSZ` ignored, so that a
+//! The SQLite broker when its database stops taking writes (a full disk) or its file is deleted
+//! under it: the file can still be read, so only a write (or the file's link count) shows it. The broker is run with `SIGXFSZ` ignored, so that a
 //! file-size limit (`prlimit --fsize`, set on the running process) makes every write fail as a
 //! full disk does. Health goes NOT_SERVING, and once writes work again, the machines whose
 //! agents could not write their heartbeats meanwhile still take their users back.
@@ -89,5 +89,29 @@ async fn a_database_that_takes_no_writes_is_an_outage_and_users_are_sent_back_af
     assert_eq!(
         (reason(&answer), answer.machine_name.as_str()),
         (pb::RedirectReason::ExistingSession, "ts-a")
+    );
+}
+
+/// A database file deleted under the running broker: its writes go to the deleted file, lost
+/// at the next start. That is an outage too, and the log says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_file_deleted_while_the_broker_runs_is_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (_broker, log) = broker_process(dir.path(), port, |binary, args| {
+        let mut command = Command::new(binary);
+        command.args(args);
+        command
+    })
+    .await;
+    let channel = connect(&format!("http://127.0.0.1:{port}")).await;
+    wait_for_health(&channel, ServingStatus::Serving).await;
+    std::fs::remove_file(dir.path().join("b.db")).unwrap();
+    wait_for_health(&channel, ServingStatus::NotServing).await;
+    assert!(
+        log.wait_for("deleted or replaced", 1, Duration::from_secs(1), None)
+            .await,
+        "{}",
+        log.tail(10)
     );
 }

@@ -270,7 +270,10 @@ async fn apply_group(target: &dyn IngestTarget, group: Vec<Request>, attempts: u
             }
         }
         Err(error) => {
-            tracing::warn!(%error, writes = items.len(), "a group of stream writes failed");
+            // While the database is away every group fails: one warning a minute.
+            static FAILED_GROUPS: std::sync::LazyLock<crate::warning_limit::WarningLimit> =
+                std::sync::LazyLock::new(Default::default);
+            crate::error::warn_limited(&FAILED_GROUPS, &error, "a group of stream writes failed");
             for reply in replies {
                 let _ = reply.send(Err(replicate(&error)));
             }
