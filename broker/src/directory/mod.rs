@@ -147,10 +147,11 @@ pub struct DirectoryAnswer {
     pub sessions: Vec<SessionRecord>,
 }
 
-/// A handle on the directory; its task stops with `stop`.
-/// Called with the machines another replica changed, once the directory has read them again.
+/// Called with the machines another replica changed, once the directory has read them again
+/// (the plug-ins' links resend them: `PluginHub::follow_other_replicas`).
 pub type ChangedElsewhere = Arc<dyn Fn(Vec<uuid::Uuid>) + Send + Sync>;
 
+/// A handle on the directory; its task stops with `stop`.
 #[derive(Clone)]
 pub struct SessionDirectory {
     shared: Arc<Shared>,

@@ -50,6 +50,10 @@ impl PluginLink {
             })
             .inc();
         let mut cutoffs = ResyncCutoffs::default();
+        // The plug-in was just initialized: it knows no machine's state until this tells it.
+        if let Ok(mut told) = self.told_states.lock() {
+            told.clear();
+        }
         for farm in &self.farms {
             let rows_read = self.queue_position();
             let machines = store
@@ -137,6 +141,10 @@ impl PluginLink {
             };
             let lease_cutoff = self.decision.lease_cutoff(store.now());
             for machine in machines {
+                // A machine's leaving is told when it happens, not found here.
+                if machine.machine_state() == MachineState::Removed {
+                    continue;
+                }
                 let machine = as_decisions_see_it(machine, lease_cutoff);
                 let state = machine.machine_state().to_proto() as i32;
                 let stale = self
