@@ -224,12 +224,25 @@ pub async fn run(
         metrics,
         database: database.clone(),
     });
-    set_health(&health, ServingStatus::Serving).await;
-    tracing::info!(backend = store.backend(), "store ready; serving");
+    // The same check as the health monitor's, before saying SERVING (on SQLite a write: a
+    // database that opened but takes no writes is not served).
+    let checked = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.ping()).await;
+    let serving = matches!(checked, Ok(Ok(())));
+    if serving {
+        set_health(&health, ServingStatus::Serving).await;
+        tracing::info!(backend = store.backend(), "store ready; serving");
+    } else {
+        let why = match checked {
+            Ok(Err(error)) => error.to_string(),
+            _ => format!("no answer within {HEALTH_CHECK_INTERVAL:?}"),
+        };
+        tracing::error!(backend = store.backend(), %why, "store opened, but it does not answer (or, SQLite, take a write): not serving");
+    }
     let monitor = tokio::spawn(monitor_store(
         store.clone(),
         health.clone(),
         database,
+        serving,
         shutdown.clone(),
     ));
 
@@ -324,9 +337,9 @@ async fn monitor_store(
     store: Arc<dyn Store>,
     health: HealthReporter,
     database: Arc<Reachability>,
+    mut serving: bool,
     shutdown: CancellationToken,
 ) {
-    let mut serving = true;
     // The last check that found the database answering: an outage began after it.
     let mut last_up = store.now();
     loop {

@@ -286,8 +286,15 @@ impl PluginLink {
                 return Err((LinkStage::Initialize, reason));
             }
         };
-        // Everything queued so far is covered by the resync that follows.
+        // Everything queued so far is covered by the resync that follows; so is a request to
+        // initialize again made meanwhile (a call that saw the restart this Initialize answers),
+        // which `Notify` would otherwise keep for the next `forward` and start over once more.
         while receiver.try_recv().is_ok() {}
+        tokio::select! {
+            biased;
+            _ = self.reinitialize.notified() => {}
+            _ = std::future::ready(()) => {}
+        }
         self.overflowed.store(false, Ordering::Relaxed);
         self.supports_external
             .store(answer.supports_external_sessions, Ordering::Relaxed);

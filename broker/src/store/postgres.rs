@@ -274,10 +274,16 @@ impl PostgresStore {
         }
         let changed = delta.changed_machines();
         directory_feed::hand_over(&self.directory, delta);
+        self.tell_other_replicas(&changed).await;
+    }
+
+    /// Asks the other replicas' directories to read these machines again (and so their
+    /// plug-in links to resend them).
+    async fn tell_other_replicas(&self, changed: &[Uuid]) {
         if changed.is_empty() {
             return;
         }
-        let payloads = directory_feed::notification_payloads(self.instance, &changed);
+        let payloads = directory_feed::notification_payloads(self.instance, changed);
         let sent = sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
             .bind(DIRECTORY_CHANNEL)
             .bind(payloads)

@@ -157,8 +157,8 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> String {
 
 /// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`),
 /// `write_turn()`, `begin_write()`, `begin_placement()`, `announce_change(id)`,
-/// `publish_directory(delta)`, `release_database_file()`, `probe_database()` and the const
-/// `LOCK_OWNER`.
+/// `publish_directory(delta)`, `tell_other_replicas(ids)`, `release_database_file()`,
+/// `probe_database()` and the const `LOCK_OWNER`.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         #[async_trait::async_trait]
@@ -542,6 +542,8 @@ macro_rules! impl_store {
                     return Err(StoreError::NotFound(format!("machine {machine}")));
                 }
                 self.announce_change(machine).await;
+                // Their plug-ins hear of an administrator's change through their directories.
+                self.tell_other_replicas(&[machine]).await;
                 self.get_machine(machine)
                     .await?
                     .ok_or_else(|| StoreError::NotFound(format!("machine {machine}")))

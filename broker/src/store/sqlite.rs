@@ -235,6 +235,9 @@ impl SqliteStore {
         directory_feed::hand_over(&self.directory, delta);
     }
 
+    /// One process owns an SQLite file: there are no other replicas.
+    async fn tell_other_replicas(&self, _changed: &[Uuid]) {}
+
     /// One process owns an SQLite file, so a change is announced in-process.
     async fn announce_change(&self, machine: Uuid) {
         let _ = self.changes.send(machine);

@@ -115,3 +115,56 @@ async fn a_database_file_deleted_while_the_broker_runs_is_an_outage() {
         log.tail(10)
     );
 }
+
+/// A database that opens but takes no writes from the start (here opened read-only) is never
+/// said to be served: health is NOT_SERVING from the first check, not after the first interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_takes_no_writes_at_start_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _) = broker_process(dir.path(), free_port(), |binary, args| {
+        let mut command = Command::new(binary);
+        command.args(args);
+        command
+    })
+    .await;
+    first.terminate(Duration::from_secs(10)).await;
+
+    let port = free_port();
+    let log = tsbroker_tests::process::LogFile::create(&dir.path().join("read-only.log"));
+    let (stdout, stderr) = log.stdio();
+    let mut command = Command::new(tsbroker_tests::binaries::workspace_binary("tsbroker"));
+    command
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--database-url")
+        .arg(format!(
+            "sqlite://{}?mode=ro",
+            dir.path().join("b.db").display()
+        ))
+        .env("RUST_LOG", "info")
+        .stdout(stdout)
+        .stderr(stderr);
+    let mut broker = tsbroker_tests::process::ChildGuard::spawn("tsbroker", command);
+    assert!(
+        log.wait_for(
+            "store opened, but",
+            1,
+            Duration::from_secs(20),
+            Some(&mut broker)
+        )
+        .await,
+        "{}",
+        log.tail(10)
+    );
+    let channel = connect(&format!("http://127.0.0.1:{port}")).await;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(answer.get_ref().status, ServingStatus::NotServing as i32);
+    assert!(
+        !std::fs::read_to_string(dir.path().join("read-only.log"))
+            .unwrap()
+            .contains("store ready")
+    );
+}

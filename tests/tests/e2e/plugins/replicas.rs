@@ -1,6 +1,6 @@
 //! Replicas sharing one PostgreSQL database, each with its own link to a plug-in: a change an
-//! agent makes through one replica reaches the other replica's plug-in too (the machine resent
-//! whole), so every replica's plug-in sees the whole farm, not only its own agents' streams.
+//! agent or an administrator makes through one replica reaches the other replica's plug-in too
+//! (the machine resent whole), so every replica's plug-in sees the whole farm.
 
 use super::{PluginProcess, wait_for_call};
 use std::time::Duration;
@@ -66,6 +66,16 @@ async fn a_change_through_one_replica_reaches_the_other_replicas_plugin() {
     agent.logoff(1, "alice").await.unwrap();
     wait_for_call(&plugin_a, "SessionChangeNotification", |call| {
         resynced_with("bob")(call) && call["changes"].as_array().unwrap().len() == 1
+    })
+    .await;
+    // An administrator's change made through replica B: drained.
+    b.admin_client()
+        .await
+        .drain_machine(crate::support::by_name("farm", "ts-x"))
+        .await
+        .unwrap();
+    wait_for_call(&plugin_a, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-x" && call["draining"] == true
     })
     .await;
     agent.remove().await.unwrap();

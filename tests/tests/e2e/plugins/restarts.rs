@@ -144,6 +144,9 @@ async fn a_plugin_restarted_in_a_quiet_farm_is_initialized_before_it_is_asked() 
     let (answer, _) = redirect(broker, "newcomer").await;
     assert_eq!(reason(&answer), pb::RedirectReason::Plugin);
     assert_eq!(answer.machine_name, "ts-a");
+    // Initialized once, not once more for the same restart.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(plugin.calls("Initialize").len(), 1);
     let metrics = scrape(setup.metrics_port).await;
     assert_eq!(
         counter(&metrics, &["tsbroker_plugin_fallbacks_total"]),
