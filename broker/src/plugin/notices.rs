@@ -179,6 +179,23 @@ pub fn sessions_resync(
         .collect()
 }
 
+/// A machine told whole, as a full resync tells each: ADDED, its sessions' RESYNC batches,
+/// CHANGED with its state.
+pub fn machine_whole(
+    machine: &MachineRecord,
+    sessions: Vec<pb::Session>,
+    batch_size: usize,
+) -> Vec<Notice> {
+    let mut sequence = vec![machine_added(machine)];
+    sequence.extend(sessions_resync(
+        &machine.id.to_string(),
+        sessions,
+        batch_size,
+    ));
+    sequence.push(machine_state_changed(machine));
+    sequence
+}
+
 /// A session from the directory, for a full RESYNC.
 pub fn session_from_record(record: &SessionRecord) -> pb::Session {
     convert::session(record)

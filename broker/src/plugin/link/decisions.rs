@@ -10,9 +10,16 @@ use tsbroker_common::proto::v1 as pb;
 use uuid::Uuid;
 
 impl PluginLink {
-    /// Says why the broker's pick stood: a warning at most once a minute for each cause (a slow
-    /// plug-in fails every decision), counting the others, which go to the debug level.
-    fn fallback_warning(&self, cause: &'static str, farm: &str, user: &str, detail: &str) {
+    /// A fallback, and why the broker's pick stood: a warning at most once a minute for each
+    /// cause (a slow plug-in fails every decision), counting the others, which go to the debug
+    /// level.
+    fn fallback_said(
+        &self,
+        cause: &'static str,
+        farm: &str,
+        user: &str,
+        detail: &str,
+    ) -> Suggestion {
         let limit = match cause {
             "timeout" => &self.warnings[0],
             "error" => &self.warnings[1],
@@ -28,6 +35,7 @@ impl PluginLink {
                 tracing::debug!(%plugin, %farm, %user, cause, detail, "plug-in's answer not used; keeping the broker's pick")
             }
         }
+        self.fallback(cause)
     }
 
     fn fallback(&self, cause: &'static str) -> Suggestion {
@@ -69,15 +77,13 @@ impl PluginLink {
                     "no answer within the deadline, {:?}",
                     self.settings.deadline
                 );
-                self.fallback_warning("timeout", &farm, &user, &detail);
-                self.fallback("timeout")
+                self.fallback_said("timeout", &farm, &user, &detail)
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
                 let detail = format!("{:?}: {}", status.code(), status.message());
-                self.fallback_warning("error", &farm, &user, &detail);
                 self.check_status(&status);
-                self.fallback("error")
+                self.fallback_said("error", &farm, &user, &detail)
             }
             Ok(Ok(_)) if self.reconnected() => {
                 self.record(method, "ok", started);
@@ -93,8 +99,7 @@ impl PluginLink {
                     Ok(machine) if candidates.contains(&chosen) => Suggestion::Machine(machine),
                     _ => {
                         let detail = format!("it named {chosen:?}, which is not a candidate");
-                        self.fallback_warning("not_candidate", &farm, &user, &detail);
-                        self.fallback("not_candidate")
+                        self.fallback_said("not_candidate", &farm, &user, &detail)
                     }
                 }
             }
@@ -140,8 +145,7 @@ impl PluginLink {
                     Err(_) if answer.address.is_empty() => None,
                     Err(error) => {
                         let detail = format!("an unusable external address: {error}");
-                        self.fallback_warning("error", &farm, &user, &detail);
-                        self.fallback("error");
+                        self.fallback_said("error", &farm, &user, &detail);
                         None
                     }
                 }
@@ -153,9 +157,8 @@ impl PluginLink {
                     status.code(),
                     status.message()
                 );
-                self.fallback_warning("error", &farm, &user, &detail);
                 self.check_status(&status);
-                self.fallback("error");
+                self.fallback_said("error", &farm, &user, &detail);
                 None
             }
             Err(_) => {
@@ -164,8 +167,7 @@ impl PluginLink {
                     "GetUserExternalSession: no answer within {:?}",
                     self.settings.deadline
                 );
-                self.fallback_warning("timeout", &farm, &user, &detail);
-                self.fallback("timeout");
+                self.fallback_said("timeout", &farm, &user, &detail);
                 None
             }
         }

@@ -70,14 +70,7 @@ impl PluginLink {
                 let sessions_read = self.queue_position();
                 let sessions = all_sessions(store, machine.id).await?;
                 let id = machine.id.to_string();
-                let mut sequence = vec![notices::machine_added(&machine)];
-                sequence.extend(notices::sessions_resync(
-                    &id,
-                    sessions,
-                    self.settings.batch_size,
-                ));
-                sequence.push(notices::machine_state_changed(&machine));
-                for notice in sequence {
+                for notice in notices::machine_whole(&machine, sessions, self.settings.batch_size) {
                     self.send(notice).await?;
                 }
                 cutoffs.by_machine.insert(id, (rows_read, sessions_read));
@@ -108,11 +101,9 @@ impl PluginLink {
         let lease_cutoff = self.decision.lease_cutoff(store.now());
         let machine = as_decisions_see_it(machine, lease_cutoff);
         let sessions = all_sessions(store, machine.id).await?;
-        self.notify(notices::machine_added(&machine));
-        for notice in notices::sessions_resync(&id, sessions, self.settings.batch_size) {
+        for notice in notices::machine_whole(&machine, sessions, self.settings.batch_size) {
             self.notify(notice);
         }
-        self.notify(notices::machine_state_changed(&machine));
         Ok(())
     }
 }
