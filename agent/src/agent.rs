@@ -155,7 +155,7 @@ pub async fn start(
     if let Some(listener) = metrics_listener {
         let (metrics, status, directory) = (metrics.clone(), status.clone(), directory.clone());
         parts.push(tokio::spawn(tsbroker_common::metrics_http::serve(
-            move || metrics.render(&status, &directory),
+            move || std::future::ready(metrics.render(&status, &directory)),
             listener,
             stop.clone().cancelled_owned(),
         )));

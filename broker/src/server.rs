@@ -5,7 +5,7 @@ use crate::config::BrokerConfig;
 use crate::decision::policy::PolicyRegistry;
 use crate::decision::{Decider, DecisionSettings};
 use crate::directory::SessionDirectory;
-use crate::metrics::Metrics;
+use crate::metrics::{FarmSources, Metrics};
 use crate::plugin::PluginHub;
 use crate::service::admin_api::AdminApi;
 use crate::service::auth::AccessGuard;
@@ -73,18 +73,28 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
+    let core = CoreCell::default();
     if let Some(address) = config.metrics_listen {
         let metrics_listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("listen for metrics on {address}"))?;
-        let scraped = metrics.clone();
+        let (scraped, core) = (metrics.clone(), core.clone());
         tokio::spawn(tsbroker_common::metrics_http::serve(
-            move || scraped.render(),
+            move || {
+                let (metrics, core) = (scraped.clone(), core.clone());
+                async move {
+                    let sources = core.get().ok().map(|core| FarmSources {
+                        store: core.store.as_ref(),
+                        lease_cutoff: core.decider.lease_cutoff(core.store.now()),
+                        directory: core.decider.directory(),
+                    });
+                    metrics.scrape(sources).await
+                }
+            },
             metrics_listener,
             shutdown.clone().cancelled_owned(),
         ));
     }
-    let core = CoreCell::default();
     let policies = PolicyRegistry::default();
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;

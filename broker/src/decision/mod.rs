@@ -118,6 +118,11 @@ impl Decider {
         self.settings.lease_cutoff(now)
     }
 
+    /// The session directory the decisions read.
+    pub fn directory(&self) -> &SessionDirectory {
+        &self.directory
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         settings: DecisionSettings,

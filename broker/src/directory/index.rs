@@ -37,6 +37,24 @@ struct MachineSessions {
 struct FarmUsers {
     sessions: HashMap<Arc<str>, Vec<SessionEntry>>,
     ordered: BTreeSet<Arc<str>>,
+    /// How many of the farm's sessions are in each state (by [`state_slot`]), kept as
+    /// sessions are filed and unfiled so that the metrics never walk a million sessions.
+    by_state: [usize; 2],
+}
+
+/// The farm's session counts by state, as the metrics show them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FarmSessionCounts {
+    pub farm: String,
+    pub active: usize,
+    pub disconnected: usize,
+}
+
+fn state_slot(state: SessionState) -> usize {
+    match state {
+        SessionState::Active => 0,
+        SessionState::Disconnected => 1,
+    }
 }
 
 #[derive(Default)]
@@ -56,6 +74,18 @@ impl DirectoryIndex {
 
     pub fn machine_count(&self) -> usize {
         self.machines.len()
+    }
+
+    /// Every farm with sessions, with their count in each state.
+    pub fn session_counts(&self) -> Vec<FarmSessionCounts> {
+        self.farms
+            .iter()
+            .map(|(farm, users)| FarmSessionCounts {
+                farm: farm.to_string(),
+                active: users.by_state[state_slot(SessionState::Active)],
+                disconnected: users.by_state[state_slot(SessionState::Disconnected)],
+            })
+            .collect()
     }
 
     /// Creates or replaces a session (absolute row: applying it again changes nothing).
@@ -93,6 +123,8 @@ impl DirectoryIndex {
             }
         };
         let user_name = (row.user_name != row.user_key).then(|| row.user_name.into_boxed_str());
+        let state = SessionState::parse(&row.state).unwrap_or(SessionState::Active);
+        users.by_state[state_slot(state)] += 1;
         users
             .sessions
             .entry(user_key.clone())
@@ -104,7 +136,7 @@ impl DirectoryIndex {
                 session_id: row.session_id,
                 user_name,
                 domain: row.domain.into_boxed_str(),
-                state: SessionState::parse(&row.state).unwrap_or(SessionState::Active),
+                state,
                 logon_at: row.logon_at,
                 state_changed_at: row.state_changed_at,
             });
@@ -275,9 +307,17 @@ impl DirectoryIndex {
         let Some(entries) = users.sessions.get_mut(user_key) else {
             return;
         };
-        let before = entries.len();
-        entries.retain(|entry| !(entry.machine_id == machine && entry.session_id == session_id));
-        self.sessions -= before - entries.len();
+        // One entry at most: filing a session unfiles its earlier row first.
+        let Some(position) = entries
+            .iter()
+            .position(|entry| entry.machine_id == machine && entry.session_id == session_id)
+        else {
+            return;
+        };
+        let entry = entries.remove(position);
+        let count = &mut users.by_state[state_slot(entry.state)];
+        *count = count.saturating_sub(1);
+        self.sessions -= 1;
         if entries.is_empty() {
             users.sessions.remove(user_key);
             users.ordered.remove(user_key);
@@ -466,5 +506,36 @@ mod tests {
         index.remove_machine(id);
         assert_eq!(index.machine_count(), 0);
         assert!(index.sessions_of("f", "bob").is_empty());
+    }
+
+    #[test]
+    fn session_counts_follow_every_change() {
+        let mut index = DirectoryIndex::default();
+        let counts = |index: &DirectoryIndex| {
+            let mut counts = index.session_counts();
+            counts.sort_by(|a, b| a.farm.cmp(&b.farm));
+            counts
+                .into_iter()
+                .map(|c| (c.farm, c.active, c.disconnected))
+                .collect::<Vec<_>>()
+        };
+        index.upsert_session(row(1, 1, "alice", "active"));
+        index.upsert_session(row(1, 2, "bob", "disconnected"));
+        index.upsert_session(row(2, 1, "carol", "active"));
+        let mut other = row(3, 1, "dave", "active");
+        other.farm = "g".into();
+        index.upsert_session(other);
+        assert_eq!(counts(&index), [("f".into(), 2, 1), ("g".into(), 1, 0)]);
+        // A state change is a new row for the same session: counted once, in its new state.
+        index.upsert_session(row(1, 1, "alice", "disconnected"));
+        assert_eq!(counts(&index)[0], ("f".into(), 1, 2));
+        index.delete_session(Uuid::from_u128(1), 2);
+        index.delete_session(Uuid::from_u128(1), 2);
+        assert_eq!(counts(&index)[0], ("f".into(), 1, 1));
+        index.clear_machine_sessions(Uuid::from_u128(1));
+        assert_eq!(counts(&index)[0], ("f".into(), 1, 0));
+        index.remove_machine(Uuid::from_u128(3));
+        assert_eq!(counts(&index), [("f".into(), 1, 0)]);
+        assert_eq!(index.session_count(), 1);
     }
 }

@@ -22,6 +22,7 @@ mod sync;
 use crate::decision::TRUNCATED_COOKIE_CHARS;
 use crate::store::{DirectoryDelta, DirectorySink, SessionRecord, Store};
 use index::DirectoryIndex;
+pub use index::FarmSessionCounts;
 use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -198,6 +199,15 @@ impl SessionDirectory {
         let state = self.shared.state.read().ok()?;
         match &*state {
             State::Ready(index) => Some(index.session_count()),
+            State::Loading { .. } => None,
+        }
+    }
+
+    /// Each farm's sessions by state (`None` while the directory is not loaded).
+    pub fn session_counts(&self) -> Option<Vec<FarmSessionCounts>> {
+        let state = self.shared.state.read().ok()?;
+        match &*state {
+            State::Ready(index) => Some(index.session_counts()),
             State::Loading { .. } => None,
         }
     }

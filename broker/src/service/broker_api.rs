@@ -91,10 +91,14 @@ impl pb::broker_server::Broker for BrokerApi {
         request: Request<pb::RedirectRequest>,
     ) -> Result<Response<pb::RedirectResponse>, Status> {
         let core = self.core.get()?;
+        let started = std::time::Instant::now();
         let decided = match redirect_query(request.get_ref()) {
             Ok(query) => core.decider.redirect(&query).await,
             Err(error) => Err(error),
         };
+        core.metrics
+            .redirect_seconds
+            .observe(started.elapsed().as_secs_f64());
         let answer = match decided {
             Ok(answer) => answer,
             Err(error) => {

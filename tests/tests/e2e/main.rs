@@ -12,6 +12,7 @@ mod conformance;
 mod descriptors;
 mod directory;
 mod displaced;
+mod farm_metrics;
 mod frozen_replica;
 mod full_disk;
 mod ingest_conformance;

@@ -1,6 +1,10 @@
 //! Prometheus metrics, one registry per broker (no globals, so several brokers can run in one
 //! test process), served as text on `--metrics-listen` at `/metrics`. Every name starts with
-//! `tsbroker_`.
+//! `tsbroker_`. The farms' state is read at each scrape (`farm.rs`).
+
+mod farm;
+
+pub use farm::FarmSources;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -65,6 +69,9 @@ pub struct Metrics {
     pub clock_offset_seconds: Gauge<f64, AtomicU64>,
     /// Streams taken over by a newer connection while their agent was still reporting.
     pub live_takeovers: Counter,
+    /// Each Redirect call's time in the broker, failures included.
+    pub redirect_seconds: Histogram,
+    farms: farm::FarmGauges,
 }
 
 impl Default for Metrics {
@@ -143,8 +150,18 @@ impl Default for Metrics {
              was still reporting: two servers using one machine name",
             live_takeovers.clone(),
         );
+        let redirect_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "redirect_seconds",
+            "Time the broker took to answer each Redirect, failures included",
+            redirect_seconds.clone(),
+        );
+        let farms = farm::FarmGauges::default();
+        farms.register(&mut registry);
         Metrics {
             registry,
+            redirect_seconds,
+            farms,
             clock_offset_seconds,
             live_takeovers,
             decisions,
@@ -161,6 +178,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Reads the farms' state from `sources` (none until the broker's store is open), then
+    /// renders every metric.
+    pub async fn scrape(&self, sources: Option<FarmSources<'_>>) -> String {
+        let _one_at_a_time = self.farms.scraping.lock().await;
+        if let Some(sources) = sources {
+            self.farms.refresh(sources).await;
+        }
+        self.render()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut text = String::new();
