@@ -28,6 +28,16 @@ use tsbroker_common::proto::v1::RedirectReason;
 
 /// mstsc cuts the `mstshash` cookie to this many characters.
 pub const TRUNCATED_COOKIE_CHARS: usize = 9;
+
+/// Whether a user name the front door flagged as possibly cut can be the start of a longer
+/// one: mstsc (and FreeRDP) cut the whole cookie, so with a domain (`CORP\pmil` from
+/// `CORP\pmiller`) the name is shorter by the domain and its backslash.
+pub fn may_be_cut(user_name: &str, domain: &str, flagged: bool) -> bool {
+    let user = user_name.chars().count();
+    flagged
+        && (user == TRUNCATED_COOKIE_CHARS
+            || (!domain.is_empty() && domain.chars().count() + 1 + user == TRUNCATED_COOKIE_CHARS))
+}
 /// How long a returning user whose sessions the directory knows only on machines not heard
 /// from lately waits for the database before the directory's last known session is the
 /// answer (well within the front door's 3 s wait for a redirect).
@@ -185,7 +195,11 @@ impl Decider {
         let known = self.directory.lookup(
             &query.farm,
             &query.user_name,
-            query.user_name_may_be_truncated,
+            may_be_cut(
+                &query.user_name,
+                &query.domain,
+                query.user_name_may_be_truncated,
+            ),
         );
         if let Some(known) = &known {
             if let Some(session) = best_session(&known.sessions, &query.domain, |session| {
@@ -319,9 +333,11 @@ impl Decider {
         if !sessions.is_empty() {
             return Ok((user_key, sessions));
         }
-        let may_be_cut = query.user_name_may_be_truncated
-            && query.user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
-        if may_be_cut {
+        if may_be_cut(
+            &query.user_name,
+            &query.domain,
+            query.user_name_may_be_truncated,
+        ) {
             let matches = self
                 .store
                 .users_with_prefix(&query.farm, &user_key, 2)
@@ -553,6 +569,17 @@ fn no_candidate_error(farm: &str, loads: &[MachineLoad], group: Option<&GroupRul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_is_taken_as_cut_where_the_whole_cookie_had_nine_characters() {
+        assert!(may_be_cut("alexander", "", true));
+        assert!(may_be_cut("pmil", "CORP", true));
+        assert!(may_be_cut("alexander", "CORP", true));
+        assert!(!may_be_cut("pmil", "", true));
+        assert!(!may_be_cut("pmill", "CORP", true));
+        assert!(!may_be_cut("alexander", "", false));
+        assert!(!may_be_cut("pmil", "CORP", false));
+    }
 
     fn session(machine: u128, state: &str, logon_at: i64, domain: &str) -> SessionRecord {
         SessionRecord {

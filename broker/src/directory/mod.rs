@@ -19,7 +19,6 @@
 mod index;
 mod sync;
 
-use crate::decision::TRUNCATED_COOKIE_CHARS;
 use crate::store::{DirectoryDelta, DirectorySink, SessionRecord, Store};
 use index::DirectoryIndex;
 pub use index::FarmSessionCounts;
@@ -212,17 +211,13 @@ impl SessionDirectory {
         }
     }
 
-    /// The user's sessions in the farm; a name that may be an `mstshash` cookie cut to 9
-    /// characters and matches no user is taken as the prefix of the one user it can be, and a
+    /// The user's sessions in the farm; a name that may be cut from an `mstshash` cookie
+    /// (`may_be_cut`: `decision::may_be_cut` judges it) and matches no user is taken as the
+    /// prefix of the one user it can be, and a
     /// name in user principal form that matches no user (`ann@example.com`, as Windows clients
     /// send it) as its user part (`ann`, as PAM reports Linux logons) when that one has
     /// sessions. `None` when the directory is not loaded.
-    pub fn lookup(
-        &self,
-        farm: &str,
-        user_name: &str,
-        may_be_truncated: bool,
-    ) -> Option<DirectoryAnswer> {
+    pub fn lookup(&self, farm: &str, user_name: &str, may_be_cut: bool) -> Option<DirectoryAnswer> {
         let state = self.shared.state.read().ok()?;
         let State::Ready(index) = &*state else {
             return None;
@@ -232,7 +227,6 @@ impl SessionDirectory {
         if !sessions.is_empty() {
             return Some(DirectoryAnswer { user_key, sessions });
         }
-        let may_be_cut = may_be_truncated && user_name.chars().count() == TRUNCATED_COOKIE_CHARS;
         if may_be_cut && let [full_key] = index.users_with_prefix(farm, &user_key, 2).as_slice() {
             return Some(DirectoryAnswer {
                 sessions: index.sessions_of(farm, full_key),

@@ -654,6 +654,10 @@ async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
             session(2, "bernadette.a", pb::SessionState::Disconnected),
             session(3, "bernadette.b", pb::SessionState::Disconnected),
             session(4, "ann", pb::SessionState::Disconnected),
+            pb::SessionInfo {
+                domain: "CORP".into(),
+                ..session(5, "pmiller", pb::SessionState::Disconnected)
+            },
         ],
     )
     .await;
@@ -684,6 +688,30 @@ async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
         reason(&ambiguous),
         pb::RedirectReason::LoadBalanced,
         "an ambiguous prefix is an unknown user"
+    );
+    // mstsc cuts the whole cookie: `CORP\pmiller` arrives as `CORP\pmil`, flagged.
+    let with_domain = pb::RedirectRequest {
+        domain: "CORP".into(),
+        ..truncated("pmil")
+    };
+    let pmiller = client.redirect(with_domain).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            pmiller.machine_name.as_str(),
+            pmiller.user_name.as_str(),
+            reason(&pmiller)
+        ),
+        ("ts-b", "pmiller", pb::RedirectReason::ExistingSession)
+    );
+    let short = client
+        .redirect(truncated("pmil"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reason(&short),
+        pb::RedirectReason::LoadBalanced,
+        "4 characters without a domain were not cut"
     );
     let untruncated = pb::RedirectRequest {
         user_name_may_be_truncated: false,
