@@ -191,6 +191,7 @@ pub async fn start(
                 .agent_token
                 .as_deref()
                 .map(front_door::proxy_header::HeaderKey::from_token),
+            broker_absence: Default::default(),
         });
         parts.push(tokio::spawn(front_door::serve(
             listener,

@@ -47,6 +47,11 @@ impl FakeBroker {
     /// Serves on 127.0.0.1:0 until `stop`; returns the URL.
     pub async fn serve(&self, stop: CancellationToken) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.serve_on(listener, stop)
+    }
+
+    /// Serves on `listener` until `stop`; returns the URL.
+    pub fn serve_on(&self, listener: tokio::net::TcpListener, stop: CancellationToken) -> String {
         let address: SocketAddr = listener.local_addr().unwrap();
         let router = tonic::transport::Server::builder()
             .add_service(AgentGatewayServer::new(self.clone()))

@@ -15,3 +15,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tsbr
 /// soon instead of after their growing backoff, and are connected again moments after the
 /// database returns.
 pub const RETRY_AFTER_MS_METADATA: &str = "tsbroker-retry-after-ms";
+
+/// Response metadata on the UNAVAILABLE a broker gives while it starts (its database not open
+/// yet): the broker process is coming back, so a front door asks again rather than sending a
+/// returning user to its own RDP service (a second session).
+pub const BROKER_STARTING_METADATA: &str = "tsbroker-starting";

@@ -1,6 +1,7 @@
 //! The RDP front door: reads a client's first packet, asks the broker where the user goes,
 //! and splices the connection there.
 
+pub mod broker_absence;
 pub mod descriptors;
 pub mod first_packet;
 pub mod host_cache;
@@ -48,6 +49,8 @@ pub struct FrontDoorShared {
     /// Signs the PROXY headers this front door sends and checks those it receives: from the
     /// agent token, when one is set (see `proxy_header`).
     pub header_key: Option<proxy_header::HeaderKey>,
+    /// Since when no broker answers (see `broker_absence`).
+    pub broker_absence: broker_absence::BrokerAbsence,
 }
 
 impl FrontDoorShared {

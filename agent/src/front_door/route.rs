@@ -1,6 +1,7 @@
 //! Where a connection goes, from its routing hint: the broker's Redirect answer for a user
 //! name (or for no hint), a READY machine of the farm for a routing token, or a refusal. The
-//! local RDP service is the answer whenever the broker cannot be asked.
+//! local RDP service is the answer whenever the broker cannot be asked (after riding out a
+//! broker restart: `broker_absence.rs`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,8 +9,8 @@ use std::time::Duration;
 use tonic::Code;
 use tsbroker_common::proto::v1 as pb;
 
-use super::FrontDoorShared;
 use super::x224::{RoutingHint, split_domain};
+use super::{FrontDoorShared, broker_absence};
 use crate::directory::TRUNCATED_COOKIE_LEN;
 
 const REDIRECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,9 +160,35 @@ async fn redirect(
         user_name_may_be_truncated,
         exclude_machine_ids: refused.to_vec(),
     };
-    let mut broker = shared.link.broker();
     let asked = std::time::Instant::now();
-    let answer = tokio::time::timeout(REDIRECT_TIMEOUT, broker.redirect(request)).await;
+    let deadline = tokio::time::Instant::from_std(asked + REDIRECT_TIMEOUT);
+    let mut attempts = 0u32;
+    let answer = loop {
+        attempts += 1;
+        let mut broker = shared.link.broker();
+        let answer = tokio::time::timeout_at(deadline, broker.redirect(request.clone())).await;
+        match &answer {
+            Ok(Err(status)) if broker_absence::broker_away(status) => {
+                let now = std::time::Instant::now();
+                if shared.broker_absence.away(now)
+                    && tokio::time::Instant::from_std(now + broker_absence::RETRY_PAUSE) < deadline
+                {
+                    tokio::time::sleep(broker_absence::RETRY_PAUSE).await;
+                    continue;
+                }
+            }
+            Ok(_) => shared.broker_absence.answered(),
+            Err(_) => {}
+        }
+        break answer;
+    };
+    if attempts > 1 && matches!(answer, Ok(Ok(_))) {
+        tracing::info!(
+            user = %user_label(user.as_ref()),
+            waited_ms = asked.elapsed().as_millis() as u64,
+            "the broker is back; routing as it answers"
+        );
+    }
     let failure = match &answer {
         Ok(Ok(_)) => None,
         Ok(Err(status)) => Some(format!("{:?}", status.code())),

@@ -45,7 +45,26 @@ impl CoreCell {
 
     pub fn get(&self) -> Result<&Core, tonic::Status> {
         self.0.get().ok_or_else(|| {
-            crate::error::unavailable_retry_soon("broker starting: its database is not ready yet")
+            let mut status = crate::error::unavailable_retry_soon(
+                "broker starting: its database is not ready yet",
+            );
+            status.metadata_mut().insert(
+                tsbroker_common::proto::BROKER_STARTING_METADATA,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            status
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_starting_broker_says_so_and_when_to_come_back() {
+        let status = super::CoreCell::default().get().err().unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let metadata = status.metadata();
+        assert!(metadata.contains_key(tsbroker_common::proto::BROKER_STARTING_METADATA));
+        assert!(metadata.contains_key(tsbroker_common::proto::RETRY_AFTER_MS_METADATA));
     }
 }

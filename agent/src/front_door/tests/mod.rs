@@ -81,6 +81,9 @@ fn plain_rdp_answer(name: &str, address: &str) -> pb::RedirectResponse {
 
 struct Harness {
     fake: FakeBroker,
+    /// The fake broker's URL and what stops it (`broker_up`).
+    broker_url: String,
+    broker_stop: CancellationToken,
     agent: crate::RunningAgent,
     front_door: SocketAddr,
     local: mpsc::UnboundedReceiver<Vec<u8>>,
@@ -124,8 +127,9 @@ async fn harness_with_token(
 ) -> Harness {
     let fake = FakeBroker::default();
     fake.with(|state| state.machines = machines);
+    let broker_stop = CancellationToken::new();
     let url = if broker_up {
-        fake.serve(CancellationToken::new()).await
+        fake.serve(broker_stop.clone()).await
     } else {
         "http://127.0.0.1:9".to_owned()
     };
@@ -134,7 +138,7 @@ async fn harness_with_token(
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let front_door = listener.local_addr().unwrap();
     let mut config = AgentConfig::new(NAME, dir.path());
-    config.broker_url = url;
+    config.broker_url = url.clone();
     config.advertise = front_door.to_string();
     config.front_door = Some(FrontDoorBind::Listener(listener));
     config.local_rdp = local_rdp.unwrap_or_else(|| local_address.to_string());
@@ -148,6 +152,8 @@ async fn harness_with_token(
     assert_eq!(agent.front_door_addr, Some(front_door));
     Harness {
         fake,
+        broker_url: url,
+        broker_stop,
         agent,
         front_door,
         local,
@@ -540,6 +546,59 @@ async fn silent_slow_and_garbage_clients_are_cut_off() {
         assert!(back.is_empty());
     }
     nothing(&mut harness.local).await;
+    harness.shutdown.cancel();
+}
+
+/// A broker restarted (stopped, then serving again on its port 1.2 s later): the client
+/// connecting meanwhile waits for it and goes where it answers, not to this machine's RDP
+/// service (a second session for a returning user). A broker that answers, even UNAVAILABLE,
+/// is not waited for.
+#[tokio::test]
+async fn a_broker_restart_is_ridden_out() {
+    let mut harness = harness(Vec::new(), true).await;
+    let (remote_address, mut remote) = echo_server().await;
+    let theirs = answer(
+        "ts2.example",
+        &remote_address.to_string(),
+        pb::RedirectReason::ExistingSession,
+    );
+    harness.answer_with(theirs);
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=alice"));
+    exchange(harness.front_door, &bytes).await;
+    assert!(next(&mut remote).await.ends_with(&bytes));
+
+    harness.broker_stop.cancel();
+    let address = harness.broker_url.trim_start_matches("http://").to_owned();
+    // Let the agent's connection to the stopped broker end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fake = harness.fake.clone();
+    let restart = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let listener = TcpListener::bind(&address).await.unwrap();
+        fake.serve_on(listener, CancellationToken::new());
+    });
+    let started = tokio::time::Instant::now();
+    exchange(harness.front_door, &bytes).await;
+    assert!(next(&mut remote).await.ends_with(&bytes));
+    nothing(&mut harness.local).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "answered before the broker was back: {:?}",
+        started.elapsed()
+    );
+    restart.await.unwrap();
+
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Err(tonic::Code::Unavailable)));
+    let started = tokio::time::Instant::now();
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, bytes);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a broker's UNAVAILABLE waited {:?}",
+        started.elapsed()
+    );
     harness.shutdown.cancel();
 }
 

@@ -1,0 +1,95 @@
+//! Riding out a broker restart. A `Redirect` that fails because the broker process is away (the
+//! call never reached a broker: connection refused or broken; or the broker is still starting)
+//! is asked again every [`RETRY_PAUSE`] within the redirect's time, as long as the absence is
+//! younger than [`RIDE_OUT`]: a broker restarted by its service manager (kill and start again:
+//! 2-3 s) then answers these clients, where sending them to this machine's RDP service would
+//! give a returning user a second session, or put a new logon on a drained machine. Clients of
+//! a broker away longer go to the local RDP service at once, as the design's fallback says.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tsbroker_common::proto::BROKER_STARTING_METADATA;
+
+/// How long after the first failure clients are still held for the broker's return.
+pub const RIDE_OUT: Duration = Duration::from_secs(10);
+/// The pause between two attempts.
+pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// When the broker was first found away (shared by the front door's connections).
+#[derive(Debug, Default)]
+pub struct BrokerAbsence {
+    since: Mutex<Option<Instant>>,
+}
+
+impl BrokerAbsence {
+    /// A call found the broker away at `now`: whether it may ask again (the absence is younger
+    /// than [`RIDE_OUT`]).
+    pub fn away(&self, now: Instant) -> bool {
+        let mut since = self
+            .since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let start = *since.get_or_insert(now);
+        now.saturating_duration_since(start) < RIDE_OUT
+    }
+
+    /// A broker answered (whatever it said): it is there.
+    pub fn answered(&self) {
+        *self
+            .since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+}
+
+/// Whether `status` says no broker answered: an error below gRPC (tonic keeps it as the
+/// status's source; a status a server sent has none), or a broker still starting.
+pub fn broker_away(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || status.metadata().contains_key(BROKER_STARTING_METADATA)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absence_is_ridden_out_until_it_is_old_and_forgotten_once_a_broker_answers() {
+        let absence = BrokerAbsence::default();
+        let start = Instant::now();
+        assert!(absence.away(start));
+        assert!(absence.away(start + RIDE_OUT - Duration::from_millis(1)));
+        assert!(!absence.away(start + RIDE_OUT));
+        absence.answered();
+        // A new absence starts its own clock.
+        assert!(absence.away(start + RIDE_OUT * 3));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_and_a_starting_broker_are_away_and_a_broker_s_answer_is_not() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect_lazy();
+        let mut broker = tsbroker_common::proto::v1::broker_client::BrokerClient::new(channel);
+        let refused = broker
+            .redirect(tsbroker_common::proto::v1::RedirectRequest::default())
+            .await
+            .unwrap_err();
+        assert!(broker_away(&refused), "{refused:?}");
+
+        let mut starting = tonic::Status::unavailable("broker starting");
+        starting.metadata_mut().insert(
+            BROKER_STARTING_METADATA,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        assert!(broker_away(&starting));
+        // What a running broker says (no machine ready, its database away) is an answer.
+        assert!(!broker_away(&tonic::Status::unavailable(
+            "no machine is ready"
+        )));
+    }
+}
