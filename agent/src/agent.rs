@@ -182,6 +182,7 @@ pub async fn start(
                 max_connections: front_door::descriptors::connections_allowed(
                     config.max_connections,
                 ),
+                source_ip: front_door::source_address::advertised_local_ip(&config.advertise).await,
             },
             link: link.clone(),
             machines,

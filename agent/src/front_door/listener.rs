@@ -203,16 +203,7 @@ pub async fn handle(
                 user,
                 why,
             } => {
-                match splice::open_remote(
-                    &address,
-                    &client,
-                    peer,
-                    packet,
-                    external,
-                    shared.header_key.as_ref(),
-                )
-                .await
-                {
+                match splice::open_remote(shared, &address, &client, peer, packet, external).await {
                     Ok(upstream) => {
                         tracing::info!(user = %route::user_label(user.as_ref()), machine = %machine_name, %machine_id, %address, why, "routing to another machine");
                         shared.metrics.connection(Outcome::Remote);

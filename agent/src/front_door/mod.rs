@@ -9,6 +9,7 @@ pub mod listener;
 pub mod machines;
 pub mod proxy_header;
 pub mod route;
+pub mod source_address;
 pub mod splice;
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,9 @@ pub struct FrontDoorSettings {
     pub local_rdp: String,
     pub client_timeout: Duration,
     pub max_connections: usize,
+    /// The advertised address, when it is this host's: connections to other machines leave
+    /// from it (`source_address`).
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 /// Shared by every connection.

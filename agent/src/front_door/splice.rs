@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,9 +23,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::FrontDoorShared;
-use super::proxy_header;
 use super::route::ConnectingUser;
 use super::x224;
+use super::{proxy_header, source_address};
 use crate::directory::{Attachment, UnknownConnection};
 use crate::metrics::ByteCounters;
 
@@ -64,9 +64,11 @@ pub struct Upstream {
     request_len: u64,
 }
 
-/// Opens a TCP connection to "host:port" within a few seconds.
-pub async fn connect(address: &str) -> anyhow::Result<TcpStream> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+/// Opens a TCP connection to "host:port" within a few seconds, from `source` where it suits
+/// (`source_address::connect_from`).
+pub async fn connect(address: &str, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let connecting = source_address::connect_from(address, source);
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| anyhow::anyhow!("connect to {address}: timed out"))?
         .with_context(|| format!("connect to {address}"))?;
@@ -78,8 +80,13 @@ pub async fn connect(address: &str) -> anyhow::Result<TcpStream> {
 /// the client sent them, as the target should see it) and waits for the target's first
 /// answer. An error means the target refused the connection: refused or timed out the TCP
 /// connection, closed it without answering, or did not answer in time.
-async fn open(address: &str, prefix: &[u8], request_len: usize) -> anyhow::Result<Upstream> {
-    let mut stream = connect(address).await?;
+async fn open(
+    address: &str,
+    source: Option<IpAddr>,
+    prefix: &[u8],
+    request_len: usize,
+) -> anyhow::Result<Upstream> {
+    let mut stream = connect(address, source).await?;
     stream
         .write_all(prefix)
         .await
@@ -107,23 +114,26 @@ async fn open(address: &str, prefix: &[u8], request_len: usize) -> anyhow::Resul
 pub async fn open_local(shared: &FrontDoorShared, packet: &[u8]) -> anyhow::Result<Upstream> {
     open(
         &shared.settings.local_rdp,
+        None,
         &for_rdp_service(packet),
         packet.len(),
     )
     .await
 }
 
-/// Opens another machine: its front door gets a PROXY v2 header with the client's address
-/// (signed with `header_key`, when there is one) and the request as the client sent it; an external target (an RDP service, not a front
-/// door) gets the request as an RDP service should.
+/// Opens another machine, from this machine's advertised address where it is this host's:
+/// its front door gets a PROXY v2 header with the client's address (signed with the agent
+/// token's key, when there is one) and the request as the client sent it; an external target
+/// (an RDP service, not a front door) gets the request as an RDP service should.
 pub async fn open_remote(
+    shared: &FrontDoorShared,
     address: &str,
     client: &TcpStream,
     client_address: SocketAddr,
     packet: &[u8],
     external: bool,
-    header_key: Option<&proxy_header::HeaderKey>,
 ) -> anyhow::Result<Upstream> {
+    let header_key = shared.header_key.as_ref();
     let mut prefix = Vec::with_capacity(packet.len() + 64);
     if external {
         prefix.extend_from_slice(&for_rdp_service(packet));
@@ -137,7 +147,7 @@ pub async fn open_remote(
         ));
         prefix.extend_from_slice(packet);
     }
-    let upstream = open(address, &prefix, packet.len()).await?;
+    let upstream = open(address, shared.settings.source_ip, &prefix, packet.len()).await?;
     // Across the network the other machine can vanish too (the local service cannot).
     keep_alive(&upstream.stream);
     Ok(upstream)

@@ -13,6 +13,7 @@ mod descriptors;
 mod directory;
 mod displaced;
 mod farm_metrics;
+mod front_doors;
 mod frozen_replica;
 mod full_disk;
 mod ingest_conformance;
