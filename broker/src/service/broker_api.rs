@@ -176,6 +176,23 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let request = request.into_inner();
         let mut filter = session_filter(&request)?;
+        if !request.machine_name.is_empty() {
+            if request.farm.is_empty() {
+                return Err(ApiError::from(tsbroker_common::ValidationError::new(
+                    "machine_name",
+                    "give farm too: machine names are per farm",
+                ))
+                .into());
+            }
+            let reference = pb::MachineRef {
+                machine_id: request.machine_id.clone(),
+                farm: request.farm.clone(),
+                machine_name: request.machine_name.clone(),
+            };
+            let core = self.core.get()?;
+            let machine = machine_ref::resolve(core.store.as_ref(), &reference).await?;
+            filter.machine = Some(machine.id);
+        }
         let page_size = filter.limit as usize;
         // One row more than the page: whether another page follows, so that the last page
         // (even a full one) comes without a token.

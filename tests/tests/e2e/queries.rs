@@ -91,6 +91,34 @@ async fn every_session_comes_once_and_the_last_page_says_so(database: &TestDatab
         assert_eq!(seen.len(), 12, "page size {page_size}: {seen:?}");
         assert_eq!(distinct.len(), 12, "page size {page_size}: {seen:?}");
     }
+
+    // By machine name (any case), as operators know their machines.
+    let by_name = |farm: &str, name: &str| pb::ListSessionsRequest {
+        farm: farm.into(),
+        machine_name: name.into(),
+        ..Default::default()
+    };
+    let on_b = client
+        .list_sessions(by_name("farm-p", "TS-B"))
+        .await
+        .expect("ListSessions by machine name")
+        .into_inner();
+    assert_eq!(on_b.sessions.len(), 6);
+    assert!(on_b.sessions.iter().all(|s| s.machine_name == "ts-b"));
+    let unknown = client
+        .list_sessions(by_name("farm-p", "ts-z"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let no_farm = client.list_sessions(by_name("", "ts-b")).await.unwrap_err();
+    assert_eq!(no_farm.code(), Code::InvalidArgument, "{no_farm:?}");
+    assert!(no_farm.message().contains("machine_name"), "{no_farm:?}");
+    let contradiction = pb::ListSessionsRequest {
+        machine_id: on_b.sessions[0].machine_id.clone(),
+        ..by_name("farm-p", "ts-a")
+    };
+    let refused = client.list_sessions(contradiction).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
 }
 
 async fn a_machine_named_two_ways_must_be_one_machine(database: &TestDatabase) {
