@@ -2,7 +2,7 @@
 //! machines is fetched periodically and again when a lookup misses; resolving every machine's
 //! names each time sent two DNS queries per machine per refresh from every agent (with the
 //! refresh every 5 s, as it was, 16,000 a second from the 200 agents of a 200-machine farm). A
-//! name is now resolved again once its answer is older than the caller allows (30 s for the
+//! name is now resolved again once its answer is older than the caller allows (5 min for the
 //! periodic refresh, 5 s after a miss); a name that did not resolve is tried again after 5 s at
 //! most.
 
