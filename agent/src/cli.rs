@@ -140,7 +140,7 @@ pub enum SessionCommand {
     Logoff(SessionEventArgs),
     /// For pam_exec: logon on open_session, logoff on close_session, from PAM_TYPE,
     /// PAM_USER, PAM_TTY (the X display ":N" is session N) and PAM_RHOST (a bare address)
-    Pam(SocketArg),
+    Pam(PamArgs),
     /// List the sessions the agent knows
     List(SocketArg),
 }
@@ -173,6 +173,25 @@ pub struct SessionEventArgs {
     pub client_address: Option<String>,
     #[command(flatten)]
     pub socket: SocketArg,
+    #[command(flatten)]
+    pub wait: WaitArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PamArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+    #[command(flatten)]
+    pub wait: WaitArg,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArg {
+    /// How long to wait for an agent that is not running (restarting: the unit restarts a
+    /// failed agent after 5 s) before giving up; an event the agent never gets is lost (a
+    /// missed logoff leaves a session that never ends). 0s: do not wait
+    #[arg(long, value_name = "DURATION", default_value = "8s")]
+    pub wait: humantime::Duration,
 }
 
 #[cfg(test)]
@@ -229,6 +248,7 @@ mod tests {
             panic!("expected session logoff");
         };
         assert_eq!((args.user.as_str(), args.session_id), ("alice", Some(12)));
+        assert_eq!(*args.wait.wait, std::time::Duration::from_secs(8));
         assert_eq!(
             args.socket.control_socket,
             Some(PathBuf::from("/tmp/x.sock"))

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -72,23 +73,26 @@ fn run_agent(runtime: tokio::runtime::Runtime, cli: Cli) -> ExitCode {
     })
 }
 
-fn session_args(args: SessionEventArgs) -> (Option<PathBuf>, SessionArgs) {
+/// The socket, the event and how long to wait for an agent that is not running.
+fn session_args(args: SessionEventArgs) -> (Option<PathBuf>, SessionArgs, Duration) {
     let request = SessionArgs {
         user: args.user,
         domain: args.domain,
         session_id: args.session_id,
         client_address: args.client_address,
     };
-    (args.socket.control_socket, request)
+    (args.socket.control_socket, request, *args.wait.wait)
 }
 
 async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
-    let (socket, request) = match command {
-        Command::Status(socket) => (socket.control_socket, Request::Status),
+    // Questions are answered by a running agent or not at all; session events wait for one
+    // that is restarting.
+    let (socket, request, wait) = match command {
+        Command::Status(socket) => (socket.control_socket, Request::Status, Duration::ZERO),
         Command::Session { action } => match action {
-            SessionCommand::List(socket) => (socket.control_socket, Request::List),
-            SessionCommand::Pam(socket) => match pam::request(|name| std::env::var(name).ok()) {
-                Ok(Some(request)) => (socket.control_socket, request),
+            SessionCommand::List(socket) => (socket.control_socket, Request::List, Duration::ZERO),
+            SessionCommand::Pam(args) => match pam::request(|name| std::env::var(name).ok()) {
+                Ok(Some(request)) => (args.socket.control_socket, request, *args.wait.wait),
                 // auth, account, password: nothing to report.
                 Ok(None) => return ExitCode::SUCCESS,
                 Err(reason) => {
@@ -97,20 +101,20 @@ async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
                 }
             },
             SessionCommand::Logon(args) => {
-                let (socket, args) = session_args(args);
-                (socket, Request::Logon(args))
+                let (socket, args, wait) = session_args(args);
+                (socket, Request::Logon(args), wait)
             }
             SessionCommand::Disconnect(args) => {
-                let (socket, args) = session_args(args);
-                (socket, Request::Disconnect(args))
+                let (socket, args, wait) = session_args(args);
+                (socket, Request::Disconnect(args), wait)
             }
             SessionCommand::Reconnect(args) => {
-                let (socket, args) = session_args(args);
-                (socket, Request::Reconnect(args))
+                let (socket, args, wait) = session_args(args);
+                (socket, Request::Reconnect(args), wait)
             }
             SessionCommand::Logoff(args) => {
-                let (socket, args) = session_args(args);
-                (socket, Request::Logoff(args))
+                let (socket, args, wait) = session_args(args);
+                (socket, Request::Logoff(args), wait)
             }
         },
     };
@@ -121,7 +125,7 @@ async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
             return ExitCode::from(EXIT_BAD_SETTINGS);
         }
     };
-    let response = match client::call(&socket, &request).await {
+    let response = match client::call_waiting(&socket, &request, wait).await {
         Ok(response) => response,
         Err(error) => {
             eprintln!("tsagent: {error:#}");

@@ -13,28 +13,63 @@ use super::{AgentStatus, MAX_LINE, Request, Response};
 use crate::directory::{RecordState, SessionRecord};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an agent that is not running is looked for again (`call_waiting`).
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Sends `request` to the agent listening on `socket` and returns its response.
 pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
-    tokio::time::timeout(CALL_TIMEOUT, call_inner(socket, request))
+    call_waiting(socket, request, Duration::ZERO).await
+}
+
+/// [`call`], waiting up to `wait` for an agent that is not running (no socket, or nobody
+/// listening on it): an agent restarting (`systemctl restart`, or after a crash) is back
+/// within seconds, and a session event it would miss meanwhile is lost for good (a logoff
+/// missed leaves a session that never ends).
+pub async fn call_waiting(
+    socket: &Path,
+    request: &Request,
+    wait: Duration,
+) -> anyhow::Result<Response> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let stream = loop {
+        match UnixStream::connect(socket).await {
+            Ok(stream) => break stream,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    ErrorKind::NotFound | ErrorKind::ConnectionRefused
+                ) && tokio::time::Instant::now() + RETRY_PAUSE <= deadline =>
+            {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Err(error) => return Err(connect_error(socket, &error, wait)),
+        }
+    };
+    tokio::time::timeout(CALL_TIMEOUT, exchange(stream, request))
         .await
         .map_err(|_| anyhow!("the agent at {} did not answer in time", socket.display()))?
 }
 
-async fn call_inner(socket: &Path, request: &Request) -> anyhow::Result<Response> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|error| match error.kind() {
-            ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow!(
-                "agent not running (nothing listening on {})",
-                socket.display()
-            ),
-            ErrorKind::PermissionDenied => anyhow!(
-                "permission denied on {} (the control socket is owner-only)",
-                socket.display()
-            ),
-            _ => anyhow!("connect to {}: {error}", socket.display()),
-        })?;
+fn connect_error(socket: &Path, error: &std::io::Error, waited: Duration) -> anyhow::Error {
+    match error.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused if waited.is_zero() => anyhow!(
+            "agent not running (nothing listening on {})",
+            socket.display()
+        ),
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow!(
+            "agent not running (nothing listening on {} for {} s)",
+            socket.display(),
+            waited.as_secs_f32()
+        ),
+        ErrorKind::PermissionDenied => anyhow!(
+            "permission denied on {} (the control socket is owner-only)",
+            socket.display()
+        ),
+        _ => anyhow!("connect to {}: {error}", socket.display()),
+    }
+}
+
+async fn exchange(stream: UnixStream, request: &Request) -> anyhow::Result<Response> {
     let (reader, mut writer) = stream.into_split();
     let mut bytes = serde_json::to_vec(request).context("encode request")?;
     bytes.push(b'\n');

@@ -87,6 +87,40 @@ async fn requests_round_trip_over_the_socket() {
     assert!(!path.exists());
     let error = call(&path, &Request::List).await.unwrap_err();
     assert!(error.to_string().contains("agent not running"), "{error}");
+
+    // A session event waits for an agent that is restarting: its logoff is not lost.
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let handler = ControlHandler {
+        directory: directory.clone(),
+        status: Arc::new(Mutex::new(Default::default())),
+        machine_name: "ts1".into(),
+        farm: "default".into(),
+        advertise: "ts1:3389".into(),
+        front_door: None,
+    };
+    let restarted = path.clone();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let listener = bind(&restarted).unwrap();
+        serve(listener, restarted, handler, stop).await;
+    });
+    let wait = std::time::Duration::from_secs(5);
+    let logoff = Request::Logoff(args("alice", Some(10)));
+    let answer = super::client::call_waiting(&path, &logoff, wait)
+        .await
+        .unwrap();
+    assert!(render(&answer).unwrap().contains("ended"), "{answer:?}");
+    let left = directory.list();
+    assert!(left.iter().all(|s| s.user_name != "alice"), "{left:?}");
+    shutdown.cancel();
+    server.await.unwrap();
+    // Waiting has its limit, which the error names.
+    let error = super::client::call_waiting(&path, &logoff, std::time::Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("for 0.5 s"), "{error}");
 }
 
 #[tokio::test]
