@@ -96,6 +96,13 @@ pub async fn start(
     let machine_id = model::machine_id(&config.farm, &config.machine_name);
     let (directory, events) = Directory::open(&config.state_dir)?;
     let directory = directory.with_unconfirmed_logon_grace(config.unconfirmed_logon_grace);
+    if !config.unconfirmed_logon_grace.is_zero() {
+        let (directory, grace) = (directory.clone(), config.unconfirmed_logon_grace);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            directory.settle_undecided();
+        });
+    }
     let token = BearerToken::new(config.agent_token.as_deref())?;
     // A farm's agents start on different replicas when several are given.
     let first = usize::try_from(machine_id.as_u128() % 1_000_003).unwrap_or(0);

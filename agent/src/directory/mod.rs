@@ -212,6 +212,9 @@ pub struct Directory {
 struct Shared {
     table: Arc<Mutex<Table>>,
     persister: Persister,
+    /// Front-door logons the previous agent process left unconfirmed: settled once, the
+    /// grace after the start ([`Directory::settle_undecided`]).
+    undecided: Mutex<Vec<u32>>,
 }
 
 /// The receiving end of the table's changes, owned by the stream task.
@@ -233,6 +236,7 @@ impl Directory {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut sessions = BTreeMap::new();
         let mut clients_lost = 0;
+        let mut undecided = Vec::new();
         let now = model::now_millis();
         for mut record in stored.sessions {
             // What the broker would refuse in a RESYNC (a hand-edited or restored file): one
@@ -253,6 +257,9 @@ impl Directory {
                 clients_lost += 1;
             }
             record.attachment = 0;
+            if record.unconfirmed {
+                undecided.push(record.session_id);
+            }
             sessions.insert(record.session_id, record);
         }
         tracing::info!(path = %file.path().display(), sessions = sessions.len(), "session table loaded");
@@ -291,7 +298,11 @@ impl Directory {
         )
         .context("start the session table's writer")?;
         let directory = Directory {
-            shared: Arc::new(Shared { table, persister }),
+            shared: Arc::new(Shared {
+                table,
+                persister,
+                undecided: Mutex::new(undecided),
+            }),
             unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
         };
         Ok((directory, receiver))
@@ -364,7 +375,20 @@ impl Directory {
     /// nothing confirmed and that lasted less than the unconfirmed-logon grace failed, and its
     /// session is removed.
     pub fn front_door_detach(&self, attachment: Attachment, lasted: Option<Duration>) {
-        self.connection_ended(attachment.attachment, attachment.pending_logon, lasted);
+        self.connection_ended(
+            attachment.attachment,
+            attachment.pending_logon,
+            lasted,
+            Duration::ZERO,
+        );
+    }
+
+    /// The agent cut the connection (stopping) after `after`: as [`Self::front_door_detach`]
+    /// with `None`, except that a connection that had lasted the grace confirms its logon as
+    /// one that ended would. A logon it leaves undecided is settled after the next start
+    /// ([`Self::settle_undecided`]).
+    pub fn front_door_cut(&self, attachment: Attachment, after: Duration) {
+        self.connection_ended(attachment.attachment, attachment.pending_logon, None, after);
     }
 
     /// The front door handed a connection whose user it could not tell (no cookie, or one
@@ -386,14 +410,22 @@ impl Directory {
         connection: UnknownConnection,
         lasted: Option<Duration>,
     ) {
-        self.connection_ended(connection.attachment, false, lasted);
+        let cut_after = Duration::ZERO;
+        self.connection_ended(connection.attachment, false, lasted, cut_after);
     }
 
-    fn connection_ended(&self, attachment: u64, pending_logon: bool, lasted: Option<Duration>) {
+    fn connection_ended(
+        &self,
+        attachment: u64,
+        pending_logon: bool,
+        lasted: Option<Duration>,
+        cut_after: Duration,
+    ) {
         let end = rules::ConnectionEnd {
             attachment,
             pending_logon,
             lasted,
+            cut_after,
             grace: self.unconfirmed_logon_grace,
         };
         let generation = {
@@ -402,6 +434,52 @@ impl Directory {
         };
         if let Some(generation) = generation {
             // Saved soon by the writer; the connection does not wait for the disk.
+            self.shared.persister.changed(generation);
+        }
+    }
+
+    /// Removes the front-door logons the previous agent process left undecided (unconfirmed:
+    /// their connection cut by its stop before lasting the grace, or never confirmed by the
+    /// local source it had) that nothing confirmed since either, and that no connection holds
+    /// now. Called once, the unconfirmed-logon grace after the start: a client that was really
+    /// logged on has reconnected by then (or PAM reported it); without this such a session
+    /// stayed, disconnected, for good, and its user was sent back to it.
+    pub fn settle_undecided(&self) {
+        let undecided = std::mem::take(
+            &mut *self
+                .shared
+                .undecided
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let settled = {
+            let mut table = self.lock();
+            let mut removed = Vec::new();
+            for session_id in undecided {
+                let held = table
+                    .live
+                    .values()
+                    .any(|live| live.session_id == Some(session_id));
+                let unconfirmed = table
+                    .sessions
+                    .get(&session_id)
+                    .is_some_and(|record| record.unconfirmed);
+                if unconfirmed
+                    && !held
+                    && let Some(record) = table.sessions.remove(&session_id)
+                {
+                    table.emit(SessionEventKind::Logoff, &record);
+                    removed.push(record.user_name);
+                }
+            }
+            (!removed.is_empty()).then(|| (table.changed(), removed))
+        };
+        if let Some((generation, users)) = settled {
+            tracing::info!(
+                ?users,
+                "front-door logons the previous agent left unconfirmed were not confirmed \
+                 since the start: treated as failed logons, sessions removed"
+            );
             self.shared.persister.changed(generation);
         }
     }

@@ -413,6 +413,8 @@ pub(super) struct ConnectionEnd {
     pub pending_logon: bool,
     /// How long the connection lasted; `None` when the agent cut it (stopping).
     pub lasted: Option<Duration>,
+    /// How long a connection the agent cut had lasted (zero when not known).
+    pub cut_after: Duration,
     /// The unconfirmed-logon grace.
     pub grace: Duration,
 }
@@ -443,7 +445,12 @@ pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64)
     };
     let mut changed = false;
     let short = end.lasted.is_some_and(|lasted| lasted < end.grace);
-    if record.unconfirmed && end.lasted.is_some() && !short && !local_source {
+    // A connection the agent cut had lasted the grace or not: that much is known of it.
+    let outlasted_grace = match end.lasted {
+        Some(_) => !short,
+        None => end.cut_after >= end.grace,
+    };
+    if record.unconfirmed && outlasted_grace && !local_source {
         // The RDP service kept this connection past the grace, and no local source would
         // have confirmed it: the logon happened.
         record.unconfirmed = false;

@@ -401,6 +401,51 @@ fn a_long_unconfirmed_front_door_logon_is_disconnected() {
     assert!(dave.unconfirmed);
 }
 
+/// The agent stopping cuts its connections: one that had lasted the grace confirms its logon
+/// as an ended one would; one that had not leaves it undecided, and the next agent process
+/// removes it the grace after its start unless something confirmed it or a connection holds
+/// it by then (the soak run found such sessions left disconnected for good).
+#[test]
+fn logons_left_undecided_by_a_stop_are_settled_after_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let erin = directory.front_door_attach("erin", "", "").unwrap();
+    directory.front_door_cut(erin, Duration::from_secs(45));
+    let dave = directory.front_door_attach("dave", "", "").unwrap();
+    directory.front_door_cut(dave, Duration::from_secs(2));
+    let frank = directory.front_door_attach("frank", "", "").unwrap();
+    directory.front_door_cut(frank, Duration::from_secs(2));
+    let unconfirmed = |directory: &Directory, user: &str| {
+        directory
+            .list()
+            .into_iter()
+            .find(|record| record.user_name == user)
+            .map(|record| record.unconfirmed)
+    };
+    assert_eq!(unconfirmed(&directory, "erin"), Some(false));
+    assert_eq!(unconfirmed(&directory, "dave"), Some(true));
+    assert!(directory.flush());
+    drop(directory);
+
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    // frank's client came back and holds his session when the grace is up.
+    let back = directory.front_door_attach("frank", "", "").unwrap();
+    directory.settle_undecided();
+    assert_eq!(unconfirmed(&directory, "erin"), Some(false));
+    assert_eq!(unconfirmed(&directory, "dave"), None);
+    assert_eq!(unconfirmed(&directory, "frank"), Some(true));
+    let logoffs: Vec<String> = drain(&mut events)
+        .into_iter()
+        .filter(|(kind, _, _)| *kind == Logoff)
+        .map(|(_, _, user)| user)
+        .collect();
+    assert_eq!(logoffs, ["dave"]);
+    // Settled once: frank's session is decided by his connection from now on.
+    directory.front_door_detach(back, LONG);
+    directory.settle_undecided();
+    assert_eq!(unconfirmed(&directory, "frank"), Some(false));
+}
+
 #[test]
 fn a_reconnection_is_never_removed() {
     let dir = tempfile::tempdir().unwrap();

@@ -321,9 +321,14 @@ pub async fn to_local(
     let copied = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
     log_end(copied, started);
     // How long the connection lasted tells a logon that failed from one that happened; a
-    // connection the agent cut because it is stopping tells nothing.
-    let lasted = (!shutdown.is_cancelled()).then(|| started.elapsed());
+    // connection the agent cut because it is stopping tells only whether it had lasted the
+    // grace.
+    let cut = shutdown.is_cancelled();
+    let lasted = (!cut).then(|| started.elapsed());
     match held {
+        Held::Session(attachment) if cut => shared
+            .directory
+            .front_door_cut(attachment, started.elapsed()),
         Held::Session(attachment) => shared.directory.front_door_detach(attachment, lasted),
         Held::Unknown(connection) => shared
             .directory
