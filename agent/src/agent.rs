@@ -189,7 +189,9 @@ pub async fn start(
                 max_connections: front_door::descriptors::connections_allowed(
                     config.max_connections,
                 ),
-                source_ip: front_door::source_address::advertised_local_ip(&config.advertise).await,
+                source: front_door::source_address::advertised_local_ip(&config.advertise)
+                    .await
+                    .map(|ip| Arc::new(front_door::source_address::SourceAddress::new(ip))),
             },
             link: link.clone(),
             machines,

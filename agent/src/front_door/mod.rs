@@ -39,7 +39,7 @@ pub struct FrontDoorSettings {
     pub max_connections: usize,
     /// The advertised address, when it is this host's: connections to other machines leave
     /// from it (`source_address`).
-    pub source_ip: Option<std::net::IpAddr>,
+    pub source: Option<Arc<source_address::SourceAddress>>,
 }
 
 /// Shared by every connection.

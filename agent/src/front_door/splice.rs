@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -66,7 +66,10 @@ pub struct Upstream {
 
 /// Opens a TCP connection to "host:port" within a few seconds, from `source` where it suits
 /// (`source_address::connect_from`).
-pub async fn connect(address: &str, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+pub async fn connect(
+    address: &str,
+    source: Option<&source_address::SourceAddress>,
+) -> anyhow::Result<TcpStream> {
     let connecting = source_address::connect_from(address, source);
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
@@ -82,7 +85,7 @@ pub async fn connect(address: &str, source: Option<IpAddr>) -> anyhow::Result<Tc
 /// connection, closed it without answering, or did not answer in time.
 async fn open(
     address: &str,
-    source: Option<IpAddr>,
+    source: Option<&source_address::SourceAddress>,
     prefix: &[u8],
     request_len: usize,
 ) -> anyhow::Result<Upstream> {
@@ -147,7 +150,8 @@ pub async fn open_remote(
         ));
         prefix.extend_from_slice(packet);
     }
-    let upstream = open(address, shared.settings.source_ip, &prefix, packet.len()).await?;
+    let source = shared.settings.source.as_deref();
+    let upstream = open(address, source, &prefix, packet.len()).await?;
     // Across the network the other machine can vanish too (the local service cannot).
     keep_alive(&upstream.stream);
     Ok(upstream)
