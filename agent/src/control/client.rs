@@ -57,7 +57,7 @@ fn connect_error(socket: &Path, error: &std::io::Error, waited: Duration) -> any
             socket.display()
         ),
         ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow!(
-            "agent not running (nothing listening on {} for {} s)",
+            "agent not running (nothing listening on {} within {} s)",
             socket.display(),
             waited.as_secs_f32()
         ),

@@ -120,7 +120,7 @@ async fn requests_round_trip_over_the_socket() {
     let error = super::client::call_waiting(&path, &logoff, std::time::Duration::from_millis(500))
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("for 0.5 s"), "{error}");
+    assert!(error.to_string().contains("within 0.5 s"), "{error}");
 }
 
 #[tokio::test]
