@@ -410,8 +410,7 @@ impl Directory {
         connection: UnknownConnection,
         lasted: Option<Duration>,
     ) {
-        let cut_after = Duration::ZERO;
-        self.connection_ended(connection.attachment, false, lasted, cut_after);
+        self.connection_ended(connection.attachment, false, lasted, Duration::ZERO);
     }
 
     fn connection_ended(

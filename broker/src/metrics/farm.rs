@@ -5,7 +5,6 @@
 //! with `max`, not `sum`.
 
 use crate::directory::SessionDirectory;
-use crate::service::convert;
 use crate::store::Store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -13,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::model::MachineState;
 
 /// A scrape waits this long for the database; past it the machines' gauges are left out (a
 /// scrape must not hang on a database that went away; the health check reports that).
@@ -31,10 +30,10 @@ pub struct FarmStateLabels {
 }
 
 /// The machine states a gauge is kept for (REMOVED machines are not counted).
-const MACHINE_STATES: [(pb::MachineState, &str); 3] = [
-    (pb::MachineState::Joining, "joining"),
-    (pb::MachineState::Ready, "ready"),
-    (pb::MachineState::Unreachable, "unreachable"),
+const MACHINE_STATES: [MachineState; 3] = [
+    MachineState::Joining,
+    MachineState::Ready,
+    MachineState::Unreachable,
 ];
 
 #[derive(Default)]
@@ -113,8 +112,8 @@ impl FarmGauges {
                 by_farm.insert(count.farm, (count.active, count.disconnected));
             }
             for (farm, (active, disconnected)) in by_farm {
-                self.set_farm_state(&self.sessions, &farm, "active", active);
-                self.set_farm_state(&self.sessions, &farm, "disconnected", disconnected);
+                set_farm_state(&self.sessions, &farm, "active", active);
+                set_farm_state(&self.sessions, &farm, "disconnected", disconnected);
             }
         }
     }
@@ -136,11 +135,8 @@ impl FarmGauges {
             .map(|farm| (farm.as_str(), Tally::default()))
             .collect();
         for record in machines {
-            let seen = convert::machine_seen(record, lease_cutoff);
-            let Some(slot) = MACHINE_STATES
-                .iter()
-                .position(|(state, _)| *state as i32 == seen.state)
-            else {
+            let seen = record.state_seen(lease_cutoff);
+            let Some(slot) = MACHINE_STATES.iter().position(|state| *state == seen) else {
                 continue;
             };
             let tally = tallies.entry(record.farm.as_str()).or_default();
@@ -149,8 +145,8 @@ impl FarmGauges {
             tally.pending += record.pending_logons.max(0);
         }
         for (farm, tally) in tallies {
-            for ((_, state), count) in MACHINE_STATES.iter().zip(tally.states) {
-                self.set_farm_state(&self.machines, farm, state, count);
+            for (state, count) in MACHINE_STATES.iter().zip(tally.states) {
+                set_farm_state(&self.machines, farm, state.as_str(), count);
             }
             let labels = FarmLabels {
                 farm: farm.to_owned(),
@@ -163,19 +159,18 @@ impl FarmGauges {
                 .set(tally.pending);
         }
     }
+}
 
-    fn set_farm_state(
-        &self,
-        family: &Family<FarmStateLabels, Gauge>,
-        farm: &str,
-        state: &'static str,
-        count: usize,
-    ) {
-        family
-            .get_or_create(&FarmStateLabels {
-                farm: farm.to_owned(),
-                state,
-            })
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
-    }
+fn set_farm_state(
+    family: &Family<FarmStateLabels, Gauge>,
+    farm: &str,
+    state: &'static str,
+    count: usize,
+) {
+    family
+        .get_or_create(&FarmStateLabels {
+            farm: farm.to_owned(),
+            state,
+        })
+        .set(i64::try_from(count).unwrap_or(i64::MAX));
 }

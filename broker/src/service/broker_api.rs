@@ -176,6 +176,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let request = request.into_inner();
         let mut filter = session_filter(&request)?;
+        let core = self.core.get()?;
         if !request.machine_name.is_empty() {
             if request.farm.is_empty() {
                 return Err(ApiError::from(tsbroker_common::ValidationError::new(
@@ -189,7 +190,6 @@ impl pb::broker_server::Broker for BrokerApi {
                 farm: request.farm.clone(),
                 machine_name: request.machine_name.clone(),
             };
-            let core = self.core.get()?;
             let machine = machine_ref::resolve(core.store.as_ref(), &reference).await?;
             filter.machine = Some(machine.id);
         }
@@ -197,9 +197,7 @@ impl pb::broker_server::Broker for BrokerApi {
         // One row more than the page: whether another page follows, so that the last page
         // (even a full one) comes without a token.
         filter.limit += 1;
-        let mut sessions = self
-            .core
-            .get()?
+        let mut sessions = core
             .store
             .list_sessions(&filter)
             .await

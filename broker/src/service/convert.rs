@@ -1,22 +1,17 @@
 //! From store records to the wire types operators see.
 
 use crate::store::{FarmRecord, MachineRecord, SessionRecord};
-use tsbroker_common::model::{MachineState, SessionState, millis_to_timestamp};
+use tsbroker_common::model::{SessionState, millis_to_timestamp};
 use tsbroker_common::proto::v1 as pb;
 
 /// The machine as operators should see it: a READY or JOINING machine whose lease ran out
 /// before `lease_cutoff` is UNREACHABLE, as decisions take it — its agent went silent, or its
 /// stream ended with a broker replica that died before it could mark the machine.
 pub fn machine_seen(record: &MachineRecord, lease_cutoff: i64) -> pb::Machine {
-    let mut machine = machine(record);
-    let live = matches!(
-        record.machine_state(),
-        MachineState::Ready | MachineState::Joining
-    );
-    if live && record.last_seen_at < lease_cutoff {
-        machine.state = MachineState::Unreachable.to_proto() as i32;
+    pb::Machine {
+        state: record.state_seen(lease_cutoff).to_proto() as i32,
+        ..machine(record)
     }
-    machine
 }
 
 pub fn machine(record: &MachineRecord) -> pb::Machine {

@@ -63,6 +63,17 @@ impl MachineRecord {
         }
     }
 
+    /// The state as operators should see it: a READY or JOINING machine whose lease ran out
+    /// before `lease_cutoff` is UNREACHABLE, as decisions take it.
+    pub fn state_seen(&self, lease_cutoff: i64) -> MachineState {
+        match self.machine_state() {
+            MachineState::Ready | MachineState::Joining if self.last_seen_at < lease_cutoff => {
+                MachineState::Unreachable
+            }
+            state => state,
+        }
+    }
+
     /// READY and heard from within the heartbeat timeout (`lease_cutoff` is the oldest
     /// acceptable `last_seen_at`).
     pub fn is_reachable(&self, lease_cutoff: i64) -> bool {
