@@ -16,6 +16,7 @@ mod farm_metrics;
 mod front_doors;
 mod frozen_replica;
 mod full_disk;
+mod hooks;
 mod ingest_conformance;
 mod outage;
 mod plugins;
