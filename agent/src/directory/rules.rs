@@ -37,6 +37,26 @@ pub(super) fn checked(request: SessionRequest) -> Result<SessionRequest, Directo
     Ok(request)
 }
 
+/// Records where the session's client connects from, unless the report knows less than the
+/// record: behind the front door, the RDP service (and PAM through it) sees every client as
+/// the front door's own connection from loopback, which must not replace the client's
+/// address (the broker tells users who share a cut cookie name apart by it).
+fn note_client_address(record: &mut SessionRecord, reported: &str) {
+    if reported.is_empty() || (!record.client_address.is_empty() && is_loopback(reported)) {
+        return;
+    }
+    record.client_address = reported.to_owned();
+}
+
+/// Whether an address ("ip:port" or a bare IP) is a loopback one.
+fn is_loopback(address: &str) -> bool {
+    let ip = match address.parse::<std::net::SocketAddr>() {
+        Ok(socket) => Some(socket.ip()),
+        Err(_) => address.parse::<std::net::IpAddr>().ok(),
+    };
+    ip.is_some_and(|ip| ip.to_canonical().is_loopback())
+}
+
 fn domains_match(record: &SessionRecord, domain: &str) -> bool {
     domain.is_empty() || record.domain.is_empty() || record.domain.eq_ignore_ascii_case(domain)
 }
@@ -139,9 +159,7 @@ fn adopt(table: &mut Table, old_id: u32, request: &SessionRequest) -> Option<u32
     if !request.domain.is_empty() {
         record.domain = request.domain.clone();
     }
-    if !request.client_address.is_empty() {
-        record.client_address = request.client_address.clone();
-    }
+    note_client_address(&mut record, &request.client_address);
     record.origin = Origin::Control;
     record.unconfirmed = false;
     table.sessions.insert(new_id, record);
@@ -278,9 +296,7 @@ fn change(
     record.state = state;
     // A local session source knows this session: it is real.
     record.unconfirmed = false;
-    if !client_address.is_empty() {
-        record.client_address = client_address.to_owned();
-    }
+    note_client_address(record, client_address);
     let record = record.clone();
     table.emit(kind, &record);
     Some(record)
@@ -350,9 +366,7 @@ pub(super) fn front_door_attach(
             record.state = RecordState::Active;
             record.changed_ms = now;
         }
-        if !request.client_address.is_empty() {
-            record.client_address = request.client_address.clone();
-        }
+        note_client_address(record, &request.client_address);
         let record = record.clone();
         table.emit(kind, &record);
     }

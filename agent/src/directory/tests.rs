@@ -96,6 +96,47 @@ fn bad_names_are_refused() {
 }
 
 #[test]
+fn the_front_doors_loopback_hop_does_not_replace_the_clients_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let with_address = |user: &str, session_id, address: &str| SessionRequest {
+        client_address: address.to_owned(),
+        ..request(user, session_id)
+    };
+    let attached = directory
+        .front_door_attach("christoph", "", "10.0.0.9:5000")
+        .unwrap();
+    // xrdp behind the front door sees the front door's connection: PAM_RHOST is loopback.
+    let merged = directory
+        .apply(
+            Logon,
+            with_address("christopher.jones", Some(12), "127.0.0.1"),
+        )
+        .unwrap();
+    assert_eq!(merged.client_address, "10.0.0.9:5000");
+    directory.front_door_detach(attached, LONG);
+    let again = directory
+        .apply(
+            Reconnect,
+            with_address("christopher.jones", Some(12), "::1"),
+        )
+        .unwrap();
+    assert_eq!(again.client_address, "10.0.0.9:5000");
+    // A real address replaces it; loopback is kept where nothing better is known.
+    let moved = directory
+        .apply(
+            Reconnect,
+            with_address("christopher.jones", Some(12), "192.0.2.7"),
+        )
+        .unwrap();
+    assert_eq!(moved.client_address, "192.0.2.7");
+    let local = directory
+        .apply(Logon, with_address("root", Some(13), "127.0.0.1"))
+        .unwrap();
+    assert_eq!(local.client_address, "127.0.0.1");
+}
+
+#[test]
 fn front_door_logon_merges_with_the_real_logon() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, mut events) = Directory::open(dir.path()).unwrap();
