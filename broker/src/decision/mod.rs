@@ -2,6 +2,7 @@
 //! (disconnected first, newest first, drain never blocks it); a logon sent moments ago that has
 //! not shown up yet; else the farm's policy among the machines that can take a new logon.
 
+mod cut_name;
 pub mod farm_settings;
 mod placement_queue;
 mod plugin_step;
@@ -16,6 +17,7 @@ use crate::store::{
     Ineligible, MachineLoad, MachineRecord, Placement, PlacementRequest, SessionRecord, Store,
     StoreError,
 };
+pub use cut_name::may_be_cut;
 use farm_settings::{FarmBook, FarmSettings, GroupRule};
 pub use placement_queue::SNAPSHOT_MAX_AGE;
 use placement_queue::{Placed, PlacementJob, PlacementQueues};
@@ -26,18 +28,6 @@ use std::time::Duration;
 use tsbroker_common::model::{self, SessionState};
 use tsbroker_common::proto::v1::RedirectReason;
 
-/// mstsc cuts the `mstshash` cookie to this many characters.
-pub const TRUNCATED_COOKIE_CHARS: usize = 9;
-
-/// Whether a user name the front door flagged as possibly cut can be the start of a longer
-/// one: mstsc (and FreeRDP) cut the whole cookie, so with a domain (`CORP\pmil` from
-/// `CORP\pmiller`) the name is shorter by the domain and its backslash.
-pub fn may_be_cut(user_name: &str, domain: &str, flagged: bool) -> bool {
-    let user = user_name.chars().count();
-    flagged
-        && (user == TRUNCATED_COOKIE_CHARS
-            || (!domain.is_empty() && domain.chars().count() + 1 + user == TRUNCATED_COOKIE_CHARS))
-}
 /// How long a returning user whose sessions the directory knows only on machines not heard
 /// from lately waits for the database before the directory's last known session is the
 /// answer (well within the front door's 3 s wait for a redirect).
@@ -210,9 +200,11 @@ impl Decider {
             }
             // A farm with a plug-in takes the database's way (below): the user's logon in
             // flight is read first, so that a retry does not ask the plug-in about a logon
-            // already placed. A `None` placement: the directory was behind, and the user has
-            // a session after all.
+            // already placed. So does a cut name several users share, when the client's
+            // address can tell them apart. A `None` placement: the directory was behind, and
+            // the user has a session after all.
             if known.sessions.is_empty()
+                && (!known.cut_name_shared || query.client_address.is_empty())
                 && self.plugins.for_farm(&query.farm).is_none()
                 && let Some(answer) = self
                     .place(query, &known.user_key, now, lease_cutoff, true)
@@ -322,7 +314,8 @@ impl Decider {
     }
 
     /// The user's sessions in the farm; a truncated name that is the unique prefix of a user
-    /// with sessions becomes that user, and a name in user principal form without sessions of
+    /// with sessions becomes that user (of several, the one with a session from the client's
+    /// address, when only one has), and a name in user principal form without sessions of
     /// its own (`ann@example.com`) becomes its user part (`ann`) when that one has sessions.
     async fn sessions_of(
         &self,
@@ -340,12 +333,27 @@ impl Decider {
         ) {
             let matches = self
                 .store
-                .users_with_prefix(&query.farm, &user_key, 2)
+                .users_with_prefix(&query.farm, &user_key, cut_name::PREFIX_MATCHES_READ)
                 .await?;
-            // None, or ambiguous: not this way.
-            if let [full_key] = matches.as_slice() {
-                let sessions = self.store.user_sessions(&query.farm, full_key).await?;
-                return Ok((full_key.clone(), sessions));
+            match matches.as_slice() {
+                [full_key] => {
+                    let sessions = self.store.user_sessions(&query.farm, full_key).await?;
+                    return Ok((full_key.clone(), sessions));
+                }
+                // Several users share the cut name: the one with a session from this client.
+                [_, _, ..] => {
+                    let by_client = cut_name::user_by_client(
+                        self.store.as_ref(),
+                        &query.farm,
+                        &matches,
+                        &query.client_address,
+                    )
+                    .await?;
+                    if let Some(found) = by_client {
+                        return Ok(found);
+                    }
+                }
+                _ => {}
             }
         }
         if let Some(user) = model::upn_user_part(&query.user_name) {
@@ -569,17 +577,6 @@ fn no_candidate_error(farm: &str, loads: &[MachineLoad], group: Option<&GroupRul
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_name_is_taken_as_cut_where_the_whole_cookie_had_nine_characters() {
-        assert!(may_be_cut("alexander", "", true));
-        assert!(may_be_cut("pmil", "CORP", true));
-        assert!(may_be_cut("alexander", "CORP", true));
-        assert!(!may_be_cut("pmil", "", true));
-        assert!(!may_be_cut("pmill", "CORP", true));
-        assert!(!may_be_cut("alexander", "", false));
-        assert!(!may_be_cut("pmil", "CORP", false));
-    }
 
     fn session(machine: u128, state: &str, logon_at: i64, domain: &str) -> SessionRecord {
         SessionRecord {

@@ -145,6 +145,19 @@ pub struct DirectoryAnswer {
     /// The user's key (a truncated name resolved to the one user it can be).
     pub user_key: String,
     pub sessions: Vec<SessionRecord>,
+    /// The name may be cut and is the start of several users' names: which of them it is
+    /// only the database can tell (`decision::cut_name`), by the client's address.
+    pub cut_name_shared: bool,
+}
+
+impl DirectoryAnswer {
+    fn of(user_key: String, sessions: Vec<SessionRecord>) -> Self {
+        DirectoryAnswer {
+            user_key,
+            sessions,
+            cut_name_shared: false,
+        }
+    }
 }
 
 /// Called with the machines another replica changed, once the directory has read them again
@@ -213,7 +226,7 @@ impl SessionDirectory {
 
     /// The user's sessions in the farm; a name that may be cut from an `mstshash` cookie
     /// (`may_be_cut`: `decision::may_be_cut` judges it) and matches no user is taken as the
-    /// prefix of the one user it can be, and a
+    /// prefix of the one user it can be (the start of several: `cut_name_shared`), and a
     /// name in user principal form that matches no user (`ann@example.com`, as Windows clients
     /// send it) as its user part (`ann`, as PAM reports Linux logons) when that one has
     /// sessions. `None` when the directory is not loaded.
@@ -225,24 +238,30 @@ impl SessionDirectory {
         let user_key = model::user_key(user_name);
         let sessions = index.sessions_of(farm, &user_key);
         if !sessions.is_empty() {
-            return Some(DirectoryAnswer { user_key, sessions });
+            return Some(DirectoryAnswer::of(user_key, sessions));
         }
-        if may_be_cut && let [full_key] = index.users_with_prefix(farm, &user_key, 2).as_slice() {
-            return Some(DirectoryAnswer {
-                sessions: index.sessions_of(farm, full_key),
-                user_key: full_key.clone(),
-            });
+        let mut cut_name_shared = false;
+        if may_be_cut {
+            match index.users_with_prefix(farm, &user_key, 2).as_slice() {
+                [full_key] => {
+                    let sessions = index.sessions_of(farm, full_key);
+                    return Some(DirectoryAnswer::of(full_key.clone(), sessions));
+                }
+                [] => {}
+                _ => cut_name_shared = true,
+            }
         }
         if let Some(user) = model::upn_user_part(user_name) {
             let short_key = model::user_key(user);
             let sessions = index.sessions_of(farm, &short_key);
             if !sessions.is_empty() {
-                return Some(DirectoryAnswer {
-                    user_key: short_key,
-                    sessions,
-                });
+                return Some(DirectoryAnswer::of(short_key, sessions));
             }
         }
-        Some(DirectoryAnswer { user_key, sessions })
+        Some(DirectoryAnswer {
+            user_key,
+            sessions,
+            cut_name_shared,
+        })
     }
 }

@@ -3,12 +3,13 @@
 //! (127.0.0.2 and 127.0.0.3 stand for servers' second addresses). A front door trusts a PROXY
 //! header only from a machine of the farm, by the address the connection comes from, so the
 //! sender must connect from the address it advertises, not from the kernel's first choice
-//! (127.0.0.1 here).
+//! (127.0.0.1 here). Clients connect from addresses of their own too, which is how a cut
+//! cookie two users share is told apart.
 
 use crate::support::eventually;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tsagent::FrontDoorBind;
 use tsbroker_common::proto::v1 as pb;
@@ -62,47 +63,126 @@ async fn machine_on(broker: &TestBroker, name: &str, ip: &str, local_rdp: &str) 
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_front_door_reaches_another_from_the_address_it_advertises() {
-    let database = TestDatabase::sqlite();
-    let broker = spawn_broker(&database.url, |_| {}).await;
-    let (a_rdp, mut a_seen) = rdp_stand_in().await;
-    let (b_rdp, mut b_seen) = rdp_stand_in().await;
-    let a = machine_on(&broker, "ts-a", "127.0.0.2", &a_rdp).await;
-    let b = machine_on(&broker, "ts-b", "127.0.0.3", &b_rdp).await;
-    b.cli(&["session", "logon", "--user", "alice", "--session-id", "5"])
-        .await;
+/// A broker and two machines with front doors, ts-a on 127.0.0.2 and ts-b on 127.0.0.3, each
+/// with a stand-in RDP service whose connections' first bytes arrive on `a_seen` / `b_seen`.
+struct Farm {
+    _database: TestDatabase,
+    broker: TestBroker,
+    a: TestAgent,
+    b: TestAgent,
+    a_seen: mpsc::UnboundedReceiver<Vec<u8>>,
+    b_seen: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl Farm {
+    async fn start() -> Farm {
+        let database = TestDatabase::sqlite();
+        let broker = spawn_broker(&database.url, |_| {}).await;
+        let (a_rdp, a_seen) = rdp_stand_in().await;
+        let (b_rdp, b_seen) = rdp_stand_in().await;
+        let a = machine_on(&broker, "ts-a", "127.0.0.2", &a_rdp).await;
+        let b = machine_on(&broker, "ts-b", "127.0.0.3", &b_rdp).await;
+        Farm {
+            _database: database,
+            broker,
+            a,
+            b,
+            a_seen,
+            b_seen,
+        }
+    }
+
+    /// Asserts that `request` reached `machine`'s RDP service ("ts-a" or "ts-b") and not the
+    /// other's.
+    async fn assert_reached(&mut self, machine: &str, request: &[u8]) {
+        let (there, elsewhere) = match machine {
+            "ts-a" => (&mut self.a_seen, &mut self.b_seen),
+            _ => (&mut self.b_seen, &mut self.a_seen),
+        };
+        let seen = tokio::time::timeout(Duration::from_secs(5), there.recv()).await;
+        assert_eq!(seen.unwrap().unwrap(), request, "at {machine}");
+        assert!(elsewhere.try_recv().is_err(), "not only at {machine}");
+    }
+
+    async fn stop(self) {
+        self.a.stop().await;
+        self.b.stop().await;
+        self.broker.stop().await;
+    }
+}
+
+/// Waits until the broker lists `count` sessions in the default farm.
+async fn sessions_listed(broker: &TestBroker, count: usize) {
     let client = broker.broker_client().await;
     eventually(10, || {
         let mut client = client.clone();
         async move {
             let request = pb::ListSessionsRequest {
-                user_name: "alice".into(),
+                farm: "default".into(),
                 ..Default::default()
             };
             let listed = client.list_sessions(request).await.unwrap().into_inner();
-            !listed.sessions.is_empty()
+            listed.sessions.len() == count
         }
     })
     .await;
+}
 
-    // alice connects to A's front door; her session is on B.
-    let request = connection_request("alice");
-    let mut connection = TcpStream::connect(a.front_door.unwrap()).await.unwrap();
-    connection.write_all(&request).await.unwrap();
+/// Connects to `front_door` from `source` (an address of this host) and sends `request`;
+/// returns once it comes back through the stand-in RDP service it reached.
+async fn connect_from(source: &str, front_door: std::net::SocketAddr, request: &[u8]) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut connection = socket.connect(front_door).await.unwrap();
+    connection.write_all(request).await.unwrap();
     let mut back = vec![0u8; request.len()];
     tokio::time::timeout(Duration::from_secs(5), connection.read_exact(&mut back))
         .await
-        .expect("an answer through both front doors")
+        .expect("an answer through the front doors")
         .expect("the connection stays open");
     assert_eq!(back, request);
-    let at_b = tokio::time::timeout(Duration::from_secs(5), b_seen.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(at_b, request);
-    assert!(a_seen.try_recv().is_err(), "A's own RDP service got her");
-    a.stop().await;
-    b.stop().await;
-    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_front_door_reaches_another_from_the_address_it_advertises() {
+    let mut farm = Farm::start().await;
+    farm.b
+        .cli(&["session", "logon", "--user", "alice", "--session-id", "5"])
+        .await;
+    sessions_listed(&farm.broker, 1).await;
+
+    // alice connects to A's front door; her session is on B.
+    let request = connection_request("alice");
+    connect_from("127.0.0.1", farm.a.front_door.unwrap(), &request).await;
+    farm.assert_reached("ts-b", &request).await;
+    farm.stop().await;
+}
+
+/// mstsc cuts `christopher.jones` and `christopher.smith` both to `christoph`: each client
+/// reaches the session that was opened from its address, through either front door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shared_cut_cookie_reaches_the_session_opened_from_the_client() {
+    let mut farm = Farm::start().await;
+    let logon = |user: &'static str, client: &'static str| {
+        [
+            "session",
+            "logon",
+            "--session-id",
+            "5",
+            "--user",
+            user,
+            "--client-address",
+            client,
+        ]
+    };
+    farm.b.cli(&logon("christopher.jones", "127.0.0.60")).await;
+    farm.a.cli(&logon("christopher.smith", "127.0.0.61")).await;
+    sessions_listed(&farm.broker, 2).await;
+
+    let request = connection_request("christoph");
+    connect_from("127.0.0.60", farm.a.front_door.unwrap(), &request).await;
+    farm.assert_reached("ts-b", &request).await;
+    connect_from("127.0.0.61", farm.b.front_door.unwrap(), &request).await;
+    farm.assert_reached("ts-a", &request).await;
+    farm.stop().await;
 }

@@ -9,6 +9,7 @@ mod clock;
 mod concurrency;
 mod config_examples;
 mod conformance;
+mod cut_names;
 mod descriptors;
 mod directory;
 mod displaced;

@@ -20,7 +20,6 @@ on_both_stores!(
     protocol_violations_get_precise_answers,
     removal_by_the_agent_and_by_an_admin,
     full_and_empty_farms_say_why,
-    cut_and_principal_names_find_their_user,
 );
 
 async fn joining_machines_resync_and_users_return_to_their_session(database: &TestDatabase) {
@@ -639,121 +638,5 @@ async fn full_and_empty_farms_say_why(database: &TestDatabase) {
         .await
         .unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
-    broker.stop().await;
-}
-
-async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
-    let broker = spawn_broker(&database.url, |_| {}).await;
-    let mut client = broker.broker_client().await;
-    let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
-    let _b = FakeAgent::join(
-        &broker.url(),
-        description("ts-b", "farm", 100),
-        vec![
-            session(1, "alexander.long", pb::SessionState::Disconnected),
-            session(2, "bernadette.a", pb::SessionState::Disconnected),
-            session(3, "bernadette.b", pb::SessionState::Disconnected),
-            session(4, "ann", pb::SessionState::Disconnected),
-            pb::SessionInfo {
-                domain: "CORP".into(),
-                ..session(5, "pmiller", pb::SessionState::Disconnected)
-            },
-        ],
-    )
-    .await;
-    let truncated = |user: &str| pb::RedirectRequest {
-        user_name: user.to_owned(),
-        farm: "farm".into(),
-        user_name_may_be_truncated: true,
-        ..Default::default()
-    };
-    let alexander = client
-        .redirect(truncated("alexander"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (
-            alexander.machine_name.as_str(),
-            alexander.user_name.as_str()
-        ),
-        ("ts-b", "alexander.long")
-    );
-    let ambiguous = client
-        .redirect(truncated("bernadett"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        reason(&ambiguous),
-        pb::RedirectReason::LoadBalanced,
-        "an ambiguous prefix is an unknown user"
-    );
-    // mstsc cuts the whole cookie: `CORP\pmiller` arrives as `CORP\pmil`, flagged.
-    let with_domain = pb::RedirectRequest {
-        domain: "CORP".into(),
-        ..truncated("pmil")
-    };
-    let pmiller = client.redirect(with_domain).await.unwrap().into_inner();
-    assert_eq!(
-        (
-            pmiller.machine_name.as_str(),
-            pmiller.user_name.as_str(),
-            reason(&pmiller)
-        ),
-        ("ts-b", "pmiller", pb::RedirectReason::ExistingSession)
-    );
-    let short = client
-        .redirect(truncated("pmil"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        reason(&short),
-        pb::RedirectReason::LoadBalanced,
-        "4 characters without a domain were not cut"
-    );
-    let untruncated = pb::RedirectRequest {
-        user_name_may_be_truncated: false,
-        ..truncated("alexander")
-    };
-    let plain = client.redirect(untruncated).await.unwrap().into_inner();
-    assert_eq!(
-        reason(&plain),
-        pb::RedirectReason::LoadBalanced,
-        "without the flag, names are exact"
-    );
-
-    // Windows clients send the name as typed, often `user@domain`; PAM reported the Linux
-    // logon as `user`. The answer names the user as the directory knows them (the front door
-    // then finds the session under that name), also from mstsc's 9 characters of it.
-    let upn = |user: &str| pb::RedirectRequest {
-        user_name_may_be_truncated: false,
-        ..truncated(user)
-    };
-    for request in [
-        upn("ann@example.com"),
-        upn("ANN@corp.example"),
-        truncated("ann@examp"),
-    ] {
-        let name = request.user_name.clone();
-        let ann = client.redirect(request).await.unwrap().into_inner();
-        assert_eq!(
-            (
-                ann.machine_name.as_str(),
-                ann.user_name.as_str(),
-                reason(&ann)
-            ),
-            ("ts-b", "ann", pb::RedirectReason::ExistingSession),
-            "{name}"
-        );
-    }
-    // No session under either name: a new logon.
-    let carl = client
-        .redirect(upn("carl@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reason(&carl), pb::RedirectReason::LoadBalanced);
     broker.stop().await;
 }

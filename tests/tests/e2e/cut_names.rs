@@ -1,0 +1,253 @@
+//! Names cut from an `mstshash` cookie (mstsc keeps 9 characters) and names in user principal
+//! form, end to end over real gRPC on both stores: each finds its user's session, and a cut
+//! name several users share is told apart by the client's address.
+
+use crate::support::{on_both_stores, reason};
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::proto::v1::agent_message::Body;
+use tsbroker_tests::fake_agent::{machine as description, session};
+use tsbroker_tests::{FakeAgent, TestDatabase, spawn_broker};
+
+on_both_stores!(
+    cut_and_principal_names_find_their_user,
+    a_shared_cut_name_finds_the_user_whose_session_came_from_the_client,
+);
+
+/// A Redirect as a front door asks it for a cookie of exactly 9 characters.
+fn truncated(user: &str) -> pb::RedirectRequest {
+    pb::RedirectRequest {
+        user_name: user.to_owned(),
+        farm: "farm".into(),
+        user_name_may_be_truncated: true,
+        ..Default::default()
+    }
+}
+
+async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let _b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![
+            session(1, "alexander.long", pb::SessionState::Disconnected),
+            session(2, "bernadette.a", pb::SessionState::Disconnected),
+            session(3, "bernadette.b", pb::SessionState::Disconnected),
+            session(4, "ann", pb::SessionState::Disconnected),
+            pb::SessionInfo {
+                domain: "CORP".into(),
+                ..session(5, "pmiller", pb::SessionState::Disconnected)
+            },
+        ],
+    )
+    .await;
+    let alexander = client
+        .redirect(truncated("alexander"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            alexander.machine_name.as_str(),
+            alexander.user_name.as_str()
+        ),
+        ("ts-b", "alexander.long")
+    );
+    let ambiguous = client
+        .redirect(truncated("bernadett"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reason(&ambiguous),
+        pb::RedirectReason::LoadBalanced,
+        "an ambiguous prefix is an unknown user"
+    );
+    // mstsc cuts the whole cookie: `CORP\pmiller` arrives as `CORP\pmil`, flagged.
+    let with_domain = pb::RedirectRequest {
+        domain: "CORP".into(),
+        ..truncated("pmil")
+    };
+    let pmiller = client.redirect(with_domain).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            pmiller.machine_name.as_str(),
+            pmiller.user_name.as_str(),
+            reason(&pmiller)
+        ),
+        ("ts-b", "pmiller", pb::RedirectReason::ExistingSession)
+    );
+    let short = client
+        .redirect(truncated("pmil"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reason(&short),
+        pb::RedirectReason::LoadBalanced,
+        "4 characters without a domain were not cut"
+    );
+    let untruncated = pb::RedirectRequest {
+        user_name_may_be_truncated: false,
+        ..truncated("alexander")
+    };
+    let plain = client.redirect(untruncated).await.unwrap().into_inner();
+    assert_eq!(
+        reason(&plain),
+        pb::RedirectReason::LoadBalanced,
+        "without the flag, names are exact"
+    );
+
+    // Windows clients send the name as typed, often `user@domain`; PAM reported the Linux
+    // logon as `user`. The answer names the user as the directory knows them (the front door
+    // then finds the session under that name), also from mstsc's 9 characters of it.
+    let upn = |user: &str| pb::RedirectRequest {
+        user_name_may_be_truncated: false,
+        ..truncated(user)
+    };
+    for request in [
+        upn("ann@example.com"),
+        upn("ANN@corp.example"),
+        truncated("ann@examp"),
+    ] {
+        let name = request.user_name.clone();
+        let ann = client.redirect(request).await.unwrap().into_inner();
+        assert_eq!(
+            (
+                ann.machine_name.as_str(),
+                ann.user_name.as_str(),
+                reason(&ann)
+            ),
+            ("ts-b", "ann", pb::RedirectReason::ExistingSession),
+            "{name}"
+        );
+    }
+    // No session under either name: a new logon.
+    let carl = client
+        .redirect(upn("carl@example.com"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reason(&carl), pb::RedirectReason::LoadBalanced);
+    broker.stop().await;
+}
+
+fn session_from(session_id: u32, user: &str, client: &str) -> pb::SessionInfo {
+    pb::SessionInfo {
+        client_address: client.to_owned(),
+        ..session(session_id, user, pb::SessionState::Disconnected)
+    }
+}
+
+async fn a_shared_cut_name_finds_the_user_whose_session_came_from_the_client(
+    database: &TestDatabase,
+) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let mut a = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![
+            // Two users behind one address (a NAT): that address tells them apart no more
+            // than the name does.
+            session_from(1, "christopher.brown", "10.0.0.7:50001"),
+            session_from(2, "christopher.white", "10.0.0.7:50002"),
+        ],
+    )
+    .await;
+    let _b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![
+            session_from(1, "christopher.jones", "10.0.0.5:50000"),
+            // PAM's PAM_RHOST: an address without a port.
+            session_from(2, "christopher.smith", "10.0.0.6"),
+        ],
+    )
+    .await;
+    let from = |client: &str| pb::RedirectRequest {
+        client_address: client.to_owned(),
+        ..truncated("christoph")
+    };
+    for (client_address, machine, user) in [
+        ("10.0.0.5:61000", "ts-b", "christopher.jones"),
+        ("10.0.0.6:3390", "ts-b", "christopher.smith"),
+        // A dual-stack listener sees an IPv4 client as IPv4-mapped.
+        ("[::ffff:10.0.0.6]:4000", "ts-b", "christopher.smith"),
+    ] {
+        let answer = client.redirect(from(client_address)).await.unwrap();
+        let answer = answer.into_inner();
+        assert_eq!(
+            (
+                answer.machine_name.as_str(),
+                answer.user_name.as_str(),
+                reason(&answer)
+            ),
+            (machine, user, pb::RedirectReason::ExistingSession),
+            "from {client_address}"
+        );
+    }
+
+    // Two users behind 10.0.0.7, none from 10.0.0.9, and no address at all: the cut name
+    // is nobody's, a new logon (placed under the name as cut).
+    for client_address in ["10.0.0.7:50003", "10.0.0.9:1000", ""] {
+        let answer = client.redirect(from(client_address)).await.unwrap();
+        let answer = answer.into_inner();
+        assert_ne!(
+            reason(&answer),
+            pb::RedirectReason::ExistingSession,
+            "from {client_address:?}: {answer:?}"
+        );
+        assert_eq!(answer.user_name, "christoph", "from {client_address:?}");
+    }
+
+    // The session's address follows its reconnections: brown now connects from home.
+    let reconnected = pb::SessionEvent {
+        r#type: pb::SessionEventType::Reconnect as i32,
+        session: Some(pb::SessionInfo {
+            state: pb::SessionState::Unspecified as i32,
+            ..session_from(1, "christopher.brown", "192.0.2.44:40000")
+        }),
+    };
+    a.request(Body::SessionEvent(reconnected)).await.unwrap();
+    a.disconnect(1, "christopher.brown").await.unwrap();
+    let brown = client
+        .redirect(from("192.0.2.44:40001"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (brown.machine_name.as_str(), brown.user_name.as_str()),
+        ("ts-a", "christopher.brown")
+    );
+    // ... which leaves white the one user with a session from 10.0.0.7.
+    let white = client
+        .redirect(from("10.0.0.7:50004"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (white.user_name.as_str(), reason(&white)),
+        ("christopher.white", pb::RedirectReason::ExistingSession)
+    );
+
+    // More users share a cut name than are told apart (32): ambiguous, whatever the address.
+    let katherines = (1..=33)
+        .map(|n| session_from(n, &format!("katherine.{n}"), &format!("10.1.0.{n}:4000")))
+        .collect();
+    let _c = FakeAgent::join(&broker.url(), description("ts-c", "farm", 100), katherines).await;
+    let katherine = client
+        .redirect(pb::RedirectRequest {
+            client_address: "10.1.0.1:4001".into(),
+            ..truncated("katherine")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (katherine.user_name.as_str(), reason(&katherine)),
+        ("katherine", pb::RedirectReason::LoadBalanced)
+    );
+    broker.stop().await;
+}
