@@ -10,6 +10,7 @@
 //! broker gets a LOGOFF, instead of keeping a disconnected session that would draw the user
 //! back here. A reconnection to a session the user already had here is never removed.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tsbroker_common::model::{SessionEventKind, upn_user_part, user_key};
@@ -50,11 +51,44 @@ fn note_client_address(record: &mut SessionRecord, reported: &str) {
 
 /// Whether an address ("ip:port" or a bare IP) is a loopback one.
 fn is_loopback(address: &str) -> bool {
+    ip_of(address).is_some_and(|ip| ip.is_loopback())
+}
+
+/// The IP of an "ip:port" or bare IP address (an IPv4-mapped IPv6 one as IPv4).
+fn ip_of(address: &str) -> Option<IpAddr> {
     let ip = match address.parse::<std::net::SocketAddr>() {
-        Ok(socket) => Some(socket.ip()),
-        Err(_) => address.parse::<std::net::IpAddr>().ok(),
+        Ok(socket) => socket.ip(),
+        Err(_) => address.parse::<IpAddr>().ok()?,
     };
-    ip.is_some_and(|ip| ip.to_canonical().is_loopback())
+    Some(ip.to_canonical())
+}
+
+/// The sessions a cookie names, narrowed to one user's when it names several users (a cut
+/// cookie: `christoph`): those opened from `client`'s IP, when they are one user's. Also
+/// whether the sessions are known to be one user's.
+fn one_users_sessions<'a>(
+    named: Vec<&'a SessionRecord>,
+    client: &str,
+) -> (Vec<&'a SessionRecord>, bool) {
+    let one_user = |records: &[&SessionRecord]| {
+        let first = records.first().map(|record| user_key(&record.user_name));
+        records
+            .iter()
+            .all(|record| Some(user_key(&record.user_name)) == first)
+    };
+    if one_user(&named) {
+        return (named, true);
+    }
+    let client = ip_of(client);
+    let from_client: Vec<&SessionRecord> = named
+        .iter()
+        .copied()
+        .filter(|record| client.is_some() && ip_of(&record.client_address) == client)
+        .collect();
+    if !from_client.is_empty() && one_user(&from_client) {
+        return (from_client, true);
+    }
+    (named, false)
 }
 
 fn domains_match(record: &SessionRecord, domain: &str) -> bool {
@@ -316,11 +350,15 @@ pub(super) fn front_door_attach(
     now: i64,
 ) -> Attachment {
     let cookie = CookieName::new(&request.user_name);
-    let found = table
+    let named: Vec<&SessionRecord> = table
         .sessions
         .values()
         .filter(|record| domains_match(record, &request.domain))
         .filter(|record| cookie.names(&user_key(&record.user_name)))
+        .collect();
+    let (candidates, whose_known) = one_users_sessions(named, &request.client_address);
+    let found = candidates
+        .into_iter()
         .max_by_key(|record| {
             (
                 record.state == RecordState::Disconnected,
@@ -366,7 +404,10 @@ pub(super) fn front_door_attach(
             record.state = RecordState::Active;
             record.changed_ms = now;
         }
-        note_client_address(record, &request.client_address);
+        // A guess among several users must not lend one of them this client's address.
+        if whose_known {
+            note_client_address(record, &request.client_address);
+        }
         let record = record.clone();
         table.emit(kind, &record);
     }

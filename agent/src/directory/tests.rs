@@ -137,6 +137,50 @@ fn the_front_doors_loopback_hop_does_not_replace_the_clients_address() {
 }
 
 #[test]
+fn a_cut_cookie_two_users_share_attaches_the_session_from_the_clients_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let logon = |user: &str, session_id, address: &str| SessionRequest {
+        client_address: address.to_owned(),
+        ..request(user, Some(session_id))
+    };
+    for (user, session_id, address) in [
+        ("christopher.jones", 12, "10.0.0.5"),
+        ("christopher.smith", 13, "10.0.0.6"),
+    ] {
+        directory
+            .apply(Logon, logon(user, session_id, address))
+            .unwrap();
+        directory
+            .apply(Disconnect, request(user, Some(session_id)))
+            .unwrap();
+    }
+    let address_of = |session_id| {
+        let sessions = directory.list();
+        let record = sessions
+            .iter()
+            .find(|record| record.session_id == session_id);
+        record.unwrap().client_address.clone()
+    };
+    // smith's session is the newer: without the address, the cookie would attach it.
+    let jones = directory
+        .front_door_attach("christoph", "", "10.0.0.5:40000")
+        .unwrap();
+    assert_eq!(jones.session_id, 12);
+    assert_eq!(address_of(12), "10.0.0.5:40000");
+    directory.front_door_detach(jones, LONG);
+    // From an address neither has: a guess, which lends its address to nobody.
+    let guess = directory
+        .front_door_attach("christoph", "", "10.0.0.9:40000")
+        .unwrap();
+    assert_eq!(
+        (address_of(12), address_of(13)),
+        ("10.0.0.5:40000".to_owned(), "10.0.0.6".to_owned())
+    );
+    directory.front_door_detach(guess, LONG);
+}
+
+#[test]
 fn front_door_logon_merges_with_the_real_logon() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, mut events) = Directory::open(dir.path()).unwrap();
