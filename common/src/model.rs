@@ -34,6 +34,18 @@ pub fn upn_user_part(user_name: &str) -> Option<&str> {
     }
 }
 
+/// The IP address of a client address as sessions and requests carry it: "ip:port",
+/// "[v6]:port" or a bare IP (PAM's `PAM_RHOST`); an IPv4 address seen through a dual-stack
+/// socket (`::ffff:10.0.0.5`) is that IPv4 address. `None` for anything else (a host name,
+/// empty).
+pub fn client_ip(address: &str) -> Option<std::net::IpAddr> {
+    let ip = match address.parse::<std::net::SocketAddr>() {
+        Ok(socket) => socket.ip(),
+        Err(_) => address.parse::<std::net::IpAddr>().ok()?,
+    };
+    Some(ip.to_canonical())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MachineState {
     Joining,
@@ -350,6 +362,21 @@ pub fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_addresses_are_compared_by_ip() {
+        let v4: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+        assert_eq!(client_ip("10.0.0.5:51234"), Some(v4));
+        assert_eq!(client_ip("10.0.0.5"), Some(v4));
+        assert_eq!(client_ip("[::ffff:10.0.0.5]:3389"), Some(v4));
+        assert_eq!(client_ip("::ffff:10.0.0.5"), Some(v4));
+        assert_eq!(
+            client_ip("[2001:db8::7]:40000"),
+            Some("2001:db8::7".parse().unwrap())
+        );
+        assert_eq!(client_ip(""), None);
+        assert_eq!(client_ip("laptop.example.com:3389"), None);
+    }
 
     #[test]
     fn principal_names_have_a_user_part() {

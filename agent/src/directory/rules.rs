@@ -10,10 +10,9 @@
 //! broker gets a LOGOFF, instead of keeping a disconnected session that would draw the user
 //! back here. A reconnection to a session the user already had here is never removed.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
-use tsbroker_common::model::{SessionEventKind, upn_user_part, user_key};
+use tsbroker_common::model::{SessionEventKind, client_ip, upn_user_part, user_key};
 use tsbroker_common::validate;
 
 use super::{
@@ -38,10 +37,11 @@ pub(super) fn checked(request: SessionRequest) -> Result<SessionRequest, Directo
     Ok(request)
 }
 
-/// Records where the session's client connects from, unless the report knows less than the
-/// record: behind the front door, the RDP service (and PAM through it) sees every client as
-/// the front door's own connection from loopback, which must not replace the client's
-/// address (the broker tells users who share a cut cookie name apart by it).
+/// Records where a local source (PAM, the RDP service's scripts) says the session's client
+/// connects from, unless it knows less than the record: behind the front door, the RDP service
+/// (and PAM through it) sees every client as the front door's own connection from loopback,
+/// which must not replace the client's address the front door recorded (the broker tells
+/// users who share a cut cookie name, or name none, apart by it).
 fn note_client_address(record: &mut SessionRecord, reported: &str) {
     if reported.is_empty() || (!record.client_address.is_empty() && is_loopback(reported)) {
         return;
@@ -51,16 +51,7 @@ fn note_client_address(record: &mut SessionRecord, reported: &str) {
 
 /// Whether an address ("ip:port" or a bare IP) is a loopback one.
 fn is_loopback(address: &str) -> bool {
-    ip_of(address).is_some_and(|ip| ip.is_loopback())
-}
-
-/// The IP of an "ip:port" or bare IP address (an IPv4-mapped IPv6 one as IPv4).
-fn ip_of(address: &str) -> Option<IpAddr> {
-    let ip = match address.parse::<std::net::SocketAddr>() {
-        Ok(socket) => socket.ip(),
-        Err(_) => address.parse::<IpAddr>().ok()?,
-    };
-    Some(ip.to_canonical())
+    client_ip(address).is_some_and(|ip| ip.is_loopback())
 }
 
 /// The sessions a cookie names, narrowed to one user's when it names several users (a cut
@@ -79,11 +70,11 @@ fn one_users_sessions<'a>(
     if one_user(&named) {
         return (named, true);
     }
-    let client = ip_of(client);
+    let client = client_ip(client);
     let from_client: Vec<&SessionRecord> = named
         .iter()
         .copied()
-        .filter(|record| client.is_some() && ip_of(&record.client_address) == client)
+        .filter(|record| client.is_some() && client_ip(&record.client_address) == client)
         .collect();
     if !from_client.is_empty() && one_user(&from_client) {
         return (from_client, true);
@@ -404,9 +395,11 @@ pub(super) fn front_door_attach(
             record.state = RecordState::Active;
             record.changed_ms = now;
         }
-        // A guess among several users must not lend one of them this client's address.
-        if whose_known {
-            note_client_address(record, &request.client_address);
+        // The front door's own view of the client (its peer, or the PROXY header's source)
+        // is the client's address, loopback or not; but a guess among several users must
+        // not lend one of them this client's address.
+        if whose_known && !request.client_address.is_empty() {
+            record.client_address.clone_from(&request.client_address);
         }
         let record = record.clone();
         table.emit(kind, &record);

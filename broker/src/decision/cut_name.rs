@@ -4,18 +4,14 @@
 //! the one of them with a session opened from this client's address is the one coming back).
 
 use crate::store::{SessionRecord, Store, StoreResult};
-use std::net::{IpAddr, SocketAddr};
+use tsbroker_common::model::client_ip;
 
 /// mstsc cuts the `mstshash` cookie to this many characters.
 const TRUNCATED_COOKIE_CHARS: usize = 9;
 
-/// Most users sharing a cut name that are told apart by the client's address; with more, the
-/// name stays ambiguous (each candidate costs one read of its sessions).
-const MAX_CANDIDATES: usize = 32;
-
-/// How many users with a cut name's prefix to read: one more than [`MAX_CANDIDATES`], to see
-/// that there are too many.
-pub const PREFIX_MATCHES_READ: u32 = MAX_CANDIDATES as u32 + 1;
+/// Most sessions of the users sharing a cut name read to tell them apart by the client's
+/// address (a bound on a request's work; a cut name is 9 characters long).
+const MAX_SESSIONS_READ: u32 = 10_000;
 
 /// Whether a user name the front door flagged as possibly cut can be the start of a longer
 /// one: mstsc (and FreeRDP) cut the whole cookie, so with a domain (`CORP\pmil` from
@@ -27,53 +23,37 @@ pub fn may_be_cut(user_name: &str, domain: &str, flagged: bool) -> bool {
             || (!domain.is_empty() && domain.chars().count() + 1 + user == TRUNCATED_COOKIE_CHARS))
 }
 
-/// The IP address of an address as sessions and requests carry it: "ip:port", "[v6]:port" or
-/// a bare IP (PAM's `PAM_RHOST`); an IPv4 address seen through a dual-stack socket
-/// (`::ffff:10.0.0.5`) is that IPv4 address. `None` for anything else (a host name, empty).
-pub fn client_ip(address: &str) -> Option<IpAddr> {
-    let ip = match address.parse::<SocketAddr>() {
-        Ok(socket) => socket.ip(),
-        Err(_) => address.parse::<IpAddr>().ok()?,
-    };
-    Some(ip.to_canonical())
-}
-
-/// Of `candidates`, the users whose keys start with a cut name (more than one, as
-/// `users_with_prefix` read them with [`PREFIX_MATCHES_READ`]), the one user with a session
-/// opened from `client` (an "ip:port"), with that user's sessions. `None` when the client's
-/// address is unknown, when no user or several have a session from it, or when there are more
-/// than [`MAX_CANDIDATES`].
+/// The one user whose key starts with the cut `prefix` and who has a session opened (or last
+/// reconnected) from `client` (an "ip:port"), with that user's sessions. `None` when the
+/// client's address is unknown, or when no user or several have such a session.
 pub async fn user_by_client(
     store: &dyn Store,
     farm: &str,
-    candidates: &[String],
+    prefix: &str,
     client: &str,
 ) -> StoreResult<Option<(String, Vec<SessionRecord>)>> {
     let Some(ip) = client_ip(client) else {
         return Ok(None);
     };
-    if candidates.len() > MAX_CANDIDATES {
+    let addresses = store
+        .client_addresses_with_prefix(farm, prefix, MAX_SESSIONS_READ)
+        .await?;
+    let mut found: Option<String> = None;
+    for (user_key, _) in addresses
+        .into_iter()
+        .filter(|(_, address)| client_ip(address) == Some(ip))
+    {
+        match &found {
+            Some(seen) if *seen != user_key => return Ok(None),
+            Some(_) => {}
+            None => found = Some(user_key),
+        }
+    }
+    let Some(user_key) = found else {
         return Ok(None);
-    }
-    let mut found = None;
-    for user_key in candidates {
-        let sessions = store.user_sessions(farm, user_key).await?;
-        if !sessions_from(&sessions, ip) {
-            continue;
-        }
-        if found.is_some() {
-            return Ok(None);
-        }
-        found = Some((user_key.clone(), sessions));
-    }
-    Ok(found)
-}
-
-/// Whether any of the sessions was opened (or last reconnected) from `ip`.
-fn sessions_from(sessions: &[SessionRecord], ip: IpAddr) -> bool {
-    sessions
-        .iter()
-        .any(|session| client_ip(&session.client_address) == Some(ip))
+    };
+    let sessions = store.user_sessions(farm, &user_key).await?;
+    Ok(Some((user_key, sessions)))
 }
 
 #[cfg(test)]
@@ -89,20 +69,5 @@ mod tests {
         assert!(!may_be_cut("pmill", "CORP", true));
         assert!(!may_be_cut("alexander", "", false));
         assert!(!may_be_cut("pmil", "CORP", false));
-    }
-
-    #[test]
-    fn client_addresses_are_compared_by_ip() {
-        let v4: IpAddr = "10.0.0.5".parse().unwrap();
-        assert_eq!(client_ip("10.0.0.5:51234"), Some(v4));
-        assert_eq!(client_ip("10.0.0.5"), Some(v4));
-        assert_eq!(client_ip("[::ffff:10.0.0.5]:3389"), Some(v4));
-        assert_eq!(client_ip("::ffff:10.0.0.5"), Some(v4));
-        assert_eq!(
-            client_ip("[2001:db8::7]:40000"),
-            Some("2001:db8::7".parse().unwrap())
-        );
-        assert_eq!(client_ip(""), None);
-        assert_eq!(client_ip("laptop.example.com:3389"), None);
     }
 }

@@ -173,7 +173,18 @@ impl Decider {
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
         let now = self.store.now();
         let lease_cutoff = self.settings.lease_cutoff(now);
+        let client = model::client_ip(&query.client_address);
         if query.user_name.is_empty() {
+            // A client that named no user (mstsc with a collection's load-balancing info, or
+            // no user name saved): the one user with sessions from the client's IP, if any.
+            if let Some(known) = client.and_then(|ip| self.directory.client_user(&query.farm, ip))
+                && let Some(session) = best_session(&known.sessions, "", |session| {
+                    session.machine_takes_its_users_back(lease_cutoff)
+                })
+            {
+                self.count_lookup("memory");
+                return Ok(session_answer(session));
+            }
             let placed = self
                 .place(query, &anonymous_key(), now, lease_cutoff, false)
                 .await?;
@@ -190,6 +201,7 @@ impl Decider {
                 &query.domain,
                 query.user_name_may_be_truncated,
             ),
+            client,
         );
         if let Some(known) = &known {
             if let Some(session) = best_session(&known.sessions, &query.domain, |session| {
@@ -200,11 +212,9 @@ impl Decider {
             }
             // A farm with a plug-in takes the database's way (below): the user's logon in
             // flight is read first, so that a retry does not ask the plug-in about a logon
-            // already placed. So does a cut name several users share, when the client's
-            // address can tell them apart. A `None` placement: the directory was behind, and
-            // the user has a session after all.
+            // already placed. A `None` placement: the directory was behind, and the user has
+            // a session after all.
             if known.sessions.is_empty()
-                && (!known.cut_name_shared || query.client_address.is_empty())
                 && self.plugins.for_farm(&query.farm).is_none()
                 && let Some(answer) = self
                     .place(query, &known.user_key, now, lease_cutoff, true)
@@ -333,7 +343,7 @@ impl Decider {
         ) {
             let matches = self
                 .store
-                .users_with_prefix(&query.farm, &user_key, cut_name::PREFIX_MATCHES_READ)
+                .users_with_prefix(&query.farm, &user_key, 2)
                 .await?;
             match matches.as_slice() {
                 [full_key] => {
@@ -345,7 +355,7 @@ impl Decider {
                     let by_client = cut_name::user_by_client(
                         self.store.as_ref(),
                         &query.farm,
-                        &matches,
+                        &user_key,
                         &query.client_address,
                     )
                     .await?;

@@ -5,9 +5,10 @@
 
 use crate::store::{DirectoryDelta, DirectoryMachine, MachineLease, SessionRecord, SessionRow};
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
-use tsbroker_common::model::SessionState;
+use tsbroker_common::model::{SessionState, client_ip};
 use uuid::Uuid;
 
 /// A session as the index keeps it (the user's key is the map's key). A million of these are
@@ -19,6 +20,8 @@ struct SessionEntry {
     user_name: Option<Box<str>>,
     domain: Box<str>,
     state: SessionState,
+    /// Where the client connected from (the address's IP; the port is not kept).
+    client_ip: Option<IpAddr>,
     logon_at: i64,
     state_changed_at: i64,
 }
@@ -37,6 +40,9 @@ struct MachineSessions {
 struct FarmUsers {
     sessions: HashMap<Arc<str>, Vec<SessionEntry>>,
     ordered: BTreeSet<Arc<str>>,
+    /// For each client IP, the user key of every session from it (a key once per session):
+    /// who a client that names no user, or a cut name several users share, can be.
+    by_client: HashMap<IpAddr, Vec<Arc<str>>>,
     /// How many of the farm's sessions are in each state (by [`state_slot`]), kept as
     /// sessions are filed and unfiled so that the metrics never walk a million sessions.
     by_state: [usize; 2],
@@ -125,6 +131,14 @@ impl DirectoryIndex {
         let user_name = (row.user_name != row.user_key).then(|| row.user_name.into_boxed_str());
         let state = SessionState::parse(&row.state).unwrap_or(SessionState::Active);
         users.by_state[state_slot(state)] += 1;
+        let client_ip = client_ip(&row.client_address);
+        if let Some(ip) = client_ip {
+            users
+                .by_client
+                .entry(ip)
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push(user_key.clone());
+        }
         users
             .sessions
             .entry(user_key.clone())
@@ -137,6 +151,7 @@ impl DirectoryIndex {
                 user_name,
                 domain: row.domain.into_boxed_str(),
                 state,
+                client_ip,
                 logon_at: row.logon_at,
                 state_changed_at: row.state_changed_at,
             });
@@ -245,7 +260,7 @@ impl DirectoryIndex {
 
     /// The user's sessions in the farm, with their machines. A session whose machine the index
     /// does not know comes with machine state "unknown" (never reachable): the caller asks the
-    /// database. The client address is not kept (the decision does not use it): empty.
+    /// database. The client address is its IP alone (the port is not kept).
     pub fn sessions_of(&self, farm: &str, user_key: &str) -> Vec<SessionRecord> {
         let Some(entries) = self
             .farms
@@ -270,7 +285,7 @@ impl DirectoryIndex {
                     user_name: entry.user_name.as_deref().unwrap_or(user_key).to_owned(),
                     domain: entry.domain.to_string(),
                     state: entry.state.as_str().to_owned(),
-                    client_address: String::new(),
+                    client_address: entry.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
                     logon_at: entry.logon_at,
                     state_changed_at: entry.state_changed_at,
                 }
@@ -291,6 +306,25 @@ impl DirectoryIndex {
             .take(limit)
             .map(|key| key.to_string())
             .collect()
+    }
+
+    /// The keys of the users with a session in the farm from `ip` that start with `prefix`
+    /// (`""`: any), each once.
+    pub fn users_from_client(&self, farm: &str, ip: IpAddr, prefix: &str) -> Vec<String> {
+        let Some(keys) = self
+            .farms
+            .get(farm)
+            .and_then(|users| users.by_client.get(&ip))
+        else {
+            return Vec::new();
+        };
+        let mut found: Vec<String> = Vec::new();
+        for key in keys.iter().filter(|key| key.starts_with(prefix)) {
+            if !found.iter().any(|seen| seen.as_str() == &**key) {
+                found.push(key.to_string());
+            }
+        }
+        found
     }
 
     fn intern_farm(&mut self, farm: &str) -> Arc<str> {
@@ -321,6 +355,16 @@ impl DirectoryIndex {
         if entries.is_empty() {
             users.sessions.remove(user_key);
             users.ordered.remove(user_key);
+        }
+        if let Some(ip) = entry.client_ip
+            && let Some(keys) = users.by_client.get_mut(&ip)
+        {
+            if let Some(at) = keys.iter().position(|key| &**key == user_key) {
+                keys.swap_remove(at);
+            }
+            if keys.is_empty() {
+                users.by_client.remove(&ip);
+            }
         }
         if users.sessions.is_empty() {
             self.farms.remove(farm);

@@ -22,6 +22,7 @@ mod sync;
 use crate::store::{DirectoryDelta, DirectorySink, SessionRecord, Store};
 use index::DirectoryIndex;
 pub use index::FarmSessionCounts;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -145,19 +146,6 @@ pub struct DirectoryAnswer {
     /// The user's key (a truncated name resolved to the one user it can be).
     pub user_key: String,
     pub sessions: Vec<SessionRecord>,
-    /// The name may be cut and is the start of several users' names: which of them it is
-    /// only the database can tell (`decision::cut_name`), by the client's address.
-    pub cut_name_shared: bool,
-}
-
-impl DirectoryAnswer {
-    fn of(user_key: String, sessions: Vec<SessionRecord>) -> Self {
-        DirectoryAnswer {
-            user_key,
-            sessions,
-            cut_name_shared: false,
-        }
-    }
 }
 
 /// Called with the machines another replica changed, once the directory has read them again
@@ -226,11 +214,17 @@ impl SessionDirectory {
 
     /// The user's sessions in the farm; a name that may be cut from an `mstshash` cookie
     /// (`may_be_cut`: `decision::may_be_cut` judges it) and matches no user is taken as the
-    /// prefix of the one user it can be (the start of several: `cut_name_shared`), and a
-    /// name in user principal form that matches no user (`ann@example.com`, as Windows clients
-    /// send it) as its user part (`ann`, as PAM reports Linux logons) when that one has
-    /// sessions. `None` when the directory is not loaded.
-    pub fn lookup(&self, farm: &str, user_name: &str, may_be_cut: bool) -> Option<DirectoryAnswer> {
+    /// prefix of the one user it can be (of several, the one with a session from the `client`
+    /// IP, when only one has), and a name in user principal form that matches no user
+    /// (`ann@example.com`, as Windows clients send it) as its user part (`ann`, as PAM reports
+    /// Linux logons) when that one has sessions. `None` when the directory is not loaded.
+    pub fn lookup(
+        &self,
+        farm: &str,
+        user_name: &str,
+        may_be_cut: bool,
+        client: Option<IpAddr>,
+    ) -> Option<DirectoryAnswer> {
         let state = self.shared.state.read().ok()?;
         let State::Ready(index) = &*state else {
             return None;
@@ -238,30 +232,54 @@ impl SessionDirectory {
         let user_key = model::user_key(user_name);
         let sessions = index.sessions_of(farm, &user_key);
         if !sessions.is_empty() {
-            return Some(DirectoryAnswer::of(user_key, sessions));
+            return Some(DirectoryAnswer { user_key, sessions });
         }
-        let mut cut_name_shared = false;
         if may_be_cut {
-            match index.users_with_prefix(farm, &user_key, 2).as_slice() {
-                [full_key] => {
-                    let sessions = index.sessions_of(farm, full_key);
-                    return Some(DirectoryAnswer::of(full_key.clone(), sessions));
-                }
-                [] => {}
-                _ => cut_name_shared = true,
+            let by_client = || client.map(|ip| index.users_from_client(farm, ip, &user_key));
+            let full_key = match index.users_with_prefix(farm, &user_key, 2).as_slice() {
+                [full_key] => Some(full_key.clone()),
+                [] => None,
+                _ => by_client().and_then(only),
+            };
+            if let Some(full_key) = full_key {
+                let sessions = index.sessions_of(farm, &full_key);
+                return Some(DirectoryAnswer {
+                    user_key: full_key,
+                    sessions,
+                });
             }
         }
         if let Some(user) = model::upn_user_part(user_name) {
             let short_key = model::user_key(user);
             let sessions = index.sessions_of(farm, &short_key);
             if !sessions.is_empty() {
-                return Some(DirectoryAnswer::of(short_key, sessions));
+                return Some(DirectoryAnswer {
+                    user_key: short_key,
+                    sessions,
+                });
             }
         }
-        Some(DirectoryAnswer {
-            user_key,
-            sessions,
-            cut_name_shared,
-        })
+        Some(DirectoryAnswer { user_key, sessions })
+    }
+
+    /// The sessions of the one user with sessions in the farm from the client's IP (for a
+    /// client that named no user); `None` when none or several users have, or the directory
+    /// is not loaded.
+    pub fn client_user(&self, farm: &str, client: IpAddr) -> Option<DirectoryAnswer> {
+        let state = self.shared.state.read().ok()?;
+        let State::Ready(index) = &*state else {
+            return None;
+        };
+        let user_key = only(index.users_from_client(farm, client, ""))?;
+        let sessions = index.sessions_of(farm, &user_key);
+        Some(DirectoryAnswer { user_key, sessions })
+    }
+}
+
+/// The one key of a list that has exactly one.
+fn only(keys: Vec<String>) -> Option<String> {
+    match <[String; 1]>::try_from(keys) {
+        Ok([key]) => Some(key),
+        Err(_) => None,
     }
 }

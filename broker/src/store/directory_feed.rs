@@ -176,9 +176,9 @@ pub struct MachineLease {
 
 pub(super) const SELECT_DIRECTORY_MACHINES: &str =
     "SELECT id, farm, name, address, front_door, state, last_seen_at, updated_at FROM machines";
-/// (The directory does not keep client addresses: not read.)
+/// (The directory keeps each session's client IP: who a client without a user name is.)
 pub(super) const SELECT_DIRECTORY_SESSIONS: &str = "SELECT machine_id, session_id, farm, \
-     user_name, user_key, domain, state, '' AS client_address, logon_at, state_changed_at \
+     user_name, user_key, domain, state, client_address, logon_at, state_changed_at \
      FROM sessions";
 pub(super) const SELECT_MACHINE_LEASES: &str =
     "SELECT id, state, last_seen_at, updated_at FROM machines";

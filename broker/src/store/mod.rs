@@ -175,6 +175,15 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<String>>;
 
+    /// The user key and client address of each session in `farm` with a client address whose
+    /// user key starts with `prefix` (at most `limit`, in no order).
+    async fn client_addresses_with_prefix(
+        &self,
+        farm: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, String)>>;
+
     /// The machine of the user's unexpired pending logon, if any.
     async fn pending_logon(
         &self,

@@ -123,6 +123,10 @@ pub(super) const SELECT_USER_SESSIONS: &str =
 pub(super) const SELECT_USERS_WITH_PREFIX: &str = "SELECT DISTINCT user_key FROM sessions \
      WHERE farm = $1 AND user_key >= $2 AND user_key < $3 ORDER BY user_key LIMIT $4";
 
+pub(super) const SELECT_CLIENTS_WITH_PREFIX: &str = "SELECT user_key, client_address \
+     FROM sessions WHERE farm = $1 AND user_key >= $2 AND user_key < $3 \
+     AND client_address <> '' LIMIT $4";
+
 pub(super) const SELECT_SESSIONS: &str = concat!(
     session_select!(),
     "WHERE ($1 IS NULL OR s.farm = $1) AND ($2 IS NULL OR s.machine_id = $2) \
@@ -323,6 +327,21 @@ macro_rules! impl_store {
                 limit: u32,
             ) -> StoreResult<Vec<String>> {
                 Ok(sqlx::query_scalar(sql::SELECT_USERS_WITH_PREFIX)
+                    .bind(farm)
+                    .bind(prefix)
+                    .bind(sql::prefix_upper_bound(prefix))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn client_addresses_with_prefix(
+                &self,
+                farm: &str,
+                prefix: &str,
+                limit: u32,
+            ) -> StoreResult<Vec<(String, String)>> {
+                Ok(sqlx::query_as(sql::SELECT_CLIENTS_WITH_PREFIX)
                     .bind(farm)
                     .bind(prefix)
                     .bind(sql::prefix_upper_bound(prefix))
@@ -707,6 +726,7 @@ pub const PENDING_OF_TWO_USERS: &str = "SELECT user_key, machine_id FROM (SELECT
 pub const HOT_QUERIES: &[(&str, &str)] = &[
     ("user_sessions", SELECT_USER_SESSIONS),
     ("users_with_prefix", SELECT_USERS_WITH_PREFIX),
+    ("client_addresses_with_prefix", SELECT_CLIENTS_WITH_PREFIX),
     ("pending_of_users", PENDING_OF_TWO_USERS),
     ("pending_logon_machine", SELECT_PENDING_LOGON_MACHINE),
     ("machine_by_id", SELECT_MACHINE_BY_ID),

@@ -768,11 +768,35 @@ async fn truncated_names_find_their_prefix(database: &TestDatabase) {
         100,
         &[
             session(1, "alexander.long", SessionState::Disconnected),
-            session(2, "bernadette.a", SessionState::Active),
+            SessionInfo {
+                client_address: "10.0.0.5:4000".into(),
+                ..session(2, "bernadette.a", SessionState::Active)
+            },
             session(3, "bernadette.b", SessionState::Active),
+            SessionInfo {
+                client_address: "10.0.0.6".into(),
+                ..session(4, "bernadette.b", SessionState::Disconnected)
+            },
         ],
     )
     .await;
+    // The sessions with a client address, for telling users who share a cut name apart.
+    let mut addresses = store
+        .client_addresses_with_prefix("farm1", "bernadett", 100)
+        .await
+        .unwrap();
+    addresses.sort();
+    assert_eq!(
+        addresses,
+        vec![
+            ("bernadette.a".to_owned(), "10.0.0.5:4000".to_owned()),
+            ("bernadette.b".to_owned(), "10.0.0.6".to_owned()),
+        ]
+    );
+    let limited = store.client_addresses_with_prefix("farm1", "bernadett", 1);
+    assert_eq!(limited.await.unwrap().len(), 1);
+    let elsewhere = store.client_addresses_with_prefix("farm2", "bernadett", 100);
+    assert!(elsewhere.await.unwrap().is_empty());
     assert_eq!(
         store
             .users_with_prefix("farm1", "alexander", 2)

@@ -51,7 +51,7 @@ async fn hot_queries_use_indexes_with_100k_sessions() {
         let query = sqlx::query(sqlx::AssertSqlSafe(explain));
         let query = match *name {
             "user_sessions" => query.bind("big").bind("user4242"),
-            "users_with_prefix" => query
+            "users_with_prefix" | "client_addresses_with_prefix" => query
                 .bind("big")
                 .bind("user424")
                 .bind("user424\u{10FFFF}")

@@ -1,6 +1,7 @@
-//! Names cut from an `mstshash` cookie (mstsc keeps 9 characters) and names in user principal
-//! form, end to end over real gRPC on both stores: each finds its user's session, and a cut
-//! name several users share is told apart by the client's address.
+//! What a client says of its user, end to end over real gRPC on both stores: names cut from an
+//! `mstshash` cookie (mstsc keeps 9 characters) and names in user principal form find their
+//! user's session; a cut name several users share, and a client that names no user at all
+//! (mstsc with a collection's load-balancing info), are told apart by the client's address.
 
 use crate::support::{on_both_stores, reason};
 use tsbroker_common::proto::v1 as pb;
@@ -11,6 +12,7 @@ use tsbroker_tests::{FakeAgent, TestDatabase, spawn_broker};
 on_both_stores!(
     cut_and_principal_names_find_their_user,
     a_shared_cut_name_finds_the_user_whose_session_came_from_the_client,
+    a_client_that_names_no_user_finds_the_one_user_with_sessions_from_its_address,
 );
 
 /// A Redirect as a front door asks it for a cookie of exactly 9 characters.
@@ -232,14 +234,14 @@ async fn a_shared_cut_name_finds_the_user_whose_session_came_from_the_client(
         ("christopher.white", pb::RedirectReason::ExistingSession)
     );
 
-    // More users share a cut name than are told apart (32): ambiguous, whatever the address.
-    let katherines = (1..=33)
+    // However many users share the cut name.
+    let katherines = (1..=40)
         .map(|n| session_from(n, &format!("katherine.{n}"), &format!("10.1.0.{n}:4000")))
         .collect();
     let _c = FakeAgent::join(&broker.url(), description("ts-c", "farm", 100), katherines).await;
     let katherine = client
         .redirect(pb::RedirectRequest {
-            client_address: "10.1.0.1:4001".into(),
+            client_address: "10.1.0.37:4001".into(),
             ..truncated("katherine")
         })
         .await
@@ -247,7 +249,67 @@ async fn a_shared_cut_name_finds_the_user_whose_session_came_from_the_client(
         .into_inner();
     assert_eq!(
         (katherine.user_name.as_str(), reason(&katherine)),
-        ("katherine", pb::RedirectReason::LoadBalanced)
+        ("katherine.37", pb::RedirectReason::ExistingSession)
+    );
+    broker.stop().await;
+}
+
+async fn a_client_that_names_no_user_finds_the_one_user_with_sessions_from_its_address(
+    database: &TestDatabase,
+) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let _a = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![
+            session_from(1, "dana", "10.0.0.7:50001"),
+            session_from(2, "erin", "10.0.0.7:50002"),
+        ],
+    )
+    .await;
+    let mut b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        vec![
+            session_from(1, "frank", "[::ffff:10.0.0.5]:50000"),
+            session_from(2, "gina", ""),
+            session_from(3, "hank", ""),
+        ],
+    )
+    .await;
+    let anonymous = |client_address: &str| pb::RedirectRequest {
+        farm: "farm".into(),
+        client_address: client_address.to_owned(),
+        ..Default::default()
+    };
+    // ts-b is the fuller machine: only frank's session sends this client there.
+    let frank = client.redirect(anonymous("10.0.0.5:61000")).await.unwrap();
+    let frank = frank.into_inner();
+    assert_eq!(
+        (
+            frank.machine_name.as_str(),
+            frank.user_name.as_str(),
+            reason(&frank)
+        ),
+        ("ts-b", "frank", pb::RedirectReason::ExistingSession)
+    );
+    // Two users behind 10.0.0.7, nobody from 10.0.0.9, no address: new logons as before.
+    for client_address in ["10.0.0.7:3000", "10.0.0.9:3000", ""] {
+        let answer = client.redirect(anonymous(client_address)).await.unwrap();
+        let answer = answer.into_inner();
+        assert_eq!(
+            (answer.user_name.as_str(), reason(&answer)),
+            ("", pb::RedirectReason::LoadBalanced),
+            "from {client_address:?}"
+        );
+    }
+    // Once frank logs off, his address is nobody's.
+    b.logoff(1, "frank").await.unwrap();
+    let after = client.redirect(anonymous("10.0.0.5:61001")).await.unwrap();
+    assert_eq!(
+        reason(&after.into_inner()),
+        pb::RedirectReason::LoadBalanced
     );
     broker.stop().await;
 }
