@@ -394,11 +394,15 @@ impl Directory {
     /// The front door handed a connection whose user it could not tell (no cookie, or one
     /// that is not a user name) to the local RDP service. A local source's report may match it
     /// to a session later (`unknown.rs`); until then its end changes nothing.
-    pub fn front_door_attach_unknown(&self) -> UnknownConnection {
+    pub fn front_door_attach_unknown(
+        &self,
+        client: Option<std::net::SocketAddr>,
+    ) -> UnknownConnection {
         let attachment = self.lock().open_connection(rules::LiveConnection {
             session_id: None,
             pending_logon: false,
             matched: false,
+            client,
         });
         UnknownConnection { attachment }
     }

@@ -10,6 +10,7 @@
 //! broker gets a LOGOFF, instead of keeping a disconnected session that would draw the user
 //! back here. A reconnection to a session the user already had here is never removed.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tsbroker_common::model::{SessionEventKind, client_ip, upn_user_part, user_key};
@@ -388,6 +389,7 @@ pub(super) fn front_door_attach(
         session_id: Some(session_id),
         pending_logon,
         matched: false,
+        client: request.client_address.parse().ok(),
     });
     if let Some(record) = table.sessions.get_mut(&session_id) {
         record.attachment = attachment;
@@ -450,6 +452,8 @@ pub(super) struct LiveConnection {
     pub pending_logon: bool,
     /// Tied to its session by elimination (`unknown.rs`), not by the user it named.
     pub matched: bool,
+    /// Where its client connects from, as the front door saw it.
+    pub client: Option<SocketAddr>,
 }
 
 /// How a front-door connection ended.

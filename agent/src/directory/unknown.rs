@@ -64,10 +64,16 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
             session_id: Some(session_id),
             pending_logon: false,
             matched: true,
+            ..live
         },
     );
     if let Some(record) = table.sessions.get_mut(&session_id) {
         record.attachment = attachment;
+        // The front door saw the client; the RDP service behind it (and PAM) saw only the
+        // front door. The broker finds a client that names no user by this address.
+        if let Some(client) = live.client {
+            record.client_address = client.to_string();
+        }
         tracing::info!(
             session_id,
             user = %record.user_name,

@@ -30,7 +30,7 @@ fn the_only_connection_without_a_user_holds_the_session_pam_reports() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
     // A client given a collection sends no cookie; xrdp logs the user on as display 10.
-    let connection = directory.front_door_attach_unknown();
+    let connection = directory.front_door_attach_unknown(None);
     directory.apply(Logon, request("ann", 10)).unwrap();
     assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
     directory.front_door_detach_unknown(connection, ENDED);
@@ -42,7 +42,7 @@ fn the_only_connection_without_a_user_holds_the_session_pam_reports() {
 
     // Back without a cookie: xrdp's reconnect hook reports display 10, and the connection's
     // end disconnects it again.
-    let connection = directory.front_door_attach_unknown();
+    let connection = directory.front_door_attach_unknown(None);
     directory.apply(Reconnect, request("ann", 10)).unwrap();
     directory.front_door_detach_unknown(connection, ENDED);
     assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
@@ -56,11 +56,29 @@ fn the_only_connection_without_a_user_holds_the_session_pam_reports() {
 }
 
 #[test]
+fn the_matched_connection_gives_the_session_its_clients_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    let client = "10.0.0.8:50123".parse().unwrap();
+    let connection = directory.front_door_attach_unknown(Some(client));
+    // xrdp behind the front door: PAM_RHOST is the front door's loopback connection.
+    let logon = SessionRequest {
+        client_address: "127.0.0.1".into(),
+        ..request("ann", 10)
+    };
+    let record = directory.apply(Logon, logon).unwrap();
+    assert_eq!(record.client_address, "10.0.0.8:50123");
+    directory.front_door_detach_unknown(connection, ENDED);
+    let sessions = directory.list();
+    assert_eq!(sessions[0].client_address, "10.0.0.8:50123");
+}
+
+#[test]
 fn with_two_candidates_nothing_is_matched() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
-    let first = directory.front_door_attach_unknown();
-    let second = directory.front_door_attach_unknown();
+    let first = directory.front_door_attach_unknown(None);
+    let second = directory.front_door_attach_unknown(None);
     directory.apply(Logon, request("ann", 10)).unwrap();
     directory.front_door_detach_unknown(first, ENDED);
     directory.front_door_detach_unknown(second, ENDED);
@@ -68,7 +86,7 @@ fn with_two_candidates_nothing_is_matched() {
     assert_eq!(events(&mut receiver), vec![(Logon, 10, "ann".into())]);
 
     // A cookie logon still waiting for its PAM logon is a candidate too.
-    let unknown = directory.front_door_attach_unknown();
+    let unknown = directory.front_door_attach_unknown(None);
     let ben = directory.front_door_attach("ben", "", "").unwrap();
     directory.apply(Logon, request("cat", 11)).unwrap();
     directory.front_door_detach_unknown(unknown, ENDED);
@@ -116,7 +134,7 @@ fn a_connection_already_holding_the_session_is_not_replaced() {
     directory.apply(Disconnect, request("ann", 10)).unwrap();
     // Ann comes back with her cookie while someone else sits at xrdp's login screen.
     let ann = directory.front_door_attach("ann", "", "").unwrap();
-    let unknown = directory.front_door_attach_unknown();
+    let unknown = directory.front_door_attach_unknown(None);
     directory.apply(Reconnect, request("ann", 10)).unwrap();
     directory.front_door_detach_unknown(unknown, ENDED);
     assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
@@ -156,11 +174,11 @@ fn principal_names_are_the_users_pam_reports() {
 fn a_new_client_without_a_name_takes_over_a_session_matched_the_same_way() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, _receiver) = Directory::open(dir.path()).unwrap();
-    let first = directory.front_door_attach_unknown();
+    let first = directory.front_door_attach_unknown(None);
     directory.apply(Logon, request("ann", 10)).unwrap();
     // Ann connects from a second device, again without a cookie; xrdp hands her session to it
     // (the reconnect hook reports it) and drops the first client.
-    let second = directory.front_door_attach_unknown();
+    let second = directory.front_door_attach_unknown(None);
     directory.apply(Reconnect, request("ann", 10)).unwrap();
     directory.front_door_detach_unknown(first, ENDED);
     assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
@@ -177,7 +195,7 @@ fn a_session_its_user_named_is_not_taken_by_a_connection_without_a_name() {
     // Ann is back with her cookie; someone else sits at xrdp's login screen. The reconnect
     // hook's report is about ann's connection.
     let ann = directory.front_door_attach("ann", "", "").unwrap();
-    let stranger = directory.front_door_attach_unknown();
+    let stranger = directory.front_door_attach_unknown(None);
     directory.apply(Reconnect, request("ann", 10)).unwrap();
     directory.front_door_detach_unknown(stranger, ENDED);
     assert_eq!(state_of(&directory, 10), Some(RecordState::Active));

@@ -318,7 +318,11 @@ pub async fn to_local(
         }
         None => {
             tracing::debug!("connection handed to the local rdp service (user unknown)");
-            Held::Unknown(shared.directory.front_door_attach_unknown())
+            Held::Unknown(
+                shared
+                    .directory
+                    .front_door_attach_unknown(Some(client_address)),
+            )
         }
     };
     let started = tokio::time::Instant::now();

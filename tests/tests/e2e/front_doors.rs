@@ -31,6 +31,8 @@ async fn rdp_stand_in() -> (String, mpsc::UnboundedReceiver<Vec<u8>>) {
                     let _ = seen.send(chunk[..count].to_vec());
                     let _ = stream.write_all(&chunk[..count]).await;
                 }
+                // Held open until the client goes, as an RDP session is.
+                while matches!(stream.read(&mut chunk).await, Ok(count) if count > 0) {}
             });
         }
     });
@@ -40,7 +42,12 @@ async fn rdp_stand_in() -> (String, mpsc::UnboundedReceiver<Vec<u8>>) {
 /// TPKT + X.224 Connection Request with the user's `mstshash` cookie and an RDP negotiation
 /// request (MS-RDPBCGR 2.2.1.1).
 fn connection_request(user: &str) -> Vec<u8> {
-    let cookie = format!("Cookie: mstshash={user}\r\n");
+    with_cookie(&format!("Cookie: mstshash={user}\r\n"))
+}
+
+/// TPKT + X.224 Connection Request with `cookie` (empty: none, as mstsc with a collection's
+/// load-balancing info or no saved user name sends it) and an RDP negotiation request.
+fn with_cookie(cookie: &str) -> Vec<u8> {
     let negotiation = [0x01, 0x00, 0x08, 0x00, 0x03, 0x00, 0x00, 0x00];
     let mut x224 = vec![0xe0, 0, 0, 0, 0, 0];
     x224.extend_from_slice(cookie.as_bytes());
@@ -129,8 +136,13 @@ async fn sessions_listed(broker: &TestBroker, count: usize) {
 }
 
 /// Connects to `front_door` from `source` (an address of this host) and sends `request`;
-/// returns once it comes back through the stand-in RDP service it reached.
-async fn connect_from(source: &str, front_door: std::net::SocketAddr, request: &[u8]) {
+/// returns the open connection once the request came back through the stand-in RDP service
+/// it reached.
+async fn connect_from(
+    source: &str,
+    front_door: std::net::SocketAddr,
+    request: &[u8],
+) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
     let mut connection = socket.connect(front_door).await.unwrap();
@@ -141,6 +153,7 @@ async fn connect_from(source: &str, front_door: std::net::SocketAddr, request: &
         .expect("an answer through the front doors")
         .expect("the connection stays open");
     assert_eq!(back, request);
+    connection
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -184,5 +197,60 @@ async fn a_shared_cut_cookie_reaches_the_session_opened_from_the_client() {
     farm.assert_reached("ts-b", &request).await;
     connect_from("127.0.0.61", farm.b.front_door.unwrap(), &request).await;
     farm.assert_reached("ts-a", &request).await;
+    farm.stop().await;
+}
+
+/// A client that names no user (no cookie) is placed anywhere the first time; once its user's
+/// session there is known with the client's address (the front door's view, not the loopback
+/// one PAM gets behind it), it is sent back to that session from any front door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_naming_no_user_returns_to_the_session_opened_from_its_address() {
+    let mut farm = Farm::start().await;
+    let request = with_cookie("");
+    let first = connect_from("127.0.0.70", farm.b.front_door.unwrap(), &request).await;
+    // Placed as a new logon: on either machine.
+    let there = tokio::select! {
+        Some(_) = farm.a_seen.recv() => "ts-a",
+        Some(_) = farm.b_seen.recv() => "ts-b",
+    };
+    let (agent, other) = match there {
+        "ts-a" => (&farm.a, &farm.b),
+        _ => (&farm.b, &farm.a),
+    };
+    // xrdp logs frank on while the client is connected; PAM_RHOST is the front door's hop.
+    agent
+        .cli(&[
+            "session",
+            "logon",
+            "--user",
+            "frank",
+            "--session-id",
+            "7",
+            "--client-address",
+            "127.0.0.1",
+        ])
+        .await;
+    sessions_listed(&farm.broker, 1).await;
+    drop(first);
+    let client = farm.broker.broker_client().await;
+    eventually(10, || {
+        let mut client = client.clone();
+        async move {
+            let request = pb::ListSessionsRequest {
+                user_name: "frank".into(),
+                ..Default::default()
+            };
+            let listed = client.list_sessions(request).await.unwrap().into_inner();
+            listed.sessions.first().is_some_and(|session| {
+                session.client_address.starts_with("127.0.0.70:")
+                    && session.state == pb::SessionState::Disconnected as i32
+            })
+        }
+    })
+    .await;
+
+    // Back, without a cookie, through the other machine's front door.
+    let _second = connect_from("127.0.0.70", other.front_door.unwrap(), &request).await;
+    farm.assert_reached(there, &request).await;
     farm.stop().await;
 }
