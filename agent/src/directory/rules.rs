@@ -530,6 +530,25 @@ pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64)
     if record.attachment != attachment || record.state != RecordState::Active {
         return changed;
     }
+    // Another connection still holds the session (this one was a second client that gave up,
+    // a probe): the user is still connected, through the newest of the others.
+    let holder = table
+        .live
+        .iter()
+        .filter(|(_, live)| live.session_id == Some(session_id))
+        .max_by_key(|(attachment, _)| **attachment)
+        .map(|(attachment, live)| (*attachment, live.client));
+    if let Some((holder, client)) = holder {
+        record.attachment = holder;
+        let client = client.map(|client| client.to_string());
+        if let Some(client) = client.filter(|client| *client != record.client_address) {
+            record.client_address = client;
+            let record = record.clone();
+            table.emit(SessionEventKind::Reconnect, &record);
+            return true;
+        }
+        return changed;
+    }
     record.attachment = 0;
     record.state = RecordState::Disconnected;
     record.changed_ms = now;

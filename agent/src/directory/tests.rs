@@ -181,6 +181,32 @@ fn a_cut_cookie_two_users_share_attaches_the_session_from_the_clients_address() 
 }
 
 #[test]
+fn a_second_connection_that_ends_leaves_the_first_holding_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    directory.apply(Logon, request("conf", Some(10))).unwrap();
+    let first = directory
+        .front_door_attach("conf", "", "10.0.0.1:1000")
+        .unwrap();
+    // A second client for the same user that gives up at once (a probe, a wrong password).
+    let second = directory
+        .front_door_attach("conf", "", "10.0.0.2:2000")
+        .unwrap();
+    drain(&mut events);
+    directory.front_door_detach(second, SHORT);
+    let record = directory.list().remove(0);
+    assert_eq!(
+        (record.state, record.client_address.as_str()),
+        (RecordState::Active, "10.0.0.1:1000"),
+        "still connected through the first"
+    );
+    assert_eq!(drain(&mut events), vec![(Reconnect, 10, "conf".into())]);
+    directory.front_door_detach(first, LONG);
+    assert_eq!(directory.list()[0].state, RecordState::Disconnected);
+    assert_eq!(drain(&mut events), vec![(Disconnect, 10, "conf".into())]);
+}
+
+#[test]
 fn front_door_logon_merges_with_the_real_logon() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, mut events) = Directory::open(dir.path()).unwrap();
@@ -684,14 +710,12 @@ fn concurrent_connections_of_a_failed_logon_leave_no_session() {
     let first = directory.front_door_attach("mallory", "", "").unwrap();
     let second = directory.front_door_attach("mallory", "", "").unwrap();
     directory.front_door_detach(second, SHORT);
-    // The first connection is still open: its session stays (disconnected, as before).
+    // The first connection is still open: its session stays, connected through it.
     assert_eq!(directory.list().len(), 1);
+    assert_eq!(directory.list()[0].state, RecordState::Active);
     directory.front_door_detach(first, SHORT);
     assert!(directory.list().is_empty());
-    assert_eq!(
-        kinds(&mut events),
-        vec![Logon, Reconnect, Disconnect, Logoff]
-    );
+    assert_eq!(kinds(&mut events), vec![Logon, Reconnect, Logoff]);
 
     // A real logon that lasts, and a failed attempt at the same name meanwhile: the session
     // stays, and once the real connection outlasted the grace it is confirmed.
