@@ -3,6 +3,7 @@
 use crate::support::eventually;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tsbroker_tests::binaries::{tool, workspace_binary};
 use tsbroker_tests::fake_agent::machine as description;
@@ -111,16 +112,30 @@ async fn the_binary_serves_on_its_embedded_default_and_stops_on_sigterm() {
         "the SQLite file is in the working directory"
     );
     let pid = child.id().expect("running");
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    let signal = |name: &str| {
+        let sent = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    // SIGHUP (a closed terminal) is no reason to stop.
+    signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running after SIGHUP"
+    );
+    signal("TERM");
+    let mut stderr = child.stderr.take().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
         .expect("exits")
         .unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).await.unwrap();
+    assert!(log.contains("SIGHUP ignored"), "{log}");
 }
 
 /// Runs the grpcurl lines of README.md, exactly as written, against a live broker.
