@@ -246,7 +246,12 @@ pub async fn start(
         // (with the connections the stop cut) goes to disk before the agent exits.
         let flushed = tokio::task::spawn_blocking(move || table.flush()).await;
         if !matches!(flushed, Ok(true)) {
-            tracing::error!("the session table could not be saved before stopping");
+            // A failed stop: the next start reads an older table and reports it as the truth.
+            anyhow::bail!(
+                "the session table could not be saved before stopping: the next start reads \
+                 an older one (check the state directory, or remove its sessions.json to start \
+                 with none)"
+            );
         }
         tracing::info!("agent stopped");
         Ok(())

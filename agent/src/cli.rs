@@ -123,7 +123,8 @@ pub enum Command {
         action: SessionCommand,
     },
     /// Show the running agent's machine and its link to the broker. Exit status: 0 connected
-    /// to the broker, 3 running but not connected, 1 the agent could not be asked, 64 bad
+    /// to the broker, 3 running but not connected, 4 connected but unable to save its session
+    /// table (the state directory cannot be written), 1 the agent could not be asked, 64 bad
     /// settings (an unreadable --config file)
     Status(SocketArg),
 }

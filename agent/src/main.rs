@@ -16,6 +16,8 @@ use tsagent::control::{Request, Response, SessionArgs, client, pam};
 const EXIT_BAD_SETTINGS: u8 = 64;
 /// `tsagent status`: the agent runs but is not connected to the broker (health checks).
 const EXIT_NOT_CONNECTED: u8 = 3;
+/// `tsagent status`: the agent runs and is connected, but cannot save its session table.
+const EXIT_TABLE_UNSAVED: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -140,6 +142,9 @@ async fn control_command(command: Command, agent: &AgentArgs) -> ExitCode {
             match response {
                 Response::Status { status } if !status.link.connected => {
                     ExitCode::from(EXIT_NOT_CONNECTED)
+                }
+                Response::Status { status } if status.session_table_unsaved => {
+                    ExitCode::from(EXIT_TABLE_UNSAVED)
                 }
                 _ => ExitCode::SUCCESS,
             }

@@ -86,19 +86,32 @@ async fn exchange(stream: UnixStream, request: &Request) -> anyhow::Result<Respo
 pub fn render(response: &Response) -> Result<String, String> {
     match response {
         Response::Error { message } => Err(message.clone()),
-        Response::Session { session, ended } => Ok(format!(
-            "session {} of {} {}",
-            session.session_id,
-            qualified_user(session),
-            if *ended {
-                "ended"
-            } else {
-                match session.state {
-                    RecordState::Active => "is active",
-                    RecordState::Disconnected => "is disconnected",
+        Response::Session {
+            session,
+            ended,
+            unsaved,
+        } => {
+            let text = format!(
+                "session {} of {} {}",
+                session.session_id,
+                qualified_user(session),
+                if *ended {
+                    "ended"
+                } else {
+                    match session.state {
+                        RecordState::Active => "is active",
+                        RecordState::Disconnected => "is disconnected",
+                    }
                 }
+            );
+            if *unsaved {
+                return Err(format!(
+                    "{text}, but the agent cannot save its session table (see its log): \
+                     this event is lost if the agent restarts before it can"
+                ));
             }
-        )),
+            Ok(text)
+        }
         Response::Sessions { sessions } => Ok(session_table(sessions)),
         Response::Status { status } => Ok(status_text(status)),
     }
@@ -181,8 +194,13 @@ fn status_text(status: &AgentStatus) -> String {
     } else {
         format!("not connected: {}", link.last_error)
     };
+    let table = if status.session_table_unsaved {
+        "NOT SAVED: the state directory cannot be written (see the agent's log)"
+    } else {
+        "saved"
+    };
     format!(
-        "machine: {} in farm {}\nadvertised: {}\nfront door: {}\nbroker: {broker}\nsettings: weight {}, session limit {}, {}",
+        "machine: {} in farm {}\nadvertised: {}\nfront door: {}\nbroker: {broker}\nsession table: {table}\nsettings: weight {}, session limit {}, {}",
         status.machine_name,
         status.farm,
         status.advertise,

@@ -47,6 +47,9 @@ pub struct AgentStatus {
     pub advertise: String,
     pub front_door: Option<String>,
     pub link: LinkStatus,
+    /// The last save of the session table failed (the writer keeps trying).
+    #[serde(default)]
+    pub session_table_unsaved: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +60,10 @@ pub enum Response {
         /// The event ended the session (a logoff).
         #[serde(default)]
         ended: bool,
+        /// The session table could not be saved (the event stands in memory and reaches the
+        /// broker; a restart of the agent before a save succeeds loses it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        unsaved: bool,
     },
     Sessions {
         sessions: Vec<SessionRecord>,

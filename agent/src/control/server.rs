@@ -57,7 +57,11 @@ impl ControlHandler {
                     "session event from the control socket"
                 );
                 let ended = kind == SessionEventKind::Logoff;
-                Response::Session { session, ended }
+                Response::Session {
+                    session,
+                    ended,
+                    unsaved: self.directory.save_failing(),
+                }
             }
             Err(error) => Response::Error {
                 message: error.to_string(),
@@ -77,6 +81,7 @@ impl ControlHandler {
             advertise: self.advertise.clone(),
             front_door: self.front_door.clone(),
             link,
+            session_table_unsaved: self.directory.save_failing(),
         }
     }
 }

@@ -18,19 +18,24 @@ fn args(user: &str, session_id: Option<u32>) -> SessionArgs {
     }
 }
 
-#[tokio::test]
-async fn requests_round_trip_over_the_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("run/control.sock");
-    let (directory, _events) = Directory::open(dir.path()).unwrap();
-    let handler = ControlHandler {
+/// The handler of machine ts1 in farm default over `directory`.
+fn handler_of(directory: Directory) -> ControlHandler {
+    ControlHandler {
         directory,
         status: Arc::new(Mutex::new(Default::default())),
         machine_name: "ts1".into(),
         farm: "default".into(),
         advertise: "ts1:3389".into(),
         front_door: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn requests_round_trip_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/control.sock");
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let handler = handler_of(directory);
     let listener = bind(&path).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
@@ -90,14 +95,7 @@ async fn requests_round_trip_over_the_socket() {
 
     // A session event waits for an agent that is restarting: its logoff is not lost.
     let (directory, _events) = Directory::open(dir.path()).unwrap();
-    let handler = ControlHandler {
-        directory: directory.clone(),
-        status: Arc::new(Mutex::new(Default::default())),
-        machine_name: "ts1".into(),
-        farm: "default".into(),
-        advertise: "ts1:3389".into(),
-        front_door: None,
-    };
+    let handler = handler_of(directory.clone());
     let restarted = path.clone();
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -123,6 +121,27 @@ async fn requests_round_trip_over_the_socket() {
     assert!(error.to_string().contains("within 0.5 s"), "{error}");
 }
 
+#[test]
+fn an_event_the_agent_cannot_save_is_answered_as_such_and_status_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the temporary file goes: no table can be written (even by root).
+    std::fs::create_dir(dir.path().join("sessions.json.tmp")).unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let handler = handler_of(directory);
+    let answer = handler.handle(Request::Logon(args("alice", Some(10))));
+    let said = render(&answer).unwrap_err();
+    assert!(
+        said.contains("session 10 of alice is active, but the agent cannot save"),
+        "{said}"
+    );
+    let Response::Status { status } = handler.handle(Request::Status) else {
+        panic!("expected a status");
+    };
+    assert!(status.session_table_unsaved);
+    let text = render(&Response::Status { status }).unwrap();
+    assert!(text.contains("session table: NOT SAVED"), "{text}");
+}
+
 #[tokio::test]
 async fn stale_socket_is_replaced_and_garbage_is_answered() {
     let dir = tempfile::tempdir().unwrap();
@@ -131,14 +150,7 @@ async fn stale_socket_is_replaced_and_garbage_is_answered() {
     assert!(path.exists());
     let listener = bind(&path).unwrap();
     let (directory, _events) = Directory::open(dir.path()).unwrap();
-    let handler = ControlHandler {
-        directory,
-        status: Arc::new(Mutex::new(Default::default())),
-        machine_name: "ts1".into(),
-        farm: "default".into(),
-        advertise: "ts1:3389".into(),
-        front_door: None,
-    };
+    let handler = handler_of(directory);
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, path.clone(), handler, shutdown.clone()));
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -215,6 +215,9 @@ struct Shared {
     /// Front-door logons the previous agent process left unconfirmed: settled once, the
     /// grace after the start ([`Directory::settle_undecided`]).
     undecided: Mutex<Vec<u32>>,
+    /// The state directory's lock, released after the writer's last write (fields drop in
+    /// order): one agent per state directory.
+    _state_dir_lock: std::fs::File,
 }
 
 /// The receiving end of the table's changes, owned by the stream task.
@@ -232,6 +235,7 @@ impl Directory {
         pacing: Pacing,
     ) -> anyhow::Result<(Directory, DirectoryEvents)> {
         let file = TableFile::open(state_dir)?;
+        let state_dir_lock = TableFile::lock_directory(state_dir)?;
         let stored = file.load()?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut sessions = BTreeMap::new();
@@ -279,6 +283,7 @@ impl Directory {
             events: sender,
             generation: 0,
         };
+        let writable = file.check_writable();
         let table = Arc::new(Mutex::new(table));
         let persister = Persister::start(
             file,
@@ -297,11 +302,22 @@ impl Directory {
             pacing,
         )
         .context("start the session table's writer")?;
+        if let Err(error) = writable {
+            // Said now rather than at the first logon; the writer keeps trying, and the
+            // control socket's answers and `tsagent status` say so until it succeeds.
+            tracing::error!(
+                error = format!("{error:#}"),
+                "the state directory cannot be written: session events will not survive a \
+                 restart of the agent until it can"
+            );
+            persister.changed(lock(&table).changed());
+        }
         let directory = Directory {
             shared: Arc::new(Shared {
                 table,
                 persister,
                 undecided: Mutex::new(undecided),
+                _state_dir_lock: state_dir_lock,
             }),
             unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
         };

@@ -271,3 +271,27 @@ fn a_failed_write_is_logged_and_tried_again() {
     drop(directory);
     assert_eq!(on_disk_ids(dir.path()).len(), 3);
 }
+
+#[test]
+fn a_second_agent_on_the_same_state_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, events) = Directory::open(dir.path()).unwrap();
+    let refused = Directory::open(dir.path()).err().expect("refused");
+    assert!(
+        format!("{refused:#}").contains("in use by another tsagent"),
+        "{refused:#}"
+    );
+    drop((first, events));
+    // Free again once the first one has gone.
+    Directory::open(dir.path()).unwrap();
+}
+
+#[test]
+fn a_state_directory_that_cannot_be_written_is_said_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sessions.json.tmp")).unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    // The writer has tried at once, before any event.
+    assert!(!directory.flush());
+    assert!(directory.save_failing());
+}

@@ -43,6 +43,35 @@ impl TableFile {
         })
     }
 
+    /// Locks the state directory (`flock`; released when the returned file is dropped): a
+    /// second agent on the same directory would report the first one's sessions as its own,
+    /// and each would overwrite the other's table. The directory itself is locked, which
+    /// needs nothing written into it (a full or read-only state directory still starts, and
+    /// says so when it is written to).
+    pub fn lock_directory(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+        let directory = std::fs::File::open(state_dir)
+            .with_context(|| format!("open state directory {}", state_dir.display()))?;
+        match directory.try_lock() {
+            Ok(()) => Ok(directory),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "state directory {} is in use by another tsagent: give each agent its own \
+                 --state-dir",
+                state_dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                Err(error).with_context(|| format!("lock state directory {}", state_dir.display()))
+            }
+        }
+    }
+
+    /// Whether a table can be written now: a few bytes in the temporary file, removed again.
+    pub fn check_writable(&self) -> anyhow::Result<()> {
+        let temporary = self.path.with_extension("json.tmp");
+        let written = std::fs::File::create(&temporary).and_then(|mut file| file.write_all(b"{}"));
+        let _ = std::fs::remove_file(&temporary);
+        written.with_context(|| format!("write {}", temporary.display()))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

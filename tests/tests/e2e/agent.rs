@@ -20,6 +20,23 @@ on_both_stores!(
     a_drain_from_the_admin_api_reaches_the_agent,
 );
 
+/// The arguments of a `tsagent` process for machine `name` (`args[3]`) with its state in
+/// `state_dir`.
+fn process_args(broker_url: &str, name: &str, state_dir: &std::path::Path) -> Vec<String> {
+    [
+        "--broker",
+        broker_url,
+        "--machine-name",
+        name,
+        "--advertise",
+        "127.0.0.1:9",
+        "--state-dir",
+        &state_dir.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Polls until the broker's sessions for `machine_id` equal `expected` (sorted); fails with
 /// both lists after `seconds`.
 async fn broker_converges(
@@ -322,18 +339,7 @@ async fn an_agent_restart_keeps_its_sessions_and_the_broker_ends_with_them(
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     let socket = dir.path().join("control.sock");
-    let args: Vec<String> = [
-        "--broker",
-        &broker.url(),
-        "--machine-name",
-        "ts-agent-restart.example.test",
-        "--advertise",
-        "127.0.0.1:9",
-        "--state-dir",
-        &state_dir.display().to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let args = process_args(&broker.url(), "ts-agent-restart.example.test", &state_dir);
     let mut first = AgentProcess::spawn(&args, &socket, &dir.path().join("first.log"));
     first.wait_until_connected(Duration::from_secs(20)).await;
     let machine_id = machine(&mut client, "default", "ts-agent-restart.example.test")
@@ -445,5 +451,55 @@ async fn a_drain_from_the_admin_api_reaches_the_agent(database: &TestDatabase) {
     assert!(status.contains("not draining"), "{status}");
 
     agent.stop().await;
+    broker.stop().await;
+}
+
+/// The `tsagent` binary on a state directory it cannot write, and a second agent on it: what
+/// is lost at a restart is said when it happens, not found out after one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_save_its_sessions_says_so() {
+    let database = TestDatabase::sqlite();
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let socket = dir.path().join("control.sock");
+    let args = process_args(&broker.url(), "ts-unsaved.example.test", &state_dir);
+    let mut agent = AgentProcess::spawn(&args, &socket, &dir.path().join("agent.log"));
+    agent.wait_until_connected(Duration::from_secs(20)).await;
+
+    // Another agent (its own name and socket) on the same state directory is refused.
+    let second_socket = dir.path().join("second.sock");
+    let mut second: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    second[3] = std::ffi::OsStr::new("ts-second.example.test");
+    second.extend([
+        std::ffi::OsStr::new("--control-socket"),
+        second_socket.as_os_str(),
+    ]);
+    let refused = tsagent_output(&second).await;
+    let said = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains("in use by another tsagent"), "{said}");
+
+    // No table can be written any more (a directory where the temporary file goes).
+    std::fs::create_dir(state_dir.join("sessions.json.tmp")).unwrap();
+    let logon = tsagent_cli_output(&["session", "logon", "--user", "zed"], &socket).await;
+    let said = String::from_utf8_lossy(&logon.stderr);
+    assert_eq!(logon.status.code(), Some(1), "{said}");
+    assert!(said.contains("cannot save its session table"), "{said}");
+    let status = tsagent_cli_output(&["status"], &socket).await;
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(4), "{said}");
+    assert!(said.contains("session table: NOT SAVED"), "{said}");
+
+    // A stop that could not save the table is a failed stop.
+    let stopped = agent.terminate(Duration::from_secs(15)).await;
+    assert_eq!(stopped.code(), Some(1), "{}", agent.log.tail(10));
+    assert_eq!(
+        agent.log.count("could not be saved before stopping"),
+        1,
+        "{}",
+        agent.log.tail(10)
+    );
     broker.stop().await;
 }
