@@ -129,17 +129,44 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves until `shutdown`, then removes the socket file.
+/// Serves until `shutdown`, then removes the socket file (if it is still this agent's). A
+/// socket file removed or replaced meanwhile (a cleanup of /run, a mistaken `rm`) is bound
+/// again within [`SOCKET_CHECK`]: PAM's and xrdp's events would otherwise be lost without a
+/// word while the agent looked healthy to the broker.
 pub async fn serve(
-    listener: UnixListener,
+    mut listener: UnixListener,
     path: PathBuf,
     handler: ControlHandler,
     shutdown: CancellationToken,
 ) {
     let mut pause = AcceptPause::new("control socket");
+    let mut ours = socket_identity(&path);
+    let mut check = tokio::time::interval(SOCKET_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut rebind_failed = false;
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
+            _ = check.tick() => {
+                let now = socket_identity(&path);
+                if now.is_some() && now == ours {
+                    continue;
+                }
+                match bind(&path) {
+                    Ok(bound) => {
+                        listener = bound;
+                        ours = socket_identity(&path);
+                        rebind_failed = false;
+                        tracing::warn!(path = %path.display(), "the control socket was removed or replaced: bound again");
+                    }
+                    Err(error) if !rebind_failed => {
+                        rebind_failed = true;
+                        tracing::error!(error = format!("{error:#}"), "the control socket was removed or replaced and cannot be bound again: session events from PAM and xrdp do not reach this agent");
+                    }
+                    Err(_) => {}
+                }
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -164,7 +191,20 @@ pub async fn serve(
             Err(error) => pause.after_error(&error).await,
         }
     }
-    let _ = std::fs::remove_file(&path);
+    if ours.is_some() && socket_identity(&path) == ours {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// How often the socket file is checked for being still this agent's.
+const SOCKET_CHECK: Duration = Duration::from_secs(5);
+
+/// The file at `path` (device and inode), `None` when there is none.
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|metadata| (metadata.dev(), metadata.ino()))
 }
 
 async fn answer(stream: UnixStream, handler: &ControlHandler) -> anyhow::Result<()> {

@@ -121,6 +121,35 @@ async fn requests_round_trip_over_the_socket() {
     assert!(error.to_string().contains("within 0.5 s"), "{error}");
 }
 
+#[tokio::test]
+async fn a_removed_socket_file_is_bound_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let listener = bind(&path).unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(
+        listener,
+        path.clone(),
+        handler_of(directory),
+        shutdown.clone(),
+    ));
+    call(&path, &Request::List).await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(call(&path, &Request::List).await.is_err());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
+    while call(&path, &Request::List).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the socket is not back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    server.await.unwrap();
+    assert!(!path.exists());
+}
+
 #[test]
 fn an_event_the_agent_cannot_save_is_answered_as_such_and_status_says_so() {
     let dir = tempfile::tempdir().unwrap();
