@@ -2,10 +2,10 @@
 //! status codes. Internal details are logged once here, never sent to clients.
 
 use crate::store::StoreError;
-use crate::warning_limit::WarningLimit;
 use std::sync::LazyLock;
 use std::time::Duration;
 use tsbroker_common::ValidationError;
+use tsbroker_common::warning_limit::WarningLimit;
 
 /// What an UNAVAILABLE for the database tells clients to wait before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);

@@ -19,7 +19,6 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
-pub mod warning_limit;
 
 pub use config::BrokerConfig;
 pub use server::run;

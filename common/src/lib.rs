@@ -13,5 +13,6 @@ pub mod serve;
 pub mod signals;
 pub mod telemetry;
 pub mod validate;
+pub mod warning_limit;
 
 pub use validate::ValidationError;

@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tsbroker_common::serve::AcceptPause;
+use tsbroker_common::warning_limit::WarningLimit;
 
 use super::route::{self, Decision};
 use super::{FrontDoorShared, first_packet, proxy_header, splice};
@@ -28,7 +29,20 @@ pub async fn serve(
     let mut pause = AcceptPause::new("front door");
     // Every accepted client connection inherits it.
     splice::keep_alive(&listener);
+    let at_limit = WarningLimit::default();
     loop {
+        if permits.available_permits() == 0 {
+            let limit = shared.settings.max_connections;
+            match at_limit.warn_now() {
+                Some(unwarned) => tracing::warn!(
+                    max_connections = limit,
+                    since_last_warning = unwarned,
+                    "the front door holds max_connections: new clients wait until a connection \
+                     ends (said at most once a minute)"
+                ),
+                None => tracing::debug!(max_connections = limit, "front door at max_connections"),
+            }
+        }
         let permit = tokio::select! {
             () = shutdown.cancelled() => return,
             permit = permits.clone().acquire_owned() => match permit {
@@ -82,12 +96,12 @@ pub async fn handle(
     let first = match first {
         Ok(Ok(first)) => first,
         Ok(Err(error)) => {
-            tracing::info!(%error, "bad first packet, closing");
+            not_rdp(&error.to_string());
             shared.metrics.connection(Outcome::BadRequest);
             return;
         }
         Err(_) => {
-            tracing::info!("no complete first packet within the client timeout, closing");
+            not_rdp("no complete first packet within the client timeout");
             shared.metrics.connection(Outcome::BadRequest);
             return;
         }
@@ -274,4 +288,19 @@ fn short_of_resources(shared: &FrontDoorShared, error: &anyhow::Error) {
         "this agent is out of file descriptors or memory: cannot connect onwards, closing (raise LimitNOFILE= or lower max_connections)"
     );
     shared.metrics.connection(Outcome::Refused);
+}
+
+/// A connection that is not an RDP client's (a scanner, a health check, a stray HTTP
+/// request): logged at info at most once a minute with how many came since, at debug always
+/// (the connections metric counts them as `bad_request`).
+fn not_rdp(why: &str) {
+    static NOT_RDP: std::sync::LazyLock<WarningLimit> = std::sync::LazyLock::new(Default::default);
+    match NOT_RDP.warn_now() {
+        Some(unwarned) => tracing::info!(
+            why,
+            since_last_said = unwarned,
+            "not an RDP connection request, closing (said at most once a minute)"
+        ),
+        None => tracing::debug!(why, "not an RDP connection request, closing"),
+    }
 }

@@ -253,7 +253,7 @@ impl Decider {
             }
         };
         // Every returning user's answer while the database is away: one warning a minute.
-        static DEGRADED: std::sync::LazyLock<crate::warning_limit::WarningLimit> =
+        static DEGRADED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
             std::sync::LazyLock::new(Default::default);
         match DEGRADED.warn_now() {
             Some(unwarned) => tracing::warn!(

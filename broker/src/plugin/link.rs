@@ -12,7 +12,6 @@ use crate::decision::DecisionSettings;
 use crate::decision::farm_settings::PluginSettings;
 use crate::metrics::{Metrics, PluginCallLabels, PluginMethodLabels};
 use crate::store::Store;
-use crate::warning_limit::WarningLimit;
 use resync::ResyncCutoffs;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::plugin_client::PluginClient;
+use tsbroker_common::warning_limit::WarningLimit;
 use uuid::Uuid;
 
 /// Notifications waiting for one plug-in; past this, they are dropped and a full RESYNC follows.

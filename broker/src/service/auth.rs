@@ -6,9 +6,9 @@
 //! refused since), so that nobody can fill the log by calling without credentials.
 
 use crate::config::Secret;
-use crate::warning_limit::WarningLimit;
 use std::sync::Arc;
 use tonic::{Request, Status};
+use tsbroker_common::warning_limit::WarningLimit;
 
 /// What a service asks of a call before it runs.
 #[derive(Clone)]

@@ -62,7 +62,7 @@ fn pool_options() -> SqlitePoolOptions {
                 let stuck = sqlx::Connection::is_in_transaction(connection);
                 if stuck {
                     // Each failed write does this while the disk is full: one warning a minute.
-                    static REPLACED: std::sync::LazyLock<crate::warning_limit::WarningLimit> =
+                    static REPLACED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
                         std::sync::LazyLock::new(Default::default);
                     match REPLACED.warn_now() {
                         Some(unwarned) => tracing::warn!(

@@ -503,3 +503,68 @@ async fn an_agent_that_cannot_save_its_sessions_says_so() {
     );
     broker.stop().await;
 }
+
+/// What the front door says of a flood: connections that are not RDP (a scanner, a health
+/// check), and clients held back at --max-connections, are said at most once a minute each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_door_flood_is_said_once_not_line_by_line() {
+    let database = TestDatabase::sqlite();
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = tsbroker_tests::process::free_port();
+    let mut args = process_args(
+        &broker.url(),
+        "ts-flood.example.test",
+        &dir.path().join("s"),
+    );
+    args.extend(
+        [
+            "--front-door",
+            &format!("127.0.0.1:{port}"),
+            "--max-connections",
+            "2",
+            "--client-timeout",
+            "30s",
+        ]
+        .map(str::to_owned),
+    );
+    let socket = dir.path().join("control.sock");
+    let mut agent = AgentProcess::spawn(&args, &socket, &dir.path().join("agent.log"));
+    agent.wait_until_connected(Duration::from_secs(20)).await;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..5 {
+        let mut http = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = http.read_to_end(&mut rest).await;
+    }
+    // Two silent clients hold both connections; more wait.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    eventually(10, || {
+        let found = agent.log.count("the front door holds max_connections");
+        async move { found == 1 }
+    })
+    .await;
+    assert_eq!(
+        agent.log.count("not an RDP connection request"),
+        1,
+        "{}",
+        agent.log.tail(20)
+    );
+    drop(held);
+    let stopped = agent.terminate(Duration::from_secs(15)).await;
+    assert!(stopped.success(), "{stopped:?}");
+    broker.stop().await;
+}

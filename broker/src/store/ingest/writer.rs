@@ -271,8 +271,9 @@ async fn apply_group(target: &dyn IngestTarget, group: Vec<Request>, attempts: u
         }
         Err(error) => {
             // While the database is away every group fails: one warning a minute.
-            static FAILED_GROUPS: std::sync::LazyLock<crate::warning_limit::WarningLimit> =
-                std::sync::LazyLock::new(Default::default);
+            static FAILED_GROUPS: std::sync::LazyLock<
+                tsbroker_common::warning_limit::WarningLimit,
+            > = std::sync::LazyLock::new(Default::default);
             crate::error::warn_limited(&FAILED_GROUPS, &error, "a group of stream writes failed");
             for reply in replies {
                 let _ = reply.send(Err(replicate(&error)));
