@@ -309,8 +309,15 @@ impl DirectoryIndex {
     }
 
     /// The keys of the users with a session in the farm from `ip` that start with `prefix`
-    /// (`""`: any), each once.
-    pub fn users_from_client(&self, farm: &str, ip: IpAddr, prefix: &str) -> Vec<String> {
+    /// (`""`: any), each once, at most `limit` of them (an office behind one NAT address can
+    /// have thousands).
+    pub fn users_from_client(
+        &self,
+        farm: &str,
+        ip: IpAddr,
+        prefix: &str,
+        limit: usize,
+    ) -> Vec<String> {
         let Some(keys) = self
             .farms
             .get(farm)
@@ -320,6 +327,9 @@ impl DirectoryIndex {
         };
         let mut found: Vec<String> = Vec::new();
         for key in keys.iter().filter(|key| key.starts_with(prefix)) {
+            if found.len() == limit {
+                break;
+            }
             if !found.iter().any(|seen| seen.as_str() == &**key) {
                 found.push(key.to_string());
             }
@@ -550,6 +560,58 @@ mod tests {
         index.remove_machine(id);
         assert_eq!(index.machine_count(), 0);
         assert!(index.sessions_of("f", "bob").is_empty());
+    }
+
+    #[test]
+    fn client_addresses_follow_every_change() {
+        let mut index = DirectoryIndex::default();
+        let from = |address: &str, row: SessionRow| SessionRow {
+            client_address: address.into(),
+            ..row
+        };
+        let ip = |ip: &str| ip.parse::<IpAddr>().unwrap();
+        index.upsert_session(row(1, 1, "ann", "active"));
+        index.upsert_session(from("10.0.0.2:1", row(1, 2, "bob", "active")));
+        assert_eq!(index.users_from_client("f", ip("10.0.0.1"), "", 2), ["ann"]);
+        assert_eq!(index.sessions_of("f", "ann")[0].client_address, "10.0.0.1");
+        // Ann reconnects from elsewhere; session 2 is reused by carol, from there too.
+        index.upsert_session(from("10.0.0.3", row(1, 1, "ann", "active")));
+        index.upsert_session(from("[::ffff:10.0.0.3]:7", row(1, 2, "carol", "active")));
+        assert!(
+            index
+                .users_from_client("f", ip("10.0.0.1"), "", 2)
+                .is_empty()
+        );
+        assert!(
+            index
+                .users_from_client("f", ip("10.0.0.2"), "", 2)
+                .is_empty()
+        );
+        let mut both = index.users_from_client("f", ip("10.0.0.3"), "", 2);
+        both.sort();
+        assert_eq!(both, ["ann", "carol"]);
+        assert_eq!(index.users_from_client("f", ip("10.0.0.3"), "", 1).len(), 1);
+        assert_eq!(
+            index.users_from_client("f", ip("10.0.0.3"), "car", 2),
+            ["carol"]
+        );
+        assert!(
+            index
+                .users_from_client("g", ip("10.0.0.3"), "", 2)
+                .is_empty()
+        );
+        index.delete_session(Uuid::from_u128(1), 1);
+        assert_eq!(
+            index.users_from_client("f", ip("10.0.0.3"), "", 2),
+            ["carol"]
+        );
+        index.clear_machine_sessions(Uuid::from_u128(1));
+        assert!(
+            index
+                .users_from_client("f", ip("10.0.0.3"), "", 2)
+                .is_empty()
+        );
+        assert!(index.farms.is_empty());
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl SessionDirectory {
             return Some(DirectoryAnswer { user_key, sessions });
         }
         if may_be_cut {
-            let by_client = || client.map(|ip| index.users_from_client(farm, ip, &user_key));
+            let by_client = || client.map(|ip| index.users_from_client(farm, ip, &user_key, 2));
             let full_key = match index.users_with_prefix(farm, &user_key, 2).as_slice() {
                 [full_key] => Some(full_key.clone()),
                 [] => None,
@@ -270,7 +270,7 @@ impl SessionDirectory {
         let State::Ready(index) = &*state else {
             return None;
         };
-        let user_key = only(index.users_from_client(farm, client, ""))?;
+        let user_key = only(index.users_from_client(farm, client, "", 2))?;
         let sessions = index.sessions_of(farm, &user_key);
         Some(DirectoryAnswer { user_key, sessions })
     }
