@@ -51,25 +51,43 @@ impl BaseSessions {
                 } else {
                     pb::SessionState::Active
                 };
-                session_info(
-                    k as u32 + 1,
-                    &base_user(self.index + k * self.stride),
-                    state,
-                )
+                let user = self.index + k * self.stride;
+                session_info(k as u32 + 1, &base_user(user), state, user)
             })
             .collect()
     }
 }
 
-fn session_info(session_id: u32, user: &str, state: pb::SessionState) -> pb::SessionInfo {
+/// A session from a client address of its own, derived from `seed` (as the front door records
+/// it: every session of a real farm has one, and the broker keeps each one's IP).
+fn session_info(
+    session_id: u32,
+    user: &str,
+    state: pb::SessionState,
+    seed: usize,
+) -> pb::SessionInfo {
     pb::SessionInfo {
         session_id,
         user_name: user.to_owned(),
         domain: String::new(),
         state: state as i32,
-        client_address: String::new(),
+        client_address: format!(
+            "10.{}.{}.{}:{}",
+            (seed >> 16) & 255,
+            (seed >> 8) & 255,
+            seed & 255,
+            40_000 + seed % 20_000
+        ),
         logon_time: None,
     }
+}
+
+/// A seed for a client address from a user name (FNV-1a).
+fn seed_of(user: &str) -> usize {
+    let hash = user.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    usize::try_from(hash >> 40).unwrap_or_default()
 }
 
 /// One simulated machine as its agent describes it.
@@ -358,7 +376,7 @@ impl MachineTask {
             2 => (pb::SessionEventType::Reconnect, pb::SessionState::Active),
             _ => (pb::SessionEventType::Logoff, pb::SessionState::Active),
         };
-        let session = session_info(session_id, &user, state);
+        let session = session_info(session_id, &user, state, seed_of(&user));
         if kind == pb::SessionEventType::Logoff {
             self.dynamic.remove(&session_id);
         } else {
@@ -466,7 +484,8 @@ impl MachineTask {
                     Some(Command::Logon { user, reply }) => {
                         let session_id = self.next_logon_id;
                         self.next_logon_id += 1;
-                        let session = session_info(session_id, &user, pb::SessionState::Active);
+                        let seed = seed_of(&user);
+                        let session = session_info(session_id, &user, pb::SessionState::Active, seed);
                         self.dynamic.insert(session_id, session.clone());
                         let event = pb::SessionEvent {
                             r#type: pb::SessionEventType::Logon as i32,

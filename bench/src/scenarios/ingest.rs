@@ -155,7 +155,8 @@ macro_rules! raw_insert_loop {
                             .bind(&user)
                             .bind("")
                             .bind("active")
-                            .bind("")
+                            // A client address, as the simulated agents' sessions have.
+                            .bind(format!("10.0.{}.{}:40000", (n >> 8) & 255, n & 255))
                             .bind(n)
                             .bind(n)
                             .execute(&mut *tx)
