@@ -219,8 +219,8 @@ async fn truncated_names_resolve_in_memory(database: &TestDatabase) {
         .client_user(FARM, "10.0.0.6".parse().unwrap())
         .unwrap();
     assert_eq!(
-        (b2.user_key.as_str(), b2.sessions[0].client_address.as_str()),
-        ("jonathan_b2", "10.0.0.6")
+        (b2.user_key.as_str(), b2.sessions[0].session_id),
+        ("jonathan_b2", 3)
     );
     assert!(
         directory
