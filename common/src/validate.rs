@@ -148,6 +148,22 @@ pub fn address(field: &'static str, text: &str) -> Result<String, ValidationErro
     Ok(text.to_owned())
 }
 
+/// A client's address as the front door and PAM give it: "ip:port", "[v6]:port" or a bare IP
+/// address (empty: not known). Clients are told apart by it, so what is not an address is
+/// refused rather than kept as a string that matches nothing.
+pub fn client_address(field: &'static str, text: &str) -> Result<String, ValidationError> {
+    if text.is_empty() || crate::model::client_ip(text).is_some() {
+        return Ok(text.to_owned());
+    }
+    Err(ValidationError::new(
+        field,
+        format!(
+            "{:?} is not an IP address with a port (\"ip:port\", \"[v6]:port\") or a bare IP address",
+            excerpt(text)
+        ),
+    ))
+}
+
 /// A weight in 1..10000; 0 means the default when `zero_is_default`.
 pub fn weight(
     field: &'static str,
@@ -185,6 +201,34 @@ pub fn excerpt(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_addresses_are_ip_addresses() {
+        for good in [
+            "",
+            "10.0.0.5:4000",
+            "10.0.0.5",
+            "[2001:db8::1]:3389",
+            "::ffff:10.0.0.5",
+        ] {
+            assert_eq!(client_address("client_address", good).unwrap(), good);
+        }
+        for bad in [
+            "garbage",
+            "10.0.0.5:99999",
+            "10.0.0.5:",
+            ":5000",
+            "[10.0.0.5]:5",
+            "localhost:5000",
+            " 10.0.0.5",
+        ] {
+            let error = client_address("client_address", bad).unwrap_err();
+            assert!(
+                error.to_string().contains("client_address"),
+                "{bad}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn refused_values_are_repeated_only_in_part() {

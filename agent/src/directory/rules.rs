@@ -26,25 +26,18 @@ pub(super) fn checked(request: SessionRequest) -> Result<SessionRequest, Directo
     let invalid = |error: validate::ValidationError| DirectoryError::Invalid(error.to_string());
     validate::user_name("user", &request.user_name).map_err(invalid)?;
     validate::domain("domain", &request.domain).map_err(invalid)?;
-    if !request.client_address.is_empty() {
-        validate::plain_name(
-            "client_address",
-            &request.client_address,
-            validate::MAX_ADDRESS,
-            false,
-        )
-        .map_err(invalid)?;
-    }
+    validate::client_address("client_address", &request.client_address).map_err(invalid)?;
     Ok(request)
 }
 
 /// Records where a local source (PAM, the RDP service's scripts) says the session's client
-/// connects from, unless it knows less than the record: behind the front door, the RDP service
+/// connects from, unless that is a loopback address: behind the front door, the RDP service
 /// (and PAM through it) sees every client as the front door's own connection from loopback,
-/// which must not replace the client's address the front door recorded (the broker tells
-/// users who share a cut cookie name, or name none, apart by it).
+/// which says nothing of the client (the broker tells users who share a cut cookie name, or
+/// name none, apart by their clients' addresses: a loopback one would steer every client that
+/// reaches a front door from this host to that session).
 fn note_client_address(record: &mut SessionRecord, reported: &str) {
-    if reported.is_empty() || (!record.client_address.is_empty() && is_loopback(reported)) {
+    if reported.is_empty() || is_loopback(reported) {
         return;
     }
     record.client_address = reported.to_owned();
@@ -206,7 +199,13 @@ fn new_record(table: &mut Table, request: &SessionRequest, origin: Origin, now: 
         user_name: request.user_name.clone(),
         domain: request.domain.clone(),
         state: RecordState::Active,
-        client_address: request.client_address.clone(),
+        // The front door's view of its client is the client's; a local source's loopback
+        // address is the front door's (see `note_client_address`).
+        client_address: if origin == Origin::Control && is_loopback(&request.client_address) {
+            String::new()
+        } else {
+            request.client_address.clone()
+        },
         logon_time_ms: now,
         changed_ms: now,
         origin,

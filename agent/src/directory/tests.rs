@@ -122,7 +122,8 @@ fn the_front_doors_loopback_hop_does_not_replace_the_clients_address() {
         )
         .unwrap();
     assert_eq!(again.client_address, "10.0.0.9:5000");
-    // A real address replaces it; loopback is kept where nothing better is known.
+    // A real address replaces it; a loopback one is never kept, even where nothing better is
+    // known (it would steer clients that reach a front door from this host to the session).
     let moved = directory
         .apply(
             Reconnect,
@@ -133,7 +134,13 @@ fn the_front_doors_loopback_hop_does_not_replace_the_clients_address() {
     let local = directory
         .apply(Logon, with_address("root", Some(13), "127.0.0.1"))
         .unwrap();
-    assert_eq!(local.client_address, "127.0.0.1");
+    assert_eq!(local.client_address, "");
+    // Not an address at all: refused.
+    let refused = directory.apply(Logon, with_address("eve", Some(14), "not-an-address"));
+    assert!(
+        matches!(refused, Err(DirectoryError::Invalid(_))),
+        "{refused:?}"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! timeout, PROXY header trust, the routing decision, then the splice.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -96,12 +96,17 @@ pub async fn handle(
     let first = match first {
         Ok(Ok(first)) => first,
         Ok(Err(error)) => {
-            not_rdp(&error.to_string());
+            static NOT_RDP: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+            let why = error.to_string();
+            say_bad_request(&NOT_RDP, &why, "not an RDP connection request, closing");
             shared.metrics.connection(Outcome::BadRequest);
             return;
         }
         Err(_) => {
-            not_rdp("no complete first packet within the client timeout");
+            // Apart from the junk: a real client on a slow link ends up here too.
+            static TIMED_OUT: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+            let message = "no complete first packet within the client timeout, closing";
+            say_bad_request(&TIMED_OUT, "timeout", message);
             shared.metrics.connection(Outcome::BadRequest);
             return;
         }
@@ -290,17 +295,18 @@ fn short_of_resources(shared: &FrontDoorShared, error: &anyhow::Error) {
     shared.metrics.connection(Outcome::Refused);
 }
 
-/// A connection that is not an RDP client's (a scanner, a health check, a stray HTTP
-/// request): logged at info at most once a minute with how many came since, at debug always
-/// (the connections metric counts them as `bad_request`).
-fn not_rdp(why: &str) {
-    static NOT_RDP: std::sync::LazyLock<WarningLimit> = std::sync::LazyLock::new(Default::default);
-    match NOT_RDP.warn_now() {
-        Some(unwarned) => tracing::info!(
-            why,
-            since_last_said = unwarned,
-            "not an RDP connection request, closing (said at most once a minute)"
-        ),
-        None => tracing::debug!(why, "not an RDP connection request, closing"),
+/// A connection that brought no RDP connection request (a scanner, a health check, a stray
+/// HTTP request, a client too slow): said at info at most once a minute per kind with how many
+/// came since, at debug always (the connections metric counts them as `bad_request`).
+fn say_bad_request(limit: &WarningLimit, why: &str, message: &'static str) {
+    match limit.warn_now() {
+        Some(unwarned) => {
+            tracing::info!(
+                why,
+                since_last_said = unwarned,
+                "{message} (said at most once a minute)"
+            )
+        }
+        None => tracing::debug!(why, "{message}"),
     }
 }

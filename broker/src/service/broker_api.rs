@@ -34,14 +34,7 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
     if !request.receiving_machine_id.is_empty() {
         validate::machine_id("receiving_machine_id", &request.receiving_machine_id)?;
     }
-    if !request.client_address.is_empty() {
-        validate::plain_name(
-            "client_address",
-            &request.client_address,
-            validate::MAX_ADDRESS,
-            true,
-        )?;
-    }
+    validate::client_address("client_address", &request.client_address)?;
     if request.exclude_machine_ids.len() > MAX_EXCLUDED_MACHINES {
         return Err(tsbroker_common::ValidationError::new(
             "exclude_machine_ids",

@@ -304,6 +304,12 @@ async fn a_client_that_names_no_user_finds_the_one_user_with_sessions_from_its_a
             "from {client_address:?}"
         );
     }
+    // What is not an address is refused, naming the field (it would match nobody).
+    for bad in ["garbage", "10.0.0.5:99999", "localhost:3389"] {
+        let refused = client.redirect(anonymous(bad)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{bad}");
+        assert!(refused.message().contains("client_address"), "{refused:?}");
+    }
     // Once frank logs off, his address is nobody's.
     b.logoff(1, "frank").await.unwrap();
     let after = client.redirect(anonymous("10.0.0.5:61001")).await.unwrap();
