@@ -169,8 +169,8 @@ pub struct SessionEventArgs {
     /// logon gets a new number and other events act on the user's most recent session
     #[arg(long, value_name = "N")]
     pub session_id: Option<u32>,
-    /// The client's address, when known
-    #[arg(long, value_name = "ADDRESS")]
+    /// The client's IP address ("ip:port", "[v6]:port" or a bare IP), when known
+    #[arg(long, value_name = "ADDRESS", value_parser = client_address)]
     pub client_address: Option<String>,
     #[command(flatten)]
     pub socket: SocketArg,
@@ -193,6 +193,12 @@ pub struct WaitArg {
     /// missed logoff leaves a session that never ends). 0s: do not wait
     #[arg(long, value_name = "DURATION", default_value = "8s")]
     pub wait: humantime::Duration,
+}
+
+/// `--client-address`: an IP address, with a port or without.
+fn client_address(text: &str) -> Result<String, String> {
+    tsbroker_common::validate::client_address("--client-address", text)
+        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

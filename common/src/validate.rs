@@ -158,7 +158,7 @@ pub fn client_address(field: &'static str, text: &str) -> Result<String, Validat
     Err(ValidationError::new(
         field,
         format!(
-            "{:?} is not an IP address with a port (\"ip:port\", \"[v6]:port\") or a bare IP address",
+            "{} is not an IP address with a port (\"ip:port\", \"[v6]:port\") or a bare IP address",
             excerpt(text)
         ),
     ))

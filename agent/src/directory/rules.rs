@@ -21,12 +21,17 @@ use super::{
     TRUNCATED_COOKIE_LEN, Table,
 };
 
-/// The request with its names checked and the domain and address trimmed of nothing.
-pub(super) fn checked(request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
+/// The request with its names checked. A client address that is not an IP address is left
+/// out (with a warning): the session event still counts, where refusing it would lose a logon
+/// over an optional detail some PAM stack filled oddly.
+pub(super) fn checked(mut request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
     let invalid = |error: validate::ValidationError| DirectoryError::Invalid(error.to_string());
     validate::user_name("user", &request.user_name).map_err(invalid)?;
     validate::domain("domain", &request.domain).map_err(invalid)?;
-    validate::client_address("client_address", &request.client_address).map_err(invalid)?;
+    if let Err(error) = validate::client_address("client_address", &request.client_address) {
+        tracing::warn!(%error, user = %request.user_name, "client address left out");
+        request.client_address.clear();
+    }
     Ok(request)
 }
 
