@@ -209,8 +209,24 @@ impl LogFile {
 }
 
 /// A TCP port on 127.0.0.1 that nothing listened on a moment ago (callers that bind it
-/// later retry when somebody else took it meanwhile).
+/// later retry when somebody else took it meanwhile). Taken below the kernel's ephemeral range
+/// (32768-60999 on Linux): a port the kernel handed out and took back is the next source
+/// port of some test's outgoing connection as often as not, and the listener meant for it
+/// then fails with "address in use".
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 12_000;
+    // Each test binary starts at its own place (the process id), then goes round.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(COUNT)) as u16;
+    for _ in 0..COUNT {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        let port = FIRST + (start + offset) % COUNT;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("bind 127.0.0.1:0")

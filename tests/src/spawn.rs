@@ -60,7 +60,7 @@ pub async fn spawn_broker_at(
     let address = listener.local_addr().expect("local address");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tsbroker::run(config, listener, shutdown.clone()));
-    let broker = TestBroker {
+    let mut broker = TestBroker {
         address,
         database_url: database_url.to_owned(),
         shutdown,
@@ -91,7 +91,7 @@ impl TestBroker {
         AdminClient::new(self.channel().await)
     }
 
-    async fn wait_until_serving(&self) {
+    async fn wait_until_serving(&mut self) {
         use tonic_health::pb::health_client::HealthClient;
         use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -108,6 +108,15 @@ impl TestBroker {
                     .is_ok_and(|answer| answer.get_ref().status == ServingStatus::Serving as i32)
                 {
                     return;
+                }
+            }
+            if self.task.is_finished() {
+                // Says why (a port taken meanwhile, a database that would not open) rather
+                // than waiting out the deadline.
+                match (&mut self.task).await {
+                    Ok(Err(error)) => panic!("broker stopped before serving: {error:#}"),
+                    Ok(Ok(())) => panic!("broker stopped before serving, without an error"),
+                    Err(error) => panic!("broker task failed before serving: {error}"),
                 }
             }
             assert!(
