@@ -47,21 +47,25 @@ impl TableFile {
     /// second agent on the same directory would report the first one's sessions as its own,
     /// and each would overwrite the other's table. The directory itself is locked, which
     /// needs nothing written into it (a full or read-only state directory still starts, and
-    /// says so when it is written to).
+    /// says so when it is written to). A file system without `flock` is warned about, not
+    /// refused.
     pub fn lock_directory(state_dir: &Path) -> anyhow::Result<std::fs::File> {
         let directory = std::fs::File::open(state_dir)
             .with_context(|| format!("open state directory {}", state_dir.display()))?;
         match directory.try_lock() {
-            Ok(()) => Ok(directory),
+            Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
                 "state directory {} is in use by another tsagent: give each agent its own \
                  --state-dir",
                 state_dir.display()
             ),
-            Err(std::fs::TryLockError::Error(error)) => {
-                Err(error).with_context(|| format!("lock state directory {}", state_dir.display()))
-            }
+            Err(std::fs::TryLockError::Error(error)) => tracing::warn!(
+                path = %state_dir.display(),
+                %error,
+                "the state directory cannot be locked: make sure no other tsagent uses it"
+            ),
         }
+        Ok(directory)
     }
 
     /// Whether a table can be written now: a few bytes in the temporary file, removed again.
