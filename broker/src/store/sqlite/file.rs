@@ -160,8 +160,8 @@ mod tests {
             .collect();
         let wal = dir.join("b.db-wal");
         let mut largest = 0;
-        // 256 MiB written in 1 MiB rows, each deleted again (the database stays small).
-        for _ in 0..256 {
+        // 384 MiB written in 1 MiB rows, each deleted again (the database stays small).
+        for _ in 0..384 {
             let _turn = store.write_turn().await;
             let mut tx = store.begin_write().await.unwrap();
             sqlx::query("INSERT INTO scratch VALUES (zeroblob(1048576))")
@@ -181,8 +181,12 @@ mod tests {
         }
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
+        // Bounded: the size it is cut back to, plus what the writers add between two
+        // checkpoints that start it over (every 250 ms, or later when readers stay on it: on
+        // a loaded machine one CI run saw 126 MB where 3 limits' worth, 112 MiB, was allowed).
+        // Unbounded, it would reach the 384 MiB written.
         assert!(
-            largest < (WAL_KEPT_BYTES + 3 * limit_frames * 4096) as u64,
+            largest < (WAL_KEPT_BYTES + 6 * limit_frames * 4096) as u64,
             "the WAL reached {largest} bytes"
         );
     }
