@@ -173,10 +173,10 @@ impl Decider {
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
         let now = self.store.now();
         let lease_cutoff = self.settings.lease_cutoff(now);
-        let client = model::client_ip(&query.client_address);
         if query.user_name.is_empty() {
             // A client that named no user (mstsc with a collection's load-balancing info, or
             // no user name saved): the one user with sessions from the client's IP, if any.
+            let client = model::client_ip(&query.client_address);
             if let Some(known) = client.and_then(|ip| self.directory.client_user(&query.farm, ip))
                 && let Some(session) = best_session(&known.sessions, "", |session| {
                     session.machine_takes_its_users_back(lease_cutoff)
@@ -201,7 +201,7 @@ impl Decider {
                 &query.domain,
                 query.user_name_may_be_truncated,
             ),
-            client,
+            &query.client_address,
         );
         if let Some(known) = &known {
             if let Some(session) = best_session(&known.sessions, &query.domain, |session| {

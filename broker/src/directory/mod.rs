@@ -214,8 +214,8 @@ impl SessionDirectory {
 
     /// The user's sessions in the farm; a name that may be cut from an `mstshash` cookie
     /// (`may_be_cut`: `decision::may_be_cut` judges it) and matches no user is taken as the
-    /// prefix of the one user it can be (of several, the one with a session from the `client`
-    /// IP, when only one has), and a name in user principal form that matches no user
+    /// prefix of the one user it can be (of several, the one with a session from the IP of
+    /// `client_address`, read only then, when only one has), and a name in user principal form that matches no user
     /// (`ann@example.com`, as Windows clients send it) as its user part (`ann`, as PAM reports
     /// Linux logons) when that one has sessions. `None` when the directory is not loaded.
     pub fn lookup(
@@ -223,7 +223,7 @@ impl SessionDirectory {
         farm: &str,
         user_name: &str,
         may_be_cut: bool,
-        client: Option<IpAddr>,
+        client_address: &str,
     ) -> Option<DirectoryAnswer> {
         let state = self.shared.state.read().ok()?;
         let State::Ready(index) = &*state else {
@@ -235,7 +235,10 @@ impl SessionDirectory {
             return Some(DirectoryAnswer { user_key, sessions });
         }
         if may_be_cut {
-            let by_client = || client.map(|ip| index.users_from_client(farm, ip, &user_key, 2));
+            let by_client = || {
+                model::client_ip(client_address)
+                    .map(|ip| index.users_from_client(farm, ip, &user_key, 2))
+            };
             let full_key = match index.users_with_prefix(farm, &user_key, 2).as_slice() {
                 [full_key] => Some(full_key.clone()),
                 [] => None,
