@@ -189,25 +189,36 @@ pub fn keep_alive(socket: &impl std::os::fd::AsFd) {
     }
 }
 
+/// What a connection carried each way, the first packet and the target's first answer
+/// included, and what ended it when that was an error.
+pub struct Carried {
+    pub from_client: u64,
+    pub to_client: u64,
+    pub error: Option<anyhow::Error>,
+}
+
 /// Sends the target's first answer to the client, then copies both ways until both sides
 /// have closed (the second given `HALF_CLOSED_LINGER` after the first) or the agent stops,
-/// adding what it copies to `bytes` as it goes. Returns the bytes copied (client to upstream,
-/// upstream to client).
+/// adding what it copies to `bytes` as it goes.
 pub async fn splice(
     client: &mut TcpStream,
     mut upstream: Upstream,
     bytes: &ByteCounters,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(u64, u64)> {
-    client
-        .write_all(&upstream.answer)
-        .await
-        .context("send the target's answer")?;
+) -> Carried {
+    let (mut up, mut down) = (upstream.request_len, 0);
     bytes.from_client.inc_by(upstream.request_len);
+    if let Err(error) = client.write_all(&upstream.answer).await {
+        return Carried {
+            from_client: up,
+            to_client: down,
+            error: Some(anyhow::Error::new(error).context("send the target's answer")),
+        };
+    }
+    down += upstream.answer.len() as u64;
     bytes.to_client.inc_by(upstream.answer.len() as u64);
     let (from_client, to_client) = client.split();
     let (from_upstream, to_upstream) = upstream.stream.split();
-    let (mut up, mut down) = (0, 0);
     let copied = tokio::select! {
         copied = both_ways(
             one_way(from_client, to_upstream, &bytes.from_client, &mut up),
@@ -216,7 +227,11 @@ pub async fn splice(
         ) => copied.context("copy"),
         () = shutdown.cancelled() => Ok(()),
     };
-    copied.map(|()| (up, down))
+    Carried {
+        from_client: up,
+        to_client: down,
+        error: copied.err(),
+    }
 }
 
 /// Runs both directions of a connection until both have ended; once one has, the other is
@@ -326,8 +341,8 @@ pub async fn to_local(
         }
     };
     let started = tokio::time::Instant::now();
-    let copied = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
-    log_end(copied, started);
+    let carried = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
+    log_end(carried, started);
     // How long the connection lasted tells a logon that failed from one that happened; a
     // connection the agent cut because it is stopping tells only whether it had lasted the
     // grace.
@@ -360,20 +375,27 @@ pub async fn to_remote(
     shutdown: &CancellationToken,
 ) {
     let started = tokio::time::Instant::now();
-    let copied = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
-    log_end(copied, started);
+    let carried = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
+    log_end(carried, started);
 }
 
 /// One line per connection at its end: how long it lasted and what it carried each way.
-fn log_end(copied: anyhow::Result<(u64, u64)>, started: tokio::time::Instant) {
+fn log_end(carried: Carried, started: tokio::time::Instant) {
     let lasted_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    match copied {
-        Ok((from_client, to_client)) => {
-            tracing::info!(lasted_ms, from_client, to_client, "connection ended");
-        }
-        Err(error) => {
-            tracing::info!(lasted_ms, error = format!("{error:#}"), "connection ended");
-        }
+    let Carried {
+        from_client,
+        to_client,
+        error,
+    } = carried;
+    match error {
+        None => tracing::info!(lasted_ms, from_client, to_client, "connection ended"),
+        Some(error) => tracing::info!(
+            lasted_ms,
+            from_client,
+            to_client,
+            error = format!("{error:#}"),
+            "connection ended"
+        ),
     }
 }
 

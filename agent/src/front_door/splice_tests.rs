@@ -96,3 +96,48 @@ fn running_out_of_descriptors_is_the_agents_shortage_not_a_refusal() {
         Err(io::Error::from(io::ErrorKind::ConnectionRefused)).context("connect to 10.0.0.2:3389");
     assert!(!super::is_local_shortage(&refused.unwrap_err()));
 }
+
+/// A connected pair of TCP sockets on loopback.
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connecting = TcpStream::connect(listener.local_addr().unwrap());
+    let (connected, accepted) = tokio::join!(connecting, listener.accept());
+    (connected.unwrap(), accepted.unwrap().0)
+}
+
+#[tokio::test]
+async fn what_a_connection_carried_counts_its_first_packet_and_the_targets_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client, mut client_side) = tcp_pair().await;
+    let (upstream_side, mut target) = tcp_pair().await;
+    let upstream = super::Upstream {
+        stream: upstream_side,
+        answer: vec![3; 19],
+        request_len: 43,
+    };
+    let metrics = crate::metrics::AgentMetrics::default();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let spliced = tokio::spawn(async move {
+        super::splice(
+            &mut client_side,
+            upstream,
+            metrics.byte_counters(),
+            &shutdown,
+        )
+        .await
+    });
+    let mut answer = [0; 19];
+    client.read_exact(&mut answer).await.unwrap();
+    client.write_all(&[1; 100]).await.unwrap();
+    let mut relayed = [0; 100];
+    target.read_exact(&mut relayed).await.unwrap();
+    target.write_all(&[2; 7]).await.unwrap();
+    let mut back = [0; 7];
+    client.read_exact(&mut back).await.unwrap();
+    drop(client);
+    drop(target);
+    let carried = spliced.await.unwrap();
+    assert!(carried.error.is_none(), "{:?}", carried.error);
+    assert_eq!(carried.from_client, 43 + 100);
+    assert_eq!(carried.to_client, 19 + 7);
+}
