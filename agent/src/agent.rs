@@ -202,6 +202,7 @@ pub async fn start(
                 .as_deref()
                 .map(front_door::proxy_header::HeaderKey::from_token),
             broker_absence: Default::default(),
+            status: status.clone(),
         });
         parts.push(tokio::spawn(front_door::serve(
             listener,

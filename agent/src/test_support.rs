@@ -35,6 +35,8 @@ pub struct FakeState {
     pub machines: Vec<pb::Machine>,
     /// This many RESYNCs are rejected (INVALID_ARGUMENT) instead of acknowledged.
     pub reject_resyncs: usize,
+    /// The Welcome says the machine drains.
+    pub draining: bool,
 }
 
 #[derive(Clone, Default)]
@@ -163,9 +165,9 @@ impl AgentGateway for FakeBroker {
             while let Ok(Some(message)) = inbound.message().await {
                 let seq = message.seq;
                 let body = message.body.clone();
-                let heartbeat = fake.with(|state| {
+                let (heartbeat, draining) = fake.with(|state| {
                     state.received.push((number, message));
-                    state.heartbeat_interval_ms
+                    (state.heartbeat_interval_ms, state.draining)
                 });
                 if let Some(Body::Added(description)) = &body {
                     let welcome = pb::Welcome {
@@ -177,7 +179,7 @@ impl AgentGateway for FakeBroker {
                         heartbeat_interval_ms: heartbeat,
                         heartbeat_timeout_ms: heartbeat * 3,
                         settings: Some(pb::MachineSettings {
-                            draining: false,
+                            draining,
                             weight: description.weight,
                             session_limit: description.session_limit,
                         }),

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::broker_link::BrokerLink;
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
+use crate::stream::SharedStatus;
 use machines::MachineCache;
 
 pub use listener::serve;
@@ -55,11 +56,21 @@ pub struct FrontDoorShared {
     pub header_key: Option<proxy_header::HeaderKey>,
     /// Since when no broker answers (see `broker_absence`).
     pub broker_absence: broker_absence::BrokerAbsence,
+    /// The machine's standing with the broker (whether it drains).
+    pub status: SharedStatus,
 }
 
 impl FrontDoorShared {
     /// Whether a machine id the broker gave is this machine's.
     pub fn is_this_machine(&self, machine_id: &str) -> bool {
         Uuid::parse_str(machine_id).is_ok_and(|id| id == self.settings.machine_id)
+    }
+
+    /// Whether the broker last said this machine drains.
+    pub fn draining(&self) -> bool {
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .draining
     }
 }

@@ -1,7 +1,8 @@
 //! Where a connection goes, from its routing hint: the broker's Redirect answer for a user
 //! name (or for no hint), a READY machine of the farm for a routing token, or a refusal. The
 //! local RDP service is the answer whenever the broker cannot be asked (after riding out a
-//! broker restart: `broker_absence.rs`).
+//! broker restart: `broker_absence.rs`), but not when the broker answers that no machine may
+//! take a new logon now (`refuses_new_logons`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -199,7 +200,7 @@ async fn redirect(
         .redirect(asked.elapsed().as_secs_f64(), failure);
     let response = match answer {
         Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return local_after_error(user, &status),
+        Ok(Err(status)) => return after_error(shared, user, &status),
         Err(_) => {
             tracing::warn!(
                 "broker did not answer the redirect in time, using the local rdp service"
@@ -238,7 +239,23 @@ async fn redirect(
     }
 }
 
-fn local_after_error(user: Option<ConnectingUser>, status: &tonic::Status) -> Decision {
+/// What a broker's error means for the connection: a refusal when it is the broker's answer
+/// that no machine may take a new logon (`refuses_new_logons`), else the local RDP service.
+fn after_error(
+    shared: &FrontDoorShared,
+    user: Option<ConnectingUser>,
+    status: &tonic::Status,
+) -> Decision {
+    if refuses_new_logons(status, shared.draining()) {
+        return Decision::Refuse {
+            why: format!(
+                "the broker takes no new logon for {} now ({:?}: {})",
+                user_label(user.as_ref()),
+                status.code(),
+                status.message()
+            ),
+        };
+    }
     match status.code() {
         Code::InvalidArgument if user.is_none() => {
             tracing::info!(
@@ -265,6 +282,50 @@ fn local_after_error(user: Option<ConnectingUser>, status: &tonic::Status) -> De
         user,
         why: format!("broker answered {:?}", status.code()),
         new_logon: false,
+    }
+}
+
+/// Whether `status` is the broker's own answer that no machine may take this new logon now —
+/// every machine at its session limit or cap of logons in flight, a group without fallback
+/// (RESOURCE_EXHAUSTED), or nothing ready to take it while this machine drains (UNAVAILABLE,
+/// neither a broker that cannot be reached nor its database away, which say to retry) — so
+/// that the local RDP service would be the very logon the operator ruled out. An UNAVAILABLE
+/// while this machine does not drain (the farm's agents not back yet after a broker restart)
+/// still goes to the local RDP service.
+fn refuses_new_logons(status: &tonic::Status, this_machine_drains: bool) -> bool {
+    match status.code() {
+        Code::ResourceExhausted => !broker_absence::broker_away(status),
+        Code::Unavailable => {
+            this_machine_drains
+                && !broker_absence::broker_away(status)
+                && !status
+                    .metadata()
+                    .contains_key(tsbroker_common::proto::RETRY_AFTER_MS_METADATA)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::refuses_new_logons;
+    use tonic::Status;
+
+    #[test]
+    fn a_full_farm_refuses_and_nothing_ready_refuses_only_while_this_machine_drains() {
+        let full = Status::resource_exhausted("no machine in farm \"f\" can take a new logon now");
+        assert!(refuses_new_logons(&full, false));
+        let nothing_ready = Status::unavailable("no machine in farm \"f\" is ready");
+        assert!(refuses_new_logons(&nothing_ready, true));
+        assert!(!refuses_new_logons(&nothing_ready, false));
+        let mut database_away = Status::unavailable("the broker's database is unavailable");
+        database_away.metadata_mut().insert(
+            tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
+            tonic::metadata::MetadataValue::from(1000u64),
+        );
+        assert!(!refuses_new_logons(&database_away, true));
+        assert!(!refuses_new_logons(&Status::internal("bug"), true));
+        assert!(!refuses_new_logons(&Status::not_found("farm"), true));
     }
 }
 

@@ -290,3 +290,53 @@ async fn a_client_naming_no_user_returns_to_the_session_opened_from_its_address(
     farm.assert_reached(there, &request).await;
     farm.stop().await;
 }
+
+/// Sends `request` to `front_door` and returns whether the front door closed the connection
+/// without an answer (refused) rather than splicing it to an RDP service.
+async fn refused(front_door: std::net::SocketAddr, request: &[u8]) -> bool {
+    let mut connection = tokio::net::TcpStream::connect(front_door).await.unwrap();
+    connection.write_all(request).await.unwrap();
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), connection.read_to_end(&mut back));
+    matches!(read.await, Ok(Ok(0)))
+}
+
+/// Every machine draining: a new user's client is refused at the front door (not handed to its
+/// own drained RDP service), a returning user still reaches their session, and once a machine
+/// is back the new user lands there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_farm_refuses_new_logons_at_the_front_door() {
+    let mut farm = Farm::start().await;
+    farm.b
+        .cli(&["session", "logon", "--user", "bob", "--session-id", "7"])
+        .await;
+    sessions_listed(&farm.broker, 1).await;
+    let mut admin = farm.broker.admin_client().await;
+    for machine in ["ts-a", "ts-b"] {
+        admin
+            .drain_machine(crate::support::by_name("default", machine))
+            .await
+            .unwrap();
+    }
+    eventually(10, || async {
+        farm.a.running().link_status().draining && farm.b.running().link_status().draining
+    })
+    .await;
+
+    let newcomer = connection_request("carol");
+    assert!(refused(farm.a.front_door.unwrap(), &newcomer).await);
+    assert!(refused(farm.b.front_door.unwrap(), &newcomer).await);
+    assert!(farm.a_seen.try_recv().is_err() && farm.b_seen.try_recv().is_err());
+
+    let returning = connection_request("bob");
+    let _bob = connect_from("127.0.0.1", farm.a.front_door.unwrap(), &returning).await;
+    farm.assert_reached("ts-b", &returning).await;
+
+    admin
+        .undrain_machine(crate::support::by_name("default", "ts-a"))
+        .await
+        .unwrap();
+    let _carol = connect_from("127.0.0.1", farm.b.front_door.unwrap(), &newcomer).await;
+    farm.assert_reached("ts-a", &newcomer).await;
+    farm.stop().await;
+}

@@ -127,6 +127,24 @@ async fn harness_with_token(
 ) -> Harness {
     let fake = FakeBroker::default();
     fake.with(|state| state.machines = machines);
+    harness_on_fake(
+        fake,
+        broker_up,
+        unconfirmed_logon_grace,
+        local_rdp,
+        agent_token,
+    )
+    .await
+}
+
+/// A front door whose broker is `fake` (serving when `broker_up`).
+async fn harness_on_fake(
+    fake: FakeBroker,
+    broker_up: bool,
+    unconfirmed_logon_grace: Duration,
+    local_rdp: Option<String>,
+    agent_token: Option<&str>,
+) -> Harness {
     let broker_stop = CancellationToken::new();
     let url = if broker_up {
         fake.serve(broker_stop.clone()).await
@@ -657,6 +675,55 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
     exchange(harness.front_door, &anonymous).await;
     assert_eq!(next(&mut harness.local).await, anonymous);
     harness.shutdown.cancel();
+}
+
+/// The broker's answer that no machine may take a new logon now is a refusal, not the local
+/// RDP service: a farm at its limits (RESOURCE_EXHAUSTED), or nothing ready while this
+/// machine drains (UNAVAILABLE). With this machine not draining, UNAVAILABLE (the farm's
+/// agents not back after a broker restart) still goes local.
+#[tokio::test]
+async fn a_broker_that_takes_no_new_logons_refuses_the_client() {
+    let fake_full = |harness: &Harness| {
+        harness
+            .fake
+            .with(|state| state.redirect_answer = Some(Err(tonic::Code::ResourceExhausted)))
+    };
+    let mut harness = harness(Vec::new(), true).await;
+    assert!(
+        harness
+            .agent
+            .wait_until_connected(Duration::from_secs(10))
+            .await
+    );
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=newbie"));
+    fake_full(&harness);
+    let (_, back) = exchange(harness.front_door, &bytes).await;
+    assert!(back.is_empty(), "{back:?}");
+    nothing(&mut harness.local).await;
+    harness
+        .fake
+        .with(|state| state.redirect_answer = Some(Err(tonic::Code::Unavailable)));
+    exchange(harness.front_door, &bytes).await;
+    assert_eq!(next(&mut harness.local).await, bytes);
+    harness.shutdown.cancel();
+
+    let fake = FakeBroker::default();
+    fake.with(|state| state.draining = true);
+    let mut draining = harness_on_fake(fake, true, Duration::ZERO, None, None).await;
+    assert!(
+        draining
+            .agent
+            .wait_until_connected(Duration::from_secs(10))
+            .await
+    );
+    assert!(draining.agent.link_status().draining);
+    draining
+        .fake
+        .with(|state| state.redirect_answer = Some(Err(tonic::Code::Unavailable)));
+    let (_, back) = exchange(draining.front_door, &bytes).await;
+    assert!(back.is_empty(), "{back:?}");
+    nothing(&mut draining.local).await;
+    draining.shutdown.cancel();
 }
 
 /// A machine whose RDP service takes the connection but never answers the request (hung)
