@@ -23,6 +23,11 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The longest any of the broker's durations may be: an hour is already far past what a
+/// heartbeat, a logon in flight or a shutdown takes (and agents get the heartbeat's times as
+/// 32-bit milliseconds).
+const MAX_DURATION: Duration = Duration::from_secs(3600);
+
 /// Everything `run` needs.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
@@ -77,6 +82,19 @@ impl BrokerConfig {
         if self.pending_logon_ttl.is_zero() {
             return Err("pending_logon_ttl must be more than zero".into());
         }
+        for (name, value) in [
+            ("heartbeat_timeout", self.heartbeat_timeout),
+            ("pending_logon_ttl", self.pending_logon_ttl),
+            ("shutdown_grace", self.shutdown_grace),
+        ] {
+            if value > MAX_DURATION {
+                return Err(format!(
+                    "{name} must be at most {} (got {})",
+                    humantime::format_duration(MAX_DURATION),
+                    humantime::format_duration(value)
+                ));
+            }
+        }
         if self.max_pending_logons_per_machine == 0 {
             return Err("max_pending_logons_per_machine must be at least 1".into());
         }
@@ -110,7 +128,7 @@ impl BrokerConfig {
         }
         for farm in self.farms.farms.keys() {
             tsbroker_common::validate::farm_name("farms", farm)
-                .map_err(|error| error.to_string())?;
+                .map_err(|error| format!("{error} (farm {farm:?})"))?;
         }
         for (name, token) in [
             ("admin_token", &self.admin_token),
@@ -370,6 +388,25 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.database_url, "sqlite://tsbroker.db");
         assert_eq!(config.heartbeat_interval(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn durations_past_an_hour_are_refused_by_name() {
+        for (flag, value, name) in [
+            ("--heartbeat-timeout", "1000d", "heartbeat_timeout"),
+            ("--pending-logon-ttl", "100000h", "pending_logon_ttl"),
+            ("--shutdown-grace", "2h", "shutdown_grace"),
+        ] {
+            let error = Cli::parse_from(["tsbroker", flag, value])
+                .into_config()
+                .unwrap_err();
+            assert!(
+                error.starts_with(name) && error.contains("at most 1h"),
+                "{error}"
+            );
+        }
+        let config = Cli::parse_from(["tsbroker", "--heartbeat-timeout", "1h"]).into_config();
+        assert!(config.is_ok(), "{config:?}");
     }
 
     #[test]
