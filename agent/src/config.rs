@@ -38,7 +38,9 @@ impl Default for BackoffSettings {
     fn default() -> Self {
         BackoffSettings {
             base: Duration::from_millis(500),
-            cap: Duration::from_secs(30),
+            // A broker back from a restart has the farm again within 5 s: new logons go only
+            // to machines whose stream is up. Refused connections cost it next to nothing.
+            cap: Duration::from_secs(5),
             healthy_after: Duration::from_secs(30),
         }
     }
