@@ -111,6 +111,14 @@ pub fn user_name(field: &'static str, text: &str) -> Result<String, ValidationEr
     plain_name(field, text, MAX_USER_NAME, false)
 }
 
+/// A user name the front door flagged as possibly cut from mstsc's 9-character cookie: as
+/// [`user_name`], but it may end in whitespace, where the cut fell just after a space
+/// (`mary ann ` from `mary ann lee`); the whitespace is kept, as it is part of the prefix.
+pub fn cut_user_name(field: &'static str, text: &str) -> Result<String, ValidationError> {
+    plain_name(field, text.trim_end(), MAX_USER_NAME, false)?;
+    Ok(text.to_owned())
+}
+
 pub fn domain(field: &'static str, text: &str) -> Result<String, ValidationError> {
     plain_name(field, text, MAX_DOMAIN, true)
 }

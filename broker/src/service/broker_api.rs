@@ -28,6 +28,8 @@ impl BrokerApi {
 fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiError> {
     let user_name = if request.user_name.is_empty() {
         String::new()
+    } else if request.user_name_may_be_truncated {
+        validate::cut_user_name("user_name", &request.user_name)?
     } else {
         validate::user_name("user_name", &request.user_name)?
     };

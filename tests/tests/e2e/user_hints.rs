@@ -37,6 +37,7 @@ async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
             session(2, "bernadette.a", pb::SessionState::Disconnected),
             session(3, "bernadette.b", pb::SessionState::Disconnected),
             session(4, "ann", pb::SessionState::Disconnected),
+            session(6, "mary ann lee", pb::SessionState::Disconnected),
             pb::SessionInfo {
                 domain: "CORP".into(),
                 ..session(5, "pmiller", pb::SessionState::Disconnected)
@@ -80,6 +81,33 @@ async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
         ),
         ("ts-b", "pmiller", pb::RedirectReason::ExistingSession)
     );
+    // A cut that falls just after a space keeps it: `mary ann lee` arrives as `mary ann `.
+    let mary = client
+        .redirect(truncated("mary ann "))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            mary.machine_name.as_str(),
+            mary.user_name.as_str(),
+            reason(&mary)
+        ),
+        ("ts-b", "mary ann lee", pb::RedirectReason::ExistingSession)
+    );
+    for (name, flagged) in [
+        ("mary ann ", false),
+        (" mary ann", true),
+        ("         ", true),
+    ] {
+        let request = pb::RedirectRequest {
+            user_name_may_be_truncated: flagged,
+            ..truncated(name)
+        };
+        let refused = client.redirect(request).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{name:?}");
+        assert!(refused.message().contains("user_name"), "{refused:?}");
+    }
     let short = client
         .redirect(truncated("pmil"))
         .await
