@@ -226,8 +226,8 @@ pub async fn start(
         farm = %config.farm,
         %machine_id,
         advertise = %config.advertise,
-        front_door = ?front_door_addr,
-        metrics = ?metrics_addr,
+        front_door = %front_door_addr.map_or_else(|| "off".to_owned(), |address| address.to_string()),
+        metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |address| address.to_string()),
         control_socket = %config.control_socket.display(),
         "agent started"
     );

@@ -117,12 +117,17 @@ pub async fn handle(
     if let Some(header) = first.proxied {
         // Already routed by another front door: never ask the broker again (no loops).
         let Some(machine) = shared.machines.peer(peer.ip()).await else {
-            tracing::warn!("proxy header from a peer that is not a machine of the farm, closing");
+            let why = "proxy header from a peer that is not a machine of the farm";
+            say_refused(false, why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
             return;
         };
         if !machine.front_door {
-            tracing::warn!(machine = %machine.name, "proxy header from a machine without a front door, closing");
+            let why = format!(
+                "proxy header from {}, a machine without a front door",
+                machine.name
+            );
+            say_refused(false, &why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
             return;
         }
@@ -131,7 +136,8 @@ pub async fn handle(
         {
             // A user logged on to that machine can connect from it too: only a header signed
             // with the farm's agent token comes from its front door.
-            tracing::warn!(machine = %machine.name, why, "proxy header refused, closing");
+            let why = format!("proxy header from {} refused: {why}", machine.name);
+            say_refused(false, &why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
             return;
         }
@@ -175,8 +181,8 @@ pub async fn handle(
         attempts += 1;
         let decision = route::decide(shared, hint, peer, arrived_at, &refused).await;
         let (machine_id, retry, error, user) = match decision {
-            Decision::Refuse { why } => {
-                tracing::warn!(why, "connection refused");
+            Decision::Refuse { why, by_broker } => {
+                say_refused(by_broker, &why, "connection refused");
                 shared.metrics.connection(Outcome::Refused);
                 return;
             }
@@ -293,6 +299,24 @@ fn short_of_resources(shared: &FrontDoorShared, error: &anyhow::Error) {
         "this agent is out of file descriptors or memory: cannot connect onwards, closing (raise LimitNOFILE= or lower max_connections)"
     );
     shared.metrics.connection(Outcome::Refused);
+}
+
+/// A refused connection: a warning at most once a minute with how many were refused since
+/// (a storm of turned-away users, or a stranger's probes, cannot fill the log); in between, a
+/// user the broker turned away at info, a stranger's refusal at debug.
+fn say_refused(by_broker: bool, why: &str, message: &'static str) {
+    static BY_BROKER: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+    static STRANGE: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+    let limit = if by_broker { &BY_BROKER } else { &STRANGE };
+    match limit.warn_now() {
+        Some(unwarned) => tracing::warn!(
+            why,
+            since_last_warning = unwarned,
+            "{message} (warned at most once a minute)"
+        ),
+        None if by_broker => tracing::info!(why, "{message}"),
+        None => tracing::debug!(why, "{message}"),
+    }
 }
 
 /// A connection that brought no RDP connection request (a scanner, a health check, a stray

@@ -50,9 +50,10 @@ pub enum Decision {
         /// Why there, for the log (the broker's reason, or the routing token).
         why: String,
     },
-    Refuse {
-        why: String,
-    },
+    /// Closed after the request: `by_broker` when the broker said no machine may take the
+    /// logon (a real user turned away), else a hint that leads nowhere in the farm (a
+    /// stranger's routing token or collection).
+    Refuse { why: String, by_broker: bool },
 }
 
 /// The user as the log shows them: `DOMAIN\user`, `user`, or `-` when the client named nobody.
@@ -123,6 +124,7 @@ pub async fn decide(
             },
             None => Decision::Refuse {
                 why: format!("routing token {token} names no ready machine of the farm"),
+                by_broker: false,
             },
         },
         RoutingHint::Collection(farm) if farm.eq_ignore_ascii_case(&shared.settings.farm) => {
@@ -130,6 +132,7 @@ pub async fn decide(
         }
         RoutingHint::Collection(farm) => Decision::Refuse {
             why: format!("collection {farm:?} is not this farm"),
+            by_broker: false,
         },
         RoutingHint::None | RoutingHint::Unrecognized(_) => {
             redirect(shared, None, client, refused).await
@@ -254,6 +257,7 @@ fn after_error(
                 status.code(),
                 status.message()
             ),
+            by_broker: true,
         };
     }
     match status.code() {

@@ -28,6 +28,7 @@ impl AdminApi {
 
     async fn change(
         &self,
+        by: String,
         reference: Option<pb::MachineRef>,
         change: MachineChange,
     ) -> Result<pb::Machine, Status> {
@@ -45,9 +46,22 @@ impl AdminApi {
         };
         core.plugins
             .notify(&machine.farm, notices::machine_changed(&machine, &[field]));
-        tracing::info!(machine = %machine.name, farm = %machine.farm, ?change, "machine changed by admin");
+        tracing::info!(machine = %machine.name, farm = %machine.farm, %change, %by, "machine changed by admin");
         let cutoff = core.decider.lease_cutoff(store.now());
         Ok(convert::machine_seen(&machine, cutoff))
+    }
+}
+
+/// Who made an administrator's change, for the log: the caller's address, and whether it
+/// presented the admin token (the only identity `Admin` knows).
+fn caller<T>(request: &Request<T>) -> String {
+    let address = request
+        .remote_addr()
+        .map_or_else(|| "-".to_owned(), |address| address.ip().to_string());
+    if request.metadata().contains_key("authorization") {
+        format!("{address} (admin token)")
+    } else {
+        address
     }
 }
 
@@ -57,8 +71,9 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::MachineRef>,
     ) -> Result<Response<pb::Machine>, Status> {
+        let by = caller(&request);
         Ok(Response::new(
-            self.change(Some(request.into_inner()), MachineChange::Drain(true))
+            self.change(by, Some(request.into_inner()), MachineChange::Drain(true))
                 .await?,
         ))
     }
@@ -67,8 +82,9 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::MachineRef>,
     ) -> Result<Response<pb::Machine>, Status> {
+        let by = caller(&request);
         Ok(Response::new(
-            self.change(Some(request.into_inner()), MachineChange::Drain(false))
+            self.change(by, Some(request.into_inner()), MachineChange::Drain(false))
                 .await?,
         ))
     }
@@ -77,13 +93,14 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::SetMachineWeightRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
+        let by = caller(&request);
         let request = request.into_inner();
         let weight = match request.weight {
             0 => None,
             weight => Some(validate::weight("weight", weight, false).map_err(ApiError::from)?),
         };
         Ok(Response::new(
-            self.change(request.machine, MachineChange::Weight(weight))
+            self.change(by, request.machine, MachineChange::Weight(weight))
                 .await?,
         ))
     }
@@ -92,6 +109,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::SetSessionLimitRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
+        let by = caller(&request);
         let request = request.into_inner();
         if request.clear && request.session_limit != 0 {
             return Err(ApiError::from(ValidationError::new(
@@ -102,7 +120,7 @@ impl pb::admin_server::Admin for AdminApi {
         }
         let limit = (!request.clear).then_some(request.session_limit);
         Ok(Response::new(
-            self.change(request.machine, MachineChange::SessionLimit(limit))
+            self.change(by, request.machine, MachineChange::SessionLimit(limit))
                 .await?,
         ))
     }
@@ -111,6 +129,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RemoveMachineRequest>,
     ) -> Result<Response<pb::RemoveMachineResponse>, Status> {
+        let by = caller(&request);
         let request = request.into_inner();
         let machine =
             machine_ref::resolve(self.store()?, &request.machine.unwrap_or_default()).await?;
@@ -134,7 +153,7 @@ impl pb::admin_server::Admin for AdminApi {
         let notice =
             notices::machine_removed(&machine.id.to_string(), &machine.name, &machine.farm);
         core.plugins.notify(&machine.farm, notice);
-        tracing::info!(machine = %machine.name, farm = %machine.farm, sessions_removed, "machine removed by admin");
+        tracing::info!(machine = %machine.name, farm = %machine.farm, sessions_removed, %by, "machine removed by admin");
         Ok(Response::new(pb::RemoveMachineResponse {
             sessions_removed: u32::try_from(sessions_removed).unwrap_or(u32::MAX),
         }))
@@ -144,6 +163,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::SetFarmPolicyRequest>,
     ) -> Result<Response<pb::Farm>, Status> {
+        let by = caller(&request);
         let request = request.into_inner();
         let farm = validate::farm_name("farm", &request.farm).map_err(ApiError::from)?;
         if self.policies.get(&request.policy).is_none() {
@@ -163,7 +183,7 @@ impl pb::admin_server::Admin for AdminApi {
             .set_farm_policy(&farm, &request.policy)
             .await
             .map_err(ApiError::from)?;
-        tracing::info!(%farm, policy = %request.policy, "farm policy changed by admin");
+        tracing::info!(%farm, policy = %request.policy, %by, "farm policy changed by admin");
         let machines = store
             .list_machines(Some(&farm))
             .await

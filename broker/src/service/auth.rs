@@ -105,15 +105,17 @@ impl AccessGuard {
     /// with an old token, someone trying tokens), and the client hears nothing more than its
     /// status. One warning a minute; the others at debug level.
     fn refused<T>(&self, request: &Request<T>, why: &str) {
-        let peer = request.remote_addr();
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "-".to_owned(), |peer| peer.to_string());
         match self.refusals.warn_now() {
             Some(unwarned) => tracing::warn!(
                 service = self.service,
-                ?peer,
+                %peer,
                 refused_since_last_warning = unwarned,
                 "call refused: {why}"
             ),
-            None => tracing::debug!(service = self.service, ?peer, "call refused: {why}"),
+            None => tracing::debug!(service = self.service, %peer, "call refused: {why}"),
         }
     }
 }

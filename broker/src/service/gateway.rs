@@ -124,6 +124,33 @@ enum StreamEnd {
     Superseded,
 }
 
+impl std::fmt::Display for StreamEnd {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamEnd::Closed => formatter.write_str("the agent closed its stream"),
+            StreamEnd::Removed => formatter.write_str("the agent left the farm"),
+            StreamEnd::RemovedByAdmin => formatter.write_str("removed by an administrator"),
+            StreamEnd::Silent => formatter.write_str("nothing heard within the heartbeat timeout"),
+            StreamEnd::Transport(status) => write!(
+                formatter,
+                "the connection failed ({:?}: {})",
+                status.code(),
+                status.message()
+            ),
+            StreamEnd::BrokerShutdown => formatter.write_str("this broker is stopping"),
+            StreamEnd::Refused(status) => write!(
+                formatter,
+                "refused ({:?}: {})",
+                status.code(),
+                status.message()
+            ),
+            StreamEnd::Superseded => {
+                formatter.write_str("a newer connection took the machine over")
+            }
+        }
+    }
+}
+
 struct AgentStream {
     store: Arc<dyn Store>,
     /// Group commit of the stream's writes.
@@ -226,7 +253,7 @@ impl AgentStream {
     }
 
     async fn reject(&self, seq: u64, code: Code, message: String) -> Result<(), StreamEnd> {
-        tracing::warn!(machine = ?self.machine_name(), seq, ?code, %message, "agent message rejected");
+        tracing::warn!(machine = self.who(), seq, ?code, %message, "agent message rejected");
         self.send(Reply::Reject(pb::Reject {
             seq,
             code: code as i32,
@@ -237,6 +264,17 @@ impl AgentStream {
 
     fn machine_name(&self) -> Option<&str> {
         self.machine.as_ref().map(|machine| machine.name.as_str())
+    }
+
+    /// The machine's name for the log, `-` before its ADDED.
+    fn who(&self) -> &str {
+        self.machine_name().unwrap_or("-")
+    }
+
+    /// The agent's address for the log, `-` when unknown.
+    fn peer_label(&self) -> String {
+        self.peer
+            .map_or_else(|| "-".to_owned(), |peer| peer.to_string())
     }
 
     /// Handles messages in order; runs of session events go to the store as one transaction.
@@ -315,7 +353,11 @@ impl AgentStream {
                 )
                 .await?;
                 self.resynced = true;
-                tracing::info!(machine = ?self.machine_name(), sessions = sessions.len(), "sessions resynced");
+                tracing::info!(
+                    machine = self.who(),
+                    sessions = sessions.len(),
+                    "sessions resynced"
+                );
                 if let Some(record) = &self.machine {
                     let sessions = sessions
                         .iter()
@@ -361,7 +403,7 @@ impl AgentStream {
                     now,
                 ))
                 .await?;
-                tracing::info!(machine = ?self.machine_name(), reason = %removed.reason, "machine removed by its agent");
+                tracing::info!(machine = self.who(), reason = %removed.reason, "machine removed by its agent");
                 if let Some(record) = &self.machine {
                     let notice = notices::machine_removed(
                         &record.id.to_string(),
@@ -395,7 +437,7 @@ impl AgentStream {
                 None => Err("no client certificate".to_owned()),
             };
             if let Err(why) = named {
-                tracing::warn!(machine = %description.name, peer = ?self.peer, why, "ADDED refused");
+                tracing::warn!(machine = %description.name, peer = %self.peer_label(), why, "ADDED refused");
                 return Err(StreamEnd::Refused(Status::permission_denied(format!(
                     "ADDED: {why}"
                 ))));
@@ -428,7 +470,7 @@ impl AgentStream {
             )
             .await?;
         tracing::info!(
-            machine = %record.name, farm = %record.farm, id = %record.id, peer = ?self.peer,
+            machine = %record.name, farm = %record.farm, id = %record.id, peer = %self.peer_label(),
             version = %record.agent_version, "machine added"
         );
         self.resynced = false;
@@ -468,7 +510,7 @@ impl AgentStream {
             match outcome {
                 EventOutcome::Applied => {}
                 EventOutcome::Repaired(what) | EventOutcome::Ignored(what) => tracing::info!(
-                    machine = ?self.machine_name(), session = event.session.session_id,
+                    machine = self.who(), session = event.session.session_id,
                     user = %event.session.user_name, kind = ?event.kind, "{what}"
                 ),
             }
@@ -515,7 +557,13 @@ impl AgentStream {
                     return Ok(());
                 }
                 self.settings_sent = Some(settings);
-                tracing::info!(machine = %record.name, ?settings, "sending new settings to agent");
+                tracing::info!(
+                    machine = %record.name,
+                    draining = settings.draining,
+                    weight = settings.weight,
+                    session_limit = settings.session_limit,
+                    "sending new settings to agent"
+                );
                 self.machine = Some(record);
                 self.send(Reply::Settings(settings)).await
             }
@@ -533,19 +581,19 @@ impl AgentStream {
     /// within one (it reports every interval) is another process speaking as this machine —
     /// two servers with one name, whose displaced agent then stays off and says so. Counted
     /// and warned about.
-    fn taken_over(&self, name: Option<&str>) {
+    fn taken_over(&self, name: &str) {
         let live = self.resynced
             && self.last_heard.elapsed()
                 < self.settings.heartbeat_interval + Duration::from_secs(1);
         if live {
             self.metrics.live_takeovers.inc();
             tracing::warn!(
-                machine = ?name, peer = ?self.peer,
+                machine = name, peer = %self.peer_label(),
                 "a newer connection took over this machine while its agent was still reporting: \
                  two servers may be using this machine's name"
             );
         } else {
-            tracing::info!(machine = ?name, peer = ?self.peer, "a newer connection took over this machine");
+            tracing::info!(machine = name, peer = %self.peer_label(), "a newer connection took over this machine");
         }
     }
 
@@ -553,9 +601,9 @@ impl AgentStream {
     /// stream owns it), then gives the agent its last words.
     async fn finish(self, end: StreamEnd) {
         self.metrics.agent_streams.dec();
-        let name = self.machine_name().map(str::to_owned);
+        let name = self.who().to_owned();
         if matches!(end, StreamEnd::Superseded) {
-            self.taken_over(name.as_deref());
+            self.taken_over(&name);
         }
         let keeps_ownership = !matches!(
             end,
@@ -571,10 +619,23 @@ impl AgentStream {
                 .await
             {
                 Ok(true) => {
-                    if matches!(end, StreamEnd::BrokerShutdown) {
-                        tracing::info!(machine = ?name, "machine's stream ended: this broker is stopping");
-                    } else {
-                        tracing::warn!(machine = ?name, ?end, "machine unreachable: its stream ended");
+                    match end {
+                        StreamEnd::BrokerShutdown => tracing::info!(
+                            machine = %name,
+                            "machine's stream ended: this broker is stopping"
+                        ),
+                        // A stop or restart of the agent: its users are still sent to it for
+                        // the heartbeat timeout, which its restart is expected to beat.
+                        StreamEnd::Closed => tracing::info!(
+                            machine = %name,
+                            "machine's agent closed its stream (stopping or restarting): \
+                             unreachable until it is back"
+                        ),
+                        _ => tracing::warn!(
+                            machine = %name,
+                            %end,
+                            "machine unreachable: its stream ended"
+                        ),
                     }
                     if let Some(record) = &self.machine {
                         let unreachable = MachineRecord {
@@ -585,13 +646,13 @@ impl AgentStream {
                             .notify(&record.farm, notices::machine_state_changed(&unreachable));
                     }
                 }
-                Ok(false) => tracing::info!(machine = ?name, ?end, "stream ended"),
+                Ok(false) => tracing::info!(machine = %name, %end, "stream ended"),
                 Err(error) => {
-                    tracing::error!(machine = ?name, %error, "could not mark machine unreachable")
+                    tracing::error!(machine = %name, %error, "could not mark machine unreachable")
                 }
             }
         } else {
-            tracing::info!(machine = ?name, ?end, "stream ended");
+            tracing::info!(machine = %name, %end, "stream ended");
         }
         let last_words = match end {
             StreamEnd::BrokerShutdown => Ok(shutdown_message("broker shutting down", false)),
@@ -608,7 +669,7 @@ impl AgentStream {
             )),
             StreamEnd::Refused(status) => Err(status),
             StreamEnd::Transport(status) => {
-                tracing::info!(machine = ?name, code = ?status.code(), detail = status.message(), "agent stream broke");
+                tracing::info!(machine = %name, code = ?status.code(), detail = status.message(), "agent stream broke");
                 return;
             }
             StreamEnd::Closed | StreamEnd::Removed => return,

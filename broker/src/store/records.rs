@@ -163,6 +163,22 @@ pub enum MachineChange {
     SessionLimit(Option<u32>),
 }
 
+impl std::fmt::Display for MachineChange {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MachineChange::Drain(true) => formatter.write_str("drain"),
+            MachineChange::Drain(false) => formatter.write_str("undrain"),
+            MachineChange::Weight(Some(weight)) => write!(formatter, "weight {weight}"),
+            MachineChange::Weight(None) => formatter.write_str("weight back to the agent's"),
+            MachineChange::SessionLimit(Some(0)) => formatter.write_str("no session limit"),
+            MachineChange::SessionLimit(Some(limit)) => write!(formatter, "session limit {limit}"),
+            MachineChange::SessionLimit(None) => {
+                formatter.write_str("session limit back to the agent's")
+            }
+        }
+    }
+}
+
 /// The states an agent's own stream may move its machine to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamMachineState {
