@@ -446,13 +446,17 @@ async fn wait_machine_ready(url: &str, name: &str) -> anyhow::Result<()> {
     let mut client = pb::broker_client::BrokerClient::new(crate::env::channel(url).await?);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let machines = client
+        let listed = client
             .list_machines(pb::ListMachinesRequest {
                 farm: FARM.to_owned(),
             })
-            .await?
-            .into_inner()
-            .machines;
+            .await;
+        // The farm is unknown (NOT_FOUND) until its first machine joins.
+        let machines = match listed {
+            Ok(listed) => listed.into_inner().machines,
+            Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+            Err(status) => return Err(status.into()),
+        };
         if machines
             .iter()
             .any(|machine| machine.name == name && machine.state == pb::MachineState::Ready as i32)

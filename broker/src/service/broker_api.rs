@@ -145,6 +145,11 @@ impl pb::broker_server::Broker for BrokerApi {
             .list_machines(farm.as_deref())
             .await
             .map_err(ApiError::from)?;
+        if machines.is_empty()
+            && let Some(farm) = &farm
+        {
+            known_farm(core.store.as_ref(), farm).await?;
+        }
         let cutoff = core.decider.lease_cutoff(core.store.now());
         Ok(Response::new(pb::ListMachinesResponse {
             machines: machines
@@ -197,6 +202,22 @@ impl pb::broker_server::Broker for BrokerApi {
             .list_sessions(&filter)
             .await
             .map_err(ApiError::from)?;
+        if sessions.is_empty() && request.page_token.is_empty() {
+            // Nothing listed: say so when what the filter names does not exist (a typo is not
+            // "no sessions"), as every call naming a farm or machine does.
+            if let Some(machine) = filter.machine
+                && request.machine_name.is_empty()
+            {
+                let reference = pb::MachineRef {
+                    machine_id: machine.to_string(),
+                    ..Default::default()
+                };
+                machine_ref::resolve(core.store.as_ref(), &reference).await?;
+            }
+            if let Some(farm) = &filter.farm {
+                known_farm(core.store.as_ref(), farm).await?;
+            }
+        }
         let more = sessions.len() > page_size;
         sessions.truncate(page_size);
         let next_page_token = match sessions.last() {
@@ -224,6 +245,17 @@ impl pb::broker_server::Broker for BrokerApi {
         Ok(Response::new(pb::ListFarmsResponse {
             farms: convert::farms_seen(&farms, &machines, cutoff),
         }))
+    }
+}
+
+/// NOT_FOUND unless `farm` is one the broker knows (one a machine has joined, or with a policy
+/// set).
+async fn known_farm(store: &dyn crate::store::Store, farm: &str) -> Result<(), ApiError> {
+    let farms = store.list_farms().await?;
+    if farms.iter().any(|known| known.name == farm) {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound(format!("farm {farm:?}")))
     }
 }
 

@@ -119,6 +119,33 @@ async fn every_session_comes_once_and_the_last_page_says_so(database: &TestDatab
     };
     let refused = client.list_sessions(contradiction).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    // A farm or machine the broker does not know is NOT_FOUND, not an empty list; a known one
+    // with nothing to list is an empty list.
+    let farm = |farm: &str| pb::ListSessionsRequest {
+        farm: farm.into(),
+        ..Default::default()
+    };
+    let typo = client.list_sessions(farm("farm-q")).await.unwrap_err();
+    assert_eq!(typo.code(), Code::NotFound, "{typo:?}");
+    assert!(typo.message().contains("farm-q"), "{typo:?}");
+    let machines = pb::ListMachinesRequest {
+        farm: "farm-q".into(),
+    };
+    let typo = client.list_machines(machines).await.unwrap_err();
+    assert_eq!(typo.code(), Code::NotFound, "{typo:?}");
+    let no_such_machine = pb::ListSessionsRequest {
+        machine_id: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let typo = client.list_sessions(no_such_machine).await.unwrap_err();
+    assert_eq!(typo.code(), Code::NotFound, "{typo:?}");
+    let nobody = pb::ListSessionsRequest {
+        user_name: "nobody".into(),
+        ..farm("farm-p")
+    };
+    let listed = client.list_sessions(nobody).await.unwrap().into_inner();
+    assert!(listed.sessions.is_empty());
 }
 
 async fn a_machine_named_two_ways_must_be_one_machine(database: &TestDatabase) {
