@@ -25,6 +25,10 @@ pub struct FakeState {
     pub streams: usize,
     /// New streams are refused with UNAVAILABLE while set.
     pub refuse_streams: bool,
+    /// New streams are refused with UNAUTHENTICATED (a wrong agent token) while set.
+    pub refuse_credentials: bool,
+    /// Streams refused so far.
+    pub refusals: usize,
     pub heartbeat_interval_ms: u32,
     pub current: Option<Outbound>,
     pub authorization: Vec<String>,
@@ -148,7 +152,8 @@ impl AgentGateway for FakeBroker {
             .to_owned();
         let (sender, receiver) = mpsc::channel(64);
         let number = self.with(|state| {
-            if state.refuse_streams {
+            if state.refuse_streams || state.refuse_credentials {
+                state.refusals += 1;
                 return None;
             }
             state.streams += 1;
@@ -157,6 +162,11 @@ impl AgentGateway for FakeBroker {
             Some(state.streams)
         });
         let Some(number) = number else {
+            if self.with(|state| state.refuse_credentials) {
+                return Err(Status::unauthenticated(
+                    "the AgentGateway service needs a valid bearer token",
+                ));
+            }
             return Err(Status::unavailable("refusing streams"));
         };
         let fake = self.clone();

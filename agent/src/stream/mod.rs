@@ -99,8 +99,9 @@ pub async fn run(
 ) -> StreamExit {
     let mut backoff = Backoff::new(context.backoff);
     let mut sampler = LoadSampler::default();
-    // The last refusal that came with the broker's retry hint.
-    let mut last_hinted: Option<String> = None;
+    // The last refusal that is expected to last (the broker's retry hint, a refused
+    // credential), said once.
+    let mut last_said: Option<String> = None;
     loop {
         let started = Instant::now();
         let outcome = link::run_once(&context, &mut events, &mut sampler, &shutdown).await;
@@ -110,6 +111,7 @@ pub async fn run(
             was_ready = status.connected;
             status.connected = false;
         });
+        let mut credentials_refused = false;
         let (reason, retry_after) = match outcome {
             Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
             Ok(Outcome::Removed) => return StreamExit::Removed,
@@ -140,7 +142,15 @@ pub async fn run(
                 while events.try_recv().is_ok() {}
                 continue;
             }
-            Err(error) => (format!("{error:#}"), retry_after(&error)),
+            Err(error) => {
+                credentials_refused = refuses_credentials(&error);
+                let reason = if credentials_refused {
+                    format!("{error:#} ({CREDENTIALS_HINT})")
+                } else {
+                    format!("{error:#}")
+                };
+                (reason, retry_after(&error))
+            }
         };
         backoff.stream_ended(started.elapsed());
         // With several replicas given, the next attempt (and the front door's calls) go to the
@@ -152,15 +162,19 @@ pub async fn run(
             Some(hint) => backoff.hinted_delay(hint),
             None => backoff.next_delay(),
         };
-        // While the broker's database is away the agent asks every second: one warning, then
-        // the same refusal again only at debug.
-        let again = retry_after.is_some() && last_hinted.as_deref() == Some(reason.as_str());
+        // While the broker's database is away the agent asks every second, and a refused
+        // credential stays refused until someone fixes it: one warning (an error for the
+        // credential), then the same refusal again only at debug.
+        let lasting = retry_after.is_some() || credentials_refused;
+        let again = lasting && last_said.as_deref() == Some(reason.as_str());
         if again {
             tracing::debug!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still refused");
+        } else if credentials_refused {
+            tracing::error!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker refuses this agent; retrying until it is fixed");
         } else {
             tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
         }
-        last_hinted = retry_after.map(|_| reason.clone());
+        last_said = lasting.then(|| reason.clone());
         update_status(&context.status, |status| status.last_error = reason);
         tokio::select! {
             () = shutdown.cancelled() => return StreamExit::Shutdown,
@@ -169,6 +183,25 @@ pub async fn run(
         // Changes made while apart are in the table; the next RESYNC carries them.
         while events.try_recv().is_ok() {}
     }
+}
+
+/// What to fix when the broker refused this agent's credentials.
+const CREDENTIALS_HINT: &str = "the agent's token (--agent-token, TSAGENT_AGENT_TOKEN) must be the \
+     broker's --agent-token, and with TLS client certificates its certificate must be signed by \
+     the broker's client CA and name this machine";
+
+/// Whether the broker refused the agent's credentials (UNAUTHENTICATED, PERMISSION_DENIED):
+/// retried, as the broker's side may be what gets fixed, but said as what to fix.
+fn refuses_credentials(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<tonic::Status>())
+        .is_some_and(|status| {
+            matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            )
+        })
 }
 
 /// Receives and drops the table's changes, for ever.

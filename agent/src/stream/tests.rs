@@ -240,6 +240,32 @@ async fn with_two_replicas_of_three_down_the_third_is_found() {
     stop.cancel();
 }
 
+/// A broker that refuses the agent's token: retried (the broker's side may be what gets
+/// fixed), with what to fix in `tsagent status`, and connected once it takes the token.
+#[tokio::test]
+async fn a_refused_token_says_what_to_fix_and_is_retried() {
+    let fake = FakeBroker::default();
+    fake.with(|state| state.refuse_credentials = true);
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, shutdown) = started(config(&url, dir.path())).await;
+    fake.wait_for("two refusals", |state| state.refusals >= 2)
+        .await;
+    let status = agent.link_status();
+    assert!(!status.connected);
+    assert!(
+        status.last_error.contains("bearer token") && status.last_error.contains("--agent-token"),
+        "{}",
+        status.last_error
+    );
+    fake.with(|state| state.refuse_credentials = false);
+    fake.wait_for("ready", |state| kinds(state, 1).contains(&"ready"))
+        .await;
+    stopped(agent, shutdown).await;
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn leaving_on_stop_sends_removed() {
     let fake = FakeBroker::default();
