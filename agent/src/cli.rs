@@ -61,8 +61,9 @@ pub struct AgentArgs {
     /// Single-session mode: at most one session on this machine [default: false]
     #[arg(long, env = "TSAGENT_SINGLE_SESSION", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub single_session: Option<bool>,
-    /// On stopping, tell the broker this machine leaves the farm (its sessions are dropped
-    /// from the directory): for machines that are destroyed after they stop. Without it a
+    /// On stopping, tell the broker this machine leaves the farm (it and its sessions are
+    /// dropped from the directory, its drain and overrides with them): for machines that are
+    /// destroyed after they stop. Without it a
     /// stop or restart only closes the stream, and the machine's users are still sent back to
     /// it for the broker's heartbeat timeout from the stop [default: false]
     #[arg(long, env = "TSAGENT_LEAVE_ON_STOP", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]

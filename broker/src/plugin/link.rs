@@ -81,8 +81,8 @@ pub struct PluginLink {
     queue: mpsc::Sender<Queued>,
     /// The number the next queued notice gets.
     next_seq: AtomicU64,
-    /// Each machine's state as last sent to the plug-in (by id).
-    told_states: std::sync::Mutex<std::collections::HashMap<String, i32>>,
+    /// Each machine's state as last sent to the plug-in (by id), with its name and farm.
+    told_states: std::sync::Mutex<std::collections::HashMap<String, resync::Told>>,
     /// For the machines' leases as decisions see them.
     decision: DecisionSettings,
     metrics: Arc<Metrics>,

@@ -122,7 +122,14 @@ impl PluginHub {
     async fn resync_changed_machine(&self, store: &dyn Store, id: uuid::Uuid) {
         let machine = match store.get_machine(id).await {
             Ok(Some(machine)) => machine,
-            Ok(None) => return,
+            Ok(None) => {
+                // Gone: its plug-in hears REMOVED, as the replica that removed it told its own.
+                let id = id.to_string();
+                for link in &self.links {
+                    link.machine_gone(&id);
+                }
+                return;
+            }
             Err(error) => {
                 tracing::debug!(%error, machine = %id, "cannot read a machine another replica changed; its plug-in's view waits for the next resync");
                 return;

@@ -93,9 +93,6 @@ pub(super) const DELETE_PENDING_FOR_MACHINE: &str =
 pub(super) const DELETE_EXPIRED_PENDING: &str =
     "DELETE FROM pending_logons WHERE farm = $1 AND expires_at <= $2";
 
-pub(super) const SET_REMOVED: &str = "UPDATE machines SET state = 'removed', session_count = 0, \
-     connection_id = NULL, updated_at = $2 WHERE id = $1";
-
 pub(super) const SET_UNREACHABLE: &str = "UPDATE machines SET state = 'unreachable', \
      updated_at = $3 WHERE id = $1 AND connection_id = $2 AND state IN ('joining', 'ready')";
 
@@ -222,18 +219,26 @@ macro_rules! impl_store {
                         .execute(&mut *tx)
                         .await?;
                 }
-                sqlx::query(sql::SET_REMOVED)
-                    .bind(machine)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                let record = sqlx::query_as::<_, MachineRecord>(sql::SELECT_MACHINE_BY_ID)
+                // A machine that leaves is gone, as one an administrator removed: kept, those
+                // of an autoscaled farm would pile up in every listing and farm read.
+                let mut record = sqlx::query_as::<_, MachineRecord>(sql::SELECT_MACHINE_BY_ID)
                     .bind(now)
                     .bind(machine)
                     .fetch_one(&mut *tx)
                     .await?;
+                sqlx::query(sql::DELETE_MACHINE)
+                    .bind(machine)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
+                record.state = tsbroker_common::model::MachineState::Removed
+                    .as_str()
+                    .to_owned();
+                record.session_count = 0;
+                record.updated_at = now;
                 drop(turn);
+                // Farm copies kept for placements forget it now (a refresh reads changed rows).
+                self.announce_change(machine).await;
                 self.publish_directory($crate::store::DirectoryDelta::removed(vec![machine], now))
                     .await;
                 Ok(record)

@@ -560,11 +560,37 @@ async fn removal_by_the_agent_and_by_an_admin(database: &TestDatabase) {
     )
     .await;
     agent.remove().await.unwrap();
-    let removed = machine(&mut client, "farm", "ts-a").await;
+    // A machine that leaves is gone from the farm, its sessions with it (an autoscaled farm's
+    // would otherwise pile up in every listing).
+    let gone = client
+        .get_machine(pb::GetMachineRequest {
+            machine: Some(crate::support::by_name("farm", "ts-a")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    let farms = client
+        .list_farms(pb::ListFarmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .farms;
     assert_eq!(
-        (removed.state, removed.session_count),
-        (pb::MachineState::Removed as i32, 0)
+        farms
+            .iter()
+            .map(|farm| (farm.name.as_str(), farm.machine_count))
+            .collect::<Vec<_>>(),
+        [("farm", 0)]
     );
+    let sessions = client
+        .list_sessions(pb::ListSessionsRequest {
+            user_name: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(sessions.sessions.is_empty());
 
     let mut agent = FakeAgent::join(
         &broker.url(),

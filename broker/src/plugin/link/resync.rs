@@ -108,6 +108,13 @@ impl PluginLink {
     }
 }
 
+/// What the plug-in was last told of a machine.
+pub(crate) struct Told {
+    pub state: i32,
+    pub name: String,
+    pub farm: String,
+}
+
 impl PluginLink {
     /// Notes the state a machine notice tells the plug-in (ADDED, REMOVED, or CHANGED naming
     /// the state).
@@ -118,7 +125,25 @@ impl PluginLink {
         let tells_state = request.r#type != pb::NotificationType::Changed as i32
             || request.changed_fields.iter().any(|field| field == "state");
         if tells_state && let Ok(mut told) = self.told_states.lock() {
-            told.insert(request.machine_id.clone(), machine.state);
+            let entry = Told {
+                state: machine.state,
+                name: machine.name.clone(),
+                farm: machine.farm.clone(),
+            };
+            told.insert(request.machine_id.clone(), entry);
+        }
+    }
+
+    /// Tells the plug-in that a machine it knows is gone from the database (another replica's
+    /// agent left, or an administrator removed it there): REMOVED, unless it was told so.
+    pub fn machine_gone(&self, machine_id: &str) {
+        let known = self.told_states.lock().ok().and_then(|told| {
+            told.get(machine_id)
+                .filter(|told| told.state != pb::MachineState::Removed as i32)
+                .map(|told| (told.name.clone(), told.farm.clone()))
+        });
+        if let Some((name, farm)) = known {
+            self.notify(notices::machine_removed(machine_id, &name, &farm));
         }
     }
 
@@ -142,7 +167,7 @@ impl PluginLink {
                     .told_states
                     .lock()
                     .ok()
-                    .and_then(|told| told.get(&machine.id.to_string()).copied())
+                    .and_then(|told| told.get(&machine.id.to_string()).map(|told| told.state))
                     .is_some_and(|told| told != state);
                 if stale {
                     self.notify(notices::machine_state_changed(&machine));
