@@ -217,6 +217,7 @@ pub async fn start(
         default_heartbeat: config.default_heartbeat,
         welcome_timeout: config.welcome_timeout,
         displaced_check: config.displaced_check,
+        home_check: config.home_check,
         directory: directory.clone(),
         status: status.clone(),
         leave_on_stop: config.leave_on_stop,

@@ -20,6 +20,9 @@ use crate::config::BrokerTls;
 /// How often the TLS files are looked at (their size and modification time).
 pub const TLS_FILES_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How long a health check of this agent's own replica may take.
+const HOME_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct BrokerLink {
     /// The broker's replicas, in the order they are tried.
     urls: Vec<String>,
@@ -92,6 +95,43 @@ impl BrokerLink {
         };
         self.at.store(next, Ordering::Relaxed);
         Some(self.url())
+    }
+
+    /// How many replicas there are.
+    pub fn replicas(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// Whether the one in use is another than this agent's own replica.
+    pub fn away_from_home(&self) -> bool {
+        self.active() != self.home
+    }
+
+    /// Back to this agent's own replica (it is serving again).
+    pub fn go_home(&self) -> &str {
+        self.at.store(self.home, Ordering::Relaxed);
+        self.url()
+    }
+
+    /// Whether this agent's own replica answers its health check with SERVING within 5 s.
+    pub async fn home_serving(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel = self.current[self.home].with(|current| current.channel.clone());
+        let mut client = HealthClient::with_interceptor(channel, self.token.clone());
+        let checked = tokio::time::timeout(
+            HOME_CHECK_TIMEOUT,
+            client.check(HealthCheckRequest::default()),
+        )
+        .await;
+        matches!(checked, Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32)
+    }
+
+    /// The client for `Redirect`, on the replica `offset` places after the one in use (0: that
+    /// one): a front door tries the others when the one in use does not answer.
+    pub fn broker_after(&self, offset: usize) -> Broker {
+        let at = (self.active() + offset) % self.urls.len();
+        self.current[at].with(|current| current.broker.clone())
     }
 
     /// The channel to open the next stream on.

@@ -103,6 +103,9 @@ pub struct AgentConfig {
     /// How often an agent displaced by another one using its machine name asks the broker
     /// whether the machine is free again.
     pub displaced_check: Duration,
+    /// How often an agent whose stream is on another replica than its own asks whether its
+    /// own serves again (to move back).
+    pub home_check: Duration,
 }
 
 impl AgentConfig {
@@ -145,6 +148,7 @@ impl AgentConfig {
             machine_refresh: Duration::from_secs(30),
             welcome_timeout: Duration::from_secs(10),
             displaced_check: Duration::from_secs(10),
+            home_check: Duration::from_secs(30),
         }
     }
 

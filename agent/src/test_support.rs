@@ -18,6 +18,36 @@ use tsbroker_common::proto::v1::broker_server::{Broker, BrokerServer};
 
 type Outbound = mpsc::Sender<Result<pb::BrokerMessage, Status>>;
 
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+/// Health: SERVING, but NOT_SERVING while streams are refused (a broker whose database is away).
+#[tonic::async_trait]
+impl Health for FakeBroker {
+    async fn check(
+        &self,
+        _request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let status = match self.with(|state| state.refuse_streams) {
+            true => ServingStatus::NotServing,
+            false => ServingStatus::Serving,
+        };
+        Ok(Response::new(HealthCheckResponse {
+            status: status as i32,
+        }))
+    }
+
+    type WatchStream = ReceiverStream<Result<HealthCheckResponse, Status>>;
+
+    async fn watch(
+        &self,
+        _request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("the fake broker answers Check only"))
+    }
+}
+
 #[derive(Default)]
 pub struct FakeState {
     /// Every agent message, with the number of the stream it came on (from 1).
@@ -61,7 +91,8 @@ impl FakeBroker {
         let address: SocketAddr = listener.local_addr().unwrap();
         let router = tonic::transport::Server::builder()
             .add_service(AgentGatewayServer::new(self.clone()))
-            .add_service(BrokerServer::new(self.clone()));
+            .add_service(BrokerServer::new(self.clone()))
+            .add_service(HealthServer::new(self.clone()));
         tokio::spawn(async move {
             let _ = router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled())

@@ -16,6 +16,9 @@ use crate::directory::TRUNCATED_COOKIE_LEN;
 
 const REDIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long one replica of several is given to answer before the next is asked.
+const REPLICA_PATIENCE: Duration = Duration::from_secs(1);
+
 /// The user a connection is for, as far as the front door can tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectingUser {
@@ -166,11 +169,31 @@ async fn redirect(
     };
     let asked = std::time::Instant::now();
     let deadline = tokio::time::Instant::from_std(asked + REDIRECT_TIMEOUT);
+    let replicas = shared.link.replicas();
     let mut attempts = 0u32;
+    // With several replicas, one that does not answer (frozen, cut off, gone) is given
+    // `REPLICA_PATIENCE` before the next is asked: the stream's replica may be the one away.
+    let mut replica = 0;
     let answer = loop {
         attempts += 1;
-        let mut broker = shared.link.broker();
-        let answer = tokio::time::timeout_at(deadline, broker.redirect(request.clone())).await;
+        let mut broker = shared.link.broker_after(replica);
+        let last_replica = replica + 1 >= replicas;
+        let patience = if last_replica {
+            deadline
+        } else {
+            deadline.min(tokio::time::Instant::now() + REPLICA_PATIENCE)
+        };
+        let answer = tokio::time::timeout_at(patience, broker.redirect(request.clone())).await;
+        let replica_away = match &answer {
+            Ok(Ok(_)) => false,
+            Ok(Err(status)) => broker_absence::broker_away(status),
+            Err(_) => true,
+        };
+        if replica_away && !last_replica && tokio::time::Instant::now() < deadline {
+            replica += 1;
+            continue;
+        }
+        replica = 0;
         match &answer {
             Ok(Err(status)) if broker_absence::broker_away(status) => {
                 let now = std::time::Instant::now();
@@ -190,7 +213,8 @@ async fn redirect(
         tracing::info!(
             user = %user_label(user.as_ref()),
             waited_ms = asked.elapsed().as_millis() as u64,
-            "the broker is back; routing as it answers"
+            attempts,
+            "a broker answered after a retry (a replica away, or a broker restarting); routing as it answers"
         );
     }
     let failure = match &answer {

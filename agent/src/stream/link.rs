@@ -156,6 +156,9 @@ pub(super) async fn run_once(
 
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let away_from_home = context.link.away_from_home();
+    let home_is_back = home_is_back(context);
+    tokio::pin!(home_is_back);
     loop {
         tokio::select! {
             biased;
@@ -185,12 +188,29 @@ pub(super) async fn run_once(
                     outbox.send(body).await?;
                 }
             }
+            () = &mut home_is_back, if away_from_home => return Ok(Outcome::HomeIsBack),
             _ = ticker.tick() => {
                 let (session_count, pending_logons) = context.directory.counts();
                 let (cpu_percent, memory_percent) = sampler.sample();
                 let load = pb::LoadReport { session_count, cpu_percent, memory_percent, pending_logons };
                 outbox.send(Body::Load(load)).await?;
             }
+        }
+    }
+}
+
+/// Returns once this agent's own replica answers its health check with SERVING, asked every
+/// `home_check` (with a quarter of it as jitter, so that a farm's agents do not all move at
+/// once).
+async fn home_is_back(context: &StreamContext) {
+    loop {
+        let every = context.home_check;
+        let jitter_ms = (every.as_millis() / 4) as u64;
+        let jitter =
+            Duration::from_millis(rand::Rng::random_range(&mut rand::rng(), 0..=jitter_ms));
+        tokio::time::sleep(every + jitter).await;
+        if context.link.home_serving().await {
+            return;
         }
     }
 }

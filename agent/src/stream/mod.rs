@@ -58,6 +58,8 @@ pub struct StreamContext {
     pub welcome_timeout: Duration,
     /// How often a displaced agent asks whether its machine is free again (`displaced`).
     pub displaced_check: Duration,
+    /// How often a stream away from this agent's own replica checks whether it is back.
+    pub home_check: Duration,
     pub directory: Directory,
     pub status: SharedStatus,
     /// On shutdown, REMOVED (leave the farm) rather than only closing the stream.
@@ -84,6 +86,10 @@ pub(crate) enum Outcome {
     /// The broker said it is going away (a restart, a replica stopping): a planned end, not a
     /// failure. The agent comes back within `BROKER_LEAVING_RETRY`, with its backoff reset.
     BrokerLeaving(String),
+    /// The stream was on another replica than this agent's own, and its own serves again: the
+    /// agent moves back, so that a farm's agents spread over the replicas again after one of
+    /// them was away.
+    HomeIsBack,
 }
 
 /// How soon an agent reconnects after its broker said it is going (a pick between half of it
@@ -116,6 +122,16 @@ pub async fn run(
             Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
             Ok(Outcome::Removed) => return StreamExit::Removed,
             Ok(Outcome::Ended(reason)) => (reason, None),
+            Ok(Outcome::HomeIsBack) => {
+                let url = context.link.go_home();
+                tracing::info!(
+                    broker = url,
+                    "this agent's own broker replica serves again: moving the stream back to it"
+                );
+                backoff.reset();
+                while events.try_recv().is_ok() {}
+                continue;
+            }
             Ok(Outcome::BrokerLeaving(reason)) => {
                 backoff.reset();
                 (reason, Some(BROKER_LEAVING_RETRY))

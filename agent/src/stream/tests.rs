@@ -211,6 +211,40 @@ async fn with_several_broker_urls_a_broken_stream_moves_to_the_next_replica() {
     stop.cancel();
 }
 
+/// An agent moved off its own replica (it refused streams) goes back once that one serves
+/// again, so that a farm's agents spread over the replicas again.
+#[tokio::test]
+async fn an_agent_goes_back_to_its_own_replica_once_it_serves_again() {
+    let (first, second) = (FakeBroker::default(), FakeBroker::default());
+    let stop = CancellationToken::new();
+    let first_url = first.serve(stop.clone()).await;
+    let second_url = second.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&format!("{first_url}, {second_url}"), dir.path());
+    config.home_check = Duration::from_millis(200);
+    let (agent, shutdown) = started(config).await;
+    assert!(agent.wait_until_connected(Duration::from_secs(10)).await);
+    // Whichever the agent started with is its own.
+    let (home, other) = match first.with(|state| state.streams) {
+        0 => (&second, &first),
+        _ => (&first, &second),
+    };
+    home.with(|state| state.refuse_streams = true);
+    home.break_stream().await;
+    other
+        .wait_for("ready on the other replica", |state| {
+            state.streams > 0 && kinds(state, state.streams).contains(&"ready")
+        })
+        .await;
+    home.with(|state| state.refuse_streams = false);
+    home.wait_for("back on its own replica", |state| {
+        state.streams > 1 && kinds(state, state.streams).contains(&"ready")
+    })
+    .await;
+    stopped(agent, shutdown).await;
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn with_two_replicas_of_three_down_the_third_is_found() {
     let brokers = [

@@ -145,18 +145,30 @@ async fn harness_on_fake(
     local_rdp: Option<String>,
     agent_token: Option<&str>,
 ) -> Harness {
+    let settings = (unconfirmed_logon_grace, local_rdp, agent_token);
+    harness_on_replicas(fake, broker_up, |url| url.to_owned(), settings).await
+}
+
+/// [`harness_on_fake`] with the agent's `--broker` list made from the fake's URL by `urls`.
+async fn harness_on_replicas(
+    fake: FakeBroker,
+    broker_up: bool,
+    urls: impl FnOnce(&str) -> String,
+    (unconfirmed_logon_grace, local_rdp, agent_token): (Duration, Option<String>, Option<&str>),
+) -> Harness {
     let broker_stop = CancellationToken::new();
     let url = if broker_up {
         fake.serve(broker_stop.clone()).await
     } else {
         "http://127.0.0.1:9".to_owned()
     };
+    let replicas = urls(&url);
     let (local_address, local) = echo_server().await;
     let dir = tempfile::tempdir().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let front_door = listener.local_addr().unwrap();
     let mut config = AgentConfig::new(NAME, dir.path());
-    config.broker_url = url.clone();
+    config.broker_url = replicas;
     config.advertise = front_door.to_string();
     config.front_door = Some(FrontDoorBind::Listener(listener));
     config.local_rdp = local_rdp.unwrap_or_else(|| local_address.to_string());
@@ -724,6 +736,47 @@ async fn a_broker_that_takes_no_new_logons_refuses_the_client() {
     assert!(back.is_empty(), "{back:?}");
     nothing(&mut draining.local).await;
     draining.shutdown.cancel();
+}
+
+/// With two broker replicas, one frozen (it takes connections and never answers): a client
+/// goes where the other one says within about a second, whichever of the two the agent uses.
+#[tokio::test]
+async fn a_frozen_replica_is_passed_over_for_the_other() {
+    for frozen_first in [true, false] {
+        let frozen = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let frozen_url = format!("http://{}", frozen.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = frozen.accept().await {
+                held.push(stream);
+            }
+        });
+        let urls = |url: &str| match frozen_first {
+            true => format!("{frozen_url},{url}"),
+            false => format!("{url},{frozen_url}"),
+        };
+        let settings = (Duration::ZERO, None, None);
+        let harness = harness_on_replicas(FakeBroker::default(), true, urls, settings).await;
+        let (remote_address, mut remote) = echo_server().await;
+        harness.answer_with(answer(
+            "ts2.example",
+            &remote_address.to_string(),
+            pb::RedirectReason::ExistingSession,
+        ));
+        let (_, bytes) = request_with_tail(Some("Cookie: mstshash=alice"));
+        let started = tokio::time::Instant::now();
+        exchange(harness.front_door, &bytes).await;
+        assert!(
+            next(&mut remote).await.ends_with(&bytes),
+            "frozen first: {frozen_first}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "frozen first: {frozen_first}, {:?}",
+            started.elapsed()
+        );
+        harness.shutdown.cancel();
+    }
 }
 
 /// A machine whose RDP service takes the connection but never answers the request (hung)
