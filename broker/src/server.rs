@@ -227,7 +227,7 @@ pub async fn run(
     ));
     core.set(Core {
         store: store.clone(),
-        ingest: IngestWriter::for_store(store.clone()),
+        ingest: IngestWriter::for_store(store.clone(), database.clone()),
         changes: crate::service::changes::ChangeRouter::start(store.as_ref()),
         decider,
         plugins: plugins.clone(),

@@ -4,23 +4,26 @@
 //! not taken for gone because its lease stopped while the outage kept its agent from writing it:
 //! agents need a moment to reconnect, and meanwhile their users must not be sent to a new session
 //! elsewhere. (A request can reach the database before the health monitor has seen it back: it
-//! is answered with the outage's cutoff too.)
+//! is answered with the outage's cutoff too.) The agents' writes failing while the database
+//! still answers the monitor (a table locked by another client, a starved connection pool)
+//! count as such an outage for the leases, from the last write that went through.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
+/// One kind of outage: whether it is on, when the last one began and when it ended.
 #[derive(Debug)]
-pub struct Reachability {
+struct Outage {
     up: AtomicBool,
     /// When the last outage began (ms since the epoch; 0: never).
     down_since: AtomicI64,
-    /// When the database answered again after it (ms since the epoch).
+    /// When it ended.
     back_at: AtomicI64,
 }
 
-impl Default for Reachability {
+impl Default for Outage {
     fn default() -> Self {
-        Reachability {
+        Outage {
             up: AtomicBool::new(true),
             down_since: AtomicI64::new(0),
             back_at: AtomicI64::new(0),
@@ -28,22 +31,75 @@ impl Default for Reachability {
     }
 }
 
+impl Outage {
+    fn began(&self, since: i64) {
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.down_since.store(since, Ordering::Relaxed);
+        }
+    }
+
+    fn ended(&self, now: i64) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            self.back_at.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The oldest lease counted alive at `now` as far as this outage goes: `now - timeout`,
+    /// but during it and for one timeout after it, a lease fresh as it began.
+    fn lease_cutoff(&self, now: i64, timeout: i64) -> i64 {
+        let normal = now - timeout;
+        let down_since = self.down_since.load(Ordering::Relaxed);
+        if down_since == 0 {
+            return normal;
+        }
+        if !self.up.load(Ordering::Relaxed) {
+            return normal.min(down_since - timeout);
+        }
+        let back_at = self.back_at.load(Ordering::Relaxed);
+        if now < back_at + timeout {
+            normal.min(down_since - timeout)
+        } else {
+            normal
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Reachability {
+    /// The database not answering the health monitor.
+    database: Outage,
+    /// The agents' writes failing though the database answers (a table locked by another
+    /// client, a connection pool starved): leases stop as surely as in an outage.
+    writes: Outage,
+}
+
 impl Reachability {
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.database.up.load(Ordering::Relaxed)
     }
 
     /// The database stopped answering; it may have been away since `since` (the last check
     /// that found it up).
     pub fn went_away(&self, since: i64) {
-        self.down_since.store(since, Ordering::Relaxed);
-        self.up.store(false, Ordering::Relaxed);
+        self.database.down_since.store(since, Ordering::Relaxed);
+        self.database.up.store(false, Ordering::Relaxed);
     }
 
     /// The database answers again at `now`.
     pub fn came_back(&self, now: i64) {
-        self.back_at.store(now, Ordering::Relaxed);
-        self.up.store(true, Ordering::Relaxed);
+        self.database.back_at.store(now, Ordering::Relaxed);
+        self.database.up.store(true, Ordering::Relaxed);
+    }
+
+    /// The agents' writes fail for want of the database (unavailable, a lock or a connection
+    /// waited for too long); the last one that went through committed at `last_written`.
+    pub fn writes_failing(&self, last_written: i64) {
+        self.writes.began(last_written);
+    }
+
+    /// The agents' writes go through again, at `now`.
+    pub fn writes_pass(&self, now: i64) {
+        self.writes.ended(now);
     }
 
     /// The broker starts at `now` on a database whose machines were last heard of at
@@ -65,30 +121,23 @@ impl Reachability {
         }
         let timeout = heartbeat_timeout.as_millis() as i64;
         let grace = grace.as_millis() as i64;
-        self.down_since.store(last_heard, Ordering::Relaxed);
+        self.database
+            .down_since
+            .store(last_heard, Ordering::Relaxed);
         // The cutoff of the outage holds until `back_at + timeout`.
-        self.back_at.store(now + grace - timeout, Ordering::Relaxed);
+        self.database
+            .back_at
+            .store(now + grace - timeout, Ordering::Relaxed);
     }
 
     /// The oldest lease of a machine still counted alive at `now`: `now - heartbeat_timeout`,
-    /// except during an outage and within one heartbeat timeout after it, when a lease that was
-    /// fresh as the outage began still counts.
+    /// except during an outage (of the database, or of the agents' writes) and within one
+    /// heartbeat timeout after it, when a lease that was fresh as the outage began still counts.
     pub fn lease_cutoff(&self, now: i64, heartbeat_timeout: Duration) -> i64 {
         let timeout = heartbeat_timeout.as_millis() as i64;
-        let normal = now - timeout;
-        let down_since = self.down_since.load(Ordering::Relaxed);
-        if down_since == 0 {
-            return normal;
-        }
-        if !self.is_up() {
-            return normal.min(down_since - timeout);
-        }
-        let back_at = self.back_at.load(Ordering::Relaxed);
-        if now < back_at + timeout {
-            normal.min(down_since - timeout)
-        } else {
-            normal
-        }
+        self.database
+            .lease_cutoff(now, timeout)
+            .min(self.writes.lease_cutoff(now, timeout))
     }
 }
 
@@ -129,5 +178,23 @@ mod tests {
         let busy = Reachability::default();
         busy.started_after(200_000, 200_000, Duration::from_secs(30), timeout);
         assert_eq!(busy.lease_cutoff(200_000, timeout), 185_000);
+    }
+
+    #[test]
+    fn leases_stopped_by_failing_writes_count_as_in_an_outage() {
+        let timeout = Duration::from_secs(15);
+        let reachability = Reachability::default();
+        // The last write went through at 100 s; writes fail from then to 140 s.
+        reachability.writes_failing(100_000);
+        // A later failure does not move the start.
+        reachability.writes_failing(120_000);
+        assert!(reachability.is_up(), "the database answers");
+        assert_eq!(reachability.lease_cutoff(130_000, timeout), 85_000);
+        reachability.writes_pass(140_000);
+        assert_eq!(reachability.lease_cutoff(154_999, timeout), 85_000);
+        assert_eq!(reachability.lease_cutoff(155_000, timeout), 140_000);
+        // Passing writes with no failure change nothing.
+        reachability.writes_pass(160_000);
+        assert_eq!(reachability.lease_cutoff(160_000, timeout), 145_000);
     }
 }

@@ -386,7 +386,7 @@ async fn the_writer_answers_only_after_the_commit(database: &TestDatabase) {
         concurrency: 1,
         ..IngestSettings::for_backend(store.backend())
     };
-    let writer = IngestWriter::start(observed.clone(), settings);
+    let writer = IngestWriter::start(observed.clone(), settings, Default::default());
 
     // Machine 0's write holds the first group; the 29 others queue meanwhile and share one.
     let submit = |index: usize, session_id: u32| {
@@ -440,7 +440,7 @@ async fn a_write_the_database_refuses_fails_alone(database: &TestDatabase) {
     let store = open(database).await;
     let machines = ready_machines(store.as_ref(), 10).await;
     poison_sessions(database).await;
-    let writer = IngestWriter::for_store(store.clone());
+    let writer = IngestWriter::for_store(store.clone(), Default::default());
     let tasks: Vec<_> = machines
         .iter()
         .enumerate()

@@ -251,3 +251,59 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
     drop(link);
     database.drop_database().await;
 }
+
+/// Another client holds a table the agents' writes need (a long migration, a stuck script):
+/// the database still answers the health check, but no machine's lease can be written. The
+/// leases that were fresh when the writes began to fail still count, so a returning user is
+/// still sent to their session, not placed anew as if their machine were gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_locked_table_stops_the_agents_writes_returning_users_still_find_their_session() {
+    use sqlx::Connection;
+    let database = TestDatabase::postgres().await;
+    let broker = tsbroker_tests::spawn_broker(&database.url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut client = broker.broker_client().await;
+    keep_alive(
+        tsbroker_tests::FakeAgent::join(
+            &broker.url(),
+            machine("ts-a", "farm", 100),
+            vec![session(1, "alice", pb::SessionState::Disconnected)],
+        )
+        .await,
+    );
+    keep_alive(
+        tsbroker_tests::FakeAgent::join(&broker.url(), machine("ts-b", "farm", 100), vec![]).await,
+    );
+    eventually(10, || async {
+        redirect(&mut client.clone(), "farm", "alice")
+            .await
+            .is_ok_and(|alice| alice.machine_name == "ts-a")
+    })
+    .await;
+
+    let mut locker = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    // SHARE: the machines can be read (the database's answer comes at once) but not written
+    // (no lease is refreshed).
+    sqlx::query("LOCK TABLE machines IN SHARE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    // Three heartbeat timeouts: the load reports wait for the lock and fail.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        health(&broker).await,
+        ServingStatus::Serving as i32,
+        "the database answers"
+    );
+    let alice = redirect(&mut client, "farm", "alice").await.unwrap();
+    assert_eq!(
+        (alice.machine_name.as_str(), reason(&alice)),
+        ("ts-a", pb::RedirectReason::ExistingSession)
+    );
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    broker.stop().await;
+    database.drop_database().await;
+}

@@ -12,8 +12,10 @@
 //! alone. Nothing is acknowledged that was not committed.
 
 use super::{IngestItem, IngestOp, ItemResult};
+use crate::store::reachability::Reachability;
 use crate::store::{EventOutcome, MachineRecord, Store, StoreError, StoreResult};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tsbroker_common::model::{self, LoadReport, MachineDescription, SessionEvent, SessionInfo};
 use uuid::Uuid;
@@ -84,16 +86,25 @@ pub struct IngestWriter {
 }
 
 impl IngestWriter {
-    /// A writer over `store`, with the settings for its backend.
-    pub fn for_store(store: Arc<dyn Store>) -> Self {
+    /// A writer over `store`, with the settings for its backend; it tells `reachability`
+    /// when the agents' writes stop going through, and when they go through again.
+    pub fn for_store(store: Arc<dyn Store>, reachability: Arc<Reachability>) -> Self {
         let settings = IngestSettings::for_backend(store.backend());
-        Self::start(Arc::new(StoreTarget(store)), settings)
+        Self::start(Arc::new(StoreTarget(store)), settings, reachability)
     }
 
     /// Starts the writer task.
-    pub fn start(target: Arc<dyn IngestTarget>, settings: IngestSettings) -> Self {
+    pub fn start(
+        target: Arc<dyn IngestTarget>,
+        settings: IngestSettings,
+        reachability: Arc<Reachability>,
+    ) -> Self {
         let (queue, requests) = mpsc::channel(settings.queue.max(1));
-        tokio::spawn(run(target, settings, requests));
+        let outcomes = Arc::new(Outcomes {
+            reachability,
+            last_written: AtomicI64::new(0),
+        });
+        tokio::spawn(run(target, settings, requests, outcomes));
         IngestWriter { queue }
     }
 
@@ -186,11 +197,35 @@ fn writer_gone() -> StoreError {
     StoreError::Unavailable(sqlx::Error::PoolClosed)
 }
 
+/// Whether the groups go through, for the leases' cutoff: while they fail for want of the
+/// database, no machine's lease is written, and none may be taken for gone for that.
+struct Outcomes {
+    reachability: Arc<Reachability>,
+    /// When the last group committed (0: none yet).
+    last_written: AtomicI64,
+}
+
+impl Outcomes {
+    fn committed(&self, now: i64) {
+        self.last_written.fetch_max(now, Ordering::Relaxed);
+        self.reachability.writes_pass(now);
+    }
+
+    fn failed(&self, error: &StoreError, now: i64) {
+        if matches!(error, StoreError::Unavailable(_)) {
+            let last = self.last_written.load(Ordering::Relaxed);
+            self.reachability
+                .writes_failing(if last > 0 { last } else { now });
+        }
+    }
+}
+
 /// Gathers groups while a transaction slot is free; each group runs in its own task.
 async fn run(
     target: Arc<dyn IngestTarget>,
     settings: IngestSettings,
     mut requests: mpsc::Receiver<Request>,
+    outcomes: Arc<Outcomes>,
 ) {
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     loop {
@@ -214,21 +249,31 @@ async fn run(
         }
         let target = target.clone();
         let attempts = settings.attempts.max(1);
+        let outcomes = outcomes.clone();
         tokio::spawn(async move {
-            apply_group(target.as_ref(), group, attempts).await;
+            apply_group(target.as_ref(), group, attempts, &outcomes).await;
             drop(slot);
         });
     }
 }
 
 /// Applies one group and answers each of its writes.
-async fn apply_group(target: &dyn IngestTarget, group: Vec<Request>, attempts: u32) {
+async fn apply_group(
+    target: &dyn IngestTarget,
+    group: Vec<Request>,
+    attempts: u32,
+    outcomes: &Outcomes,
+) {
     let (items, replies): (Vec<IngestItem>, Vec<oneshot::Sender<ItemResult>>) = group
         .into_iter()
         .map(|request| (request.item, request.reply))
         .unzip();
     let started = std::time::Instant::now();
     let applied = apply_with_retries(target, &items, attempts).await;
+    match &applied {
+        Ok(_) => outcomes.committed(target.now()),
+        Err(error) => outcomes.failed(error, target.now()),
+    }
     tracing::debug!(
         writes = items.len(),
         rows = items.iter().map(IngestItem::weight).sum::<usize>(),
@@ -402,7 +447,7 @@ mod tests {
 
     /// Submits machine 0's write (held at the gate), then the others, then opens the gate.
     async fn submit_all(fake: &Arc<Fake>, machines: &[u128]) -> Vec<ItemResult> {
-        let writer = IngestWriter::start(fake.clone(), settings());
+        let writer = IngestWriter::start(fake.clone(), settings(), Default::default());
         let first = tokio::spawn({
             let writer = writer.clone();
             async move { writer.submit(load(0)).await }
@@ -435,6 +480,40 @@ mod tests {
         let mut second = groups[1].clone();
         second.sort_unstable();
         assert_eq!(second, vec![1, 2, 3, 4]);
+    }
+
+    /// Writes failing for want of the database hold the leases' cutoff at the last commit
+    /// (no machine is taken for gone for it) until writes go through again.
+    #[tokio::test]
+    async fn failing_writes_hold_the_leases_until_writes_pass_again() {
+        let fake = Fake::new(|items| {
+            items
+                .iter()
+                .any(|item| item.machine.as_u128() == 7)
+                .then_some(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+        });
+        fake.gated.store(false, std::sync::atomic::Ordering::SeqCst);
+        let reachability = Arc::new(Reachability::default());
+        let writer = IngestWriter::start(fake.clone(), settings(), reachability.clone());
+        let timeout = std::time::Duration::from_secs(15);
+        writer.submit(load(1)).await.unwrap();
+        let committed = model::now_millis();
+        assert!(writer.submit(load(7)).await.is_err());
+        let an_hour_later = committed + 3_600_000;
+        assert!(reachability.lease_cutoff(an_hour_later, timeout) <= committed - 15_000);
+        writer.submit(load(2)).await.unwrap();
+        let passed = model::now_millis();
+        assert!(reachability.lease_cutoff(passed + 60_000, timeout) >= passed + 45_000);
+        // A write refused for its own fault is no outage.
+        let refused = Fake::new(|_| Some(StoreError::Conflict("bad".into())));
+        refused
+            .gated
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let untouched = Arc::new(Reachability::default());
+        let writer = IngestWriter::start(refused, settings(), untouched.clone());
+        assert!(writer.submit(load(3)).await.is_err());
+        let now = model::now_millis();
+        assert_eq!(untouched.lease_cutoff(now, timeout), now - 15_000);
     }
 
     #[tokio::test]
@@ -485,6 +564,7 @@ mod tests {
                 max_group_weight: 10,
                 ..settings()
             },
+            Default::default(),
         );
         let first = tokio::spawn({
             let writer = writer.clone();
