@@ -121,9 +121,9 @@ impl PlacementQueues {
 }
 
 fn worker_gone() -> ApiError {
-    ApiError::Store(StoreError::Unavailable(sqlx::Error::Protocol(
-        "the farm's placement worker stopped".into(),
-    )))
+    ApiError::Store(StoreError::unavailable(
+        "the farm's placement worker stopped",
+    ))
 }
 
 async fn worker(
@@ -285,9 +285,9 @@ fn same_error(error: &StoreError) -> StoreError {
         StoreError::NotFound(what) => StoreError::NotFound(what.clone()),
         StoreError::Superseded => StoreError::Superseded,
         StoreError::Conflict(what) => StoreError::Conflict(what.clone()),
-        StoreError::Unavailable(error) => StoreError::Unavailable(sqlx::Error::Protocol(
-            crate::store::describe_with_code(error),
-        )),
+        StoreError::Unavailable(error) => {
+            StoreError::unavailable(crate::store::describe_with_code(error))
+        }
         StoreError::Internal(error) => {
             StoreError::Internal(sqlx::Error::Protocol(error.to_string()))
         }

@@ -647,6 +647,18 @@ impl AgentStream {
                     }
                 }
                 Ok(false) => tracing::info!(machine = %name, %end, "stream ended"),
+                // While the database is away every stream's end fails so: one warning a minute
+                // (its lease runs out anyway, and the outage's cutoff covers it meanwhile).
+                Err(error @ StoreError::Unavailable(_)) => {
+                    static UNMARKED: std::sync::LazyLock<
+                        tsbroker_common::warning_limit::WarningLimit,
+                    > = std::sync::LazyLock::new(Default::default);
+                    crate::error::warn_limited(
+                        &UNMARKED,
+                        &format!("{name}: {error}"),
+                        "could not mark a machine unreachable",
+                    );
+                }
                 Err(error) => {
                     tracing::error!(machine = %name, %error, "could not mark machine unreachable")
                 }

@@ -20,6 +20,14 @@ pub enum StoreError {
     Internal(sqlx::Error),
 }
 
+impl StoreError {
+    /// UNAVAILABLE with `message` as what went wrong (an error passed on to other waiters, a
+    /// worker gone), read as plainly as the database's own errors.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(message.into())))
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {

@@ -205,8 +205,32 @@ impl PostgresStore {
 
     /// Whether the server answers.
     async fn probe_database(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        match sqlx::query("SELECT 1").execute(&self.pool).await {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::PoolTimedOut) => Err(self.why_no_connection().await),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The pool only says it waited in vain for a connection: a connection of the probe's own
+    /// says why (the server's or the role's connection limit, authentication), or that the
+    /// server takes connections and the pool's are all busy.
+    async fn why_no_connection(&self) -> StoreError {
+        use sqlx::Connection;
+        let options = self.pool.connect_options();
+        match sqlx::PgConnection::connect_with(&options).await {
+            Err(error) => StoreError::unavailable(format!(
+                "no connection from the pool in time; a new connection is refused: {}",
+                crate::store::describe_with_code(&error)
+            )),
+            Ok(connection) => {
+                let _ = connection.close().await;
+                StoreError::unavailable(
+                    "no connection from the pool in time: all of its connections are busy \
+                     (long statements, or locks they wait for), though the server takes new ones",
+                )
+            }
+        }
     }
 
     /// Nothing to release: PostgreSQL is shared by every replica.

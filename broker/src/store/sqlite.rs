@@ -182,13 +182,10 @@ impl SqliteStore {
             return Ok(());
         };
         match file.metadata() {
-            Ok(metadata) if metadata.nlink() == 0 => {
-                Err(StoreError::Unavailable(sqlx::Error::Protocol(
-                    "the database file was deleted or replaced while the broker ran: restart it \
-                     (what it wrote since is in the deleted file)"
-                        .into(),
-                )))
-            }
+            Ok(metadata) if metadata.nlink() == 0 => Err(StoreError::unavailable(
+                "the database file was deleted or replaced while the broker ran: restart it \
+                     (what it wrote since is in the deleted file)",
+            )),
             _ => Ok(()),
         }
     }

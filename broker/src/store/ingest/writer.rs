@@ -367,9 +367,7 @@ fn replicate(error: &StoreError) -> StoreError {
         StoreError::Unavailable(sqlx::Error::PoolClosed) => {
             StoreError::Unavailable(sqlx::Error::PoolClosed)
         }
-        StoreError::Unavailable(error) => {
-            StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(error.to_string())))
-        }
+        StoreError::Unavailable(error) => StoreError::unavailable(error.to_string()),
         StoreError::Internal(error) => {
             StoreError::Internal(sqlx::Error::Protocol(error.to_string()))
         }
