@@ -23,7 +23,7 @@ impl AdminApi {
     }
 
     fn store(&self) -> Result<&dyn Store, Status> {
-        Ok(self.core.get()?.store.as_ref())
+        Ok(self.core.with_database()?.store.as_ref())
     }
 
     async fn change(
@@ -32,7 +32,7 @@ impl AdminApi {
         reference: Option<pb::MachineRef>,
         change: MachineChange,
     ) -> Result<pb::Machine, Status> {
-        let core = self.core.get()?;
+        let core = self.core.with_database()?;
         let store = core.store.as_ref();
         let machine = machine_ref::resolve(store, &reference.unwrap_or_default()).await?;
         let machine = store
@@ -144,7 +144,7 @@ impl pb::admin_server::Admin for AdminApi {
             ))
             .into());
         }
-        let core = self.core.get()?;
+        let core = self.core.with_database()?;
         let sessions_removed = core
             .store
             .remove_machine(machine.id)
@@ -177,7 +177,7 @@ impl pb::admin_server::Admin for AdminApi {
             ))
             .into());
         }
-        let core = self.core.get()?;
+        let core = self.core.with_database()?;
         let store = core.store.as_ref();
         let record = store
             .set_farm_policy(&farm, &request.policy)

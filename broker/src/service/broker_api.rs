@@ -139,7 +139,7 @@ impl pb::broker_server::Broker for BrokerApi {
         } else {
             Some(validate::farm_name("farm", farm).map_err(ApiError::from)?)
         };
-        let core = self.core.get()?;
+        let core = self.core.for_reads()?;
         let machines = core
             .store
             .list_machines(farm.as_deref())
@@ -164,7 +164,7 @@ impl pb::broker_server::Broker for BrokerApi {
         request: Request<pb::GetMachineRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
         let reference = request.into_inner().machine.unwrap_or_default();
-        let core = self.core.get()?;
+        let core = self.core.for_reads()?;
         let machine = machine_ref::resolve(core.store.as_ref(), &reference).await?;
         let cutoff = core.decider.lease_cutoff(core.store.now());
         Ok(Response::new(convert::machine_seen(&machine, cutoff)))
@@ -176,7 +176,7 @@ impl pb::broker_server::Broker for BrokerApi {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let request = request.into_inner();
         let mut filter = session_filter(&request)?;
-        let core = self.core.get()?;
+        let core = self.core.for_reads()?;
         if !request.machine_name.is_empty() {
             if request.farm.is_empty() {
                 return Err(ApiError::from(tsbroker_common::ValidationError::new(
@@ -234,7 +234,7 @@ impl pb::broker_server::Broker for BrokerApi {
         &self,
         _request: Request<pb::ListFarmsRequest>,
     ) -> Result<Response<pb::ListFarmsResponse>, Status> {
-        let core = self.core.get()?;
+        let core = self.core.for_reads()?;
         let farms = core.store.list_farms().await.map_err(ApiError::from)?;
         let machines = core
             .store

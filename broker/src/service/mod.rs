@@ -55,6 +55,28 @@ impl CoreCell {
             status
         })
     }
+
+    /// [`CoreCell::get`] for a call that writes to the database: UNAVAILABLE at once while the
+    /// health check finds it away, rather than after the connection pool's wait.
+    pub fn with_database(&self) -> Result<&Core, tonic::Status> {
+        let core = self.get()?;
+        if core.database.is_up() {
+            Ok(core)
+        } else {
+            Err(crate::error::database_unavailable())
+        }
+    }
+
+    /// [`CoreCell::get`] for a call that reads the database: as [`CoreCell::with_database`]
+    /// on PostgreSQL; an SQLite file that takes no writes (a full disk) can still be read.
+    pub fn for_reads(&self) -> Result<&Core, tonic::Status> {
+        let core = self.get()?;
+        if core.store.backend() == "sqlite" {
+            Ok(core)
+        } else {
+            self.with_database()
+        }
+    }
 }
 
 #[cfg(test)]

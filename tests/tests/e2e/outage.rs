@@ -192,6 +192,29 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
     })
     .await;
 
+    // Queries and admin changes too, rather than after the connection pool's wait.
+    let started = Instant::now();
+    let listing = client
+        .list_sessions(pb::ListSessionsRequest {
+            farm: "farm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(listing.code(), tonic::Code::Unavailable, "{listing:?}");
+    let drain = broker
+        .admin_client()
+        .await
+        .drain_machine(crate::support::by_name("farm", "ts-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(drain.code(), tonic::Code::Unavailable, "{drain:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
     // Agents are turned away at once, told to come back soon (not after their backoff).
     let started = Instant::now();
     let refused = tsbroker_tests::FakeAgent::connect(&broker.url(), machine("ts-c", "farm", 100))
