@@ -171,6 +171,13 @@ impl Decider {
     }
 
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
+        if let Some(wait) = self.settings.database.settling(self.store.now())
+            && !self.has_live_session(query)
+        {
+            // The database is just back: the agents are resyncing what their machines did
+            // while it was away; a session opened then is not a new user's.
+            tokio::time::sleep(wait).await;
+        }
         let now = self.store.now();
         let lease_cutoff = self.settings.lease_cutoff(now);
         if query.user_name.is_empty() {
@@ -274,6 +281,27 @@ impl Decider {
         }
         self.count_lookup("memory_degraded");
         Ok(session_answer(session))
+    }
+
+    /// Whether the directory in memory knows a session of the named user on a live machine.
+    fn has_live_session(&self, query: &RedirectQuery) -> bool {
+        if query.user_name.is_empty() {
+            return false;
+        }
+        let lease_cutoff = self.settings.lease_cutoff(self.store.now());
+        let cut = may_be_cut(
+            &query.user_name,
+            &query.domain,
+            query.user_name_may_be_truncated,
+        );
+        self.directory
+            .lookup(&query.farm, &query.user_name, cut, &query.client_address)
+            .is_some_and(|known| {
+                best_session(&known.sessions, &query.domain, |session| {
+                    session.machine_takes_its_users_back(lease_cutoff)
+                })
+                .is_some()
+            })
     }
 
     fn count_lookup(&self, kind: &'static str) {

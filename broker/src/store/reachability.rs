@@ -64,8 +64,15 @@ impl Outage {
     }
 }
 
+/// How long after the database is back a new logon waits for agents to resync what their
+/// machines did while it was away (they are told to come back within a second): a session
+/// opened then is not a new user's.
+pub const SETTLE_AFTER_OUTAGE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Default)]
 pub struct Reachability {
+    /// Until when (ms since the epoch) new logons wait after an outage.
+    settle_until: AtomicI64,
     /// The database not answering the health monitor.
     database: Outage,
     /// The agents' writes failing though the database answers (a table locked by another
@@ -89,6 +96,14 @@ impl Reachability {
     pub fn came_back(&self, now: i64) {
         self.database.back_at.store(now, Ordering::Relaxed);
         self.database.up.store(true, Ordering::Relaxed);
+        let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
+        self.settle_until.store(now + settle, Ordering::Relaxed);
+    }
+
+    /// How much longer a new logon waits at `now` for agents to resync after an outage.
+    pub fn settling(&self, now: i64) -> Option<Duration> {
+        let left = self.settle_until.load(Ordering::Relaxed) - now;
+        (left > 0).then(|| Duration::from_millis(left as u64))
     }
 
     /// The agents' writes fail for want of the database (unavailable, a lock or a connection
@@ -178,6 +193,28 @@ mod tests {
         let busy = Reachability::default();
         busy.started_after(200_000, 200_000, Duration::from_secs(30), timeout);
         assert_eq!(busy.lease_cutoff(200_000, timeout), 185_000);
+    }
+
+    #[test]
+    fn new_logons_wait_a_moment_after_the_database_is_back() {
+        let reachability = Reachability::default();
+        assert_eq!(reachability.settling(100_000), None);
+        reachability.went_away(100_000);
+        reachability.came_back(160_000);
+        assert_eq!(
+            reachability.settling(160_500),
+            Some(SETTLE_AFTER_OUTAGE - Duration::from_millis(500))
+        );
+        assert_eq!(reachability.settling(162_000), None);
+        // A broker's start after others were away is no return of the database.
+        let started = Reachability::default();
+        started.started_after(
+            100_000,
+            200_000,
+            Duration::from_secs(30),
+            Duration::from_secs(15),
+        );
+        assert_eq!(started.settling(200_000), None);
     }
 
     #[test]

@@ -240,6 +240,25 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
         health(&broker).await == ServingStatus::Serving as i32
     })
     .await;
+    // carol logged on at ts-c while the database was away; its agent resyncs half a second
+    // after the database is back. Her client, asking just before that, is not a new user: the
+    // broker waits for the agents' resyncs before placing anyone.
+    let url = broker.url();
+    let resynced = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tsbroker_tests::FakeAgent::join(
+            &url,
+            machine("ts-c", "farm", 100),
+            vec![session(3, "carol", pb::SessionState::Active)],
+        )
+        .await
+    });
+    let carol = redirect(&mut client, "farm", "carol").await.unwrap();
+    assert_eq!(
+        (carol.machine_name.as_str(), reason(&carol)),
+        ("ts-c", pb::RedirectReason::ExistingSession)
+    );
+    keep_alive(resynced.await.unwrap());
     // Back: ts-a's agent has not reconnected yet (its stream ended when its writes failed),
     // but its lease was fresh when the outage began: alice still goes to her session, not to a
     // new logon elsewhere.
