@@ -16,12 +16,12 @@
 //! line (anything unknown becomes [`RoutingHint::Unrecognized`]) and about bytes that follow it
 //! (unknown trailing bytes are accepted and counted in [`ConnectionRequest::trailing_bytes`]).
 //!
-//! Case: the `Cookie: ` prefix is matched case-sensitively, as MS-RDPBCGR and the
-//! LoadBalanceInfo documentation spell it. The keys `mstshash=` and `msts=` and the
-//! `tsv://MS Terminal Services Plugin.1.` prefix are matched ASCII-case-insensitively: some
-//! clients and tools are known to write `MSTS=`, the values are only routing hints (the terminal
-//! server still authenticates the user, and the agent only connects to machines of its farm), so
-//! tolerance costs nothing while strictness would misroute such clients.
+//! Case: the `Cookie: ` prefix (as MS-RDPBCGR and the LoadBalanceInfo documentation spell it),
+//! the keys `mstshash=` and `msts=` and the `tsv://MS Terminal Services Plugin.1.` prefix are
+//! all matched ASCII-case-insensitively, as xrdp does: some clients and tools are known to write
+//! `MSTS=` or `cookie:`, the values are only routing hints (the terminal server still
+//! authenticates the user, and the agent only connects to machines of its farm), so tolerance
+//! costs nothing while strictness would misroute such clients.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -257,7 +257,7 @@ fn parse_correlation_info(bytes: &[u8]) -> Option<&[u8]> {
 
 /// Turns the text of a cookie or routing token line (without CR LF) into a hint.
 fn classify_line(line: &[u8]) -> RoutingHint {
-    if let Some(cookie) = line.strip_prefix(COOKIE_PREFIX) {
+    if let Some(cookie) = strip_prefix_ignore_ascii_case(line, COOKIE_PREFIX) {
         if let Some(name) = strip_prefix_ignore_ascii_case(cookie, USER_NAME_KEY) {
             if !name.is_empty() {
                 return RoutingHint::UserName(decode_text(name));

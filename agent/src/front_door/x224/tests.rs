@@ -210,7 +210,8 @@ fn user_name_with_domain_is_raw() {
     );
 }
 
-/// The keys are matched case-insensitively, the `Cookie: ` prefix is not.
+/// The `Cookie: ` prefix and the keys are matched case-insensitively (as xrdp does); the
+/// space after the colon is required.
 #[test]
 fn key_case() {
     assert_eq!(
@@ -223,7 +224,11 @@ fn key_case() {
     );
     assert_eq!(
         hint_of("cookie: mstshash=alice"),
-        RoutingHint::Unrecognized("cookie: mstshash=alice".into())
+        RoutingHint::UserName("alice".into())
+    );
+    assert_eq!(
+        hint_of("COOKIE: msts=3640205228.15629.0000"),
+        RoutingHint::RoutingToken("172.31.249.216:3389".parse().unwrap())
     );
     assert_eq!(
         hint_of("Cookie:mstshash=alice"),
