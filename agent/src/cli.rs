@@ -170,7 +170,8 @@ pub struct SessionEventArgs {
     /// logon gets a new number and other events act on the user's most recent session
     #[arg(long, value_name = "N")]
     pub session_id: Option<u32>,
-    /// The client's IP address ("ip:port", "[v6]:port" or a bare IP), when known
+    /// The client's IP address ("ip:port", "[v6]:port" or a bare IP), when known; a loopback
+    /// address is not kept (behind the front door it is the front door's, not the client's)
     #[arg(long, value_name = "ADDRESS", value_parser = client_address)]
     pub client_address: Option<String>,
     #[command(flatten)]
