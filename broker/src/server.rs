@@ -170,7 +170,7 @@ pub async fn run(
         %local_address,
         database = %redact_url(&config.database_url),
         tls = tls_mode,
-        "tsbroker listening"
+        "tsbroker listening (health NOT_SERVING until its database is open)"
     );
 
     let store = tokio::select! {
@@ -276,9 +276,10 @@ pub async fn run(
     match served {
         Ok(served) => served.context("server task")?.context("serve grpc")?,
         Err(_) => {
-            tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period; closing")
+            tracing::warn!(grace = %humantime::format_duration(config.shutdown_grace), "calls still open after the grace period; closing")
         }
     }
+    tracing::info!("tsbroker stopped");
     Ok(())
 }
 
@@ -332,7 +333,7 @@ async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
         match store::open(database_url).await {
             Ok(store) => return Ok(store),
             Err(error) if database_url.starts_with("postgres") => {
-                tracing::warn!(error = format!("{error:#}"), retry_in = ?pause, "database not ready");
+                tracing::warn!(error = format!("{error:#}"), retry_in = %humantime::format_duration(pause), "database not ready");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
