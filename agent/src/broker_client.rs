@@ -94,3 +94,47 @@ pub fn gateway(channel: Channel, token: BearerToken) -> Gateway {
 pub fn broker(channel: Channel, token: BearerToken) -> Broker {
     BrokerClient::with_interceptor(channel, token)
 }
+
+/// An error as the log and `tsagent status` show it: its contexts, and of a gRPC status only
+/// its code, its message and its innermost cause (tonic's own form adds empty details and
+/// metadata, and repeats the cause).
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in error.chain() {
+        let Some(status) = cause.downcast_ref::<tonic::Status>() else {
+            parts.push(cause.to_string());
+            continue;
+        };
+        let mut text = format!("{:?}: {}", status.code(), status.message());
+        let mut innermost = None;
+        let mut source = std::error::Error::source(status);
+        while let Some(cause) = source {
+            innermost = Some(cause.to_string());
+            source = cause.source();
+        }
+        if let Some(innermost) = innermost.filter(|cause| !text.contains(cause.as_str())) {
+            text.push_str(&format!(" ({innermost})"));
+        }
+        parts.push(text);
+        break;
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_status_is_described_by_its_code_message_and_innermost_cause() {
+        let status = tonic::Status::unavailable("the broker's database is unavailable");
+        let error = anyhow::Error::new(status).context("open stream");
+        assert_eq!(
+            super::describe(&error),
+            "open stream: Unavailable: the broker's database is unavailable"
+        );
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let status = tonic::Status::from_error(Box::new(refused));
+        let described = super::describe(&anyhow::Error::new(status));
+        assert!(!described.contains("metadata"), "{described}");
+        assert!(described.contains("refused"), "{described}");
+    }
+}

@@ -173,7 +173,7 @@ impl MachineCache {
                 Err(error) if !failing => {
                     failing = true;
                     tracing::warn!(
-                        error = format!("{error:#}"),
+                        error = crate::broker_client::describe(&error),
                         "could not refresh the farm's machines"
                     );
                 }
@@ -205,7 +205,7 @@ impl MachineCache {
         }
         if let Err(error) = self.refresh_locked(HOST_TTL_AFTER_MISS).await {
             tracing::debug!(
-                error = format!("{error:#}"),
+                error = crate::broker_client::describe(&error),
                 "on-demand refresh of the farm's machines failed"
             );
         }

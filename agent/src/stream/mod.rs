@@ -160,10 +160,11 @@ pub async fn run(
             }
             Err(error) => {
                 credentials_refused = refuses_credentials(&error);
+                let described = crate::broker_client::describe(&error);
                 let reason = if credentials_refused {
-                    format!("{error:#} ({CREDENTIALS_HINT})")
+                    format!("{described} ({CREDENTIALS_HINT})")
                 } else {
-                    format!("{error:#}")
+                    described
                 };
                 (reason, retry_after(&error))
             }
