@@ -68,10 +68,10 @@ impl From<ApiError> for tonic::Status {
                 warn_limited(
                     &LOCK_WAITS,
                     &error,
-                    "a lock the placement needs was held too long",
+                    "a farm's placement lock was held too long",
                 );
                 unavailable_retry_soon(
-                    "a lock the placement needs was held too long (another broker replica frozen \
+                    "a farm's placement lock was held too long (another broker replica frozen \
                      or cut off in the middle of a placement, or another client holding the \
                      broker's tables?); retry shortly",
                 )

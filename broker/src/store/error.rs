@@ -63,9 +63,13 @@ pub fn is_lock_timeout(error: &sqlx::Error) -> bool {
         sqlx::Error::Database(database_error) => database_error
             .code()
             .is_some_and(|code| CODES.contains(&code.as_ref())),
-        sqlx::Error::Protocol(text) => CODES
-            .iter()
-            .any(|code| text.ends_with(&format!("(SQLSTATE {code})"))),
+        // Passed on (`StoreError::unavailable`): the text ends with the code.
+        sqlx::Error::Io(passed_on) => {
+            let text = passed_on.to_string();
+            CODES
+                .iter()
+                .any(|code| text.ends_with(&format!("(SQLSTATE {code})")))
+        }
         _ => false,
     }
 }
