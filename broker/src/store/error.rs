@@ -127,6 +127,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_lock_timeout_passed_on_is_still_a_lock_timeout() {
+        let passed_on = |text: &str| match StoreError::unavailable(text) {
+            StoreError::Unavailable(error) => error,
+            other => panic!("{other:?}"),
+        };
+        let lock = passed_on("canceling statement due to lock timeout (SQLSTATE 55P03)");
+        assert!(is_lock_timeout(&lock));
+        assert!(!is_lock_timeout(&passed_on("pool timed out")));
+        assert!(!is_lock_timeout(&sqlx::Error::PoolTimedOut));
+    }
+
+    #[test]
     fn sqlite_errors_of_the_files_state_are_worth_retrying() {
         // BUSY, BUSY_SNAPSHOT, LOCKED, READONLY, READONLY_DBMOVED, IOERR, IOERR_FSYNC, FULL.
         for code in [5, 517, 6, 8, 1032, 10, 1034, 13] {
