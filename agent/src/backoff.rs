@@ -47,6 +47,12 @@ impl Backoff {
         Duration::from_millis(rand::rng().random_range(hint_ms / 2..=hint_ms))
     }
 
+    /// The delay after a refusal that time will not fix (the agent's credentials): six times
+    /// the cap (30 s by default), so the broker is asked now and then, not every few seconds.
+    pub fn patient_delay(&self) -> Duration {
+        self.settings.cap * 6
+    }
+
     /// Back to `base`, after a healthy stream.
     pub fn reset(&mut self) {
         self.attempt = 0;

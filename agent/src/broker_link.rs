@@ -127,11 +127,16 @@ impl BrokerLink {
         matches!(checked, Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32)
     }
 
-    /// The client for `Redirect`, on the replica `offset` places after the one in use (0: that
-    /// one): a front door tries the others when the one in use does not answer.
-    pub fn broker_after(&self, offset: usize) -> Broker {
-        let at = (self.active() + offset) % self.urls.len();
-        self.current[at].with(|current| current.broker.clone())
+    /// Which replica is in use now (see [`BrokerLink::broker_at`]).
+    pub fn in_use(&self) -> usize {
+        self.active()
+    }
+
+    /// The client for `Redirect` on replica `at` (modulo their number): a front door asks the
+    /// one in use when its call began, then the next ones when it does not answer — counted
+    /// from that one, not from the one in use later (the stream may have moved meanwhile).
+    pub fn broker_at(&self, at: usize) -> Broker {
+        self.current[at % self.urls.len()].with(|current| current.broker.clone())
     }
 
     /// The channel to open the next stream on.

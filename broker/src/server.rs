@@ -62,8 +62,9 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// How often it is checked while it does not answer.
-const HEALTH_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often it is checked while it does not answer: new users wait for its return (up to
+/// `decision::NEW_USER_HOLD`), and agents are let back in once it is seen back.
+const HEALTH_RECHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Serves the broker on `listener` until `shutdown` is cancelled. `main` and the tests share
 /// this entry.

@@ -170,13 +170,14 @@ async fn redirect(
     let asked = std::time::Instant::now();
     let deadline = tokio::time::Instant::from_std(asked + REDIRECT_TIMEOUT);
     let replicas = shared.link.replicas();
+    let mut first_replica = shared.link.in_use();
     let mut attempts = 0u32;
     // With several replicas, one that does not answer (frozen, cut off, gone) is given
     // `REPLICA_PATIENCE` before the next is asked: the stream's replica may be the one away.
     let mut replica = 0;
     let answer = loop {
         attempts += 1;
-        let mut broker = shared.link.broker_after(replica);
+        let mut broker = shared.link.broker_at(first_replica + replica);
         let last_replica = replica + 1 >= replicas;
         let patience = if last_replica {
             deadline
@@ -194,6 +195,7 @@ async fn redirect(
             continue;
         }
         replica = 0;
+        first_replica = shared.link.in_use();
         match &answer {
             Ok(Err(status)) if broker_absence::broker_away(status) => {
                 let now = std::time::Instant::now();

@@ -177,6 +177,8 @@ pub async fn run(
         }
         let delay = match retry_after {
             Some(hint) => backoff.hinted_delay(hint),
+            // Fixed by someone, not by time: asked again now and then, not every few seconds.
+            None if credentials_refused => backoff.patient_delay(),
             None => backoff.next_delay(),
         };
         // While the broker's database is away the agent asks every second, and a refused

@@ -33,6 +33,11 @@ use tsbroker_common::proto::v1::RedirectReason;
 /// answer (well within the front door's 3 s wait for a redirect).
 const DEGRADED_ANSWER_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a new user waits for a database taken for away to be seen back (after which the
+/// agents' resyncs are waited for too) before hearing UNAVAILABLE: the health monitor looks
+/// every 200 ms while it is away, and the front door waits 3 s in all.
+const NEW_USER_HOLD: Duration = Duration::from_millis(500);
+
 /// Settings of the decision.
 #[derive(Clone, Debug)]
 pub struct DecisionSettings {
@@ -171,12 +176,10 @@ impl Decider {
     }
 
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
-        if let Some(wait) = self.settings.database.settling(self.store.now())
-            && !self.has_live_session(query)
-        {
-            // The database is just back: the agents are resyncing what their machines did
-            // while it was away; a session opened then is not a new user's.
-            tokio::time::sleep(wait).await;
+        let database = &self.settings.database;
+        let outage_near = !database.is_up() || database.settling(self.store.now()).is_some();
+        if outage_near && !self.knows_a_session_of(query) {
+            self.wait_for_the_agents().await?;
         }
         let now = self.store.now();
         let lease_cutoff = self.settings.lease_cutoff(now);
@@ -283,12 +286,12 @@ impl Decider {
         Ok(session_answer(session))
     }
 
-    /// Whether the directory in memory knows a session of the named user on a live machine.
-    fn has_live_session(&self, query: &RedirectQuery) -> bool {
+    /// Whether the directory in memory knows a session of the named user (on any machine: one
+    /// that looks gone is the degraded answer's while the database is away).
+    fn knows_a_session_of(&self, query: &RedirectQuery) -> bool {
         if query.user_name.is_empty() {
             return false;
         }
-        let lease_cutoff = self.settings.lease_cutoff(self.store.now());
         let cut = may_be_cut(
             &query.user_name,
             &query.domain,
@@ -296,12 +299,30 @@ impl Decider {
         );
         self.directory
             .lookup(&query.farm, &query.user_name, cut, &query.client_address)
-            .is_some_and(|known| {
-                best_session(&known.sessions, &query.domain, |session| {
-                    session.machine_takes_its_users_back(lease_cutoff)
-                })
-                .is_some()
-            })
+            .is_some_and(|known| !known.sessions.is_empty())
+    }
+
+    /// A user the directory knows no session of is placed only once the database answers and
+    /// the agents have resynced after an outage: a session opened while it was away is not a
+    /// new user's. While the database is taken for away, waits up to [`NEW_USER_HOLD`] for its
+    /// return (the health monitor looks every 200 ms then) and answers UNAVAILABLE if it is
+    /// still away; just after it is back, waits out the agents' resyncs
+    /// ([`crate::store::reachability::SETTLE_AFTER_OUTAGE`]).
+    async fn wait_for_the_agents(&self) -> Result<(), ApiError> {
+        let database = &self.settings.database;
+        let held = std::time::Instant::now();
+        while !database.is_up() {
+            if held.elapsed() >= NEW_USER_HOLD {
+                return Err(ApiError::Store(StoreError::unavailable(
+                    "the database is away: no new logon is placed",
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(wait) = database.settling(self.store.now()) {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(())
     }
 
     fn count_lookup(&self, kind: &'static str) {

@@ -235,23 +235,26 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
         started.elapsed()
     );
 
+    // carol logged on at ts-c while the database was away; its agent gets back in as soon as
+    // the broker lets it. Her client asks the moment the database answers again, before the
+    // broker has seen it back: she is not a new user, the broker waits for the agents'
+    // resyncs before placing anyone.
     link.restore();
-    eventually(30, || async {
-        health(&broker).await == ServingStatus::Serving as i32
-    })
-    .await;
-    // carol logged on at ts-c while the database was away; its agent resyncs half a second
-    // after the database is back. Her client, asking just before that, is not a new user: the
-    // broker waits for the agents' resyncs before placing anyone.
     let url = broker.url();
     let resynced = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        tsbroker_tests::FakeAgent::join(
-            &url,
-            machine("ts-c", "farm", 100),
-            vec![session(3, "carol", pb::SessionState::Active)],
-        )
-        .await
+        loop {
+            let description = machine("ts-c", "farm", 100);
+            if let Ok(mut agent) = tsbroker_tests::FakeAgent::connect(&url, description).await
+                && agent
+                    .resync(vec![session(3, "carol", pb::SessionState::Active)])
+                    .await
+                    .is_ok()
+                && agent.ready().await.is_ok()
+            {
+                return agent;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
     let carol = redirect(&mut client, "farm", "carol").await.unwrap();
     assert_eq!(
@@ -259,6 +262,10 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
         ("ts-c", pb::RedirectReason::ExistingSession)
     );
     keep_alive(resynced.await.unwrap());
+    eventually(30, || async {
+        health(&broker).await == ServingStatus::Serving as i32
+    })
+    .await;
     // Back: ts-a's agent has not reconnected yet (its stream ended when its writes failed),
     // but its lease was fresh when the outage began: alice still goes to her session, not to a
     // new logon elsewhere.
