@@ -181,7 +181,7 @@ pub async fn handle(
         attempts += 1;
         let decision = route::decide(shared, hint, peer, arrived_at, &refused).await;
         let (machine_id, retry, error, user) = match decision {
-            Decision::Refuse { why, by_broker } => {
+            Decision::Refuse { why, by_broker, .. } => {
                 say_refused(by_broker, &why, "connection refused");
                 shared.metrics.connection(Outcome::Refused);
                 return;

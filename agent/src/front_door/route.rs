@@ -16,6 +16,11 @@ use crate::directory::TRUNCATED_COOKIE_LEN;
 
 const REDIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a client waits at most for a farm full for now to take its logon, and how often
+/// the broker is asked again meanwhile.
+const FULL_PATIENCE: Duration = Duration::from_secs(10);
+const FULL_RETRY: Duration = Duration::from_millis(500);
+
 /// How long one replica of several is given to answer before the next is asked.
 const REPLICA_PATIENCE: Duration = Duration::from_secs(1);
 
@@ -55,8 +60,13 @@ pub enum Decision {
     },
     /// Closed after the request: `by_broker` when the broker said no machine may take the
     /// logon (a real user turned away), else a hint that leads nowhere in the farm (a
-    /// stranger's routing token or collection).
-    Refuse { why: String, by_broker: bool },
+    /// stranger's routing token or collection); `full` when the farm is full for now
+    /// (RESOURCE_EXHAUSTED), which may change within seconds.
+    Refuse {
+        why: String,
+        by_broker: bool,
+        full: bool,
+    },
 }
 
 /// The user as the log shows them: `DOMAIN\user`, `user`, or `-` when the client named nobody.
@@ -128,6 +138,7 @@ pub async fn decide(
             None => Decision::Refuse {
                 why: format!("routing token {token} names no ready machine of the farm"),
                 by_broker: false,
+                full: false,
             },
         },
         RoutingHint::Collection(farm) if farm.eq_ignore_ascii_case(&shared.settings.farm) => {
@@ -136,6 +147,7 @@ pub async fn decide(
         RoutingHint::Collection(farm) => Decision::Refuse {
             why: format!("collection {farm:?} is not this farm"),
             by_broker: false,
+            full: false,
         },
         RoutingHint::None | RoutingHint::Unrecognized(_) => {
             redirect(shared, None, client, refused).await
@@ -143,8 +155,34 @@ pub async fn decide(
     }
 }
 
-/// Asks the broker; the local RDP service when it cannot answer.
+/// Asks the broker ([`ask_broker`]). A farm full for now (every machine at its cap of logons
+/// in flight or its session limit, or a group's: RESOURCE_EXHAUSTED) is asked again every
+/// [`FULL_RETRY`] for up to [`FULL_PATIENCE`], the client waiting for its Connection Confirm
+/// meanwhile, as in a queue: a logon storm's logons complete within seconds and free their
+/// machines' caps.
 async fn redirect(
+    shared: &FrontDoorShared,
+    user: Option<ConnectingUser>,
+    client: SocketAddr,
+    refused: &[String],
+) -> Decision {
+    let started = std::time::Instant::now();
+    loop {
+        let decision = ask_broker(shared, user.clone(), client, refused).await;
+        match &decision {
+            Decision::Refuse { full: true, .. }
+                if started.elapsed() + FULL_RETRY < FULL_PATIENCE =>
+            {
+                tokio::time::sleep(FULL_RETRY).await;
+            }
+            _ => return decision,
+        }
+    }
+}
+
+/// Asks the broker once (each replica in turn when several do not answer); the local RDP
+/// service when it cannot answer.
+async fn ask_broker(
     shared: &FrontDoorShared,
     user: Option<ConnectingUser>,
     client: SocketAddr,
@@ -284,6 +322,7 @@ fn after_error(
                 status.message()
             ),
             by_broker: true,
+            full: status.code() == Code::ResourceExhausted,
         };
     }
     match status.code() {

@@ -690,9 +690,9 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
 }
 
 /// The broker's answer that no machine may take a new logon now is a refusal, not the local
-/// RDP service: a farm at its limits (RESOURCE_EXHAUSTED), or nothing ready while this
-/// machine drains (UNAVAILABLE). With this machine not draining, UNAVAILABLE (the farm's
-/// agents not back after a broker restart) still goes local.
+/// RDP service: a farm at its limits (RESOURCE_EXHAUSTED, asked again for 10 s first), or
+/// nothing ready while this machine drains (UNAVAILABLE). With this machine not draining,
+/// UNAVAILABLE (the farm's agents not back after a broker restart) still goes local.
 #[tokio::test]
 async fn a_broker_that_takes_no_new_logons_refuses_the_client() {
     let fake_full = |harness: &Harness| {
@@ -708,9 +708,37 @@ async fn a_broker_that_takes_no_new_logons_refuses_the_client() {
             .await
     );
     let (_, bytes) = request_with_tail(Some("Cookie: mstshash=newbie"));
+    // Full for a second (a logon storm's caps): the client waits, and goes where the broker
+    // then says.
+    let (remote_address, mut remote) = echo_server().await;
+    let there = answer(
+        "ts2.example",
+        &remote_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    );
+    let full = || Err(tonic::Code::ResourceExhausted);
+    harness.fake.with(|state| {
+        state.queued_answers = [full(), full()].into();
+        state.redirect_answer = Some(Ok(there));
+    });
+    let started = tokio::time::Instant::now();
+    exchange(harness.front_door, &bytes).await;
+    assert!(next(&mut remote).await.ends_with(&bytes));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Full for longer than a client waits (10 s): closed, never the local RDP service.
     fake_full(&harness);
-    let (_, back) = exchange(harness.front_door, &bytes).await;
+    let started = tokio::time::Instant::now();
+    let (_, back) = exchange_waiting(harness.front_door, &bytes, Duration::from_secs(20)).await;
     assert!(back.is_empty(), "{back:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
     nothing(&mut harness.local).await;
     harness
         .fake
