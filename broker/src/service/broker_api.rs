@@ -62,19 +62,6 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
     })
 }
 
-/// Page tokens are "machine-uuid/session-id" of the last session of the previous page.
-fn parse_page_token(token: &str) -> Result<Option<(uuid::Uuid, i64)>, ApiError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let invalid =
-        || tsbroker_common::ValidationError::new("page_token", "not a token from a previous page");
-    let (machine, session) = token.split_once('/').ok_or_else(invalid)?;
-    let machine = uuid::Uuid::parse_str(machine).map_err(|_| invalid())?;
-    let session = session.parse::<i64>().map_err(|_| invalid())?;
-    Ok(Some((machine, session)))
-}
-
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerApi {
     // A debug span: at `info` its cost (a span registered and its fields formatted for every
@@ -221,7 +208,9 @@ impl pb::broker_server::Broker for BrokerApi {
         let more = sessions.len() > page_size;
         sessions.truncate(page_size);
         let next_page_token = match sessions.last() {
-            Some(last) if more => format!("{}/{}", last.machine_id, last.session_id),
+            Some(last) if more => {
+                super::page_token::next(last.machine_id, last.session_id, &request)
+            }
             _ => String::new(),
         };
         Ok(Response::new(pb::ListSessionsResponse {
@@ -290,7 +279,7 @@ fn session_filter(request: &pb::ListSessionsRequest) -> Result<SessionFilter, Ap
         machine,
         user_key,
         state,
-        after: parse_page_token(&request.page_token)?,
+        after: super::page_token::after(request)?,
         limit,
     })
 }
@@ -343,13 +332,5 @@ mod tests {
             ..good
         };
         assert!(redirect_query(&too_many).is_err());
-    }
-
-    #[test]
-    fn page_tokens_round_trip_and_reject_garbage() {
-        let id = uuid::Uuid::new_v4();
-        assert_eq!(parse_page_token(&format!("{id}/7")).unwrap(), Some((id, 7)));
-        assert!(parse_page_token("garbage").is_err());
-        assert_eq!(parse_page_token("").unwrap(), None);
     }
 }

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod gateway;
 mod inbound;
 pub mod machine_ref;
+mod page_token;
 
 use crate::decision::Decider;
 use crate::metrics::Metrics;

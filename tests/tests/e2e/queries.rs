@@ -83,6 +83,15 @@ async fn every_session_comes_once_and_the_last_page_says_so(database: &TestDatab
                 page_size as usize,
                 "a page before the last"
             );
+            // A token is for the filters it was listed with.
+            let elsewhere = pb::ListSessionsRequest {
+                user_name: "someone".into(),
+                page_token: page.next_page_token.clone(),
+                ..Default::default()
+            };
+            let refused = client.list_sessions(elsewhere).await.unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+            assert!(refused.message().contains("page_token"), "{refused:?}");
             token = page.next_page_token;
         }
         // Twelve sessions: a last page that is full comes without a token (no empty page after).
