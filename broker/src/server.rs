@@ -383,6 +383,11 @@ async fn monitor_store(
                 set_health(&health, ServingStatus::NotServing).await;
             }
         }
+        if !healthy && serving == healthy && database.is_up() {
+            // A request found it back (see `decision::wait_for_the_agents`), but it is away
+            // again.
+            database.went_away(last_up);
+        }
         if healthy {
             last_up = now;
         }

@@ -34,8 +34,8 @@ use tsbroker_common::proto::v1::RedirectReason;
 const DEGRADED_ANSWER_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a new user waits for a database taken for away to be seen back (after which the
-/// agents' resyncs are waited for too) before hearing UNAVAILABLE: the health monitor looks
-/// every 200 ms while it is away, and the front door waits 3 s in all.
+/// agents' resyncs are waited for too) before hearing UNAVAILABLE: waiting requests ask it
+/// themselves, one at a time, and the front door waits 3 s in all.
 const NEW_USER_HOLD: Duration = Duration::from_millis(500);
 
 /// Settings of the decision.
@@ -305,8 +305,8 @@ impl Decider {
     /// A user the directory knows no session of is placed only once the database answers and
     /// the agents have resynced after an outage: a session opened while it was away is not a
     /// new user's. While the database is taken for away, waits up to [`NEW_USER_HOLD`] for its
-    /// return (the health monitor looks every 200 ms then) and answers UNAVAILABLE if it is
-    /// still away; just after it is back, waits out the agents' resyncs
+    /// return (asking it, one request at a time) and answers UNAVAILABLE if it is still away;
+    /// just after it is back, waits out the agents' resyncs
     /// ([`crate::store::reachability::SETTLE_AFTER_OUTAGE`]).
     async fn wait_for_the_agents(&self) -> Result<(), ApiError> {
         let database = &self.settings.database;
@@ -317,7 +317,18 @@ impl Decider {
                     "the database is away: no new logon is placed",
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // One waiting request at a time asks the database itself: it may be back before
+            // the health monitor's next look, and the agents are let back in once it is.
+            if database.start_probe() {
+                let answered =
+                    tokio::time::timeout(Duration::from_millis(300), self.store.ping()).await;
+                if matches!(answered, Ok(Ok(()))) {
+                    database.came_back(self.store.now());
+                }
+                database.probed();
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         if let Some(wait) = database.settling(self.store.now()) {
             tokio::time::sleep(wait).await;

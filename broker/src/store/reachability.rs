@@ -67,12 +67,14 @@ impl Outage {
 /// How long after the database is back a new logon waits for agents to resync what their
 /// machines did while it was away (they are told to come back within a second): a session
 /// opened then is not a new user's.
-pub const SETTLE_AFTER_OUTAGE: Duration = Duration::from_secs(2);
+pub const SETTLE_AFTER_OUTAGE: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, Default)]
 pub struct Reachability {
     /// Until when (ms since the epoch) new logons wait after an outage.
     settle_until: AtomicI64,
+    /// A request is asking the database whether it is back (one at a time).
+    probing: AtomicBool,
     /// The database not answering the health monitor.
     database: Outage,
     /// The agents' writes failing though the database answers (a table locked by another
@@ -92,12 +94,25 @@ impl Reachability {
         self.database.up.store(false, Ordering::Relaxed);
     }
 
-    /// The database answers again at `now`.
+    /// The database answers again at `now` (seen by the health monitor, or by a request that
+    /// asked it first: the first to see it says when).
     pub fn came_back(&self, now: i64) {
+        if self.database.up.swap(true, Ordering::Relaxed) {
+            return;
+        }
         self.database.back_at.store(now, Ordering::Relaxed);
-        self.database.up.store(true, Ordering::Relaxed);
         let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
         self.settle_until.store(now + settle, Ordering::Relaxed);
+    }
+
+    /// Whether the caller may ask the database whether it is back (no one else is asking);
+    /// it calls [`Reachability::probed`] when done.
+    pub fn start_probe(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn probed(&self) {
+        self.probing.store(false, Ordering::Release);
     }
 
     /// How much longer a new logon waits at `now` for agents to resync after an outage.
@@ -201,11 +216,17 @@ mod tests {
         assert_eq!(reachability.settling(100_000), None);
         reachability.went_away(100_000);
         reachability.came_back(160_000);
+        // Seen back a second time (the monitor after a request): the first sighting counts.
+        reachability.came_back(160_400);
         assert_eq!(
             reachability.settling(160_500),
             Some(SETTLE_AFTER_OUTAGE - Duration::from_millis(500))
         );
         assert_eq!(reachability.settling(162_000), None);
+        assert!(reachability.start_probe());
+        assert!(!reachability.start_probe(), "one probe at a time");
+        reachability.probed();
+        assert!(reachability.start_probe());
         // A broker's start after others were away is no return of the database.
         let started = Reachability::default();
         started.started_after(
