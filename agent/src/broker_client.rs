@@ -95,6 +95,13 @@ pub fn broker(channel: Channel, token: BearerToken) -> Broker {
     BrokerClient::with_interceptor(channel, token)
 }
 
+/// The gRPC status in an error's chain, if a broker's answer (or the transport) made it.
+pub fn status_of(error: &anyhow::Error) -> Option<&tonic::Status> {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<tonic::Status>())
+}
+
 /// An error as the log and `tsagent status` show it: its contexts, and of a gRPC status only
 /// its code, its message and its innermost cause (tonic's own form adds empty details and
 /// metadata, and repeats the cause).

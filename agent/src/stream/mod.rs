@@ -212,15 +212,12 @@ const CREDENTIALS_HINT: &str = "the agent's token (--agent-token, TSAGENT_AGENT_
 /// Whether the broker refused the agent's credentials (UNAUTHENTICATED, PERMISSION_DENIED):
 /// retried, as the broker's side may be what gets fixed, but said as what to fix.
 fn refuses_credentials(error: &anyhow::Error) -> bool {
-    error
-        .chain()
-        .find_map(|cause| cause.downcast_ref::<tonic::Status>())
-        .is_some_and(|status| {
-            matches!(
-                status.code(),
-                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-            )
-        })
+    crate::broker_client::status_of(error).is_some_and(|status| {
+        matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        )
+    })
 }
 
 /// Receives and drops the table's changes, for ever.
@@ -232,9 +229,7 @@ async fn discard(events: &mut DirectoryEvents) {
 /// The broker's own word on when to try again: an UNAVAILABLE it gave while its database is
 /// away (the broker is up and will take the stream as soon as its database is back).
 fn retry_after(error: &anyhow::Error) -> Option<Duration> {
-    let status = error
-        .chain()
-        .find_map(|cause| cause.downcast_ref::<tonic::Status>())?;
+    let status = crate::broker_client::status_of(error)?;
     if status.code() != tonic::Code::Unavailable {
         return None;
     }

@@ -177,11 +177,12 @@ impl Decider {
 
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
         let database = &self.settings.database;
-        let outage_near = !database.is_up() || database.settling(self.store.now()).is_some();
+        let mut now = self.store.now();
+        let outage_near = !database.is_up() || database.settling(now).is_some();
         if outage_near && !self.knows_a_session_of(query) {
             self.wait_for_the_agents().await?;
+            now = self.store.now();
         }
-        let now = self.store.now();
         let lease_cutoff = self.settings.lease_cutoff(now);
         if query.user_name.is_empty() {
             // A client that named no user (mstsc with a collection's load-balancing info, or

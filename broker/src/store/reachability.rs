@@ -38,10 +38,13 @@ impl Outage {
         }
     }
 
-    fn ended(&self, now: i64) {
-        if !self.up.swap(true, Ordering::Relaxed) {
+    /// Whether it was on (and so ended now).
+    fn ended(&self, now: i64) -> bool {
+        let was_down = !self.up.swap(true, Ordering::Relaxed);
+        if was_down {
             self.back_at.store(now, Ordering::Relaxed);
         }
+        was_down
     }
 
     /// The oldest lease counted alive at `now` as far as this outage goes: `now - timeout`,
@@ -90,19 +93,16 @@ impl Reachability {
     /// The database stopped answering; it may have been away since `since` (the last check
     /// that found it up).
     pub fn went_away(&self, since: i64) {
-        self.database.down_since.store(since, Ordering::Relaxed);
-        self.database.up.store(false, Ordering::Relaxed);
+        self.database.began(since);
     }
 
     /// The database answers again at `now` (seen by the health monitor, or by a request that
     /// asked it first: the first to see it says when).
     pub fn came_back(&self, now: i64) {
-        if self.database.up.swap(true, Ordering::Relaxed) {
-            return;
+        if self.database.ended(now) {
+            let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
+            self.settle_until.store(now + settle, Ordering::Relaxed);
         }
-        self.database.back_at.store(now, Ordering::Relaxed);
-        let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
-        self.settle_until.store(now + settle, Ordering::Relaxed);
     }
 
     /// Whether the caller may ask the database whether it is back (no one else is asking);

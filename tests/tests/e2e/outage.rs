@@ -113,20 +113,12 @@ fn keep_alive(mut agent: tsbroker_tests::FakeAgent) {
     });
 }
 
-#[tokio::test]
-async fn when_the_database_goes_away_returning_users_still_find_their_session() {
-    let database = TestDatabase::postgres().await;
-    let (target, through) = split_url(&database.url);
-    let link = DatabaseLink::start(target).await;
-    let url = through(link.address);
-    drop(through);
-    let metrics_port = tsbroker_tests::process::free_port();
-    let broker = tsbroker_tests::spawn_broker(&url, |config| {
-        config.heartbeat_timeout = Duration::from_secs(5);
-        config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
-    })
-    .await;
-    let mut client = broker.broker_client().await;
+/// ts-a with alice's disconnected session and an empty ts-b join, their leases kept fresh;
+/// returns once alice is sent to ts-a.
+async fn join_ts_a_with_alice_and_ts_b(
+    broker: &tsbroker_tests::TestBroker,
+    client: &tsbroker_common::proto::v1::broker_client::BrokerClient<tonic::transport::Channel>,
+) {
     keep_alive(
         tsbroker_tests::FakeAgent::join(
             &broker.url(),
@@ -144,6 +136,23 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
             .is_ok_and(|alice| alice.machine_name == "ts-a")
     })
     .await;
+}
+
+#[tokio::test]
+async fn when_the_database_goes_away_returning_users_still_find_their_session() {
+    let database = TestDatabase::postgres().await;
+    let (target, through) = split_url(&database.url);
+    let link = DatabaseLink::start(target).await;
+    let url = through(link.address);
+    drop(through);
+    let metrics_port = tsbroker_tests::process::free_port();
+    let broker = tsbroker_tests::spawn_broker(&url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(5);
+        config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
+    })
+    .await;
+    let mut client = broker.broker_client().await;
+    join_ts_a_with_alice_and_ts_b(&broker, &client).await;
 
     let from_memory = |metrics: &str| {
         ["memory", "memory_degraded"]
@@ -314,23 +323,7 @@ async fn when_a_locked_table_stops_the_agents_writes_returning_users_still_find_
     })
     .await;
     let mut client = broker.broker_client().await;
-    keep_alive(
-        tsbroker_tests::FakeAgent::join(
-            &broker.url(),
-            machine("ts-a", "farm", 100),
-            vec![session(1, "alice", pb::SessionState::Disconnected)],
-        )
-        .await,
-    );
-    keep_alive(
-        tsbroker_tests::FakeAgent::join(&broker.url(), machine("ts-b", "farm", 100), vec![]).await,
-    );
-    eventually(10, || async {
-        redirect(&mut client.clone(), "farm", "alice")
-            .await
-            .is_ok_and(|alice| alice.machine_name == "ts-a")
-    })
-    .await;
+    join_ts_a_with_alice_and_ts_b(&broker, &client).await;
 
     let mut locker = sqlx::PgConnection::connect(&database.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
