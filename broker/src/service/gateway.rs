@@ -13,6 +13,7 @@ use crate::error::ApiError;
 use crate::metrics::{KindLabels, Metrics};
 use crate::plugin::{PluginHub, notices};
 use crate::service::changes::{ChangeRouter, ChangeSubscription};
+use crate::service::hearing::Hearing;
 use crate::service::inbound::{Inbound, InboundEnd};
 use crate::service::{CoreCell, convert};
 use crate::store::{
@@ -93,7 +94,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             machine: None,
             last_seq: 0,
             resynced: false,
-            last_heard: tokio::time::Instant::now(),
+            hearing: Hearing::new(tokio::time::Instant::now()),
             settings_sent: None,
         };
         stream.metrics.agent_streams.inc();
@@ -174,8 +175,8 @@ struct AgentStream {
     machine: Option<MachineRecord>,
     last_seq: u64,
     resynced: bool,
-    /// When the agent's last message arrived.
-    last_heard: tokio::time::Instant,
+    /// When the agent's messages arrived.
+    hearing: Hearing,
     /// The settings the agent last heard, so unchanged settings are not sent again.
     settings_sent: Option<pb::MachineSettings>,
 }
@@ -204,7 +205,7 @@ impl AgentStream {
                 // From the last message heard, not from this wake: settings changes must not
                 // keep a silent agent's stream alive.
                 received = tokio::time::timeout_at(
-                    self.last_heard + self.settings.heartbeat_timeout,
+                    self.hearing.last() + self.settings.heartbeat_timeout,
                     inbound.next(),
                 ) => {
                     let first = match received {
@@ -213,7 +214,8 @@ impl AgentStream {
                         Ok(None) => break StreamEnd::Closed,
                         Ok(Some(Ok(message))) => message,
                     };
-                    self.last_heard = tokio::time::Instant::now();
+                    self.hearing
+                        .heard(tokio::time::Instant::now(), self.settings.heartbeat_interval);
                     let (batch, after) = inbound.batch(first).await;
                     if let Err(end) = self.handle_batch(batch).await {
                         break end;
@@ -577,14 +579,17 @@ impl AgentStream {
 
     /// Another connection took this stream's machine. An agent reconnects only once it found
     /// its link dead (HTTP/2 keepalive: 5-10 s without an answer), so its old stream has been
-    /// quiet for longer than a heartbeat interval; a resynced stream whose agent reported
-    /// within one (it reports every interval) is another process speaking as this machine —
-    /// two servers with one name, whose displaced agent then stays off and says so. Counted
-    /// and warned about.
+    /// quiet for longer than a heartbeat interval; a resynced stream whose agent reports
+    /// steadily (every interval) is another process speaking as this machine — two servers
+    /// with one name, whose displaced agent then stays off and says so. Counted and warned
+    /// about. (After a freeze of this broker, the agent's queued messages arrive in a burst:
+    /// fresh, but not steady, so an agent that only moved is not taken for a copy.)
     fn taken_over(&self, name: &str) {
         let live = self.resynced
-            && self.last_heard.elapsed()
-                < self.settings.heartbeat_interval + Duration::from_secs(1);
+            && self.hearing.reporting(
+                tokio::time::Instant::now(),
+                self.settings.heartbeat_interval,
+            );
         if live {
             self.metrics.live_takeovers.inc();
             tracing::warn!(

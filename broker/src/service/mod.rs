@@ -7,6 +7,7 @@ pub mod broker_api;
 pub mod changes;
 pub mod convert;
 pub mod gateway;
+mod hearing;
 mod inbound;
 pub mod machine_ref;
 mod page_token;
