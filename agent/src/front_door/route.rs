@@ -5,10 +5,12 @@
 //! take a new logon now (`refuses_new_logons`).
 
 use std::net::SocketAddr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use tonic::Code;
 use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::warning_limit::WarningLimit;
 
 use super::x224::{RoutingHint, split_domain};
 use super::{FrontDoorShared, broker_absence};
@@ -332,19 +334,42 @@ fn after_error(
                 "broker cannot place a connection without a user name, using the local rdp service"
             );
         }
+        // Each connection's own line says where it went; these are warned once a minute
+        // with how many came since, so that a broker outage, or a stranger's cookies that the
+        // broker refuses, cannot fill the log.
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
-            tracing::warn!(
-                code = ?status.code(),
-                message = status.message(),
-                "broker unreachable or without a ready machine, using the local rdp service"
-            );
+            static AWAY: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+            match AWAY.warn_now() {
+                Some(unwarned) => tracing::warn!(
+                    code = ?status.code(),
+                    message = status.message(),
+                    since_last_warning = unwarned,
+                    "broker unreachable or without a ready machine, using the local rdp service \
+                     (warned at most once a minute)"
+                ),
+                None => tracing::info!(
+                    code = ?status.code(),
+                    message = status.message(),
+                    "broker unreachable or without a ready machine, using the local rdp service"
+                ),
+            }
         }
         code => {
-            tracing::warn!(
-                ?code,
-                message = status.message(),
-                "broker refused the redirect, using the local rdp service"
-            );
+            static REFUSED: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+            match REFUSED.warn_now() {
+                Some(unwarned) => tracing::warn!(
+                    ?code,
+                    message = status.message(),
+                    since_last_warning = unwarned,
+                    "broker refused the redirect, using the local rdp service \
+                     (warned at most once a minute)"
+                ),
+                None => tracing::debug!(
+                    ?code,
+                    message = status.message(),
+                    "broker refused the redirect, using the local rdp service"
+                ),
+            }
         }
     }
     Decision::Local {

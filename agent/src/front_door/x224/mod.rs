@@ -142,6 +142,10 @@ pub enum X224Error {
     /// The variable part does not start with rdpNegReq and has no CR LF ending a cookie line.
     #[error("cookie or routing token is not terminated by cr lf")]
     MalformedCookie,
+    /// The cookie or routing token line holds a control character (a lone LF, an escape
+    /// sequence, NUL): no client sends one, and it must not reach a log or the broker.
+    #[error("cookie or routing token holds a control character")]
+    ControlCharacterInCookie,
     /// rdpNegReq or rdpCorrelationInfo is truncated, has a wrong length, or is announced but
     /// missing.
     #[error("malformed rdp negotiation request or correlation info")]
@@ -213,6 +217,9 @@ fn parse_cookie_line(variable: &[u8]) -> Result<(RoutingHint, &[u8]), X224Error>
                 .position(|pair| pair == b"\r\n")
                 .ok_or(X224Error::MalformedCookie)?;
             let (line, rest) = variable.split_at(end);
+            if line.iter().any(u8::is_ascii_control) {
+                return Err(X224Error::ControlCharacterInCookie);
+            }
             let after = rest.get(2..).unwrap_or_default();
             Ok((classify_line(line), after))
         }

@@ -337,15 +337,20 @@ fn unrecognized_truncation() {
     assert_eq!(unrecognized_text(b"short"), "short");
 }
 
-/// A CR inside the line is kept; the first CR LF ends it.
+/// The first CR LF ends the line; a lone CR inside it is a control character.
 #[test]
 fn first_crlf_ends_line() {
     let req = complete(&build_connection_request(
-        Some("Cookie: mstshash=a\rb\r"),
+        Some("Cookie: mstshash=ab"),
         Some(1),
     ));
-    assert_eq!(req.hint, RoutingHint::UserName("a\rb\r".into()));
+    assert_eq!(req.hint, RoutingHint::UserName("ab".into()));
     assert_eq!(req.requested_protocols, Some(1));
+    let packet = build_connection_request(Some("Cookie: mstshash=a\rb\r"), Some(1));
+    assert_eq!(
+        parse(&packet).map(|_| ()),
+        Err(X224Error::ControlCharacterInCookie)
+    );
 }
 
 /// rdpNegReq followed by an announced rdpCorrelationInfo.
@@ -602,6 +607,7 @@ fn error_messages_lowercase() {
         X224Error::NotConnectionRequest(0xD0),
         X224Error::BadLengthIndicator,
         X224Error::MalformedCookie,
+        X224Error::ControlCharacterInCookie,
         X224Error::MalformedNegotiation,
     ] {
         let msg = err.to_string();
@@ -758,7 +764,9 @@ proptest! {
         if let Err(err) = result {
             prop_assert!(matches!(
                 err,
-                X224Error::MalformedCookie | X224Error::MalformedNegotiation
+                X224Error::MalformedCookie
+                    | X224Error::ControlCharacterInCookie
+                    | X224Error::MalformedNegotiation
             ));
         }
         let mut longer = packet.clone();
@@ -801,5 +809,25 @@ proptest! {
         if let Some(addr) = decode_routing_token(&text) {
             prop_assert_eq!(decode_routing_token(&encode_routing_token(addr)), Some(addr));
         }
+    }
+}
+
+/// A control character in the cookie line (a lone LF that would start a forged log line, an
+/// escape sequence, NUL, TAB) makes the request invalid: no client sends one.
+#[test]
+fn control_characters_in_the_cookie_line() {
+    for line in [
+        &b"Cookie: mstshash=x\nFORGED LINE\r\n"[..],
+        b"Cookie: mstshash=ali\x1b[31mce\r\n",
+        b"Cookie: mstshash=al\x00ice\r\n",
+        b"Cookie: mstshash=al\tice\r\n",
+        b"Cookie: msts=168624255.24024.0000\x7f\r\n",
+        b"tsv://MS Terminal Services Plugin.1.farm\x07\r\n",
+    ] {
+        assert_eq!(
+            parse(&packet_with_variable(line)).map(|_| ()),
+            Err(X224Error::ControlCharacterInCookie),
+            "{line:?}"
+        );
     }
 }
