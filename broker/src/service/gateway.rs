@@ -125,6 +125,27 @@ enum StreamEnd {
     Superseded,
 }
 
+impl StreamEnd {
+    /// The agent's stream failed: a message this broker could not take (larger than the
+    /// limit, or not a valid `AgentMessage`) is the agent's fault, and it hears why; anything
+    /// else is the connection's.
+    fn inbound_failed(status: Status) -> StreamEnd {
+        match status.code() {
+            Code::OutOfRange | Code::ResourceExhausted => StreamEnd::Refused(Status::new(
+                status.code(),
+                format!("an agent message was refused: {}", status.message()),
+            )),
+            Code::Internal if status.message().contains("decode") => {
+                StreamEnd::Refused(Status::invalid_argument(format!(
+                    "an agent message is not a valid AgentMessage: {}",
+                    status.message()
+                )))
+            }
+            _ => StreamEnd::Transport(status),
+        }
+    }
+}
+
 impl std::fmt::Display for StreamEnd {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -210,7 +231,7 @@ impl AgentStream {
                 ) => {
                     let first = match received {
                         Err(_) => break StreamEnd::Silent,
-                        Ok(Some(Err(status))) => break StreamEnd::Transport(status),
+                        Ok(Some(Err(status))) => break StreamEnd::inbound_failed(status),
                         Ok(None) => break StreamEnd::Closed,
                         Ok(Some(Ok(message))) => message,
                     };
@@ -223,7 +244,7 @@ impl AgentStream {
                     match after {
                         None => {}
                         Some(InboundEnd::Closed) => break StreamEnd::Closed,
-                        Some(InboundEnd::Failed(status)) => break StreamEnd::Transport(status),
+                        Some(InboundEnd::Failed(status)) => break StreamEnd::inbound_failed(status),
                     }
                 }
             }

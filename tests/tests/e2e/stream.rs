@@ -2,6 +2,7 @@
 
 use crate::support::{by_name, eventually, machine, on_both_stores, reason, redirect};
 use std::time::Duration;
+use tokio_stream::StreamExt;
 use tonic::Code;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::agent_message::Body;
@@ -546,6 +547,27 @@ async fn protocol_violations_get_precise_answers(database: &TestDatabase) {
         .into_inner();
     let status = replies.message().await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // A message over the size limit ends the stream with a status that says so (it had
+    // ended with OK, as if the connection had failed).
+    let huge = pb::AgentMessage {
+        seq: 1,
+        body: Some(Body::Added(pb::MachineDescription {
+            name: "x".repeat(5 << 20),
+            ..description("ts-b", "farm", 100)
+        })),
+    };
+    let mut replies = client
+        .connect(tokio_stream::iter(vec![huge]).chain(tokio_stream::pending()))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = tokio::time::timeout(Duration::from_secs(10), replies.message())
+        .await
+        .expect("an answer")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("refused"), "{status:?}");
     broker.stop().await;
 }
 
