@@ -175,8 +175,9 @@ pub struct Cli {
     /// answers loopback clients only.
     #[arg(long, env = "TSBROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Bearer token (16 characters or more) agents must present on their stream; without one,
-    /// any agent may connect.
+    /// Bearer token (16 characters or more) agents must present on their stream; with one, the
+    /// Broker service (Redirect, the queries) also needs a token, the agent's or the admin's.
+    /// Without one, any agent may connect and anyone may call Redirect.
     #[arg(long, env = "TSBROKER_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
     /// Log format: plain or json [default: plain]. Verbosity: RUST_LOG (default info).

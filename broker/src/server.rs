@@ -113,7 +113,18 @@ pub async fn run(
         .client_certificate(certificates_required);
     let admin_guard = AccessGuard::token(config.admin_token.clone(), true, "Admin")
         .client_certificate(certificates_required);
-    let broker_guard = AccessGuard::open("Broker").client_certificate(certificates_required);
+    // Redirect books logons in flight and the queries list users: once agents need a token,
+    // so do they (the front doors send the agent token; operators, either).
+    let broker_guard = AccessGuard::token(config.agent_token.clone(), false, "Broker")
+        .or_token(config.admin_token.clone())
+        .client_certificate(certificates_required);
+    if config.agent_token.is_none() && !config.listen.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "no agent token configured: anyone who reaches this address can stream as an agent, \
+             book logons through Redirect and list the sessions (set --agent-token)"
+        );
+    }
     if config.admin_token.is_none() {
         tracing::warn!(
             "no admin token configured: the Admin service answers loopback clients only"

@@ -1,6 +1,6 @@
 //! Guards for the broker's services: a bearer token for the agent and admin paths, checked in
 //! constant time (with no admin token configured, the Admin service answers loopback clients
-//! only), and, with a TLS client CA configured, a client certificate it signed for every service
+//! only; once agents need a token, the Broker service takes theirs or the admin's), and, with a TLS client CA configured, a client certificate it signed for every service
 //! but health and reflection (the TLS handshake has verified any certificate presented).
 //! Refused calls are logged, at most one warning a minute per service (with how many were
 //! refused since), so that nobody can fill the log by calling without credentials.
@@ -13,7 +13,8 @@ use tsbroker_common::warning_limit::WarningLimit;
 /// What a service asks of a call before it runs.
 #[derive(Clone)]
 pub struct AccessGuard {
-    expected: Option<Secret>,
+    /// Any of these tokens lets a call in; none configured: see `loopback_only_without_token`.
+    expected: Vec<Secret>,
     loopback_only_without_token: bool,
     client_certificate_required: bool,
     service: &'static str,
@@ -29,7 +30,7 @@ impl AccessGuard {
         service: &'static str,
     ) -> Self {
         AccessGuard {
-            expected,
+            expected: expected.into_iter().collect(),
             loopback_only_without_token,
             client_certificate_required: false,
             service,
@@ -40,6 +41,15 @@ impl AccessGuard {
     /// No token: anyone may call (subject to the client certificate).
     pub fn open(service: &'static str) -> Self {
         AccessGuard::token(None, false, service)
+    }
+
+    /// Lets calls with `token` in too, when this guard asks for a token at all (the Broker
+    /// service asks front doors for the agent token and operators for the admin token).
+    pub fn or_token(mut self, token: Option<Secret>) -> Self {
+        if !self.expected.is_empty() {
+            self.expected.extend(token);
+        }
+        self
     }
 
     /// Refuses calls that came without a client certificate when `required`.
@@ -62,25 +72,8 @@ impl AccessGuard {
                 )));
             }
         }
-        match &self.expected {
-            Some(expected) => {
-                let presented = request
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(bearer_token)
-                    .unwrap_or("");
-                if constant_time_eq(presented.as_bytes(), expected.0.as_bytes()) {
-                    Ok(request)
-                } else {
-                    self.refused(&request, "no valid bearer token");
-                    Err(Status::unauthenticated(format!(
-                        "the {} service needs a valid bearer token",
-                        self.service
-                    )))
-                }
-            }
-            None if self.loopback_only_without_token => {
+        match self.expected.as_slice() {
+            [] if self.loopback_only_without_token => {
                 let loopback = request
                     .remote_addr()
                     .is_some_and(|peer| is_loopback(peer.ip()));
@@ -97,7 +90,33 @@ impl AccessGuard {
                     )))
                 }
             }
-            None => Ok(request),
+            [] => Ok(request),
+            expected => {
+                let presented = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(bearer_token)
+                    .unwrap_or("");
+                // Every token is compared, so the time taken says nothing of which matched.
+                let matches = expected.iter().fold(false, |matched, token| {
+                    constant_time_eq(presented.as_bytes(), token.0.as_bytes()) | matched
+                });
+                if matches {
+                    Ok(request)
+                } else {
+                    self.refused(&request, "no valid bearer token");
+                    let which = if expected.len() > 1 {
+                        " (the agent token, or the admin token)"
+                    } else {
+                        ""
+                    };
+                    Err(Status::unauthenticated(format!(
+                        "the {} service needs a valid bearer token{which}",
+                        self.service
+                    )))
+                }
+            }
         }
     }
 
@@ -162,6 +181,34 @@ mod tests {
             guard.check(request).unwrap_err().code(),
             tonic::Code::Unauthenticated
         );
+    }
+
+    #[test]
+    fn the_broker_service_takes_either_token_once_agents_need_one() {
+        let agent = Some(Secret("agent-token-0123456789".into()));
+        let admin = Some(Secret("admin-token-0123456789".into()));
+        let guard = AccessGuard::token(agent, false, "Broker").or_token(admin.clone());
+        let with = |token: &str| {
+            let mut request = Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            request
+        };
+        assert!(guard.check(with("agent-token-0123456789")).is_ok());
+        assert!(guard.check(with("admin-token-0123456789")).is_ok());
+        let refused = guard.check(with("agent-token-01234567")).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert!(
+            refused
+                .message()
+                .contains("the agent token, or the admin token"),
+            "{refused:?}"
+        );
+        assert!(guard.check(Request::new(())).is_err());
+        // Without an agent token the service stays open, admin token or not.
+        let open = AccessGuard::token(None, false, "Broker").or_token(admin);
+        assert!(open.check(Request::new(())).is_ok());
     }
 
     #[test]

@@ -58,14 +58,22 @@ fn with_cookie(cookie: &str) -> Vec<u8> {
     packet
 }
 
-async fn machine_on(broker: &TestBroker, name: &str, ip: &str, local_rdp: &str) -> TestAgent {
+async fn machine_on(
+    broker: &TestBroker,
+    name: &str,
+    ip: &str,
+    local_rdp: &str,
+    token: Option<&str>,
+) -> TestAgent {
     let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let local_rdp = local_rdp.to_owned();
+    let token = token.map(str::to_owned);
     TestAgent::start(&broker.url(), name, move |config| {
         config.advertise = address;
         config.front_door = Some(FrontDoorBind::Listener(listener));
         config.local_rdp = local_rdp;
+        config.agent_token = token;
     })
     .await
 }
@@ -83,12 +91,20 @@ struct Farm {
 
 impl Farm {
     async fn start() -> Farm {
+        Farm::start_with_token(None).await
+    }
+
+    /// The farm with `--agent-token` set on the broker and both agents.
+    async fn start_with_token(token: Option<&str>) -> Farm {
         let database = TestDatabase::sqlite();
-        let broker = spawn_broker(&database.url, |_| {}).await;
+        let broker = spawn_broker(&database.url, |config| {
+            config.agent_token = token.map(|token| tsbroker::config::Secret(token.to_owned()));
+        })
+        .await;
         let (a_rdp, a_seen) = rdp_stand_in().await;
         let (b_rdp, b_seen) = rdp_stand_in().await;
-        let a = machine_on(&broker, "ts-a", "127.0.0.2", &a_rdp).await;
-        let b = machine_on(&broker, "ts-b", "127.0.0.3", &b_rdp).await;
+        let a = machine_on(&broker, "ts-a", "127.0.0.2", &a_rdp, token).await;
+        let b = machine_on(&broker, "ts-b", "127.0.0.3", &b_rdp, token).await;
         Farm {
             _database: database,
             broker,
@@ -338,5 +354,68 @@ async fn a_drained_farm_refuses_new_logons_at_the_front_door() {
         .unwrap();
     let _carol = connect_from("127.0.0.1", farm.b.front_door.unwrap(), &newcomer).await;
     farm.assert_reached("ts-a", &newcomer).await;
+    farm.stop().await;
+}
+
+/// Once agents need a token, so does the Broker service: a stranger on the network can neither
+/// book logons in flight through Redirect (which filled every machine's cap and refused real
+/// users) nor list the sessions; the front doors, which send the agent token, route as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_an_agent_token_the_broker_answers_only_callers_that_have_one() {
+    const TOKEN: &str = "agent-token-for-the-farm";
+    let mut farm = Farm::start_with_token(Some(TOKEN)).await;
+    let mut client = farm.broker.broker_client().await;
+    let redirect = pb::RedirectRequest {
+        user_name: "mallory".into(),
+        farm: "default".into(),
+        ..Default::default()
+    };
+    let refused = client.redirect(redirect.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let listing = pb::ListSessionsRequest {
+        farm: "default".into(),
+        ..Default::default()
+    };
+    let refused = client.list_sessions(listing.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let refused = client
+        .list_farms(pb::ListFarmsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let with_token = |message| {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        request
+    };
+    let listed = client.list_sessions(with_token(listing)).await.unwrap();
+    assert!(listed.into_inner().sessions.is_empty());
+
+    farm.b
+        .cli(&["session", "logon", "--user", "bob", "--session-id", "7"])
+        .await;
+    eventually(10, || {
+        let mut client = client.clone();
+        async move {
+            let request = with_token(pb::ListSessionsRequest {
+                farm: "default".into(),
+                ..Default::default()
+            });
+            client
+                .list_sessions(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions
+                .len()
+                == 1
+        }
+    })
+    .await;
+    let returning = connection_request("bob");
+    let _bob = connect_from("127.0.0.1", farm.a.front_door.unwrap(), &returning).await;
+    farm.assert_reached("ts-b", &returning).await;
     farm.stop().await;
 }
