@@ -1,38 +1,101 @@
-//! Accepting connections: `TCP_NODELAY` on each, and a pause instead of a busy loop when the
-//! process runs out of file descriptors (or memory) to accept with.
+//! Accepting gRPC connections: `TCP_NODELAY` on each, silent ones closed, and a pause instead
+//! of a busy loop when the process runs out of file descriptors (or memory) to accept with.
 
 use std::io;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::warning_limit::WarningLimit;
 
 /// The first pause after a failed accept; doubled with each failure in a row.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause: how late a freed descriptor can be noticed.
 const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
-/// The connections `listener` accepts, each with `TCP_NODELAY` set, for tonic's
-/// `serve_with_incoming*`. The server builder's `tcp_nodelay` reaches only a listener tonic
-/// binds itself; without it an answer written in two pieces can wait for the client's delayed
-/// ACK (40 ms on Linux). A failed accept is handled by [`AcceptPause`]: tonic's own loop would
-/// retry at once, which with no descriptor left spins a core and logs nothing.
+/// How long a client has, once connected, to begin HTTP/2 (its 24-byte connection preface) or
+/// to send anything else: a connection that stays silent longer is closed, so that idle TCP
+/// connections cannot take the process's file descriptors (the server's own keepalive starts
+/// only after the preface).
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every HTTP/2 client sends first (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The connections `listener` accepts, each with `TCP_NODELAY` set, once its client has sent
+/// the HTTP/2 preface (or something else, which the server answers itself) within
+/// [`GREETING_TIMEOUT`], for tonic's `serve_with_incoming*`. The server builder's
+/// `tcp_nodelay` reaches only a listener tonic binds itself; without it an answer written in
+/// two pieces can wait for the client's delayed ACK (40 ms on Linux). A failed accept is
+/// handled by [`AcceptPause`]: tonic's own loop would retry at once, which with no descriptor
+/// left spins a core and logs nothing. Accepts until the stream is dropped.
 pub fn accepted_connections(
     listener: TcpListener,
 ) -> impl Stream<Item = io::Result<TcpStream>> + Send + 'static {
-    let pause = AcceptPause::new("gRPC");
-    futures::stream::unfold((listener, pause), |(listener, mut pause)| async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    pause.after_success();
-                    let _ = stream.set_nodelay(true);
-                    return Some((Ok(stream), (listener, pause)));
-                }
-                Err(error) => pause.after_error(&error).await,
-            }
-        }
+    greeted_connections(listener, GREETING_TIMEOUT)
+}
+
+fn greeted_connections(
+    listener: TcpListener,
+    greeting_timeout: Duration,
+) -> impl Stream<Item = io::Result<TcpStream>> + Send + 'static {
+    let (ready, incoming) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, ready, greeting_timeout));
+    futures::stream::unfold(incoming, |mut incoming| async move {
+        incoming.recv().await.map(|stream| (Ok(stream), incoming))
     })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ready: mpsc::Sender<TcpStream>,
+    greeting_timeout: Duration,
+) {
+    static SILENT: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+    let mut pause = AcceptPause::new("gRPC");
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = ready.closed() => return,
+            accepted = pause.next_connection(&listener) => accepted,
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(greeting_timeout, greeted(&stream)).await {
+                Ok(true) => {
+                    let _ = ready.send(stream).await;
+                }
+                Ok(false) => tracing::debug!(%peer, "a connection closed before it sent anything"),
+                Err(_) => match SILENT.warn_now() {
+                    Some(unsaid) => tracing::info!(
+                        %peer,
+                        since_last_said = unsaid,
+                        "closed a connection that sent nothing within {greeting_timeout:?} \
+                         (said at most once a minute)"
+                    ),
+                    None => tracing::debug!(%peer, "closed a connection that sent nothing"),
+                },
+            }
+        });
+    }
+}
+
+/// Whether the client greeted: sent the whole HTTP/2 preface, or bytes that cannot begin it;
+/// false once it closed (or failed) first. Reads nothing: the server reads it all again.
+async fn greeted(stream: &TcpStream) -> bool {
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    loop {
+        match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return false,
+            Ok(read) if read == first.len() || first[..read] != HTTP2_PREFACE[..read] => {
+                return true;
+            }
+            // Part of the preface: peeking again would return at once with the same bytes.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 /// What an accept loop does after an accept fails. An error about one connection (reset or
@@ -60,6 +123,24 @@ impl AcceptPause {
             listener,
             next_pause: FIRST_PAUSE,
             run: None,
+        }
+    }
+
+    /// The next connection `listener` accepts, with `TCP_NODELAY` set, pausing after failed
+    /// accepts as [`AcceptPause::after_error`] says. Cancel-safe.
+    pub async fn next_connection(
+        &mut self,
+        listener: &TcpListener,
+    ) -> (TcpStream, std::net::SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    self.after_success();
+                    let _ = stream.set_nodelay(true);
+                    return (stream, peer);
+                }
+                Err(error) => self.after_error(&error).await,
+            }
         }
     }
 
@@ -124,6 +205,7 @@ mod tests {
     use std::io;
     use std::time::Duration;
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio_stream::StreamExt;
 
@@ -135,9 +217,52 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let incoming = super::accepted_connections(listener);
         tokio::pin!(incoming);
-        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client.write_all(super::HTTP2_PREFACE).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_and_never_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let incoming = super::greeted_connections(listener, Duration::from_millis(300));
+        tokio::pin!(incoming);
+        let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        // Half of the preface, then nothing more.
+        let mut halting = tokio::net::TcpStream::connect(address).await.unwrap();
+        halting
+            .write_all(&super::HTTP2_PREFACE[..10])
+            .await
+            .unwrap();
+        // Not HTTP/2 at all: served, for the server to answer as it does.
+        let mut stranger = tokio::net::TcpStream::connect(address).await.unwrap();
+        stranger.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client.write_all(super::HTTP2_PREFACE).await.unwrap();
+        let mut served = Vec::new();
+        for _ in 0..2 {
+            let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+                .await
+                .expect("served")
+                .unwrap()
+                .unwrap();
+            served.push(accepted.peer_addr().unwrap());
+        }
+        served.sort();
+        let mut expected = vec![stranger.local_addr().unwrap(), client.local_addr().unwrap()];
+        expected.sort();
+        assert_eq!(served, expected);
+        for connection in [&mut silent, &mut halting] {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(5), connection.read(&mut byte))
+                .await
+                .expect("closed by the server");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
+        let more = tokio::time::timeout(Duration::from_millis(200), incoming.next()).await;
+        assert!(more.is_err(), "the silent connections are never served");
     }
 
     #[tokio::test(start_paused = true)]

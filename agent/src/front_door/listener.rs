@@ -50,19 +50,10 @@ pub async fn serve(
                 Err(_) => return,
             },
         };
-        let accepted = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = pause.next_connection(&listener) => accepted,
         };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                pause.after_error(&error).await;
-                continue;
-            }
-        };
-        pause.after_success();
-        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let span = tracing::info_span!("client", client = %peer);

@@ -85,16 +85,8 @@ impl TlsListener {
             let (tcp, peer) = tokio::select! {
                 () = stop.cancelled() => return,
                 () = ready.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        pause.after_error(&error).await;
-                        continue;
-                    }
-                },
+                accepted = pause.next_connection(&listener) => accepted,
             };
-            pause.after_success();
-            let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(self.tls.with(|tls| tls.config.clone()));
             let (ready, live) = (ready.clone(), self.live.clone());
             tokio::spawn(async move {
