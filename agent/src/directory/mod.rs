@@ -359,6 +359,12 @@ impl Directory {
         result
     }
 
+    /// Whether a connection for `user` (name and domain; `None`: a client that named no user)
+    /// from `client` has a session here to return to.
+    pub fn may_return_here(&self, user: Option<(&str, &str)>, client: &str) -> bool {
+        rules::may_return_here(&self.lock(), user, client)
+    }
+
     /// The front door handed a connection for `user_name` to the local RDP service: a
     /// reconnection to the user's session here, or a new logon. `None` when the name is not
     /// usable as a user name.

@@ -112,6 +112,28 @@ impl CookieName {
     }
 }
 
+/// Whether the table holds a session that a connection would return to: one a cookie naming
+/// `user_name` in `domain` attaches to, or, for a client that named no user, one opened from
+/// `client`'s IP address.
+pub(super) fn may_return_here(table: &Table, user: Option<(&str, &str)>, client: &str) -> bool {
+    match user {
+        Some((user_name, domain)) => {
+            let cookie = CookieName::new(user_name);
+            table.sessions.values().any(|record| {
+                domains_match(record, domain) && cookie.names(&user_key(&record.user_name))
+            })
+        }
+        None => {
+            let client = client_ip(client);
+            client.is_some()
+                && table
+                    .sessions
+                    .values()
+                    .any(|record| client_ip(&record.client_address) == client)
+        }
+    }
+}
+
 /// The record is this user's: same name, or a front-door record whose cookie names the user.
 fn is_users(record: &SessionRecord, user_name: &str, domain: &str) -> bool {
     if !domains_match(record, domain) {

@@ -786,3 +786,34 @@ fn tables_without_the_unconfirmed_flag_are_read_as_confirmed() {
         .collect();
     assert_eq!(flags, vec![("alice".into(), false), ("bob".into(), true)]);
 }
+
+/// Whether a connection has a session here to return to: by the cookie's name (cut by mstsc
+/// too), or, naming no user, by a session opened from its client's IP.
+#[test]
+fn a_connection_may_return_to_a_session_by_name_or_by_its_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    directory
+        .apply(
+            Logon,
+            SessionRequest {
+                client_address: "192.0.2.7:50000".into(),
+                ..request("christopher.jones", Some(3))
+            },
+        )
+        .unwrap();
+    for (user, client, expected) in [
+        (Some(("christopher.jones", "")), "198.51.100.1:1", true),
+        (Some(("christoph", "")), "198.51.100.1:1", true),
+        (Some(("CHRISTOPHER.JONES", "CORP")), "198.51.100.1:1", true),
+        (Some(("carol", "")), "192.0.2.7:1", false),
+        (None, "192.0.2.7:1", true),
+        (None, "198.51.100.1:1", false),
+    ] {
+        assert_eq!(
+            directory.may_return_here(user, client),
+            expected,
+            "{user:?} from {client}"
+        );
+    }
+}

@@ -269,16 +269,12 @@ async fn ask_broker(
         .redirect(asked.elapsed().as_secs_f64(), failure);
     let response = match answer {
         Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return after_error(shared, user, &status),
+        Ok(Err(status)) => return after_error(shared, user, client, &status),
         Err(_) => {
             tracing::warn!(
                 "broker did not answer the redirect in time, using the local rdp service"
             );
-            return Decision::Local {
-                user,
-                why: "broker timed out".to_owned(),
-                new_logon: false,
-            };
+            return undecided(shared, user, client, "broker timed out".to_owned());
         }
     };
     // The broker may have resolved a truncated cookie to the user's full name.
@@ -309,10 +305,12 @@ async fn ask_broker(
 }
 
 /// What a broker's error means for the connection: a refusal when it is the broker's answer
-/// that no machine may take a new logon (`refuses_new_logons`), else the local RDP service.
+/// that no machine may take a new logon (`refuses_new_logons`), else the local RDP service
+/// (`undecided`).
 fn after_error(
     shared: &FrontDoorShared,
     user: Option<ConnectingUser>,
+    client: SocketAddr,
     status: &tonic::Status,
 ) -> Decision {
     if refuses_new_logons(status, shared.draining()) {
@@ -372,9 +370,42 @@ fn after_error(
             }
         }
     }
+    undecided(
+        shared,
+        user,
+        client,
+        format!("broker answered {:?}", status.code()),
+    )
+}
+
+/// No broker decided (none answered, its database is away, it refused the hint): the local
+/// RDP service, unless this machine drains and holds no session this connection would return
+/// to — then it is a new logon the operator ruled out here, and refused.
+fn undecided(
+    shared: &FrontDoorShared,
+    user: Option<ConnectingUser>,
+    client: SocketAddr,
+    why: String,
+) -> Decision {
+    let returning = || {
+        let named = user
+            .as_ref()
+            .map(|user| (user.user_name.as_str(), user.domain.as_str()));
+        shared.directory.may_return_here(named, &client.to_string())
+    };
+    if shared.draining() && !returning() {
+        return Decision::Refuse {
+            why: format!(
+                "this machine drains, and {} has no session here to return to ({why})",
+                user_label(user.as_ref())
+            ),
+            by_broker: true,
+            full: false,
+        };
+    }
     Decision::Local {
         user,
-        why: format!("broker answered {:?}", status.code()),
+        why,
         new_logon: false,
     }
 }

@@ -763,6 +763,33 @@ async fn a_broker_that_takes_no_new_logons_refuses_the_client() {
     let (_, back) = exchange(draining.front_door, &bytes).await;
     assert!(back.is_empty(), "{back:?}");
     nothing(&mut draining.local).await;
+
+    // The broker cannot decide (its database away, an error, no answer): a new user is
+    // refused while this machine drains (it took them before); a user with a session here
+    // still reaches it.
+    for code in [tonic::Code::Internal, tonic::Code::Unknown] {
+        draining
+            .fake
+            .with(|state| state.redirect_answer = Some(Err(code)));
+        let (_, back) = exchange(draining.front_door, &bytes).await;
+        assert!(back.is_empty(), "{code:?}: {back:?}");
+        nothing(&mut draining.local).await;
+    }
+    draining
+        .agent
+        .directory()
+        .apply(
+            SessionEventKind::Disconnect,
+            crate::directory::SessionRequest {
+                user_name: "olivia".into(),
+                session_id: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (_, returning) = request_with_tail(Some("Cookie: mstshash=olivia"));
+    exchange(draining.front_door, &returning).await;
+    assert_eq!(next(&mut draining.local).await, returning);
     draining.shutdown.cancel();
 }
 
