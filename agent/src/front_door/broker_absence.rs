@@ -24,13 +24,16 @@ pub struct BrokerAbsence {
 
 impl BrokerAbsence {
     /// A call found the broker away at `now`: whether it may ask again (the absence is younger
-    /// than [`RIDE_OUT`]).
-    pub fn away(&self, now: Instant) -> bool {
+    /// than [`RIDE_OUT`]). The absence began when the agent's stream went down, when it is down
+    /// (after a quiet hour, the first client need not wait for a broker gone for minutes), else
+    /// now.
+    pub fn away(&self, now: Instant, stream_down_since: Option<Instant>) -> bool {
         let mut since = self
             .since
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let start = *since.get_or_insert(now);
+        let began = stream_down_since.filter(|&down| down <= now).unwrap_or(now);
+        let start = *since.get_or_insert(began);
         now.saturating_duration_since(start) < RIDE_OUT
     }
 
@@ -58,12 +61,25 @@ mod tests {
     fn an_absence_is_ridden_out_until_it_is_old_and_forgotten_once_a_broker_answers() {
         let absence = BrokerAbsence::default();
         let start = Instant::now();
-        assert!(absence.away(start));
-        assert!(absence.away(start + RIDE_OUT - Duration::from_millis(1)));
-        assert!(!absence.away(start + RIDE_OUT));
+        assert!(absence.away(start, None));
+        assert!(absence.away(start + RIDE_OUT - Duration::from_millis(1), None));
+        assert!(!absence.away(start + RIDE_OUT, None));
         absence.answered();
         // A new absence starts its own clock.
-        assert!(absence.away(start + RIDE_OUT * 3));
+        assert!(absence.away(start + RIDE_OUT * 3, None));
+    }
+
+    #[test]
+    fn an_absence_begins_when_the_agents_stream_went_down() {
+        let absence = BrokerAbsence::default();
+        let down = Instant::now();
+        // The first client after a quiet 20 s: the broker has been away for longer than the
+        // ride-out, so nobody waits.
+        assert!(!absence.away(down + RIDE_OUT * 2, Some(down)));
+        absence.answered();
+        // The stream went down a moment ago: ridden out from then.
+        assert!(absence.away(down + Duration::from_secs(1), Some(down)));
+        assert!(!absence.away(down + RIDE_OUT, Some(down)));
     }
 
     #[tokio::test]

@@ -66,6 +66,14 @@ impl FrontDoorShared {
         Uuid::parse_str(machine_id).is_ok_and(|id| id == self.settings.machine_id)
     }
 
+    /// Since when the agent's stream to the broker has been down (`None` while it is up).
+    pub fn stream_down_since(&self) -> Option<std::time::Instant> {
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .down_since
+    }
+
     /// Whether the broker last said this machine drains.
     pub fn draining(&self) -> bool {
         self.status

@@ -239,7 +239,7 @@ async fn ask_broker(
         match &answer {
             Ok(Err(status)) if broker_absence::broker_away(status) => {
                 let now = std::time::Instant::now();
-                if shared.broker_absence.away(now)
+                if shared.broker_absence.away(now, shared.stream_down_since())
                     && tokio::time::Instant::from_std(now + broker_absence::RETRY_PAUSE) < deadline
                 {
                     tokio::time::sleep(broker_absence::RETRY_PAUSE).await;

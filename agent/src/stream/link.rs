@@ -264,7 +264,10 @@ fn handle_command(
         Command::Ack(ack) if ack.seq == ready_seq => {
             outbox.settle(&Command::Ack(ack));
             tracing::info!("the broker has this machine ready");
-            update_status(&context.status, |status| status.connected = true);
+            update_status(&context.status, |status| {
+                status.connected = true;
+                status.down_since = None;
+            });
         }
         // RESYNC (sent just before READY) or READY refused: the machine would stay JOINING on
         // this stream for ever. End it: the reason goes to the log and `tsagent status`, and

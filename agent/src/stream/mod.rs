@@ -35,6 +35,10 @@ pub struct LinkStatus {
     pub heartbeat_interval_ms: u64,
     /// Why the last stream ended, if it did.
     pub last_error: String,
+    /// Since when no stream has been connected (none since the agent started, or the last one
+    /// ended then); `None` while connected.
+    #[serde(skip)]
+    pub down_since: Option<std::time::Instant>,
 }
 
 pub type SharedStatus = Arc<Mutex<LinkStatus>>;
@@ -115,6 +119,9 @@ pub async fn run(
         let mut was_ready = false;
         update_status(&context.status, |status| {
             was_ready = status.connected;
+            if was_ready || status.down_since.is_none() {
+                status.down_since = Some(std::time::Instant::now());
+            }
             status.connected = false;
         });
         let mut credentials_refused = false;
