@@ -297,7 +297,9 @@ pub async fn run(
 
 /// After the broker was away (stopped, crashed, its host down), the machines its agents were
 /// reporting count alive for two heartbeat timeouts from its start (see
-/// `Reachability::started_after`): time for agents to reconnect through their backoff.
+/// `Reachability::started_after`): time for agents to reconnect through their backoff. On a
+/// store that knows no machine, new logons wait for the agents' resyncs
+/// (`Reachability::started_empty`).
 async fn restart_grace(store: &dyn Store, database: &Reachability, heartbeat_timeout: Duration) {
     let Ok(machines) = store.list_machines(None).await else {
         return;
@@ -307,13 +309,21 @@ async fn restart_grace(store: &dyn Store, database: &Reachability, heartbeat_tim
         .filter(|machine| machine.machine_state() != tsbroker_common::model::MachineState::Removed)
         .map(|machine| machine.last_seen_at)
         .max();
-    if let Some(last_heard) = last_heard {
-        database.started_after(
+    match last_heard {
+        Some(last_heard) => database.started_after(
             last_heard,
             store.now(),
             2 * heartbeat_timeout,
             heartbeat_timeout,
-        );
+        ),
+        None => {
+            tracing::info!(
+                "the store knows no machine (a new database, or one made again): machines and \
+                 their sessions come back as their agents connect; drains, weights, session \
+                 limits and policies set through Admin are not in it"
+            );
+            database.started_empty(store.now());
+        }
     }
 }
 

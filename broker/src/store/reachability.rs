@@ -132,6 +132,15 @@ impl Reachability {
         self.writes.ended(now);
     }
 
+    /// The broker starts at `now` on a store that knows no machine (a new database, or one
+    /// lost and made again): the farm's agents are reconnecting with their sessions, so new
+    /// logons wait [`SETTLE_AFTER_OUTAGE`] for their resyncs, as after an outage — a user
+    /// whose session the store lost is not taken for a new user meanwhile.
+    pub fn started_empty(&self, now: i64) {
+        let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
+        self.settle_until.store(now + settle, Ordering::Relaxed);
+    }
+
     /// The broker starts at `now` on a database whose machines were last heard of at
     /// `last_heard` (by the broker that ran before, which may have been away much longer than
     /// a heartbeat timeout): taken as an outage of the database from then, so that a machine
@@ -236,6 +245,11 @@ mod tests {
             Duration::from_secs(15),
         );
         assert_eq!(started.settling(200_000), None);
+        // A start on a store that knows no machine waits for the agents as after an outage.
+        let empty = Reachability::default();
+        empty.started_empty(300_000);
+        assert_eq!(empty.settling(300_000), Some(SETTLE_AFTER_OUTAGE));
+        assert_eq!(empty.settling(301_500), None);
     }
 
     #[test]

@@ -568,3 +568,47 @@ async fn a_front_door_flood_is_said_once_not_line_by_line() {
     assert!(stopped.success(), "{stopped:?}");
     broker.stop().await;
 }
+
+/// The store lost (the broker started again on a new, empty database, at the same address):
+/// the agents come back with their sessions, and a user who asks the moment the broker is up
+/// is sent back to their session, not placed as a new user (a second session elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_the_store_is_lost_a_returning_user_is_not_taken_for_a_new_one() {
+    let lost = TestDatabase::sqlite();
+    let broker = spawn_broker(&lost.url, |_| {}).await;
+    let address = broker.address;
+    let a = TestAgent::start(&broker.url(), "ts-a.example.test", |_| {}).await;
+    let b = TestAgent::start(&broker.url(), "ts-b.example.test", |_| {}).await;
+    a.cli(&["session", "logon", "--user", "alice"]).await;
+    a.cli(&["session", "disconnect", "--user", "alice"]).await;
+    let client = broker.broker_client().await;
+    eventually(10, || {
+        let mut client = client.clone();
+        async move {
+            redirect(&mut client, "default", "alice")
+                .await
+                .is_ok_and(|answer| reason(&answer) == pb::RedirectReason::ExistingSession)
+        }
+    })
+    .await;
+    drop(client);
+    broker.stop().await;
+    eventually(10, || async {
+        !a.running().link_status().connected && !b.running().link_status().connected
+    })
+    .await;
+
+    let empty = TestDatabase::sqlite();
+    let broker = spawn_broker_at(&empty.url, address, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let answer = redirect(&mut client, "default", "alice")
+        .await
+        .expect("an answer once the agents are back");
+    assert_eq!(
+        (reason(&answer), answer.machine_name.as_str()),
+        (pb::RedirectReason::ExistingSession, "ts-a.example.test")
+    );
+    a.stop().await;
+    b.stop().await;
+    broker.stop().await;
+}
