@@ -251,8 +251,9 @@ pub async fn start(
             // A failed stop: the next start reads an older table and reports it as the truth.
             anyhow::bail!(
                 "the session table could not be saved before stopping: the next start reads \
-                 an older one (check the state directory, or remove its sessions.json to start \
-                 with none)"
+                 an older one (free space or fix the permissions of the state directory; keep \
+                 its sessions.json: an agent that starts without one tells the broker this \
+                 machine has no sessions)"
             );
         }
         tracing::info!("agent stopped");

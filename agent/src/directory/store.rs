@@ -135,7 +135,9 @@ impl TableFile {
             path = %self.path.display(),
             moved_to = %aside.display(),
             %error,
-            "session table unreadable, starting with an empty one"
+            "session table unreadable, starting with an empty one: the broker will count this \
+             machine's sessions as ended (put a good copy back, from a backup, and restart the \
+             agent to tell it of them again)"
         );
         std::fs::rename(&self.path, &aside)
             .with_context(|| format!("move aside {}", self.path.display()))?;
