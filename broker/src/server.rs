@@ -347,8 +347,10 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Opens the store. SQLite fails at once (its errors are the operator's to fix); PostgreSQL
-/// is retried with a growing pause, since the database may start after the broker.
+/// Opens the store. PostgreSQL is retried with a growing pause, since the database may start
+/// after the broker; SQLite too while its disk is full, read-only or failing (conditions that
+/// clear up), and fails at once for the rest (a wrong path or permission, another broker on
+/// the file: the operator's to fix).
 async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
     let mut pause = Duration::from_millis(200);
     loop {
@@ -356,6 +358,16 @@ async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
             Ok(store) => return Ok(store),
             Err(error) if database_url.starts_with("postgres") => {
                 tracing::warn!(error = format!("{error:#}"), retry_in = %humantime::format_duration(pause), "database not ready");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(error) if store::sqlite_may_clear_up(&error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    retry_in = %humantime::format_duration(pause),
+                    "the sqlite database cannot be opened for writing (a full disk or quota, a \
+                     read-only file system, an I/O error): retrying, NOT_SERVING meanwhile"
+                );
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }

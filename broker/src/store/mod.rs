@@ -26,7 +26,7 @@ pub use placement::select_pending_of_users;
 pub use postgres::{MAIN_SETTINGS, PLACEMENT_SETTINGS, PostgresStore};
 pub use records::*;
 pub use sql::HOT_QUERIES;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, may_clear_up as sqlite_may_clear_up};
 
 pub type StoreResult<T> = Result<T, StoreError>;
 

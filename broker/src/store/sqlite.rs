@@ -21,6 +21,7 @@ use tsbroker_common::model::{LoadReport, MachineDescription, SessionInfo, Sessio
 use uuid::Uuid;
 
 mod file;
+pub use file::may_clear_up;
 use file::{BUSY_TIMEOUT, WAL_KEPT_BYTES, WAL_LIMIT_FRAMES, checkpoint_wal, own_database_file};
 
 pub struct SqliteStore {

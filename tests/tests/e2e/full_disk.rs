@@ -168,3 +168,54 @@ async fn a_database_that_takes_no_writes_at_start_is_never_served() {
             .contains("store ready")
     );
 }
+
+/// A broker started while its disk takes no writes (here a file-size limit of 0, as a full
+/// disk) does not exit: it says why, stays NOT_SERVING, and opens the database once writes
+/// work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_started_on_a_full_disk_waits_for_room_and_then_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut command = Command::new("sh");
+    // The limit holds for every file the broker writes, its log too: the log goes through a
+    // pipe, copied to the file here.
+    command
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -S -f 0; exec \"$0\" \"$@\" 2>&1")
+        .arg(tsbroker_tests::binaries::workspace_binary("tsbroker"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.path().join("b.db").display()))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped());
+    let mut broker = tsbroker_tests::process::ChildGuard::spawn("tsbroker", command);
+    let log = tsbroker_tests::process::LogFile::create(&dir.path().join("broker.log"));
+    let mut output = broker.take_stdout().unwrap();
+    let mut copy = std::fs::OpenOptions::new()
+        .append(true)
+        .open(log.path())
+        .unwrap();
+    std::thread::spawn(move || std::io::copy(&mut output, &mut copy));
+    assert!(
+        log.wait_for(
+            "cannot be opened for writing",
+            2,
+            Duration::from_secs(20),
+            Some(&mut broker)
+        )
+        .await,
+        "{}",
+        log.tail(10)
+    );
+    let channel = connect(&format!("http://127.0.0.1:{port}")).await;
+    wait_for_health(&channel, ServingStatus::NotServing).await;
+    limit_file_size(broker.pid(), "unlimited");
+    assert!(
+        log.wait_for("store ready", 1, Duration::from_secs(20), Some(&mut broker))
+            .await,
+        "{}",
+        log.tail(10)
+    );
+    wait_for_health(&channel, ServingStatus::Serving).await;
+}

@@ -114,10 +114,58 @@ pub(super) fn own_database_file(url: &str, path: &Path) -> anyhow::Result<Option
     }
 }
 
+/// Whether opening the database failed for a condition of the disk that clears up without
+/// the operator changing a setting: no space (or quota, or a file-size limit), a read-only file
+/// system (remounted so after errors), an I/O error — or SQLite's own words for these (FULL,
+/// IOERR, READONLY). A wrong path, a refused permission, a file that is not a database or one
+/// in use by another broker are not: they are the operator's to fix.
+pub fn may_clear_up(error: &anyhow::Error) -> bool {
+    // EIO, EFBIG, ENOSPC, EROFS, EDQUOT on Linux.
+    const DISK_CONDITIONS: [i32; 5] = [5, 27, 28, 30, 122];
+    // SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL (primary codes: the low byte).
+    const SQLITE_CONDITIONS: [i32; 3] = [8, 10, 13];
+    let disk = |io: &std::io::Error| {
+        io.raw_os_error()
+            .is_some_and(|code| DISK_CONDITIONS.contains(&code))
+    };
+    error.chain().any(|cause| {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return disk(io);
+        }
+        match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Io(io)) => disk(io),
+            Some(sqlx::Error::Database(database)) => database
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| SQLITE_CONDITIONS.contains(&(code & 0xff))),
+            _ => false,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::SqliteStore;
     use super::*;
+
+    #[test]
+    fn a_full_or_read_only_disk_may_clear_up_and_a_wrong_setting_does_not() {
+        let io = |code: i32| {
+            anyhow::Error::from(std::io::Error::from_raw_os_error(code)).context("open sqlite")
+        };
+        for (code, clears) in [
+            (28, true),
+            (30, true),
+            (5, true),
+            (27, true),
+            (2, false),
+            (13, false),
+        ] {
+            assert_eq!(may_clear_up(&io(code)), clears, "os error {code}");
+        }
+        let in_use = anyhow::anyhow!("sqlite database b.db is in use by another process");
+        assert!(!may_clear_up(&in_use));
+    }
     use uuid::Uuid;
 
     #[test]
