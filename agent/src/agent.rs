@@ -189,6 +189,7 @@ pub async fn start(
                 max_connections: front_door::descriptors::connections_allowed(
                     config.max_connections,
                 ),
+                max_connections_per_client: config.max_connections_per_client,
                 source: front_door::source_address::advertised_local_ip(&config.advertise)
                     .await
                     .map(|ip| Arc::new(front_door::source_address::SourceAddress::new(ip))),

@@ -91,6 +91,11 @@ pub struct AgentArgs {
     /// descriptors; the agent lowers it to what its open-files limit allows) [default: 10000]
     #[arg(long, env = "TSAGENT_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Most of those connections one client address holds at once: more from it are closed at
+    /// once, so that one address cannot take every slot (other front doors of the farm are
+    /// not limited; raise it for many users behind one NAT address) [default: 500]
+    #[arg(long, env = "TSAGENT_MAX_CONNECTIONS_PER_CLIENT", value_name = "N")]
+    pub max_connections_per_client: Option<usize>,
     /// A session the front door opened from the client's cookie, that nothing local (PAM,
     /// `tsagent session ...`) confirmed, is removed as a failed logon (wrong password, or a
     /// cookie naming anyone) when its connection ends sooner than this; a longer connection

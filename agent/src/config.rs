@@ -14,6 +14,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tsagent";
 pub const DEFAULT_LOCAL_RDP: &str = "127.0.0.1:3390";
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Most front-door connections one client address holds at once.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 500;
 pub const DEFAULT_UNCONFIRMED_LOGON_GRACE: Duration =
     crate::directory::DEFAULT_UNCONFIRMED_LOGON_GRACE;
 
@@ -88,6 +90,8 @@ pub struct AgentConfig {
     /// Sent as `authorization: Bearer <token>` on every call to the broker.
     pub agent_token: Option<String>,
     pub max_connections: usize,
+    /// Most of them one client address holds (other front doors of the farm excepted).
+    pub max_connections_per_client: usize,
     /// Where `/metrics` is served; `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
     pub backoff: BackoffSettings,
@@ -142,6 +146,7 @@ impl AgentConfig {
             unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
             agent_token: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             metrics_listen: None,
             backoff: BackoffSettings::default(),
             default_heartbeat: Duration::from_secs(5),
@@ -207,6 +212,9 @@ impl AgentConfig {
         if self.max_connections == 0 {
             return Err("max_connections: must be more than zero".to_owned());
         }
+        if self.max_connections_per_client == 0 {
+            return Err("max_connections_per_client: must be more than zero".to_owned());
+        }
         if self.control_socket.as_os_str().is_empty() {
             return Err("--control-socket: must not be empty".to_owned());
         }
@@ -241,6 +249,10 @@ impl fmt::Debug for AgentConfig {
                 &self.agent_token.as_ref().map(|_| "<redacted>"),
             )
             .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_client",
+                &self.max_connections_per_client,
+            )
             .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }

@@ -32,6 +32,7 @@ pub struct FileSettings {
     /// A duration such as "10s".
     pub client_timeout: Option<String>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
     /// A duration such as "30s"; "0s" keeps unconfirmed front-door sessions.
     pub unconfirmed_logon_grace: Option<String>,
     pub agent_token: Option<String>,
@@ -169,6 +170,12 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
     }
     if let Some(max) = args.max_connections.or(file.max_connections) {
         config.max_connections = max;
+    }
+    if let Some(max) = args
+        .max_connections_per_client
+        .or(file.max_connections_per_client)
+    {
+        config.max_connections_per_client = max;
     }
     if let Some(timeout) = args.client_timeout {
         config.client_timeout = timeout.into();

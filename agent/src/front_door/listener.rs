@@ -11,6 +11,7 @@ use tracing::Instrument;
 use tsbroker_common::serve::AcceptPause;
 use tsbroker_common::warning_limit::WarningLimit;
 
+use super::per_client::{ClientCounts, Held};
 use super::route::{self, Decision};
 use super::{FrontDoorShared, first_packet, proxy_header, splice};
 use crate::metrics::Outcome;
@@ -19,7 +20,8 @@ use crate::metrics::Outcome;
 /// before the local RDP service is the last resort.
 pub const MAX_TARGETS: usize = 3;
 
-/// Accepts connections until `shutdown`, at most `max_connections` at once.
+/// Accepts connections until `shutdown`, at most `max_connections` at once, and at most
+/// `max_connections_per_client` of them from one client address.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<FrontDoorShared>,
@@ -30,6 +32,7 @@ pub async fn serve(
     // Every accepted client connection inherits it.
     splice::keep_alive(&listener);
     let at_limit = WarningLimit::default();
+    let per_client = ClientCounts::new(shared.settings.max_connections_per_client);
     loop {
         if permits.available_permits() == 0 {
             let limit = shared.settings.max_connections;
@@ -56,15 +59,52 @@ pub async fn serve(
         };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
+        let per_client = per_client.clone();
         let span = tracing::info_span!("client", client = %peer);
         tokio::spawn(
             async move {
                 let _permit = permit;
+                let Some(_counted) = count_client(&shared, &per_client, peer).await else {
+                    shared.metrics.connection(Outcome::Refused);
+                    return;
+                };
                 let _open = shared.metrics.open_connection();
                 handle(&shared, stream, peer, &shutdown).await;
             }
             .instrument(span),
         );
+    }
+}
+
+/// Counts the connection for its client's address; `None` (and a warning once a minute) when
+/// that address holds `max_connections_per_client` already and is not another front door of
+/// the farm (which relays many clients).
+async fn count_client(
+    shared: &FrontDoorShared,
+    per_client: &Arc<ClientCounts>,
+    peer: SocketAddr,
+) -> Option<Held> {
+    match per_client.take(peer.ip()) {
+        Ok(held) => Some(held),
+        Err(_) if shared.machines.peer(peer.ip()).await.is_some() => {
+            Some(per_client.take_anyway(peer.ip()))
+        }
+        Err(holds) => {
+            static OVER: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+            match OVER.warn_now() {
+                Some(unwarned) => tracing::warn!(
+                    client = %peer.ip(),
+                    holds,
+                    since_last_warning = unwarned,
+                    "a client address holds max_connections_per_client: its new connections are \
+                     closed (said at most once a minute)"
+                ),
+                None => {
+                    tracing::debug!(client = %peer.ip(), holds, "over max_connections_per_client, closing")
+                }
+            }
+            None
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod first_packet;
 pub mod host_cache;
 pub mod listener;
 pub mod machines;
+pub mod per_client;
 pub mod proxy_header;
 pub mod route;
 pub mod source_address;
@@ -38,6 +39,8 @@ pub struct FrontDoorSettings {
     pub local_rdp: String,
     pub client_timeout: Duration,
     pub max_connections: usize,
+    /// Most connections one client address holds (`per_client`).
+    pub max_connections_per_client: usize,
     /// The advertised address, when it is this host's: connections to other machines leave
     /// from it (`source_address`).
     pub source: Option<Arc<source_address::SourceAddress>>,

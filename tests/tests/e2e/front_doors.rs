@@ -419,3 +419,35 @@ async fn with_an_agent_token_the_broker_answers_only_callers_that_have_one() {
     farm.assert_reached("ts-b", &returning).await;
     farm.stop().await;
 }
+
+/// One client address holds at most `--max-connections-per-client` connections: more from it
+/// are closed at once (they had waited in the kernel's queue once it held every slot), and
+/// clients from other addresses are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_client_address_cannot_take_every_connection() {
+    let database = TestDatabase::sqlite();
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let (rdp, _seen) = rdp_stand_in().await;
+    let agent = TestAgent::start_with_front_door(&broker.url(), "ts-a", &rdp, |config| {
+        config.max_connections_per_client = 2;
+    })
+    .await;
+    let door = agent.front_door.unwrap();
+    let from = |source: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(door).await.unwrap()
+    };
+    // Two connections that send nothing yet hold this address's two slots.
+    let _held = [from("127.0.0.5").await, from("127.0.0.5").await];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = from("127.0.0.5").await;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(3), third.read(&mut byte))
+        .await
+        .expect("closed at once, not at the client timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let _alice = connect_from("127.0.0.6", door, &connection_request("alice")).await;
+    agent.stop().await;
+    broker.stop().await;
+}
