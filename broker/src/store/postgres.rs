@@ -204,10 +204,22 @@ impl PostgresStore {
     }
 
     /// Whether the server answers.
+    /// Whether the database answers, with this broker's schema in it: a database dropped and
+    /// made again under the running broker (or restored without it) answers `SELECT 1` but
+    /// has no tables, and every decision would fail.
     async fn probe_database(&self) -> StoreResult<()> {
-        match sqlx::query("SELECT 1").execute(&self.pool).await {
+        match sqlx::query("SELECT 1 FROM machines LIMIT 0")
+            .execute(&self.pool)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(sqlx::Error::PoolTimedOut) => Err(self.why_no_connection().await),
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => {
+                Err(StoreError::unavailable(
+                    "the database has no tsbroker tables (dropped and made again, or restored \
+                     without them, while the broker ran): restart the broker to create them",
+                ))
+            }
             Err(error) => Err(error.into()),
         }
     }

@@ -349,3 +349,31 @@ async fn when_a_locked_table_stops_the_agents_writes_returning_users_still_find_
     broker.stop().await;
     database.drop_database().await;
 }
+
+/// The database dropped and made again (here: its schema) under the running broker answers,
+/// but has none of the broker's tables: health says NOT_SERVING, with why, instead of SERVING
+/// while every decision fails INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_the_brokers_tables_is_not_served() {
+    use sqlx::Connection;
+    let database = TestDatabase::postgres().await;
+    let broker = tsbroker_tests::spawn_broker(&database.url, |_| {}).await;
+    eventually(10, || async {
+        health(&broker).await == ServingStatus::Serving as i32
+    })
+    .await;
+    let mut operator = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    sqlx::query("DROP SCHEMA public CASCADE")
+        .execute(&mut operator)
+        .await
+        .unwrap();
+    sqlx::query("CREATE SCHEMA public")
+        .execute(&mut operator)
+        .await
+        .unwrap();
+    eventually(10, || async {
+        health(&broker).await == ServingStatus::NotServing as i32
+    })
+    .await;
+    broker.stop().await;
+}
