@@ -148,6 +148,8 @@ pub struct Broker {
     /// Serves TLS: its URL is https://.
     tls: bool,
     kind: BrokerKind,
+    /// When it was first found SERVING.
+    serving_since: tokio::time::Instant,
 }
 
 enum BrokerKind {
@@ -197,6 +199,7 @@ impl Broker {
                     mode,
                     tls: options.tls.is_some(),
                     kind: BrokerKind::InProcess { shutdown, task },
+                    serving_since: tokio::time::Instant::now(),
                 }
             }
             ProcessMode::Process => {
@@ -264,11 +267,22 @@ impl Broker {
                     mode,
                     tls: options.tls.is_some(),
                     kind: BrokerKind::Process { child },
+                    serving_since: tokio::time::Instant::now(),
                 }
             }
         };
+        let mut broker = broker;
         broker.wait_until_serving(Duration::from_secs(60)).await?;
+        broker.serving_since = tokio::time::Instant::now();
         Ok(broker)
+    }
+
+    /// Waits out the hold of new logons that a broker started on a store without machines
+    /// keeps for its agents' resyncs (`SETTLE_AFTER_OUTAGE` from its start; a database lost
+    /// and made again looks so), so that what is measured next is its steady state.
+    pub async fn past_start_hold(&self) {
+        let hold = tsbroker::store::reachability::SETTLE_AFTER_OUTAGE;
+        tokio::time::sleep_until(self.serving_since + hold + Duration::from_millis(100)).await;
     }
 
     pub fn url(&self) -> String {

@@ -78,6 +78,7 @@ async fn run_on(
         "{} machines, {} sessions loaded through RESYNC in {load_time:?}",
         options.machines, options.sessions
     ));
+    broker.past_start_hold().await;
     let channels = channels(&broker.url(), options.connections).await?;
     let mut reports = Vec::new();
     // The broker's CPU is read only when it runs as its own process.

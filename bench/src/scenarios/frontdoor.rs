@@ -131,6 +131,7 @@ async fn run_on(
     let agent =
         FrontDoorAgent::start(context, &broker.url(), standin_address, state.path()).await?;
     wait_machine_ready(&broker.url(), "fd1.bench.example").await?;
+    broker.past_start_hold().await;
 
     let local_users: Vec<String> = (0..options.users.max(1))
         .map(|k| format!("fdl{k}"))

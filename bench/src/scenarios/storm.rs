@@ -75,6 +75,7 @@ async fn run_on(
     farm.wait_ready(options.machines, Duration::from_secs(300))
         .await?;
     tokio::time::sleep(options.settle).await;
+    broker.past_start_hold().await;
     context.progress(&format!(
         "{} machines ready; storm of {} users",
         options.machines, options.users
