@@ -64,7 +64,7 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let Some(_counted) = count_client(&shared, &per_client, peer).await else {
+                let Some(_counted) = count_client(&shared, &per_client, peer) else {
                     shared.metrics.connection(Outcome::Refused);
                     return;
                 };
@@ -79,14 +79,15 @@ pub async fn serve(
 /// Counts the connection for its client's address; `None` (and a warning once a minute) when
 /// that address holds `max_connections_per_client` already and is not another front door of
 /// the farm (which relays many clients).
-async fn count_client(
+fn count_client(
     shared: &FrontDoorShared,
     per_client: &Arc<ClientCounts>,
     peer: SocketAddr,
 ) -> Option<Held> {
     match per_client.take(peer.ip()) {
         Ok(held) => Some(held),
-        Err(_) if shared.machines.peer(peer.ip()).await.is_some() => {
+        // The cached list only: a stranger's connections must not each wait for a refresh.
+        Err(_) if shared.machines.is_known_peer(peer.ip()) => {
             Some(per_client.take_anyway(peer.ip()))
         }
         Err(holds) => {

@@ -219,6 +219,19 @@ impl MachineCache {
         pick(&state.machines)
     }
 
+    /// Whether a machine of the farm is at `ip`, as the cached list has it (no refresh: for
+    /// checks that strangers must not make slow).
+    pub fn is_known_peer(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.find(|machines| {
+            machines
+                .iter()
+                .any(|machine| machine.ips.contains(&ip))
+                .then_some(())
+        })
+        .is_some()
+    }
+
     /// The machine of the farm at `ip`, if any (refreshing on a miss, so that a machine that
     /// joined moments ago is known).
     pub async fn peer(&self, ip: IpAddr) -> Option<KnownMachine> {

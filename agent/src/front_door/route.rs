@@ -72,12 +72,27 @@ pub enum Decision {
 }
 
 /// The user as the log shows them: `DOMAIN\user`, `user`, or `-` when the client named nobody.
+/// The user as logs show it; a control character (the front door takes no ASCII one, but a
+/// cookie may carry U+0080-U+009F) written escaped, as `\u{9b}`.
 pub(super) fn user_label(user: Option<&ConnectingUser>) -> String {
-    match user {
+    let label = match user {
         Some(user) if !user.domain.is_empty() => format!("{}\\{}", user.domain, user.user_name),
         Some(user) => user.user_name.clone(),
-        None => "-".to_owned(),
+        None => return "-".to_owned(),
+    };
+    if !label.chars().any(char::is_control) {
+        return label;
     }
+    label
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
@@ -428,6 +443,27 @@ fn refuses_new_logons(status: &tonic::Status, this_machine_drains: bool) -> bool
                     .contains_key(tsbroker_common::proto::RETRY_AFTER_MS_METADATA)
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::{ConnectingUser, user_label};
+
+    #[test]
+    fn control_characters_in_a_user_label_are_escaped() {
+        let user = |name: &str, domain: &str| ConnectingUser {
+            user_name: name.to_owned(),
+            domain: domain.to_owned(),
+            may_be_truncated: false,
+        };
+        assert_eq!(user_label(Some(&user("alice", "CORP"))), "CORP\\alice");
+        assert_eq!(user_label(Some(&user("jürgen", ""))), "jürgen");
+        assert_eq!(
+            user_label(Some(&user("ali\u{9b}31mce", ""))),
+            "ali\\u{9b}31mce"
+        );
+        assert_eq!(user_label(None), "-");
     }
 }
 
