@@ -63,6 +63,11 @@ pub struct MachineCache {
     hosts: Arc<HostCache>,
 }
 
+/// The machine of `machines` at `ip` (canonical form).
+fn machine_at(machines: &[KnownMachine], ip: IpAddr) -> Option<&KnownMachine> {
+    machines.iter().find(|machine| machine.ips.contains(&ip))
+}
+
 /// Splits "host:port", removing brackets around an IPv6 host.
 pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
     let (host, port) = address.rsplit_once(':')?;
@@ -223,25 +228,15 @@ impl MachineCache {
     /// checks that strangers must not make slow).
     pub fn is_known_peer(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.find(|machines| {
-            machines
-                .iter()
-                .any(|machine| machine.ips.contains(&ip))
-                .then_some(())
-        })
-        .is_some()
+        self.find(|machines| machine_at(machines, ip).map(|_| ()))
+            .is_some()
     }
 
     /// The machine of the farm at `ip`, if any (refreshing on a miss, so that a machine that
     /// joined moments ago is known).
     pub async fn peer(&self, ip: IpAddr) -> Option<KnownMachine> {
         let ip = ip.to_canonical();
-        let lookup = |machines: &[KnownMachine]| {
-            machines
-                .iter()
-                .find(|machine| machine.ips.contains(&ip))
-                .cloned()
-        };
+        let lookup = |machines: &[KnownMachine]| machine_at(machines, ip).cloned();
         if let Some(machine) = self.find(lookup) {
             return Some(machine);
         }

@@ -100,9 +100,14 @@ impl Reachability {
     /// asked it first: the first to see it says when).
     pub fn came_back(&self, now: i64) {
         if self.database.ended(now) {
-            let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
-            self.settle_until.store(now + settle, Ordering::Relaxed);
+            self.settle_from(now);
         }
+    }
+
+    /// New logons wait [`SETTLE_AFTER_OUTAGE`] from `now` for the agents' resyncs.
+    fn settle_from(&self, now: i64) {
+        let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
+        self.settle_until.store(now + settle, Ordering::Relaxed);
     }
 
     /// Whether the caller may ask the database whether it is back (no one else is asking);
@@ -137,8 +142,7 @@ impl Reachability {
     /// logons wait [`SETTLE_AFTER_OUTAGE`] for their resyncs, as after an outage — a user
     /// whose session the store lost is not taken for a new user meanwhile.
     pub fn started_empty(&self, now: i64) {
-        let settle = SETTLE_AFTER_OUTAGE.as_millis() as i64;
-        self.settle_until.store(now + settle, Ordering::Relaxed);
+        self.settle_from(now);
     }
 
     /// The broker starts at `now` on a database whose machines were last heard of at
