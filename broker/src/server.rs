@@ -29,6 +29,20 @@ use tsbroker_common::serve::accepted_connections;
 
 /// Streams reset before the server took them, at most, on one connection (see the builder).
 const PENDING_ACCEPT_RESETS: usize = 4096;
+/// What one stream may send before the broker has read it (HTTP/2 flow control; hyper's
+/// default is 1 MiB). An agent's stream is the one a broker reads at its own pace (a batch,
+/// then its transaction), and h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM, "too many small
+/// DATA frames") once the frames it holds unread cost more than half the connection's window
+/// in framing (256 bytes a frame, less its payload). A front door's burst sends its session
+/// events a small frame each: at 1 MiB a few thousand connections overran that budget, and
+/// the agent's stream, with every `Redirect` in flight on its connection, was cut (a machine
+/// unreachable for a moment, its users' logons refused). 64 KiB is still ~1,300 session
+/// events ahead of the broker, five of its batches.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// The connection's window, and so (halved) h2's budget for unread small frames: with
+/// [`STREAM_WINDOW`] it covers a stream filled with the smallest messages an agent sends (a
+/// load report, 8 bytes and more a frame).
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// The service names the health service reports on ("" is the whole server).
 const HEALTH_NAMES: [&str; 4] = [
     "",
@@ -161,6 +175,8 @@ pub async fn run(
         // when front doors gave up on their calls meanwhile, and that connection also carries
         // the agent's stream. Still bounded, against a client doing it on purpose.
         .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

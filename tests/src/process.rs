@@ -265,6 +265,16 @@ pub async fn broker_process(
     (broker, log)
 }
 
+/// [`broker_process`] running the binary as it is, with no other arguments.
+pub async fn plain_broker_process(dir: &Path, port: u16) -> (ChildGuard, LogFile) {
+    broker_process(dir, port, |binary, args| {
+        let mut command = Command::new(binary);
+        command.args(args);
+        command
+    })
+    .await
+}
+
 /// Connects to the broker on `port` and opens a `Health/Watch` stream (a call that never ends
 /// by itself, as an agent's stream), once it has said SERVING. Returns the connection too.
 pub async fn watch_health(

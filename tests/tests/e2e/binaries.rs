@@ -413,12 +413,7 @@ async fn an_unreachable_postgresql_is_reported_by_its_cause() {
 async fn a_second_broker_on_the_same_sqlite_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (_first, _log) =
-        tsbroker_tests::process::broker_process(dir.path(), free_port(), |binary, args| {
-            let mut command = Command::new(binary);
-            command.args(args);
-            command
-        })
-        .await;
+        tsbroker_tests::process::plain_broker_process(dir.path(), free_port()).await;
     let second = tokio::time::timeout(
         Duration::from_secs(20),
         tokio::process::Command::new(workspace_binary("tsbroker"))

@@ -15,7 +15,7 @@ use tsbroker_common::proto::v1::broker_client::BrokerClient;
 use tsbroker_tests::FakeAgent;
 use tsbroker_tests::binaries::tool;
 use tsbroker_tests::fake_agent::{machine as description, session};
-use tsbroker_tests::process::{broker_process, connect, free_port};
+use tsbroker_tests::process::{broker_process, connect, free_port, plain_broker_process};
 
 fn limit_file_size(pid: u32, limit: &str) {
     let prlimit = tool("prlimit", "apt-get install util-linux");
@@ -98,12 +98,7 @@ async fn a_database_that_takes_no_writes_is_an_outage_and_users_are_sent_back_af
 async fn a_database_file_deleted_while_the_broker_runs_is_an_outage() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (_broker, log) = broker_process(dir.path(), port, |binary, args| {
-        let mut command = Command::new(binary);
-        command.args(args);
-        command
-    })
-    .await;
+    let (_broker, log) = plain_broker_process(dir.path(), port).await;
     let channel = connect(&format!("http://127.0.0.1:{port}")).await;
     wait_for_health(&channel, ServingStatus::Serving).await;
     std::fs::remove_file(dir.path().join("b.db")).unwrap();
@@ -121,12 +116,7 @@ async fn a_database_file_deleted_while_the_broker_runs_is_an_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_takes_no_writes_at_start_is_never_served() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, _) = broker_process(dir.path(), free_port(), |binary, args| {
-        let mut command = Command::new(binary);
-        command.args(args);
-        command
-    })
-    .await;
+    let (mut first, _) = plain_broker_process(dir.path(), free_port()).await;
     first.terminate(Duration::from_secs(10)).await;
 
     let port = free_port();
