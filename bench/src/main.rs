@@ -112,6 +112,13 @@ enum Scenario {
         users: usize,
         #[arg(long, default_value_t = 512)]
         bulk_mib: usize,
+        /// Then bursts of this many connections held open together through the front door
+        /// and through HAProxy, each proxy's resident memory read after each burst has closed
+        /// (0: none).
+        #[arg(long, default_value_t = 0)]
+        burst: usize,
+        #[arg(long, default_value_t = 4)]
+        burst_rounds: usize,
     },
     /// What checking open TLS connections against a new revocation list costs the broker.
     Revocation {
@@ -257,12 +264,19 @@ async fn run(cli: Cli) -> ExitCode {
                 duration,
                 users,
                 bulk_mib,
+                burst,
+                burst_rounds,
             } => {
                 let options = frontdoor::Options {
                     concurrency: *concurrency,
                     duration: *duration,
                     users: *users,
                     bulk_mib: *bulk_mib,
+                    bursts: frontdoor::Bursts {
+                        connections: *burst,
+                        rounds: *burst_rounds,
+                        ..frontdoor::Bursts::default()
+                    },
                     ..frontdoor::Options::default()
                 };
                 frontdoor::run(&context, &options).await

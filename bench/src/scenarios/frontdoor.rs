@@ -6,6 +6,10 @@
 //! front door's machine) and to another machine of the farm (users whose sessions are there,
 //! spliced straight to that machine's RDP service). All in the same run on the same machine.
 
+mod burst;
+
+pub use burst::Bursts;
+
 use super::FARM;
 use crate::Context;
 use crate::env::{Broker, CpuWindow, Database, ProcessMode, free_port, micros_per, sibling_binary};
@@ -39,6 +43,8 @@ pub struct Options {
     pub bulk_mib: usize,
     /// Leave HAProxy out (for a machine without it).
     pub skip_haproxy: bool,
+    /// Bursts through the front door (local route) and HAProxy after the other measurements.
+    pub bursts: Bursts,
 }
 
 impl Default for Options {
@@ -50,6 +56,7 @@ impl Default for Options {
             users: 100,
             bulk_mib: 512,
             skip_haproxy: false,
+            bursts: Bursts::default(),
         }
     }
 }
@@ -298,6 +305,15 @@ async fn run_on(
             reports.push(report);
         }
     }
+    if options.bursts.connections > 0 {
+        for route in paths
+            .iter()
+            .filter(|route| matches!(route.name, "haproxy" | "tsagent_local"))
+        {
+            context.progress(&format!("bursts through {}", route.name));
+            reports.push(burst::run(route, &options.bursts, context.store.name()).await);
+        }
+    }
     if let Some(haproxy) = haproxy {
         haproxy.stop().await;
     }
@@ -342,6 +358,14 @@ async fn connection_load(path: &Route, options: &Options) -> LoadResult {
 
 /// Connect, send the Connection Request, read the Connection Confirm, close.
 async fn connect_once(address: SocketAddr, request: &[u8]) -> Result<(), String> {
+    tokio::time::timeout(Duration::from_secs(10), answered(address, request))
+        .await
+        .map_err(|_| "no connection confirm within 10s".to_owned())?
+        .map(drop)
+}
+
+/// A connection whose Connection Request the stand-in answered, kept open.
+async fn answered(address: SocketAddr, request: &[u8]) -> Result<TcpStream, String> {
     let mut stream = TcpStream::connect(address)
         .await
         .map_err(|error| format!("connect: {error}"))?;
@@ -351,14 +375,14 @@ async fn connect_once(address: SocketAddr, request: &[u8]) -> Result<(), String>
         .await
         .map_err(|error| format!("write: {error}"))?;
     let mut confirm = [0u8; CONNECTION_CONFIRM.len()];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut confirm))
+    stream
+        .read_exact(&mut confirm)
         .await
-        .map_err(|_| "no connection confirm within 10s".to_owned())?
         .map_err(|error| format!("read confirm: {error}"))?;
     if confirm != CONNECTION_CONFIRM {
         return Err("unexpected connection confirm".to_owned());
     }
-    Ok(())
+    Ok(stream)
 }
 
 /// One connection: Connection Request, then `mib` MiB to the stand-in, which answers with the

@@ -111,6 +111,11 @@ async fn frontdoor(store: StoreKind) {
         users: 4,
         bulk_mib: 4,
         skip_haproxy: false,
+        bursts: frontdoor::Bursts {
+            connections: 40,
+            rounds: 1,
+            settle: Duration::from_millis(100),
+        },
     };
     let reports = frontdoor::run(&context(store), &options)
         .await
@@ -120,6 +125,15 @@ async fn frontdoor(store: StoreKind) {
         .filter(|report| report.scenario == "frontdoor")
         .filter_map(|report| report.get("path").and_then(|path| path.as_str()))
         .collect();
+    let bursts: Vec<&Report> = reports
+        .iter()
+        .filter(|report| report.scenario == "frontdoor_burst")
+        .collect();
+    assert_eq!(bursts.len(), 2, "{reports:?}");
+    for report in bursts {
+        assert_eq!(report.get_u64("errors"), 0, "{}", report.line());
+        assert_eq!(report.get_u64("connections"), 40, "{}", report.line());
+    }
     assert_eq!(
         paths,
         ["direct", "haproxy", "tsagent_local", "tsagent_remote"]
