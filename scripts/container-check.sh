@@ -97,7 +97,7 @@ if ! have_image docker.io/library/rust:1-bookworm && ! podman pull -q docker.io/
     cp /etc/ssl/certs/ca-certificates.crt "$work/rust/ca.crt" # a TLS proxy's CA, where there is one
     cat >"$work/rust/Containerfile" <<'EOF'
 FROM docker.io/library/debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev binutils ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev binutils make ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY rustup /usr/local/rustup
 COPY cargo-bin /usr/local/cargo/bin
