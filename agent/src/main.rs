@@ -12,11 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tsagent::cli::{AgentArgs, Cli, Command, SessionCommand, SessionEventArgs};
 use tsagent::control::{Request, Response, SessionArgs, client, pam};
 
-/// jemalloc with its background threads, not the system's malloc (for the C code too): after a burst of thousands
-/// of connections through the front door glibc kept the memory they had freed (resident memory
-/// 140–280 MB after bursts of 9,000 connections, growing with each burst and never given back
-/// while idle), where jemalloc's background threads give it back within seconds, idle or not
-/// (about 30 MB after each burst: BENCHMARKS.md, thirty-first run).
+/// jemalloc with its background threads, not the system's malloc (for the C code too): after a
+/// burst of thousands of connections through the front door glibc kept the memory they had
+/// freed (resident memory 140–340 MB after bursts of 7,000–9,000 connections, growing with each
+/// burst and never given back while idle), where jemalloc's background threads give it back within
+/// seconds, idle or not (about 25 MB after each burst: BENCHMARKS.md, thirty-first run).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
