@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tsagent::cli::{AgentArgs, Cli, Command, SessionCommand, SessionEventArgs};
 use tsagent::control::{Request, Response, SessionArgs, client, pam};
 
-/// jemalloc with its background threads, not the system's malloc (for the C code too): after a
+/// jemalloc with its background threads for Rust's allocations, not the system's malloc: after a
 /// burst of thousands of connections through the front door glibc kept the memory they had
 /// freed (resident memory 140–340 MB after bursts of 7,000–9,000 connections, growing with each
 /// burst and never given back while idle), where jemalloc's background threads give it back within

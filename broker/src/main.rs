@@ -7,10 +7,12 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use tsbroker::config::Cli;
 
-/// jemalloc with its background threads, for Rust's allocations and (unprefixed) SQLite's: with
-/// glibc's malloc, at 10,000 machines and a million sessions, the decisions after a restart's
-/// resync ran at 1,600-2,100/s with a p99 of 365-495 ms and the resync took 16-17 s, against
-/// 10,000-11,500/s, 15-17 ms and 9-10 s with jemalloc, which also holds 65-95 MiB less once the
+/// jemalloc with its background threads for Rust's allocations (SQLite's own stay with the C
+/// library's malloc: replacing malloc for the whole process deadlocked at start under an
+/// `LD_PRELOAD` that wraps the clock, libfaketime). With glibc's malloc, at 10,000 machines and
+/// a million sessions, the decisions after a restart's resync ran at a fifth of their rate
+/// before it (1,600-2,100/s, p99 365-495 ms) and the agents' resync took 16-17 s; with
+/// jemalloc, as many decisions after the restart as before and 65-155 MiB less once the
 /// agents are back (BENCHMARKS.md, thirty-first run).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
