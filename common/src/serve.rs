@@ -2,6 +2,7 @@
 //! of a busy loop when the process runs out of file descriptors (or memory) to accept with.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every HTTP/2 client sends first (RFC 9113 §3.4).
-const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The connections `listener` accepts, each with `TCP_NODELAY` set, once its client has sent
 /// the HTTP/2 preface (or something else, which the server answers itself) within
@@ -54,7 +55,6 @@ async fn accept_loop(
     ready: mpsc::Sender<TcpStream>,
     greeting_timeout: Duration,
 ) {
-    static SILENT: LazyLock<WarningLimit> = LazyLock::new(Default::default);
     let mut pause = AcceptPause::new("gRPC");
     loop {
         let (stream, peer) = tokio::select! {
@@ -68,18 +68,31 @@ async fn accept_loop(
                     let _ = ready.send(stream).await;
                 }
                 Ok(false) => tracing::debug!(%peer, "a connection closed before it sent anything"),
-                Err(_) => match SILENT.warn_now() {
-                    Some(unsaid) => tracing::info!(
-                        %peer,
-                        since_last_said = unsaid,
-                        "closed a connection that sent nothing within {greeting_timeout:?} \
-                         (said at most once a minute)"
-                    ),
-                    None => tracing::debug!(%peer, "closed a connection that sent nothing"),
-                },
+                Err(_) => closed_silent(peer, greeting_timeout),
             }
         });
     }
+}
+
+/// Logs a connection closed for sending nothing within `timeout`: at info at most once a
+/// minute (a scanner or a broken client can open thousands), otherwise at debug.
+pub fn closed_silent(peer: SocketAddr, timeout: Duration) {
+    static SILENT: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+    match SILENT.warn_now() {
+        Some(unsaid) => tracing::info!(
+            %peer,
+            since_last_said = unsaid,
+            "closed a connection that sent nothing within {timeout:?} (said at most once a minute)"
+        ),
+        None => tracing::debug!(%peer, "closed a connection that sent nothing"),
+    }
+}
+
+/// Whether `first`, the first bytes a client sent, are enough to hand its connection to the
+/// gRPC server: the whole HTTP/2 preface, or bytes that cannot begin it (which the server
+/// answers itself).
+pub fn greeting_complete(first: &[u8]) -> bool {
+    first.len() >= HTTP2_PREFACE.len() || first != &HTTP2_PREFACE[..first.len()]
 }
 
 /// Whether the client greeted: sent the whole HTTP/2 preface, or bytes that cannot begin it;
@@ -89,9 +102,7 @@ async fn greeted(stream: &TcpStream) -> bool {
     loop {
         match stream.peek(&mut first).await {
             Ok(0) | Err(_) => return false,
-            Ok(read) if read == first.len() || first[..read] != HTTP2_PREFACE[..read] => {
-                return true;
-            }
+            Ok(read) if greeting_complete(&first[..read]) => return true,
             // Part of the preface: peeking again would return at once with the same bytes.
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
@@ -128,10 +139,7 @@ impl AcceptPause {
 
     /// The next connection `listener` accepts, with `TCP_NODELAY` set, pausing after failed
     /// accepts as [`AcceptPause::after_error`] says. Cancel-safe.
-    pub async fn next_connection(
-        &mut self,
-        listener: &TcpListener,
-    ) -> (TcpStream, std::net::SocketAddr) {
+    pub async fn next_connection(&mut self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {

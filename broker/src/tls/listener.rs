@@ -1,5 +1,6 @@
 //! Serves TLS on the broker's listener with the files as they are now: handshakes run side by
-//! side within a time limit (a slow or silent client holds up no one), and the files are looked
+//! side within a time limit (a slow or silent client holds up no one), a client then has as long
+//! to begin HTTP/2 as a plaintext one (else it is closed), and the files are looked
 //! at every [`FILES_CHECK_INTERVAL`]. Renewed files that load are used from the next handshake
 //! on; connections already open keep theirs, except that one whose client certificate the new
 //! files refuse (revoked, or of a CA no longer trusted) is cut (`live.rs`). Files that do not
@@ -10,13 +11,17 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::renewal::{Renewable, check_every};
-use tsbroker_common::serve::AcceptPause;
+use tsbroker_common::serve::{
+    AcceptPause, GREETING_TIMEOUT, HTTP2_PREFACE, closed_silent, greeting_complete,
+};
 
 use super::live::{LiveConnections, Tracked};
 use super::{ServerTls, TlsFiles};
@@ -91,8 +96,19 @@ impl TlsListener {
             let (ready, live) = (ready.clone(), self.live.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = ready.send(Ok(live.track(stream, peer))).await;
+                    Ok(Ok(mut stream)) => {
+                        match tokio::time::timeout(GREETING_TIMEOUT, read_greeting(&mut stream))
+                            .await
+                        {
+                            Ok(Ok(Some(greeting))) => {
+                                let _ = ready.send(Ok(live.track(stream, peer, greeting))).await;
+                            }
+                            Ok(Ok(None) | Err(_)) => tracing::debug!(
+                                %peer,
+                                "a TLS connection closed before it sent anything"
+                            ),
+                            Err(_) => closed_silent(peer, GREETING_TIMEOUT),
+                        }
                     }
                     Ok(Err(error)) if refused_certificate(&error) => {
                         tracing::info!(%peer, %error, "a client certificate was refused");
@@ -123,6 +139,26 @@ impl TlsListener {
             None => 0,
         }
     }
+}
+
+/// The first bytes the client sent through its TLS connection, read until they are enough to
+/// hand it to the gRPC server (as `tsbroker_common::serve` waits for a plaintext client's);
+/// `None` when the client closed first. The server reads them again from [`Tracked`]: without
+/// this, a client silent after its handshake would hold its connection for good (the server's
+/// keepalive starts only after the HTTP/2 preface).
+async fn read_greeting(stream: &mut TlsStream<TcpStream>) -> io::Result<Option<Vec<u8>>> {
+    let mut greeting = Vec::with_capacity(HTTP2_PREFACE.len());
+    let mut chunk = [0u8; HTTP2_PREFACE.len()];
+    while !greeting_complete(&greeting) {
+        let read = stream
+            .read(&mut chunk[..HTTP2_PREFACE.len() - greeting.len()])
+            .await?;
+        if read == 0 {
+            return Ok(None);
+        }
+        greeting.extend_from_slice(&chunk[..read]);
+    }
+    Ok(Some(greeting))
 }
 
 /// Whether a handshake failed on the client's certificate (not signed by the client CA,

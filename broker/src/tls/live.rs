@@ -40,7 +40,13 @@ struct Live {
 
 impl LiveConnections {
     /// `stream`, tracked while it is open when its client presented a certificate.
-    pub fn track(self: &Arc<Self>, stream: TlsStream<TcpStream>, peer: SocketAddr) -> Tracked {
+    /// `greeting` is what the listener already read from it, given to the server first.
+    pub fn track(
+        self: &Arc<Self>,
+        stream: TlsStream<TcpStream>,
+        peer: SocketAddr,
+        greeting: Vec<u8>,
+    ) -> Tracked {
         let chain = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
         let socket = stream.get_ref().0.as_fd().try_clone_to_owned();
         let entry = match (chain, socket) {
@@ -67,6 +73,8 @@ impl LiveConnections {
         };
         Tracked {
             stream,
+            greeting,
+            greeting_given: 0,
             _entry: entry,
         }
     }
@@ -156,6 +164,10 @@ impl Drop for Entry {
 /// A TLS connection as the gRPC server gets it, tracked while open.
 pub struct Tracked {
     stream: TlsStream<TcpStream>,
+    /// The client's first bytes, read by the listener before the server took the connection.
+    greeting: Vec<u8>,
+    /// How many of them the server has read.
+    greeting_given: usize,
     _entry: Option<Entry>,
 }
 
@@ -173,7 +185,14 @@ impl AsyncRead for Tracked {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let unread = &self.greeting[self.greeting_given..];
+        if unread.is_empty() {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let given = unread.len().min(buf.remaining());
+        buf.put_slice(&unread[..given]);
+        self.greeting_given += given;
+        Poll::Ready(Ok(()))
     }
 }
 

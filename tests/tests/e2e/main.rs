@@ -30,4 +30,5 @@ mod stopping;
 mod stream;
 mod tls;
 mod tls_revocation;
+mod tls_silence;
 mod user_hints;
