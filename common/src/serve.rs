@@ -74,17 +74,19 @@ async fn accept_loop(
     }
 }
 
-/// Logs a connection closed for sending nothing within `timeout`: at info at most once a
-/// minute (a scanner or a broken client can open thousands), otherwise at debug.
+/// Logs a connection closed for not beginning HTTP/2 within `timeout` (silent, or stopped
+/// part-way through the preface): at info at most once a minute (a scanner or a broken client
+/// can open thousands), otherwise at debug.
 pub fn closed_silent(peer: SocketAddr, timeout: Duration) {
     static SILENT: LazyLock<WarningLimit> = LazyLock::new(Default::default);
     match SILENT.warn_now() {
         Some(unsaid) => tracing::info!(
             %peer,
             since_last_said = unsaid,
-            "closed a connection that sent nothing within {timeout:?} (said at most once a minute)"
+            "closed a connection that did not begin HTTP/2 within {timeout:?} (said at most once a \
+             minute)"
         ),
-        None => tracing::debug!(%peer, "closed a connection that sent nothing"),
+        None => tracing::debug!(%peer, "closed a connection that did not begin HTTP/2 in time"),
     }
 }
 

@@ -13,8 +13,8 @@ use tsbroker_tests::tls::TestCa;
 use crate::tls::{grpcurl, start_broker, tls_flags, wait_until_serving};
 
 /// `openssl s_client` connects and completes the handshake (it trusts the broker's CA), then
-/// sends nothing: the broker closes the connection 10 s on, not at once and not never; an
-/// operator's call made meanwhile is served.
+/// sends nothing: the broker closes the connection 10 s on, not at once and not never, and
+/// says why in its log; an operator's call made meanwhile is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_silent_after_its_handshake_is_closed() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,5 +76,12 @@ async fn a_tls_client_silent_after_its_handshake_is_closed() {
     assert!(
         waited >= Duration::from_secs(8),
         "closed after {waited:?}: a client has 10 s to begin\n{said}"
+    );
+    assert!(
+        broker_log
+            .wait_for("did not begin HTTP/2 within 10s", 1, Duration::from_secs(5), None)
+            .await,
+        "the broker says why it closed it: {}",
+        broker_log.tail(20)
     );
 }
