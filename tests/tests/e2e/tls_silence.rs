@@ -79,7 +79,12 @@ async fn a_tls_client_silent_after_its_handshake_is_closed() {
     );
     assert!(
         broker_log
-            .wait_for("did not begin HTTP/2 within 10s", 1, Duration::from_secs(5), None)
+            .wait_for(
+                "did not begin HTTP/2 within 10s",
+                1,
+                Duration::from_secs(5),
+                None
+            )
             .await,
         "the broker says why it closed it: {}",
         broker_log.tail(20)
