@@ -8,6 +8,7 @@
 //! ones kept.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,26 +96,11 @@ impl TlsListener {
             let acceptor = TlsAcceptor::from(self.tls.with(|tls| tls.config.clone()));
             let (ready, live) = (ready.clone(), self.live.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(mut stream)) => {
-                        match tokio::time::timeout(GREETING_TIMEOUT, read_greeting(&mut stream))
-                            .await
-                        {
-                            Ok(Ok(Some(greeting))) => {
-                                let _ = ready.send(Ok(live.track(stream, peer, greeting))).await;
-                            }
-                            Ok(Ok(None) | Err(_)) => tracing::debug!(
-                                %peer,
-                                "a TLS connection closed before it sent anything"
-                            ),
-                            Err(_) => closed_silent(peer, GREETING_TIMEOUT),
-                        }
-                    }
-                    Ok(Err(error)) if refused_certificate(&error) => {
-                        tracing::info!(%peer, %error, "a client certificate was refused");
-                    }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                let Some(mut stream) = handshake(&acceptor, tcp, peer).await else {
+                    return;
+                };
+                if let Some(greeting) = greeting(&mut stream, peer).await {
+                    let _ = ready.send(Ok(live.track(stream, peer, greeting))).await;
                 }
             });
         }
@@ -139,6 +125,36 @@ impl TlsListener {
             None => 0,
         }
     }
+}
+
+/// The client's TLS handshake, within [`HANDSHAKE_TIMEOUT`]; `None` (and logged) when it fails.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(error)) if refused_certificate(&error) => {
+            tracing::info!(%peer, %error, "a client certificate was refused");
+        }
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+    None
+}
+
+/// [`read_greeting`] within [`GREETING_TIMEOUT`]; `None` (and logged) when the client closed
+/// first or stayed silent.
+async fn greeting(stream: &mut TlsStream<TcpStream>, peer: SocketAddr) -> Option<Vec<u8>> {
+    match tokio::time::timeout(GREETING_TIMEOUT, read_greeting(stream)).await {
+        Ok(Ok(Some(greeting))) => return Some(greeting),
+        Ok(Ok(None) | Err(_)) => {
+            tracing::debug!(%peer, "a TLS connection closed before it sent anything");
+        }
+        Err(_) => closed_silent(peer, GREETING_TIMEOUT),
+    }
+    None
 }
 
 /// The first bytes the client sent through its TLS connection, read until they are enough to
