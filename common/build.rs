@@ -21,6 +21,8 @@ fn main() -> anyhow::Result<()> {
         .build_client(true)
         // The agent RPC is named `Connect`; the generated `connect()` helper would clash with it.
         .build_transport(false)
+        // prost's encoding with smaller per-call buffers (src/codec.rs).
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! gRPC on a bound listener, and the `/metrics` endpoint.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod config_file;
 pub mod metrics_http;
 pub mod model;

@@ -1,6 +1,7 @@
 //! What operators do by hand, over real gRPC: paging through `ListSessions`, naming a machine
 //! to `Admin` and `GetMachine` (and contradictory admin requests), and the `Admin` service's
-//! loopback rule on a dual-stack listener.
+//! loopback rule on a dual-stack listener; and messages far larger than the buffers a call
+//! starts with, both ways.
 
 use crate::support::on_both_stores;
 use std::collections::BTreeSet;
@@ -13,6 +14,7 @@ use tsbroker_tests::{Backend, FakeAgent, TestDatabase, spawn_broker, spawn_broke
 
 on_both_stores!(
     every_session_comes_once_and_the_last_page_says_so,
+    messages_far_larger_than_a_call_buffer_arrive_whole,
     a_machine_named_two_ways_must_be_one_machine,
 );
 
@@ -31,6 +33,45 @@ async fn machine_by_id(
         .await
         .expect("GetMachine by id")
         .into_inner()
+}
+
+/// A call's buffers start at 1 KiB (common/src/codec.rs) and grow: a RESYNC of 3,000 sessions
+/// from the agent and a page of them back to an operator, each over 100 KiB, come whole.
+async fn messages_far_larger_than_a_call_buffer_arrive_whole(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let users: BTreeSet<String> = (1..=3000)
+        .map(|id| format!("user-{id:05}-of-a-big-farm"))
+        .collect();
+    let sessions = users
+        .iter()
+        .zip(1u32..)
+        .map(|(user, id)| session(id, user, pb::SessionState::Active))
+        .collect();
+    let _agent = FakeAgent::join(
+        &broker.url(),
+        description("ts-big", "farm-big", 100),
+        sessions,
+    )
+    .await;
+    let page = client
+        .list_sessions(pb::ListSessionsRequest {
+            farm: "farm-big".into(),
+            page_size: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("ListSessions")
+        .into_inner();
+    assert!(
+        prost::Message::encoded_len(&page) > 100 * 1024,
+        "{} bytes",
+        prost::Message::encoded_len(&page)
+    );
+    assert!(page.next_page_token.is_empty());
+    let listed: BTreeSet<String> = page.sessions.into_iter().map(|s| s.user_name).collect();
+    assert_eq!(listed, users);
+    broker.stop().await;
 }
 
 async fn every_session_comes_once_and_the_last_page_says_so(database: &TestDatabase) {
