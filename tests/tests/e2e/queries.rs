@@ -36,7 +36,7 @@ async fn machine_by_id(
 }
 
 /// A call's buffers start at 1 KiB (common/src/codec.rs) and grow: a RESYNC of 3,000 sessions
-/// from the agent and a page of them back to an operator, each over 100 KiB, come whole.
+/// from the agent (~105 KiB) and a page of them back to an operator (over 100 KiB) come whole.
 async fn messages_far_larger_than_a_call_buffer_arrive_whole(database: &TestDatabase) {
     let broker = spawn_broker(&database.url, |_| {}).await;
     let mut client = broker.broker_client().await;
