@@ -7,6 +7,7 @@ pub mod farm_settings;
 mod placement_queue;
 mod plugin_step;
 pub mod policy;
+mod refusals;
 
 use crate::directory::SessionDirectory;
 use crate::error::ApiError;
@@ -22,6 +23,7 @@ use farm_settings::{FarmBook, FarmSettings, GroupRule};
 pub use placement_queue::SNAPSHOT_MAX_AGE;
 use placement_queue::{Placed, PlacementJob, PlacementQueues};
 use policy::{ChoiceContext, PolicyRegistry};
+use refusals::{REFUSAL_HOLD, RecentRefusals};
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +117,8 @@ pub struct Decider {
     metrics: Arc<Metrics>,
     placements: PlacementQueues,
     directory: SessionDirectory,
+    /// Machines front doors could not connect to lately: new logons avoid them.
+    refusals: RecentRefusals,
 }
 
 impl Decider {
@@ -151,11 +155,13 @@ impl Decider {
             plugins,
             metrics,
             directory,
+            refusals: RecentRefusals::default(),
         }
     }
 
     /// Decides, and counts the decision by reason and policy.
     pub async fn redirect(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
+        self.note_refusals(query);
         let answer = self.decide(query).await?;
         let reason = match answer.reason {
             RedirectReason::ExistingSession => "existing_session",
@@ -173,6 +179,40 @@ impl Decider {
             })
             .inc();
         Ok(answer)
+    }
+
+    /// Remembers the machines the caller could not connect to (see [`refusals`]).
+    fn note_refusals(&self, query: &RedirectQuery) {
+        if query.excluded_machines.is_empty() {
+            return;
+        }
+        let new = self
+            .refusals
+            .record(&query.excluded_machines, std::time::Instant::now());
+        if new.is_empty() {
+            return;
+        }
+        static REFUSED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
+            std::sync::LazyLock::new(Default::default);
+        let machines = new
+            .iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        match REFUSED.warn_now() {
+            Some(unwarned) => tracing::warn!(
+                farm = %query.farm,
+                machines,
+                since_last_warning = unwarned,
+                "a front door could not connect to these machines: new logons avoid them for \
+                 {REFUSAL_HOLD:?} unless no other machine can take them (said at most once a minute)"
+            ),
+            None => tracing::debug!(
+                farm = %query.farm,
+                machines,
+                "a front door could not connect to these machines: new logons avoid them"
+            ),
+        }
     }
 
     async fn decide(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
@@ -477,17 +517,26 @@ impl Decider {
             }
             None => None,
         };
-        let job = PlacementJob {
+        // Machines that refused others' connections lately are left out, unless that leaves
+        // no candidate: then they are tried after all (they may take this one).
+        let avoided = self
+            .refusals
+            .avoided(std::time::Instant::now(), &query.excluded_machines);
+        let job = |avoided: &[uuid::Uuid]| PlacementJob {
             user_key: user_key.to_owned(),
-            excluded: query.excluded_machines.clone(),
+            excluded: [query.excluded_machines.as_slice(), avoided].concat(),
             preferred,
             check_sessions,
         };
+        let mut placed = self.placements.place(&query.farm, job(&avoided)).await?;
+        if !avoided.is_empty() && matches!(placed.placement, Placement::NoCandidate(_)) {
+            placed = self.placements.place(&query.farm, job(&[])).await?;
+        }
         let Placed {
             placement,
             policy,
             by_plugin,
-        } = self.placements.place(&query.farm, job).await?;
+        } = placed;
         let reason = if by_plugin {
             RedirectReason::Plugin
         } else {

@@ -21,6 +21,7 @@ on_both_stores!(
     protocol_violations_get_precise_answers,
     removal_by_the_agent_and_by_an_admin,
     full_and_empty_farms_say_why,
+    machines_front_doors_could_not_reach_get_no_new_logons_for_a_while,
 );
 
 async fn joining_machines_resync_and_users_return_to_their_session(database: &TestDatabase) {
@@ -194,16 +195,7 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
     .await;
     // A logon in flight to ts-b (ts-a left out by the caller).
     let ts_a = machine(&mut client, "farm", "ts-a").await.id;
-    let in_flight = client
-        .redirect(pb::RedirectRequest {
-            user_name: "inflight".into(),
-            farm: "farm".into(),
-            exclude_machine_ids: vec![ts_a],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let in_flight = redirect_without(&mut client, "inflight", ts_a).await;
     assert_eq!(in_flight.machine_name, "ts-b");
     // Its last message: the heartbeat timeout runs from here.
     b.heartbeat().await.unwrap();
@@ -229,6 +221,10 @@ async fn unreachable_machines_get_nobody_and_keep_their_sessions(database: &Test
         (alice.machine_name.as_str(), reason(&alice)),
         ("ts-b", pb::RedirectReason::ExistingSession)
     );
+    // (ts-a, left out by a caller above, is avoided by new logons unless nothing else can
+    // take them: wait until the placements' copy of the farm has ts-b's new state, at most a
+    // second after it changed, or the copy would still offer ts-b.)
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let newcomer = redirect(&mut client, "farm", "newcomer").await.unwrap();
     assert_eq!(newcomer.machine_name, "ts-a");
     // Past the timeout, the machine looks gone: its users are placed elsewhere.
@@ -687,4 +683,79 @@ async fn full_and_empty_farms_say_why(database: &TestDatabase) {
         .unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
     broker.stop().await;
+}
+
+/// A front door that could not connect to a new logon's machine asks again without it; from
+/// then on new logons avoid that machine (it would otherwise be every next pick: no sessions),
+/// returning users still go to it, and it still takes new logons when nothing else can.
+async fn machines_front_doors_could_not_reach_get_no_new_logons_for_a_while(
+    database: &TestDatabase,
+) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let _a = FakeAgent::join(
+        &broker.url(),
+        description("ts-a", "farm", 100),
+        vec![session(1, "carol", pb::SessionState::Disconnected)],
+    )
+    .await;
+    let _b = FakeAgent::join(
+        &broker.url(),
+        description("ts-b", "farm", 100),
+        (1..=5)
+            .map(|id| session(id, &format!("b{id}"), pb::SessionState::Active))
+            .collect(),
+    )
+    .await;
+    // The policy's pick is ts-a (1 session against 5).
+    let first = redirect(&mut client, "farm", "first").await.unwrap();
+    assert_eq!(first.machine_name, "ts-a");
+    // Its RDP service did not answer that front door: asked again without it.
+    let ts_a = machine(&mut client, "farm", "ts-a").await.id;
+    let again = redirect_without(&mut client, "first", ts_a).await;
+    assert_eq!(again.machine_name, "ts-b");
+    // New logons from anywhere now avoid ts-a, though it has far fewer sessions.
+    for user in 0..3 {
+        let placed = redirect(&mut client, "farm", &format!("n{user}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (placed.machine_name.as_str(), reason(&placed)),
+            ("ts-b", pb::RedirectReason::LoadBalanced),
+            "n{user}"
+        );
+    }
+    // Its users are still sent back to it.
+    let carol = redirect(&mut client, "farm", "carol").await.unwrap();
+    assert_eq!(
+        (carol.machine_name.as_str(), reason(&carol)),
+        ("ts-a", pb::RedirectReason::ExistingSession)
+    );
+    // With ts-b drained, ts-a is the only machine: it is tried after all.
+    let mut admin = broker.admin_client().await;
+    admin.drain_machine(by_name("farm", "ts-b")).await.unwrap();
+    let last = redirect(&mut client, "farm", "last").await.unwrap();
+    assert_eq!(
+        (last.machine_name.as_str(), reason(&last)),
+        ("ts-a", pb::RedirectReason::LoadBalanced)
+    );
+    broker.stop().await;
+}
+
+/// A new logon in farm `farm` for `user`, `machine` left out by the caller (it could not connect).
+async fn redirect_without(
+    client: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    user: &str,
+    machine: String,
+) -> pb::RedirectResponse {
+    client
+        .redirect(pb::RedirectRequest {
+            user_name: user.into(),
+            farm: "farm".into(),
+            exclude_machine_ids: vec![machine],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
