@@ -124,8 +124,10 @@ pub async fn run(
         .as_ref()
         .is_some_and(|tls| tls.client_certificates_required());
     let agent_guard = AccessGuard::token(config.agent_token.clone(), false, "AgentGateway")
+        .not_for(config.admin_token.clone())
         .client_certificate(certificates_required);
     let admin_guard = AccessGuard::token(config.admin_token.clone(), true, "Admin")
+        .not_for(config.agent_token.clone())
         .client_certificate(certificates_required);
     // Redirect books logons in flight and the queries list users: once agents need a token,
     // so do they (the front doors send the agent token; operators, either).

@@ -15,6 +15,9 @@ use tsbroker_common::warning_limit::WarningLimit;
 pub struct AccessGuard {
     /// Any of these tokens lets a call in; none configured: see `loopback_only_without_token`.
     expected: Vec<Secret>,
+    /// Tokens of the broker's other callers, which do not let a call in here: PERMISSION_DENIED
+    /// (the caller is known, not allowed) rather than UNAUTHENTICATED.
+    elsewhere: Vec<Secret>,
     loopback_only_without_token: bool,
     client_certificate_required: bool,
     service: &'static str,
@@ -31,6 +34,7 @@ impl AccessGuard {
     ) -> Self {
         AccessGuard {
             expected: expected.into_iter().collect(),
+            elsewhere: Vec::new(),
             loopback_only_without_token,
             client_certificate_required: false,
             service,
@@ -49,6 +53,13 @@ impl AccessGuard {
         if !self.expected.is_empty() {
             self.expected.extend(token);
         }
+        self
+    }
+
+    /// Knows `token` as another caller's (it lets nothing in here): such a call is told
+    /// PERMISSION_DENIED, not UNAUTHENTICATED.
+    pub fn not_for(mut self, token: Option<Secret>) -> Self {
+        self.elsewhere.extend(token);
         self
     }
 
@@ -99,11 +110,20 @@ impl AccessGuard {
                     .and_then(bearer_token)
                     .unwrap_or("");
                 // Every token is compared, so the time taken says nothing of which matched.
-                let matches = expected.iter().fold(false, |matched, token| {
-                    constant_time_eq(presented.as_bytes(), token.0.as_bytes()) | matched
-                });
+                let matching = |tokens: &[Secret]| {
+                    tokens.iter().fold(false, |matched, token| {
+                        constant_time_eq(presented.as_bytes(), token.0.as_bytes()) | matched
+                    })
+                };
+                let (matches, known_elsewhere) = (matching(expected), matching(&self.elsewhere));
                 if matches {
                     Ok(request)
+                } else if known_elsewhere {
+                    self.refused(&request, "a token of another service");
+                    Err(Status::permission_denied(format!(
+                        "this token does not give access to the {} service",
+                        self.service
+                    )))
                 } else {
                     self.refused(&request, "no valid bearer token");
                     let which = if expected.len() > 1 {
@@ -209,6 +229,30 @@ mod tests {
         // Without an agent token the service stays open, admin token or not.
         let open = AccessGuard::token(None, false, "Broker").or_token(admin);
         assert!(open.check(Request::new(())).is_ok());
+    }
+
+    #[test]
+    fn another_services_token_is_told_it_is_not_allowed() {
+        let agent = Some(Secret("agent-token-0123456789".into()));
+        let admin = Some(Secret("admin-token-0123456789".into()));
+        let guard = AccessGuard::token(admin, true, "Admin").not_for(agent);
+        let with = |token: &str| {
+            let mut request = Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            request
+        };
+        assert!(guard.check(with("admin-token-0123456789")).is_ok());
+        let refused = guard.check(with("agent-token-0123456789")).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("Admin"), "{refused:?}");
+        let unknown = guard.check(with("agent-token-012345678X")).unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            guard.check(Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 
     #[test]

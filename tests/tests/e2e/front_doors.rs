@@ -420,6 +420,42 @@ async fn with_an_agent_token_the_broker_answers_only_callers_that_have_one() {
     farm.stop().await;
 }
 
+/// Each token opens its own services: the agent token on `Admin` is a known caller without
+/// the right (PERMISSION_DENIED), an unknown token an unauthenticated one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_token_does_not_open_the_admin_service() {
+    const AGENT: &str = "agent-token-for-the-farm";
+    const ADMIN: &str = "admin-token-for-the-farm";
+    let database = TestDatabase::sqlite();
+    let broker = spawn_broker(&database.url, |config| {
+        config.agent_token = Some(tsbroker::config::Secret(AGENT.into()));
+        config.admin_token = Some(tsbroker::config::Secret(ADMIN.into()));
+    })
+    .await;
+    let mut admin = broker.admin_client().await;
+    let policy = |token: &str| {
+        let mut request = tonic::Request::new(pb::SetFarmPolicyRequest {
+            farm: "nofarm".into(),
+            policy: "session-count".into(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let refused = admin.set_farm_policy(policy(AGENT)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = admin
+        .set_farm_policy(policy("not-a-token-we-know"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // Let in: the farm is unknown.
+    let answered = admin.set_farm_policy(policy(ADMIN)).await.unwrap_err();
+    assert_eq!(answered.code(), tonic::Code::NotFound, "{answered:?}");
+    broker.stop().await;
+}
+
 /// One client address holds at most `--max-connections-per-client` connections: more from it
 /// are closed at once (they had waited in the kernel's queue once it held every slot), and
 /// clients from other addresses are served meanwhile.
