@@ -33,7 +33,8 @@ pub fn machine(record: &MachineRecord) -> pb::Machine {
         farm: record.farm.clone(),
         address: record.address.clone(),
         weight: record.weight(),
-        session_limit: record.session_limit(),
+        // What placements apply: a single-session machine's limit is 1, whatever is set.
+        session_limit: record.capacity().map_or(0, |capacity| capacity as u32),
         single_session: record.single_session,
         agent_version: record.agent_version.clone(),
         state: record.machine_state().to_proto() as i32,

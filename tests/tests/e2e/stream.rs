@@ -678,6 +678,28 @@ async fn full_and_empty_farms_say_why(database: &TestDatabase) {
     let full = redirect(&mut client, "farm", "second").await.unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
     assert!(full.message().contains("session limit"), "{full:?}");
+    // A limit set on a single-session machine changes nothing, and the machine says so.
+    let mut admin = broker.admin_client().await;
+    let limited = admin
+        .set_session_limit(pb::SetSessionLimitRequest {
+            machine: Some(by_name("farm", "kiosk")),
+            session_limit: 5,
+            clear: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            limited.session_limit,
+            limited.single_session,
+            limited.session_limit_overridden
+        ),
+        (1, true, true),
+        "{limited:?}"
+    );
+    let still_full = redirect(&mut client, "farm", "second").await.unwrap_err();
+    assert_eq!(still_full.code(), Code::ResourceExhausted, "{still_full:?}");
     let invalid = redirect(&mut client, "farm", &"x".repeat(300))
         .await
         .unwrap_err();
