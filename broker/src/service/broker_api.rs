@@ -12,6 +12,10 @@ use tsbroker_common::validate;
 
 const DEFAULT_PAGE_SIZE: u32 = 1000;
 const MAX_PAGE_SIZE: u32 = 10_000;
+/// Most bytes of sessions a `ListSessions` page carries: under the 4 MiB that gRPC clients
+/// accept by default (grpcurl's, tonic's, grpc-go's), with room to spare. 10,000 sessions with
+/// long names and domains take ~6 MB: such a page ends early, with a token for the rest.
+const MAX_PAGE_BYTES: usize = 3 << 20;
 /// Most machines a Redirect may exclude (a front door tries a few candidates, not the farm).
 const MAX_EXCLUDED_MACHINES: usize = 32;
 
@@ -164,20 +168,25 @@ impl pb::broker_server::Broker for BrokerApi {
         let request = request.into_inner();
         let mut filter = session_filter(&request)?;
         let core = self.core.for_reads()?;
+        let reference = pb::MachineRef {
+            machine_id: request.machine_id.clone(),
+            farm: request.farm.clone(),
+            machine_name: request.machine_name.clone(),
+        };
         if !request.machine_name.is_empty() {
-            if request.farm.is_empty() {
+            if request.farm.is_empty() && request.machine_id.is_empty() {
                 return Err(ApiError::from(tsbroker_common::ValidationError::new(
                     "machine_name",
-                    "give farm too: machine names are per farm",
+                    "give farm (or machine_id) too: machine names are per farm",
                 ))
                 .into());
             }
-            let reference = pb::MachineRef {
-                machine_id: request.machine_id.clone(),
-                farm: request.farm.clone(),
-                machine_name: request.machine_name.clone(),
-            };
-            let machine = machine_ref::resolve(core.store.as_ref(), &reference).await?;
+            let machine = machine_ref::resolve_fields(
+                core.store.as_ref(),
+                &reference,
+                &machine_ref::TOP_LEVEL,
+            )
+            .await?;
             filter.machine = Some(machine.id);
         }
         let page_size = filter.limit as usize;
@@ -190,23 +199,30 @@ impl pb::broker_server::Broker for BrokerApi {
             .await
             .map_err(ApiError::from)?;
         if sessions.is_empty() && request.page_token.is_empty() {
-            // Nothing listed: say so when what the filter names does not exist (a typo is not
-            // "no sessions"), as every call naming a farm or machine does.
-            if let Some(machine) = filter.machine
-                && request.machine_name.is_empty()
-            {
-                let reference = pb::MachineRef {
-                    machine_id: machine.to_string(),
-                    ..Default::default()
-                };
-                machine_ref::resolve(core.store.as_ref(), &reference).await?;
+            // Nothing listed: say so when what the filter names does not exist, or a machine
+            // is not in the farm named beside it (a typo is not "no sessions"), as every call
+            // naming a farm or machine does.
+            if filter.machine.is_some() && request.machine_name.is_empty() {
+                machine_ref::resolve_fields(
+                    core.store.as_ref(),
+                    &reference,
+                    &machine_ref::TOP_LEVEL,
+                )
+                .await?;
             }
             if let Some(farm) = &filter.farm {
                 known_farm(core.store.as_ref(), farm).await?;
             }
         }
-        let more = sessions.len() > page_size;
+        let mut more = sessions.len() > page_size;
         sessions.truncate(page_size);
+        let mut listed: Vec<pb::Session> = sessions.iter().map(convert::session).collect();
+        let fitting = fitting_in_a_page(&listed);
+        if fitting < listed.len() {
+            more = true;
+            listed.truncate(fitting);
+            sessions.truncate(fitting);
+        }
         let next_page_token = match sessions.last() {
             Some(last) if more => {
                 super::page_token::next(last.machine_id, last.session_id, &request)
@@ -214,7 +230,7 @@ impl pb::broker_server::Broker for BrokerApi {
             _ => String::new(),
         };
         Ok(Response::new(pb::ListSessionsResponse {
-            sessions: sessions.iter().map(convert::session).collect(),
+            sessions: listed,
             next_page_token,
         }))
     }
@@ -235,6 +251,21 @@ impl pb::broker_server::Broker for BrokerApi {
             farms: convert::farms_seen(&farms, &machines, cutoff),
         }))
     }
+}
+
+/// How many of `sessions`, from the first, fit in [`MAX_PAGE_BYTES`] (at least one).
+fn fitting_in_a_page(sessions: &[pb::Session]) -> usize {
+    use prost::Message;
+    let mut bytes = 0;
+    for (index, session) in sessions.iter().enumerate() {
+        let length = session.encoded_len();
+        // The field's tag and length prefix.
+        bytes += length + 1 + prost::length_delimiter_len(length);
+        if bytes > MAX_PAGE_BYTES && index > 0 {
+            return index;
+        }
+    }
+    sessions.len()
 }
 
 /// NOT_FOUND unless `farm` is one the broker knows (one a machine has joined, or with a policy
@@ -287,6 +318,28 @@ fn session_filter(request: &pb::ListSessionsRequest) -> Result<SessionFilter, Ap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_of_sessions_stays_under_what_clients_accept() {
+        let session = |size: usize| pb::Session {
+            user_name: "u".repeat(size),
+            domain: "d".repeat(size),
+            ..Default::default()
+        };
+        let small: Vec<pb::Session> = (0..10).map(|_| session(10)).collect();
+        assert_eq!(fitting_in_a_page(&small), 10);
+        assert_eq!(fitting_in_a_page(&[]), 0);
+        let large: Vec<pb::Session> = (0..10_000).map(|_| session(256)).collect();
+        let fitting = fitting_in_a_page(&large);
+        assert!(fitting > 1000 && fitting < 10_000, "{fitting}");
+        let page = pb::ListSessionsResponse {
+            sessions: large[..fitting].to_vec(),
+            next_page_token: "x".repeat(64),
+        };
+        use prost::Message;
+        assert!(page.encoded_len() <= MAX_PAGE_BYTES + 100);
+        assert!(page.encoded_len() + 600 > MAX_PAGE_BYTES);
+    }
 
     #[test]
     fn redirect_queries_are_checked() {

@@ -7,29 +7,65 @@ use crate::store::{MachineRecord, Store};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::{ValidationError, validate};
 
+/// The names an error gives the reference's fields: those of a `MachineRef` in a request's
+/// `machine` field, or of a request that has the three fields itself (`ListSessions`).
+pub struct FieldNames {
+    pub whole: &'static str,
+    pub farm: &'static str,
+    pub machine_name: &'static str,
+    pub machine_id: &'static str,
+}
+
+/// A `MachineRef` in a request's `machine` field.
+pub const IN_MACHINE: FieldNames = FieldNames {
+    whole: "machine",
+    farm: "machine.farm",
+    machine_name: "machine.machine_name",
+    machine_id: "machine.machine_id",
+};
+
+/// The request's own `farm`, `machine_name` and `machine_id`.
+pub const TOP_LEVEL: FieldNames = FieldNames {
+    whole: "machine_id",
+    farm: "farm",
+    machine_name: "machine_name",
+    machine_id: "machine_id",
+};
+
 pub async fn resolve(
     store: &dyn Store,
     reference: &pb::MachineRef,
 ) -> Result<MachineRecord, ApiError> {
+    resolve_fields(store, reference, &IN_MACHINE).await
+}
+
+/// [`resolve`], errors naming the fields as `fields` says.
+pub async fn resolve_fields(
+    store: &dyn Store,
+    reference: &pb::MachineRef,
+    fields: &FieldNames,
+) -> Result<MachineRecord, ApiError> {
     let farm = (!reference.farm.is_empty())
-        .then(|| validate::farm_name("machine.farm", &reference.farm))
+        .then(|| validate::farm_name(fields.farm, &reference.farm))
         .transpose()?;
     let name = (!reference.machine_name.is_empty())
-        .then(|| validate::machine_name("machine.machine_name", &reference.machine_name))
+        .then(|| validate::machine_name(fields.machine_name, &reference.machine_name))
         .transpose()?;
     let found = if !reference.machine_id.is_empty() {
-        let id = validate::machine_id("machine.machine_id", &reference.machine_id)?;
+        let id = validate::machine_id(fields.machine_id, &reference.machine_id)?;
         let found = store.get_machine(id).await?;
         if let Some(machine) = &found {
-            check_same_machine(machine, farm.as_deref(), name.as_deref())?;
+            check_same_machine(machine, farm.as_deref(), name.as_deref(), fields.whole)?;
         }
         found
     } else if let (Some(farm), Some(name)) = (&farm, &name) {
         store.find_machine(farm, name).await?
     } else {
-        return Err(
-            ValidationError::new("machine", "give machine_id, or farm and machine_name").into(),
-        );
+        return Err(ValidationError::new(
+            fields.whole,
+            "give machine_id, or farm and machine_name",
+        )
+        .into());
     };
     found.ok_or_else(|| {
         let what = if reference.machine_id.is_empty() {
@@ -50,12 +86,13 @@ fn check_same_machine(
     machine: &MachineRecord,
     farm: Option<&str>,
     name: Option<&str>,
+    field: &'static str,
 ) -> Result<(), ValidationError> {
     let farm_differs = farm.is_some_and(|farm| farm != machine.farm);
     let name_differs = name.is_some_and(|name| !name.eq_ignore_ascii_case(&machine.name));
     if farm_differs || name_differs {
         return Err(ValidationError::new(
-            "machine",
+            field,
             format!(
                 "machine_id {} is {:?} in farm {:?}, not what farm and machine_name say; \
                  give machine_id alone, or farm and machine_name",
@@ -75,12 +112,17 @@ mod tests {
     fn a_farm_or_name_beside_an_id_must_be_the_ids_machine() {
         let machine = MachineRecord::clone(&machine_load(1, 100, 0).machine);
         let (farm, name) = (machine.farm.clone(), machine.name.clone());
-        assert!(check_same_machine(&machine, None, None).is_ok());
-        assert!(check_same_machine(&machine, Some(&farm), Some(&name)).is_ok());
-        assert!(check_same_machine(&machine, None, Some(&name.to_ascii_uppercase())).is_ok());
-        assert!(check_same_machine(&machine, Some(&farm), None).is_ok());
-        let refused = check_same_machine(&machine, Some(&farm), Some("other.example")).unwrap_err();
+        assert!(check_same_machine(&machine, None, None, "machine").is_ok());
+        assert!(check_same_machine(&machine, Some(&farm), Some(&name), "machine").is_ok());
+        assert!(
+            check_same_machine(&machine, None, Some(&name.to_ascii_uppercase()), "machine").is_ok()
+        );
+        assert!(check_same_machine(&machine, Some(&farm), None, "machine").is_ok());
+        let refused = check_same_machine(&machine, Some(&farm), Some("other.example"), "machine")
+            .unwrap_err();
         assert!(refused.reason.contains(&name), "{refused}");
-        assert!(check_same_machine(&machine, Some("another-farm"), Some(&name)).is_err());
+        assert!(
+            check_same_machine(&machine, Some("another-farm"), Some(&name), "machine").is_err()
+        );
     }
 }

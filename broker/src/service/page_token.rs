@@ -28,7 +28,12 @@ pub fn after(request: &pb::ListSessionsRequest) -> Result<Option<(Uuid, i64)>, A
         return Err(invalid().into());
     };
     let machine = Uuid::parse_str(machine).map_err(|_| invalid())?;
-    let session = session.parse::<i64>().map_err(|_| invalid())?;
+    // Session ids are the agents' (32-bit, unsigned); the mark is 8 hex digits.
+    let session = session.parse::<u32>().map_err(|_| invalid())?;
+    let is_mark = mark.len() == 8 && mark.bytes().all(|byte| byte.is_ascii_hexdigit());
+    if !is_mark {
+        return Err(invalid().into());
+    }
     if mark != filters_mark(request) {
         return Err(ValidationError::new(
             "page_token",
@@ -36,7 +41,7 @@ pub fn after(request: &pb::ListSessionsRequest) -> Result<Option<(Uuid, i64)>, A
         )
         .into());
     }
-    Ok(Some((machine, session)))
+    Ok(Some((machine, i64::from(session))))
 }
 
 /// 8 hex digits standing for the filters (not the page size, which may change between pages).
@@ -57,6 +62,10 @@ fn filters_mark(request: &pb::ListSessionsRequest) -> String {
 mod tests {
     use super::*;
 
+    fn token_mark(token: &str) -> &str {
+        token.rsplit('/').next().unwrap()
+    }
+
     #[test]
     fn tokens_round_trip_under_the_same_filters_only() {
         let request = |farm: &str, page_token: String| pb::ListSessionsRequest {
@@ -76,6 +85,23 @@ mod tests {
         assert!(after(&request("b", token)).is_err());
         assert!(after(&request("a", "garbage".into())).is_err());
         assert!(after(&request("a", format!("{id}/7"))).is_err());
+        // Altered tokens are not tokens, whatever their filters.
+        let first = next(id, 7, &request("a", String::new()));
+        let mark = token_mark(&first);
+        for altered in [
+            format!("{id}/-1/{mark}"),
+            format!("{id}/99999999999/{mark}"),
+            format!("{id}/7/{mark}/extra"),
+            format!("{id}/7/"),
+        ] {
+            let refused = after(&request("a", altered.clone())).unwrap_err();
+            assert!(
+                refused
+                    .to_string()
+                    .contains("not a token from a previous page"),
+                "{altered}: {refused}"
+            );
+        }
         assert_eq!(after(&request("a", String::new())).unwrap(), None);
     }
 }

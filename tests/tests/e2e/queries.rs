@@ -16,6 +16,7 @@ on_both_stores!(
     every_session_comes_once_and_the_last_page_says_so,
     messages_far_larger_than_a_call_buffer_arrive_whole,
     a_machine_named_two_ways_must_be_one_machine,
+    a_page_stays_under_what_clients_accept,
 );
 
 /// `GetMachine` by id alone.
@@ -257,6 +258,89 @@ async fn a_machine_named_two_ways_must_be_one_machine(database: &TestDatabase) {
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     let unchanged = machine_by_id(&mut client, &b.machine_id).await;
     assert_eq!(unchanged.session_limit, 0, "{unchanged:?}");
+
+    // ListSessions names a machine the same ways, its errors naming its own fields.
+    let sessions = |id: &str, farm: &str, name: &str| pb::ListSessionsRequest {
+        machine_id: id.to_owned(),
+        farm: farm.to_owned(),
+        machine_name: name.to_owned(),
+        ..Default::default()
+    };
+    let listed = client
+        .list_sessions(sessions(&a.machine_id, "", "TS-A"))
+        .await
+        .expect("ListSessions by id and name");
+    assert!(listed.into_inner().sessions.is_empty());
+    for (wrong, field) in [
+        (sessions(&a.machine_id, "farm-x", ""), "machine_id"),
+        (sessions(&a.machine_id, "", "ts-b"), "machine_id"),
+        (sessions("", "", "ts-a"), "machine_name: give farm"),
+        (sessions("", "farm-r", "ts\u{1}"), "machine_name: contains"),
+    ] {
+        let refused = client.list_sessions(wrong.clone()).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{wrong:?}: {refused:?}"
+        );
+        assert!(refused.message().starts_with(field), "{refused:?}");
+    }
+    let elsewhere = client
+        .list_sessions(sessions(&a.machine_id, "farm-x", ""))
+        .await
+        .unwrap_err();
+    assert!(elsewhere.message().contains("farm-r"), "{elsewhere:?}");
+}
+
+/// A page of 10,000 sessions with long names and domains (~6 MB) would be more than gRPC
+/// clients take by default (4 MiB, as this test's client): the page ends early, with a token,
+/// and the pages hold every session once.
+async fn a_page_stays_under_what_clients_accept(database: &TestDatabase) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let mut agents = Vec::new();
+    for machine in ["ts-a", "ts-b", "ts-c"] {
+        let sessions = (1..=3000u32)
+            .map(|id| pb::SessionInfo {
+                domain: "d".repeat(250),
+                ..session(
+                    id,
+                    &format!("{machine}-{id:05}-{}", "u".repeat(230)),
+                    pb::SessionState::Active,
+                )
+            })
+            .collect();
+        agents.push(
+            FakeAgent::join(&broker.url(), description(machine, "farm-l", 100), sessions).await,
+        );
+    }
+    let mut seen = BTreeSet::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_sessions(pb::ListSessionsRequest {
+                farm: "farm-l".into(),
+                page_size: 10_000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("ListSessions")
+            .into_inner();
+        pages += 1;
+        assert!(prost::Message::encoded_len(&page) < 4 << 20);
+        for listed in page.sessions {
+            assert!(seen.insert(listed.user_name.clone()), "twice: {listed:?}");
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 9000);
+    assert!(pages >= 2, "{pages} pages");
+    broker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
