@@ -7,6 +7,7 @@ pub mod farm_settings;
 mod placement_queue;
 mod plugin_step;
 pub mod policy;
+mod recent_logons;
 mod refusals;
 
 use crate::directory::SessionDirectory;
@@ -23,6 +24,7 @@ use farm_settings::{FarmBook, FarmSettings, GroupRule};
 pub use placement_queue::SNAPSHOT_MAX_AGE;
 use placement_queue::{Placed, PlacementJob, PlacementQueues};
 use policy::{ChoiceContext, PolicyRegistry};
+use recent_logons::RecentLogons;
 use refusals::{REFUSAL_HOLD, RecentRefusals};
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -119,6 +121,9 @@ pub struct Decider {
     directory: SessionDirectory,
     /// Machines front doors could not connect to lately: new logons avoid them.
     refusals: RecentRefusals,
+    /// Where this broker sent new logons lately: the answer to their retries while the
+    /// database is away.
+    recent_logons: RecentLogons,
 }
 
 impl Decider {
@@ -141,6 +146,7 @@ impl Decider {
         metrics: Arc<Metrics>,
         directory: SessionDirectory,
     ) -> Self {
+        let recent_logons = RecentLogons::new(settings.pending_logon_ttl);
         Decider {
             placements: PlacementQueues::new(
                 store.clone(),
@@ -156,13 +162,21 @@ impl Decider {
             metrics,
             directory,
             refusals: RecentRefusals::default(),
+            recent_logons,
         }
     }
 
     /// Decides, and counts the decision by reason and policy.
     pub async fn redirect(&self, query: &RedirectQuery) -> Result<RedirectAnswer, ApiError> {
         self.note_refusals(query);
-        let answer = self.decide(query).await?;
+        let answer = match self.decide(query).await {
+            Ok(answer) => answer,
+            Err(error @ ApiError::Store(StoreError::Unavailable(_))) => {
+                self.recalled_logon(query).ok_or(error)?
+            }
+            Err(error) => return Err(error),
+        };
+        self.remember_logon(query, &answer);
         let reason = match answer.reason {
             RedirectReason::ExistingSession => "existing_session",
             RedirectReason::PendingLogon => "pending_logon",
@@ -179,6 +193,61 @@ impl Decider {
             })
             .inc();
         Ok(answer)
+    }
+
+    /// Remembers where a new logon went (see [`recent_logons`]).
+    fn remember_logon(&self, query: &RedirectQuery, answer: &RedirectAnswer) {
+        let new_logon = matches!(
+            answer.reason,
+            RedirectReason::LoadBalanced | RedirectReason::Plugin | RedirectReason::PendingLogon
+        );
+        if new_logon && !query.user_name.is_empty() {
+            self.recent_logons.record(
+                &query.farm,
+                &model::user_key(&query.user_name),
+                &answer.target,
+                std::time::Instant::now(),
+            );
+        }
+    }
+
+    /// The user's logon in flight that this broker placed, while the database cannot say.
+    fn recalled_logon(&self, query: &RedirectQuery) -> Option<RedirectAnswer> {
+        if query.user_name.is_empty() {
+            return None;
+        }
+        let target = self.recent_logons.recall(
+            &query.farm,
+            &model::user_key(&query.user_name),
+            &query.excluded_machines,
+            std::time::Instant::now(),
+        )?;
+        static RECALLED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
+            std::sync::LazyLock::new(Default::default);
+        match RECALLED.warn_now() {
+            Some(unwarned) => tracing::warn!(
+                farm = %query.farm,
+                user = %query.user_name,
+                machine = %target.name,
+                since_last_warning = unwarned,
+                "database cannot decide: answering with the user's logon in flight that this \
+                 broker placed (said at most once a minute)"
+            ),
+            None => tracing::debug!(
+                farm = %query.farm,
+                user = %query.user_name,
+                machine = %target.name,
+                "database cannot decide: answering with the user's logon in flight"
+            ),
+        }
+        self.count_lookup("memory_degraded");
+        Some(RedirectAnswer {
+            target,
+            reason: RedirectReason::PendingLogon,
+            session_id: None,
+            user_name: query.user_name.clone(),
+            policy: None,
+        })
     }
 
     /// Remembers the machines the caller could not connect to (see [`refusals`]).
@@ -220,6 +289,9 @@ impl Decider {
         let mut now = self.store.now();
         let outage_near = !database.is_up() || database.settling(now).is_some();
         if outage_near && !self.knows_a_session_of(query) {
+            if let Some(answer) = self.recalled_logon(query) {
+                return Ok(answer);
+            }
             self.wait_for_the_agents().await?;
             now = self.store.now();
         }

@@ -1,7 +1,8 @@
 //! The database going away while the broker runs, through a TCP relay between the broker and
 //! PostgreSQL that the test cuts and restores: returning users keep being sent to their
 //! session from the directory in memory (their machines' leases, stopped by the outage, still
-//! count; before the broker notices the outage, the last session known), new users hear UNAVAILABLE before a front door would stop waiting (3 s)
+//! count; before the broker notices the outage, the last session known), a user whose logon
+//! this broker placed just before is sent to the same machine again, new users hear UNAVAILABLE before a front door would stop waiting (3 s)
 //! and health says NOT_SERVING, agents are turned away with a hint to come back within a
 //! second; once the database is back, a machine whose agent has not reconnected yet still
 //! counts for its users, agents join again and new logons are placed.
@@ -168,6 +169,26 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
             })
             .sum::<f64>()
     };
+    // bob's logon goes out just before the outage; it has not shown up when he retries.
+    let bob = redirect(&mut client, "farm", "bob").await.unwrap();
+    assert_eq!(reason(&bob), pb::RedirectReason::LoadBalanced);
+    let bob_retries = |client: pb::broker_client::BrokerClient<tonic::transport::Channel>| {
+        let expected = bob.machine_name.clone();
+        async move {
+            let started = Instant::now();
+            let again = redirect(&mut client.clone(), "farm", "bob").await.unwrap();
+            assert!(
+                started.elapsed() < FRONT_DOOR_WAIT,
+                "{:?}",
+                started.elapsed()
+            );
+            assert_eq!(
+                (again.machine_name.as_str(), reason(&again)),
+                (expected.as_str(), pb::RedirectReason::PendingLogon),
+                "bob's retry goes where his logon went, not to a second session"
+            );
+        }
+    };
     let before = from_memory(&scrape(metrics_port).await);
     link.cut();
     let started = Instant::now();
@@ -178,6 +199,7 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
         "a new logon's UNAVAILABLE took {:?}",
         started.elapsed()
     );
+    bob_retries(client.clone()).await;
     // Long enough for failed lease refreshes (which used to take the directory down) and for
     // the machines' leases to go stale (their agents' load reports cannot be written).
     tokio::time::sleep(Duration::from_secs(9)).await;
@@ -200,6 +222,8 @@ async fn when_the_database_goes_away_returning_users_still_find_their_session() 
         health(&broker).await == ServingStatus::NotServing as i32
     })
     .await;
+    // Known away now: still bob's machine.
+    bob_retries(client.clone()).await;
 
     // Queries and admin changes too, rather than after the connection pool's wait.
     let started = Instant::now();
