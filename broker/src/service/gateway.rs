@@ -35,6 +35,9 @@ use tsbroker_common::proto::v1::agent_message::Body;
 use tsbroker_common::proto::v1::broker_message::Body as Reply;
 use uuid::Uuid;
 
+/// How long a stopping broker waits to mark a machine unreachable before its agent is told.
+const MARK_WAIT_WHEN_STOPPING: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 pub struct GatewaySettings {
     pub heartbeat_interval: Duration,
@@ -223,7 +226,14 @@ impl AgentStream {
                 biased;
                 _ = shutdown.cancelled() => break StreamEnd::BrokerShutdown,
                 () = change => {
-                    if let Err(end) = Box::pin(self.push_settings()).await {
+                    // A store call may wait long while the database is away: the broker's
+                    // stop does not wait for it (what it leaves undone, the agent resyncs).
+                    let pushed = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => Err(StreamEnd::BrokerShutdown),
+                        pushed = Box::pin(self.push_settings()) => pushed,
+                    };
+                    if let Err(end) = pushed {
                         break end;
                     }
                 },
@@ -242,7 +252,13 @@ impl AgentStream {
                     self.hearing
                         .heard(tokio::time::Instant::now(), self.settings.heartbeat_interval);
                     let (batch, after) = inbound.batch(first).await;
-                    if let Err(end) = Box::pin(self.handle_batch(batch)).await {
+                    // Unacknowledged, the batch is sent again after the agent's reconnection.
+                    let handled = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => Err(StreamEnd::BrokerShutdown),
+                        handled = Box::pin(self.handle_batch(batch)) => handled,
+                    };
+                    if let Err(end) = handled {
                         break end;
                     }
                     match after {
@@ -646,11 +662,23 @@ impl AgentStream {
             // The agent closed its stream itself (a stop, a restart), or this broker is going:
             // it was alive just now, and its users are sent back to it from here on.
             let agent_alive = matches!(end, StreamEnd::Closed | StreamEnd::BrokerShutdown);
-            match self
+            let marked = self
                 .ingest
-                .unreachable(machine, self.connection, agent_alive)
-                .await
-            {
+                .unreachable(machine, self.connection, agent_alive);
+            // A stopping broker tells its agents soon, database or not: they move to another
+            // replica (the mark is a courtesy: the machine's lease runs out anyway).
+            let marked = if matches!(end, StreamEnd::BrokerShutdown) {
+                tokio::time::timeout(MARK_WAIT_WHEN_STOPPING, marked)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::unavailable(format!(
+                            "no answer within {MARK_WAIT_WHEN_STOPPING:?} while stopping"
+                        )))
+                    })
+            } else {
+                marked.await
+            };
+            match marked {
                 Ok(true) => {
                     match end {
                         StreamEnd::BrokerShutdown => tracing::info!(

@@ -77,6 +77,12 @@ impl DatabaseLink {
     fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
+
+    /// As a database server that stopped: its connections cut, new ones refused (for good).
+    fn stop_listening(&self) {
+        self.accept.abort();
+        self.cut();
+    }
 }
 
 impl Drop for DatabaseLink {
@@ -400,4 +406,48 @@ async fn a_database_without_the_brokers_tables_is_not_served() {
     })
     .await;
     broker.stop().await;
+}
+
+/// A broker stopped (SIGTERM) while the database is away: its agents are told it is going at
+/// once, so they move to another replica, and it stops well within its grace (it waited all of
+/// it: marking each machine unreachable waited for the database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stopped_while_the_database_is_away_lets_its_agents_go_at_once() {
+    let database = TestDatabase::postgres().await;
+    let (target, through) = split_url(&database.url);
+    let link = DatabaseLink::start(target).await;
+    let url = through(link.address);
+    drop(through);
+    let broker = tsbroker_tests::spawn_broker(&url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut agent =
+        tsbroker_tests::FakeAgent::join(&broker.url(), machine("ts-a", "farm", 100), vec![]).await;
+    link.stop_listening();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(broker.stop());
+    let command = agent.next_command(Duration::from_secs(5)).await;
+    assert!(
+        matches!(
+            command.as_ref().and_then(|command| command.body.as_ref()),
+            Some(pb::broker_message::Body::Shutdown(_))
+        ),
+        "{command:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "told after {:?}",
+        started.elapsed()
+    );
+    stopping.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped after {:?} (grace 10 s)",
+        started.elapsed()
+    );
+    drop(link);
+    database.drop_database().await;
 }
