@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -64,16 +65,30 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let Some(_counted) = count_client(&shared, &per_client, peer) else {
+                let Some(counted) = count_client(&shared, &per_client, peer) else {
                     shared.metrics.connection(Outcome::Refused);
                     return;
                 };
                 let _open = shared.metrics.open_connection();
-                handle(&shared, stream, peer, &shutdown).await;
+                handle(&shared, stream, peer, counted.past_the_cap, &shutdown).await;
             }
             .instrument(span),
         );
     }
+}
+
+/// How long a connection let past the per-client cap because it comes from a farm machine's
+/// address has to show that it is that machine's front door (its PROXY header, sent with the
+/// client's first packet as soon as it connects).
+const FRONT_DOOR_PROOF_WAIT: Duration = Duration::from_secs(3);
+
+/// A connection counted for its client's address.
+struct Counted {
+    _held: Held,
+    /// Over the address's cap, let in only because the address is a farm machine's: it must
+    /// come with another front door's PROXY header (users logged on to that machine can
+    /// connect from its address too).
+    past_the_cap: bool,
 }
 
 /// Counts the connection for its client's address; `None` (and a warning once a minute) when
@@ -83,13 +98,17 @@ fn count_client(
     shared: &FrontDoorShared,
     per_client: &Arc<ClientCounts>,
     peer: SocketAddr,
-) -> Option<Held> {
+) -> Option<Counted> {
     match per_client.take(peer.ip()) {
-        Ok(held) => Some(held),
+        Ok(held) => Some(Counted {
+            _held: held,
+            past_the_cap: false,
+        }),
         // The cached list only: a stranger's connections must not each wait for a refresh.
-        Err(_) if shared.machines.is_known_peer(peer.ip()) => {
-            Some(per_client.take_anyway(peer.ip()))
-        }
+        Err(_) if shared.machines.is_known_peer(peer.ip()) => Some(Counted {
+            _held: per_client.take_anyway(peer.ip()),
+            past_the_cap: true,
+        }),
         Err(holds) => {
             static OVER: LazyLock<WarningLimit> = LazyLock::new(Default::default);
             match OVER.warn_now() {
@@ -115,12 +134,15 @@ pub async fn handle(
     shared: &FrontDoorShared,
     mut client: TcpStream,
     peer: SocketAddr,
+    past_the_cap: bool,
     shutdown: &CancellationToken,
 ) {
-    let read = tokio::time::timeout(
-        shared.settings.client_timeout,
-        first_packet::read(&mut client),
-    );
+    let wait = if past_the_cap {
+        shared.settings.client_timeout.min(FRONT_DOOR_PROOF_WAIT)
+    } else {
+        shared.settings.client_timeout
+    };
+    let read = tokio::time::timeout(wait, first_packet::read(&mut client));
     let first = tokio::select! {
         () = shutdown.cancelled() => return,
         read = read => read,
@@ -145,6 +167,13 @@ pub async fn handle(
     };
     let hint = &first.request.hint;
     tracing::debug!(?hint, protocols = ?first.request.requested_protocols, "connection request");
+    if past_the_cap && first.proxied.is_none() {
+        let why = "over max_connections_per_client from a farm machine's address, without \
+                   another front door's proxy header";
+        say_refused(false, why, "connection refused");
+        shared.metrics.connection(Outcome::Refused);
+        return;
+    }
 
     if let Some(header) = first.proxied {
         // Already routed by another front door: never ask the broker again (no loops).

@@ -484,6 +484,53 @@ async fn one_client_address_cannot_take_every_connection() {
         .expect("closed at once, not at the client timeout");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let _alice = connect_from("127.0.0.6", door, &connection_request("alice")).await;
+
+    // Another front door (a farm machine's address) relays many clients and is let past the
+    // cap, with its PROXY header; a user logged on to that machine, who can connect from its
+    // address too, is not: a silent connection over the cap is closed within 3 s.
+    let _relay = tsbroker_tests::FakeAgent::join(
+        &broker.url(),
+        pb::MachineDescription {
+            address: "127.0.0.7:3389".into(),
+            front_door: true,
+            ..tsbroker_tests::fake_agent::machine("ts-f", "default", 100)
+        },
+        vec![],
+    )
+    .await;
+    let relayed = |user: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+        let mut connection = socket.connect(door).await.unwrap();
+        let client = "192.0.2.10:50000".parse().unwrap();
+        let header = tsagent::front_door::proxy_header::encode(client, door, None, 0);
+        let request = connection_request(user);
+        connection
+            .write_all(&[header, request.clone()].concat())
+            .await
+            .unwrap();
+        let mut back = vec![0u8; request.len()];
+        tokio::time::timeout(Duration::from_secs(5), connection.read_exact(&mut back))
+            .await
+            .expect("relayed to the local RDP service")
+            .unwrap();
+        connection
+    };
+    let _first_relayed = relayed("carol").await;
+    let _silent = from("127.0.0.7").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let mut over = from("127.0.0.7").await;
+    let read = tokio::time::timeout(Duration::from_secs(6), over.read(&mut byte))
+        .await
+        .expect("closed within the wait for a front door's header, not the client timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let _more_relayed = [relayed("dave").await, relayed("erin").await];
     agent.stop().await;
     broker.stop().await;
 }
