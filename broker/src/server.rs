@@ -372,10 +372,18 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
     let mut pause = Duration::from_millis(200);
     loop {
+        let attempt = std::time::Instant::now();
         match store::open(database_url).await {
             Ok(store) => return Ok(store),
             Err(error) if database_url.starts_with("postgres") => {
-                tracing::warn!(error = format!("{error:#}"), retry_in = %humantime::format_duration(pause), "database not ready");
+                // The attempt itself may have waited (a server that does not answer): both are
+                // said, so that the time to the next attempt is plain.
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    attempt_took = %humantime::format_duration(round_to_ms(attempt.elapsed())),
+                    retry_in = %humantime::format_duration(pause),
+                    "database not ready"
+                );
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
@@ -384,7 +392,8 @@ async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
                     error = format!("{error:#}"),
                     retry_in = %humantime::format_duration(pause),
                     "the sqlite database cannot be opened for writing (a full disk or quota, a \
-                     read-only file system, an I/O error): retrying, NOT_SERVING meanwhile"
+                     read-only file system, an I/O error, or a directory this user may not \
+                     write its -wal and -shm files in): retrying, NOT_SERVING meanwhile"
                 );
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
@@ -392,6 +401,10 @@ async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
             Err(error) => return Err(error),
         }
     }
+}
+
+fn round_to_ms(duration: Duration) -> Duration {
+    Duration::from_millis(duration.as_millis() as u64)
 }
 
 /// Flips health to NOT_SERVING (and `database` to away) while the database does not answer,

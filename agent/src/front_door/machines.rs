@@ -133,11 +133,15 @@ impl MachineCache {
         let mut broker = self.link.broker();
         let response = tokio::time::timeout(LIST_TIMEOUT, broker.list_machines(request))
             .await
-            .context("list machines: timed out")?
-            .context("list machines")?;
-        let listed: Vec<pb::Machine> = response
-            .into_inner()
-            .machines
+            .context("list machines: timed out")?;
+        let machines = match response {
+            Ok(response) => response.into_inner().machines,
+            // A farm the broker does not know yet has no machines (this one's ADDED may be on
+            // its way: the first agent of a new farm asks before it is stored).
+            Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+            Err(status) => return Err(anyhow::Error::from(status).context("list machines")),
+        };
+        let listed: Vec<pb::Machine> = machines
             .into_iter()
             .filter(|machine| machine.farm.eq_ignore_ascii_case(&self.farm))
             .collect();

@@ -287,7 +287,7 @@ async fn ask_broker(
         Ok(Err(status)) => return after_error(shared, user, client, &status),
         Err(_) => {
             tracing::warn!(
-                "broker did not answer the redirect in time, using the local rdp service"
+                "broker did not answer the redirect in time: this front door decides alone (its RDP service, unless this machine drains)"
             );
             return undecided(shared, user, client, "broker timed out".to_owned());
         }
@@ -344,7 +344,7 @@ fn after_error(
         Code::InvalidArgument if user.is_none() => {
             tracing::info!(
                 message = status.message(),
-                "broker cannot place a connection without a user name, using the local rdp service"
+                "broker cannot place a connection without a user name: this front door decides alone (its RDP service, unless this machine drains)"
             );
         }
         // Each connection's own line says where it went; these are warned once a minute
@@ -357,13 +357,13 @@ fn after_error(
                     code = ?status.code(),
                     message = status.message(),
                     since_last_warning = unwarned,
-                    "broker unreachable or without a ready machine, using the local rdp service \
+                    "broker unreachable or without a ready machine: this front door decides alone (its RDP service, unless this machine drains) \
                      (warned at most once a minute)"
                 ),
                 None => tracing::info!(
                     code = ?status.code(),
                     message = status.message(),
-                    "broker unreachable or without a ready machine, using the local rdp service"
+                    "broker unreachable or without a ready machine: this front door decides alone (its RDP service, unless this machine drains)"
                 ),
             }
         }
@@ -374,13 +374,13 @@ fn after_error(
                     ?code,
                     message = status.message(),
                     since_last_warning = unwarned,
-                    "broker refused the redirect, using the local rdp service \
+                    "broker refused the redirect: this front door decides alone (its RDP service, unless this machine drains) \
                      (warned at most once a minute)"
                 ),
                 None => tracing::debug!(
                     ?code,
                     message = status.message(),
-                    "broker refused the redirect, using the local rdp service"
+                    "broker refused the redirect: this front door decides alone (its RDP service, unless this machine drains)"
                 ),
             }
         }

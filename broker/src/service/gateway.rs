@@ -95,6 +95,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             certificate,
             connection: Uuid::new_v4(),
             machine: None,
+            claimed_name: None,
             last_seq: 0,
             resynced: false,
             hearing: Hearing::new(tokio::time::Instant::now()),
@@ -197,6 +198,9 @@ struct AgentStream {
     /// This stream's id; the store refuses its writes once another stream owns the machine.
     connection: Uuid,
     machine: Option<MachineRecord>,
+    /// The name a valid ADDED gave, for the log while that ADDED is not (or could not be)
+    /// stored: a stream refused because the database is away still says whose it was.
+    claimed_name: Option<String>,
     last_seq: u64,
     resynced: bool,
     /// When the agent's messages arrived.
@@ -309,9 +313,12 @@ impl AgentStream {
         self.machine.as_ref().map(|machine| machine.name.as_str())
     }
 
-    /// The machine's name for the log, `-` before its ADDED.
+    /// The machine's name for the log (the name its ADDED claims until that is stored), `-`
+    /// before its ADDED.
     fn who(&self) -> &str {
-        self.machine_name().unwrap_or("-")
+        self.machine_name()
+            .or(self.claimed_name.as_deref())
+            .unwrap_or("-")
     }
 
     /// The agent's address for the log, `-` when unknown.
@@ -475,6 +482,9 @@ impl AgentStream {
         let description = MachineDescription::try_from(description).map_err(|error| {
             StreamEnd::Refused(Status::invalid_argument(format!("ADDED: {error}")))
         })?;
+        if self.machine.is_none() {
+            self.claimed_name = Some(description.name.clone());
+        }
         if self.settings.machine_named_by_certificate {
             let named = match &self.certificate {
                 Some(certificate) => {

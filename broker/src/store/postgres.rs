@@ -441,7 +441,14 @@ async fn forward_notifications(
             Ok::<(), sqlx::Error>(())
         };
         if let Err(error) = listened.await {
-            tracing::warn!(%error, "machine-change listener lost its connection; retrying");
+            // Every few seconds while the database is away: once a minute, with the count.
+            static LOST: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
+                std::sync::LazyLock::new(Default::default);
+            crate::error::warn_limited(
+                &LOST,
+                &error,
+                "machine-change listener lost its connection; retrying",
+            );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
