@@ -24,9 +24,15 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// The log filter without `RUST_LOG`: `info`, but for the database library's lines that only
+/// repeat what the broker says itself (each pooled connection's failed ping while the database
+/// is away; PostgreSQL's notice at every start that the migrations' table exists).
+pub const DEFAULT_FILTER: &str = "info,sqlx_core::pool::inner=warn,sqlx::postgres::notice=warn";
+
 /// Installs the global subscriber. Calling it twice is harmless (the second call is ignored).
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -39,5 +45,13 @@ pub fn init_logging(format: LogFormat) {
         std::panic::set_hook(Box::new(|info| {
             tracing::error!(panic = %info, "panic");
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_filter_parses() {
+        tracing_subscriber::EnvFilter::try_new(super::DEFAULT_FILTER).unwrap();
     }
 }
