@@ -95,16 +95,26 @@ pub(super) fn user_label(user: Option<&ConnectingUser>) -> String {
         .collect()
 }
 
+/// The user a `mstshash` cookie names. Spaces around the name are taken for a client's
+/// padding (the broker refuses a user name with them) and dropped — but for the end of a
+/// cookie cut to nine characters, where the space is the cut name's own (`mary ann ` of
+/// `mary ann lee`).
 pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
     let (domain, user) = split_domain(name);
+    let may_be_truncated = name.chars().count() == TRUNCATED_COOKIE_LEN
+        || user.chars().count() == TRUNCATED_COOKIE_LEN;
+    let user = if may_be_truncated {
+        user.trim_start()
+    } else {
+        user.trim()
+    };
     if user.is_empty() {
         return None;
     }
     Some(ConnectingUser {
         user_name: user.to_owned(),
-        domain: domain.unwrap_or_default().to_owned(),
-        may_be_truncated: name.chars().count() == TRUNCATED_COOKIE_LEN
-            || user.chars().count() == TRUNCATED_COOKIE_LEN,
+        domain: domain.unwrap_or_default().trim().to_owned(),
+        may_be_truncated,
     })
 }
 
@@ -501,6 +511,19 @@ mod cookie_tests {
         assert_eq!(cut("carol"), Some(false));
         assert_eq!(cut("CORP\\carol"), Some(false));
         assert_eq!(cut("CORP\\"), None);
+    }
+
+    #[test]
+    fn spaces_around_a_name_are_padding_but_for_the_end_of_a_cut_one() {
+        let named = |cookie: &str| {
+            super::user_from_cookie(cookie).map(|user| (user.domain, user.user_name))
+        };
+        let plain = |domain: &str, user: &str| Some((domain.to_owned(), user.to_owned()));
+        assert_eq!(named("kate  "), plain("", "kate"));
+        assert_eq!(named(" kate"), plain("", "kate"));
+        assert_eq!(named(" CORP \\ kate "), plain("CORP", "kate"));
+        assert_eq!(named("mary ann "), plain("", "mary ann "));
+        assert_eq!(named("   "), None);
     }
 }
 
