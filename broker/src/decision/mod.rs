@@ -25,7 +25,7 @@ pub use placement_queue::SNAPSHOT_MAX_AGE;
 use placement_queue::{Placed, PlacementJob, PlacementQueues};
 use policy::{ChoiceContext, PolicyRegistry};
 use recent_logons::RecentLogons;
-use refusals::{REFUSAL_HOLD, RecentRefusals};
+use refusals::RecentRefusals;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,74 +213,15 @@ impl Decider {
 
     /// The user's logon in flight that this broker placed, while the database cannot say.
     fn recalled_logon(&self, query: &RedirectQuery) -> Option<RedirectAnswer> {
-        if query.user_name.is_empty() {
-            return None;
-        }
-        let target = self.recent_logons.recall(
-            &query.farm,
-            &model::user_key(&query.user_name),
-            &query.excluded_machines,
-            std::time::Instant::now(),
-        )?;
-        static RECALLED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
-            std::sync::LazyLock::new(Default::default);
-        match RECALLED.warn_now() {
-            Some(unwarned) => tracing::warn!(
-                farm = %query.farm,
-                user = %query.user_name,
-                machine = %target.name,
-                since_last_warning = unwarned,
-                "database cannot decide: answering with the user's logon in flight that this \
-                 broker placed (said at most once a minute)"
-            ),
-            None => tracing::debug!(
-                farm = %query.farm,
-                user = %query.user_name,
-                machine = %target.name,
-                "database cannot decide: answering with the user's logon in flight"
-            ),
-        }
+        let answer = self.recent_logons.answer(query)?;
         self.count_lookup("memory_degraded");
-        Some(RedirectAnswer {
-            target,
-            reason: RedirectReason::PendingLogon,
-            session_id: None,
-            user_name: query.user_name.clone(),
-            policy: None,
-        })
+        Some(answer)
     }
 
     /// Remembers the machines the caller could not connect to (see [`refusals`]).
     fn note_refusals(&self, query: &RedirectQuery) {
-        if query.excluded_machines.is_empty() {
-            return;
-        }
-        let new = self
-            .refusals
-            .record(&query.excluded_machines, std::time::Instant::now());
-        if new.is_empty() {
-            return;
-        }
-        static REFUSED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
-            std::sync::LazyLock::new(Default::default);
-        let machines = new
-            .iter()
-            .map(|id| id.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        match REFUSED.warn_now() {
-            Some(unwarned) => tracing::warn!(
-                farm = %query.farm,
-                machines,
-                since_last_warning = unwarned,
-                "a front door could not connect to these machines: new logons avoid them for \
-                 {REFUSAL_HOLD:?} unless no other machine can take them (said at most once a minute)"
-            ),
-            None => tracing::debug!(
-                farm = %query.farm,
-                machines,
-                "a front door could not connect to these machines: new logons avoid them"
-            ),
+        if !query.excluded_machines.is_empty() {
+            self.refusals.note(&query.farm, &query.excluded_machines);
         }
     }
 

@@ -8,10 +8,12 @@
 //! there. Front doors ask the broker they are connected to, so a retry through the same front
 //! door is.
 
-use super::Target;
+use super::{RedirectAnswer, RedirectQuery, Target};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tsbroker_common::model;
+use tsbroker_common::proto::v1::RedirectReason;
 use uuid::Uuid;
 
 /// Most logons remembered at once; past it, new ones are not remembered until some expire.
@@ -72,6 +74,45 @@ impl RecentLogons {
             }
         };
         held.by_user.insert(key, (shared, now + self.ttl));
+    }
+
+    /// The answer for `query` from its user's logon in flight, if this broker placed one
+    /// (a warning at most once a minute: the database cannot decide).
+    pub fn answer(&self, query: &RedirectQuery) -> Option<RedirectAnswer> {
+        if query.user_name.is_empty() {
+            return None;
+        }
+        let target = self.recall(
+            &query.farm,
+            &model::user_key(&query.user_name),
+            &query.excluded_machines,
+            Instant::now(),
+        )?;
+        static RECALLED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
+            std::sync::LazyLock::new(Default::default);
+        match RECALLED.warn_now() {
+            Some(unwarned) => tracing::warn!(
+                farm = %query.farm,
+                user = %query.user_name,
+                machine = %target.name,
+                since_last_warning = unwarned,
+                "database cannot decide: answering with the user's logon in flight that this \
+                 broker placed (said at most once a minute)"
+            ),
+            None => tracing::debug!(
+                farm = %query.farm,
+                user = %query.user_name,
+                machine = %target.name,
+                "database cannot decide: answering with the user's logon in flight"
+            ),
+        }
+        Some(RedirectAnswer {
+            target,
+            reason: RedirectReason::PendingLogon,
+            session_id: None,
+            user_name: query.user_name.clone(),
+            policy: None,
+        })
     }
 
     /// Where `user_key`'s unexpired logon in `farm` went, unless to one of `excluded`.

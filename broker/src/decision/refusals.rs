@@ -71,6 +71,36 @@ impl RecentRefusals {
         new
     }
 
+    /// Records `machines` of `farm` as refusing now, and warns (at most once a minute) of
+    /// those newly avoided.
+    pub fn note(&self, farm: &str, machines: &[Uuid]) {
+        let new = self.record(machines, Instant::now());
+        if new.is_empty() {
+            return;
+        }
+        static REFUSED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
+            std::sync::LazyLock::new(Default::default);
+        let machines = new
+            .iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        match REFUSED.warn_now() {
+            Some(unwarned) => tracing::warn!(
+                farm,
+                machines,
+                since_last_warning = unwarned,
+                "a front door could not connect to these machines: new logons avoid them for \
+                 {REFUSAL_HOLD:?} unless no other machine can take them (said at most once a minute)"
+            ),
+            None => tracing::debug!(
+                farm,
+                machines,
+                "a front door could not connect to these machines: new logons avoid them"
+            ),
+        }
+    }
+
     /// The machines new logons avoid at `now`, but for those in `already` (the caller's own
     /// exclusions).
     pub fn avoided(&self, now: Instant, already: &[Uuid]) -> Vec<Uuid> {
