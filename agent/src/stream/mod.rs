@@ -124,6 +124,10 @@ pub async fn run(
             }
             status.connected = false;
         });
+        if was_ready {
+            // Connected in between: a refusal from here on is news again, even one said before.
+            last_said = None;
+        }
         let mut credentials_refused = false;
         let (reason, retry_after) = match outcome {
             Ok(Outcome::Shutdown) => return StreamExit::Shutdown,
@@ -177,11 +181,6 @@ pub async fn run(
             }
         };
         backoff.stream_ended(started.elapsed());
-        // With several replicas given, the next attempt (and the front door's calls) go to the
-        // next one: the one that just broke may be the one that is gone.
-        if let Some(url) = context.link.fail_over(was_ready) {
-            tracing::info!(broker = url, "trying the next broker replica");
-        }
         let delay = match retry_after {
             Some(hint) => backoff.hinted_delay(hint),
             // Fixed by someone, not by time: asked again now and then, not every few seconds.
@@ -202,6 +201,12 @@ pub async fn run(
         }
         last_said = lasting.then(|| reason.clone());
         update_status(&context.status, |status| status.last_error = reason);
+        // With several replicas given, the next attempt (and the front door's calls) go to the
+        // next one: the one that just broke may be the one that is gone. (Said after the
+        // failure's own line, which is about the replica before.)
+        if let Some(url) = context.link.fail_over(was_ready) {
+            tracing::info!(broker = url, "trying the next broker replica");
+        }
         tokio::select! {
             () = shutdown.cancelled() => return StreamExit::Shutdown,
             () = tokio::time::sleep(delay) => {}

@@ -612,3 +612,56 @@ async fn after_the_store_is_lost_a_returning_user_is_not_taken_for_a_new_one() {
     b.stop().await;
     broker.stop().await;
 }
+
+/// A broker that stops (a restart, a rolling upgrade of replicas) is said by its agents each
+/// time, not only the first: the warning said once is for one refusal that lasts, and a
+/// connection in between makes the next one news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stop_of_the_broker_is_said_by_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = tsbroker_tests::process::free_port();
+    let (mut broker, _) = tsbroker_tests::process::plain_broker_process(dir.path(), port).await;
+    let socket = dir.path().join("control.sock");
+    let args = process_args(
+        &format!("http://127.0.0.1:{port}"),
+        "ts-stops.example.test",
+        &dir.path().join("state"),
+    );
+    let mut agent = AgentProcess::spawn(&args, &socket, &dir.path().join("agent.log"));
+    agent.wait_until_connected(Duration::from_secs(20)).await;
+    for stop in 1..=2 {
+        broker.terminate(Duration::from_secs(15)).await;
+        assert!(
+            agent
+                .log
+                .wait_for(
+                    "broker asked the agent to go",
+                    stop,
+                    Duration::from_secs(10),
+                    None
+                )
+                .await,
+            "stop {stop}: {}",
+            agent.log.tail(20)
+        );
+        (broker, _) = tsbroker_tests::process::plain_broker_process(dir.path(), port).await;
+        assert!(
+            agent
+                .log
+                .wait_for(
+                    "the broker has this machine ready",
+                    stop + 1,
+                    Duration::from_secs(20),
+                    None
+                )
+                .await,
+            "{}",
+            agent.log.tail(20)
+        );
+    }
+    let said: Vec<String> = agent.log.lines_with("broker asked the agent to go");
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(said.iter().all(|line| line.contains("WARN")), "{said:?}");
+    agent.terminate(Duration::from_secs(15)).await;
+    broker.terminate(Duration::from_secs(15)).await;
+}
