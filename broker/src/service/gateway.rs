@@ -657,7 +657,8 @@ impl AgentStream {
     }
 
     /// Records the end in the directory first (UNREACHABLE unless the machine left or another
-    /// stream owns it), then gives the agent its last words.
+    /// stream owns it; a stopping broker waits at most [`MARK_WAIT_WHEN_STOPPING`] for it),
+    /// then gives the agent its last words.
     async fn finish(self, end: StreamEnd) {
         self.metrics.agent_streams.dec();
         let name = self.who().to_owned();
