@@ -185,6 +185,15 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// A call with `authorization: Bearer <token>`.
+    fn bearer(token: &str) -> Request<()> {
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    }
+
     #[test]
     fn tokens_are_checked() {
         let guard = AccessGuard::token(Some(Secret("0123456789abcdef".into())), true, "admin");
@@ -208,16 +217,9 @@ mod tests {
         let agent = Some(Secret("agent-token-0123456789".into()));
         let admin = Some(Secret("admin-token-0123456789".into()));
         let guard = AccessGuard::token(agent, false, "Broker").or_token(admin.clone());
-        let with = |token: &str| {
-            let mut request = Request::new(());
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-            request
-        };
-        assert!(guard.check(with("agent-token-0123456789")).is_ok());
-        assert!(guard.check(with("admin-token-0123456789")).is_ok());
-        let refused = guard.check(with("agent-token-01234567")).unwrap_err();
+        assert!(guard.check(bearer("agent-token-0123456789")).is_ok());
+        assert!(guard.check(bearer("admin-token-0123456789")).is_ok());
+        let refused = guard.check(bearer("agent-token-01234567")).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
         assert!(
             refused
@@ -236,18 +238,11 @@ mod tests {
         let agent = Some(Secret("agent-token-0123456789".into()));
         let admin = Some(Secret("admin-token-0123456789".into()));
         let guard = AccessGuard::token(admin, true, "Admin").not_for(agent);
-        let with = |token: &str| {
-            let mut request = Request::new(());
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-            request
-        };
-        assert!(guard.check(with("admin-token-0123456789")).is_ok());
-        let refused = guard.check(with("agent-token-0123456789")).unwrap_err();
+        assert!(guard.check(bearer("admin-token-0123456789")).is_ok());
+        let refused = guard.check(bearer("agent-token-0123456789")).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
         assert!(refused.message().contains("Admin"), "{refused:?}");
-        let unknown = guard.check(with("agent-token-012345678X")).unwrap_err();
+        let unknown = guard.check(bearer("agent-token-012345678X")).unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
         assert_eq!(
             guard.check(Request::new(())).unwrap_err().code(),
