@@ -18,6 +18,9 @@ use uuid::Uuid;
 
 /// Most logons remembered at once; past it, new ones are not remembered until some expire.
 const MAX_REMEMBERED: usize = 200_000;
+/// While the map is full, expired entries are looked for at most this often (a sweep reads
+/// every entry: not for each new logon).
+const FULL_SWEEP_GAP: Duration = Duration::from_secs(1);
 
 /// Where users' logons in flight went, by farm and user key.
 pub struct RecentLogons {
@@ -55,7 +58,7 @@ impl RecentLogons {
         let Ok(mut held) = self.held.lock() else {
             return;
         };
-        if now >= held.next_sweep || held.by_user.len() >= MAX_REMEMBERED {
+        if now >= held.next_sweep {
             held.by_user.retain(|_, (_, until)| *until > now);
             held.targets
                 .retain(|_, target| Arc::strong_count(target) > 1);
@@ -63,6 +66,7 @@ impl RecentLogons {
         }
         let key = key(farm, user_key);
         if held.by_user.len() >= MAX_REMEMBERED && !held.by_user.contains_key(&key) {
+            held.next_sweep = held.next_sweep.min(now + FULL_SWEEP_GAP);
             return;
         }
         let shared = match held.targets.get(&machine) {
@@ -166,6 +170,29 @@ mod tests {
         let ts2 = target(2, "10.0.0.2:3389");
         recent.record("farm", "alice", &ts2, later);
         assert_eq!(recent.recall("farm", "alice", &[], later), Some(ts2));
+    }
+
+    #[test]
+    fn a_full_memory_takes_new_logons_again_once_old_ones_expired() {
+        let ttl = Duration::from_secs(30);
+        let recent = RecentLogons::new(ttl);
+        let now = Instant::now();
+        let ts1 = target(1, "10.0.0.1:3389");
+        for user in 0..MAX_REMEMBERED {
+            recent.record("farm", &format!("u{user}"), &ts1, now);
+        }
+        recent.record("farm", "late", &ts1, now);
+        assert_eq!(recent.recall("farm", "late", &[], now), None, "full");
+        // A sweep half a second on (due a second after the map filled) would find nothing
+        // expired anyway: not made, still full. Once the entries expired, the next one makes
+        // room.
+        let soon = now + FULL_SWEEP_GAP / 2;
+        recent.record("farm", "soon", &ts1, soon);
+        assert_eq!(recent.recall("farm", "soon", &[], soon), None);
+        let swept = now + ttl + FULL_SWEEP_GAP;
+        recent.record("farm", "latest", &ts1, swept);
+        assert_eq!(recent.recall("farm", "latest", &[], swept), Some(ts1));
+        assert_eq!(recent.held.lock().unwrap().by_user.len(), 1);
     }
 
     #[test]
