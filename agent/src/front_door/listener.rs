@@ -65,7 +65,7 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let Some(counted) = count_client(&shared, &per_client, peer) else {
+                let Some(counted) = count_client(&shared, &per_client, peer).await else {
                     shared.metrics.connection(Outcome::Refused);
                     return;
                 };
@@ -91,41 +91,57 @@ struct Counted {
     past_the_cap: bool,
 }
 
+/// How often an address over the per-client cap that is not a farm machine's is looked up again
+/// among the farm's machines (as often as the front door's own look at them, by default).
+const STRANGER_RECHECK: Duration = Duration::from_secs(30);
+
 /// Counts the connection for its client's address; `None` (and a warning once a minute) when
 /// that address holds `max_connections_per_client` already and is not another front door of
 /// the farm (which relays many clients).
-fn count_client(
+async fn count_client(
     shared: &FrontDoorShared,
     per_client: &Arc<ClientCounts>,
     peer: SocketAddr,
 ) -> Option<Counted> {
-    match per_client.take(peer.ip()) {
-        Ok(held) => Some(Counted {
-            _held: held,
-            past_the_cap: false,
-        }),
-        // The cached list only: a stranger's connections must not each wait for a refresh.
-        Err(_) if shared.machines.is_known_peer(peer.ip()) => Some(Counted {
+    let holds = match per_client.take(peer.ip()) {
+        Ok(held) => {
+            return Some(Counted {
+                _held: held,
+                past_the_cap: false,
+            });
+        }
+        Err(holds) => holds,
+    };
+    // A machine that joined since the list was fetched relays clients at once: the first
+    // connection over the cap looks the address up in a list fetched after it came (at most
+    // one refresh a second, shared); the address's next ones, for STRANGER_RECHECK, take that
+    // answer without waiting.
+    let since = per_client.looked_up_since(peer.ip(), STRANGER_RECHECK);
+    if shared
+        .machines
+        .peer_listed_after(peer.ip(), since)
+        .await
+        .is_some()
+    {
+        return Some(Counted {
             _held: per_client.take_anyway(peer.ip()),
             past_the_cap: true,
-        }),
-        Err(holds) => {
-            static OVER: LazyLock<WarningLimit> = LazyLock::new(Default::default);
-            match OVER.warn_now() {
-                Some(unwarned) => tracing::warn!(
-                    client = %peer.ip(),
-                    holds,
-                    since_last_warning = unwarned,
-                    "a client address holds max_connections_per_client: its new connections are \
-                     closed (said at most once a minute)"
-                ),
-                None => {
-                    tracing::debug!(client = %peer.ip(), holds, "over max_connections_per_client, closing")
-                }
-            }
-            None
+        });
+    }
+    static OVER: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+    match OVER.warn_now() {
+        Some(unwarned) => tracing::warn!(
+            client = %peer.ip(),
+            holds,
+            since_last_warning = unwarned,
+            "a client address holds max_connections_per_client: its new connections are \
+             closed (said at most once a minute)"
+        ),
+        None => {
+            tracing::debug!(client = %peer.ip(), holds, "over max_connections_per_client, closing")
         }
     }
+    None
 }
 
 /// One client connection, start to end. Logs its own failures and counts what became of it

@@ -228,23 +228,21 @@ impl MachineCache {
         pick(&state.machines)
     }
 
-    /// Whether a machine of the farm is at `ip`, as the cached list has it (no refresh: for
-    /// checks that strangers must not make slow).
-    pub fn is_known_peer(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.find(|machines| machine_at(machines, ip).map(|_| ()))
-            .is_some()
-    }
-
     /// The machine of the farm at `ip`, if any (refreshing on a miss, so that a machine that
     /// joined moments ago is known).
     pub async fn peer(&self, ip: IpAddr) -> Option<KnownMachine> {
+        self.peer_listed_after(ip, Instant::now()).await
+    }
+
+    /// The machine of the farm at `ip`, from a list fetched after `since` (refreshing on a
+    /// miss when the list is older).
+    pub async fn peer_listed_after(&self, ip: IpAddr, since: Instant) -> Option<KnownMachine> {
         let ip = ip.to_canonical();
         let lookup = |machines: &[KnownMachine]| machine_at(machines, ip).cloned();
         if let Some(machine) = self.find(lookup) {
             return Some(machine);
         }
-        self.refresh_after(Instant::now()).await;
+        self.refresh_after(since).await;
         self.find(lookup)
     }
 

@@ -6,11 +6,21 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct ClientCounts {
     limit: usize,
-    held: Mutex<HashMap<IpAddr, usize>>,
+    held: Mutex<HashMap<IpAddr, Address>>,
+}
+
+/// What is known of one address while it holds connections.
+#[derive(Debug, Default)]
+struct Address {
+    held: usize,
+    /// When this address, over the limit, was last looked up among the farm's machines (a
+    /// machine that joined moments ago relays clients before this front door's next look).
+    looked_up: Option<Instant>,
 }
 
 /// One connection counted for its address until it is dropped.
@@ -28,7 +38,7 @@ impl ClientCounts {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, Address>> {
         self.held
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -39,11 +49,11 @@ impl ClientCounts {
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Held, usize> {
         let ip = ip.to_canonical();
         let mut held = self.lock();
-        let count = held.entry(ip).or_default();
-        if *count >= self.limit {
-            return Err(*count);
+        let address = held.entry(ip).or_default();
+        if address.held >= self.limit {
+            return Err(address.held);
         }
-        *count += 1;
+        address.held += 1;
         Ok(Held {
             counts: self.clone(),
             ip,
@@ -53,10 +63,25 @@ impl ClientCounts {
     /// Counts one more connection from `ip` whatever it holds (another front door's).
     pub fn take_anyway(self: &Arc<Self>, ip: IpAddr) -> Held {
         let ip = ip.to_canonical();
-        *self.lock().entry(ip).or_default() += 1;
+        self.lock().entry(ip).or_default().held += 1;
         Held {
             counts: self.clone(),
             ip,
+        }
+    }
+
+    /// When `ip` was first looked up among the farm's machines in the last `recheck`: that
+    /// moment, or now (noted) when it was not, or longer ago. A look after that moment answers
+    /// for the address; the connections it holds keep the note.
+    pub fn looked_up_since(&self, ip: IpAddr, recheck: Duration) -> Instant {
+        let now = Instant::now();
+        let mut held = self.lock();
+        let Some(address) = held.get_mut(&ip.to_canonical()) else {
+            return now;
+        };
+        match address.looked_up {
+            Some(at) if now.duration_since(at) < recheck => at,
+            _ => *address.looked_up.insert(now),
         }
     }
 }
@@ -64,9 +89,9 @@ impl ClientCounts {
 impl Drop for Held {
     fn drop(&mut self) {
         let mut held = self.counts.lock();
-        if let Some(count) = held.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(address) = held.get_mut(&self.ip) {
+            address.held -= 1;
+            if address.held == 0 {
                 held.remove(&self.ip);
             }
         }
@@ -96,5 +121,20 @@ mod tests {
         assert!(counts.take(ip).is_ok());
         drop(_second);
         assert!(counts.lock().is_empty(), "counts go back down to none");
+    }
+
+    #[test]
+    fn an_address_is_looked_up_once_in_a_while() {
+        let counts = ClientCounts::new(1);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let _held = counts.take(ip).unwrap();
+        let first = counts.looked_up_since(ip, Duration::from_secs(30));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(
+            counts.looked_up_since(mapped, Duration::from_secs(30)),
+            first
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(counts.looked_up_since(ip, Duration::from_millis(1)) > first);
     }
 }

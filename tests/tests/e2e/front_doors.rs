@@ -466,6 +466,8 @@ async fn one_client_address_cannot_take_every_connection() {
     let (rdp, _seen) = rdp_stand_in().await;
     let agent = TestAgent::start_with_front_door(&broker.url(), "ts-a", &rdp, |config| {
         config.max_connections_per_client = 2;
+        // Machines that join are found by the looks a connection asks for, not by the timer.
+        config.machine_refresh = Duration::from_secs(600);
     })
     .await;
     let door = agent.front_door.unwrap();
@@ -498,9 +500,9 @@ async fn one_client_address_cannot_take_every_connection() {
         vec![],
     )
     .await;
-    let relayed = |user: &'static str| async move {
+    let relayed_from = |source: &'static str, user: &'static str| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
         let mut connection = socket.connect(door).await.unwrap();
         let client = "192.0.2.10:50000".parse().unwrap();
         let header = tsagent::front_door::proxy_header::encode(client, door, None, 0);
@@ -516,6 +518,7 @@ async fn one_client_address_cannot_take_every_connection() {
             .unwrap();
         connection
     };
+    let relayed = |user: &'static str| relayed_from("127.0.0.7", user);
     let _first_relayed = relayed("carol").await;
     let _silent = from("127.0.0.7").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -531,6 +534,33 @@ async fn one_client_address_cannot_take_every_connection() {
         started.elapsed()
     );
     let _more_relayed = [relayed("dave").await, relayed("erin").await];
+
+    // A machine that joined since this front door last looked at the farm, whose first relayed
+    // connections come over the cap (two silent ones hold its slots): the address is looked up
+    // again rather than taken for a stranger's.
+    let _joined = tsbroker_tests::FakeAgent::join(
+        &broker.url(),
+        pb::MachineDescription {
+            address: "127.0.0.8:3389".into(),
+            front_door: true,
+            ..tsbroker_tests::fake_agent::machine("ts-g", "default", 100)
+        },
+        vec![],
+    )
+    .await;
+    let _silent_from_joined = [from("127.0.0.8").await, from("127.0.0.8").await];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _burst = tokio::join!(
+        relayed_from("127.0.0.8", "gina"),
+        relayed_from("127.0.0.8", "hank"),
+        relayed_from("127.0.0.8", "ivan"),
+    );
+    // The stranger's address is still one: over the cap, closed.
+    let mut fourth = from("127.0.0.5").await;
+    let read = tokio::time::timeout(Duration::from_secs(3), fourth.read(&mut byte))
+        .await
+        .expect("closed at once, not at the client timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     agent.stop().await;
     broker.stop().await;
 }
