@@ -490,16 +490,16 @@ async fn one_client_address_cannot_take_every_connection() {
     // Another front door (a farm machine's address) relays many clients and is let past the
     // cap, with its PROXY header; a user logged on to that machine, who can connect from its
     // address too, is not: a silent connection over the cap is closed within 3 s.
-    let _relay = tsbroker_tests::FakeAgent::join(
-        &broker.url(),
-        pb::MachineDescription {
-            address: "127.0.0.7:3389".into(),
+    let broker_url = broker.url();
+    let front_door_at = |name: &'static str, address: &'static str| {
+        let machine = pb::MachineDescription {
+            address: format!("{address}:3389"),
             front_door: true,
-            ..tsbroker_tests::fake_agent::machine("ts-f", "default", 100)
-        },
-        vec![],
-    )
-    .await;
+            ..tsbroker_tests::fake_agent::machine(name, "default", 100)
+        };
+        tsbroker_tests::FakeAgent::join(&broker_url, machine, vec![])
+    };
+    let _relay = front_door_at("ts-f", "127.0.0.7").await;
     let relayed_from = |source: &'static str, user: &'static str| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
@@ -538,16 +538,7 @@ async fn one_client_address_cannot_take_every_connection() {
     // A machine that joined since this front door last looked at the farm, whose first relayed
     // connections come over the cap (two silent ones hold its slots): the address is looked up
     // again rather than taken for a stranger's.
-    let _joined = tsbroker_tests::FakeAgent::join(
-        &broker.url(),
-        pb::MachineDescription {
-            address: "127.0.0.8:3389".into(),
-            front_door: true,
-            ..tsbroker_tests::fake_agent::machine("ts-g", "default", 100)
-        },
-        vec![],
-    )
-    .await;
+    let _joined = front_door_at("ts-g", "127.0.0.8").await;
     let _silent_from_joined = [from("127.0.0.8").await, from("127.0.0.8").await];
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _burst = tokio::join!(
