@@ -74,6 +74,8 @@ pub struct RedirectQuery {
     pub client_address: String,
     /// Machines the caller could not connect to: no new logon goes there.
     pub excluded_machines: Vec<uuid::Uuid>,
+    /// The deadline shared by the plug-in calls this decision makes.
+    pub plugin_budget: crate::plugin::PluginBudget,
 }
 
 /// Where a client is sent: a machine of the farm, or (for a plug-in's external session) a

@@ -1,6 +1,6 @@
 //! The plug-in's part of a decision: an external host for a user with no session in the farm,
-//! and the plug-in's keep-or-replace answer to the policy's pick. Both are bounded by the
-//! farm's deadline; any failure keeps the broker's own answer (and is counted by the link).
+//! and the plug-in's keep-or-replace answer to the policy's pick. Both together are bounded
+//! by the farm's deadline (the query's `plugin_budget`); any failure keeps the broker's own answer (and is counted by the link).
 
 use super::policy::{ChoiceContext, PolicyRegistry};
 use super::{RedirectAnswer, RedirectQuery, Target, group_pool};
@@ -25,7 +25,7 @@ pub async fn external_session(
         farm: query.farm.clone(),
         client_address: query.client_address.clone(),
     };
-    let (address, host_name) = link.external_session(request).await?;
+    let (address, host_name) = link.external_session(request, &query.plugin_budget).await?;
     Some(RedirectAnswer {
         target: Target {
             machine_id: None,
@@ -77,19 +77,22 @@ impl PluginStep<'_> {
         };
         let suggestion = self
             .link
-            .suggest(pb::GetMostSuitableServerRequest {
-                user_name: query.user_name.clone(),
-                domain: query.domain.clone(),
-                farm: query.farm.clone(),
-                candidates: candidates
-                    .iter()
-                    .map(|load| pb::Candidate {
-                        machine: Some(convert::machine(&load.machine)),
-                    })
-                    .collect(),
-                broker_pick: broker_pick.to_string(),
-                client_address: query.client_address.clone(),
-            })
+            .suggest(
+                pb::GetMostSuitableServerRequest {
+                    user_name: query.user_name.clone(),
+                    domain: query.domain.clone(),
+                    farm: query.farm.clone(),
+                    candidates: candidates
+                        .iter()
+                        .map(|load| pb::Candidate {
+                            machine: Some(convert::machine(&load.machine)),
+                        })
+                        .collect(),
+                    broker_pick: broker_pick.to_string(),
+                    client_address: query.client_address.clone(),
+                },
+                &query.plugin_budget,
+            )
             .await;
         // A machine the plug-in names is its choice, even the one it was shown: that pick was
         // a preview, and the placement (other logons placed meanwhile) may choose another.

@@ -7,6 +7,7 @@ use super::connection::{ConnectionCount, CountingConnector};
 use super::notices::{self, Notice};
 
 mod decisions;
+pub use decisions::PluginBudget;
 mod resync;
 use crate::decision::DecisionSettings;
 use crate::decision::farm_settings::PluginSettings;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::plugin_client::PluginClient;
+use tsbroker_common::validate::excerpt;
 use tsbroker_common::warning_limit::WarningLimit;
 use uuid::Uuid;
 
@@ -202,17 +204,27 @@ impl PluginLink {
         let mut pause = RETRY_MIN;
         // What failed last, said once at warning level (again when it changes).
         let mut said: Option<LinkStage> = None;
+        let mut failed_attempts = 0u32;
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
+            // A resync that keeps failing does not repeat its "initialized" line every retry.
+            let quiet = said == Some(LinkStage::Resync);
             match self
-                .connect_and_resync(&mut receiver, store.as_ref(), &broker_id)
+                .connect_and_resync(&mut receiver, store.as_ref(), &broker_id, quiet)
                 .await
             {
                 Ok(cutoffs) => {
                     pause = RETRY_MIN;
+                    if said.is_some() {
+                        tracing::info!(
+                            plugin = %self.address, failed_attempts,
+                            "plug-in initialized and resynced after failed attempts; its answers are used again"
+                        );
+                    }
                     said = None;
+                    failed_attempts = 0;
                     let reason = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         reason = self.forward(&mut receiver, cutoffs, store.as_ref()) => reason,
@@ -222,6 +234,7 @@ impl PluginLink {
                 }
                 Err((stage, reason)) => {
                     self.up.store(false, Ordering::Relaxed);
+                    failed_attempts = failed_attempts.saturating_add(1);
                     let what = match stage {
                         LinkStage::Initialize => {
                             "plug-in not initialized (not reachable, or its Initialize failed); the broker's own picks stand until it is"
@@ -251,6 +264,7 @@ impl PluginLink {
         receiver: &mut mpsc::Receiver<Queued>,
         store: &dyn Store,
         broker_id: &str,
+        quiet: bool,
     ) -> Result<ResyncCutoffs, (LinkStage, String)> {
         let request = pb::InitializeRequest {
             broker_id: broker_id.to_owned(),
@@ -277,7 +291,7 @@ impl PluginLink {
                 let reason = format!(
                     "Initialize failed: {:?}: {}{hint}",
                     status.code(),
-                    status.message()
+                    excerpt(status.message())
                 );
                 return Err((LinkStage::Initialize, reason));
             }
@@ -300,10 +314,14 @@ impl PluginLink {
             .store(answer.supports_external_sessions, Ordering::Relaxed);
         // Up before the resync, so that changes during it are queued (and sent after it).
         self.up.store(true, Ordering::Relaxed);
-        tracing::info!(
-            plugin = %self.address, name = %answer.name, external = answer.supports_external_sessions,
-            farms = ?self.farms, "plug-in initialized; sending a full resync"
-        );
+        if quiet {
+            tracing::debug!(plugin = %self.address, "plug-in initialized; sending a full resync");
+        } else {
+            tracing::info!(
+                plugin = %self.address, name = %answer.name, external = answer.supports_external_sessions,
+                farms = ?self.farms, "plug-in initialized; sending a full resync"
+            );
+        }
         self.full_resync(store)
             .await
             .map_err(|reason| (LinkStage::Resync, reason))
@@ -389,7 +407,7 @@ impl PluginLink {
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
-                Err(format!("{method} failed: {}", status.message()))
+                Err(format!("{method} failed: {}", excerpt(status.message())))
             }
             Err(_) => {
                 self.record(method, "timeout", started);
@@ -423,7 +441,7 @@ impl PluginLink {
         match tokio::time::timeout(CALL_TIMEOUT, health.check(request)).await {
             Err(_) => Err("no answer to a health check".to_owned()),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                Err(format!("health check: {}", status.message()))
+                Err(format!("health check: {}", excerpt(status.message())))
             }
             Ok(_) if self.reconnected() => {
                 Err("the plug-in answered over a new connection (it may have restarted)".to_owned())

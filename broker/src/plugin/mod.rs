@@ -7,7 +7,7 @@ mod connection;
 mod link;
 pub mod notices;
 
-pub use link::{PluginLink, Suggestion};
+pub use link::{PluginBudget, PluginLink, Suggestion};
 pub use notices::Notice;
 
 use crate::decision::DecisionSettings;

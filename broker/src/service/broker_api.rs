@@ -63,6 +63,7 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
         user_name_may_be_truncated: request.user_name_may_be_truncated,
         client_address: request.client_address.clone(),
         excluded_machines,
+        plugin_budget: Default::default(),
     })
 }
 

@@ -91,10 +91,16 @@ fn check_same_machine(
     let farm_differs = farm.is_some_and(|farm| farm != machine.farm);
     let name_differs = name.is_some_and(|name| !name.eq_ignore_ascii_case(&machine.name));
     if farm_differs || name_differs {
+        // Names only the fields given: "farm", "machine_name" or both.
+        let given = match (farm.is_some(), name.is_some()) {
+            (true, true) => "farm and machine_name say",
+            (true, false) => "farm says",
+            _ => "machine_name says",
+        };
         return Err(ValidationError::new(
             field,
             format!(
-                "machine_id {} is {:?} in farm {:?}, not what farm and machine_name say; \
+                "machine_id {} is {:?} in farm {:?}, not what {given}; \
                  give machine_id alone, or farm and machine_name",
                 machine.id, machine.name, machine.farm
             ),
@@ -123,6 +129,14 @@ mod tests {
         assert!(refused.reason.contains(&name), "{refused}");
         assert!(
             check_same_machine(&machine, Some("another-farm"), Some(&name), "machine").is_err()
+        );
+        let farm_only = check_same_machine(&machine, Some("another-farm"), None, "machine");
+        assert!(
+            farm_only
+                .unwrap_err()
+                .reason
+                .contains("not what farm says;"),
+            "names only the field given"
         );
     }
 }

@@ -13,12 +13,15 @@
 //! - `--mode-file FILE`: read on every `GetMostSuitableServer` and `GetUserExternalSession`; one
 //!   of `keep` (empty answer; also when the file is missing or empty), `pick NAME` (the candidate
 //!   of that name, else the id of a machine of that name from the notifications, else keep),
-//!   `not-candidate` (a random UUID), `error` (INTERNAL), `hang` (10 s, then keep), `external
-//!   HOST:PORT` (`GetUserExternalSession` answers it; `GetMostSuitableServer` keeps).
+//!   `pick-upper NAME` (as `pick`, the id in upper case), `not-candidate` (a random UUID),
+//!   `error` (INTERNAL), `hang` (10 s, then keep), `external HOST:PORT [NAME]`
+//!   (`GetUserExternalSession` answers it, with NAME or HOST as its host name;
+//!   `GetMostSuitableServer` keeps), `fail-notifications` (notifications answer INTERNAL;
+//!   decisions keep).
 //! - `--external`: `Initialize` answers `supports_external_sessions = true`.
 //! - `--slow-notifications`: every notification takes 10 s to answer (recorded on arrival).
 //!
-//! Notifications are always acknowledged. Runs until SIGTERM or SIGINT.
+//! Notifications are acknowledged but in `fail-notifications`. Runs until SIGTERM or SIGINT.
 
 use clap::Parser;
 use serde_json::{Value, json};
@@ -58,10 +61,12 @@ struct Args {
 enum Mode {
     Keep,
     Pick(String),
+    PickUpper(String),
     NotCandidate,
     Error,
     Hang,
     External(String),
+    FailNotifications,
     Invalid(String),
 }
 
@@ -73,10 +78,12 @@ impl Mode {
         match (word, argument.is_empty()) {
             ("" | "keep", true) => Mode::Keep,
             ("pick", false) => Mode::Pick(argument.to_owned()),
+            ("pick-upper", false) => Mode::PickUpper(argument.to_owned()),
             ("not-candidate", true) => Mode::NotCandidate,
             ("error", true) => Mode::Error,
             ("hang", true) => Mode::Hang,
             ("external", false) => Mode::External(argument.to_owned()),
+            ("fail-notifications", true) => Mode::FailNotifications,
             _ => Mode::Invalid(text.to_owned()),
         }
     }
@@ -111,6 +118,17 @@ impl Scripted {
             .and_then(|()| file.flush());
         if let Err(error) = written {
             eprintln!("scripted-plugin: cannot record: {error}");
+        }
+    }
+
+    /// How a notification (recorded already) is answered: slowly, with an error, or at once.
+    async fn notified(&self) -> Result<(), Status> {
+        if self.slow_notifications {
+            tokio::time::sleep(HANG).await;
+        }
+        match self.mode().0 {
+            Mode::FailNotifications => Err(Status::internal("scripted notification failure")),
+            _ => Ok(()),
         }
     }
 
@@ -236,12 +254,19 @@ impl Plugin for Scripted {
         }
         let (mode, mode_text) = self.mode();
         let answer = match &mode {
-            Mode::Pick(name) => candidates
-                .iter()
-                .find(|machine| &machine.name == name)
-                .map(|machine| machine.id.clone())
-                .or_else(|| self.id_named(name))
-                .unwrap_or_default(),
+            Mode::Pick(name) | Mode::PickUpper(name) => {
+                let id = candidates
+                    .iter()
+                    .find(|machine| &machine.name == name)
+                    .map(|machine| machine.id.clone())
+                    .or_else(|| self.id_named(name))
+                    .unwrap_or_default();
+                if matches!(mode, Mode::PickUpper(_)) {
+                    id.to_uppercase()
+                } else {
+                    id
+                }
+            }
             Mode::NotCandidate => uuid::Uuid::new_v4().to_string(),
             _ => String::new(),
         };
@@ -291,9 +316,7 @@ impl Plugin for Scripted {
             "weight": machine.weight,
             "changed_fields": request.changed_fields,
         }));
-        if self.slow_notifications {
-            tokio::time::sleep(HANG).await;
-        }
+        self.notified().await?;
         Ok(Response::new(pb::MachineChangeNotificationResponse {}))
     }
 
@@ -324,9 +347,7 @@ impl Plugin for Scripted {
             "changes": changes,
             "last_batch": request.last_batch,
         }));
-        if self.slow_notifications {
-            tokio::time::sleep(HANG).await;
-        }
+        self.notified().await?;
         Ok(Response::new(pb::SessionChangeNotificationResponse {}))
     }
 
@@ -356,10 +377,15 @@ impl Plugin for Scripted {
                 Ok(Response::new(pb::GetUserExternalSessionResponse::default()))
             }
             _ => {
-                let host_name = address
-                    .rsplit_once(':')
-                    .map_or(address.as_str(), |(host, _)| host)
-                    .to_owned();
+                let (address, host_name) = match address.split_once(char::is_whitespace) {
+                    Some((address, name)) => (address.to_owned(), name.to_owned()),
+                    None => {
+                        let host = address
+                            .rsplit_once(':')
+                            .map_or(address.as_str(), |(host, _)| host);
+                        (address.clone(), host.to_owned())
+                    }
+                };
                 Ok(Response::new(pb::GetUserExternalSessionResponse {
                     address,
                     host_name,
@@ -427,6 +453,7 @@ mod tests {
         assert_eq!(Mode::parse("not-candidate"), Mode::NotCandidate);
         assert_eq!(Mode::parse("error"), Mode::Error);
         assert_eq!(Mode::parse(" hang "), Mode::Hang);
+        assert_eq!(Mode::parse("fail-notifications\n"), Mode::FailNotifications);
         assert_eq!(
             Mode::parse("external vdi:3389"),
             Mode::External("vdi:3389".into())

@@ -183,6 +183,14 @@ async fn the_plugins_pick_is_honoured_and_failures_fall_back_within_the_deadline
         "{asked}"
     );
 
+    // An id in another of a UUID's text forms is the same machine (as the Admin API takes it).
+    plugin.set_mode("pick-upper ts-c");
+    let (answer, _) = redirect(broker, "picked-upper").await;
+    assert_eq!(
+        (answer.machine_name.as_str(), reason(&answer)),
+        ("ts-c", pb::RedirectReason::Plugin)
+    );
+
     plugin.set_mode("keep");
     let (kept, _) = redirect(broker, "kept").await;
     assert_eq!(reason(&kept), pb::RedirectReason::LoadBalanced);
@@ -224,7 +232,7 @@ async fn the_plugins_pick_is_honoured_and_failures_fall_back_within_the_deadline
     }
     assert_eq!(
         counter(&metrics, &["tsbroker_decisions_total", "reason=\"plugin\""]),
-        1.0,
+        2.0,
         "{metrics}"
     );
     assert!(
@@ -477,6 +485,34 @@ async fn external_sessions_come_back_as_external() {
         (carol.machine_name.as_str(), reason(&carol)),
         ("ts-a", pb::RedirectReason::LoadBalanced)
     );
+    // The host name is shown to clients and logged: one that is no machine name is not used.
+    plugin.set_mode("external vdi-dora.example.com:3389 vdi-dora");
+    let (dora, _) = redirect(broker, "dora").await;
+    assert_eq!(
+        (dora.machine_name.as_str(), reason(&dora)),
+        ("vdi-dora", pb::RedirectReason::External)
+    );
+    plugin.set_mode("external vdi-erin.example.com:3389 vdi\u{7}erin");
+    let (erin, _) = redirect(broker, "erin").await;
+    assert_eq!(
+        (erin.machine_name.as_str(), reason(&erin)),
+        ("ts-a", pb::RedirectReason::LoadBalanced)
+    );
+    // Both of a decision's calls share the deadline: after GetUserExternalSession took all of
+    // it, GetMostSuitableServer is not asked (the decision would wait twice the deadline).
+    plugin.set_mode("hang");
+    let (fay, took) = redirect(broker, "fay").await;
+    assert_eq!(reason(&fay), pb::RedirectReason::LoadBalanced);
+    assert!(
+        took < DEADLINE + Duration::from_millis(900),
+        "took {took:?}"
+    );
+    let asked_fay = |method: &str| {
+        let calls = plugin.calls(method);
+        calls.iter().filter(|call| call["user"] == "fay").count()
+    };
+    assert_eq!(asked_fay("GetUserExternalSession"), 1);
+    assert_eq!(asked_fay("GetMostSuitableServer"), 0);
     setup.broker.stop().await;
 }
 

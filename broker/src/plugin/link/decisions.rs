@@ -1,13 +1,28 @@
-//! The plug-in's part of a decision: `GetMostSuitableServer` and `GetUserExternalSession`,
-//! each bounded by the farm's deadline. Whatever goes wrong (late, an error, a machine that is
+//! The plug-in's part of a decision: `GetUserExternalSession` and `GetMostSuitableServer`,
+//! together bounded by the farm's deadline (`PluginBudget`). Whatever goes wrong (late, an error, a machine that is
 //! not a candidate, an answer over a connection the plug-in was not initialized on) keeps the
 //! broker's own answer, counted by cause and warned about at most once a minute per cause.
 
 use super::{PluginLink, Suggestion};
 use crate::metrics::PluginFallbackLabels;
-use std::time::Instant;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::validate::{self, excerpt};
 use uuid::Uuid;
+
+/// One decision's time with its farm's plug-in: every call the decision makes
+/// (`GetUserExternalSession`, then `GetMostSuitableServer`) ends within one deadline from the
+/// start of the first, so that the decision never waits longer than the deadline for it.
+#[derive(Clone, Debug, Default)]
+pub struct PluginBudget(OnceLock<Instant>);
+
+impl PluginBudget {
+    /// When the decision's calls must have ended: `deadline` after the first one started.
+    fn until(&self, deadline: Duration) -> Instant {
+        *self.0.get_or_init(Instant::now) + deadline
+    }
+}
 
 impl PluginLink {
     /// A fallback, and why the broker's pick stood: a warning at most once a minute for each
@@ -38,6 +53,15 @@ impl PluginLink {
         self.fallback(cause)
     }
 
+    /// Why a call that started at `started` was cut off.
+    fn late(&self, started: Instant) -> String {
+        format!(
+            "no answer within the deadline, {:?} for all of a decision's calls (this one waited {:?})",
+            self.settings.deadline,
+            started.elapsed()
+        )
+    }
+
     fn fallback(&self, cause: &'static str) -> Suggestion {
         self.metrics
             .plugin_fallbacks
@@ -51,37 +75,41 @@ impl PluginLink {
 
     /// GetMostSuitableServer within the farm's deadline. An answer that is not a candidate is a
     /// fallback too.
-    pub async fn suggest(&self, request: pb::GetMostSuitableServerRequest) -> Suggestion {
+    pub async fn suggest(
+        &self,
+        request: pb::GetMostSuitableServerRequest,
+        budget: &PluginBudget,
+    ) -> Suggestion {
         if !self.is_up() {
             return self.fallback("down");
         }
         // Named in warnings: the Redirect's own span is only kept at debug level.
         let (farm, user) = (request.farm.clone(), request.user_name.clone());
-        let candidates: Vec<String> = request
+        let candidates: Vec<Uuid> = request
             .candidates
             .iter()
-            .filter_map(|candidate| candidate.machine.as_ref().map(|machine| machine.id.clone()))
+            .filter_map(|candidate| candidate.machine.as_ref())
+            .filter_map(|machine| Uuid::parse_str(&machine.id).ok())
             .collect();
+        let until = budget.until(self.settings.deadline);
         let started = Instant::now();
+        if until <= started {
+            let detail = "the deadline was spent on GetUserExternalSession";
+            return self.fallback_said("timeout", &farm, &user, detail);
+        }
         let mut client = self.client.clone();
-        let answer = tokio::time::timeout(
-            self.settings.deadline,
-            client.get_most_suitable_server(request),
-        )
-        .await;
+        let answer =
+            tokio::time::timeout_at(until.into(), client.get_most_suitable_server(request)).await;
         let method = "GetMostSuitableServer";
         match answer {
             Err(_) => {
                 self.record(method, "timeout", started);
-                let detail = format!(
-                    "no answer within the deadline, {:?}",
-                    self.settings.deadline
-                );
+                let detail = self.late(started);
                 self.fallback_said("timeout", &farm, &user, &detail)
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
-                let detail = format!("{:?}: {}", status.code(), status.message());
+                let detail = format!("{:?}: {}", status.code(), excerpt(status.message()));
                 self.check_status(&status);
                 self.fallback_said("error", &farm, &user, &detail)
             }
@@ -95,10 +123,13 @@ impl PluginLink {
                 if chosen.is_empty() {
                     return Suggestion::Keep;
                 }
+                // A UUID in any of its text forms (upper case, braces): the API's ids are
+                // compared as UUIDs everywhere.
                 match Uuid::parse_str(&chosen) {
-                    Ok(machine) if candidates.contains(&chosen) => Suggestion::Machine(machine),
+                    Ok(machine) if candidates.contains(&machine) => Suggestion::Machine(machine),
                     _ => {
-                        let detail = format!("it named {chosen:?}, which is not a candidate");
+                        let chosen = excerpt(&chosen);
+                        let detail = format!("it named {chosen}, which is not a candidate");
                         self.fallback_said("not_candidate", &farm, &user, &detail)
                     }
                 }
@@ -111,18 +142,17 @@ impl PluginLink {
     pub async fn external_session(
         &self,
         request: pb::GetUserExternalSessionRequest,
+        budget: &PluginBudget,
     ) -> Option<(String, String)> {
         if !self.supports_external() {
             return None;
         }
         let (farm, user) = (request.farm.clone(), request.user_name.clone());
+        let until = budget.until(self.settings.deadline);
         let started = Instant::now();
         let mut client = self.client.clone();
-        let answer = tokio::time::timeout(
-            self.settings.deadline,
-            client.get_user_external_session(request),
-        )
-        .await;
+        let answer =
+            tokio::time::timeout_at(until.into(), client.get_user_external_session(request)).await;
         let method = "GetUserExternalSession";
         match answer {
             Ok(Ok(_)) if self.reconnected() => {
@@ -133,18 +163,21 @@ impl PluginLink {
             Ok(Ok(answer)) => {
                 self.record(method, "ok", started);
                 let answer = answer.into_inner();
-                match tsbroker_common::validate::address("address", &answer.address) {
-                    Ok(address) => {
-                        let name = if answer.host_name.is_empty() {
-                            address.clone()
-                        } else {
-                            answer.host_name
-                        };
-                        Some((address, name))
+                if answer.address.is_empty() {
+                    return None;
+                }
+                // Shown to clients and written to logs: a machine name's rules.
+                let checked = validate::address("address", &answer.address).and_then(|address| {
+                    if answer.host_name.is_empty() {
+                        return Ok((address.clone(), address));
                     }
-                    Err(_) if answer.address.is_empty() => None,
+                    let name = validate::machine_name("host_name", &answer.host_name)?;
+                    Ok((address, name))
+                });
+                match checked {
+                    Ok(external) => Some(external),
                     Err(error) => {
-                        let detail = format!("an unusable external address: {error}");
+                        let detail = format!("an unusable external session: {error}");
                         self.fallback_said("error", &farm, &user, &detail);
                         None
                     }
@@ -155,7 +188,7 @@ impl PluginLink {
                 let detail = format!(
                     "GetUserExternalSession: {:?}: {}",
                     status.code(),
-                    status.message()
+                    excerpt(status.message())
                 );
                 self.check_status(&status);
                 self.fallback_said("error", &farm, &user, &detail);
@@ -163,10 +196,7 @@ impl PluginLink {
             }
             Err(_) => {
                 self.record(method, "timeout", started);
-                let detail = format!(
-                    "GetUserExternalSession: no answer within {:?}",
-                    self.settings.deadline
-                );
+                let detail = format!("GetUserExternalSession: {}", self.late(started));
                 self.fallback_said("timeout", &farm, &user, &detail);
                 None
             }

@@ -1,5 +1,6 @@
 //! A plug-in that restarts loses everything it was told: it is initialized again and gets a
-//! full RESYNC matching the directory, whether the farm was busy while it was away or quiet.
+//! full RESYNC matching the directory, whether the farm was busy while it was away or quiet;
+//! one whose resync keeps failing is said to fail once, and its recovery is said too.
 
 use super::{PluginProcess, broker_with_plugin, redirect, wait_for_call};
 use crate::support::{counter, reason, scrape};
@@ -7,7 +8,7 @@ use std::process::Command;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_tests::FakeAgent;
 use tsbroker_tests::fake_agent::{machine as description, session};
-use tsbroker_tests::process::{broker_process, free_port};
+use tsbroker_tests::process::{ChildGuard, LogFile, broker_process, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_plugin_gets_a_full_resync_that_matches_the_directory() {
@@ -156,11 +157,13 @@ async fn a_plugin_restarted_in_a_quiet_farm_is_initialized_before_it_is_asked() 
     setup.broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_machine_gone_while_the_broker_was_down_turns_unreachable_for_the_plugin() {
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = PluginProcess::start(dir.path(), free_port(), false, "1");
-    let config = dir.path().join("tsbroker.toml");
+/// The `tsbroker` process on `port` with farm "farm" served by `plugin` (see `broker_process`).
+async fn broker_process_with_plugin(
+    dir: &std::path::Path,
+    plugin: &PluginProcess,
+    port: u16,
+) -> (ChildGuard, LogFile) {
+    let config = dir.join("tsbroker.toml");
     std::fs::write(
         &config,
         format!(
@@ -169,18 +172,68 @@ async fn a_machine_gone_while_the_broker_was_down_turns_unreachable_for_the_plug
         ),
     )
     .unwrap();
-    let start = |port| {
-        let config = config.clone();
-        broker_process(dir.path(), port, move |binary, args| {
-            let mut command = Command::new(binary);
-            command
-                .args(args)
-                .arg("--config")
-                .arg(config)
-                .args(["--heartbeat-timeout", "3s"]);
-            command
-        })
+    broker_process(dir, port, move |binary, args| {
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .args(["--heartbeat-timeout", "3s"]);
+        command
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resync_that_keeps_failing_is_said_once_and_its_recovery_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = PluginProcess::start(dir.path(), free_port(), false, "1");
+    plugin.set_mode("fail-notifications");
+    let port = free_port();
+    let (_broker, log) = broker_process_with_plugin(dir.path(), &plugin, port).await;
+    let _agent = FakeAgent::join(
+        &format!("http://127.0.0.1:{port}"),
+        description("ts-a", "farm", 100),
+        vec![session(1, "alice", pb::SessionState::Active)],
+    )
+    .await;
+    let failing = "its full resync failed";
+    let limit = std::time::Duration::from_secs(15);
+    assert!(
+        log.wait_for(failing, 1, limit, None).await,
+        "{}",
+        log.tail(20)
+    );
+    let initialized = "plug-in initialized; sending a full resync";
+    let said = log.count(initialized);
+    // The next attempts (0.4, 0.8, 1.6 s apart) fail too, and are not said again.
+    let attempts = || {
+        let records = plugin.records();
+        let initialize = records.iter().filter(|call| call["method"] == "Initialize");
+        initialize.count()
     };
+    let attempted = attempts();
+    let deadline = std::time::Instant::now() + limit;
+    while attempts() < attempted + 3 {
+        assert!(std::time::Instant::now() < deadline, "{}", log.tail(20));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(log.count(initialized), said, "{}", log.text());
+    assert_eq!(log.count(failing), 1, "{}", log.text());
+    plugin.set_mode("keep");
+    assert!(
+        log.wait_for("its answers are used again", 1, limit, None)
+            .await,
+        "{}",
+        log.tail(20)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_machine_gone_while_the_broker_was_down_turns_unreachable_for_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = PluginProcess::start(dir.path(), free_port(), false, "1");
+    let start = |port| broker_process_with_plugin(dir.path(), &plugin, port);
     let port = free_port();
     let (mut broker, _log) = start(port).await;
     let agent = FakeAgent::join(
