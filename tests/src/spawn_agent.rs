@@ -332,6 +332,11 @@ impl AgentProcess {
         self.process.terminate(limit).await
     }
 
+    /// SIGKILL, as a crash ends it.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     /// Waits until `tsagent status` says the agent is connected to the broker.
     pub async fn wait_until_connected(&mut self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;

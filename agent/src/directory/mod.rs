@@ -405,6 +405,25 @@ impl Directory {
         );
     }
 
+    /// The front-door connection `attachment` is still open after the unconfirmed-logon grace
+    /// ([`Self::unconfirmed_logon_grace`]): its logon is confirmed now, as its end would
+    /// confirm it, and saved (a crash must not leave it for [`Self::settle_undecided`]).
+    pub fn front_door_outlasted_grace(&self, attachment: &Attachment) {
+        let generation = {
+            let mut table = self.lock();
+            rules::front_door_outlasted_grace(&mut table, attachment.attachment)
+                .then(|| table.changed())
+        };
+        if let Some(generation) = generation {
+            self.shared.persister.changed(generation);
+        }
+    }
+
+    /// How long a front-door connection lasts before it confirms its logon.
+    pub fn unconfirmed_logon_grace(&self) -> Duration {
+        self.unconfirmed_logon_grace
+    }
+
     /// The agent cut the connection (stopping) after `after`: as [`Self::front_door_detach`]
     /// with `None`, except that a connection that had lasted the grace confirms its logon as
     /// one that ended would. A logon it leaves undecided is settled after the next start

@@ -497,6 +497,31 @@ pub(super) struct ConnectionEnd {
     pub grace: Duration,
 }
 
+/// A front-door connection still open has lasted the unconfirmed-logon grace: as its end would
+/// after that long, it confirms the logon of the session it holds (unless local sources
+/// confirm logons here). Confirmed now, not at its end, so that a crash of the agent with the
+/// client still connected does not leave the session unconfirmed, to be removed after the
+/// restart. Returns whether the table changed.
+pub(super) fn front_door_outlasted_grace(table: &mut Table, attachment: u64) -> bool {
+    let Some(LiveConnection {
+        session_id: Some(session_id),
+        ..
+    }) = table.live.get(&attachment).copied()
+    else {
+        return false;
+    };
+    if table.local_source_seen {
+        return false;
+    }
+    match table.sessions.get_mut(&session_id) {
+        Some(record) if record.unconfirmed => {
+            record.unconfirmed = false;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Returns whether the table changed.
 pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
     let ConnectionEnd {

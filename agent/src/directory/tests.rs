@@ -563,6 +563,49 @@ fn logons_left_undecided_by_a_stop_are_settled_after_the_next_start() {
     assert_eq!(unconfirmed(&directory, "frank"), Some(false));
 }
 
+/// A crash sees no connection end: a connection still open when it has lasted the grace
+/// confirms its logon then, and the table saved before the crash keeps it confirmed (it was
+/// removed as undecided after the restart, and its user placed on another machine).
+#[test]
+fn a_connection_open_past_the_grace_confirms_its_logon_before_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let gina = directory.front_door_attach("gina", "", "").unwrap();
+    // hank's connection is open too, but has not lasted the grace.
+    directory.front_door_attach("hank", "", "").unwrap();
+    directory.front_door_outlasted_grace(&gina);
+    let unconfirmed = |directory: &Directory, user: &str| {
+        let records = directory.list();
+        let record = records.into_iter().find(|record| record.user_name == user);
+        record.map(|record| record.unconfirmed)
+    };
+    assert_eq!(unconfirmed(&directory, "gina"), Some(false));
+    assert_eq!(unconfirmed(&directory, "hank"), Some(true));
+    // The crash: the table as the writer last saved it, no connection ended.
+    assert!(directory.flush());
+    drop(directory);
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    directory.settle_undecided();
+    assert_eq!(unconfirmed(&directory, "gina"), Some(false));
+    assert_eq!(
+        unconfirmed(&directory, "hank"),
+        None,
+        "never lasted: removed"
+    );
+    let logoffs: Vec<String> = drain(&mut events)
+        .into_iter()
+        .filter(|(kind, _, _)| *kind == Logoff)
+        .map(|(_, _, user)| user)
+        .collect();
+    assert_eq!(logoffs, ["hank"]);
+
+    // Where a local source confirms logons, how long a connection lasts does not.
+    directory.apply(Logon, request("ivan", Some(7))).unwrap();
+    let jo = directory.front_door_attach("jo", "", "").unwrap();
+    directory.front_door_outlasted_grace(&jo);
+    assert_eq!(unconfirmed(&directory, "jo"), Some(true));
+}
+
 #[test]
 fn a_reconnection_is_never_removed() {
     let dir = tempfile::tempdir().unwrap();

@@ -341,7 +341,23 @@ pub async fn to_local(
         }
     };
     let started = tokio::time::Instant::now();
-    let carried = splice(client, upstream, shared.metrics.byte_counters(), shutdown).await;
+    let carried = splice(client, upstream, shared.metrics.byte_counters(), shutdown);
+    let carried = match &held {
+        // A connection that lasts the grace confirms its logon when it has, not only at its
+        // end: an agent that crashes meanwhile sees no end.
+        Held::Session(attachment) => {
+            tokio::pin!(carried);
+            let grace = shared.directory.unconfirmed_logon_grace();
+            tokio::select! {
+                carried = &mut carried => carried,
+                () = tokio::time::sleep(grace) => {
+                    shared.directory.front_door_outlasted_grace(attachment);
+                    carried.await
+                }
+            }
+        }
+        Held::Unknown(_) => carried.await,
+    };
     log_end(carried, started);
     // How long the connection lasted tells a logon that failed from one that happened; a
     // connection the agent cut because it is stopping tells only whether it had lasted the

@@ -9,6 +9,7 @@ mod clock;
 mod concurrency;
 mod config_examples;
 mod conformance;
+mod crash;
 mod descriptors;
 mod directory;
 mod displaced;
