@@ -5,19 +5,21 @@
 //! routing token name?" (so the front door is never an open proxy). Every refresh reads the
 //! whole farm from the broker's database; a miss covers what a longer period could miss (a
 //! machine that joined or came back), so the period only bounds how long a machine that left
-//! stays trusted.
+//! stays trusted. A replica that does not answer is passed over for the next, as for a
+//! `Redirect`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::proto::v1 as pb;
 
+use super::broker_absence::broker_away;
 use super::host_cache::HostCache;
+use super::route::REPLICA_PATIENCE;
 use crate::broker_link::BrokerLink;
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -127,20 +129,7 @@ impl MachineCache {
         if let Ok(mut state) = self.state.write() {
             state.attempted = Some(Instant::now());
         }
-        let request = pb::ListMachinesRequest {
-            farm: self.farm.clone(),
-        };
-        let mut broker = self.link.broker();
-        let response = tokio::time::timeout(LIST_TIMEOUT, broker.list_machines(request))
-            .await
-            .context("list machines: timed out")?;
-        let machines = match response {
-            Ok(response) => response.into_inner().machines,
-            // A farm the broker does not know yet has no machines (this one's ADDED may be on
-            // its way: the first agent of a new farm asks before it is stored).
-            Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
-            Err(status) => return Err(anyhow::Error::from(status).context("list machines")),
-        };
+        let machines = self.list_machines().await?;
         let listed: Vec<pb::Machine> = machines
             .into_iter()
             .filter(|machine| machine.farm.eq_ignore_ascii_case(&self.farm))
@@ -164,6 +153,42 @@ impl MachineCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         state.machines = machines;
         Ok(())
+    }
+
+    /// The farm's machines from the replica in use, or, when it does not answer within
+    /// `REPLICA_PATIENCE` (frozen, cut off, restarting), from the next ones, as a `Redirect`
+    /// is asked: all within `LIST_TIMEOUT`.
+    async fn list_machines(&self) -> anyhow::Result<Vec<pb::Machine>> {
+        let request = pb::ListMachinesRequest {
+            farm: self.farm.clone(),
+        };
+        let deadline = tokio::time::Instant::now() + LIST_TIMEOUT;
+        let replicas = self.link.replicas();
+        let first = self.link.in_use();
+        let mut failed = anyhow::anyhow!("list machines: timed out");
+        for replica in 0..replicas {
+            let patience = if replica + 1 == replicas {
+                deadline
+            } else {
+                deadline.min(tokio::time::Instant::now() + REPLICA_PATIENCE)
+            };
+            let mut broker = self.link.broker_at(first + replica);
+            match tokio::time::timeout_at(patience, broker.list_machines(request.clone())).await {
+                Ok(Ok(response)) => return Ok(response.into_inner().machines),
+                // A farm the broker does not know yet has no machines (this one's ADDED may be
+                // on its way: the first agent of a new farm asks before it is stored).
+                Ok(Err(status)) if status.code() == tonic::Code::NotFound => return Ok(Vec::new()),
+                Ok(Err(status)) if !broker_away(&status) => {
+                    return Err(anyhow::Error::from(status).context("list machines"));
+                }
+                Ok(Err(status)) => failed = anyhow::Error::from(status).context("list machines"),
+                Err(_) => failed = anyhow::anyhow!("list machines: timed out"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(failed)
     }
 
     /// Refreshes at once, then every `interval` (give or take a tenth, so that agents started
@@ -327,6 +352,31 @@ mod tests {
         assert!(cache.routing_target(token).await.is_some());
         // Still nobody at an address of no machine.
         assert!(cache.peer("198.51.100.1".parse().unwrap()).await.is_none());
+    }
+
+    /// With several replicas, one that does not answer (frozen: it takes connections and says
+    /// nothing) is passed over: the next one's list is taken, within the replica patience.
+    #[tokio::test]
+    async fn a_replica_that_does_not_answer_is_passed_over() {
+        let fake = crate::test_support::FakeBroker::default();
+        fake.with(|state| state.machines = vec![ready("ts1.example", "127.0.0.1:4000")]);
+        let answering = fake.serve(CancellationToken::new()).await;
+        let frozen = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let frozen_url = format!("http://{}", frozen.local_addr().unwrap());
+        let _held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = frozen.accept().await {
+                held.push(connection);
+            }
+        });
+        let urls = [frozen_url, answering];
+        let link = BrokerLink::new(&urls, 0, &Default::default(), Default::default()).unwrap();
+        assert_eq!(link.in_use(), 0, "the frozen replica is this agent's own");
+        let cache = MachineCache::new(link, "default".into());
+        let started = Instant::now();
+        cache.refresh().await.unwrap();
+        assert!(started.elapsed() < LIST_TIMEOUT, "{:?}", started.elapsed());
+        assert!(cache.peer("127.0.0.1".parse().unwrap()).await.is_some());
     }
 
     /// Refreshes every few seconds (and after misses) do not resolve the farm's names each

@@ -24,7 +24,7 @@ const FULL_PATIENCE: Duration = Duration::from_secs(10);
 const FULL_RETRY: Duration = Duration::from_millis(500);
 
 /// How long one replica of several is given to answer before the next is asked.
-const REPLICA_PATIENCE: Duration = Duration::from_secs(1);
+pub(super) const REPLICA_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The user a connection is for, as far as the front door can tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
