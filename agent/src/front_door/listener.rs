@@ -186,7 +186,7 @@ pub async fn handle(
     if past_the_cap && first.proxied.is_none() {
         let why = "over max_connections_per_client from a farm machine's address, without \
                    another front door's proxy header";
-        say_refused(false, why, "connection refused");
+        say_refused(Refusal::Proxy, why, "connection refused");
         shared.metrics.connection(Outcome::Refused);
         return;
     }
@@ -195,7 +195,7 @@ pub async fn handle(
         // Already routed by another front door: never ask the broker again (no loops).
         let Some(machine) = shared.machines.peer(peer.ip()).await else {
             let why = "proxy header from a peer that is not a machine of the farm";
-            say_refused(false, why, "connection refused");
+            say_refused(Refusal::Proxy, why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
             return;
         };
@@ -204,7 +204,7 @@ pub async fn handle(
                 "proxy header from {}, a machine without a front door",
                 machine.name
             );
-            say_refused(false, &why, "connection refused");
+            say_refused(Refusal::Proxy, &why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
             return;
         }
@@ -214,7 +214,7 @@ pub async fn handle(
             // A user logged on to that machine can connect from it too: only a header signed
             // with the farm's agent token comes from its front door.
             let why = format!("proxy header from {} refused: {why}", machine.name);
-            say_refused(false, &why, "connection refused");
+            say_refused(Refusal::Proxy, &why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
             return;
         }
@@ -259,7 +259,12 @@ pub async fn handle(
         let decision = route::decide(shared, hint, peer, arrived_at, &refused).await;
         let (machine_id, retry, error, user) = match decision {
             Decision::Refuse { why, by_broker, .. } => {
-                say_refused(by_broker, &why, "connection refused");
+                let kind = if by_broker {
+                    Refusal::ByBroker
+                } else {
+                    Refusal::Rules
+                };
+                say_refused(kind, &why, "connection refused");
                 shared.metrics.connection(Outcome::Refused);
                 return;
             }
@@ -378,20 +383,33 @@ fn short_of_resources(shared: &FrontDoorShared, error: &anyhow::Error) {
     shared.metrics.connection(Outcome::Refused);
 }
 
-/// A refused connection: a warning at most once a minute with how many were refused since
-/// (a storm of turned-away users, or a stranger's probes, cannot fill the log); in between, a
-/// user the broker turned away at info, a stranger's refusal at debug.
-fn say_refused(by_broker: bool, why: &str, message: &'static str) {
-    static BY_BROKER: LazyLock<WarningLimit> = LazyLock::new(Default::default);
-    static STRANGE: LazyLock<WarningLimit> = LazyLock::new(Default::default);
-    let limit = if by_broker { &BY_BROKER } else { &STRANGE };
+/// Who refused a connection, each with its own once-a-minute warning: a burst of one kind
+/// does not hide the first of another (a forged PROXY header seconds after a user was
+/// turned away).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The broker turned the user away.
+    ByBroker,
+    /// A PROXY header (or its absence past the per-client cap) that this front door does not
+    /// trust: a relayed connection that is not another front door's.
+    Proxy,
+    /// This front door's own rules (a routing token it does not route, a draining machine).
+    Rules,
+}
+
+/// A refused connection: a warning at most once a minute for each kind with how many were
+/// refused since (a storm of turned-away users, or a stranger's probes, cannot fill the log);
+/// in between, a user the broker turned away at info, the others at debug.
+fn say_refused(kind: Refusal, why: &str, message: &'static str) {
+    static LIMITS: LazyLock<[WarningLimit; 3]> = LazyLock::new(Default::default);
+    let limit = &LIMITS[kind as usize];
     match limit.warn_now() {
         Some(unwarned) => tracing::warn!(
             why,
             since_last_warning = unwarned,
             "{message} (warned at most once a minute)"
         ),
-        None if by_broker => tracing::info!(why, "{message}"),
+        None if kind == Refusal::ByBroker => tracing::info!(why, "{message}"),
         None => tracing::debug!(why, "{message}"),
     }
 }
