@@ -1,7 +1,8 @@
 //! The plug-in's part of a decision: `GetUserExternalSession` and `GetMostSuitableServer`,
-//! together bounded by the farm's deadline (`PluginBudget`). Whatever goes wrong (late, an error, a machine that is
-//! not a candidate, an answer over a connection the plug-in was not initialized on) keeps the
-//! broker's own answer, counted by cause and warned about at most once a minute per cause.
+//! together bounded by the farm's deadline (`PluginBudget`). Whatever goes wrong (late, an
+//! error, a machine that is not a candidate, an answer over a connection the plug-in was not
+//! initialized on) keeps the broker's own answer, counted by cause and warned about at most
+//! once a minute per cause.
 
 use super::{PluginLink, Suggestion};
 use crate::metrics::PluginFallbackLabels;
