@@ -19,7 +19,13 @@
 #   8. a wrong password leaves no session once the client gives up;
 #   9. three clients at once — two returning users and a new logon — each end up in their own
 #      session (one X server each) and each leaving is seen;
-#  10. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff.
+#  10. the session's end (its programs exit, so xrdp-sesman closes it) is a logoff;
+#  11. a returning user given a new session by xrdp rather than the disconnected one (here
+#      because xrdp-sesman restarted and lost track of it; also another screen size under
+#      Policy=UBD): the connection holds the new one (ACTIVE, DISCONNECTED when the client
+#      leaves) and the old one stays DISCONNECTED;
+#  12. a user running the reconnect hook by hand for a display number that is no session of
+#      theirs makes no session up.
 #
 #   scripts/xrdp-check.sh --yes
 #
@@ -163,7 +169,8 @@ broker="127.0.0.1:$broker_port"
 # xrdp logs to /var/log/xrdp.log whatever else it does: only what it writes from here on counts.
 xrdp_log_lines=$( (cat /var/log/xrdp.log 2>/dev/null || true) | wc -l)
 xrdp-sesman --nodaemon >"$work/sesman.log" 2>&1 &
-pids+=($!)
+sesman=$!
+pids+=("$sesman")
 xrdp --nodaemon >"$work/xrdp.log" 2>&1 &
 pids+=($!)
 "$bin/tsbroker" --listen "$broker" --database-url "sqlite://$work/tsbroker.db" >"$work/broker.log" 2>&1 &
@@ -398,3 +405,38 @@ expect_sessions "$ben" "$ben_id DISCONNECTED" 15 "concurrent disconnect"
 log "10. $ann's session ends (its programs exit)"
 pkill -u "$ann" -x xterm || fail "no xterm of $ann's session"
 expect_sessions "$ann" "" 30 "logoff"
+
+log "11. xrdp-sesman restarts; $cat comes back and is given a new session"
+# The restarted sesman no longer knows cat's disconnected session (it keeps running, an
+# orphan): the cookie ties the connection to it, and xrdp starts another, which PAM reports.
+kill -TERM "$sesman"
+wait "$sesman" 2>/dev/null || true
+xrdp-sesman --nodaemon >>"$work/sesman.log" 2>&1 &
+sesman=$!
+pids+=("$sesman")
+wait_until 30 listening 3350 || fail "xrdp-sesman did not start again"
+start_client "$cat" "$PASSWORD"
+two_xorgs() { [ "$(pgrep -c -u "$cat" -x Xorg)" -eq 2 ]; }
+wait_until "$LOGON_SECONDS" two_xorgs ||
+    fail "the restarted xrdp-sesman did not start a new session for $cat"
+new_session_active() {
+    local lines
+    lines=$(sessions_of "$cat")
+    [ "$(printf '%s\n' "$lines" | grep -c .)" -eq 2 ] &&
+        printf '%s\n' "$lines" | grep -qx "$cat_id DISCONNECTED" &&
+        printf '%s\n' "$lines" | grep -v "^$cat_id " | grep -q ' ACTIVE$'
+}
+wait_until 30 new_session_active ||
+    fail "new session for a returning client: the broker lists [$(sessions_of "$cat" | paste -sd, -)] for $cat, not $cat_id DISCONNECTED and a new ACTIVE session"
+new_id=$(sessions_of "$cat" | grep -v "^$cat_id " | cut -d' ' -f1)
+stop_client
+both_disconnected() {
+    [ "$(sessions_of "$cat" | sort -n)" = "$(printf '%s DISCONNECTED\n%s DISCONNECTED' "$cat_id" "$new_id" | sort -n)" ]
+}
+wait_until 15 both_disconnected ||
+    fail "the new session's client left: the broker lists [$(sessions_of "$cat" | paste -sd, -)] for $cat, not $cat_id and $new_id DISCONNECTED"
+
+log "12. $ben runs the reconnect hook by hand for a display that is no session of his"
+su -s /bin/sh "$ben" -c 'sudo -n /usr/lib/tsagent/xrdp-reconnect :77' >/dev/null 2>&1 || true
+sleep 1
+expect_sessions "$ben" "$ben_id DISCONNECTED" 5 "a made-up display number"

@@ -179,6 +179,11 @@ pub struct SessionEventArgs {
     /// address is not kept (behind the front door it is the front door's, not the client's)
     #[arg(long, value_name = "ADDRESS", value_parser = client_address)]
     pub client_address: Option<String>,
+    /// Only for a session the agent knows: an event for another is refused rather than taken
+    /// for a session that started unseen (xrdp's reconnect hook, which any local user can run
+    /// through sudo, passes it)
+    #[arg(long)]
+    pub known_only: bool,
     #[command(flatten)]
     pub socket: SocketArg,
     #[command(flatten)]

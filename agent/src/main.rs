@@ -90,6 +90,7 @@ fn session_args(args: SessionEventArgs) -> (Option<PathBuf>, SessionArgs, Durati
         domain: args.domain,
         session_id: args.session_id,
         client_address: args.client_address,
+        known_only: args.known_only,
     };
     (args.socket.control_socket, request, *args.wait.wait)
 }

@@ -26,6 +26,9 @@ pub struct SessionArgs {
     pub session_id: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_address: Option<String>,
+    /// Only for a session the agent knows (`--known-only`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub known_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -100,6 +100,7 @@ fn session_request(args: SessionArgs) -> SessionRequest {
         domain,
         session_id: args.session_id,
         client_address: args.client_address.unwrap_or_default(),
+        known_only: args.known_only,
     }
 }
 

@@ -148,6 +148,10 @@ pub struct SessionRequest {
     pub session_id: Option<u32>,
     /// Empty when unknown.
     pub client_address: String,
+    /// Only for a session the table holds: an event for another is refused, not taken for a
+    /// session the agent never saw start (what xrdp's reconnect hook asks: any local user can
+    /// run it, and must not make sessions up).
+    pub known_only: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -156,6 +160,10 @@ pub enum DirectoryError {
     Invalid(String),
     #[error("no session {0}")]
     NoSuchSession(String),
+    #[error(
+        "no session {0} known here (--known-only: not taken for a session that started unseen)"
+    )]
+    NotKnown(String),
     #[error("session {session_id} belongs to {owner:?}, not {user:?}")]
     WrongUser {
         session_id: u32,
@@ -379,6 +387,7 @@ impl Directory {
             domain: domain.to_owned(),
             session_id: None,
             client_address: client_address.to_owned(),
+            known_only: false,
         })
         .ok()?;
         let (attachment, generation) = {

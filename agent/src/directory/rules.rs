@@ -135,7 +135,7 @@ pub(super) fn may_return_here(table: &Table, user: Option<(&str, &str)>, client:
 }
 
 /// The record is this user's: same name, or a front-door record whose cookie names the user.
-fn is_users(record: &SessionRecord, user_name: &str, domain: &str) -> bool {
+pub(super) fn is_users(record: &SessionRecord, user_name: &str, domain: &str) -> bool {
     if !domains_match(record, domain) {
         return false;
     }
@@ -303,6 +303,9 @@ pub(super) fn apply(
                 Some(session_id) => session_id,
                 None if kind == SessionEventKind::Logoff => {
                     return Err(DirectoryError::NoSuchSession(describe(&request)));
+                }
+                None if request.known_only => {
+                    return Err(DirectoryError::NotKnown(describe(&request)));
                 }
                 None => {
                     // A session the agent never saw start: it exists now.
@@ -581,14 +584,23 @@ pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64)
     if record.attachment != attachment || record.state != RecordState::Active {
         return changed;
     }
-    // Another connection still holds the session (this one was a second client that gave up,
-    // a probe): the user is still connected, through the newest of the others.
+    connection_left(table, session_id, now) || changed
+}
+
+/// The connection that held session `session_id` (ACTIVE) no longer does. Another connection
+/// still to it (this one was a second client that gave up, a probe) holds it: the user is
+/// still connected, through the newest of the others (a RECONNECT when its client is another).
+/// Else the session is disconnected. Returns whether the table changed.
+pub(super) fn connection_left(table: &mut Table, session_id: u32, now: i64) -> bool {
     let holder = table
         .live
         .iter()
         .filter(|(_, live)| live.session_id == Some(session_id))
         .max_by_key(|(attachment, _)| **attachment)
         .map(|(attachment, live)| (*attachment, live.client));
+    let Some(record) = table.sessions.get_mut(&session_id) else {
+        return false;
+    };
     if let Some((holder, client)) = holder {
         record.attachment = holder;
         let client = client.map(|client| client.to_string());
@@ -598,7 +610,7 @@ pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64)
             table.emit(SessionEventKind::Reconnect, &record);
             return true;
         }
-        return changed;
+        return false;
     }
     record.attachment = 0;
     record.state = RecordState::Disconnected;

@@ -308,6 +308,7 @@ fn table_survives_a_restart() {
                     domain: "CORP".into(),
                     session_id: Some(10),
                     client_address: "192.0.2.1:40000".into(),
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -604,6 +605,41 @@ fn a_connection_open_past_the_grace_confirms_its_logon_before_a_crash() {
     let jo = directory.front_door_attach("jo", "", "").unwrap();
     directory.front_door_outlasted_grace(&jo);
     assert_eq!(unconfirmed(&directory, "jo"), Some(true));
+}
+
+/// xrdp's reconnect hook asks for known sessions only: any local user can run it (through
+/// sudo), and made-up display numbers were each taken for a session that started unseen,
+/// filling the machine's session limit with sessions nothing would ever end.
+#[test]
+fn an_event_for_known_sessions_only_makes_none_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut events) = Directory::open(dir.path()).unwrap();
+    let known_only = |user: &str, session_id| SessionRequest {
+        known_only: true,
+        ..request(user, Some(session_id))
+    };
+    let refused = directory.apply(Reconnect, known_only("mallory", 55));
+    assert!(
+        matches!(refused, Err(DirectoryError::NotKnown(_))),
+        "{refused:?}"
+    );
+    assert!(directory.list().is_empty());
+    assert!(drain(&mut events).is_empty());
+    // A session the table holds is reconnected as ever; another user's is still refused.
+    directory.apply(Logon, request("ann", Some(10))).unwrap();
+    directory.apply(Disconnect, request("ann", None)).unwrap();
+    let back = directory.apply(Reconnect, known_only("ann", 10)).unwrap();
+    assert_eq!(back.state, RecordState::Active);
+    let refused = directory.apply(Reconnect, known_only("mallory", 10));
+    assert!(
+        matches!(refused, Err(DirectoryError::WrongUser { .. })),
+        "{refused:?}"
+    );
+    // Without it, a session that started unseen (before the agent) is taken as it is.
+    directory
+        .apply(Reconnect, request("bob", Some(12)))
+        .unwrap();
+    assert_eq!(directory.list().len(), 2);
 }
 
 #[test]

@@ -15,11 +15,20 @@
 //! seen only at its next event, as before — never guessed. A reconnection to a session that a
 //! connection matched this way holds means a new client took it over (xrdp drops the old
 //! one): the one open connection that could be the new client holds it from then on.
+//!
+//! A returning user's connection is tied by its cookie to the session the user had (the one
+//! the broker sent them back to), but the RDP service may give the client another one: xrdp
+//! starts a new session when the client's color depth (or, under `Policy=UBD`, its screen
+//! size) differs from the disconnected session's, or when the old session is an orphan of a
+//! restarted xrdp-sesman. A logon (or reconnection) of that user's another session that no
+//! connection holds then takes over the connection the old session last attached, and the old
+//! session is disconnected again (unless another client still holds it): else the new
+//! session stayed ACTIVE with nobody to say its client left, and the old one took its state.
 
 use tsbroker_common::model::SessionEventKind;
 
-use super::rules::LiveConnection;
-use super::{Origin, Table};
+use super::rules::{LiveConnection, connection_left, is_users};
+use super::{Origin, RecordState, Table};
 
 /// Ties the one open connection that could hold `session_id` to it after a local source
 /// reported `kind` for it; nothing when a connection holds it already (unless this is a
@@ -39,7 +48,7 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
     let candidates: Vec<(u64, LiveConnection)> = table
         .live
         .iter()
-        .filter(|(_, live)| could_hold(table, live, session_id))
+        .filter(|(attachment, live)| could_hold(table, **attachment, live, session_id))
         .map(|(&attachment, &live)| (attachment, live))
         .take(2)
         .collect();
@@ -52,10 +61,17 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
         }
         return;
     };
-    if let Some(unconfirmed) = live.session_id {
-        // The logon opened under the cookie's name is this one, under PAM's name.
-        if let Some(record) = table.sessions.remove(&unconfirmed) {
-            table.emit(SessionEventKind::Logoff, &record);
+    let moved_from = live.session_id;
+    if let Some(other) = moved_from {
+        let unconfirmed = table
+            .sessions
+            .get(&other)
+            .is_some_and(|record| record.unconfirmed && record.origin == Origin::FrontDoor);
+        if unconfirmed {
+            // The logon opened under the cookie's name is this one, under PAM's name.
+            if let Some(record) = table.sessions.remove(&other) {
+                table.emit(SessionEventKind::Logoff, &record);
+            }
         }
     }
     table.live.insert(
@@ -67,6 +83,17 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
             ..live
         },
     );
+    if let Some(other) = moved_from {
+        let released = release(table, other, attachment);
+        if released {
+            tracing::info!(
+                session_id,
+                previous_session_id = other,
+                "the RDP service gave a returning client another session: its connection holds \
+                 that one, and the session it came back for is disconnected again"
+            );
+        }
+    }
     if let Some(record) = table.sessions.get_mut(&session_id) {
         record.attachment = attachment;
         // The front door saw the client; the RDP service behind it (and PAM) saw only the
@@ -82,18 +109,37 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
     }
 }
 
-/// Whether `live` could be the connection of session `session_id`: its user is unknown, or it
-/// is the logon of another name that nothing confirmed.
-fn could_hold(table: &Table, live: &LiveConnection, session_id: u32) -> bool {
-    match live.session_id {
-        None => true,
-        Some(other) => {
-            other != session_id
-                && live.pending_logon
-                && table
-                    .sessions
-                    .get(&other)
-                    .is_some_and(|record| record.unconfirmed && record.origin == Origin::FrontDoor)
-        }
+/// Whether `live` (connection `attachment`) could be the connection of session `session_id`:
+/// its user is unknown, it is the logon of another name that nothing confirmed, or it is the
+/// connection that last came back to another session of the same user.
+fn could_hold(table: &Table, attachment: u64, live: &LiveConnection, session_id: u32) -> bool {
+    let Some(other) = live.session_id else {
+        return true;
+    };
+    if other == session_id {
+        return false;
     }
+    let Some(record) = table.sessions.get(&other) else {
+        return false;
+    };
+    if record.unconfirmed && record.origin == Origin::FrontDoor {
+        return live.pending_logon;
+    }
+    record.attachment == attachment
+        && table
+            .sessions
+            .get(&session_id)
+            .is_some_and(|new| is_users(record, &new.user_name, &new.domain))
+}
+
+/// Session `session_id` is no longer held by connection `attachment` (it holds another one
+/// now): see `rules::connection_left`. Returns whether it was this connection's.
+fn release(table: &mut Table, session_id: u32, attachment: u64) -> bool {
+    let held = table.sessions.get(&session_id).is_some_and(|record| {
+        record.attachment == attachment && record.state == RecordState::Active
+    });
+    if held {
+        connection_left(table, session_id, tsbroker_common::model::now_millis());
+    }
+    held
 }

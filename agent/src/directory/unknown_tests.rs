@@ -202,3 +202,100 @@ fn a_session_its_user_named_is_not_taken_by_a_connection_without_a_name() {
     directory.front_door_detach(ann, ENDED);
     assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
 }
+
+/// xrdp gives a returning client a new session (another color depth; another screen size
+/// under `Policy=UBD`; the old session an orphan of a restarted sesman): the connection the
+/// cookie tied to the old session holds the new one once PAM reports it, and the old one is
+/// disconnected again. Else the new one stayed ACTIVE after its client left, and the old
+/// one took the client's state.
+#[test]
+fn a_returning_client_given_a_new_session_holds_that_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
+    let first = directory
+        .front_door_attach("tu3", "", "10.0.0.3:1000")
+        .unwrap();
+    directory.apply(Logon, request("tu3", 10)).unwrap();
+    directory.front_door_detach(first, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+    events(&mut receiver);
+
+    let back = directory
+        .front_door_attach("tu3", "", "10.0.0.3:2000")
+        .unwrap();
+    assert_eq!(back.session_id, 10);
+    directory.apply(Logon, request("tu3", 11)).unwrap();
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+    assert_eq!(state_of(&directory, 11), Some(RecordState::Active));
+    assert_eq!(
+        events(&mut receiver),
+        vec![
+            (Reconnect, 10, "tu3".into()),
+            (Disconnect, 10, "tu3".into()),
+            (Logon, 11, "tu3".into())
+        ]
+    );
+    // Its client leaves: the new session is disconnected.
+    directory.front_door_detach(back, ENDED);
+    assert_eq!(state_of(&directory, 11), Some(RecordState::Disconnected));
+    assert_eq!(events(&mut receiver), vec![(Disconnect, 11, "tu3".into())]);
+
+    // Back again; the cookie ties the connection to one of the two, xrdp reattaches the other
+    // (its reconnect hook says which): the hook's word wins.
+    let again = directory
+        .front_door_attach("tu3", "", "10.0.0.3:3000")
+        .unwrap();
+    let other = if again.session_id == 10 { 11 } else { 10 };
+    directory.apply(Reconnect, request("tu3", other)).unwrap();
+    assert_eq!(state_of(&directory, other), Some(RecordState::Active));
+    assert_eq!(
+        state_of(&directory, again.session_id),
+        Some(RecordState::Disconnected)
+    );
+    directory.front_door_detach(again, ENDED);
+    assert_eq!(state_of(&directory, other), Some(RecordState::Disconnected));
+
+    // Two devices: the first holds tu5's session 15; the second, tied by its cookie to 15
+    // too, is given session 16. Session 15 stays ACTIVE under the first device.
+    let device_one = directory
+        .front_door_attach("tu5", "", "10.0.0.4:1000")
+        .unwrap();
+    directory.apply(Logon, request("tu5", 15)).unwrap();
+    let device_two = directory
+        .front_door_attach("tu5", "", "10.0.0.5:1000")
+        .unwrap();
+    assert_eq!(device_two.session_id, 15);
+    directory.apply(Logon, request("tu5", 16)).unwrap();
+    let address_of = |session_id| {
+        let records = directory.list();
+        let record = records
+            .into_iter()
+            .find(|record| record.session_id == session_id);
+        record.map(|record| (record.state, record.client_address))
+    };
+    assert_eq!(
+        address_of(15),
+        Some((RecordState::Active, "10.0.0.4:1000".into()))
+    );
+    assert_eq!(
+        address_of(16),
+        Some((RecordState::Active, "10.0.0.5:1000".into()))
+    );
+    directory.front_door_detach(device_one, ENDED);
+    assert_eq!(state_of(&directory, 15), Some(RecordState::Disconnected));
+    assert_eq!(state_of(&directory, 16), Some(RecordState::Active));
+    directory.front_door_detach(device_two, ENDED);
+    assert_eq!(state_of(&directory, 16), Some(RecordState::Disconnected));
+
+    // Another user's logon never takes tu3's connection.
+    let tu3 = directory
+        .front_door_attach("tu3", "", "10.0.0.3:4000")
+        .unwrap();
+    directory.apply(Logon, request("tu4", 20)).unwrap();
+    directory.front_door_detach(tu3, ENDED);
+    assert_eq!(
+        state_of(&directory, tu3.session_id),
+        Some(RecordState::Disconnected)
+    );
+    assert_eq!(state_of(&directory, 20), Some(RecordState::Active));
+}
