@@ -149,6 +149,11 @@ impl BrokerLink {
         self.current[self.active()].with(|current| current.broker.clone())
     }
 
+    /// The TLS files the agent presents and checks the broker with.
+    pub fn tls(&self) -> &BrokerTls {
+        &self.tls
+    }
+
     pub fn token(&self) -> BearerToken {
         self.token.clone()
     }

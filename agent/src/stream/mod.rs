@@ -6,6 +6,7 @@ mod displaced;
 mod link;
 #[cfg(test)]
 mod tests;
+mod tls_probe;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -170,8 +171,22 @@ pub async fn run(
                 continue;
             }
             Err(error) => {
-                credentials_refused = refuses_credentials(&error);
-                let described = crate::broker_client::describe(&error);
+                let mut described = crate::broker_client::describe(&error);
+                let mut tls_refused = described.contains("received fatal alert");
+                // The broker's refusal of this agent's certificate often arrives as a closed
+                // connection only (`tls_probe`): asked once more, in a handshake that listens.
+                if !tls_refused
+                    && !was_ready
+                    && connection_closed(&described)
+                    && let Some(alert) =
+                        tls_probe::refusal(context.link.url(), context.link.tls()).await
+                {
+                    described = format!(
+                        "{described}; the broker refuses this agent's client certificate: {alert}"
+                    );
+                    tls_refused = true;
+                }
+                credentials_refused = refuses_credentials(&error) || tls_refused;
                 let reason = if credentials_refused {
                     format!("{described} ({CREDENTIALS_HINT})")
                 } else {
@@ -230,6 +245,19 @@ fn refuses_credentials(error: &anyhow::Error) -> bool {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
         )
     })
+}
+
+/// Whether an error's description says the connection closed under the call (what a TLS
+/// refusal that came after the handshake looks like to the gRPC client).
+fn connection_closed(described: &str) -> bool {
+    [
+        "connection closed",
+        "broken pipe",
+        "close_notify",
+        "connection reset",
+    ]
+    .iter()
+    .any(|sign| described.contains(sign))
 }
 
 /// Receives and drops the table's changes, for ever.

@@ -509,3 +509,16 @@ fn the_brokers_retry_hint_is_read_from_its_unavailable_status_only() {
     assert_eq!(super::retry_after(&without), None);
     assert_eq!(super::retry_after(&anyhow::anyhow!("no welcome")), None);
 }
+
+#[test]
+fn a_connection_closed_under_the_call_is_told_apart() {
+    assert!(super::connection_closed(
+        "open stream: Unknown: transport error (stream closed because of a broken pipe)"
+    ));
+    assert!(super::connection_closed(
+        "open stream: Cancelled: operation was canceled (connection closed)"
+    ));
+    assert!(!super::connection_closed(
+        "open stream: Unavailable: tcp connect error (Connection refused (os error 111))"
+    ));
+}

@@ -136,7 +136,17 @@ async fn handshake(
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => return Some(stream),
         Ok(Err(error)) if refused_certificate(&error) => {
-            tracing::info!(%peer, %error, "a client certificate was refused");
+            // Refused agents keep asking (every 30 s each; a farm's certificates may all
+            // expire the same day): said at info once a minute, with how many since.
+            static REFUSED: std::sync::LazyLock<tsbroker_common::warning_limit::WarningLimit> =
+                std::sync::LazyLock::new(Default::default);
+            match REFUSED.warn_now() {
+                Some(unsaid) => tracing::info!(
+                    %peer, %error, since_last_said = unsaid,
+                    "a client certificate was refused (said at most once a minute)"
+                ),
+                None => tracing::debug!(%peer, %error, "a client certificate was refused"),
+            }
         }
         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
