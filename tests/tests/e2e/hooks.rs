@@ -1,7 +1,8 @@
 //! The PAM and xrdp hooks (deploy/pam/tsagent-session, deploy/xrdp/tsagent-reconnect) with a
 //! stand-in `tsagent` that records how it was called: they ask it to wait for an agent that is
-//! restarting (`--wait`), and ask a tsagent older than the hooks, which refuses that flag (64),
-//! again without it, so that a hook upgraded before the binary still reports.
+//! restarting (`--wait`), the reconnect hook for a known session only (`--known-only`), and
+//! ask a tsagent older than the hooks, which refuses a flag it does not know (64), again
+//! without it, so that a hook upgraded before the binary still reports.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,17 +11,20 @@ fn repository_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// A stand-in tsagent that appends its arguments to `calls`; `old` ones refuse `--wait` as a
-/// tsagent from before the flag does.
-fn stand_in(dir: &Path, old: bool) -> (PathBuf, PathBuf) {
-    let calls = dir.join(if old { "old-calls" } else { "new-calls" });
-    let program = dir.join(if old { "old-tsagent" } else { "new-tsagent" });
-    let refuse = if old {
-        "for argument in \"$@\"; do if [ \"$argument\" = --wait ]; then \
-         echo \"tsagent: unexpected argument '--wait' found\" >&2; exit 64; fi; done\n"
-    } else {
-        ""
-    };
+/// A stand-in tsagent named `name` that appends its arguments to `calls`, refusing the flags
+/// of `unknown` as a tsagent from before them does (clap names the first one it meets).
+fn stand_in(dir: &Path, name: &str, unknown: &[&str]) -> (PathBuf, PathBuf) {
+    let calls = dir.join(format!("{name}-calls"));
+    let program = dir.join(format!("{name}-tsagent"));
+    let refuse: String = unknown
+        .iter()
+        .map(|flag| {
+            format!(
+                "for argument in \"$@\"; do if [ \"$argument\" = {flag} ]; then \
+                 echo \"tsagent: unexpected argument '{flag}' found\" >&2; exit 64; fi; done\n"
+            )
+        })
+        .collect();
     let script = format!("#!/bin/sh\n{refuse}echo \"$*\" >>'{}'\n", calls.display());
     std::fs::write(&program, script).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -39,8 +43,13 @@ fn calls(path: &Path) -> Vec<String> {
 #[test]
 fn the_hooks_wait_for_a_restarting_agent_and_still_talk_to_an_older_tsagent() {
     let dir = tempfile::tempdir().unwrap();
-    for old in [false, true] {
-        let (program, recorded) = stand_in(dir.path(), old);
+    let versions: [(&str, &[&str]); 3] = [
+        ("new", &[]),
+        ("without-known-only", &["--known-only"]),
+        ("old", &["--known-only", "--wait"]),
+    ];
+    for (version, unknown) in versions {
+        let (program, recorded) = stand_in(dir.path(), version, unknown);
         let status = Command::new("sh")
             .arg(repository_file("deploy/pam/tsagent-session"))
             .env("PAM_TYPE", "close_session")
@@ -64,15 +73,18 @@ fn the_hooks_wait_for_a_restarting_agent_and_still_talk_to_an_older_tsagent() {
                       --session-id 10";
         let reconnect = "session reconnect --user bob --session-id 11 --control-socket \
                          /run/test/control.sock";
-        let expected = if old {
-            // Refused with --wait (nothing recorded), then asked without it.
-            vec![logoff.to_owned(), reconnect.to_owned()]
-        } else {
-            vec![
+        // Refused with a flag it does not know (nothing recorded), then asked without it.
+        let expected = match version {
+            "new" => vec![
+                format!("{logoff} --wait 8s"),
+                format!("{reconnect} --known-only --wait 8s"),
+            ],
+            "without-known-only" => vec![
                 format!("{logoff} --wait 8s"),
                 format!("{reconnect} --wait 8s"),
-            ]
+            ],
+            _ => vec![logoff.to_owned(), reconnect.to_owned()],
         };
-        assert_eq!(calls(&recorded), expected, "old tsagent: {old}");
+        assert_eq!(calls(&recorded), expected, "{version} tsagent");
     }
 }
