@@ -18,9 +18,9 @@
 //!
 //! A returning user's connection is tied by its cookie to the session the user had (the one
 //! the broker sent them back to), but the RDP service may give the client another one: xrdp
-//! starts a new session when the client's color depth (or, under `Policy=UBD`, its screen
-//! size) differs from the disconnected session's, or when the old session is an orphan of a
-//! restarted xrdp-sesman. A logon (or reconnection) of that user's another session that no
+//! starts a new session when the old one is an orphan of a restarted xrdp-sesman, or, under a
+//! policy such as `Policy=UBD`, when the client's screen size differs from the disconnected
+//! session's. A logon (or reconnection) of that user's another session that no
 //! connection holds then takes over the connection the old session last attached, and the old
 //! session is disconnected again (unless another client still holds it): else the new
 //! session stayed ACTIVE with nobody to say its client left, and the old one took its state.

@@ -203,8 +203,8 @@ fn a_session_its_user_named_is_not_taken_by_a_connection_without_a_name() {
     assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
 }
 
-/// xrdp gives a returning client a new session (another color depth; another screen size
-/// under `Policy=UBD`; the old session an orphan of a restarted sesman): the connection the
+/// xrdp gives a returning client a new session (the old session an orphan of a restarted
+/// sesman; another screen size under `Policy=UBD`): the connection the
 /// cookie tied to the old session holds the new one once PAM reports it, and the old one is
 /// disconnected again. Else the new one stayed ACTIVE after its client left, and the old
 /// one took the client's state.
