@@ -184,6 +184,10 @@ pub struct Attachment {
     /// connection opened and that is still unconfirmed: its short end may mean the logon never
     /// happened. False for a reconnection to a session the user already had here.
     pub pending_logon: bool,
+    /// The session was unconfirmed when the connection attached, on a machine where how long
+    /// a connection lasts confirms it (no local source seen): the front door then watches
+    /// whether this one lasts the grace ([`Directory::front_door_outlasted_grace`]).
+    pub may_confirm: bool,
 }
 
 /// A front-door connection whose user is unknown (see [`Directory::front_door_attach_unknown`]).

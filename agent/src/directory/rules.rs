@@ -420,7 +420,10 @@ pub(super) fn front_door_attach(
         matched: false,
         client: request.client_address.parse().ok(),
     });
+    let local_source = table.local_source_seen;
+    let mut may_confirm = false;
     if let Some(record) = table.sessions.get_mut(&session_id) {
+        may_confirm = record.unconfirmed && !local_source;
         record.attachment = attachment;
         if kind == SessionEventKind::Reconnect && record.state != RecordState::Active {
             record.state = RecordState::Active;
@@ -439,6 +442,7 @@ pub(super) fn front_door_attach(
         session_id,
         attachment,
         pending_logon,
+        may_confirm,
     }
 }
 

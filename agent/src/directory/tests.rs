@@ -29,6 +29,21 @@ pub(super) fn drain(events: &mut DirectoryEvents) -> Vec<(SessionEventKind, u32,
     seen
 }
 
+/// Whether the user's session is unconfirmed; `None` when the user has none.
+fn unconfirmed(directory: &Directory, user: &str) -> Option<bool> {
+    let records = directory.list();
+    let record = records.into_iter().find(|record| record.user_name == user);
+    record.map(|record| record.unconfirmed)
+}
+
+/// The users whose sessions ended (LOGOFF) in the events so far.
+fn logoffs(events: &mut DirectoryEvents) -> Vec<String> {
+    let ended = drain(events)
+        .into_iter()
+        .filter(|(kind, _, _)| *kind == Logoff);
+    ended.map(|(_, _, user)| user).collect()
+}
+
 #[test]
 fn logon_without_id_allocates_and_events_are_numbered() {
     let dir = tempfile::tempdir().unwrap();
@@ -533,13 +548,6 @@ fn logons_left_undecided_by_a_stop_are_settled_after_the_next_start() {
     directory.front_door_cut(dave, Duration::from_secs(2));
     let frank = directory.front_door_attach("frank", "", "").unwrap();
     directory.front_door_cut(frank, Duration::from_secs(2));
-    let unconfirmed = |directory: &Directory, user: &str| {
-        directory
-            .list()
-            .into_iter()
-            .find(|record| record.user_name == user)
-            .map(|record| record.unconfirmed)
-    };
     assert_eq!(unconfirmed(&directory, "erin"), Some(false));
     assert_eq!(unconfirmed(&directory, "dave"), Some(true));
     assert!(directory.flush());
@@ -552,12 +560,7 @@ fn logons_left_undecided_by_a_stop_are_settled_after_the_next_start() {
     assert_eq!(unconfirmed(&directory, "erin"), Some(false));
     assert_eq!(unconfirmed(&directory, "dave"), None);
     assert_eq!(unconfirmed(&directory, "frank"), Some(true));
-    let logoffs: Vec<String> = drain(&mut events)
-        .into_iter()
-        .filter(|(kind, _, _)| *kind == Logoff)
-        .map(|(_, _, user)| user)
-        .collect();
-    assert_eq!(logoffs, ["dave"]);
+    assert_eq!(logoffs(&mut events), ["dave"]);
     // Settled once: frank's session is decided by his connection from now on.
     directory.front_door_detach(back, LONG);
     directory.settle_undecided();
@@ -572,14 +575,10 @@ fn a_connection_open_past_the_grace_confirms_its_logon_before_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, _events) = Directory::open(dir.path()).unwrap();
     let gina = directory.front_door_attach("gina", "", "").unwrap();
+    assert!(gina.may_confirm, "the front door watches whether it lasts");
     // hank's connection is open too, but has not lasted the grace.
     directory.front_door_attach("hank", "", "").unwrap();
     directory.front_door_outlasted_grace(&gina);
-    let unconfirmed = |directory: &Directory, user: &str| {
-        let records = directory.list();
-        let record = records.into_iter().find(|record| record.user_name == user);
-        record.map(|record| record.unconfirmed)
-    };
     assert_eq!(unconfirmed(&directory, "gina"), Some(false));
     assert_eq!(unconfirmed(&directory, "hank"), Some(true));
     // The crash: the table as the writer last saved it, no connection ended.
@@ -593,16 +592,15 @@ fn a_connection_open_past_the_grace_confirms_its_logon_before_a_crash() {
         None,
         "never lasted: removed"
     );
-    let logoffs: Vec<String> = drain(&mut events)
-        .into_iter()
-        .filter(|(kind, _, _)| *kind == Logoff)
-        .map(|(_, _, user)| user)
-        .collect();
-    assert_eq!(logoffs, ["hank"]);
+    assert_eq!(logoffs(&mut events), ["hank"]);
 
     // Where a local source confirms logons, how long a connection lasts does not.
     directory.apply(Logon, request("ivan", Some(7))).unwrap();
+    // Back to her confirmed session, or a new logon where PAM confirms logons: nothing to watch.
+    let back = directory.front_door_attach("gina", "", "").unwrap();
+    assert!(!back.may_confirm);
     let jo = directory.front_door_attach("jo", "", "").unwrap();
+    assert!(!jo.may_confirm);
     directory.front_door_outlasted_grace(&jo);
     assert_eq!(unconfirmed(&directory, "jo"), Some(true));
 }

@@ -344,8 +344,9 @@ pub async fn to_local(
     let carried = splice(client, upstream, shared.metrics.byte_counters(), shutdown);
     let carried = match &held {
         // A connection that lasts the grace confirms its logon when it has, not only at its
-        // end: an agent that crashes meanwhile sees no end.
-        Held::Session(attachment) => {
+        // end: an agent that crashes meanwhile sees no end. (No timer for a session confirmed
+        // already, or where only a local source confirms one.)
+        Held::Session(attachment) if attachment.may_confirm => {
             tokio::pin!(carried);
             let grace = shared.directory.unconfirmed_logon_grace();
             tokio::select! {
@@ -356,7 +357,7 @@ pub async fn to_local(
                 }
             }
         }
-        Held::Unknown(_) => carried.await,
+        Held::Session(_) | Held::Unknown(_) => carried.await,
     };
     log_end(carried, started);
     // How long the connection lasted tells a logon that failed from one that happened; a
