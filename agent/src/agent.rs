@@ -233,17 +233,33 @@ pub async fn start(
         control_socket = %config.control_socket.display(),
         "agent started"
     );
-    let stream_stop = stop.clone();
+    // The stream stops last: the front door's cut connections leave sessions DISCONNECTED,
+    // and the stream tells the broker so before it closes.
+    let stream_stop = CancellationToken::new();
+    let mut stream_task = tokio::spawn(stream::run(context, events, stream_stop.clone()));
     let table = directory.clone();
     let task = tokio::spawn(async move {
-        let exit = stream::run(context, events, stream_stop).await;
-        if exit == StreamExit::Removed {
+        let removed = tokio::select! {
+            () = stop.cancelled() => None,
+            exit = &mut stream_task => Some(exit),
+        };
+        if let Some(Ok(StreamExit::Removed)) = removed {
             tracing::warn!("machine removed by the broker: agent stopping");
         }
         stop.cancel();
         let all_parts = futures::future::join_all(parts);
         if tokio::time::timeout(STOP_GRACE, all_parts).await.is_err() {
             tracing::warn!("some parts did not stop in time");
+        }
+        if removed.is_none() {
+            stream_stop.cancel();
+            if tokio::time::timeout(STOP_GRACE, &mut stream_task)
+                .await
+                .is_err()
+            {
+                stream_task.abort();
+                tracing::warn!("the broker stream did not stop in time");
+            }
         }
         // Front-door changes are saved behind the connections' backs: the latest table
         // (with the connections the stop cut) goes to disk before the agent exits.

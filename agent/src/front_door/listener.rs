@@ -48,14 +48,14 @@ pub async fn serve(
             }
         }
         let permit = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
-                Err(_) => return,
+                Err(_) => break,
             },
         };
         let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             accepted = pause.next_connection(&listener) => accepted,
         };
         let shared = shared.clone();
@@ -73,6 +73,27 @@ pub async fn serve(
                 handle(&shared, stream, peer, counted.past_the_cap, &shutdown).await;
             }
             .instrument(span),
+        );
+    }
+    drop(listener);
+    connections_ended(&permits, shared.settings.max_connections).await;
+}
+
+/// How long a stopping front door waits for its cut connections to record their ends.
+const CUT_CONNECTIONS_WAIT: Duration = Duration::from_secs(2);
+
+/// Returns once every connection task has ended (each holds one of the `total` permits), or
+/// after [`CUT_CONNECTIONS_WAIT`]: the stop cuts them, and their ends (a session left
+/// DISCONNECTED) are in the session table before the agent's stream sends its last changes.
+async fn connections_ended(permits: &Arc<Semaphore>, total: usize) {
+    let all = u32::try_from(total).unwrap_or(u32::MAX);
+    if tokio::time::timeout(CUT_CONNECTIONS_WAIT, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = total.saturating_sub(permits.available_permits()),
+            "front-door connections still ending as the agent stops"
         );
     }
 }

@@ -15,12 +15,14 @@ use tsbroker_common::proto::v1::broker_message::Body as Command;
 
 use super::{Outcome, StreamContext, apply_settings, update_status};
 use crate::broker_client;
-use crate::directory::DirectoryEvents;
+use crate::directory::{DirectoryEvents, NumberedEvent};
 use crate::load::LoadSampler;
 
 const OUTBOX_DEPTH: usize = 64;
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const REMOVED_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a stopping agent waits for the broker's acknowledgement of its last changes.
+const LAST_CHANGES_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// Unacknowledged messages remembered for the log; older ones are forgotten.
 const MAX_UNACKED: usize = 4096;
@@ -163,6 +165,7 @@ pub(super) async fn run_once(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
+                send_last_changes(&mut outbox, &mut inbound, events, version).await;
                 if context.leave_on_stop {
                     say_goodbye(&mut outbox, &mut inbound).await;
                 }
@@ -181,11 +184,7 @@ pub(super) async fn run_once(
             }
             Some(event) = events.recv() => {
                 if event.version > version {
-                    let body = Body::SessionEvent(pb::SessionEvent {
-                        r#type: event.kind.to_proto() as i32,
-                        session: Some(pb::SessionInfo::from(&event.session)),
-                    });
-                    outbox.send(body).await?;
+                    outbox.send(session_event(&event)).await?;
                 }
             }
             () = &mut home_is_back, if away_from_home => return Ok(Outcome::HomeIsBack),
@@ -286,6 +285,64 @@ fn handle_command(
         command => outbox.settle(&command),
     }
     None
+}
+
+fn session_event(event: &NumberedEvent) -> Body {
+    Body::SessionEvent(pb::SessionEvent {
+        r#type: event.kind.to_proto() as i32,
+        session: Some(pb::SessionInfo::from(&event.session)),
+    })
+}
+
+/// The table's changes not yet acknowledged when the agent stops (the sessions whose
+/// front-door connections the stop cut, now DISCONNECTED): sent, and the broker's
+/// acknowledgements of everything sent awaited — the broker commits before it acknowledges,
+/// and a stream closed earlier loses what it has not read — for up to
+/// [`LAST_CHANGES_ACK_TIMEOUT`]. Without them the broker would show those sessions ACTIVE
+/// until the agent is back. (What goes unacknowledged is in the saved table and the next
+/// start's RESYNC.)
+async fn send_last_changes(
+    outbox: &mut Outbox,
+    inbound: &mut Streaming<pb::BrokerMessage>,
+    events: &mut DirectoryEvents,
+    version: u64,
+) {
+    let mut changes = 0;
+    while let Ok(event) = events.try_recv() {
+        if event.version > version {
+            if outbox.send(session_event(&event)).await.is_err() {
+                return;
+            }
+            changes += 1;
+        }
+    }
+    if changes > 0 {
+        tracing::info!(
+            changes,
+            "sending the session table's last changes before stopping"
+        );
+    }
+    let acked = tokio::time::timeout(LAST_CHANGES_ACK_TIMEOUT, async {
+        while !outbox.unacked.is_empty() {
+            match inbound.message().await {
+                Ok(Some(message)) => {
+                    if let Some(command) = &message.body {
+                        outbox.settle(command);
+                    }
+                }
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    if !matches!(acked, Ok(true)) {
+        tracing::warn!(
+            unacknowledged = outbox.unacked.len(),
+            "the broker did not acknowledge the last session changes before the agent stopped: \
+             the next start's RESYNC carries them"
+        );
+    }
 }
 
 /// REMOVED, then a short wait for its acknowledgement.
