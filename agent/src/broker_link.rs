@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tsbroker_common::renewal::{Renewable, check_every};
+use tsbroker_common::{cert_validity, pem};
 
 use crate::broker_client::{self, BearerToken, Broker};
 use crate::config::BrokerTls;
@@ -61,6 +62,7 @@ impl BrokerLink {
             .iter()
             .map(|url| Renewable::new(files.clone(), || build(url, tls, &token)))
             .collect::<anyhow::Result<_>>()?;
+        say_own_certificate(tls);
         Ok(Arc::new(BrokerLink {
             urls: urls.to_vec(),
             tls: tls.clone(),
@@ -166,6 +168,9 @@ impl BrokerLink {
         for (url, current) in self.urls.iter().zip(&self.current) {
             changed |= current.renew_if_changed(|| build(url, &self.tls, &self.token));
         }
+        if changed {
+            say_own_certificate(&self.tls);
+        }
         changed
     }
 
@@ -178,6 +183,16 @@ impl BrokerLink {
             self.reload_if_changed();
         })
         .await;
+    }
+}
+
+/// Says when the agent's client certificate has expired, is not valid yet or soon expires
+/// (the broker refuses it; its refusal reaches the agent as a closed connection at best).
+fn say_own_certificate(tls: &BrokerTls) {
+    if let Some(path) = &tls.cert
+        && let Ok(file) = pem::read_certificates(path, "--tls-cert")
+    {
+        cert_validity::say_standing(&file.certificates, "--tls-cert", path);
     }
 }
 

@@ -100,6 +100,11 @@ fn check_health(config: &tsbroker::BrokerConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A broker whose certificate every client refuses serves no one, whatever it answers.
+    if let Some(refused) = tls.as_ref().and_then(|tls| tls.own_certificate_refused()) {
+        eprintln!("tsbroker: health check: {refused}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match build_runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(runtime) => runtime,
         Err(code) => return code,

@@ -3,6 +3,7 @@
 //! gRPC on a bound listener, and the `/metrics` endpoint.
 #![forbid(unsafe_code)]
 
+pub mod cert_validity;
 pub mod codec;
 pub mod config_file;
 pub mod metrics_http;

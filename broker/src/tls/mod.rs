@@ -16,7 +16,7 @@ use anyhow::Context;
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
-use tsbroker_common::pem;
+use tsbroker_common::{cert_validity, pem};
 
 pub use listener::TlsListener;
 pub use live::Tracked;
@@ -67,6 +67,8 @@ pub struct ServerTls {
     leaf: CertificateDer<'static>,
     /// What checks client certificates (with a client CA), kept to check open connections again.
     client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// Where the certificate came from, for what is said about it.
+    cert: PathBuf,
 }
 
 impl ServerTls {
@@ -108,6 +110,7 @@ impl ServerTls {
             None => builder.with_no_client_auth(),
         };
         let leaf = chain.certificates[0].clone();
+        cert_validity::say_standing(&chain.certificates, "--tls-cert", &files.cert);
         let mut config = builder
             .with_single_cert(chain.certificates, key.key)
             .with_context(|| format!("--tls-cert {}", files.cert.display()))?;
@@ -117,7 +120,18 @@ impl ServerTls {
             config: Arc::new(config),
             leaf,
             client_verifier,
+            cert: files.cert.clone(),
         })
+    }
+
+    /// Why peers refuse the broker's own certificate now (expired, not valid yet), if they do.
+    pub fn own_certificate_refused(&self) -> Option<String> {
+        let now = std::time::SystemTime::now();
+        let standing = cert_validity::standing(&self.leaf, now)?;
+        if !standing.refused() {
+            return None;
+        }
+        standing.problem("--tls-cert", &self.cert, now)
     }
 
     /// A verifier for the broker's own health check: it accepts exactly this certificate (the

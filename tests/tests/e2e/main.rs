@@ -30,6 +30,7 @@ mod restart;
 mod stopping;
 mod stream;
 mod tls;
+mod tls_expiry;
 mod tls_revocation;
 mod tls_silence;
 mod user_hints;
