@@ -201,8 +201,14 @@ impl AgentConfig {
             _ => {}
         }
         if let Some(token) = &self.agent_token {
-            let printable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
-            if !printable {
+            if token.is_empty() {
+                return Err(
+                    "--agent-token: is empty: give the broker's agent token, or leave \
+                            the setting out (an empty value does not mean none)"
+                        .to_owned(),
+                );
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err("--agent-token: must be printable ASCII with no spaces".to_owned());
             }
         }
@@ -269,6 +275,11 @@ mod tests {
         assert_eq!(config.advertise, "ts1.example.com:3389");
         config.agent_token = Some("s3cret".into());
         assert!(!format!("{config:?}").contains("s3cret"));
+        config.agent_token = Some(String::new());
+        assert!(config.validate().unwrap_err().contains("is empty"));
+        config.agent_token = Some("two words".into());
+        assert!(config.validate().unwrap_err().contains("no spaces"));
+        config.agent_token = None;
         config.broker_url = "grpc://x".into();
         assert!(config.validate().unwrap_err().starts_with("--broker"));
     }

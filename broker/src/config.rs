@@ -134,11 +134,17 @@ impl BrokerConfig {
             ("admin_token", &self.admin_token),
             ("agent_token", &self.agent_token),
         ] {
-            if token
-                .as_ref()
-                .is_some_and(|token| token.0.chars().count() < 16)
-            {
-                return Err(format!("{name} must be at least 16 characters"));
+            match token.as_ref().map(|token| token.0.chars().count()) {
+                // `TSBROKER_AGENT_TOKEN=` in an env file: taken for none, it would turn the
+                // check off (and override the file's token) without a word.
+                Some(0) => {
+                    return Err(format!(
+                        "{name} is empty: give one of at least 16 characters, or leave the \
+                         setting out (an empty value does not mean none)"
+                    ));
+                }
+                Some(1..16) => return Err(format!("{name} must be at least 16 characters")),
+                _ => {}
             }
         }
         Ok(())
@@ -293,8 +299,8 @@ impl Cli {
                 .max_pending_logons_per_machine
                 .or(file.max_pending_logons_per_machine)
                 .unwrap_or(defaults.max_pending_logons_per_machine),
-            admin_token: non_empty(self.admin_token.map(Secret).or(file.admin_token)),
-            agent_token: non_empty(self.agent_token.map(Secret).or(file.agent_token)),
+            admin_token: self.admin_token.map(Secret).or(file.admin_token),
+            agent_token: self.agent_token.map(Secret).or(file.agent_token),
             log_format: self.log_format.or(file_log_format).unwrap_or_default(),
             shutdown_grace: self
                 .shutdown_grace
@@ -312,11 +318,6 @@ impl Cli {
         config.validate()?;
         Ok(config)
     }
-}
-
-/// An empty token (say `TSBROKER_ADMIN_TOKEN=` in a compose file) means none.
-fn non_empty(token: Option<Secret>) -> Option<Secret> {
-    token.filter(|token| !token.0.is_empty())
 }
 
 /// TLS needs a certificate and its key together; a client CA only means something with them,
@@ -522,6 +523,11 @@ mod tests {
             .into_config()
             .unwrap_err();
         assert!(error.contains("admin_token"), "{error}");
+        // An empty one is refused too, not taken for none (which would turn the check off).
+        let error = Cli::parse_from(["tsbroker", "--agent-token", ""])
+            .into_config()
+            .unwrap_err();
+        assert!(error.contains("agent_token is empty"), "{error}");
         assert_eq!(
             format!("{:?}", Secret("hunter2hunter2hunter2".into())),
             "<redacted>"
