@@ -396,10 +396,15 @@ fn client_key(ip: IpAddr) -> NonZeroU64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn row(machine: u128, session_id: i64, user: &str, state: &str) -> SessionRow {
+    pub(in crate::directory) fn row(
+        machine: u128,
+        session_id: i64,
+        user: &str,
+        state: &str,
+    ) -> SessionRow {
         SessionRow {
             machine_id: Uuid::from_u128(machine),
             session_id,
@@ -414,7 +419,7 @@ mod tests {
         }
     }
 
-    fn machine(id: u128) -> DirectoryMachine {
+    pub(in crate::directory) fn machine(id: u128) -> DirectoryMachine {
         DirectoryMachine {
             id: Uuid::from_u128(id),
             farm: "f".into(),

@@ -3,9 +3,11 @@
 //! redirect is answered without a database query. The database stays the truth: the directory
 //! only ever answers "the user's session is there, on a machine that is alive" or "the
 //! directory knows no session of the user"; anything else, and everything while the directory
-//! is loading or has fallen behind, is asked of the database. A new user's placement checks the
-//! database for a session under the farm's lock (`PlacementRequest::check_sessions`), so a
-//! directory that has not heard of a session yet can never open a second one.
+//! first loads, is asked of the database. While it reads everything again (notifications may
+//! have been missed) or cannot (the database is away), it answers from what it knows. A new
+//! user's placement checks the database for a session under the farm's lock
+//! (`PlacementRequest::check_sessions`), so a directory that has not heard of a session yet
+//! can never open a second one.
 //!
 //! This broker's own commits reach the directory before the store answers them (the store
 //! hands each commit's delta to the directory as a [`DirectorySink`]): once a write is
@@ -18,6 +20,8 @@
 
 mod index;
 mod sync;
+#[cfg(test)]
+mod tests;
 
 use crate::store::{DirectoryDelta, DirectorySink, SessionRecord, Store};
 use index::DirectoryIndex;
@@ -34,12 +38,32 @@ pub use sync::LEASE_REFRESH;
 const MAX_QUEUED: usize = 65_536;
 
 enum State {
-    /// Reading everything; the commits meanwhile wait here, in order.
-    Loading {
-        queued: Vec<DirectoryDelta>,
-        overflowed: bool,
+    /// Reading everything for the first time; the commits meanwhile wait here, in order.
+    Loading(Queue),
+    /// Serving `index`. While everything is read again (`rereading`), it keeps serving — the
+    /// database may be away, and what it knows is what returning users are sent back by — and
+    /// the commits meanwhile go to it and wait for the new index too.
+    Ready {
+        index: DirectoryIndex,
+        rereading: Option<Queue>,
     },
-    Ready(DirectoryIndex),
+}
+
+/// Commits made while an index is read, applied to it once it is in.
+#[derive(Default)]
+struct Queue {
+    deltas: Vec<DirectoryDelta>,
+    overflowed: bool,
+}
+
+impl Queue {
+    fn push(&mut self, delta: DirectoryDelta) {
+        if self.deltas.len() < MAX_QUEUED {
+            self.deltas.push(delta);
+        } else {
+            self.overflowed = true;
+        }
+    }
 }
 
 /// What the sync task is asked to read.
@@ -54,13 +78,23 @@ struct Shared {
 }
 
 impl Shared {
-    /// Back to loading (the sync task reads everything next).
-    fn unload(&self) {
+    /// A read of everything begins: commits from now on wait for its index too.
+    fn begin_reading(&self) {
         if let Ok(mut state) = self.state.write() {
-            *state = State::Loading {
-                queued: Vec::new(),
-                overflowed: false,
-            };
+            match &mut *state {
+                State::Loading(queue) => *queue = Queue::default(),
+                State::Ready { rereading, .. } => *rereading = Some(Queue::default()),
+            }
+        }
+    }
+
+    /// The read failed (the database is away): the index in use, if any, goes on serving
+    /// what it knows until a read succeeds.
+    fn reading_failed(&self) {
+        if let Ok(mut state) = self.state.write()
+            && let State::Ready { rereading, .. } = &mut *state
+        {
+            *rereading = None;
         }
     }
 
@@ -70,35 +104,37 @@ impl Shared {
         let Ok(mut state) = self.state.write() else {
             return false;
         };
-        match &mut *state {
-            State::Loading {
-                overflowed: true, ..
-            } => {
-                *state = State::Loading {
-                    queued: Vec::new(),
-                    overflowed: false,
-                };
-                false
-            }
-            State::Loading { queued, .. } => {
-                for delta in std::mem::take(queued) {
-                    index.apply(delta);
-                }
-                *state = State::Ready(index);
-                true
-            }
-            State::Ready(_) => {
-                *state = State::Ready(index);
-                true
-            }
+        let queue = match &mut *state {
+            State::Loading(queue) => std::mem::take(queue),
+            State::Ready { rereading, .. } => rereading.take().unwrap_or_default(),
+        };
+        if queue.overflowed {
+            return false;
         }
+        for delta in queue.deltas {
+            index.apply(delta);
+        }
+        *state = State::Ready {
+            index,
+            rereading: None,
+        };
+        true
     }
 
     fn update(&self, change: impl FnOnce(&mut DirectoryIndex)) {
         if let Ok(mut state) = self.state.write()
-            && let State::Ready(index) = &mut *state
+            && let State::Ready { index, .. } = &mut *state
         {
             change(index);
+        }
+    }
+
+    /// The index in use, if any.
+    fn read<R>(&self, answer: impl FnOnce(&DirectoryIndex) -> Option<R>) -> Option<R> {
+        let state = self.state.read().ok()?;
+        match &*state {
+            State::Ready { index, .. } => answer(index),
+            State::Loading(_) => None,
         }
     }
 }
@@ -112,14 +148,18 @@ impl DirectorySink for Shared {
         }
         if let Ok(mut state) = self.state.write() {
             match &mut *state {
-                State::Ready(index) => index.apply(delta),
-                State::Loading { queued, overflowed } => {
-                    if queued.len() < MAX_QUEUED {
-                        queued.push(delta);
-                    } else {
-                        *overflowed = true;
-                    }
+                State::Ready {
+                    index,
+                    rereading: None,
+                } => index.apply(delta),
+                State::Ready {
+                    index,
+                    rereading: Some(queue),
+                } => {
+                    index.apply(delta.clone());
+                    queue.push(delta);
                 }
+                State::Loading(queue) => queue.push(delta),
             }
         }
         if !reload.is_empty() {
@@ -168,10 +208,7 @@ impl SessionDirectory {
     ) -> Self {
         let (reloads, requests) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            state: RwLock::new(State::Loading {
-                queued: Vec::new(),
-                overflowed: false,
-            }),
+            state: RwLock::new(State::Loading(Queue::default())),
             reloads,
         });
         store.attach_directory(Arc::new(Sink(Arc::downgrade(&shared))));
@@ -187,29 +224,17 @@ impl SessionDirectory {
 
     /// Whether the directory answers (loaded and current).
     pub fn is_loaded(&self) -> bool {
-        self.shared
-            .state
-            .read()
-            .map(|state| matches!(*state, State::Ready(_)))
-            .unwrap_or(false)
+        self.shared.read(|_| Some(())).is_some()
     }
 
     /// How many sessions the directory holds (`None` while it is not loaded).
     pub fn session_count(&self) -> Option<usize> {
-        let state = self.shared.state.read().ok()?;
-        match &*state {
-            State::Ready(index) => Some(index.session_count()),
-            State::Loading { .. } => None,
-        }
+        self.shared.read(|index| Some(index.session_count()))
     }
 
     /// Each farm's sessions by state (`None` while the directory is not loaded).
     pub fn session_counts(&self) -> Option<Vec<FarmSessionCounts>> {
-        let state = self.shared.state.read().ok()?;
-        match &*state {
-            State::Ready(index) => Some(index.session_counts()),
-            State::Loading { .. } => None,
-        }
+        self.shared.read(|index| Some(index.session_counts()))
     }
 
     /// The user's sessions in the farm; a name that may be cut from an `mstshash` cookie
@@ -225,10 +250,31 @@ impl SessionDirectory {
         may_be_cut: bool,
         client_address: &str,
     ) -> Option<DirectoryAnswer> {
-        let state = self.shared.state.read().ok()?;
-        let State::Ready(index) = &*state else {
-            return None;
-        };
+        self.shared
+            .read(|index| lookup_in(index, farm, user_name, may_be_cut, client_address))
+    }
+
+    /// The sessions of the one user with sessions in the farm from the client's IP (for a
+    /// client that named no user); `None` when none or several users have, or the directory
+    /// is not loaded.
+    pub fn client_user(&self, farm: &str, client: IpAddr) -> Option<DirectoryAnswer> {
+        self.shared.read(|index| {
+            let user_key = only(index.users_from_client(farm, client, "", 2))?;
+            let sessions = index.sessions_of(farm, &user_key);
+            Some(DirectoryAnswer { user_key, sessions })
+        })
+    }
+}
+
+/// [`SessionDirectory::lookup`] in a loaded index.
+fn lookup_in(
+    index: &DirectoryIndex,
+    farm: &str,
+    user_name: &str,
+    may_be_cut: bool,
+    client_address: &str,
+) -> Option<DirectoryAnswer> {
+    {
         let user_key = model::user_key(user_name);
         let sessions = index.sessions_of(farm, &user_key);
         if !sessions.is_empty() {
@@ -262,19 +308,6 @@ impl SessionDirectory {
                 });
             }
         }
-        Some(DirectoryAnswer { user_key, sessions })
-    }
-
-    /// The sessions of the one user with sessions in the farm from the client's IP (for a
-    /// client that named no user); `None` when none or several users have, or the directory
-    /// is not loaded.
-    pub fn client_user(&self, farm: &str, client: IpAddr) -> Option<DirectoryAnswer> {
-        let state = self.shared.state.read().ok()?;
-        let State::Ready(index) = &*state else {
-            return None;
-        };
-        let user_key = only(index.users_from_client(farm, client, "", 2))?;
-        let sessions = index.sessions_of(farm, &user_key);
         Some(DirectoryAnswer { user_key, sessions })
     }
 }

@@ -5,9 +5,12 @@
 //! never pass through here: the store hands them to the index directly.
 //!
 //! A failed read of changed machines, or a request to read everything (the store's listener
-//! reconnected and may have missed notifications), takes the index down (the decision asks the
-//! database meanwhile) and starts over with a full read. A failed lease refresh does not: while
-//! the database is away the index keeps serving what it knows.
+//! reconnected and may have missed notifications), starts over with a full read, retried every
+//! second while it fails. The index in use keeps serving meanwhile (the commits of this broker
+//! go to it and to the next one): while the database is away, what it knows is all that sends
+//! returning users back to their sessions, and a new user's placement checks the database
+//! under the farm's lock whatever it says. A failed lease refresh changes nothing either. (A
+//! read of everything holds the old index and the new one together for its seconds.)
 
 use super::index::DirectoryIndex;
 use super::{ChangedElsewhere, Reload, Shared};
@@ -30,16 +33,26 @@ pub(super) async fn run(
     changed_elsewhere: Option<ChangedElsewhere>,
     stop: CancellationToken,
 ) {
+    // Said once a failing spell, not at every retry.
+    let mut failing = false;
     loop {
         let outcome = tokio::select! {
-            outcome = load_and_follow(store.as_ref(), &shared, &mut requests, changed_elsewhere.as_ref()) => outcome,
+            outcome = load_and_follow(store.as_ref(), &shared, &mut requests, changed_elsewhere.as_ref(), &mut failing) => outcome,
             _ = stop.cancelled() => return,
         };
-        shared.unload();
         match outcome {
             Ok(()) => tracing::info!("session directory: reading everything again"),
             Err(error) => {
-                tracing::warn!(%error, "session directory could not read the store; retrying");
+                shared.reading_failed();
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(%error, "session directory still cannot read the store");
+                } else {
+                    tracing::warn!(
+                        %error,
+                        "session directory could not read the store; retrying every second \
+                         (what it knows still answers returning users)"
+                    );
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY) => {}
                     _ = stop.cancelled() => return,
@@ -56,11 +69,14 @@ async fn load_and_follow(
     shared: &Shared,
     requests: &mut mpsc::UnboundedReceiver<Reload>,
     changed_elsewhere: Option<&ChangedElsewhere>,
+    failing: &mut bool,
 ) -> StoreResult<()> {
     // Requests made before this read are answered by it.
     while requests.try_recv().is_ok() {}
     let started = std::time::Instant::now();
+    shared.begin_reading();
     let index = read_everything(store).await?;
+    *failing = false;
     let (machines, sessions) = (index.machine_count(), index.session_count());
     if !shared.install(index) {
         tracing::warn!("session directory: too many commits while loading");

@@ -1,9 +1,9 @@
 //! Routes the store's change feed (`Store::subscribe_machine_changes`: machine ids) to the agent
 //! streams of those machines. One task reads the feed; each stream registers the machine it
-//! speaks for and is woken only for that machine (or for every machine when the feed lagged and
-//! changes may have been missed), instead of every stream reading every change — at a broker
-//! restart 10,000 streams announce their ADDED, which as a broadcast would wake every stream
-//! 10,000 times.
+//! speaks for and is woken only for that machine (or for every machine when the feed lagged or
+//! announced the nil id: changes may have been missed), instead of every stream reading every
+//! change — at a broker restart 10,000 streams announce their ADDED, which as a broadcast would
+//! wake every stream 10,000 times.
 
 use crate::store::Store;
 use std::collections::HashMap;
@@ -107,6 +107,7 @@ async fn forward(router: std::sync::Weak<ChangeRouter>, mut feed: broadcast::Rec
             return;
         };
         match change {
+            Ok(machine) if machine.is_nil() => router.changed(None),
             Ok(machine) => router.changed(Some(machine)),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::debug!(missed, "machine-change feed lagged; waking every stream");

@@ -249,6 +249,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Machine ids whose settings an administrator changed or that a new stream took over,
     /// from any broker sharing the database (PostgreSQL: LISTEN/NOTIFY; SQLite: in-process).
+    /// The nil id: any machine may have changed (notifications were missed).
     fn subscribe_machine_changes(&self) -> broadcast::Receiver<Uuid>;
 
     /// Attaches the in-memory directory: from now on every commit that changes sessions or

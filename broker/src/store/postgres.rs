@@ -399,7 +399,8 @@ fn cause(error: &sqlx::Error) -> String {
 
 /// Forwards NOTIFY payloads to the in-process channels, reconnecting as needed: machine ids
 /// of changed machines, and other replicas' directory changes (as deltas to read again). After
-/// a reconnection the directory is told to read everything again (notifications may have been
+/// a reconnection (the listener's own, or one made after an error) the directory is told to
+/// read everything again and every machine counts as changed (notifications may have been
 /// missed meanwhile).
 async fn forward_notifications(
     pool: sqlx::PgPool,
@@ -415,10 +416,17 @@ async fn forward_notifications(
                 .listen_all([CHANGE_CHANNEL, DIRECTORY_CHANNEL])
                 .await?;
             if !std::mem::take(&mut first) {
-                directory_feed::hand_over(&directory, DirectoryDelta::reload_everything());
+                missed_meanwhile(&directory, &changes);
             }
             loop {
-                let notification = listener.recv().await?;
+                // `recv` would reconnect without a word when the connection drops: the
+                // notifications sent meanwhile would be lost unnoticed.
+                let Some(notification) = listener.try_recv().await? else {
+                    // Lost, and made again with its LISTENs (`eager_reconnect`).
+                    tracing::info!("machine-change listener reconnected");
+                    missed_meanwhile(&directory, &changes);
+                    continue;
+                };
                 if notification.channel() == DIRECTORY_CHANNEL {
                     if let Some(machines) =
                         directory_feed::parse_notification(notification.payload(), instance)
@@ -452,6 +460,13 @@ async fn forward_notifications(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Notifications may have been missed (the listener was away): the directory reads everything
+/// again, and every machine counts as changed (the nil id).
+fn missed_meanwhile(directory: &SinkSlot, changes: &broadcast::Sender<Uuid>) {
+    directory_feed::hand_over(directory, DirectoryDelta::reload_everything());
+    let _ = changes.send(Uuid::nil());
 }
 
 sql::impl_store!(PostgresStore, sqlx::Postgres);

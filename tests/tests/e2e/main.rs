@@ -12,6 +12,7 @@ mod conformance;
 mod crash;
 mod descriptors;
 mod directory;
+mod directory_reread;
 mod displaced;
 mod farm_metrics;
 mod front_doors;

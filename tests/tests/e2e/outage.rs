@@ -122,7 +122,7 @@ fn keep_alive(mut agent: tsbroker_tests::FakeAgent) {
 
 /// ts-a with alice's disconnected session and an empty ts-b join, their leases kept fresh;
 /// returns once alice is sent to ts-a.
-async fn join_ts_a_with_alice_and_ts_b(
+pub(crate) async fn join_ts_a_with_alice_and_ts_b(
     broker: &tsbroker_tests::TestBroker,
     client: &tsbroker_common::proto::v1::broker_client::BrokerClient<tonic::transport::Channel>,
 ) {
