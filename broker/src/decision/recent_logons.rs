@@ -1,5 +1,5 @@
 //! The logons in flight this broker sent users to, kept in memory for their time to live.
-//! The database holds them (DESIGN.md: a pending logon is the store's), but while it is away a
+//! The database holds them (a pending logon is the store's), but while it is away a
 //! user's retry — mstsc connecting again, a front door asking again — would otherwise be told
 //! UNAVAILABLE, and the front door would take them to its own RDP service: a second session
 //! once the first logon completes. From here the retry goes where the first attempt went.
