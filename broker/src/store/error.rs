@@ -112,12 +112,15 @@ fn sqlite_transient(extended_code: i32) -> bool {
 /// PostgreSQL, by SQLSTATE: serialization failures and deadlocks, lost connections (class 08),
 /// insufficient resources (class 53: disk full, out of memory, too many connections), a server
 /// shutting down or starting (57P01-57P03), a lock held past `lock_timeout` (55P03: another
-/// replica frozen in a transaction) and a transaction ended by
-/// `idle_in_transaction_session_timeout` (25P03: this replica was the frozen one).
+/// replica frozen in a transaction), a transaction ended by
+/// `idle_in_transaction_session_timeout` (25P03: this replica was the frozen one), and a
+/// database that takes no writes: read-only (25006: a standby after a failover,
+/// `default_transaction_read_only`) or the broker's role denied them (42501: a REVOKE) — as
+/// SQLite's READONLY, the operator must act, and meanwhile it is an outage, not a fault.
 fn postgres_transient(sqlstate: &str) -> bool {
     matches!(
         sqlstate,
-        "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03" | "25P03"
+        "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03" | "25P03" | "25006" | "42501"
     ) || sqlstate.starts_with("08")
         || sqlstate.starts_with("53")
 }
@@ -154,6 +157,7 @@ mod tests {
     fn postgres_errors_of_the_servers_state_are_worth_retrying() {
         for code in [
             "40001", "40P01", "08006", "53100", "53300", "57P01", "57P03", "55P03", "25P03",
+            "25006", "42501",
         ] {
             assert!(postgres_transient(code), "{code}");
         }

@@ -203,15 +203,15 @@ impl PostgresStore {
         Ok(wrong)
     }
 
-    /// Whether the server answers.
-    /// Whether the database answers, with this broker's schema in it: a database dropped and
-    /// made again under the running broker (or restored without it) answers `SELECT 1` but
-    /// has no tables, and every decision would fail.
+    /// Whether the database answers, with this broker's schema in it, and takes its writes: a
+    /// database dropped and made again under the running broker (or restored without it)
+    /// answers `SELECT 1` but has no tables, and one read-only (a standby after a failover,
+    /// `default_transaction_read_only`) or whose tables the broker's role may no longer write
+    /// (a REVOKE) answers reads, while every logon, event and lease fails. The writes touch no
+    /// row (`WHERE false`); the server checks the transaction's mode and the privileges all the
+    /// same.
     async fn probe_database(&self) -> StoreResult<()> {
-        match sqlx::query("SELECT 1 FROM machines LIMIT 0")
-            .execute(&self.pool)
-            .await
-        {
+        match sqlx::raw_sql(WRITE_PROBE).execute(&self.pool).await {
             Ok(_) => Ok(()),
             Err(sqlx::Error::PoolTimedOut) => Err(self.why_no_connection().await),
             Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => {
@@ -396,6 +396,18 @@ fn cause(error: &sqlx::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// [`PostgresStore::probe_database`]'s statements: a read of `machines` first (its absence is
+/// told apart), then a write of each kind to every table the broker writes, none touching a row.
+const WRITE_PROBE: &str = "SELECT 1 FROM machines LIMIT 0; \
+    INSERT INTO farms SELECT * FROM farms WHERE false; \
+    UPDATE farms SET name = name WHERE false; DELETE FROM farms WHERE false; \
+    INSERT INTO machines SELECT * FROM machines WHERE false; \
+    UPDATE machines SET id = id WHERE false; DELETE FROM machines WHERE false; \
+    INSERT INTO sessions SELECT * FROM sessions WHERE false; \
+    UPDATE sessions SET farm = farm WHERE false; DELETE FROM sessions WHERE false; \
+    INSERT INTO pending_logons SELECT * FROM pending_logons WHERE false; \
+    UPDATE pending_logons SET farm = farm WHERE false; DELETE FROM pending_logons WHERE false";
 
 /// Forwards NOTIFY payloads to the in-process channels, reconnecting as needed: machine ids
 /// of changed machines, and other replicas' directory changes (as deltas to read again). After

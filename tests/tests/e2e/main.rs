@@ -26,6 +26,7 @@ mod policies;
 mod queries;
 mod query_plans;
 mod rdp;
+mod read_only_database;
 mod resets;
 mod restart;
 mod stopping;

@@ -103,7 +103,7 @@ fn split_url(url: &str) -> (String, impl Fn(std::net::SocketAddr) -> String + '_
     })
 }
 
-async fn health(broker: &tsbroker_tests::TestBroker) -> i32 {
+pub(crate) async fn health(broker: &tsbroker_tests::TestBroker) -> i32 {
     tonic_health::pb::health_client::HealthClient::new(broker.channel().await)
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
