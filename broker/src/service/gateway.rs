@@ -93,7 +93,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             outbound,
             peer,
             certificate,
-            connection: Uuid::new_v4(),
+            connection: crate::store::ingest::connection_id(self.core.get()?.store.now()),
             machine: None,
             claimed_name: None,
             last_seq: 0,

@@ -39,6 +39,7 @@ conformance!(
     added_machines_join_and_keep_admin_settings,
     resync_replaces_sessions_atomically,
     a_newer_connection_supersedes_the_old,
+    an_added_that_arrived_before_the_owner_does_not_take_the_machine,
     session_events_apply_and_repair,
     placement_records_a_pending_logon_and_reuses_it,
     placement_classifies_every_machine,
@@ -290,6 +291,49 @@ async fn a_newer_connection_supersedes_the_old(database: &TestDatabase) {
         "joining"
     );
     assert!(store.mark_unreachable(machine, new, NOW + 3).await.unwrap());
+}
+
+/// An ADDED that waited (for the database) while its agent opened the next stream comes after
+/// that stream's: it is refused, and the newer stream keeps the machine. A machine held by an
+/// id that is not time-ordered (an older broker's) is taken as before.
+async fn an_added_that_arrived_before_the_owner_does_not_take_the_machine(database: &TestDatabase) {
+    use tsbroker::store::ingest::connection_id;
+    let store = open(database).await;
+    let (stale, fresh) = (connection_id(NOW), connection_id(NOW + 5_000));
+    let added = |connection: Uuid, name: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .machine_added(
+                    &description(name, 100),
+                    "session-count",
+                    connection,
+                    NOW + 6_000,
+                )
+                .await
+        }
+    };
+    let machine = added(fresh, "ts1").await.unwrap().id;
+    let refused = added(stale, "ts1").await;
+    assert!(
+        matches!(refused, Err(StoreError::Superseded)),
+        "{refused:?}"
+    );
+    let record = store.get_machine(machine).await.unwrap().unwrap();
+    assert_eq!(record.connection_id, Some(fresh));
+    // Still the fresh stream's to resync.
+    store
+        .resync_sessions(machine, fresh, &[], NOW + 6_001)
+        .await
+        .unwrap();
+
+    // A random id above every time-ordered one, as an older broker's could be.
+    let legacy = uuid::Builder::from_random_bytes([0xff; 16]).into_uuid();
+    assert_eq!(legacy.get_version_num(), 4);
+    added(legacy, "ts2").await.unwrap();
+    let machine = added(stale, "ts2").await.unwrap().id;
+    let record = store.get_machine(machine).await.unwrap().unwrap();
+    assert_eq!(record.connection_id, Some(stale));
 }
 
 async fn session_events_apply_and_repair(database: &TestDatabase) {

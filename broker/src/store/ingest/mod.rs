@@ -23,6 +23,46 @@ use uuid::Uuid;
 
 pub use writer::{IngestSettings, IngestTarget, IngestWriter};
 
+/// A new stream's connection id: a UUIDv7 of `now` (the farm's clock, ms since the epoch), so
+/// that ids sort by when their streams arrived, across replicas.
+pub fn connection_id(now: i64) -> Uuid {
+    let millis = u64::try_from(now).unwrap_or(0);
+    let timestamp = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        millis / 1000,
+        (millis % 1000) as u32 * 1_000_000,
+    );
+    Uuid::new_v7(timestamp)
+}
+
+/// Whether the stream that holds a machine (`owner`) arrived after `connection`, at `now`: an
+/// ADDED that waited (for the database) while its agent gave up on it and opened the next
+/// stream must not take the machine from that one — the agent would take itself for a copy of
+/// another server and stay off. Ids that are not UUIDv7 (an older broker's) tell nothing, and
+/// an owner's from more than [`FUTURE_TOLERANCE_MS`] ahead of `now` (a clock set back since)
+/// would lock the machine out: neither wins.
+pub fn held_by_newer(owner: Option<Uuid>, connection: Uuid, now: i64) -> bool {
+    let Some(owner) = owner else {
+        return false;
+    };
+    let arrived = |id: Uuid| {
+        id.get_timestamp()
+            .filter(|_| id.get_version_num() == 7)
+            .map(|timestamp| {
+                let (secs, nanos) = timestamp.to_unix();
+                i64::try_from(secs).unwrap_or(i64::MAX) * 1000 + i64::from(nanos / 1_000_000)
+            })
+    };
+    match (arrived(owner), arrived(connection)) {
+        (Some(owner_at), Some(_)) => owner > connection && owner_at <= now + FUTURE_TOLERANCE_MS,
+        _ => false,
+    }
+}
+
+/// How far ahead of the farm's clock an owner's arrival may be and still count (replicas share
+/// the database's clock, within milliseconds).
+const FUTURE_TOLERANCE_MS: i64 = 1_000;
+
 /// One stream's write, on behalf of its `connection`.
 #[derive(Clone, Debug)]
 pub struct IngestItem {
@@ -177,5 +217,26 @@ mod tests {
         let items = [item(1), item(2), item(1), item(3), item(1), item(2)];
         assert_eq!(rounds(&items), vec![vec![0, 1], vec![2, 3], vec![4, 5]]);
         assert!(rounds(&[]).is_empty());
+    }
+
+    #[test]
+    fn connection_ids_sort_by_arrival_and_only_they_hold_a_machine() {
+        let (earlier, later) = (
+            connection_id(1_700_000_000_000),
+            connection_id(1_700_000_000_001),
+        );
+        let now = 1_700_000_000_002;
+        assert!(earlier < later);
+        assert!(held_by_newer(Some(later), earlier, now));
+        assert!(!held_by_newer(Some(earlier), later, now));
+        assert!(!held_by_newer(None, earlier, now));
+        // A random (v4) id, as an older broker gave, holds nothing against a v7.
+        let legacy = Uuid::new_v4();
+        assert!(!held_by_newer(Some(legacy), earlier, now));
+        assert!(!held_by_newer(Some(later), legacy, now));
+        // An owner from a clock since set back a minute holds nothing either.
+        let ahead = connection_id(now + 60_000);
+        assert!(!held_by_newer(Some(ahead), later, now));
+        assert!(held_by_newer(Some(ahead), later, now + 59_500));
     }
 }

@@ -222,17 +222,24 @@ macro_rules! impl_ingest {
                 }
             }
 
-            // ADDED: farms first (the first item's policy for a new farm), then the machines.
-            let added: Vec<(usize, &MachineDescription, &str)> = round
-                .iter()
-                .filter_map(|&index| match &items[index].op {
-                    IngestOp::Added {
-                        description,
-                        new_farm_policy,
-                    } => Some((index, description, new_farm_policy.as_str())),
-                    _ => None,
-                })
-                .collect();
+            // ADDED: farms first (the first item's policy for a new farm), then the machines,
+            // but for a stream that arrived before the one holding the machine.
+            let mut added: Vec<(usize, &MachineDescription, &str)> = Vec::new();
+            for &index in round {
+                let IngestOp::Added {
+                    description,
+                    new_farm_policy,
+                } = &items[index].op
+                else {
+                    continue;
+                };
+                let owner = owners.get(&items[index].machine).and_then(|owner| owner.0);
+                if $crate::store::ingest::held_by_newer(owner, items[index].connection, now) {
+                    results[index] = Some(Err(StoreError::Superseded));
+                } else {
+                    added.push((index, description, new_farm_policy.as_str()));
+                }
+            }
             let mut farms: Vec<(&str, &str)> = Vec::new();
             for (_, description, policy) in &added {
                 if !farms.iter().any(|(farm, _)| *farm == description.farm) {
