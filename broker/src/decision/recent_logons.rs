@@ -65,6 +65,16 @@ impl RecentLogons {
             held.next_sweep = now + self.ttl;
         }
         let key = key(farm, user_key);
+        // The same logon answered again (a retry told PENDING_LOGON, from the database or from
+        // here) keeps its time to live: refreshed by each retry, a logon that never completed
+        // would be the answer for as long as its user kept trying.
+        if held
+            .by_user
+            .get(&key)
+            .is_some_and(|(known, until)| *until > now && known.machine_id == Some(machine))
+        {
+            return;
+        }
         if held.by_user.len() >= MAX_REMEMBERED && !held.by_user.contains_key(&key) {
             held.next_sweep = held.next_sweep.min(now + FULL_SWEEP_GAP);
             return;
@@ -170,6 +180,28 @@ mod tests {
         let ts2 = target(2, "10.0.0.2:3389");
         recent.record("farm", "alice", &ts2, later);
         assert_eq!(recent.recall("farm", "alice", &[], later), Some(ts2));
+    }
+
+    #[test]
+    fn answering_the_same_logon_again_does_not_extend_it() {
+        let ttl = Duration::from_secs(30);
+        let recent = RecentLogons::new(ttl);
+        let now = Instant::now();
+        let ts1 = target(1, "10.0.0.1:3389");
+        recent.record("farm", "alice", &ts1, now);
+        // Her retries, every few seconds, are answered with it (and recorded again).
+        for retry in 1..=5 {
+            let at = now + Duration::from_secs(5 * retry);
+            assert_eq!(recent.recall("farm", "alice", &[], at), Some(ts1.clone()));
+            recent.record("farm", "alice", &ts1, at);
+        }
+        assert_eq!(recent.recall("farm", "alice", &[], now + ttl), None);
+        // Once expired, a new logon (even on the same machine) is remembered anew.
+        recent.record("farm", "alice", &ts1, now + ttl);
+        assert_eq!(
+            recent.recall("farm", "alice", &[], now + ttl + Duration::from_secs(29)),
+            Some(ts1)
+        );
     }
 
     #[test]
