@@ -16,12 +16,15 @@
 //!
 //! - `index.rs`: the data (by farm and user, by machine), pure;
 //! - `sync.rs`: the task that loads it, reads what other replicas changed, and refreshes the
-//!   machines' leases.
+//!   machines' leases;
+//! - `wakefulness.rs`: whether this broker ran all along (after a pause of its process, the
+//!   database answers until the directory has caught up).
 
 mod index;
 mod sync;
 #[cfg(test)]
 mod tests;
+mod wakefulness;
 
 use crate::store::{DirectoryDelta, DirectorySink, SessionRecord, Store};
 use index::DirectoryIndex;
@@ -75,6 +78,7 @@ enum Reload {
 struct Shared {
     state: RwLock<State>,
     reloads: mpsc::UnboundedSender<Reload>,
+    awake: Arc<wakefulness::Wakefulness>,
 }
 
 impl Shared {
@@ -210,7 +214,9 @@ impl SessionDirectory {
         let shared = Arc::new(Shared {
             state: RwLock::new(State::Loading(Queue::default())),
             reloads,
+            awake: Arc::new(wakefulness::Wakefulness::new()),
         });
+        tokio::spawn(shared.awake.clone().run(stop.clone()));
         store.attach_directory(Arc::new(Sink(Arc::downgrade(&shared))));
         tokio::spawn(sync::run(
             store,
@@ -242,7 +248,8 @@ impl SessionDirectory {
     /// prefix of the one user it can be (of several, the one with a session from the IP of
     /// `client_address`, read only then, when only one has), and a name in user principal form that matches no user
     /// (`ann@example.com`, as Windows clients send it) as its user part (`ann`, as PAM reports
-    /// Linux logons) when that one has sessions. `None` when the directory is not loaded.
+    /// Linux logons) when that one has sessions. `None` when the directory is not loaded, or
+    /// not trusted just after this broker was paused (`wakefulness.rs`).
     pub fn lookup(
         &self,
         farm: &str,
@@ -250,14 +257,20 @@ impl SessionDirectory {
         may_be_cut: bool,
         client_address: &str,
     ) -> Option<DirectoryAnswer> {
+        if !self.shared.awake.trusted() {
+            return None;
+        }
         self.shared
             .read(|index| lookup_in(index, farm, user_name, may_be_cut, client_address))
     }
 
     /// The sessions of the one user with sessions in the farm from the client's IP (for a
     /// client that named no user); `None` when none or several users have, or the directory
-    /// is not loaded.
+    /// is not loaded or not trusted.
     pub fn client_user(&self, farm: &str, client: IpAddr) -> Option<DirectoryAnswer> {
+        if !self.shared.awake.trusted() {
+            return None;
+        }
         self.shared.read(|index| {
             let user_key = only(index.users_from_client(farm, client, "", 2))?;
             let sessions = index.sessions_of(farm, &user_key);

@@ -10,6 +10,7 @@ fn shared() -> Shared {
     Shared {
         state: RwLock::new(State::Loading(Queue::default())),
         reloads,
+        awake: Arc::new(wakefulness::Wakefulness::new()),
     }
 }
 
