@@ -171,6 +171,32 @@ fn changes_nobody_waits_for_are_written_once_per_interval_and_a_waiter_is_not_he
     assert_eq!(on_disk(dir.path()).sessions, in_memory);
 }
 
+/// The table names users and their clients' addresses: readable by the agent's user only,
+/// whatever the umask, in a state directory of its own when the agent makes it.
+#[test]
+fn the_table_and_a_state_directory_the_agent_makes_are_its_users_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("made").join("by-the-agent");
+    // A leftover temporary file from a crash, readable by all.
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let leftover = state.join("sessions.json.tmp");
+    std::fs::write(&leftover, "{}").unwrap();
+    std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (directory, _events) = Directory::open(&state).unwrap();
+    directory.apply(Logon, logon("alice", 10)).unwrap();
+    assert!(directory.flush());
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state.join("sessions.json")), 0o600);
+    // A directory it made itself is its own; one that was there keeps its mode.
+    let fresh = dir.path().join("fresh");
+    drop(Directory::open(&fresh).unwrap());
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&state), 0o755);
+}
+
 #[test]
 fn the_table_on_disk_after_a_stop_equals_the_one_in_memory_and_a_restart_restores_it() {
     let dir = tempfile::tempdir().unwrap();

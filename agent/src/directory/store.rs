@@ -2,6 +2,7 @@
 //! (write a temporary file, sync it, rename it over the old one, sync the directory).
 
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -36,7 +37,10 @@ pub(super) struct TableFile {
 impl TableFile {
     /// Creates the state directory if needed.
     pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(state_dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
             .with_context(|| format!("create state directory {}", state_dir.display()))?;
         Ok(TableFile {
             path: state_dir.join(FILE_NAME),
@@ -153,7 +157,18 @@ impl TableFile {
         };
         let bytes = serde_json::to_vec_pretty(&table).context("encode session table")?;
         let temporary = self.path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&temporary)
+        // Users' names and their clients' addresses: for the agent's user only, whatever the
+        // umask (a leftover temporary file keeps its mode: set again).
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .and_then(|file| {
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                Ok(file)
+            })
             .with_context(|| format!("create {}", temporary.display()))?;
         file.write_all(&bytes)
             .and_then(|()| file.sync_all())
