@@ -110,6 +110,7 @@ pub async fn start(
     let status: SharedStatus = Arc::new(Mutex::new(LinkStatus {
         weight: config.weight,
         session_limit: config.session_limit,
+        single_session: config.single_session,
         ..LinkStatus::default()
     }));
 

@@ -24,7 +24,8 @@ pub struct Cli {
 #[derive(Debug, Default, Args)]
 pub struct AgentArgs {
     /// TOML file with any of these settings (keys in snake_case); flags and environment win
-    #[arg(long, env = "TSAGENT_CONFIG", value_name = "FILE")]
+    /// (also taken after a subcommand, for the control socket it names)
+    #[arg(long, env = "TSAGENT_CONFIG", value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// The broker's gRPC URL, http:// or https:// (TLS); for several replicas, their URLs
     /// separated by commas (a farm's agents spread over them, and an agent whose stream breaks
@@ -271,6 +272,19 @@ mod tests {
         assert_eq!(
             args.socket.control_socket,
             Some(PathBuf::from("/tmp/x.sock"))
+        );
+        // --config after the subcommand, as --control-socket is taken.
+        let cli = Cli::try_parse_from([
+            "tsagent",
+            "session",
+            "list",
+            "--config",
+            "/etc/tsagent/tsagent.toml",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.agent.config,
+            Some(PathBuf::from("/etc/tsagent/tsagent.toml"))
         );
     }
 }

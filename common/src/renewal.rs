@@ -5,13 +5,15 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 /// A value built from files, built again when they change.
 pub struct Renewable<T> {
     paths: Vec<PathBuf>,
     current: RwLock<(FileStamps, T)>,
+    /// The files as they were when they last failed to build: said once, not at every look.
+    refused: Mutex<Option<FileStamps>>,
 }
 
 impl<T> Renewable<T> {
@@ -25,6 +27,7 @@ impl<T> Renewable<T> {
         Ok(Renewable {
             paths,
             current: RwLock::new((stamps, value)),
+            refused: Mutex::new(None),
         })
     }
 
@@ -56,17 +59,43 @@ impl<T> Renewable<T> {
                     .current
                     .write()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = (now, value);
+                *self
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
                 tracing::info!("TLS files changed: new connections use them");
                 true
             }
             Err(error) => {
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    "TLS files changed but cannot be used; keeping the previous ones"
-                );
+                if self.first_refusal(now) {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "TLS files changed but cannot be used; keeping the previous ones (said \
+                         again when they change)"
+                    );
+                } else {
+                    tracing::debug!(
+                        error = format!("{error:#}"),
+                        "TLS files still cannot be used"
+                    );
+                }
                 false
             }
         }
+    }
+
+    /// Whether these files failed to build for the first time (not as they were at the last
+    /// failure).
+    fn first_refusal(&self, stamps: FileStamps) -> bool {
+        let mut refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if refused.as_ref() == Some(&stamps) {
+            return false;
+        }
+        *refused = Some(stamps);
+        true
     }
 
     /// Whether it is built from any file at all.
@@ -129,10 +158,16 @@ mod tests {
         std::fs::write(&file, "second, half").unwrap();
         assert!(!value.renew_if_changed(read));
         assert_eq!(value.with(String::clone), "first\n");
+        // Said once: the same broken files at the next look are not news.
+        let broken = FileStamps::of([file.as_path()]);
+        assert!(!value.first_refusal(broken.clone()));
+        assert!(!value.renew_if_changed(read));
         std::fs::write(&file, "second, whole\n").unwrap();
         assert!(value.renew_if_changed(read));
         assert_eq!(value.with(String::clone), "second, whole\n");
         assert!(!value.renew_if_changed(read));
+        // Once renewed, the same broken state is news again.
+        assert!(value.first_refusal(broken));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

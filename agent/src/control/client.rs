@@ -199,14 +199,18 @@ fn status_text(status: &AgentStatus) -> String {
     } else {
         "saved"
     };
+    let limit = match (link.single_session, link.session_limit) {
+        (true, _) => "1 (single-session mode)".to_owned(),
+        (false, 0) => "none".to_owned(),
+        (false, limit) => limit.to_string(),
+    };
     format!(
-        "machine: {} in farm {}\nadvertised: {}\nfront door: {}\nbroker: {broker}\nsession table: {table}\nsettings: weight {}, session limit {}, {}",
+        "machine: {} in farm {}\nadvertised: {}\nfront door: {}\nbroker: {broker}\nsession table: {table}\nsettings: weight {}, session limit {limit}, {}",
         status.machine_name,
         status.farm,
         status.advertise,
         status.front_door.as_deref().unwrap_or("off"),
         link.weight,
-        link.session_limit,
         if link.draining {
             "draining"
         } else {

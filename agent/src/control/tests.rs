@@ -171,6 +171,27 @@ fn an_event_the_agent_cannot_save_is_answered_as_such_and_status_says_so() {
     assert!(text.contains("session table: NOT SAVED"), "{text}");
 }
 
+#[test]
+fn status_names_the_session_limit_as_it_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let handler = handler_of(directory);
+    let shown = |change: &dyn Fn(&mut crate::stream::LinkStatus)| {
+        change(&mut handler.status.lock().unwrap());
+        let Response::Status { status } = handler.handle(Request::Status) else {
+            panic!("expected a status");
+        };
+        render(&Response::Status { status }).unwrap()
+    };
+    assert!(shown(&|_| {}).contains("session limit none,"));
+    assert!(shown(&|link| link.session_limit = 20).contains("session limit 20,"));
+    let single = shown(&|link| link.single_session = true);
+    assert!(
+        single.contains("session limit 1 (single-session mode),"),
+        "{single}"
+    );
+}
+
 #[tokio::test]
 async fn stale_socket_is_replaced_and_garbage_is_answered() {
     let dir = tempfile::tempdir().unwrap();

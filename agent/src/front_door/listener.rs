@@ -98,6 +98,24 @@ async fn connections_ended(permits: &Arc<Semaphore>, total: usize) {
     }
 }
 
+/// A new logon that every machine tried refused (this one's RDP service last), closed: said
+/// as what happened — when the broker named no other machine, this one's service alone.
+fn say_nobody_took(shared: &FrontDoorShared, refused: &[String]) {
+    if refused.len() == 1 {
+        tracing::warn!(
+            local_rdp = %shared.settings.local_rdp,
+            "this machine's RDP service did not take the connection and no other machine was \
+             named, closing"
+        );
+    } else {
+        tracing::warn!(
+            refused = refused.len(),
+            "no machine of the farm took the connection (this one's RDP service last), closing"
+        );
+    }
+    shared.metrics.connection(Outcome::Refused);
+}
+
 /// How long a connection let past the per-client cap because it comes from a farm machine's
 /// address has to show that it is that machine's front door (its PROXY header, sent with the
 /// client's first packet as soon as it connects).
@@ -290,11 +308,7 @@ pub async fn handle(
                 return;
             }
             Decision::Local { .. } if refused.contains(&this_machine) => {
-                tracing::warn!(
-                    refused = refused.len(),
-                    "no machine of the farm took the connection, closing"
-                );
-                shared.metrics.connection(Outcome::Refused);
+                say_nobody_took(shared, &refused);
                 return;
             }
             Decision::Local {
@@ -371,11 +385,7 @@ pub async fn handle(
     };
     // The last resort for a new logon: this machine's RDP service, unless it refused too.
     if refused.contains(&this_machine) {
-        tracing::warn!(
-            refused = refused.len(),
-            "no machine of the farm took the connection, closing"
-        );
-        shared.metrics.connection(Outcome::Refused);
+        say_nobody_took(shared, &refused);
         return;
     }
     match splice::open_local(shared, packet).await {

@@ -33,6 +33,9 @@ pub struct LinkStatus {
     pub draining: bool,
     pub weight: u32,
     pub session_limit: u32,
+    /// Single-session mode (this agent's setting): at most one session, whatever the limit.
+    #[serde(default)]
+    pub single_session: bool,
     pub heartbeat_interval_ms: u64,
     /// Why the last stream ended, if it did.
     pub last_error: String,
