@@ -113,9 +113,9 @@ pub async fn run(
 ) -> StreamExit {
     let mut backoff = Backoff::new(context.backoff);
     let mut sampler = LoadSampler::default();
-    // The last refusal that is expected to last (the broker's retry hint, a refused
-    // credential), said once.
-    let mut last_said: Option<String> = None;
+    // The last failure said, and when: one that is expected to last (the broker's retry
+    // hint, a refused credential) is said once, any other once a minute while it repeats.
+    let mut last_said: Option<(String, Instant)> = None;
     loop {
         let started = Instant::now();
         let outcome = link::run_once(&context, &mut events, &mut sampler, &shutdown).await;
@@ -207,23 +207,33 @@ pub async fn run(
         };
         // While the broker's database is away the agent asks every second, and a refused
         // credential stays refused until someone fixes it: one warning (an error for the
-        // credential), then the same refusal again only at debug.
+        // credential), then the same refusal again only at debug. A broker that is down is
+        // asked every few seconds: said again once a minute.
         let lasting = retry_after.is_some() || credentials_refused;
-        let again = lasting && last_said.as_deref() == Some(reason.as_str());
+        let again = last_said.as_ref().is_some_and(|(said, at)| {
+            *said == reason && (lasting || at.elapsed() < FAILURE_REMINDER)
+        });
         if again {
-            tracing::debug!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still refused");
+            tracing::debug!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still down");
         } else if credentials_refused {
             tracing::error!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker refuses this agent; retrying until it is fixed");
         } else {
             tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
         }
-        last_said = lasting.then(|| reason.clone());
+        if !again {
+            last_said = Some((reason.clone(), Instant::now()));
+        }
         update_status(&context.status, |status| status.last_error = reason);
         // With several replicas given, the next attempt (and the front door's calls) go to the
         // next one: the one that just broke may be the one that is gone. (Said after the
         // failure's own line, which is about the replica before.)
         if let Some(url) = context.link.fail_over(was_ready) {
-            tracing::info!(broker = url, "trying the next broker replica");
+            // Every second while the database is away: said with a refusal that is news.
+            if again {
+                tracing::debug!(broker = url, "trying the next broker replica");
+            } else {
+                tracing::info!(broker = url, "trying the next broker replica");
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return StreamExit::Shutdown,
@@ -233,6 +243,9 @@ pub async fn run(
         while events.try_recv().is_ok() {}
     }
 }
+
+/// How often a failure that repeats (the broker down) is said again.
+const FAILURE_REMINDER: Duration = Duration::from_secs(60);
 
 /// What to fix when the broker refused this agent's credentials.
 const CREDENTIALS_HINT: &str = "the agent's token (--agent-token, TSAGENT_AGENT_TOKEN) must be the \

@@ -665,3 +665,36 @@ async fn every_stop_of_the_broker_is_said_by_the_agent() {
     agent.terminate(Duration::from_secs(15)).await;
     broker.terminate(Duration::from_secs(15)).await;
 }
+
+/// Brokers that stay down (both replicas given): the agent tries them every few seconds and
+/// says so once (again a minute later while it lasts), not at every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_that_stay_down_are_said_once_not_at_every_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = || format!("http://127.0.0.1:{}", tsbroker_tests::process::free_port());
+    let urls = format!("{},{}", closed(), closed());
+    let socket = dir.path().join("control.sock");
+    let args = process_args(&urls, "ts-alone.example.test", &dir.path().join("state"));
+    let mut agent = AgentProcess::spawn(&args, &socket, &dir.path().join("agent.log"));
+    // Backoff from 0.5 s to 5 s: five attempts or more in 8 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(agent.is_running(), "{}", agent.log.tail(20));
+    let status = tsbroker_tests::spawn_agent::tsagent_cli_output(&["status"], &socket).await;
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("Connection refused"),
+        "the status names the failure: {status:?}"
+    );
+    assert_eq!(
+        agent.log.count("broker stream down"),
+        1,
+        "{}",
+        agent.log.tail(20)
+    );
+    assert!(
+        agent.log.count("trying the next broker replica") <= 1,
+        "{}",
+        agent.log.tail(20)
+    );
+    let stopped = agent.terminate(Duration::from_secs(15)).await;
+    assert!(stopped.success(), "{stopped:?}");
+}
