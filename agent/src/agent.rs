@@ -240,11 +240,11 @@ pub async fn start(
     let mut stream_task = tokio::spawn(stream::run(context, events, stream_stop.clone()));
     let table = directory.clone();
     let task = tokio::spawn(async move {
-        let removed = tokio::select! {
+        let ended = tokio::select! {
             () = stop.cancelled() => None,
             exit = &mut stream_task => Some(exit),
         };
-        if let Some(Ok(StreamExit::Removed)) = removed {
+        if let Some(Ok(StreamExit::Removed)) = ended {
             tracing::warn!("machine removed by the broker: agent stopping");
         }
         stop.cancel();
@@ -252,16 +252,18 @@ pub async fn start(
         if tokio::time::timeout(STOP_GRACE, all_parts).await.is_err() {
             tracing::warn!("some parts did not stop in time");
         }
-        if removed.is_none() {
-            stream_stop.cancel();
-            if tokio::time::timeout(STOP_GRACE, &mut stream_task)
-                .await
-                .is_err()
-            {
-                stream_task.abort();
-                tracing::warn!("the broker stream did not stop in time");
+        let ended = match ended {
+            Some(ended) => Some(ended),
+            None => {
+                stream_stop.cancel();
+                let stopped = tokio::time::timeout(STOP_GRACE, &mut stream_task).await;
+                if stopped.is_err() {
+                    stream_task.abort();
+                    tracing::warn!("the broker stream did not stop in time");
+                }
+                stopped.ok()
             }
-        }
+        };
         // Front-door changes are saved behind the connections' backs: the latest table
         // (with the connections the stop cut) goes to disk before the agent exits.
         let flushed = tokio::task::spawn_blocking(move || table.flush()).await;
@@ -273,6 +275,9 @@ pub async fn start(
                  its sessions.json: an agent that starts without one tells the broker this \
                  machine has no sessions)"
             );
+        }
+        if let Some(Err(failed)) = ended {
+            anyhow::bail!("the broker stream failed: {failed}");
         }
         tracing::info!("agent stopped");
         Ok(())
