@@ -209,10 +209,22 @@ impl PostgresStore {
     /// `default_transaction_read_only`) or whose tables the broker's role may no longer write
     /// (a REVOKE) answers reads, while every logon, event and lease fails. The writes touch no
     /// row (`WHERE false`); the server checks the transaction's mode and the privileges all the
-    /// same.
+    /// same. A table another client holds locked (a long migration) is not an outage: the
+    /// probe waits for its lock at most a second, and a database that answers that is healthy.
     async fn probe_database(&self) -> StoreResult<()> {
-        match sqlx::raw_sql(WRITE_PROBE).execute(&self.pool).await {
-            Ok(_) => Ok(()),
+        let probed = async {
+            let mut transaction = self.pool.begin().await?;
+            sqlx::query("SET LOCAL lock_timeout = '1s'")
+                .execute(&mut *transaction)
+                .await?;
+            sqlx::raw_sql(WRITE_PROBE)
+                .execute(&mut *transaction)
+                .await?;
+            transaction.rollback().await
+        };
+        match probed.await {
+            Ok(()) => Ok(()),
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => Ok(()),
             Err(sqlx::Error::PoolTimedOut) => Err(self.why_no_connection().await),
             Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => {
                 Err(StoreError::unavailable(

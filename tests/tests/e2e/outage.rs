@@ -363,8 +363,9 @@ async fn when_a_locked_table_stops_the_agents_writes_returning_users_still_find_
         .execute(&mut locker)
         .await
         .unwrap();
-    // Three heartbeat timeouts: the load reports wait for the lock and fail.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Three heartbeat timeouts: the load reports wait for the lock and fail. Two health
+    // checks (every 5 s): their write probe waits for the lock too, and it is not an outage.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(
         health(&broker).await,
         ServingStatus::Serving as i32,
