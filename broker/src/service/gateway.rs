@@ -237,8 +237,15 @@ impl AgentStream {
                         _ = shutdown.cancelled() => Err(StreamEnd::BrokerShutdown),
                         pushed = Box::pin(self.push_settings()) => pushed,
                     };
-                    if let Err(end) = pushed {
-                        break end;
+                    match pushed {
+                        // An agent moving to another replica ends this stream before its next
+                        // one takes the machine: an end already here is that, not a takeover
+                        // by a copy of the server.
+                        Err(StreamEnd::Superseded) if inbound.ended_already() => {
+                            break StreamEnd::Closed;
+                        }
+                        Err(end) => break end,
+                        Ok(()) => {}
                     }
                 },
                 // From the last message heard, not from this wake: settings changes must not

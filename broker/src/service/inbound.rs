@@ -50,6 +50,18 @@ where
         self.stream.next().await
     }
 
+    /// Whether the stream's end has already arrived, now, without waiting (what comes before
+    /// it is read and dropped: for a stream that is ending anyway).
+    pub fn ended_already(&mut self) -> bool {
+        loop {
+            match self.stream.next().now_or_never() {
+                Some(Some(Ok(_))) => continue,
+                Some(None | Some(Err(_))) => return true,
+                None => return false,
+            }
+        }
+    }
+
     /// `first` and what has already arrived after it (up to [`MAX_BATCH`] messages), and when
     /// they hold session events that follow the previous ones closely, what arrives within
     /// [`EVENT_GATHER`]; plus how the stream ended if it ended meanwhile.
@@ -128,6 +140,20 @@ mod tests {
             seq,
             body: Some(Body::Load(pb::LoadReport::default())),
         }
+    }
+
+    #[tokio::test]
+    async fn an_end_already_here_is_seen_without_waiting() {
+        let (sender, mut open) = inbound();
+        sender.send(Ok(load(1))).unwrap();
+        assert!(!open.ended_already());
+        let (sender, mut closed) = inbound();
+        sender.send(Ok(load(1))).unwrap();
+        drop(sender);
+        assert!(closed.ended_already());
+        let (sender, mut failed) = inbound();
+        sender.send(Err(Status::cancelled("reset"))).unwrap();
+        assert!(failed.ended_already());
     }
 
     fn seqs(batch: &[pb::AgentMessage]) -> Vec<u64> {
