@@ -294,27 +294,24 @@ async fn a_newer_connection_supersedes_the_old(database: &TestDatabase) {
 }
 
 /// An ADDED that waited (for the database) while its agent opened the next stream comes after
-/// that stream's: it is refused, and the newer stream keeps the machine. A machine held by an
-/// id that is not time-ordered (an older broker's) is taken as before.
+/// that stream's: it is refused, and the newer stream keeps the machine — judged when it is
+/// written, though its batch began before the newer stream arrived. A machine held by an id
+/// that is not time-ordered (an older broker's) is taken as before.
 async fn an_added_that_arrived_before_the_owner_does_not_take_the_machine(database: &TestDatabase) {
     use tsbroker::store::ingest::connection_id;
     let store = open(database).await;
     let (stale, fresh) = (connection_id(NOW), connection_id(NOW + 5_000));
-    let added = |connection: Uuid, name: &'static str| {
+    let added = |connection: Uuid, name: &'static str, now: i64| {
         let store = store.clone();
         async move {
             store
-                .machine_added(
-                    &description(name, 100),
-                    "session-count",
-                    connection,
-                    NOW + 6_000,
-                )
+                .machine_added(&description(name, 100), "session-count", connection, now)
                 .await
         }
     };
-    let machine = added(fresh, "ts1").await.unwrap().id;
-    let refused = added(stale, "ts1").await;
+    let machine = added(fresh, "ts1", NOW + 5_000).await.unwrap().id;
+    // The stale stream's write began at NOW + 100 and waited.
+    let refused = added(stale, "ts1", NOW + 100).await;
     assert!(
         matches!(refused, Err(StoreError::Superseded)),
         "{refused:?}"
@@ -330,8 +327,8 @@ async fn an_added_that_arrived_before_the_owner_does_not_take_the_machine(databa
     // A random id above every time-ordered one, as an older broker's could be.
     let legacy = uuid::Builder::from_random_bytes([0xff; 16]).into_uuid();
     assert_eq!(legacy.get_version_num(), 4);
-    added(legacy, "ts2").await.unwrap();
-    let machine = added(stale, "ts2").await.unwrap().id;
+    added(legacy, "ts2", NOW).await.unwrap();
+    let machine = added(stale, "ts2", NOW + 100).await.unwrap().id;
     let record = store.get_machine(machine).await.unwrap().unwrap();
     assert_eq!(record.connection_id, Some(stale));
 }

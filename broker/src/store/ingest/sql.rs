@@ -153,12 +153,15 @@ macro_rules! impl_ingest {
                 };
                 let turn = self.write_turn().await;
                 let mut tx = self.begin_ingest().await?;
+                // Which stream arrived first is judged now, not when the batch began: it may
+                // have waited seconds for a connection while its agent's next stream got in.
+                let checked_at = now.max($crate::store::Store::now(self));
                 for round in ingest::rounds(items) {
                     ingest_round(
                         &mut tx,
                         items,
                         &round,
-                        now,
+                        (now, checked_at),
                         &mut results,
                         &mut announce,
                         &mut delta,
@@ -190,7 +193,7 @@ macro_rules! impl_ingest {
             tx: &mut sqlx::Transaction<'static, $db>,
             items: &[$crate::store::ingest::IngestItem],
             round: &[usize],
-            now: i64,
+            (now, checked_at): (i64, i64),
             results: &mut [Option<$crate::store::ingest::ItemResult>],
             announce: &mut Vec<Uuid>,
             delta: &mut $crate::store::DirectoryDelta,
@@ -234,7 +237,8 @@ macro_rules! impl_ingest {
                     continue;
                 };
                 let owner = owners.get(&items[index].machine).and_then(|owner| owner.0);
-                if $crate::store::ingest::held_by_newer(owner, items[index].connection, now) {
+                if $crate::store::ingest::held_by_newer(owner, items[index].connection, checked_at)
+                {
                     results[index] = Some(Err(StoreError::Superseded));
                 } else {
                     added.push((index, description, new_farm_policy.as_str()));
