@@ -226,7 +226,7 @@ pub async fn run(
         clock_warned,
         shutdown.clone(),
     ));
-    let database = Arc::new(Reachability::default());
+    let database = Arc::new(Reachability::new(config.heartbeat_timeout));
     restart_grace(store.as_ref(), &database, config.heartbeat_timeout).await;
     let decision_settings = DecisionSettings {
         heartbeat_timeout: config.heartbeat_timeout,

@@ -32,9 +32,20 @@ impl Default for Outage {
 }
 
 impl Outage {
-    fn began(&self, since: i64) {
+    /// It began at `since` — or, when that is within `timeout` of the last one's end (the
+    /// database was back for moments: a restart that failed again), the last one goes on, from
+    /// its own beginning: machines whose agents had no time to write their leases while it was
+    /// back keep counting.
+    fn began(&self, since: i64, timeout: i64) {
         if self.up.swap(false, Ordering::Relaxed) {
-            self.down_since.store(since, Ordering::Relaxed);
+            let last = self.down_since.load(Ordering::Relaxed);
+            let back_at = self.back_at.load(Ordering::Relaxed);
+            let start = if last != 0 && since < back_at + timeout {
+                last
+            } else {
+                since
+            };
+            self.down_since.store(start, Ordering::Relaxed);
         }
     }
 
@@ -72,8 +83,10 @@ impl Outage {
 /// opened then is not a new user's.
 pub const SETTLE_AFTER_OUTAGE: Duration = Duration::from_millis(1500);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Reachability {
+    /// The agents' heartbeat timeout (ms): how long after an outage its leases still count.
+    timeout: i64,
     /// Until when (ms since the epoch) new logons wait after an outage.
     settle_until: AtomicI64,
     /// A request is asking the database whether it is back (one at a time).
@@ -85,7 +98,25 @@ pub struct Reachability {
     writes: Outage,
 }
 
+impl Default for Reachability {
+    /// With the default heartbeat timeout (15 s).
+    fn default() -> Self {
+        Reachability::new(Duration::from_secs(15))
+    }
+}
+
 impl Reachability {
+    /// For agents whose machines time out after `heartbeat_timeout` of silence.
+    pub fn new(heartbeat_timeout: Duration) -> Self {
+        Reachability {
+            timeout: heartbeat_timeout.as_millis() as i64,
+            settle_until: AtomicI64::new(0),
+            probing: AtomicBool::new(false),
+            database: Outage::default(),
+            writes: Outage::default(),
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         self.database.up.load(Ordering::Relaxed)
     }
@@ -93,7 +124,7 @@ impl Reachability {
     /// The database stopped answering; it may have been away since `since` (the last check
     /// that found it up).
     pub fn went_away(&self, since: i64) {
-        self.database.began(since);
+        self.database.began(since, self.timeout);
     }
 
     /// The database answers again at `now` (seen by the health monitor, or by a request that
@@ -129,7 +160,7 @@ impl Reachability {
     /// The agents' writes fail for want of the database (unavailable, a lock or a connection
     /// waited for too long); the last one that went through committed at `last_written`.
     pub fn writes_failing(&self, last_written: i64) {
-        self.writes.began(last_written);
+        self.writes.began(last_written, self.timeout);
     }
 
     /// The agents' writes go through again, at `now`.
@@ -205,6 +236,24 @@ mod tests {
         assert_eq!(reachability.lease_cutoff(174_999, timeout), 85_000);
         // ...until one timeout after the database came back.
         assert_eq!(reachability.lease_cutoff(175_000, timeout), 160_000);
+    }
+
+    #[test]
+    fn an_outage_again_moments_after_it_ended_goes_on_from_its_beginning() {
+        let timeout = Duration::from_secs(15);
+        let reachability = Reachability::new(timeout);
+        // Away from 100 s; back at 120 s for half a second; away again from 120.5 s to 150 s.
+        reachability.went_away(100_000);
+        reachability.came_back(120_000);
+        reachability.went_away(120_500);
+        // A machine last seen at 90 s, whose agent did not get back in the half second.
+        assert_eq!(reachability.lease_cutoff(140_000, timeout), 85_000);
+        reachability.came_back(150_000);
+        assert_eq!(reachability.lease_cutoff(164_999, timeout), 85_000);
+        assert_eq!(reachability.lease_cutoff(165_000, timeout), 150_000);
+        // Back for longer than a timeout: a new outage is counted from its own beginning.
+        reachability.went_away(200_000);
+        assert_eq!(reachability.lease_cutoff(210_000, timeout), 185_000);
     }
 
     #[test]

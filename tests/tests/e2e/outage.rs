@@ -452,3 +452,78 @@ async fn a_broker_stopped_while_the_database_is_away_lets_its_agents_go_at_once(
     drop(link);
     database.drop_database().await;
 }
+
+/// The database back for half a second in the middle of an outage (a restart that failed again):
+/// the outage goes on from its beginning. Returning users are answered within the front door's
+/// wait all along, and after it alice is still sent to her session on ts-a, whose agent had no
+/// time to get back in during the half second, not placed anew elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moment_of_database_in_an_outage_does_not_end_it() {
+    let database = TestDatabase::postgres().await;
+    let (target, through) = split_url(&database.url);
+    let link = DatabaseLink::start(target).await;
+    let url = through(link.address);
+    drop(through);
+    let broker = tsbroker_tests::spawn_broker(&url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let client = broker.broker_client().await;
+    join_ts_a_with_alice_and_ts_b(&broker, &client).await;
+
+    let alice_within_wait = |client: pb::broker_client::BrokerClient<tonic::transport::Channel>| async move {
+        let started = Instant::now();
+        let alice = redirect(&mut client.clone(), "farm", "alice").await;
+        assert!(
+            started.elapsed() < FRONT_DOOR_WAIT,
+            "alice's answer took {:?}: {alice:?}",
+            started.elapsed()
+        );
+        let alice = alice.unwrap();
+        assert_eq!(
+            (alice.machine_name.as_str(), reason(&alice)),
+            ("ts-a", pb::RedirectReason::ExistingSession)
+        );
+    };
+    link.cut();
+    eventually(15, || async {
+        health(&broker).await == ServingStatus::NotServing as i32
+    })
+    .await;
+    // Back for a moment: the broker sees it (health SERVING), the agents do not get in.
+    link.restore();
+    eventually(10, || async {
+        health(&broker).await == ServingStatus::Serving as i32
+    })
+    .await;
+    link.cut();
+    // Until the broker notices the outage again, and past the heartbeat timeout.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until || health(&broker).await != ServingStatus::NotServing as i32 {
+        alice_within_wait(client.clone()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The outage is the first one going on: ts-a's lease, fresh when it began, counts, and
+    // alice is answered from the directory at once (a lease taken for stale has the database
+    // asked for a second first).
+    for _ in 0..3 {
+        let started = Instant::now();
+        alice_within_wait(client.clone()).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "alice's answer took {:?}",
+            started.elapsed()
+        );
+    }
+    link.restore();
+    eventually(30, || async {
+        health(&broker).await == ServingStatus::Serving as i32
+    })
+    .await;
+    // ts-a's agent has not come back (its stream ended with the outage): its lease, fresh when
+    // the outage first began, still counts for a timeout after it.
+    alice_within_wait(client.clone()).await;
+    broker.stop().await;
+    drop(link);
+    database.drop_database().await;
+}
