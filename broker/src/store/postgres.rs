@@ -303,6 +303,9 @@ impl PostgresStore {
 
     /// `announce_change` of many machines in one statement.
     async fn announce_changes(&self, machines: &[Uuid]) {
+        for machine in machines {
+            let _ = self.changes.send(*machine);
+        }
         let ids: Vec<String> = machines.iter().map(Uuid::to_string).collect();
         let sent = sqlx::query("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id")
             .bind(CHANGE_CHANNEL)
@@ -346,6 +349,10 @@ impl PostgresStore {
 
     /// Tells every replica (this one included, through its listener) that the machine changed.
     async fn announce_change(&self, machine: Uuid) {
+        // This broker's own streams and placements hear it before the call is answered (the
+        // notification comes back through the listener only later: a logon placed right
+        // after a drain went to the drained machine).
+        let _ = self.changes.send(machine);
         let sent = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANGE_CHANNEL)
             .bind(machine.to_string())

@@ -944,8 +944,10 @@ async fn admin_changes_are_announced(database: &TestDatabase) {
         .await
         .unwrap();
     assert_eq!(changed.weight(), 250);
-    let announced = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv()).await;
-    assert_eq!(announced.expect("announced in time").unwrap(), machine);
+    // This broker's own placements and streams have it when the change is answered (on
+    // PostgreSQL the notification through LISTEN comes later: a logon placed right after a
+    // drain went to the drained machine).
+    assert_eq!(changes.try_recv().ok(), Some(machine));
     let cleared = store
         .change_machine(machine, MachineChange::Weight(None), NOW)
         .await
