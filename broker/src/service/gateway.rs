@@ -36,6 +36,10 @@ use tsbroker_common::proto::v1::broker_message::Body as Reply;
 use uuid::Uuid;
 
 /// How long a stopping broker waits to mark a machine unreachable before its agent is told.
+/// How long a stream whose machine another stream took waits for its agent's end before the
+/// takeover is taken for another server's (an agent moving between replicas ends it itself).
+const MOVE_END_WAIT: Duration = Duration::from_millis(500);
+
 const MARK_WAIT_WHEN_STOPPING: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
@@ -238,10 +242,11 @@ impl AgentStream {
                         pushed = Box::pin(self.push_settings()) => pushed,
                     };
                     match pushed {
-                        // An agent moving to another replica ends this stream before its next
-                        // one takes the machine: an end already here is that, not a takeover
-                        // by a copy of the server.
-                        Err(StreamEnd::Superseded) if inbound.ended_already() => {
+                        // An agent moving to another replica ends this stream as it opens the
+                        // next one, and its end may come here after the other replica's news:
+                        // an end within a moment is that, not a takeover by a copy of the
+                        // server.
+                        Err(StreamEnd::Superseded) if inbound.ends_within(MOVE_END_WAIT).await => {
                             break StreamEnd::Closed;
                         }
                         Err(end) => break end,

@@ -50,16 +50,19 @@ where
         self.stream.next().await
     }
 
-    /// Whether the stream's end has already arrived, now, without waiting (what comes before
-    /// it is read and dropped: for a stream that is ending anyway).
-    pub fn ended_already(&mut self) -> bool {
-        loop {
-            match self.stream.next().now_or_never() {
-                Some(Some(Ok(_))) => continue,
-                Some(None | Some(Err(_))) => return true,
-                None => return false,
+    /// Whether the stream's end arrives within `wait` (what comes before it is read and
+    /// dropped: for a stream that is ending anyway).
+    pub async fn ends_within(&mut self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return,
+                }
             }
-        }
+        })
+        .await
+        .is_ok()
     }
 
     /// `first` and what has already arrived after it (up to [`MAX_BATCH`] messages), and when
@@ -142,18 +145,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_end_already_here_is_seen_without_waiting() {
+    #[tokio::test(start_paused = true)]
+    async fn an_end_that_comes_within_the_wait_is_seen() {
+        let wait = Duration::from_millis(300);
         let (sender, mut open) = inbound();
         sender.send(Ok(load(1))).unwrap();
-        assert!(!open.ended_already());
-        let (sender, mut closed) = inbound();
+        later(&sender, Duration::from_millis(100), load(2));
+        assert!(!open.ends_within(wait).await);
+        let (sender, mut closing) = inbound();
         sender.send(Ok(load(1))).unwrap();
-        drop(sender);
-        assert!(closed.ended_already());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(sender);
+        });
+        assert!(closing.ends_within(wait).await);
         let (sender, mut failed) = inbound();
         sender.send(Err(Status::cancelled("reset"))).unwrap();
-        assert!(failed.ended_already());
+        assert!(failed.ends_within(wait).await);
     }
 
     fn seqs(batch: &[pb::AgentMessage]) -> Vec<u64> {
