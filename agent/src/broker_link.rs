@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tsbroker_common::cert_validity::Reminder;
+use tsbroker_common::pem;
 use tsbroker_common::renewal::{Renewable, check_every};
-use tsbroker_common::{cert_validity, pem};
 
 use crate::broker_client::{self, BearerToken, Broker};
 use crate::config::BrokerTls;
@@ -35,6 +36,8 @@ pub struct BrokerLink {
     home: usize,
     /// One lazy channel per URL: one not in use never connects.
     current: Vec<Renewable<Current>>,
+    /// Says the agent's own certificate's expiry as it nears, and when it comes.
+    own_certificate: Reminder,
 }
 
 struct Current {
@@ -62,7 +65,8 @@ impl BrokerLink {
             .iter()
             .map(|url| Renewable::new(files.clone(), || build(url, tls, &token)))
             .collect::<anyhow::Result<_>>()?;
-        say_own_certificate(tls);
+        let own_certificate = Reminder::new("--tls-cert");
+        say_own_certificate(tls, &own_certificate);
         Ok(Arc::new(BrokerLink {
             urls: urls.to_vec(),
             tls: tls.clone(),
@@ -70,6 +74,7 @@ impl BrokerLink {
             at: AtomicUsize::new(first % urls.len()),
             home: first % urls.len(),
             current,
+            own_certificate,
         }))
     }
 
@@ -169,7 +174,7 @@ impl BrokerLink {
             changed |= current.renew_if_changed(|| build(url, &self.tls, &self.token));
         }
         if changed {
-            say_own_certificate(&self.tls);
+            say_own_certificate(&self.tls, &self.own_certificate);
         }
         changed
     }
@@ -180,6 +185,7 @@ impl BrokerLink {
             return;
         }
         check_every(every, stop.cancelled(), || {
+            self.own_certificate.look_again(SystemTime::now());
             self.reload_if_changed();
         })
         .await;
@@ -187,12 +193,13 @@ impl BrokerLink {
 }
 
 /// Says when the agent's client certificate has expired, is not valid yet or soon expires
-/// (the broker refuses it; its refusal reaches the agent as a closed connection at best).
-fn say_own_certificate(tls: &BrokerTls) {
+/// (the broker refuses it; its refusal reaches the agent as a closed connection at best), and
+/// has `reminder` say it again as its end nears.
+fn say_own_certificate(tls: &BrokerTls, reminder: &Reminder) {
     if let Some(path) = &tls.cert
         && let Ok(file) = pem::read_certificates(path, "--tls-cert")
     {
-        cert_validity::say_standing(&file.certificates, "--tls-cert", path);
+        reminder.loaded(&file.certificates, path);
     }
 }
 

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 use tonic::transport::{Certificate, ClientTlsConfig};
@@ -132,6 +133,49 @@ impl Ca {
         )
     }
 
+    /// A server certificate as [`Ca::server`]'s, valid from now until `not_after` (to the
+    /// second: `openssl ca`, as `openssl x509` counts in days).
+    pub fn server_until(&self, name: &str, not_after: SystemTime) -> anyhow::Result<CertifiedKey> {
+        let signed = self.sign(
+            name,
+            "localhost",
+            "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )?;
+        // Signed again with the end given: `openssl ca` takes the request and the extensions.
+        let config = self.revocation_config()?;
+        let serial = self.dir.join(format!("{}.srl", self.name));
+        if !serial.exists() {
+            std::fs::write(&serial, "01\n")?;
+        }
+        let end = humantime::format_rfc3339_seconds(not_after)
+            .to_string()
+            .replace(['-', ':', 'T'], "");
+        let (request, cert, extensions) = (
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        openssl(
+            &[
+                "ca",
+                "-config",
+                &config,
+                "-batch",
+                "-notext",
+                "-in",
+                &request,
+                "-out",
+                &cert,
+                "-enddate",
+                &end,
+                "-extfile",
+                &extensions,
+            ],
+            &self.dir,
+        )?;
+        Ok(signed)
+    }
+
     /// Adds `cert` (one this CA signed) to the certificates it revokes.
     pub fn revoke(&self, cert: &Path) -> anyhow::Result<()> {
         let config = self.revocation_config()?;
@@ -149,9 +193,10 @@ impl Ca {
         Ok(self.dir.join(name))
     }
 
-    /// `openssl ca`'s configuration for the CA's revocations, and the database it keeps them
-    /// in (`NAME-index.txt`, `NAME-crlnumber`: a numbered list is a version 2 CRL, the only
-    /// kind rustls takes), made the first time.
+    /// `openssl ca`'s configuration for the CA's revocations and the certificates it signs
+    /// with an exact end, and the database it keeps them in (`NAME-index.txt`,
+    /// `NAME-crlnumber`: a numbered list is a version 2 CRL, the only kind rustls takes), made
+    /// the first time.
     fn revocation_config(&self) -> anyhow::Result<String> {
         let name = &self.name;
         let config = format!("{name}-ca.cnf");
@@ -164,7 +209,9 @@ impl Ca {
                     "[ca]\ndefault_ca = revocations\n[revocations]\n\
                      database = {name}-index.txt\ncrlnumber = {name}-crlnumber\n\
                      certificate = {name}.pem\nprivate_key = {name}.key\n\
-                     default_md = sha256\ndefault_crl_days = 2\n"
+                     default_md = sha256\ndefault_crl_days = 2\n\
+                     new_certs_dir = .\nserial = {name}.srl\npolicy = any\n\
+                     [any]\ncommonName = supplied\n"
                 ),
             )?;
         }

@@ -33,6 +33,13 @@ impl TestCa {
             .unwrap_or_else(|error| panic!("{error:#}"))
     }
 
+    /// A server certificate as [`TestCa::server`]'s that expires at `not_after`.
+    pub fn server_until(&self, name: &str, not_after: std::time::SystemTime) -> CertifiedKey {
+        self.0
+            .server_until(name, not_after)
+            .unwrap_or_else(|error| panic!("{error:#}"))
+    }
+
     /// A client certificate for `common_name` (also its subjectAltName DNS name: the machine
     /// an agent's certificate names), files `name.pem` and `name.key`.
     pub fn client(&self, name: &str, common_name: &str) -> CertifiedKey {

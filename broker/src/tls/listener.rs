@@ -1,7 +1,8 @@
 //! Serves TLS on the broker's listener with the files as they are now: handshakes run side by
 //! side within a time limit (a slow or silent client holds up no one), a client then has as long
 //! to begin HTTP/2 as a plaintext one (else it is closed), and the files are looked
-//! at every [`FILES_CHECK_INTERVAL`]. Renewed files that load are used from the next handshake
+//! at every [`FILES_CHECK_INTERVAL`] (and the certificate's standing against the clock said
+//! when it changes, `cert_validity`). Renewed files that load are used from the next handshake
 //! on; connections already open keep theirs, except that one whose client certificate the new
 //! files refuse (revoked, or of a CA no longer trusted) is cut (`live.rs`). Files that do not
 //! load yet (a renewal half written, a key that does not match) are logged and the previous
@@ -10,7 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tsbroker_common::cert_validity::Reminder;
 use tsbroker_common::renewal::{Renewable, check_every};
 use tsbroker_common::serve::{
     AcceptPause, GREETING_TIMEOUT, HTTP2_PREFACE, closed_silent, greeting_complete,
@@ -38,16 +40,21 @@ pub struct TlsListener {
     files: TlsFiles,
     tls: Renewable<ServerTls>,
     live: Arc<LiveConnections>,
+    /// Says the broker's own certificate's expiry as it nears, and when it comes.
+    own_certificate: Reminder,
 }
 
 impl TlsListener {
     /// Reads the files now: a bad one is an error at start.
     pub fn open(files: &TlsFiles) -> anyhow::Result<Arc<TlsListener>> {
         let tls = Renewable::new(files.paths(), || ServerTls::load(files))?;
+        let own_certificate = Reminder::new("--tls-cert");
+        tls.with(|tls| tls.remind_with(&own_certificate));
         Ok(Arc::new(TlsListener {
             files: files.clone(),
             tls,
             live: Arc::default(),
+            own_certificate,
         }))
     }
 
@@ -63,7 +70,11 @@ impl TlsListener {
 
     /// Loads the files again when one changed since it was last read. Whether it did.
     pub fn reload_if_changed(&self) -> bool {
-        self.tls.renew_if_changed(|| ServerTls::load(&self.files))
+        let renewed = self.tls.renew_if_changed(|| ServerTls::load(&self.files));
+        if renewed {
+            self.tls.with(|tls| tls.remind_with(&self.own_certificate));
+        }
+        renewed
     }
 
     /// The connections `listener` accepts, through their TLS handshake (with `TCP_NODELAY`,
@@ -108,6 +119,7 @@ impl TlsListener {
 
     async fn watch(self: Arc<Self>, stop: CancellationToken) {
         check_every(FILES_CHECK_INTERVAL, stop.cancelled(), || {
+            self.own_certificate.look_again(SystemTime::now());
             if self.reload_if_changed() {
                 let listener = self.clone();
                 // A signature check or more per open connection: off the runtime's threads.

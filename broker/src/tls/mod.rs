@@ -110,7 +110,6 @@ impl ServerTls {
             None => builder.with_no_client_auth(),
         };
         let leaf = chain.certificates[0].clone();
-        cert_validity::say_standing(&chain.certificates, "--tls-cert", &files.cert);
         let mut config = builder
             .with_single_cert(chain.certificates, key.key)
             .with_context(|| format!("--tls-cert {}", files.cert.display()))?;
@@ -122,6 +121,11 @@ impl ServerTls {
             client_verifier,
             cert: files.cert.clone(),
         })
+    }
+
+    /// Makes `reminder` say where the broker's own certificate stands, from now on.
+    pub fn remind_with(&self, reminder: &cert_validity::Reminder) {
+        reminder.loaded(std::slice::from_ref(&self.leaf), &self.cert);
     }
 
     /// Why peers refuse the broker's own certificate now (expired, not valid yet), if they do.

@@ -130,6 +130,34 @@ pub(crate) async fn wait_until_serving(listen: &str, tls_flags: &[String]) {
     .await;
 }
 
+/// A TLS broker started in `dir` (its database `broker.db`, its log `broker.log`) with
+/// `server`'s certificate and `client_ca`, and serving.
+pub(crate) struct ServingBroker {
+    pub port: u16,
+    pub listen: String,
+    pub flags: Vec<String>,
+    pub log: LogFile,
+    _process: ChildGuard,
+}
+
+impl ServingBroker {
+    pub async fn start(dir: &Path, server: &CertifiedKey, client_ca: &Path) -> ServingBroker {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let flags = tls_flags(server, client_ca);
+        let log = LogFile::create(&dir.join("broker.log"));
+        let process = start_broker(&listen, &dir.join("broker.db"), &flags, &log);
+        wait_until_serving(&listen, &flags).await;
+        ServingBroker {
+            port,
+            listen,
+            flags,
+            log,
+            _process: process,
+        }
+    }
+}
+
 /// `tsagent status`'s line about the broker.
 pub(crate) async fn broker_link(agent: &AgentProcess) -> String {
     let output = tsagent_cli_output(&["status"], &agent.control_socket).await;
@@ -464,15 +492,10 @@ async fn a_broker_serves_its_renewed_certificate_without_a_restart() {
         std::fs::copy(&from.key, &installed.key).unwrap();
     };
     install(&first);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let flags = tls_flags(&installed, &ca.cert());
-    let log = LogFile::create(&path("broker.log"));
-    let _broker = start_broker(&listen, &path("broker.db"), &flags, &log);
-    wait_until_serving(&listen, &flags).await;
+    let broker = ServingBroker::start(dir.path(), &installed, &ca.cert()).await;
     let mut agent = AgentProcess::spawn(
         &agent_args(
-            port,
+            broker.port,
             "ts1.tls.test",
             &path("ts1"),
             &[&ca.cert(), &agent_cert.cert, &agent_cert.key],
@@ -485,7 +508,8 @@ async fn a_broker_serves_its_renewed_certificate_without_a_restart() {
 
     install(&renewed);
     let renewed_flags = tls_flags(&renewed, &ca.cert());
-    wait_until_serving(&listen, &renewed_flags).await;
+    wait_until_serving(&broker.listen, &renewed_flags).await;
+    let log = &broker.log;
     assert!(log.text().contains("TLS files changed"), "{}", log.tail(20));
     assert!(broker_link(&agent).await.starts_with("broker: connected"));
     assert_eq!(

@@ -1,12 +1,13 @@
 //! A broker started with an expired certificate: every client refuses it, so the broker says so
 //! at start (an error naming the file and the date) and its health check fails with the same
-//! words rather than answering SERVING; a renewed certificate is taken up and clears both.
+//! words rather than answering SERVING; a renewed certificate is taken up and clears both. One
+//! that expires while the broker runs is said when it does, not only at the next start.
 
 use tsbroker_tests::binaries::workspace_binary;
 use tsbroker_tests::process::{LogFile, free_port};
 use tsbroker_tests::tls::{CertifiedKey, TestCa};
 
-use crate::tls::{start_broker, tls_flags, wait_until_serving};
+use crate::tls::{ServingBroker, start_broker, tls_flags, wait_until_serving};
 
 /// common/testdata/README.md says what they are: valid in January 2020 only.
 const EXPIRED_CERT: &str = include_str!("../../../common/testdata/expired-localhost.pem");
@@ -70,4 +71,31 @@ async fn an_expired_certificate_is_said_at_start_and_fails_the_health_check() {
     std::fs::copy(&renewed.key, &installed.key).unwrap();
     wait_until_serving(&listen, &flags).await;
     assert_eq!(log.count("expired at"), 1, "{}", log.tail(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_while_the_broker_runs_is_said_when_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "farm-ca");
+    let not_after = std::time::SystemTime::now() + std::time::Duration::from_secs(12);
+    let installed = ca.server_until("broker", not_after);
+    let ServingBroker {
+        listen, flags, log, ..
+    } = &ServingBroker::start(dir.path(), &installed, &ca.cert()).await;
+    let file = format!("--tls-cert {}: the certificate", installed.cert.display());
+    let soon = log.lines_with(&format!("{file} expires at"));
+    assert_eq!(soon.len(), 1, "{}", log.tail(20));
+    assert!(soon[0].contains("WARN"), "{}", soon[0]);
+    // The broker looks at its files every 10 s: the end is said within that of coming.
+    let expired = format!("{file} expired at");
+    assert!(
+        log.wait_for(&expired, 1, std::time::Duration::from_secs(40), None)
+            .await,
+        "{}",
+        log.tail(20)
+    );
+    assert!(log.lines_with(&expired)[0].contains("ERROR"));
+    let (code, stderr) = health_check(listen, flags).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(log.count("expired at"), 1, "said once, not at every look");
 }

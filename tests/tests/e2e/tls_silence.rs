@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tsbroker_tests::binaries::tool;
-use tsbroker_tests::process::{LogFile, free_port};
 use tsbroker_tests::tls::TestCa;
 
-use crate::tls::{grpcurl, start_broker, tls_flags, wait_until_serving};
+use crate::tls::{ServingBroker, grpcurl};
 
 /// `openssl s_client` connects and completes the handshake (it trusts the broker's CA), then
 /// sends nothing: the broker closes the connection 10 s on, not at once and not never, and
@@ -18,19 +17,18 @@ use crate::tls::{grpcurl, start_broker, tls_flags, wait_until_serving};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_silent_after_its_handshake_is_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let path = |name: &str| dir.path().join(name);
     let ca = TestCa::new(dir.path(), "farm-ca");
     let server = ca.server("broker");
     let operator = ca.client("operator", "operator");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let tls_flags = tls_flags(&server, &ca.cert());
-    let broker_log = LogFile::create(&path("broker.log"));
-    let _broker = start_broker(&listen, &path("broker.db"), &tls_flags, &broker_log);
-    wait_until_serving(&listen, &tls_flags).await;
+    let ServingBroker {
+        port,
+        listen,
+        log: broker_log,
+        ..
+    } = &ServingBroker::start(dir.path(), &server, &ca.cert()).await;
 
     let mut silent = tokio::process::Command::new(tool("openssl", "apt-get install openssl"))
-        .args(["s_client", "-brief", "-connect", &listen, "-CAfile"])
+        .args(["s_client", "-brief", "-connect", listen, "-CAfile"])
         .arg(ca.cert())
         // Its standard input stays open and empty: it sends nothing after the handshake.
         .stdin(Stdio::piped())
@@ -44,7 +42,7 @@ async fn a_tls_client_silent_after_its_handshake_is_closed() {
     let _input = silent.stdin.take();
 
     let (code, text) = grpcurl(
-        port,
+        *port,
         &ca.cert(),
         Some(&operator),
         None,
