@@ -302,11 +302,22 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `tsagent <args>` with `--control-socket <control_socket>`, logging to `log`.
     pub fn spawn(args: &[String], control_socket: &Path, log: &Path) -> AgentProcess {
+        AgentProcess::spawn_with_env(args, control_socket, log, &[])
+    }
+
+    /// As [`AgentProcess::spawn`], with `env` set in its environment.
+    pub fn spawn_with_env(
+        args: &[String],
+        control_socket: &Path,
+        log: &Path,
+        env: &[(&str, &Path)],
+    ) -> AgentProcess {
         let log = LogFile::create(log);
         let (stdout, stderr) = log.stdio();
         let mut command = Command::new(workspace_binary("tsagent"));
         command
             .args(args)
+            .envs(env.iter().copied())
             .arg("--control-socket")
             .arg(control_socket)
             .env("RUST_LOG", "info")

@@ -22,15 +22,25 @@ const LISTEN: Duration = Duration::from_secs(2);
 
 /// The alert the broker at `url` answers this agent's client certificate with
 /// ("received fatal alert: CertificateRevoked"), if it refuses it; `None` when it takes it,
-/// cannot be asked, or the agent has no client certificate or CA file to present and check.
+/// cannot be asked, or the agent has no client certificate to present. The broker's own
+/// certificate is checked as the agent's gRPC channel checks it: against `--broker-ca`, or
+/// without one against the system's CAs (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured).
 pub async fn refusal(url: &str, tls: &BrokerTls) -> Option<String> {
-    let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) else {
+    let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else {
         return None;
     };
     let (address, host) = address_and_host(url)?;
     let mut roots = RootCertStore::empty();
-    for certificate in pem::read_certificates(ca, "--broker-ca").ok()?.certificates {
-        roots.add(certificate).ok()?;
+    match &tls.ca {
+        Some(ca) => {
+            for certificate in pem::read_certificates(ca, "--broker-ca").ok()?.certificates {
+                roots.add(certificate).ok()?;
+            }
+        }
+        None => {
+            // Those it can read; the gRPC channel makes do with the same.
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
     }
     let (chain, key) = pem::read_key_pair(cert, key).ok()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -17,8 +17,9 @@ use crate::tls::{agent_args, broker_link, grpcurl, start_broker, tls_flags, wait
 /// of another CA's, a file with none), and serves with an empty one; once a machine's
 /// certificate is revoked and the list file replaced, the running broker takes it up without a
 /// restart: an operator's revoked certificate is refused at its next handshake (grpcurl), the
-/// machine's stream, open since before, is cut and its agent's reconnections refused, while
-/// the farm's other machine keeps its stream; the operator then removes the machine. A list
+/// machine's stream, open since before, is cut and its agent's reconnections refused (and it
+/// says why, whether it checks the broker with --broker-ca or the system's CAs), while the
+/// farm's other machine keeps its stream; the operator then removes the machine. A list
 /// that cannot be used (signed by another key) refuses new handshakes but cuts no one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
@@ -109,7 +110,25 @@ async fn a_revoked_certificate_is_refused_without_a_broker_restart() {
         )
     };
     let mut first = spawn("ts1", &ts1);
-    let mut second = spawn("ts2", &ts2);
+    // ts2 trusts the broker through the system's CAs (no --broker-ca; SSL_CERT_FILE names
+    // them), as with a broker certificate of a public CA.
+    let mut second = AgentProcess::spawn_with_env(
+        &agent_args(
+            port,
+            "ts2.tls.test",
+            &path("ts2"),
+            &[],
+            &[
+                "--tls-cert".to_owned(),
+                ts2.cert.display().to_string(),
+                "--tls-key".to_owned(),
+                ts2.key.display().to_string(),
+            ],
+        ),
+        &path("ts2.sock"),
+        &path("ts2.log"),
+        &[("SSL_CERT_FILE", &ca_cert)],
+    );
     first.wait_until_connected(Duration::from_secs(30)).await;
     second.wait_until_connected(Duration::from_secs(30)).await;
     let list_machines = || crate::tls::list_machines(port, &ca_cert, &operator);
