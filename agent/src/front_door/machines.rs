@@ -132,7 +132,7 @@ impl MachineCache {
         let machines = self.list_machines().await?;
         let listed: Vec<pb::Machine> = machines
             .into_iter()
-            .filter(|machine| machine.farm.eq_ignore_ascii_case(&self.farm))
+            .filter(|machine| machine.farm == self.farm)
             .collect();
         let hosts: Vec<&str> = listed
             .iter()

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tonic::Code;
 use tsbroker_common::proto::v1 as pb;
+use tsbroker_common::validate;
 use tsbroker_common::warning_limit::WarningLimit;
 
 use super::x224::{RoutingHint, split_domain};
@@ -111,9 +112,24 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
     if user.is_empty() {
         return None;
     }
+    let domain = domain.unwrap_or_default().trim();
+    // A name the broker would refuse (a control character: bytes 0x80-0x9F of an ANSI code
+    // page read as Latin-1) names no one it can look up: the client is taken as naming no
+    // user, so the broker still decides (a full farm's refusal, the limits), rather than
+    // this front door alone.
+    let valid = if may_be_truncated {
+        validate::cut_user_name("user_name", user)
+    } else {
+        validate::user_name("user_name", user)
+    }
+    .and_then(|_| validate::domain("domain", domain));
+    if let Err(error) = valid {
+        tracing::debug!(cookie = %name.escape_debug(), %error, "a cookie's user name that the broker would refuse: taken as naming no user");
+        return None;
+    }
     Some(ConnectingUser {
         user_name: user.to_owned(),
-        domain: domain.unwrap_or_default().trim().to_owned(),
+        domain: domain.to_owned(),
         may_be_truncated,
     })
 }
@@ -168,7 +184,9 @@ pub async fn decide(
                 full: false,
             },
         },
-        RoutingHint::Collection(farm) if farm.eq_ignore_ascii_case(&shared.settings.farm) => {
+        // Spelt exactly as the farm: the broker's farm names are case-sensitive (`default`
+        // and `Default` are two farms), and a collection is one of them.
+        RoutingHint::Collection(farm) if *farm == shared.settings.farm => {
             redirect(shared, None, client, refused).await
         }
         RoutingHint::Collection(farm) => Decision::Refuse {
@@ -524,6 +542,17 @@ mod cookie_tests {
         assert_eq!(named(" CORP \\ kate "), plain("CORP", "kate"));
         assert_eq!(named("mary ann "), plain("", "mary ann "));
         assert_eq!(named("   "), None);
+    }
+
+    #[test]
+    fn a_name_the_broker_would_refuse_names_no_user() {
+        let named = |cookie: &str| super::user_from_cookie(cookie).is_some();
+        // U+0085 and U+009B: bytes 0x85 and 0x9B of a cookie that is not UTF-8.
+        assert!(!named("new\u{85}bie"));
+        assert!(!named("CORP\u{9b}\\kate"));
+        assert!(!named(&"x".repeat(300)));
+        assert!(named("Jos\u{e9}"));
+        assert!(named("mary ann "));
     }
 }
 

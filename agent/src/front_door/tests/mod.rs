@@ -490,10 +490,17 @@ async fn routing_tokens_reach_only_ready_farm_machines() {
     exchange(harness.front_door, &bytes).await;
     assert_eq!(next(&mut harness.local).await, bytes);
 
-    let other_farm = request_with_tail(Some("tsv://MS Terminal Services Plugin.1.elsewhere")).1;
-    let (_, back) = exchange(harness.front_door, &other_farm).await;
-    assert!(back.is_empty());
-    nothing(&mut harness.local).await;
+    // Another farm's collection, and one spelt otherwise than this farm (`DEFAULT` is another
+    // farm than `default` at the broker): refused.
+    for line in [
+        "tsv://MS Terminal Services Plugin.1.elsewhere",
+        "tsv://MS Terminal Services Plugin.1.DEFAULT",
+    ] {
+        let other_farm = request_with_tail(Some(line)).1;
+        let (_, back) = exchange(harness.front_door, &other_farm).await;
+        assert!(back.is_empty(), "{line}");
+        nothing(&mut harness.local).await;
+    }
     harness
         .fake
         .with(|state| assert!(state.redirect_requests.is_empty()));
@@ -686,6 +693,40 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
     let (_, anonymous) = request_with_tail(None);
     exchange(harness.front_door, &anonymous).await;
     assert_eq!(next(&mut harness.local).await, anonymous);
+    harness.shutdown.cancel();
+}
+
+/// A cookie whose name the broker would refuse (here U+0085, what byte 0x85 of an ANSI code
+/// page reads as) is taken as naming no user: the broker is asked without one and decides, as
+/// for any client (it used to answer INVALID_ARGUMENT, and the client went to the local RDP
+/// service past a full farm's refusal).
+#[tokio::test]
+async fn a_cookie_the_broker_would_refuse_is_decided_by_the_broker_as_naming_no_user() {
+    let mut harness = harness(Vec::new(), true).await;
+    assert!(
+        harness
+            .agent
+            .wait_until_connected(Duration::from_secs(10))
+            .await
+    );
+    let (remote_address, mut remote) = echo_server().await;
+    harness.answer_with(answer(
+        "ts2.example",
+        &remote_address.to_string(),
+        pb::RedirectReason::LoadBalanced,
+    ));
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=new\u{85}bie"));
+    exchange(harness.front_door, &bytes).await;
+    assert!(next(&mut remote).await.ends_with(&bytes));
+    nothing(&mut harness.local).await;
+    let asked: Vec<String> = harness.fake.with(|state| {
+        state
+            .redirect_requests
+            .iter()
+            .map(|request| request.user_name.clone())
+            .collect()
+    });
+    assert_eq!(asked, [""]);
     harness.shutdown.cancel();
 }
 

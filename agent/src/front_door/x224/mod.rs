@@ -297,10 +297,21 @@ fn trim_trailing_spaces(bytes: &[u8]) -> &[u8] {
     bytes.get(..end).unwrap_or_default()
 }
 
-/// Decodes a name: UTF-8 when valid, else each byte as the Latin-1 character of that value.
+/// Decodes a name: UTF-8 when valid — also when only its last character is incomplete after
+/// others that are UTF-8's own (a client cut the cookie's bytes inside a character), which is
+/// then dropped — else each byte as the Latin-1 character of that value (`jos\xe9` is `josé`).
 fn decode_text(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.to_owned(),
+        Err(error)
+            if error.error_len().is_none()
+                && bytes
+                    .get(..error.valid_up_to())
+                    .is_some_and(|whole| !whole.is_ascii()) =>
+        {
+            let whole = bytes.get(..error.valid_up_to()).unwrap_or_default();
+            String::from_utf8_lossy(whole).into_owned()
+        }
         Err(_) => bytes.iter().map(|&b| char::from(b)).collect(),
     }
 }

@@ -246,6 +246,22 @@ fn user_name_latin1() {
     assert_eq!(req.hint, RoutingHint::UserName("jürgen".into()));
 }
 
+/// A UTF-8 name whose bytes were cut inside its last character loses that character only;
+/// one ANSI byte after ASCII is still Latin-1.
+#[test]
+fn user_name_utf8_cut_inside_a_character() {
+    let mut line = b"Cookie: mstshash=".to_vec();
+    line.extend_from_slice(&"Александров".as_bytes()[..9]);
+    line.extend_from_slice(b"\r\n");
+    let req = complete(&packet_with_variable(&line));
+    assert_eq!(req.hint, RoutingHint::UserName("Алек".into()));
+    let mut line = b"Cookie: mstshash=jos".to_vec();
+    line.push(0xE9); // 'é' in Windows-1252, a UTF-8 lead byte
+    line.extend_from_slice(b"\r\n");
+    let req = complete(&packet_with_variable(&line));
+    assert_eq!(req.hint, RoutingHint::UserName("josé".into()));
+}
+
 /// A UTF-8 user name is kept as is.
 #[test]
 fn user_name_utf8() {
