@@ -3,8 +3,11 @@
 //! connects from (mstsc cuts `christopher.jones` and `christopher.smith` both to `christoph`;
 //! the one of them with a session opened from this client's address is the one coming back).
 
+use std::borrow::Cow;
+
+use super::RedirectQuery;
 use crate::store::{SessionRecord, Store, StoreResult};
-use tsbroker_common::model::client_ip;
+use tsbroker_common::model::{self, client_ip};
 
 /// mstsc cuts the `mstshash` cookie to this many characters.
 const TRUNCATED_COOKIE_CHARS: usize = 9;
@@ -21,6 +24,24 @@ pub fn may_be_cut(user_name: &str, domain: &str, flagged: bool) -> bool {
     flagged
         && (user == TRUNCATED_COOKIE_CHARS
             || (!domain.is_empty() && domain.chars().count() + 1 + user == TRUNCATED_COOKIE_CHARS))
+}
+
+/// The key a new logon of `user_key` (the user the decision found for `query`) is held under
+/// while in flight: the user's own — but for a name flagged as possibly cut that is no known
+/// user's, the cut name with the client's IP. People who share a cut name (everyone of a
+/// domain of 9 characters or more: mstsc sends `CORPORATE\jsmith` as `CORPORATE`) are then
+/// not taken for one user's retries and all sent to the first one's machine, while one
+/// client's retries still are.
+pub fn logon_key<'a>(query: &RedirectQuery, user_key: &'a str) -> Cow<'a, str> {
+    let unresolved_cut = may_be_cut(
+        &query.user_name,
+        &query.domain,
+        query.user_name_may_be_truncated,
+    ) && user_key == model::user_key(&query.user_name);
+    match client_ip(&query.client_address) {
+        Some(ip) if unresolved_cut => Cow::Owned(format!("{user_key} from {ip}")),
+        _ => Cow::Borrowed(user_key),
+    }
 }
 
 /// The one user whose key starts with the cut `prefix` and who has a session opened (or last
@@ -59,6 +80,29 @@ pub async fn user_by_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_name_that_is_no_users_is_held_with_the_clients_address() {
+        let query = |user: &str, flagged: bool, client: &str| RedirectQuery {
+            user_name: user.into(),
+            user_name_may_be_truncated: flagged,
+            client_address: client.into(),
+            ..Default::default()
+        };
+        let cut = query("CORPORATE", true, "10.0.0.7:50123");
+        assert_eq!(logon_key(&cut, "corporate"), "corporate from 10.0.0.7");
+        // Resolved to a user: that user's.
+        assert_eq!(logon_key(&cut, "corporate.jones"), "corporate.jones");
+        // Not flagged, or no address to tell clients apart: the name's.
+        assert_eq!(
+            logon_key(&query("CORPORATE", false, "10.0.0.7:1"), "corporate"),
+            "corporate"
+        );
+        assert_eq!(
+            logon_key(&query("CORPORATE", true, ""), "corporate"),
+            "corporate"
+        );
+    }
 
     #[test]
     fn a_flagged_name_may_be_cut_only_at_the_cookies_length() {

@@ -63,7 +63,7 @@ impl DecisionSettings {
 }
 
 /// A validated redirect question.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RedirectQuery {
     pub farm: String,
     /// Empty when the client sent no user hint.
@@ -206,7 +206,7 @@ impl Decider {
         if new_logon && !query.user_name.is_empty() {
             self.recent_logons.record(
                 &query.farm,
-                &model::user_key(&query.user_name),
+                &cut_name::logon_key(query, &model::user_key(&query.user_name)),
                 &answer.target,
                 std::time::Instant::now(),
             );
@@ -414,7 +414,7 @@ impl Decider {
         }
         let pending = self
             .store
-            .pending_logon(&query.farm, &user_key, now)
+            .pending_logon(&query.farm, &cut_name::logon_key(query, &user_key), now)
             .await?;
         if let Some(machine) = pending.filter(|machine| {
             machine.takes_its_users_back(lease_cutoff)
@@ -501,6 +501,8 @@ impl Decider {
         lease_cutoff: i64,
         check_sessions: bool,
     ) -> Result<Option<RedirectAnswer>, ApiError> {
+        // Held as in flight under this key (the user's, or a cut name's with the client's IP).
+        let logon_key = cut_name::logon_key(query, user_key);
         // A plug-in is asked outside the farm's lock (it may take up to its deadline); its pick
         // is honoured if it is still a candidate once the lock is held.
         let preferred = match self.plugins.for_farm(&query.farm) {
@@ -508,7 +510,7 @@ impl Decider {
                 let farm_settings = self.farms.get(&query.farm);
                 let request = PlacementRequest {
                     farm: &query.farm,
-                    user_key,
+                    user_key: &logon_key,
                     now,
                     lease_cutoff,
                     pending_ttl_ms: self.settings.pending_logon_ttl.as_millis() as i64,
@@ -538,7 +540,7 @@ impl Decider {
             .refusals
             .avoided(std::time::Instant::now(), &query.excluded_machines);
         let job = |avoided: &[uuid::Uuid]| PlacementJob {
-            user_key: user_key.to_owned(),
+            user_key: logon_key.clone().into_owned(),
             excluded: [query.excluded_machines.as_slice(), avoided].concat(),
             preferred,
             check_sessions,

@@ -98,7 +98,7 @@ impl RecentLogons {
         }
         let target = self.recall(
             &query.farm,
-            &model::user_key(&query.user_name),
+            &super::cut_name::logon_key(query, &model::user_key(&query.user_name)),
             &query.excluded_machines,
             Instant::now(),
         )?;

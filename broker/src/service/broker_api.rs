@@ -30,12 +30,18 @@ impl BrokerApi {
 }
 
 fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiError> {
-    let user_name = if request.user_name.is_empty() {
+    // A `DOMAIN\user` cookie passed on whole (no `domain` given) is taken apart as the front
+    // door does: `CORP\bob` is user `bob` of domain `CORP`, `CORP\` names no user.
+    let (domain, user) = match request.user_name.split_once('\\') {
+        Some((domain, user)) if request.domain.is_empty() => (domain, user),
+        _ => (request.domain.as_str(), request.user_name.as_str()),
+    };
+    let user_name = if user.is_empty() {
         String::new()
     } else if request.user_name_may_be_truncated {
-        validate::cut_user_name("user_name", &request.user_name)?
+        validate::cut_user_name("user_name", user)?
     } else {
-        validate::user_name("user_name", &request.user_name)?
+        validate::user_name("user_name", user)?
     };
     if !request.receiving_machine_id.is_empty() {
         validate::machine_id("receiving_machine_id", &request.receiving_machine_id)?;
@@ -59,7 +65,7 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
     Ok(RedirectQuery {
         farm: validate::farm_name("farm", &request.farm)?,
         user_name,
-        domain: validate::domain("domain", &request.domain)?,
+        domain: validate::domain("domain", domain)?,
         user_name_may_be_truncated: request.user_name_may_be_truncated,
         client_address: request.client_address.clone(),
         excluded_machines,
@@ -386,5 +392,26 @@ mod tests {
             ..good
         };
         assert!(redirect_query(&too_many).is_err());
+    }
+
+    #[test]
+    fn a_user_name_with_a_domain_is_taken_apart_as_the_front_door_does() {
+        let named = |user: &str, domain: &str| {
+            let query = redirect_query(&pb::RedirectRequest {
+                user_name: user.into(),
+                domain: domain.into(),
+                farm: "default".into(),
+                ..Default::default()
+            })
+            .unwrap();
+            (query.domain, query.user_name)
+        };
+        let pair = |domain: &str, user: &str| (domain.to_owned(), user.to_owned());
+        assert_eq!(named("CORP\\bob", ""), pair("CORP", "bob"));
+        assert_eq!(named("CORP\\", ""), pair("CORP", ""));
+        assert_eq!(named("\\bob", ""), pair("", "bob"));
+        // A domain given: the name is taken as it is (and refused only for what it holds).
+        assert_eq!(named("bob", "CORP"), pair("CORP", "bob"));
+        assert_eq!(named("CORP\\bob", "CORP"), pair("CORP", "CORP\\bob"));
     }
 }

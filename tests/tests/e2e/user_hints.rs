@@ -1,7 +1,8 @@
 //! What a client says of its user, end to end over real gRPC on both stores: names cut from an
 //! `mstshash` cookie (mstsc keeps 9 characters) and names in user principal form find their
 //! user's session; a cut name several users share, and a client that names no user at all
-//! (mstsc with a collection's load-balancing info), are told apart by the client's address.
+//! (mstsc with a collection's load-balancing info), are told apart by the client's address, as
+//! are new users who share a cut name that is no one's.
 
 use crate::support::{on_both_stores, reason};
 use tsbroker_common::proto::v1 as pb;
@@ -13,6 +14,7 @@ on_both_stores!(
     cut_and_principal_names_find_their_user,
     a_shared_cut_name_finds_the_user_whose_session_came_from_the_client,
     a_client_that_names_no_user_finds_the_one_user_with_sessions_from_its_address,
+    people_who_share_a_cut_name_that_is_no_users_are_not_one_users_retries,
 );
 
 /// A Redirect as a front door asks it for a cookie of exactly 9 characters.
@@ -160,6 +162,48 @@ async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
         .unwrap()
         .into_inner();
     assert_eq!(reason(&carl), pb::RedirectReason::LoadBalanced);
+    broker.stop().await;
+}
+
+/// mstsc sends `CORPORATE\\jsmith` and `CORPORATE\\akim` both as `CORPORATE` (a domain of 9
+/// characters fills the cookie). Two people logging on at once with it are placed each as a
+/// new user, by the policy, not as one user's logon in flight; a client's retry (another port
+/// of the same address) still finds its own logon in flight.
+async fn people_who_share_a_cut_name_that_is_no_users_are_not_one_users_retries(
+    database: &TestDatabase,
+) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let client = broker.broker_client().await;
+    let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let _b = FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await;
+    let ask = |client_address: &str| {
+        let request = pb::RedirectRequest {
+            client_address: client_address.to_owned(),
+            ..truncated("CORPORATE")
+        };
+        let mut client = client.clone();
+        async move { client.redirect(request).await.unwrap().into_inner() }
+    };
+    let first = ask("10.0.0.7:50001").await;
+    assert_eq!(reason(&first), pb::RedirectReason::LoadBalanced);
+    let retry = ask("10.0.0.7:50002").await;
+    assert_eq!(
+        (retry.machine_name.as_str(), reason(&retry)),
+        (
+            first.machine_name.as_str(),
+            pb::RedirectReason::PendingLogon
+        )
+    );
+    let other = ask("10.0.0.8:50001").await;
+    assert_eq!(
+        reason(&other),
+        pb::RedirectReason::LoadBalanced,
+        "{other:?}"
+    );
+    assert_ne!(
+        other.machine_name, first.machine_name,
+        "the fewest sessions and logons in flight"
+    );
     broker.stop().await;
 }
 
