@@ -134,8 +134,14 @@ pub fn address(field: &'static str, text: &str) -> Result<String, ValidationErro
             format!("longer than {MAX_ADDRESS} bytes"),
         ));
     }
-    let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(ValidationError::new(field, "expected host:port"));
+    // `[::1]` or `::1` alone: an IPv6 address without its port.
+    let bare_v6 = (text.starts_with('[') && text.ends_with(']'))
+        || text.parse::<std::net::Ipv6Addr>().is_ok();
+    let Some((host, port)) = text.rsplit_once(':').filter(|_| !bare_v6) else {
+        return Err(ValidationError::new(
+            field,
+            "expected host:port (an IPv6 host in brackets: [::1]:3389)",
+        ));
     };
     let port_ok = port.parse::<u16>().is_ok_and(|port| port != 0);
     if !port_ok {
@@ -269,6 +275,10 @@ mod tests {
         assert!(address("a", "ts1:99999").is_err());
         assert!(address("a", "::1:3389").is_err());
         assert!(address("a", ":3389").is_err());
+        for bare in ["[::1]", "::1", "[fd00::2]"] {
+            let why = address("a", bare).unwrap_err().to_string();
+            assert!(why.contains("expected host:port"), "{bare}: {why}");
+        }
     }
 
     #[test]

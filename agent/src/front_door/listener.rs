@@ -58,6 +58,9 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
             accepted = pause.next_connection(&listener) => accepted,
         };
+        // An IPv4 client of a dual-stack [::] listener as its IPv4 address: `10.0.0.5:50000`
+        // in the sessions, the broker's requests and the log, not `[::ffff:10.0.0.5]:50000`.
+        let peer = route::canonical(peer);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let per_client = per_client.clone();

@@ -135,7 +135,7 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
 }
 
 /// `address` with an IPv4-mapped IPv6 address (`[::ffff:10.0.0.5]:3389`) as plain IPv4.
-fn canonical(address: SocketAddr) -> SocketAddr {
+pub(super) fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 

@@ -785,11 +785,25 @@ fn shutdown_message(reason: &str, removed: bool) -> pb::BrokerMessage {
 
 /// Checks every session of a RESYNC; the message names the first bad one.
 fn validate_sessions(sessions: Vec<pb::SessionInfo>) -> Result<Vec<SessionInfo>, String> {
-    sessions
+    let sessions: Vec<SessionInfo> = sessions
         .into_iter()
         .enumerate()
         .map(|(index, session)| {
             SessionInfo::try_from(session).map_err(|error| format!("sessions[{index}].{error}"))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // A machine's session numbers are its own and unique: a list naming one twice says two
+    // things of it, and neither is taken.
+    let mut seen = std::collections::HashSet::with_capacity(sessions.len());
+    if let Some((index, session)) = sessions
+        .iter()
+        .enumerate()
+        .find(|(_, session)| !seen.insert(session.session_id))
+    {
+        return Err(format!(
+            "sessions[{index}].session_id: session {} is listed twice",
+            session.session_id
+        ));
+    }
+    Ok(sessions)
 }

@@ -492,6 +492,19 @@ async fn protocol_violations_get_precise_answers(database: &TestDatabase) {
         bad_resync.message().contains("sessions[1].user_name"),
         "{bad_resync:?}"
     );
+    // As is one that names a session twice (which of the two is the session?).
+    let twice = agent
+        .resync(vec![
+            session(1, "a", pb::SessionState::Active),
+            session(1, "b", pb::SessionState::Disconnected),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::InvalidArgument);
+    assert!(
+        twice.message().contains("session 1 is listed twice"),
+        "{twice:?}"
+    );
     agent.resync(vec![]).await.unwrap();
     agent.ready().await.unwrap();
     // An event without a type is refused; the stream goes on.
