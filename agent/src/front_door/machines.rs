@@ -271,19 +271,27 @@ impl MachineCache {
         self.find(lookup)
     }
 
-    /// The READY machine a routing token names: one whose host resolves to the token's IP,
-    /// preferring one whose advertised port is the token's port. Without such an exact match
-    /// the list is refreshed first (the machine may have joined moments ago, and another
-    /// machine at the same IP must not stand in for it); then a machine at the token's IP on
-    /// another port is taken (a token may name the RDP port behind a front door).
+    /// The READY machine a routing token names: one whose host resolves to the token's IP
+    /// and whose advertised port is the token's port. Without such an exact match the list is
+    /// refreshed first (the machine may have joined moments ago, and another machine at the
+    /// same IP must not stand in for it); then the machine at the token's IP on another port
+    /// is taken when it is the only one there (a token may name the RDP port behind a front
+    /// door), and none when several share the IP (containers, NAT): which one it meant is not
+    /// known.
     pub async fn routing_target(&self, token: SocketAddrV4) -> Option<KnownMachine> {
         let ip = IpAddr::V4(*token.ip());
         let lookup = |machines: &[KnownMachine]| {
-            machines
+            let at_ip: Vec<&KnownMachine> = machines
                 .iter()
                 .filter(|machine| machine.ready && machine.ips.contains(&ip))
-                .max_by_key(|machine| machine.port == token.port())
-                .cloned()
+                .collect();
+            match at_ip.iter().find(|machine| machine.port == token.port()) {
+                Some(exact) => Some((*exact).clone()),
+                None => match at_ip.as_slice() {
+                    [only] => Some((*only).clone()),
+                    _ => None,
+                },
+            }
         };
         if let Some(machine) = self.find(lookup)
             && machine.port == token.port()
@@ -347,9 +355,18 @@ mod tests {
             found.map(|machine| machine.name),
             Some("ts3.example".into())
         );
-        // A port no machine advertises: a machine at that IP still stands for it.
+        // A port no machine advertises: the one machine at that IP stands for it (the RDP
+        // port behind its front door); where several share the IP, none does.
+        let token: SocketAddrV4 = "192.0.2.5:3390".parse().unwrap();
+        assert_eq!(
+            cache
+                .routing_target(token)
+                .await
+                .map(|machine| machine.name),
+            Some("ts2.example".into())
+        );
         let token: SocketAddrV4 = "127.0.0.1:3389".parse().unwrap();
-        assert!(cache.routing_target(token).await.is_some());
+        assert!(cache.routing_target(token).await.is_none());
         // Still nobody at an address of no machine.
         assert!(cache.peer("198.51.100.1".parse().unwrap()).await.is_none());
     }
