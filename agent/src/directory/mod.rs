@@ -386,7 +386,7 @@ impl Directory {
         domain: &str,
         client_address: &str,
     ) -> Option<Attachment> {
-        let request = rules::checked(SessionRequest {
+        let request = rules::checked_cookie(SessionRequest {
             user_name: user_name.to_owned(),
             domain: domain.to_owned(),
             session_id: None,
@@ -396,6 +396,13 @@ impl Directory {
         .ok()?;
         let (attachment, generation) = {
             let mut table = self.lock();
+            // A cut name ending in a space (`mary ann `) finds its session, but names no new
+            // one: the connection is then an unknown user's, named by its logon.
+            if request.user_name.trim_end() != request.user_name
+                && !rules::may_return_here(&table, Some((user_name, domain)), client_address)
+            {
+                return None;
+            }
             let attachment = rules::front_door_attach(&mut table, request, model::now_millis());
             (attachment, table.changed())
         };

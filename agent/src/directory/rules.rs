@@ -24,9 +24,26 @@ use super::{
 /// The request with its names checked. A client address that is not an IP address is left
 /// out (with a warning): the session event still counts, where refusing it would lose a logon
 /// over an optional detail some PAM stack filled oddly.
-pub(super) fn checked(mut request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
+pub(super) fn checked(request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
+    validate::user_name("user", &request.user_name)
+        .map_err(|error| DirectoryError::Invalid(error.to_string()))?;
+    checked_but_the_name(request)
+}
+
+/// [`checked`], for a front door's cookie: a name that may be cut may end in a space (`mary
+/// ann ` of `mary ann lee`), kept to compare, not to name a new session.
+pub(super) fn checked_cookie(request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
+    if cookie_may_be_cut(&request.user_name, &request.domain) {
+        validate::cut_user_name("user", &request.user_name)
+    } else {
+        validate::user_name("user", &request.user_name)
+    }
+    .map_err(|error| DirectoryError::Invalid(error.to_string()))?;
+    checked_but_the_name(request)
+}
+
+fn checked_but_the_name(mut request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
     let invalid = |error: validate::ValidationError| DirectoryError::Invalid(error.to_string());
-    validate::user_name("user", &request.user_name).map_err(invalid)?;
     validate::domain("domain", &request.domain).map_err(invalid)?;
     if let Err(error) = validate::client_address("client_address", &request.client_address) {
         tracing::warn!(%error, user = %request.user_name, "client address left out");
@@ -85,6 +102,15 @@ fn domains_match(record: &SessionRecord, domain: &str) -> bool {
     domain.is_empty() || record.domain.is_empty() || record.domain.eq_ignore_ascii_case(domain)
 }
 
+/// Whether a cookie's user `name` (of `domain`) may be cut: mstsc cuts the whole cookie to 9
+/// characters, so with a domain (`CORP\kwil` of `CORP\kwilliams`) the name is shorter by the
+/// domain and its backslash.
+fn cookie_may_be_cut(name: &str, domain: &str) -> bool {
+    let user = name.chars().count();
+    user == TRUNCATED_COOKIE_LEN
+        || (!domain.is_empty() && domain.chars().count() + 1 + user == TRUNCATED_COOKIE_LEN)
+}
+
 /// A name from a client's cookie, ready to be compared with the names local sources report.
 struct CookieName {
     key: String,
@@ -95,10 +121,11 @@ struct CookieName {
 }
 
 impl CookieName {
-    fn new(name: &str) -> Self {
+    /// The cookie's user `name`, of `domain` when it came as `DOMAIN\name`.
+    fn new(name: &str, domain: &str) -> Self {
         CookieName {
             key: user_key(name),
-            may_be_cut: name.chars().count() == TRUNCATED_COOKIE_LEN,
+            may_be_cut: cookie_may_be_cut(name, domain),
             user_part_key: upn_user_part(name).map(user_key),
         }
     }
@@ -118,7 +145,7 @@ impl CookieName {
 pub(super) fn may_return_here(table: &Table, user: Option<(&str, &str)>, client: &str) -> bool {
     match user {
         Some((user_name, domain)) => {
-            let cookie = CookieName::new(user_name);
+            let cookie = CookieName::new(user_name, domain);
             table.sessions.values().any(|record| {
                 domains_match(record, domain) && cookie.names(&user_key(&record.user_name))
             })
@@ -141,7 +168,7 @@ pub(super) fn is_users(record: &SessionRecord, user_name: &str, domain: &str) ->
     }
     let key = user_key(user_name);
     match record.origin {
-        Origin::FrontDoor => CookieName::new(&record.user_name).names(&key),
+        Origin::FrontDoor => CookieName::new(&record.user_name, &record.domain).names(&key),
         Origin::Control => user_key(&record.user_name) == key,
     }
 }
@@ -370,7 +397,7 @@ pub(super) fn front_door_attach(
     request: SessionRequest,
     now: i64,
 ) -> Attachment {
-    let cookie = CookieName::new(&request.user_name);
+    let cookie = CookieName::new(&request.user_name, &request.domain);
     let named: Vec<&SessionRecord> = table
         .sessions
         .values()

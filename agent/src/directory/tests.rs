@@ -227,6 +227,36 @@ fn a_second_connection_that_ends_leaves_the_first_holding_the_session() {
     assert_eq!(drain(&mut events), vec![(Disconnect, 10, "conf".into())]);
 }
 
+/// mstsc cuts the whole cookie: `CORP\\kwilliams` arrives as user `kwil` of domain `CORP`,
+/// `mary ann lee` as `mary ann ` (the space is the cut name's). Both find their user's session
+/// here as the broker does (a connection another front door relays is not asked about).
+#[test]
+fn a_cookie_cut_with_its_domain_or_after_a_space_finds_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _events) = Directory::open(dir.path()).unwrap();
+    let with_domain = SessionRequest {
+        domain: "CORP".into(),
+        ..request("kwilliams", Some(50))
+    };
+    directory.apply(Logon, with_domain).unwrap();
+    directory
+        .apply(Logon, request("mary ann lee", Some(14)))
+        .unwrap();
+    directory
+        .apply(Disconnect, request("mary ann lee", Some(14)))
+        .unwrap();
+    let kwilliams = directory.front_door_attach("kwil", "CORP", "").unwrap();
+    assert_eq!(kwilliams.session_id, 50);
+    let mary = directory.front_door_attach("mary ann ", "", "").unwrap();
+    assert_eq!(mary.session_id, 14);
+    assert_eq!(directory.list().len(), 2, "no new session for either");
+    // A cut name with a space that is no one's is an unknown user's connection (its logon
+    // names it): no session is made under a name the broker would refuse.
+    assert!(directory.front_door_attach("anna bel ", "", "").is_none());
+    // Not cut (4 + 1 + 3 characters): not a prefix.
+    assert!(!directory.may_return_here(Some(("kwi", "CORP")), ""));
+}
+
 #[test]
 fn front_door_logon_merges_with_the_real_logon() {
     let dir = tempfile::tempdir().unwrap();
