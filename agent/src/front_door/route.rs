@@ -179,7 +179,10 @@ pub async fn decide(
                 why: "routing token".to_owned(),
             },
             None => Decision::Refuse {
-                why: format!("routing token {token} names no ready machine of the farm"),
+                why: format!(
+                    "routing token {token} names no ready machine of the farm (none at that \
+                     address, or several at its IP and none on its port)"
+                ),
                 by_broker: false,
                 full: false,
             },
