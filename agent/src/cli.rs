@@ -89,7 +89,8 @@ pub struct AgentArgs {
     #[arg(long, env = "TSAGENT_CLIENT_TIMEOUT", value_name = "DURATION")]
     pub client_timeout: Option<humantime::Duration>,
     /// Most client connections through the front door at once (each takes two file
-    /// descriptors; the agent lowers it to what its open-files limit allows) [default: 10000]
+    /// descriptors; the agent raises its soft open-files limit to fit, within the hard one,
+    /// and lowers this to what that allows) [default: 10000]
     #[arg(long, env = "TSAGENT_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Most of those connections one client address holds at once: more from it are closed at

@@ -49,6 +49,12 @@ fn main() -> ExitCode {
         return check_health(&config);
     }
     tsbroker_common::telemetry::init_logging(config.log_format);
+    // Every agent's stream and every client takes a descriptor: a shell's or a container's
+    // default soft open-files limit (often 1024) is raised to the hard one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(open_files_limit = limit, "open-files soft limit raised"),
+        Err(error) => tracing::debug!(%error, "the open-files soft limit could not be raised"),
+    }
     let runtime = match build_runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime,
         Err(code) => return code,

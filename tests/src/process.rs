@@ -265,6 +265,18 @@ pub async fn broker_process(
     (broker, log)
 }
 
+/// A `wrap` for [`broker_process`]: a shell runs `setup` (`ulimit -n 64`, a `trap`), then
+/// execs the binary with its arguments (the same process: its pid is the broker's).
+pub fn in_shell(setup: &str, binary: PathBuf, args: Vec<String>) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("{setup} && exec \"$0\" \"$@\""))
+        .arg(binary)
+        .args(args);
+    command
+}
+
 /// [`broker_process`] running the binary as it is, with no other arguments.
 pub async fn plain_broker_process(dir: &Path, port: u16) -> (ChildGuard, LogFile) {
     broker_process(dir, port, |binary, args| {

@@ -5,8 +5,15 @@
 /// Descriptors kept for everything but the front door's connections.
 const RESERVED: u64 = 64;
 
-/// `wanted`, lowered to what the open-files limit allows (warned about when it is).
+/// `wanted`, lowered to what the open-files limit allows (warned about when it is). The soft
+/// limit is raised first to what `wanted` needs, within the hard one (a shell's or a
+/// container's default soft limit, often 1024, would hold the front door to 480 connections).
 pub fn connections_allowed(wanted: usize) -> usize {
+    let needed = (wanted as u64).saturating_mul(2).saturating_add(RESERVED);
+    match rlimit::increase_nofile_limit(needed) {
+        Ok(now) => tracing::debug!(open_files_limit = now, "open-files soft limit raised"),
+        Err(error) => tracing::debug!(%error, "the open-files soft limit could not be raised"),
+    }
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     match open_files_limit(&limits) {
         Some(limit) => {
@@ -16,7 +23,7 @@ pub fn connections_allowed(wanted: usize) -> usize {
                     open_files_limit = limit,
                     max_connections = wanted,
                     allowed,
-                    "the open-files limit holds the front door to fewer connections than max_connections (raise LimitNOFILE= or `ulimit -n`)"
+                    "the open-files limit holds the front door to fewer connections than max_connections (raise the hard limit: LimitNOFILE= in the unit, `ulimit -Hn`, a container's --ulimit nofile)"
                 );
             }
             allowed

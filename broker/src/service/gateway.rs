@@ -708,12 +708,13 @@ impl AgentStream {
                             machine = %name,
                             "machine's stream ended: this broker is stopping"
                         ),
-                        // A stop or restart of the agent: its users are still sent to it for
-                        // the heartbeat timeout, which its restart is expected to beat.
+                        // A stop or restart of the agent, or its move to another replica:
+                        // its users are still sent to it for the heartbeat timeout, which its
+                        // return is expected to beat.
                         StreamEnd::Closed => tracing::info!(
                             machine = %name,
-                            "machine's agent closed its stream (stopping or restarting): \
-                             unreachable until it is back"
+                            "machine's agent closed its stream (stopping, restarting, or moving \
+                             to another broker replica): unreachable until its stream is back"
                         ),
                         _ => tracing::warn!(
                             machine = %name,

@@ -1,11 +1,12 @@
 //! A broker out of file descriptors: it pauses its accepting instead of spinning on the
-//! failure, says so once, and serves again when connections close.
+//! failure, says so once, and serves again when connections close. Started with a low soft
+//! limit under a higher hard one, it raises the soft one first.
 
 use std::process::Command;
 use std::time::Duration;
 
 use tsbroker_tests::binaries::workspace_binary;
-use tsbroker_tests::process::{broker_process, free_port};
+use tsbroker_tests::process::{broker_process, free_port, in_shell};
 
 /// CPU time (user + system) the process has used, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -31,13 +32,7 @@ async fn out_of_descriptors_the_broker_pauses_says_so_and_serves_again() {
     let port = free_port();
     // 64 descriptors: enough for the broker's own files and pools, not for 100 clients.
     let (mut broker, log) = broker_process(dir.path(), port, |binary, args| {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
-            .arg(binary)
-            .args(args);
-        command
+        in_shell("ulimit -n 64", binary, args)
     })
     .await;
 
@@ -104,4 +99,34 @@ async fn out_of_descriptors_the_broker_pauses_says_so_and_serves_again() {
         "{}",
         log.tail(20)
     );
+}
+
+/// `Max open files` of a process: (soft, hard), `None` for unlimited.
+fn open_files(pid: u32) -> (Option<u64>, Option<u64>) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let mut values = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|value| value.parse().ok());
+    (values.next().flatten(), values.next().flatten())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_raises_its_soft_open_files_limit_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // A shell's default: 1024 soft (here 256), a higher hard limit.
+    let (broker, _log) = broker_process(dir.path(), port, |binary, args| {
+        in_shell("ulimit -S -n 256", binary, args)
+    })
+    .await;
+    let (soft, hard) = open_files(broker.pid());
+    assert!(
+        hard.is_none_or(|hard| hard > 256),
+        "the hard limit is {hard:?}"
+    );
+    assert_eq!(soft, hard);
 }

@@ -15,7 +15,7 @@ use tsbroker_common::proto::v1::broker_client::BrokerClient;
 use tsbroker_tests::FakeAgent;
 use tsbroker_tests::binaries::tool;
 use tsbroker_tests::fake_agent::{machine as description, session};
-use tsbroker_tests::process::{broker_process, connect, free_port, plain_broker_process};
+use tsbroker_tests::process::{broker_process, connect, free_port, in_shell, plain_broker_process};
 
 fn limit_file_size(pid: u32, limit: &str) {
     let prlimit = tool("prlimit", "apt-get install util-linux");
@@ -45,13 +45,8 @@ async fn a_database_that_takes_no_writes_is_an_outage_and_users_are_sent_back_af
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (broker, log) = broker_process(dir.path(), port, |binary, args| {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg("trap '' XFSZ; exec \"$0\" \"$@\"")
-            .arg(binary)
-            .args(args)
-            .args(["--heartbeat-timeout", "2s"]);
+        let mut command = in_shell("trap '' XFSZ", binary, args);
+        command.args(["--heartbeat-timeout", "2s"]);
         command
     })
     .await;
