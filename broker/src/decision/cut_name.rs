@@ -38,8 +38,8 @@ pub fn logon_key<'a>(query: &RedirectQuery, user_key: &'a str) -> Cow<'a, str> {
         &query.domain,
         query.user_name_may_be_truncated,
     ) && user_key == model::user_key(&query.user_name);
-    match client_ip(&query.client_address) {
-        Some(ip) if unresolved_cut => Cow::Owned(format!("{user_key} from {ip}")),
+    match unresolved_cut.then(|| client_ip(&query.client_address)) {
+        Some(Some(ip)) => Cow::Owned(format!("{user_key} from {ip}")),
         _ => Cow::Borrowed(user_key),
     }
 }
