@@ -14,8 +14,7 @@ pub fn connections_allowed(wanted: usize) -> usize {
         Ok(now) => tracing::debug!(open_files_limit = now, "open-files soft limit raised"),
         Err(error) => tracing::debug!(%error, "the open-files soft limit could not be raised"),
     }
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    match open_files_limit(&limits) {
+    match soft_limit() {
         Some(limit) => {
             let allowed = allowed_by(limit, wanted);
             if allowed < wanted {
@@ -37,41 +36,25 @@ fn allowed_by(limit: u64, wanted: usize) -> usize {
     usize::try_from(allowed).map_or(wanted, |allowed| allowed.min(wanted))
 }
 
-/// The soft limit of `Max open files` in `/proc/self/limits`' text; `None` when unlimited or
-/// not found.
-fn open_files_limit(limits: &str) -> Option<u64> {
-    let line = limits
-        .lines()
-        .find(|line| line.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// The open-files soft limit now; `None` when unlimited or not readable.
+fn soft_limit() -> Option<u64> {
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).ok()?;
+    (soft != rlimit::INFINITY).then_some(soft)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LIMITS: &str = "Limit                     Soft Limit           Hard Limit           Units     \n\
-Max cpu time              unlimited            unlimited            seconds   \n\
-Max open files            1024                 524288               files     \n";
-
     #[test]
-    fn the_soft_limit_is_read_and_leaves_room_for_the_rest() {
-        assert_eq!(open_files_limit(LIMITS), Some(1024));
+    fn the_limit_leaves_room_for_the_rest() {
         assert_eq!(allowed_by(1024, 10_000), 480);
         assert_eq!(allowed_by(65_536, 10_000), 10_000);
         assert_eq!(allowed_by(10, 10_000), 1);
-        let unlimited = LIMITS.replace("1024                ", "unlimited           ");
-        assert_eq!(open_files_limit(&unlimited), None);
-        assert_eq!(open_files_limit("nothing here"), None);
     }
 
     #[test]
     fn this_process_has_a_limit_to_read() {
-        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-        assert!(open_files_limit(&limits).is_some_and(|limit| limit > 0));
+        assert!(soft_limit().is_some_and(|limit| limit > 0));
     }
 }
