@@ -116,11 +116,7 @@ impl Ca {
 
     /// A server certificate for `localhost` and 127.0.0.1, files `name.pem` and `name.key`.
     pub fn server(&self, name: &str) -> anyhow::Result<CertifiedKey> {
-        self.sign(
-            name,
-            "localhost",
-            "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
-        )
+        self.sign(name, "localhost", SERVER_EXTENSIONS)
     }
 
     /// A client certificate for `common_name` (also its subjectAltName DNS name: the machine
@@ -136,12 +132,7 @@ impl Ca {
     /// A server certificate as [`Ca::server`]'s, valid from now until `not_after` (to the
     /// second: `openssl ca`, as `openssl x509` counts in days).
     pub fn server_until(&self, name: &str, not_after: SystemTime) -> anyhow::Result<CertifiedKey> {
-        let signed = self.sign(
-            name,
-            "localhost",
-            "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
-        )?;
-        // Signed again with the end given: `openssl ca` takes the request and the extensions.
+        let request = self.request(name, "localhost", SERVER_EXTENSIONS)?;
         let config = self.revocation_config()?;
         let serial = self.dir.join(format!("{}.srl", self.name));
         if !serial.exists() {
@@ -150,11 +141,6 @@ impl Ca {
         let end = humantime::format_rfc3339_seconds(not_after)
             .to_string()
             .replace(['-', ':', 'T'], "");
-        let (request, cert, extensions) = (
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
         openssl(
             &[
                 "ca",
@@ -163,17 +149,17 @@ impl Ca {
                 "-batch",
                 "-notext",
                 "-in",
-                &request,
+                &request.csr,
                 "-out",
-                &cert,
+                &request.cert,
                 "-enddate",
                 &end,
                 "-extfile",
-                &extensions,
+                &request.extensions,
             ],
             &self.dir,
         )?;
-        Ok(signed)
+        Ok(request.certified_key(&self.dir))
     }
 
     /// Adds `cert` (one this CA signed) to the certificates it revokes.
@@ -218,6 +204,33 @@ impl Ca {
         Ok(config)
     }
 
+    /// A key and a request for `common_name`, with the file of `extensions` to sign it with.
+    fn request(&self, name: &str, common_name: &str, extensions: &str) -> anyhow::Result<Request> {
+        let request = Request {
+            key: format!("{name}.key"),
+            csr: format!("{name}.csr"),
+            cert: format!("{name}.pem"),
+            extensions: format!("{name}.ext"),
+        };
+        let subject = format!("/CN={common_name}");
+        let fixed = [
+            "req",
+            "-new",
+            "-keyout",
+            &request.key,
+            "-out",
+            &request.csr,
+            "-subj",
+            &subject,
+        ];
+        openssl(&[&fixed[..], &NEW_KEY].concat(), &self.dir)?;
+        std::fs::write(
+            self.dir.join(&request.extensions),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{extensions}"),
+        )?;
+        Ok(request)
+    }
+
     /// A key, a request for `common_name`, and the CA's signature with `extensions`.
     fn sign(
         &self,
@@ -225,28 +238,14 @@ impl Ca {
         common_name: &str,
         extensions: &str,
     ) -> anyhow::Result<CertifiedKey> {
-        let (key, request, cert, extensions_file) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        let subject = format!("/CN={common_name}");
-        let fixed = [
-            "req", "-new", "-keyout", &key, "-out", &request, "-subj", &subject,
-        ];
-        openssl(&[&fixed[..], &NEW_KEY].concat(), &self.dir)?;
-        std::fs::write(
-            self.dir.join(&extensions_file),
-            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{extensions}"),
-        )?;
+        let request = self.request(name, common_name, extensions)?;
         let (ca_cert, ca_key) = (format!("{}.pem", self.name), format!("{}.key", self.name));
         openssl(
             &[
                 "x509",
                 "-req",
                 "-in",
-                &request,
+                &request.csr,
                 "-CA",
                 &ca_cert,
                 "-CAkey",
@@ -255,15 +254,34 @@ impl Ca {
                 "-days",
                 "2",
                 "-out",
-                &cert,
+                &request.cert,
                 "-extfile",
-                &extensions_file,
+                &request.extensions,
             ],
             &self.dir,
         )?;
-        Ok(CertifiedKey {
-            cert: self.dir.join(cert),
-            key: self.dir.join(key),
-        })
+        Ok(request.certified_key(&self.dir))
+    }
+}
+
+/// A server certificate's extensions: for `localhost` and 127.0.0.1.
+const SERVER_EXTENSIONS: &str =
+    "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n";
+
+/// The files of a certificate request (names in the CA's directory).
+struct Request {
+    key: String,
+    csr: String,
+    cert: String,
+    extensions: String,
+}
+
+impl Request {
+    /// The certificate and key, once signed.
+    fn certified_key(&self, dir: &Path) -> CertifiedKey {
+        CertifiedKey {
+            cert: dir.join(&self.cert),
+            key: dir.join(&self.key),
+        }
     }
 }
