@@ -23,6 +23,9 @@
 //! A failed write is logged and tried again on the next change (or after a pause); the
 //! change stands in memory and reaches the broker regardless.
 
+mod cut_guess;
+#[cfg(test)]
+mod cut_guess_tests;
 mod persist;
 #[cfg(test)]
 mod persist_tests;
@@ -386,6 +389,20 @@ impl Directory {
         domain: &str,
         client_address: &str,
     ) -> Option<Attachment> {
+        self.front_door_attach_as(user_name, domain, client_address, None)
+    }
+
+    /// [`Self::front_door_attach`] for a user the broker named `user_name` from a cookie that
+    /// carried `cookie_name` (a cut name it resolved to the full one): the tie to that user's
+    /// session is a guess, undone if a local source reports the logon of another user the
+    /// cookie names (`cut_guess.rs`).
+    pub fn front_door_attach_as(
+        &self,
+        user_name: &str,
+        domain: &str,
+        client_address: &str,
+        cookie_name: Option<&str>,
+    ) -> Option<Attachment> {
         let request = rules::checked_cookie(SessionRequest {
             user_name: user_name.to_owned(),
             domain: domain.to_owned(),
@@ -403,7 +420,8 @@ impl Directory {
             {
                 return None;
             }
-            let attachment = rules::front_door_attach(&mut table, request, model::now_millis());
+            let now = model::now_millis();
+            let attachment = rules::front_door_attach(&mut table, request, cookie_name, now);
             (attachment, table.changed())
         };
         // Saved soon by the writer; the connection does not wait for the disk.
@@ -464,6 +482,7 @@ impl Directory {
             pending_logon: false,
             matched: false,
             client,
+            guess: None,
         });
         UnknownConnection { attachment }
     }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tsbroker_common::model::{SessionEventKind, client_ip, upn_user_part, user_key};
 use tsbroker_common::validate;
 
+use super::cut_guess::{self, CutGuess};
 use super::{
     Attachment, DirectoryError, Origin, RecordState, SessionRecord, SessionRequest,
     TRUNCATED_COOKIE_LEN, Table,
@@ -98,7 +99,7 @@ fn one_users_sessions<'a>(
     (named, false)
 }
 
-fn domains_match(record: &SessionRecord, domain: &str) -> bool {
+pub(super) fn domains_match(record: &SessionRecord, domain: &str) -> bool {
     domain.is_empty() || record.domain.is_empty() || record.domain.eq_ignore_ascii_case(domain)
 }
 
@@ -112,7 +113,8 @@ fn cookie_may_be_cut(name: &str, domain: &str) -> bool {
 }
 
 /// A name from a client's cookie, ready to be compared with the names local sources report.
-struct CookieName {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct CookieName {
     key: String,
     /// 9 characters: mstsc may have cut the name to this.
     may_be_cut: bool,
@@ -122,7 +124,7 @@ struct CookieName {
 
 impl CookieName {
     /// The cookie's user `name`, of `domain` when it came as `DOMAIN\name`.
-    fn new(name: &str, domain: &str) -> Self {
+    pub(super) fn new(name: &str, domain: &str) -> Self {
         CookieName {
             key: user_key(name),
             may_be_cut: cookie_may_be_cut(name, domain),
@@ -132,10 +134,16 @@ impl CookieName {
 
     /// Whether the cookie names the user whose key is `key`: the same name, its first 9
     /// characters, or the name in `user@domain` form.
-    fn names(&self, key: &str) -> bool {
+    pub(super) fn names(&self, key: &str) -> bool {
         self.key == key
             || (self.may_be_cut && key.starts_with(&self.key))
             || self.user_part_key.as_deref() == Some(key)
+    }
+
+    /// Whether the cookie names the user whose key is `key` only as the start of a longer
+    /// name: a guess, as it may be the whole name of another user.
+    pub(super) fn names_only_by_prefix(&self, key: &str) -> bool {
+        self.names(key) && self.key != key && self.user_part_key.as_deref() != Some(key)
     }
 }
 
@@ -381,6 +389,9 @@ fn change(
     note_client_address(record, client_address);
     let record = record.clone();
     table.emit(kind, &record);
+    if kind == SessionEventKind::Reconnect {
+        cut_guess::confirm(table, session_id);
+    }
     Some(record)
 }
 
@@ -395,6 +406,7 @@ fn describe(request: &SessionRequest) -> String {
 pub(super) fn front_door_attach(
     table: &mut Table,
     request: SessionRequest,
+    cookie_name: Option<&str>,
     now: i64,
 ) -> Attachment {
     let cookie = CookieName::new(&request.user_name, &request.domain);
@@ -441,11 +453,23 @@ pub(super) fn front_door_attach(
             )
         }
     };
+    // A session of another name the cookie may be cut from (or the broker resolved it to):
+    // a guess, undone if a local source then reports a logon of a user the cookie names too.
+    let sent = cookie_name.map(|name| CookieName::new(name, &request.domain));
+    let guess = table.sessions.get(&session_id).and_then(|record| {
+        CutGuess::new(
+            sent.as_ref().unwrap_or(&cookie),
+            &request.domain,
+            &record.user_name,
+            &record.client_address,
+        )
+    });
     let attachment = table.open_connection(LiveConnection {
         session_id: Some(session_id),
         pending_logon,
         matched: false,
         client: request.client_address.parse().ok(),
+        guess,
     });
     let local_source = table.local_source_seen;
     let mut may_confirm = false;
@@ -505,7 +529,7 @@ fn drop_oldest_front_door_sessions(table: &mut Table, keep: usize) {
 }
 
 /// A front-door connection that is still open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct LiveConnection {
     /// The session it holds; `None` while the user is unknown (see `unknown.rs`).
     pub session_id: Option<u32>,
@@ -514,6 +538,8 @@ pub(super) struct LiveConnection {
     pub matched: bool,
     /// Where its client connects from, as the front door saw it.
     pub client: Option<SocketAddr>,
+    /// Tied to another user's session by a cookie that may be cut (`cut_guess.rs`).
+    pub guess: Option<Box<CutGuess>>,
 }
 
 /// How a front-door connection ended.
@@ -537,11 +563,7 @@ pub(super) struct ConnectionEnd {
 /// client still connected does not leave the session unconfirmed, to be removed after the
 /// restart. Returns whether the table changed.
 pub(super) fn front_door_outlasted_grace(table: &mut Table, attachment: u64) -> bool {
-    let Some(LiveConnection {
-        session_id: Some(session_id),
-        ..
-    }) = table.live.get(&attachment).copied()
-    else {
+    let Some(Some(session_id)) = table.live.get(&attachment).map(|live| live.session_id) else {
         return false;
     };
     if table.local_source_seen {

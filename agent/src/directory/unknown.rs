@@ -27,6 +27,7 @@
 
 use tsbroker_common::model::SessionEventKind;
 
+use super::cut_guess;
 use super::rules::{LiveConnection, connection_left, is_users};
 use super::{Origin, RecordState, Table};
 
@@ -49,10 +50,10 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
         .live
         .iter()
         .filter(|(attachment, live)| could_hold(table, **attachment, live, session_id))
-        .map(|(&attachment, &live)| (attachment, live))
+        .map(|(&attachment, live)| (attachment, live.clone()))
         .take(2)
         .collect();
-    let [(attachment, live)] = candidates[..] else {
+    let [(attachment, ref live)] = candidates[..] else {
         if candidates.len() > 1 {
             tracing::debug!(
                 session_id,
@@ -80,12 +81,17 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
             session_id: Some(session_id),
             pending_logon: false,
             matched: true,
-            ..live
+            guess: None,
+            ..live.clone()
         },
     );
     if let Some(other) = moved_from {
+        let guessed = cut_guess::could_be_instead(table, live, session_id);
+        if guessed {
+            cut_guess::undo(table, other, live);
+        }
         let released = release(table, other, attachment);
-        if released {
+        if released && !guessed {
             tracing::info!(
                 session_id,
                 previous_session_id = other,
@@ -110,7 +116,8 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
 }
 
 /// Whether `live` (connection `attachment`) could be the connection of session `session_id`:
-/// its user is unknown, it is the logon of another name that nothing confirmed, or it is the
+/// its user is unknown, it is the logon of another name that nothing confirmed, it was tied to
+/// another user's session by a cut cookie that names this session's user too, or it is the
 /// connection that last came back to another session of the same user.
 fn could_hold(table: &Table, attachment: u64, live: &LiveConnection, session_id: u32) -> bool {
     let Some(other) = live.session_id else {
@@ -118,6 +125,9 @@ fn could_hold(table: &Table, attachment: u64, live: &LiveConnection, session_id:
     };
     if other == session_id {
         return false;
+    }
+    if cut_guess::could_be_instead(table, live, session_id) {
+        return true;
     }
     let Some(record) = table.sessions.get(&other) else {
         return false;

@@ -35,6 +35,9 @@ pub struct ConnectingUser {
     /// The cookie had mstsc's 9 characters: the name may be the start of a longer one (with a
     /// `DOMAIN\` in the cookie, the cut may fall in the user part, leaving it shorter).
     pub may_be_truncated: bool,
+    /// The name the cookie carried, when the broker named the user otherwise (a cut name
+    /// resolved to the full one): the session table keeps that tie as a guess.
+    pub cookie_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,6 +134,7 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
         user_name: user.to_owned(),
         domain: domain.to_owned(),
         may_be_truncated,
+        cookie_name: None,
     })
 }
 
@@ -326,7 +330,8 @@ async fn ask_broker(
     // The broker may have resolved a truncated cookie to the user's full name.
     let user = match user {
         Some(mut user) if !response.user_name.is_empty() => {
-            user.user_name = response.user_name.clone();
+            let cookie_name = std::mem::replace(&mut user.user_name, response.user_name);
+            user.cookie_name = Some(cookie_name);
             Some(user)
         }
         other => other,
@@ -487,6 +492,7 @@ mod label_tests {
             user_name: name.to_owned(),
             domain: domain.to_owned(),
             may_be_truncated: false,
+            cookie_name: None,
         };
         assert_eq!(user_label(Some(&user("alice", "CORP"))), "CORP\\alice");
         assert_eq!(user_label(Some(&user("jürgen", ""))), "jürgen");

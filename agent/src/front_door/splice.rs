@@ -317,10 +317,11 @@ pub async fn to_local(
 ) {
     // The table's lock is held briefly; the disk is written behind the connection's back.
     let attachment = user.and_then(|user| {
-        shared.directory.front_door_attach(
+        shared.directory.front_door_attach_as(
             &user.user_name,
             &user.domain,
             &client_address.to_string(),
+            user.cookie_name.as_deref(),
         )
     });
     let held = match attachment {

@@ -192,6 +192,23 @@ async fn connect_from(
     connection
 }
 
+/// PAM's report of a logon behind the front door: the client address it sees is the front
+/// door's loopback hop.
+async fn pam_logon(agent: &TestAgent, user: &str, session_id: &str) {
+    agent
+        .cli(&[
+            "session",
+            "logon",
+            "--user",
+            user,
+            "--session-id",
+            session_id,
+            "--client-address",
+            "127.0.0.1",
+        ])
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_front_door_reaches_another_from_the_address_it_advertises() {
     let mut farm = Farm::start().await;
@@ -223,16 +240,7 @@ async fn a_shared_cut_cookie_reaches_the_session_opened_from_the_client() {
         let request = connection_request(user);
         let connection = connect_from(client, farm.a.front_door.unwrap(), &request).await;
         let machine = farm.landed().await;
-        farm.agent(machine)
-            .cli(&[
-                "session",
-                "logon",
-                "--user",
-                user,
-                "--session-id",
-                session_id,
-            ])
-            .await;
+        pam_logon(farm.agent(machine), user, session_id).await;
         placed.push((client, machine, connection));
     }
     assert_ne!(placed[0].1, placed[1].1, "one on each machine");
@@ -270,18 +278,7 @@ async fn a_client_naming_no_user_returns_to_the_session_opened_from_its_address(
         _ => (&farm.b, &farm.a),
     };
     // xrdp logs frank on while the client is connected; PAM_RHOST is the front door's hop.
-    agent
-        .cli(&[
-            "session",
-            "logon",
-            "--user",
-            "frank",
-            "--session-id",
-            "7",
-            "--client-address",
-            "127.0.0.1",
-        ])
-        .await;
+    pam_logon(agent, "frank", "7").await;
     sessions_listed(&farm.broker, 1).await;
     drop(first);
     let client = farm.broker.broker_client().await;
@@ -554,4 +551,89 @@ async fn one_client_address_cannot_take_every_connection() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     agent.stop().await;
     broker.stop().await;
+}
+
+/// The farm's sessions as (user, state, client IP), sorted.
+async fn farm_sessions(broker: &TestBroker) -> Vec<(String, &'static str, String)> {
+    let mut client = broker.broker_client().await;
+    let request = pb::ListSessionsRequest {
+        farm: "default".into(),
+        ..Default::default()
+    };
+    let listed = client.list_sessions(request).await.unwrap().into_inner();
+    let mut sessions: Vec<_> = listed
+        .sessions
+        .iter()
+        .map(|session| {
+            let state = match pb::SessionState::try_from(session.state) {
+                Ok(pb::SessionState::Active) => "active",
+                Ok(pb::SessionState::Disconnected) => "disconnected",
+                _ => "unspecified",
+            };
+            let ip = tsbroker_common::model::client_ip(&session.client_address);
+            let ip = ip.map(|ip| ip.to_string()).unwrap_or_default();
+            (session.user_name.clone(), state, ip)
+        })
+        .collect();
+    sessions.sort();
+    sessions
+}
+
+/// `christoph` is a user's whole name and what mstsc makes of `christopher.jones`: the
+/// newcomer's client is sent to jones's machine (his session may be theirs) and tied to his
+/// session there until PAM reports the newcomer's own logon; from then on the newcomer's
+/// session is the connected one, and jones's is as he left it, also after the newcomer leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_user_a_cut_cookie_took_for_another_gets_their_own_session_at_logon() {
+    let mut farm = Farm::start().await;
+    let jones = connection_request("christopher.jones");
+    let connection = connect_from("127.0.0.60", farm.a.front_door.unwrap(), &jones).await;
+    let machine = farm.landed().await;
+    pam_logon(farm.agent(machine), "christopher.jones", "5").await;
+    drop(connection);
+    let session = |user: &str, state, ip: &str| (user.to_owned(), state, ip.to_owned());
+    let jones_left = session("christopher.jones", "disconnected", "127.0.0.60");
+    let listed = vec![jones_left.clone()];
+    eventually(10, || async { farm_sessions(&farm.broker).await == listed }).await;
+
+    let request = connection_request("christoph");
+    let front_door = farm.agent(machine).front_door.unwrap();
+    let newcomer = connect_from("127.0.0.62", front_door, &request).await;
+    farm.assert_reached(machine, &request).await;
+    pam_logon(farm.agent(machine), "christoph", "6").await;
+    let listed = vec![
+        session("christoph", "active", "127.0.0.62"),
+        jones_left.clone(),
+    ];
+    eventually(10, || async { farm_sessions(&farm.broker).await == listed }).await;
+
+    drop(newcomer);
+    let newcomer_left = session("christoph", "disconnected", "127.0.0.62");
+    let listed = vec![newcomer_left.clone(), jones_left.clone()];
+    eventually(10, || async { farm_sessions(&farm.broker).await == listed }).await;
+
+    // Each comes back, through the other machine's front door too, with the same cookie:
+    // each to their own session, told apart by where they connect from.
+    let other = farm.agent(if machine == "ts-a" { "ts-b" } else { "ts-a" });
+    let front_doors = [front_door, other.front_door.unwrap()];
+    for (client, user) in [
+        ("127.0.0.62", "christoph"),
+        ("127.0.0.60", "christopher.jones"),
+    ] {
+        for front_door in front_doors {
+            let back = connect_from(client, front_door, &request).await;
+            farm.assert_reached(machine, &request).await;
+            let mut listed = vec![newcomer_left.clone(), jones_left.clone()];
+            for listed in &mut listed {
+                if listed.0 == user {
+                    listed.1 = "active";
+                }
+            }
+            eventually(10, || async { farm_sessions(&farm.broker).await == listed }).await;
+            drop(back);
+            let listed = vec![newcomer_left.clone(), jones_left.clone()];
+            eventually(10, || async { farm_sessions(&farm.broker).await == listed }).await;
+        }
+    }
+    farm.stop().await;
 }
