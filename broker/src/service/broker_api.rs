@@ -294,7 +294,18 @@ fn session_filter(request: &pb::ListSessionsRequest) -> Result<SessionFilter, Ap
     let machine = optional(&request.machine_id)
         .map(|id| validate::machine_id("machine_id", &id))
         .transpose()?;
-    let user_key = optional(&request.user_name)
+    // `DOMAIN\user`, as Redirect takes it: that user's sessions in that domain (or in none).
+    let (domain, user) = match request.user_name.split_once('\\') {
+        Some((domain, user)) if !domain.is_empty() && !user.is_empty() => {
+            (Some(validate::domain("user_name", domain)?), user)
+        }
+        Some(_) => {
+            let problem = format!("{:?} is neither a user nor DOMAIN\\user", request.user_name);
+            return Err(tsbroker_common::ValidationError::new("user_name", problem).into());
+        }
+        None => (None, request.user_name.as_str()),
+    };
+    let user_key = optional(user)
         .map(|user| validate::user_name("user_name", &user).map(|user| model::user_key(&user)))
         .transpose()?;
     let state = match request.state {
@@ -316,6 +327,7 @@ fn session_filter(request: &pb::ListSessionsRequest) -> Result<SessionFilter, Ap
         farm,
         machine,
         user_key,
+        domain,
         state,
         after: super::page_token::after(request)?,
         limit,
@@ -392,6 +404,29 @@ mod tests {
             ..good
         };
         assert!(redirect_query(&too_many).is_err());
+    }
+
+    #[test]
+    fn sessions_of_a_domain_user_are_listed_by_user_and_domain() {
+        let filter = |user: &str| {
+            session_filter(&pb::ListSessionsRequest {
+                user_name: user.into(),
+                ..Default::default()
+            })
+        };
+        let corp = filter("CORP\\Alice").unwrap();
+        assert_eq!(corp.user_key.as_deref(), Some("alice"));
+        assert_eq!(corp.domain.as_deref(), Some("CORP"));
+        let plain = filter("alice").unwrap();
+        assert_eq!(
+            (plain.user_key.as_deref(), plain.domain),
+            (Some("alice"), None)
+        );
+        for odd in ["CORP\\", "\\alice", "\\"] {
+            let status = Status::from(filter(odd).unwrap_err());
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{odd}");
+            assert!(status.message().contains("DOMAIN\\user"), "{status:?}");
+        }
     }
 
     #[test]

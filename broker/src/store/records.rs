@@ -147,6 +147,9 @@ pub struct SessionFilter {
     pub farm: Option<String>,
     pub machine: Option<Uuid>,
     pub user_key: Option<String>,
+    /// Sessions of this domain (case-insensitive), or of none: a session whose source named no
+    /// domain may be any domain's, as a redirect takes it.
+    pub domain: Option<String>,
     pub state: Option<SessionState>,
     /// Only sessions after this (machine id, session id), for paging.
     pub after: Option<(Uuid, i64)>,

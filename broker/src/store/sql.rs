@@ -129,6 +129,7 @@ pub(super) const SELECT_SESSIONS: &str = concat!(
     "WHERE ($1 IS NULL OR s.farm = $1) AND ($2 IS NULL OR s.machine_id = $2) \
      AND ($3 IS NULL OR s.user_key = $3) AND ($4 IS NULL OR s.state = $4) \
      AND ($5 IS NULL OR s.machine_id > $5 OR (s.machine_id = $5 AND s.session_id > $6)) \
+     AND ($8 IS NULL OR s.domain = '' OR lower(s.domain) = lower($8)) \
      ORDER BY s.machine_id, s.session_id LIMIT $7"
 );
 
@@ -538,6 +539,7 @@ macro_rules! impl_store {
                     .bind(after_machine)
                     .bind(after_session)
                     .bind(i64::from(filter.limit))
+                    .bind(filter.domain.as_deref())
                     .fetch_all(&self.pool)
                     .await?)
             }

@@ -931,6 +931,33 @@ async fn sessions_list_with_filters_and_pages(database: &TestDatabase) {
         (8, 8),
         "every session once across pages"
     );
+
+    // `odd` of domain CORP (any case): that domain's sessions and those of no domain.
+    let of_domain = |session_id, domain: &str| SessionInfo {
+        domain: domain.to_owned(),
+        ..session(session_id, "odd", SessionState::Active)
+    };
+    let (ts3, _) = ready_machine(
+        store.as_ref(),
+        "ts3",
+        100,
+        &[of_domain(1, "Corp"), of_domain(2, "OTHER")],
+    )
+    .await;
+    let corp = SessionFilter {
+        user_key: Some("odd".into()),
+        domain: Some("CORP".into()),
+        limit: 100,
+        ..Default::default()
+    };
+    let listed = store.list_sessions(&corp).await.unwrap();
+    let domains: Vec<_> = listed
+        .iter()
+        .map(|session| session.domain.as_str())
+        .collect();
+    assert_eq!(domains.len(), 6, "{domains:?}");
+    assert!(domains.iter().all(|domain| ["", "Corp"].contains(domain)));
+    assert!(listed.iter().any(|session| session.machine_id == ts3));
 }
 
 async fn admin_changes_are_announced(database: &TestDatabase) {
