@@ -25,13 +25,18 @@
 #      Policy=UBD): the connection holds the new one (ACTIVE, DISCONNECTED when the client
 #      leaves) and the old one stays DISCONNECTED;
 #  12. a user running the reconnect hook by hand for a display number that is no session of
-#      theirs makes no session up.
+#      theirs makes no session up;
+#  13. a new user whose whole name is 9 characters that start another user's name (tsb-chris,
+#      tsb-christa: to the broker the cookie may be tsb-christa's, cut as mstsc cuts it) is sent
+#      to tsb-christa's disconnected session, and once PAM reports tsb-chris's own logon, the
+#      connection holds that session: tsb-christa's stays DISCONNECTED throughout, tsb-chris's
+#      is DISCONNECTED when the client leaves and ACTIVE again when it comes back.
 #
 #   scripts/xrdp-check.sh --yes
 #
 # It changes the system, so it runs only as root and with --yes (CI, on a throwaway machine,
 # passes it): it installs xrdp, xorgxrdp, xterm, sudo and rdesktop when missing, adds the users
-# tsb-ann, tsb-ben, tsb-cat and tsb-dan, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini,
+# tsb-ann, tsb-ben, tsb-cat, tsb-dan, tsb-chris and tsb-christa, and follows deploy/pam/README.md's steps (/etc/xrdp/xrdp.ini,
 # /etc/pam.d/xrdp-sesman, /etc/sudoers.d/tsagent, /etc/xrdp/reconnectwm.sh, /usr/lib/tsagent/,
 # /usr/bin/tsagent). At exit it stops what it started, removes the users and puts every file
 # back as it was. Needs xfreerdp, Xvfb, python3 and grpcurl (scripts/install-test-deps.sh;
@@ -46,7 +51,7 @@ TSB_LOG_PREFIX=xrdp-check.sh
 require_root_and_yes "${1:-}" "changes this system (users, PAM, sudoers, xrdp): for a throwaway machine"
 
 PASSWORD='Tsb-check-1234'
-USERS=(tsb-ann tsb-ben tsb-cat tsb-dan)
+USERS=(tsb-ann tsb-ben tsb-cat tsb-dan tsb-chris tsb-christa)
 FARM=default
 CONTROL_SOCKET=/run/tsagent/control.sock
 LOGON_SECONDS=90 # from xfreerdp's start to PAM's logon: Xorg and the session start first
@@ -249,6 +254,8 @@ ann=${USERS[0]}
 ben=${USERS[1]}
 cat=${USERS[2]}
 dan=${USERS[3]}
+chris=${USERS[4]}
+christa=${USERS[5]}
 
 log "1. $ann logs on through the front door"
 start_client "$ann" "$PASSWORD"
@@ -440,3 +447,26 @@ log "12. $ben runs the reconnect hook by hand for a display that is no session o
 su -s /bin/sh "$ben" -c 'sudo -n /usr/lib/tsagent/xrdp-reconnect :77' >/dev/null 2>&1 || true
 sleep 1
 expect_sessions "$ben" "$ben_id DISCONNECTED" 5 "a made-up display number"
+
+log "13. $christa logs on and leaves; $chris, whose 9 characters start her name, logs on"
+start_client "$christa" "$PASSWORD"
+wait_until "$LOGON_SECONDS" one_session_in "$christa" ACTIVE 10 100000 ||
+    fail "logon: the broker lists [$(sessions_of "$christa" | paste -sd, -)] for $christa, not one ACTIVE session"
+read -r christa_id _ <<<"$(sessions_of "$christa")"
+stop_client
+expect_sessions "$christa" "$christa_id DISCONNECTED" 15 "disconnect of $christa"
+start_client "$chris" "$PASSWORD"
+wait_until "$LOGON_SECONDS" one_session_in "$chris" ACTIVE 10 100000 ||
+    fail "logon of a name a cut cookie shares: the broker lists [$(sessions_of "$chris" | paste -sd, -)] for $chris, not one ACTIVE session"
+read -r chris_id _ <<<"$(sessions_of "$chris")"
+expect_sessions "$christa" "$christa_id DISCONNECTED" 5 "$christa's session while $chris is logged on"
+stop_client
+expect_sessions "$chris" "$chris_id DISCONNECTED" 15 "disconnect of $chris"
+expect_sessions "$christa" "$christa_id DISCONNECTED" 5 "$christa's session after $chris left"
+start_client "$chris" "$PASSWORD"
+wait_until "$LOGON_SECONDS" logged 1 "event=Reconnect session_id=$chris_id user=$chris" ||
+    fail "xrdp's reconnect hook did not report session $chris_id of $chris"
+expect_sessions "$chris" "$chris_id ACTIVE" 15 "reconnection of $chris"
+expect_sessions "$christa" "$christa_id DISCONNECTED" 5 "$christa's session while $chris is back"
+stop_client
+expect_sessions "$chris" "$chris_id DISCONNECTED" 15 "disconnect of $chris after the reconnection"
