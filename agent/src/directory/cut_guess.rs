@@ -1,23 +1,27 @@
-//! Connections tied to a session by a cookie that may be cut: a guess, undone when a local
-//! source shows the client was someone else.
+//! Connections tied to a session by a cookie that may be cut: a guess, which a local source's
+//! report of another session the cookie names moves.
 //!
-//! mstsc cuts the cookie to 9 characters, so `christoph` is both what `christopher` sends and
-//! the whole name of a user `christoph`. The front door ties such a connection to the session
-//! the cookie may name (`christopher`'s: the broker sent the client here to return to it), and
-//! the session shows ACTIVE with the client's address. When a local source (PAM) then reports
-//! a logon of another user the cookie also names (`christoph`) that no connection holds, the
-//! guess was wrong: the connection is that logon's (it is the only one open that could be, see
-//! `unknown.rs`), and the session it was tied to goes back to the address it had and to
-//! DISCONNECTED (unless another client still holds it). Without this the other user's session
-//! stayed ACTIVE with the newcomer's address while they were connected, and the newcomer's
-//! own session stayed ACTIVE after they left, with nothing to say so.
+//! mstsc cuts the cookie to 9 characters, so `christoph` is both what `christopher.jones`
+//! sends and the whole name of a user `christoph`. The front door ties such a connection to a
+//! session the cookie names (the broker sent the client here to return to it; among several
+//! users', the one opened from the client's address, else the newest), and the session shows
+//! ACTIVE with the client's address. When a local source then reports a logon or reconnection
+//! of another user the cookie names (`christoph`'s logon, `christopher.jones`'s reconnection)
+//! for a session no connection holds, and the guessed connection is the only one open that
+//! could be it (see `unknown.rs`), the guess was wrong: the connection holds that session, and
+//! the session it was tied to gets back the address it had and goes back to DISCONNECTED
+//! (unless another client still holds it). Without this the other user's session stayed ACTIVE
+//! with the client's address while they were connected, and the client's own session stayed
+//! ACTIVE after they left, with nothing to say so. The connection stays a guess where it was
+//! moved to (a report of the first session may still move it back), until a local source
+//! reports a reconnection of the session it holds.
 
-use tsbroker_common::model::user_key;
+use tsbroker_common::model::{SessionEventKind, user_key};
 
-use super::Table;
 use super::rules::{CookieName, LiveConnection, domains_match};
+use super::{RecordState, Table};
 
-/// A connection's tie to another user's session made by a cut cookie.
+/// A connection's tie to a session made by a cookie that may be cut.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct CutGuess {
     cookie: CookieName,
@@ -27,16 +31,10 @@ pub(super) struct CutGuess {
 }
 
 impl CutGuess {
-    /// The guess in tying a connection with `cookie` (of `domain`) to the session of
-    /// `user_name` whose client address was `address`: `None` when the cookie names that user
-    /// in full (not a guess).
-    pub(super) fn new(
-        cookie: &CookieName,
-        domain: &str,
-        user_name: &str,
-        address: &str,
-    ) -> Option<Box<Self>> {
-        cookie.names_only_by_prefix(&user_key(user_name)).then(|| {
+    /// The guess in tying a connection with `cookie` (of `domain`) to a session it returns to,
+    /// whose client address was `address`: `None` when the cookie cannot have been cut.
+    pub(super) fn new(cookie: &CookieName, domain: &str, address: &str) -> Option<Box<Self>> {
+        cookie.may_be_cut().then(|| {
             Box::new(CutGuess {
                 cookie: cookie.clone(),
                 domain: domain.to_owned(),
@@ -46,8 +44,8 @@ impl CutGuess {
     }
 }
 
-/// Whether `live`, tied by a guess to another user's session, could be the connection of
-/// session `session_id` of a third user instead: its cookie names that session's user too.
+/// Whether `live`, tied by a guess to a session, could be the connection of session
+/// `session_id`, another user's, instead: its cookie names that user too.
 pub(super) fn could_be_instead(table: &Table, live: &LiveConnection, session_id: u32) -> bool {
     let (Some(guess), Some(guessed), Some(new)) = (
         &live.guess,
@@ -63,22 +61,55 @@ pub(super) fn could_be_instead(table: &Table, live: &LiveConnection, session_id:
         && guess.cookie.names(&new_key)
 }
 
-/// The guess that tied a connection to session `session_id` was wrong: the session gets back
-/// the client address the connection replaced (when it still has the connection's).
-pub(super) fn undo(table: &mut Table, session_id: u32, live: &LiveConnection) {
-    let (Some(guess), Some(record)) = (&live.guess, table.sessions.get_mut(&session_id)) else {
-        return;
+/// The guess of connection `live` moves to session `session_id` (which it could be instead):
+/// the session it leaves gets back the address the connection replaced (when it still has the
+/// connection's), and the guess remembers the address of the session it moves to. Returns the
+/// moved guess and whether the left session's address changed.
+pub(super) fn move_to(
+    table: &mut Table,
+    live: &LiveConnection,
+    session_id: u32,
+) -> (Option<Box<CutGuess>>, bool) {
+    let Some(guess) = &live.guess else {
+        return (None, false);
+    };
+    let moved = Box::new(CutGuess {
+        replaced_address: table
+            .sessions
+            .get(&session_id)
+            .map(|record| record.client_address.clone())
+            .unwrap_or_default(),
+        ..CutGuess::clone(guess)
+    });
+    let Some(left) = live.session_id.and_then(|id| table.sessions.get_mut(&id)) else {
+        return (Some(moved), false);
     };
     let lent = live.client.map(|client| client.to_string());
-    if lent.as_deref() == Some(record.client_address.as_str()) {
-        record.client_address.clone_from(&guess.replaced_address);
+    let restored = lent.as_deref() == Some(left.client_address.as_str())
+        && left.client_address != guess.replaced_address;
+    if restored {
+        left.client_address.clone_from(&guess.replaced_address);
     }
     tracing::info!(
-        session_id,
-        user = %record.user_name,
-        "a cut cookie tied a connection to this session, but a local source reported the \
-         logon of another user it names: the connection is that user's"
+        session_id = left.session_id,
+        user = %left.user_name,
+        "a cookie that may be cut tied a connection to this session, but a local source \
+         reported another user's session it names: the connection is that one's"
     );
+    (Some(moved), restored)
+}
+
+/// Tells the broker the session's address changed (after [`move_to`]), when nothing else did:
+/// an event of the state it is in.
+pub(super) fn say_address(table: &mut Table, session_id: u32) {
+    let Some(record) = table.sessions.get(&session_id).cloned() else {
+        return;
+    };
+    let kind = match record.state {
+        RecordState::Active => SessionEventKind::Reconnect,
+        RecordState::Disconnected => SessionEventKind::Disconnect,
+    };
+    table.emit(kind, &record);
 }
 
 /// A local source reported `session_id` reconnected: the one connection holding it, if tied

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::tests::drain as events;
 use super::*;
-use tsbroker_common::model::SessionEventKind::{Disconnect, Logon, Reconnect};
+use tsbroker_common::model::SessionEventKind::{self, Disconnect, Logon, Reconnect};
 
 const LONG: Option<Duration> = Some(Duration::from_secs(120));
 
@@ -41,6 +41,21 @@ fn christoph_logs_on(directory: &Directory) {
     directory.apply(Logon, logon).unwrap();
 }
 
+/// Asserts session `session_id`'s state and client address.
+fn expect(directory: &Directory, session_id: u32, state: RecordState, address: &str) {
+    assert_eq!(
+        seen(directory, session_id),
+        (state, address.to_owned()),
+        "session {session_id}"
+    );
+}
+
+/// xrdp's reconnect hook reports `christopher.jones`'s session 12.
+fn jones_reconnection_reported(directory: &Directory) {
+    let reconnection = report("christopher.jones", 12, "127.0.0.1");
+    directory.apply(Reconnect, reconnection).unwrap();
+}
+
 /// `christopher.jones` left session 12, opened from 10.0.0.5.
 fn jones_left(directory: &Directory) {
     let jones = report("christopher.jones", 12, "10.0.0.5");
@@ -57,21 +72,11 @@ fn a_logon_of_the_whole_name_takes_the_connection_a_cut_cookie_gave_another_user
     // A new user `christoph` connects; the cookie may be jones's, cut: the guess ties it there.
     let newcomer = cut_cookie_from(&directory, "10.0.0.9:40000");
     assert_eq!(newcomer.session_id, 12);
-    assert_eq!(
-        seen(&directory, 12),
-        (RecordState::Active, "10.0.0.9:40000".into())
-    );
+    expect(&directory, 12, RecordState::Active, "10.0.0.9:40000");
     // xrdp logs christoph on (PAM sees the front door's loopback hop): the guess was wrong.
     christoph_logs_on(&directory);
-    assert_eq!(
-        seen(&directory, 12),
-        (RecordState::Disconnected, "10.0.0.5".into()),
-        "jones's session is as he left it"
-    );
-    assert_eq!(
-        seen(&directory, 13),
-        (RecordState::Active, "10.0.0.9:40000".into())
-    );
+    expect(&directory, 12, RecordState::Disconnected, "10.0.0.5");
+    expect(&directory, 13, RecordState::Active, "10.0.0.9:40000");
     // The newcomer leaving disconnects their own session, not jones's.
     directory.front_door_detach(newcomer, LONG);
     assert_eq!(seen(&directory, 13).0, RecordState::Disconnected);
@@ -94,21 +99,13 @@ fn a_guess_a_local_source_confirmed_is_not_undone_by_another_users_logon() {
     jones_left(&directory);
     // jones comes back (mstsc cut his name) and xrdp's reconnect hook says so.
     let jones = cut_cookie_from(&directory, "10.0.0.5:40000");
-    directory
-        .apply(Reconnect, report("christopher.jones", 12, "127.0.0.1"))
-        .unwrap();
+    jones_reconnection_reported(&directory);
     // Then a new user `christoph` connects: the cookie ties them to jones's session too, and
     // their logon tells the two connections apart.
     let newcomer = cut_cookie_from(&directory, "10.0.0.9:40000");
     christoph_logs_on(&directory);
-    assert_eq!(
-        seen(&directory, 12),
-        (RecordState::Active, "10.0.0.5:40000".into())
-    );
-    assert_eq!(
-        seen(&directory, 13),
-        (RecordState::Active, "10.0.0.9:40000".into())
-    );
+    expect(&directory, 12, RecordState::Active, "10.0.0.5:40000");
+    expect(&directory, 13, RecordState::Active, "10.0.0.9:40000");
     directory.front_door_detach(newcomer, LONG);
     assert_eq!(seen(&directory, 13).0, RecordState::Disconnected);
     assert_eq!(seen(&directory, 12).0, RecordState::Active);
@@ -143,14 +140,79 @@ fn the_users_own_new_session_is_not_taken_for_another_users() {
     directory
         .apply(Logon, report("christopher.jones", 14, "127.0.0.1"))
         .unwrap();
-    assert_eq!(
-        seen(&directory, 14),
-        (RecordState::Active, "10.0.0.5:40000".into())
-    );
-    assert_eq!(
-        seen(&directory, 12),
-        (RecordState::Disconnected, "10.0.0.5:40000".into())
-    );
+    expect(&directory, 14, RecordState::Active, "10.0.0.5:40000");
+    expect(&directory, 12, RecordState::Disconnected, "10.0.0.5:40000");
     directory.front_door_detach(jones, LONG);
     assert_eq!(seen(&directory, 14).0, RecordState::Disconnected);
+}
+
+/// The sessions' (id, state, address) in the events so far.
+fn said(receiver: &mut DirectoryEvents) -> Vec<(SessionEventKind, u32, String)> {
+    let mut seen = Vec::new();
+    while let Ok(event) = receiver.try_recv() {
+        let session = event.session;
+        seen.push((event.kind, session.session_id, session.client_address));
+    }
+    seen
+}
+
+#[test]
+fn a_longer_names_reconnection_takes_the_connection_a_whole_names_session_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    jones_left(&directory);
+    // `christoph` left session 13 after jones: the newer of the two the cookie names.
+    let christoph = report("christoph", 13, "10.0.0.9");
+    directory.apply(Logon, christoph.clone()).unwrap();
+    directory.apply(Disconnect, christoph).unwrap();
+    // jones comes back from an address neither session has: tied to christoph's session.
+    let jones = cut_cookie_from(&directory, "10.0.0.7:40000");
+    assert_eq!(jones.session_id, 13);
+    // xrdp reconnects him to his own session, and its hook says so.
+    jones_reconnection_reported(&directory);
+    expect(&directory, 12, RecordState::Active, "10.0.0.7:40000");
+    expect(&directory, 13, RecordState::Disconnected, "10.0.0.9");
+    directory.front_door_detach(jones, LONG);
+    assert_eq!(seen(&directory, 12).0, RecordState::Disconnected);
+}
+
+#[test]
+fn the_broker_hears_the_address_given_back_to_a_session_another_client_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
+    jones_left(&directory);
+    let jones = cut_cookie_from(&directory, "10.0.0.5:40000");
+    jones_reconnection_reported(&directory);
+    let newcomer = cut_cookie_from(&directory, "10.0.0.9:40000");
+    said(&mut receiver);
+    christoph_logs_on(&directory);
+    // jones is still connected: his session stays ACTIVE, with his address again.
+    expect(&directory, 12, RecordState::Active, "10.0.0.5:40000");
+    assert_eq!(
+        said(&mut receiver),
+        vec![
+            (Reconnect, 12, "10.0.0.5:40000".into()),
+            (Logon, 13, "10.0.0.9:40000".into()),
+        ]
+    );
+    directory.front_door_detach(newcomer, LONG);
+    directory.front_door_detach(jones, LONG);
+}
+
+#[test]
+fn a_reconnection_takes_back_the_connection_a_logon_from_elsewhere_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    jones_left(&directory);
+    let jones = cut_cookie_from(&directory, "10.0.0.5:40000");
+    // Before xrdp's reconnect hook reports jones, `christoph` logs on past the front door
+    // (no connection of their own): the only connection that could be theirs is jones's.
+    christoph_logs_on(&directory);
+    assert_eq!(seen(&directory, 12).0, RecordState::Disconnected);
+    // jones's reconnection, reported, takes it back.
+    jones_reconnection_reported(&directory);
+    expect(&directory, 12, RecordState::Active, "10.0.0.5:40000");
+    directory.front_door_detach(jones, LONG);
+    assert_eq!(seen(&directory, 12).0, RecordState::Disconnected);
+    assert_eq!(seen(&directory, 13).1, "");
 }

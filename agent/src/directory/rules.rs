@@ -140,10 +140,9 @@ impl CookieName {
             || self.user_part_key.as_deref() == Some(key)
     }
 
-    /// Whether the cookie names the user whose key is `key` only as the start of a longer
-    /// name: a guess, as it may be the whole name of another user.
-    pub(super) fn names_only_by_prefix(&self, key: &str) -> bool {
-        self.names(key) && self.key != key && self.user_part_key.as_deref() != Some(key)
+    /// Whether mstsc may have cut the name: it may name several users.
+    pub(super) fn may_be_cut(&self) -> bool {
+        self.may_be_cut
     }
 }
 
@@ -453,17 +452,17 @@ pub(super) fn front_door_attach(
             )
         }
     };
-    // A session of another name the cookie may be cut from (or the broker resolved it to):
-    // a guess, undone if a local source then reports a logon of a user the cookie names too.
+    // A return to a session by a cookie that may be cut (as the client sent it, before the
+    // broker resolved it): a guess, moved if a local source then reports another session
+    // of a user the cookie names (`cut_guess.rs`).
     let sent = cookie_name.map(|name| CookieName::new(name, &request.domain));
-    let guess = table.sessions.get(&session_id).and_then(|record| {
-        CutGuess::new(
-            sent.as_ref().unwrap_or(&cookie),
-            &request.domain,
-            &record.user_name,
-            &record.client_address,
-        )
-    });
+    let guess = match kind {
+        SessionEventKind::Reconnect => table.sessions.get(&session_id).and_then(|record| {
+            let cookie = sent.as_ref().unwrap_or(&cookie);
+            CutGuess::new(cookie, &request.domain, &record.client_address)
+        }),
+        _ => None,
+    };
     let attachment = table.open_connection(LiveConnection {
         session_id: Some(session_id),
         pending_logon,

@@ -63,6 +63,11 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
         return;
     };
     let moved_from = live.session_id;
+    let guessed = cut_guess::could_be_instead(table, live, session_id);
+    let (guess, address_restored) = match guessed {
+        true => cut_guess::move_to(table, live, session_id),
+        false => (None, false),
+    };
     if let Some(other) = moved_from {
         let unconfirmed = table
             .sessions
@@ -81,17 +86,16 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
             session_id: Some(session_id),
             pending_logon: false,
             matched: true,
-            guess: None,
+            guess,
             ..live.clone()
         },
     );
     if let Some(other) = moved_from {
-        let guessed = cut_guess::could_be_instead(table, live, session_id);
-        if guessed {
-            cut_guess::undo(table, other, live);
-        }
         let released = release(table, other, attachment);
-        if released && !guessed {
+        if address_restored && released != Some(true) {
+            cut_guess::say_address(table, other);
+        }
+        if released.is_some() && !guessed {
             tracing::info!(
                 session_id,
                 previous_session_id = other,
@@ -143,13 +147,11 @@ fn could_hold(table: &Table, attachment: u64, live: &LiveConnection, session_id:
 }
 
 /// Session `session_id` is no longer held by connection `attachment` (it holds another one
-/// now): see `rules::connection_left`. Returns whether it was this connection's.
-fn release(table: &mut Table, session_id: u32, attachment: u64) -> bool {
+/// now): see `rules::connection_left`. Returns `None` when it was not this connection's, else
+/// whether the session changed (and the broker was told).
+fn release(table: &mut Table, session_id: u32, attachment: u64) -> Option<bool> {
     let held = table.sessions.get(&session_id).is_some_and(|record| {
         record.attachment == attachment && record.state == RecordState::Active
     });
-    if held {
-        connection_left(table, session_id, tsbroker_common::model::now_millis());
-    }
-    held
+    held.then(|| connection_left(table, session_id, tsbroker_common::model::now_millis()))
 }

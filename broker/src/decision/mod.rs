@@ -441,22 +441,32 @@ impl Decider {
 
     /// The user's sessions in the farm; a truncated name that is the unique prefix of a user
     /// with sessions becomes that user (of several, the one with a session from the client's
-    /// address, when only one has), and a name in user principal form without sessions of
-    /// its own (`ann@example.com`) becomes its user part (`ann`) when that one has sessions.
+    /// address, when only one has — also when the name is someone's whole name), and a name in
+    /// user principal form without sessions of its own (`ann@example.com`) becomes its user
+    /// part (`ann`) when that one has sessions.
     async fn sessions_of(
         &self,
         query: &RedirectQuery,
     ) -> Result<(String, Vec<SessionRecord>), ApiError> {
         let user_key = model::user_key(&query.user_name);
-        let sessions = self.store.user_sessions(&query.farm, &user_key).await?;
-        if !sessions.is_empty() {
-            return Ok((user_key, sessions));
-        }
-        if may_be_cut(
+        let cut = may_be_cut(
             &query.user_name,
             &query.domain,
             query.user_name_may_be_truncated,
-        ) {
+        );
+        let by_client = || {
+            let store = self.store.as_ref();
+            cut_name::user_by_client(store, &query.farm, &user_key, &query.client_address)
+        };
+        let sessions = self.store.user_sessions(&query.farm, &user_key).await?;
+        if !sessions.is_empty() {
+            // A whole name that may also be a longer one's cut (see `lookup_in`).
+            if cut && let Some(found) = by_client().await? {
+                return Ok(found);
+            }
+            return Ok((user_key, sessions));
+        }
+        if cut {
             let matches = self
                 .store
                 .users_with_prefix(&query.farm, &user_key, 2)
@@ -468,14 +478,7 @@ impl Decider {
                 }
                 // Several users share the cut name: the one with a session from this client.
                 [_, _, ..] => {
-                    let by_client = cut_name::user_by_client(
-                        self.store.as_ref(),
-                        &query.farm,
-                        &user_key,
-                        &query.client_address,
-                    )
-                    .await?;
-                    if let Some(found) = by_client {
+                    if let Some(found) = by_client().await? {
                         return Ok(found);
                     }
                 }

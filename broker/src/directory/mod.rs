@@ -289,15 +289,26 @@ fn lookup_in(
 ) -> Option<DirectoryAnswer> {
     {
         let user_key = model::user_key(user_name);
+        let by_client = || {
+            model::client_ip(client_address)
+                .map(|ip| index.users_from_client(farm, ip, &user_key, 2))
+        };
+        // A name mstsc may have cut that is also someone's whole name (`valentina`, and the
+        // cut `valentina.r`): the one user the cut name starts with a session from the
+        // client's address is the one coming back, as among several longer names.
+        let longer_by_client = || by_client().and_then(only).filter(|key| *key != user_key);
+        if may_be_cut && let Some(full_key) = longer_by_client() {
+            let sessions = index.sessions_of(farm, &full_key);
+            return Some(DirectoryAnswer {
+                user_key: full_key,
+                sessions,
+            });
+        }
         let sessions = index.sessions_of(farm, &user_key);
         if !sessions.is_empty() {
             return Some(DirectoryAnswer { user_key, sessions });
         }
         if may_be_cut {
-            let by_client = || {
-                model::client_ip(client_address)
-                    .map(|ip| index.users_from_client(farm, ip, &user_key, 2))
-            };
             let full_key = match index.users_with_prefix(farm, &user_key, 2).as_slice() {
                 [full_key] => Some(full_key.clone()),
                 [] => None,

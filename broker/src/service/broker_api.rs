@@ -294,10 +294,13 @@ fn session_filter(request: &pb::ListSessionsRequest) -> Result<SessionFilter, Ap
     let machine = optional(&request.machine_id)
         .map(|id| validate::machine_id("machine_id", &id))
         .transpose()?;
-    // `DOMAIN\user`, as Redirect takes it: that user's sessions in that domain (or in none).
+    // `DOMAIN\user`, as Redirect takes it: that user's sessions in that domain (or in none);
+    // `\user` is the user's, of any domain.
     let (domain, user) = match request.user_name.split_once('\\') {
-        Some((domain, user)) if !domain.is_empty() && !user.is_empty() => {
-            (Some(validate::domain("user_name", domain)?), user)
+        Some((domain, user)) if !user.is_empty() => {
+            let domain = (!domain.is_empty()).then_some(domain);
+            let domain = domain.map(|domain| validate::domain("user_name", domain));
+            (domain.transpose()?, user)
         }
         Some(_) => {
             let problem = format!("{:?} is neither a user nor DOMAIN\\user", request.user_name);
@@ -422,7 +425,12 @@ mod tests {
             (plain.user_key.as_deref(), plain.domain),
             (Some("alice"), None)
         );
-        for odd in ["CORP\\", "\\alice", "\\"] {
+        let any_domain = filter("\\alice").unwrap();
+        assert_eq!(
+            (any_domain.user_key.as_deref(), any_domain.domain),
+            (Some("alice"), None)
+        );
+        for odd in ["CORP\\", "\\"] {
             let status = Status::from(filter(odd).unwrap_err());
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{odd}");
             assert!(status.message().contains("DOMAIN\\user"), "{status:?}");

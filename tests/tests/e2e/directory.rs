@@ -186,6 +186,10 @@ async fn truncated_names_resolve_in_memory(database: &TestDatabase) {
                 ..active(3, "jonathan_b2")
             },
             active(4, "alexander"),
+            SessionInfo {
+                client_address: "10.0.0.7:4000".into(),
+                ..active(5, "alexander.b")
+            },
         ],
     )
     .await;
@@ -222,10 +226,18 @@ async fn truncated_names_resolve_in_memory(database: &TestDatabase) {
             .client_user(FARM, "10.0.0.9".parse().unwrap())
             .is_none()
     );
-    // A 9-character name that is a user's whole name is that user.
-    let exact = directory.lookup(FARM, "alexander", true, "").unwrap();
-    assert_eq!(exact.sessions.len(), 1);
-    assert_eq!(exact.sessions[0].session_id, 4);
+    // A 9-character name that is a user's whole name is that user, but from the address of
+    // the one longer name's session it starts: there mstsc cut that user's name.
+    for client in ["", "10.0.0.9:4000"] {
+        let exact = directory.lookup(FARM, "alexander", true, client).unwrap();
+        assert_eq!(exact.sessions.len(), 1);
+        assert_eq!(exact.sessions[0].session_id, 4, "from {client:?}");
+    }
+    let longer = directory.lookup(FARM, "alexander", true, "10.0.0.7:4001");
+    assert_eq!(longer.unwrap().user_key, "alexander.b");
+    // Not flagged as possibly cut: the whole name, wherever from.
+    let whole = directory.lookup(FARM, "alexander", false, "10.0.0.7:4001");
+    assert_eq!(whole.unwrap().user_key, "alexander");
     stop.cancel();
 }
 

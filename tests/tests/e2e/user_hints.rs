@@ -323,6 +323,26 @@ async fn a_shared_cut_name_finds_the_user_whose_session_came_from_the_client(
         (katherine.user_name.as_str(), reason(&katherine)),
         ("katherine.37", pb::RedirectReason::ExistingSession)
     );
+
+    // A user whose whole name is the cut name, on another machine: theirs from anywhere but
+    // where one of the longer names' sessions came from (there mstsc cut that user's name).
+    let whole = vec![session_from(1, "christoph", "10.0.0.8:4000")];
+    let _d = FakeAgent::join(&broker.url(), description("ts-d", "farm", 100), whole).await;
+    for (client_address, machine, user) in [
+        ("10.0.0.8:4001", "ts-d", "christoph"),
+        ("10.0.0.9:4001", "ts-d", "christoph"),
+        ("10.0.0.7:4001", "ts-a", "christopher.white"),
+        ("10.0.0.5:4001", "ts-b", "christopher.jones"),
+        ("", "ts-d", "christoph"),
+    ] {
+        let answer = client.redirect(from(client_address)).await.unwrap();
+        let answer = answer.into_inner();
+        assert_eq!(
+            (answer.machine_name.as_str(), answer.user_name.as_str()),
+            (machine, user),
+            "from {client_address:?}"
+        );
+    }
     broker.stop().await;
 }
 
