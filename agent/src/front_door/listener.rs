@@ -235,7 +235,9 @@ pub async fn handle(
 
     if let Some(header) = first.proxied {
         // Already routed by another front door: never ask the broker again (no loops).
-        let Some(machine) = shared.machines.peer(peer.ip()).await else {
+        let Some(super::machines::Peer { machine, shares_ip }) =
+            shared.machines.peer(peer.ip()).await
+        else {
             let why = "proxy header from a peer that is not a machine of the farm";
             say_refused(Refusal::Proxy, why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
@@ -265,7 +267,12 @@ pub async fn handle(
             super::x224::RoutingHint::UserName(name) => route::user_from_cookie(name),
             _ => None,
         };
-        tracing::info!(from_machine = %machine.name, client = %client_address, user = %route::user_label(user.as_ref()), "connection routed here by another front door");
+        // Agents on one host share its address: the log does not name one of them as sure.
+        let from_machine: std::borrow::Cow<str> = match shares_ip {
+            true => format!("{} (or another front door at {})", machine.name, peer.ip()).into(),
+            false => machine.name.as_str().into(),
+        };
+        tracing::info!(%from_machine, client = %client_address, user = %route::user_label(user.as_ref()), "connection routed here by another front door");
         match splice::open_local(shared, &first.packet).await {
             Ok(upstream) => {
                 shared.metrics.connection(Outcome::ProxiedIn);

@@ -65,9 +65,27 @@ pub struct MachineCache {
     hosts: Arc<HostCache>,
 }
 
-/// The machine of `machines` at `ip` (canonical form).
-fn machine_at(machines: &[KnownMachine], ip: IpAddr) -> Option<&KnownMachine> {
-    machines.iter().find(|machine| machine.ips.contains(&ip))
+/// The machine a connection from another machine's address comes from.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// One of the farm's machines at the address, one with a front door first (the one that
+    /// may relay clients).
+    pub machine: KnownMachine,
+    /// Other machines with front doors share the address (several agents on one host): which
+    /// one relayed a connection is not known.
+    pub shares_ip: bool,
+}
+
+/// The machine of `machines` at `ip` (canonical form): see [`Peer`].
+fn machine_at(machines: &[KnownMachine], ip: IpAddr) -> Option<Peer> {
+    let mut at_ip = machines.iter().filter(|machine| machine.ips.contains(&ip));
+    let first = at_ip.next()?;
+    let mut front_doors = std::iter::once(first)
+        .chain(at_ip)
+        .filter(|machine| machine.front_door);
+    let machine = front_doors.next().unwrap_or(first).clone();
+    let shares_ip = front_doors.next().is_some();
+    Some(Peer { machine, shares_ip })
 }
 
 /// Splits "host:port", removing brackets around an IPv6 host.
@@ -255,15 +273,15 @@ impl MachineCache {
 
     /// The machine of the farm at `ip`, if any (refreshing on a miss, so that a machine that
     /// joined moments ago is known).
-    pub async fn peer(&self, ip: IpAddr) -> Option<KnownMachine> {
+    pub async fn peer(&self, ip: IpAddr) -> Option<Peer> {
         self.peer_listed_after(ip, Instant::now()).await
     }
 
     /// The machine of the farm at `ip`, from a list fetched after `since` (refreshing on a
     /// miss when the list is older).
-    pub async fn peer_listed_after(&self, ip: IpAddr, since: Instant) -> Option<KnownMachine> {
+    pub async fn peer_listed_after(&self, ip: IpAddr, since: Instant) -> Option<Peer> {
         let ip = ip.to_canonical();
-        let lookup = |machines: &[KnownMachine]| machine_at(machines, ip).cloned();
+        let lookup = |machines: &[KnownMachine]| machine_at(machines, ip);
         if let Some(machine) = self.find(lookup) {
             return Some(machine);
         }
@@ -424,12 +442,42 @@ mod tests {
         // ts1.farm (its name and host), ts2.farm (its name; its host is an address): once each.
         assert_eq!(asked.load(Ordering::SeqCst), 2);
         let ts1 = cache.peer("192.0.2.1".parse().unwrap()).await.unwrap();
-        assert_eq!(ts1.name, "ts1.farm");
+        assert_eq!(ts1.machine.name, "ts1.farm");
         assert!(cache.peer("192.0.2.2".parse().unwrap()).await.is_some());
         assert_eq!(asked.load(Ordering::SeqCst), 2);
         // A miss refreshes the list at once, asking again only for answers over 5 s old.
         assert!(cache.peer("198.51.100.7".parse().unwrap()).await.is_none());
         assert_eq!(asked.load(Ordering::SeqCst), 2);
+    }
+
+    /// Agents on one host share its address: the machine a relayed connection comes from is
+    /// one of them with a front door (an agent without one there must not refuse it), and the
+    /// log is told when several have one.
+    #[test]
+    fn a_peer_address_several_machines_share_is_the_front_doors() {
+        let at = |name: &str, ip: &str, front_door: bool| KnownMachine {
+            id: name.into(),
+            name: name.into(),
+            address: format!("{ip}:3389"),
+            ready: true,
+            ips: vec![ip.parse().unwrap()],
+            port: 3389,
+            front_door,
+        };
+        let mut machines = vec![
+            at("plain", "10.0.0.1", false),
+            at("door", "10.0.0.1", true),
+            at("alone", "10.0.0.3", false),
+        ];
+        let peer = |machines: &[KnownMachine], ip: &str| {
+            let peer = machine_at(machines, ip.parse().unwrap()).unwrap();
+            (peer.machine.name, peer.shares_ip)
+        };
+        assert_eq!(peer(&machines, "10.0.0.1"), ("door".into(), false));
+        assert_eq!(peer(&machines, "10.0.0.3"), ("alone".into(), false));
+        assert!(machine_at(&machines, "10.0.0.9".parse().unwrap()).is_none());
+        machines.push(at("door2", "10.0.0.1", true));
+        assert_eq!(peer(&machines, "10.0.0.1"), ("door".into(), true));
     }
 
     #[test]

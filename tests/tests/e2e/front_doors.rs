@@ -637,3 +637,42 @@ async fn a_new_user_a_cut_cookie_took_for_another_gets_their_own_session_at_logo
     }
     farm.stop().await;
 }
+
+/// Several agents on one host share its address. One without a front door there (listed
+/// first, by name) does not make the connections another relays from that address look like a
+/// stranger's PROXY header: the receiving front door takes them from the one with a front door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_from_a_host_that_also_runs_an_agent_without_a_front_door_is_taken() {
+    let database = TestDatabase::sqlite();
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let (b_rdp, mut b_seen) = rdp_stand_in().await;
+    let listener = std::net::TcpListener::bind(("127.0.0.3", 0)).unwrap();
+    let b_address = listener.local_addr().unwrap().to_string();
+    let b = TestAgent::start(&broker.url(), "ts-b", move |config| {
+        config.advertise = b_address;
+        config.front_door = Some(FrontDoorBind::Listener(listener));
+        config.local_rdp = b_rdp;
+        // Its list of the farm's machines is fresh when the relayed connection comes.
+        config.machine_refresh = Duration::from_millis(200);
+    })
+    .await;
+    let (a_rdp, _a_seen) = rdp_stand_in().await;
+    let a = machine_on(&broker, "ts-a", "127.0.0.2", &a_rdp, None).await;
+    let plain = TestAgent::start(&broker.url(), "aa-plain", |config| {
+        config.advertise = "127.0.0.2:3999".into();
+    })
+    .await;
+    b.cli(&["session", "logon", "--user", "alice", "--session-id", "5"])
+        .await;
+    sessions_listed(&broker, 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let request = connection_request("alice");
+    let _held = connect_from("127.0.0.1", a.front_door.unwrap(), &request).await;
+    let seen = tokio::time::timeout(Duration::from_secs(5), b_seen.recv()).await;
+    assert_eq!(seen.unwrap().unwrap(), request);
+    plain.stop().await;
+    a.stop().await;
+    b.stop().await;
+    broker.stop().await;
+}
