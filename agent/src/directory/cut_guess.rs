@@ -113,13 +113,15 @@ pub(super) fn say_address(table: &mut Table, session_id: u32) {
 }
 
 /// A local source reported `session_id` reconnected: the one connection holding it, if tied
-/// by a guess, was right.
-pub(super) fn confirm(table: &mut Table, session_id: u32) {
+/// by a guess, was right. Returns that connection's client address, when known.
+pub(super) fn confirm(table: &mut Table, session_id: u32) -> Option<String> {
     let mut holders = table
         .live
         .values_mut()
         .filter(|live| live.session_id == Some(session_id));
-    if let (Some(only), None) = (holders.next(), holders.next()) {
-        only.guess = None;
-    }
+    let (Some(only), None) = (holders.next(), holders.next()) else {
+        return None;
+    };
+    only.guess = None;
+    only.client.map(|client| client.to_string())
 }

@@ -216,3 +216,24 @@ fn a_reconnection_takes_back_the_connection_a_logon_from_elsewhere_took() {
     assert_eq!(seen(&directory, 12).0, RecordState::Disconnected);
     assert_eq!(seen(&directory, 13).1, "");
 }
+
+#[test]
+fn a_reported_reconnection_gives_the_session_its_guessed_clients_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    jones_left(&directory);
+    let smith = report("christopher.smith", 13, "10.0.0.6");
+    directory.apply(Logon, smith.clone()).unwrap();
+    directory.apply(Disconnect, smith).unwrap();
+    // From an address neither has: a guess among two users, which lends its address to nobody.
+    let client = cut_cookie_from(&directory, "10.0.0.9:40000");
+    assert_eq!(client.session_id, 13);
+    expect(&directory, 13, RecordState::Active, "10.0.0.6");
+    // xrdp's hook says smith reconnected: the connection is his, and so is its address.
+    let reconnection = report("christopher.smith", 13, "127.0.0.1");
+    directory.apply(Reconnect, reconnection).unwrap();
+    expect(&directory, 13, RecordState::Active, "10.0.0.9:40000");
+    expect(&directory, 12, RecordState::Disconnected, "10.0.0.5");
+    directory.front_door_detach(client, LONG);
+    expect(&directory, 13, RecordState::Disconnected, "10.0.0.9:40000");
+}

@@ -374,6 +374,12 @@ fn change(
         table.emit(kind, &record);
         return Some(record);
     }
+    // The one front-door connection holding a session reported reconnected is its client's:
+    // a guess that tied it is confirmed, and the session takes its address.
+    let holders_client = match kind {
+        SessionEventKind::Reconnect => cut_guess::confirm(table, session_id),
+        _ => None,
+    };
     let record = table.sessions.get_mut(&session_id)?;
     let state = match kind {
         SessionEventKind::Disconnect => RecordState::Disconnected,
@@ -386,11 +392,11 @@ fn change(
     // A local session source knows this session: it is real.
     record.unconfirmed = false;
     note_client_address(record, client_address);
+    if let Some(client) = holders_client {
+        record.client_address = client;
+    }
     let record = record.clone();
     table.emit(kind, &record);
-    if kind == SessionEventKind::Reconnect {
-        cut_guess::confirm(table, session_id);
-    }
     Some(record)
 }
 
