@@ -113,15 +113,26 @@ pub(super) fn say_address(table: &mut Table, session_id: u32) {
 }
 
 /// A local source reported `session_id` reconnected: the one connection holding it, if tied
-/// by a guess, was right. Returns that connection's client address, when known.
+/// by a guess, was right — unless a guess tied another open connection elsewhere whose cookie
+/// names this session's user too (two clients with one cut cookie came back at once, each
+/// tied to the other's session: which one reconnected is not known). Returns the confirmed
+/// connection's client address, when known.
 pub(super) fn confirm(table: &mut Table, session_id: u32) -> Option<String> {
     let mut holders = table
         .live
-        .values_mut()
-        .filter(|live| live.session_id == Some(session_id));
-    let (Some(only), None) = (holders.next(), holders.next()) else {
+        .iter()
+        .filter(|(_, live)| live.session_id == Some(session_id));
+    let (Some((&only, _)), None) = (holders.next(), holders.next()) else {
         return None;
     };
+    let in_doubt = table
+        .live
+        .iter()
+        .any(|(&attachment, live)| attachment != only && could_be_instead(table, live, session_id));
+    if in_doubt {
+        return None;
+    }
+    let only = table.live.get_mut(&only)?;
     only.guess = None;
     only.client.map(|client| client.to_string())
 }

@@ -56,11 +56,16 @@ fn jones_reconnection_reported(directory: &Directory) {
     directory.apply(Reconnect, reconnection).unwrap();
 }
 
+/// `user` logged on (session `session_id`, from `address`) and left.
+fn logged_on_and_left(directory: &Directory, user: &str, session_id: u32, address: &str) {
+    let logon = report(user, session_id, address);
+    directory.apply(Logon, logon.clone()).unwrap();
+    directory.apply(Disconnect, logon).unwrap();
+}
+
 /// `christopher.jones` left session 12, opened from 10.0.0.5.
 fn jones_left(directory: &Directory) {
-    let jones = report("christopher.jones", 12, "10.0.0.5");
-    directory.apply(Logon, jones.clone()).unwrap();
-    directory.apply(Disconnect, jones).unwrap();
+    logged_on_and_left(directory, "christopher.jones", 12, "10.0.0.5");
 }
 
 #[test]
@@ -162,9 +167,7 @@ fn a_longer_names_reconnection_takes_the_connection_a_whole_names_session_was_gi
     let (directory, _receiver) = Directory::open(dir.path()).unwrap();
     jones_left(&directory);
     // `christoph` left session 13 after jones: the newer of the two the cookie names.
-    let christoph = report("christoph", 13, "10.0.0.9");
-    directory.apply(Logon, christoph.clone()).unwrap();
-    directory.apply(Disconnect, christoph).unwrap();
+    logged_on_and_left(&directory, "christoph", 13, "10.0.0.9");
     // jones comes back from an address neither session has: tied to christoph's session.
     let jones = cut_cookie_from(&directory, "10.0.0.7:40000");
     assert_eq!(jones.session_id, 13);
@@ -222,9 +225,7 @@ fn a_reported_reconnection_gives_the_session_its_guessed_clients_address() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, _receiver) = Directory::open(dir.path()).unwrap();
     jones_left(&directory);
-    let smith = report("christopher.smith", 13, "10.0.0.6");
-    directory.apply(Logon, smith.clone()).unwrap();
-    directory.apply(Disconnect, smith).unwrap();
+    logged_on_and_left(&directory, "christopher.smith", 13, "10.0.0.6");
     // From an address neither has: a guess among two users, which lends its address to nobody.
     let client = cut_cookie_from(&directory, "10.0.0.9:40000");
     assert_eq!(client.session_id, 13);
@@ -236,4 +237,31 @@ fn a_reported_reconnection_gives_the_session_its_guessed_clients_address() {
     expect(&directory, 12, RecordState::Disconnected, "10.0.0.5");
     directory.front_door_detach(client, LONG);
     expect(&directory, 13, RecordState::Disconnected, "10.0.0.9:40000");
+}
+
+#[test]
+fn two_clients_with_one_cut_cookie_back_at_once_leave_no_session_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    jones_left(&directory);
+    logged_on_and_left(&directory, "christoph", 13, "10.0.0.9");
+    logged_on_and_left(&directory, "christopher.smith", 14, "10.0.0.6");
+    // Two of them come back from new addresses: tied to the newest sessions, 14 and 13.
+    let first = cut_cookie_from(&directory, "10.0.0.86:40000");
+    let second = cut_cookie_from(&directory, "10.0.0.87:40000");
+    assert_eq!((first.session_id, second.session_id), (14, 13));
+    // jones reconnected, through one of the two; smith too, by the other: which is which is
+    // not known, so nothing moves and no address is lent.
+    jones_reconnection_reported(&directory);
+    let smith = report("christopher.smith", 14, "127.0.0.1");
+    directory.apply(Reconnect, smith).unwrap();
+    expect(&directory, 12, RecordState::Active, "10.0.0.5");
+    expect(&directory, 14, RecordState::Active, "10.0.0.6");
+    // Both leave: every session is disconnected, jones's too, though no connection held it.
+    directory.front_door_detach(first, LONG);
+    expect(&directory, 12, RecordState::Active, "10.0.0.5");
+    directory.front_door_detach(second, LONG);
+    for session_id in [12, 13, 14] {
+        assert_eq!(seen(&directory, session_id).0, RecordState::Disconnected);
+    }
 }

@@ -206,6 +206,9 @@ pub(crate) struct Table {
     attachments: u64,
     /// Front-door connections still open, by attachment number.
     live: BTreeMap<u64, rules::LiveConnection>,
+    /// Sessions a local source reported that several open connections could hold (none was
+    /// matched): the connections, whose ends all together disconnect the session (`unknown.rs`).
+    unheld: BTreeMap<u32, Vec<u64>>,
     events: mpsc::UnboundedSender<NumberedEvent>,
     /// Counts the changes to save (not only those with an event): the writer's generation.
     generation: u64,
@@ -295,6 +298,7 @@ impl Directory {
             version: 0,
             attachments: 0,
             live: BTreeMap::new(),
+            unheld: BTreeMap::new(),
             events: sender,
             generation: 0,
         };

@@ -585,6 +585,12 @@ pub(super) fn front_door_outlasted_grace(table: &mut Table, attachment: u64) -> 
 
 /// Returns whether the table changed.
 pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
+    let changed = detach_held(table, end, now);
+    super::unknown::candidate_ended(table, end.attachment, now) || changed
+}
+
+/// [`front_door_detach`] for the session the connection holds.
+fn detach_held(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
     let ConnectionEnd {
         attachment,
         pending_logon,

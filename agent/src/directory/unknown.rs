@@ -11,8 +11,8 @@
 //! service that could be it: one whose user is unknown, or the connection of a front-door logon
 //! that nothing confirmed under its cookie's name. Every connection to the RDP service comes
 //! through the front door (it listens on loopback only), so when exactly one connection could
-//! be it, that one is. With two or more nothing is matched — the session's leaving is then
-//! seen only at its next event, as before — never guessed. A reconnection to a session that a
+//! be it, that one is. With two or more nothing is matched — never guessed — and the session
+//! is disconnected once they have all ended (its client was one of them). A reconnection to a session that a
 //! connection matched this way holds means a new client took it over (xrdp drops the old
 //! one): the one open connection that could be the new client holds it from then on.
 //!
@@ -46,22 +46,29 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
     {
         return;
     }
-    let candidates: Vec<(u64, LiveConnection)> = table
+    let candidates: Vec<u64> = table
         .live
         .iter()
         .filter(|(attachment, live)| could_hold(table, **attachment, live, session_id))
-        .map(|(&attachment, live)| (attachment, live.clone()))
-        .take(2)
+        .map(|(&attachment, _)| attachment)
         .collect();
-    let [(attachment, ref live)] = candidates[..] else {
+    let [attachment] = candidates[..] else {
         if candidates.len() > 1 {
             tracing::debug!(
                 session_id,
-                "several front-door connections could hold the session: none is matched"
+                candidates = candidates.len(),
+                "several front-door connections could hold the session: none is matched, and \
+                 the session is disconnected once they have all ended"
             );
+            table.unheld.insert(session_id, candidates);
         }
         return;
     };
+    table.unheld.remove(&session_id);
+    let Some(live) = table.live.get(&attachment).cloned() else {
+        return;
+    };
+    let live = &live;
     let moved_from = live.session_id;
     let guessed = cut_guess::could_be_instead(table, live, session_id);
     let (guess, address_restored) = match guessed {
@@ -144,6 +151,43 @@ fn could_hold(table: &Table, attachment: u64, live: &LiveConnection, session_id:
             .sessions
             .get(&session_id)
             .is_some_and(|new| is_users(record, &new.user_name, &new.domain))
+}
+
+/// Connection `attachment` ended: a session that it and other connections could have held
+/// (none matched: see [`match_connection`]), still ACTIVE and held by no connection, is
+/// disconnected once the last of them has ended (its client was one of them). Returns whether
+/// the table changed.
+pub(super) fn candidate_ended(table: &mut Table, attachment: u64, now: i64) -> bool {
+    if table.unheld.is_empty() {
+        return false;
+    }
+    let mut settled = Vec::new();
+    for (session_id, candidates) in &mut table.unheld {
+        candidates.retain(|candidate| *candidate != attachment);
+        if candidates.is_empty() {
+            settled.push(*session_id);
+        }
+    }
+    let mut changed = false;
+    for session_id in settled {
+        table.unheld.remove(&session_id);
+        let held = table
+            .live
+            .values()
+            .any(|live| live.session_id == Some(session_id));
+        let active = table
+            .sessions
+            .get(&session_id)
+            .is_some_and(|record| record.state == RecordState::Active);
+        if active && !held {
+            tracing::info!(
+                session_id,
+                "every front-door connection that could hold the session has ended: disconnected"
+            );
+            changed |= connection_left(table, session_id, now);
+        }
+    }
+    changed
 }
 
 /// Session `session_id` is no longer held by connection `attachment` (it holds another one

@@ -74,16 +74,20 @@ fn the_matched_connection_gives_the_session_its_clients_address() {
 }
 
 #[test]
-fn with_two_candidates_nothing_is_matched() {
+fn with_two_candidates_nothing_is_matched_until_both_have_ended() {
     let dir = tempfile::tempdir().unwrap();
     let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
     let first = directory.front_door_attach_unknown(None);
     let second = directory.front_door_attach_unknown(None);
     directory.apply(Logon, request("ann", 10)).unwrap();
     directory.front_door_detach_unknown(first, ENDED);
-    directory.front_door_detach_unknown(second, ENDED);
+    // Her client may be the one still open.
     assert_eq!(state_of(&directory, 10), Some(RecordState::Active));
     assert_eq!(events(&mut receiver), vec![(Logon, 10, "ann".into())]);
+    // Her client was one of the two: both gone, she is.
+    directory.front_door_detach_unknown(second, ENDED);
+    assert_eq!(state_of(&directory, 10), Some(RecordState::Disconnected));
+    assert_eq!(events(&mut receiver), vec![(Disconnect, 10, "ann".into())]);
 
     // A cookie logon still waiting for its PAM logon is a candidate too.
     let unknown = directory.front_door_attach_unknown(None);
@@ -95,6 +99,7 @@ fn with_two_candidates_nothing_is_matched() {
     directory.apply(Logon, request("ben", 12)).unwrap();
     directory.front_door_detach(ben, ENDED);
     assert_eq!(state_of(&directory, 12), Some(RecordState::Disconnected));
+    assert_eq!(state_of(&directory, 11), Some(RecordState::Disconnected));
 }
 
 #[test]
