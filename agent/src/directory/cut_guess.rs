@@ -18,7 +18,7 @@
 
 use tsbroker_common::model::{SessionEventKind, user_key};
 
-use super::rules::{CookieName, LiveConnection, domains_match};
+use super::rules::{CookieName, LiveConnection};
 use super::{RecordState, Table};
 
 /// A connection's tie to a session made by a cookie that may be cut.
@@ -44,6 +44,14 @@ impl CutGuess {
     }
 }
 
+impl CutGuess {
+    /// Whether the guess's cookie names the user whose key is `key`, of `domain`.
+    pub(super) fn names(&self, key: &str, domain: &str) -> bool {
+        (domain.is_empty() || self.domain.is_empty() || self.domain.eq_ignore_ascii_case(domain))
+            && self.cookie.names(key)
+    }
+}
+
 /// Whether `live`, tied by a guess to a session, could be the connection of session
 /// `session_id`, another user's, instead: its cookie names that user too.
 pub(super) fn could_be_instead(table: &Table, live: &LiveConnection, session_id: u32) -> bool {
@@ -57,8 +65,7 @@ pub(super) fn could_be_instead(table: &Table, live: &LiveConnection, session_id:
     let new_key = user_key(&new.user_name);
     live.session_id != Some(session_id)
         && user_key(&guessed.user_name) != new_key
-        && domains_match(new, &guess.domain)
-        && guess.cookie.names(&new_key)
+        && guess.names(&new_key, &new.domain)
 }
 
 /// The guess of connection `live` moves to session `session_id` (which it could be instead):

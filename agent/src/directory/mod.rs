@@ -26,6 +26,9 @@
 mod cut_guess;
 #[cfg(test)]
 mod cut_guess_tests;
+mod late_reports;
+#[cfg(test)]
+mod late_reports_tests;
 mod persist;
 #[cfg(test)]
 mod persist_tests;
@@ -209,6 +212,8 @@ pub(crate) struct Table {
     /// Sessions a local source reported that several open connections could hold (none was
     /// matched): the connections, whose ends all together disconnect the session (`unknown.rs`).
     unheld: BTreeMap<u32, Vec<u64>>,
+    /// Front-door connections that ended lately (`late_reports.rs`).
+    ended: std::collections::VecDeque<late_reports::EndedConnection>,
     events: mpsc::UnboundedSender<NumberedEvent>,
     /// Counts the changes to save (not only those with an event): the writer's generation.
     generation: u64,
@@ -299,6 +304,7 @@ impl Directory {
             attachments: 0,
             live: BTreeMap::new(),
             unheld: BTreeMap::new(),
+            ended: Default::default(),
             events: sender,
             generation: 0,
         };

@@ -17,6 +17,7 @@ use tsbroker_common::model::{SessionEventKind, client_ip, upn_user_part, user_ke
 use tsbroker_common::validate;
 
 use super::cut_guess::{self, CutGuess};
+use super::late_reports;
 use super::{
     Attachment, DirectoryError, Origin, RecordState, SessionRecord, SessionRequest,
     TRUNCATED_COOKIE_LEN, Table,
@@ -354,11 +355,24 @@ pub(super) fn apply(
             }
         }
     };
-    if matches!(kind, SessionEventKind::Logon | SessionEventKind::Reconnect) {
-        super::unknown::match_connection(table, session_id, kind);
+    let client_left = matches!(kind, SessionEventKind::Logon | SessionEventKind::Reconnect)
+        && super::unknown::match_connection(table, session_id, kind)
+        && late_reports::client_left(table, session_id, now);
+    let record = change(table, session_id, kind, &request.client_address, now)
+        .ok_or_else(|| DirectoryError::NoSuchSession(describe(&request)))?;
+    if client_left && connection_left(table, session_id, now) {
+        tracing::info!(
+            session_id,
+            user = %record.user_name,
+            "reported after its client's front-door connection ended: disconnected"
+        );
+        return table
+            .sessions
+            .get(&session_id)
+            .cloned()
+            .ok_or_else(|| DirectoryError::NoSuchSession(describe(&request)));
     }
-    change(table, session_id, kind, &request.client_address, now)
-        .ok_or_else(|| DirectoryError::NoSuchSession(describe(&request)))
+    Ok(record)
 }
 
 /// Sets the state the event leaves the session in and tells the broker.
@@ -585,26 +599,26 @@ pub(super) fn front_door_outlasted_grace(table: &mut Table, attachment: u64) -> 
 
 /// Returns whether the table changed.
 pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
-    let changed = detach_held(table, end, now);
-    super::unknown::candidate_ended(table, end.attachment, now) || changed
+    let Some(live) = table.live.remove(&end.attachment) else {
+        return false;
+    };
+    let changed = live
+        .session_id
+        .is_some_and(|session_id| detach_held(table, session_id, end, now));
+    let changed = super::unknown::candidate_ended(table, end.attachment, now) || changed;
+    late_reports::remember(table, live, now);
+    changed
 }
 
-/// [`front_door_detach`] for the session the connection holds.
-fn detach_held(table: &mut Table, end: ConnectionEnd, now: i64) -> bool {
+/// [`front_door_detach`] for session `session_id`, which the connection held when it ended (a
+/// local source may have renumbered it, `adopt`, or matched a connection of an unknown user
+/// to it, `unknown.rs`).
+fn detach_held(table: &mut Table, session_id: u32, end: ConnectionEnd, now: i64) -> bool {
     let ConnectionEnd {
         attachment,
         pending_logon,
         ..
     } = end;
-    // The session the connection holds now: a local source may have renumbered it (`adopt`),
-    // or matched a connection of an unknown user to it (`unknown.rs`).
-    let Some(LiveConnection {
-        session_id: Some(session_id),
-        ..
-    }) = table.live.remove(&attachment)
-    else {
-        return false;
-    };
     let others_open = table
         .live
         .values()

@@ -34,17 +34,16 @@ use super::{Origin, RecordState, Table};
 /// Ties the one open connection that could hold `session_id` to it after a local source
 /// reported `kind` for it; nothing when a connection holds it already (unless this is a
 /// reconnection and the holders were matched by elimination too) or when none or several
-/// could.
-pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: SessionEventKind) {
+/// could. Returns whether no open connection holds or could hold the session.
+pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: SessionEventKind) -> bool {
     let mut holders = table
         .live
         .values()
         .filter(|live| live.session_id == Some(session_id))
         .peekable();
-    if holders.peek().is_some()
-        && !(kind == SessionEventKind::Reconnect && holders.all(|live| live.matched))
-    {
-        return;
+    let held = holders.peek().is_some();
+    if held && !(kind == SessionEventKind::Reconnect && holders.all(|live| live.matched)) {
+        return false;
     }
     let candidates: Vec<u64> = table
         .live
@@ -61,12 +60,13 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
                  the session is disconnected once they have all ended"
             );
             table.unheld.insert(session_id, candidates);
+            return false;
         }
-        return;
+        return !held;
     };
     table.unheld.remove(&session_id);
     let Some(live) = table.live.get(&attachment).cloned() else {
-        return;
+        return false;
     };
     let live = &live;
     let moved_from = live.session_id;
@@ -124,6 +124,7 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
             "the only front-door connection that could hold the session now does"
         );
     }
+    false
 }
 
 /// Whether `live` (connection `attachment`) could be the connection of session `session_id`:

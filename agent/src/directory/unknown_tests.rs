@@ -7,9 +7,9 @@ use super::tests::drain as events;
 use super::*;
 use tsbroker_common::model::SessionEventKind::{Disconnect, Logoff, Logon, Reconnect};
 
-const ENDED: Option<Duration> = Some(Duration::from_secs(120));
+pub(super) const ENDED: Option<Duration> = Some(Duration::from_secs(120));
 
-fn request(user: &str, session_id: u32) -> SessionRequest {
+pub(super) fn request(user: &str, session_id: u32) -> SessionRequest {
     SessionRequest {
         user_name: user.to_owned(),
         session_id: Some(session_id),
@@ -17,7 +17,7 @@ fn request(user: &str, session_id: u32) -> SessionRequest {
     }
 }
 
-fn state_of(directory: &Directory, session_id: u32) -> Option<RecordState> {
+pub(super) fn state_of(directory: &Directory, session_id: u32) -> Option<RecordState> {
     directory
         .list()
         .into_iter()
