@@ -42,9 +42,7 @@ impl CutGuess {
             })
         })
     }
-}
 
-impl CutGuess {
     /// Whether the guess's cookie names the user whose key is `key`, of `domain`.
     pub(super) fn names(&self, key: &str, domain: &str) -> bool {
         (domain.is_empty() || self.domain.is_empty() || self.domain.eq_ignore_ascii_case(domain))
