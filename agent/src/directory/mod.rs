@@ -491,6 +491,7 @@ impl Directory {
             session_id: None,
             pending_logon: false,
             matched: false,
+            reported: false,
             client,
             guess: None,
         });

@@ -356,8 +356,7 @@ pub(super) fn apply(
         }
     };
     let client_left = matches!(kind, SessionEventKind::Logon | SessionEventKind::Reconnect)
-        && super::unknown::match_connection(table, session_id, kind)
-        && late_reports::client_left(table, session_id, now);
+        && super::unknown::match_connection(table, session_id, kind, now);
     let record = change(table, session_id, kind, &request.client_address, now)
         .ok_or_else(|| DirectoryError::NoSuchSession(describe(&request)))?;
     if client_left && connection_left(table, session_id, now) {
@@ -394,6 +393,9 @@ fn change(
         SessionEventKind::Reconnect => cut_guess::confirm(table, session_id),
         _ => None,
     };
+    if matches!(kind, SessionEventKind::Logon | SessionEventKind::Reconnect) {
+        late_reports::reported(table, session_id);
+    }
     let record = table.sessions.get_mut(&session_id)?;
     let state = match kind {
         SessionEventKind::Disconnect => RecordState::Disconnected,
@@ -487,6 +489,7 @@ pub(super) fn front_door_attach(
         session_id: Some(session_id),
         pending_logon,
         matched: false,
+        reported: false,
         client: request.client_address.parse().ok(),
         guess,
     });
@@ -555,6 +558,9 @@ pub(super) struct LiveConnection {
     pub pending_logon: bool,
     /// Tied to its session by elimination (`unknown.rs`), not by the user it named.
     pub matched: bool,
+    /// A local source reported the session it holds (a logon or reconnection) while it was
+    /// open: its client has no report still to come (`late_reports.rs`).
+    pub reported: bool,
     /// Where its client connects from, as the front door saw it.
     pub client: Option<SocketAddr>,
     /// Tied to another user's session by a cookie that may be cut (`cut_guess.rs`).

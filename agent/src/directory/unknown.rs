@@ -27,15 +27,22 @@
 
 use tsbroker_common::model::SessionEventKind;
 
-use super::cut_guess;
 use super::rules::{LiveConnection, connection_left, is_users};
 use super::{Origin, RecordState, Table};
+use super::{cut_guess, late_reports};
 
 /// Ties the one open connection that could hold `session_id` to it after a local source
 /// reported `kind` for it; nothing when a connection holds it already (unless this is a
 /// reconnection and the holders were matched by elimination too) or when none or several
-/// could. Returns whether no open connection holds or could hold the session.
-pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: SessionEventKind) -> bool {
+/// could. Returns whether the session's client has left: no open connection holds or could
+/// hold it, and one that could have ended moments ago without a report of its own (the
+/// report is its, late: `late_reports.rs`).
+pub(super) fn match_connection(
+    table: &mut Table,
+    session_id: u32,
+    kind: SessionEventKind,
+    now: i64,
+) -> bool {
     let mut holders = table
         .live
         .values()
@@ -52,17 +59,19 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
         .map(|(&attachment, _)| attachment)
         .collect();
     let [attachment] = candidates[..] else {
-        if candidates.len() > 1 {
-            tracing::debug!(
-                session_id,
-                candidates = candidates.len(),
-                "several front-door connections could hold the session: none is matched, and \
-                 the session is disconnected once they have all ended"
-            );
-            table.unheld.insert(session_id, candidates);
-            return false;
+        if candidates.is_empty() {
+            // The report may be late, its client already gone (not so for a reconnection
+            // that a returning client's new device made: see above).
+            return !held && late_reports::could_have_been(table, session_id, now);
         }
-        return !held;
+        tracing::debug!(
+            session_id,
+            candidates = candidates.len(),
+            "several front-door connections could hold the session: none is matched, and \
+             the session is disconnected once they have all ended"
+        );
+        table.unheld.insert(session_id, candidates);
+        return false;
     };
     table.unheld.remove(&session_id);
     let Some(live) = table.live.get(&attachment).cloned() else {
@@ -93,6 +102,7 @@ pub(super) fn match_connection(table: &mut Table, session_id: u32, kind: Session
             session_id: Some(session_id),
             pending_logon: false,
             matched: true,
+            reported: true,
             guess,
             ..live.clone()
         },
