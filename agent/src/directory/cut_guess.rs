@@ -18,7 +18,7 @@
 
 use tsbroker_common::model::{SessionEventKind, user_key};
 
-use super::rules::{CookieName, LiveConnection};
+use super::rules::{CookieName, LiveConnection, domains_agree};
 use super::{RecordState, Table};
 
 /// A connection's tie to a session made by a cookie that may be cut.
@@ -45,8 +45,7 @@ impl CutGuess {
 
     /// Whether the guess's cookie names the user whose key is `key`, of `domain`.
     pub(super) fn names(&self, key: &str, domain: &str) -> bool {
-        (domain.is_empty() || self.domain.is_empty() || self.domain.eq_ignore_ascii_case(domain))
-            && self.cookie.names(key)
+        domains_agree(&self.domain, domain) && self.cookie.names(key)
     }
 }
 

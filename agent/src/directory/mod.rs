@@ -404,7 +404,7 @@ impl Directory {
 
     /// [`Self::front_door_attach`] for a user the broker named `user_name` from a cookie that
     /// carried `cookie_name` (a cut name it resolved to the full one): the tie to that user's
-    /// session is a guess, undone if a local source reports the logon of another user the
+    /// session is a guess, moved if a local source reports another session of a user the
     /// cookie names (`cut_guess.rs`).
     pub fn front_door_attach_as(
         &self,

@@ -100,8 +100,13 @@ fn one_users_sessions<'a>(
     (named, false)
 }
 
-pub(super) fn domains_match(record: &SessionRecord, domain: &str) -> bool {
-    domain.is_empty() || record.domain.is_empty() || record.domain.eq_ignore_ascii_case(domain)
+fn domains_match(record: &SessionRecord, domain: &str) -> bool {
+    domains_agree(&record.domain, domain)
+}
+
+/// Two domains name the same users: equal but for case, or either not given.
+pub(super) fn domains_agree(one: &str, other: &str) -> bool {
+    one.is_empty() || other.is_empty() || one.eq_ignore_ascii_case(other)
 }
 
 /// Whether a cookie's user `name` (of `domain`) may be cut: mstsc cuts the whole cookie to 9
@@ -477,9 +482,9 @@ pub(super) fn front_door_attach(
     // A return to a session by a cookie that may be cut (as the client sent it, before the
     // broker resolved it): a guess, moved if a local source then reports another session
     // of a user the cookie names (`cut_guess.rs`).
-    let sent = cookie_name.map(|name| CookieName::new(name, &request.domain));
     let guess = match kind {
         SessionEventKind::Reconnect => table.sessions.get(&session_id).and_then(|record| {
+            let sent = cookie_name.map(|name| CookieName::new(name, &request.domain));
             let cookie = sent.as_ref().unwrap_or(&cookie);
             CutGuess::new(cookie, &request.domain, &record.client_address)
         }),
@@ -563,7 +568,7 @@ pub(super) struct LiveConnection {
     pub reported: bool,
     /// Where its client connects from, as the front door saw it.
     pub client: Option<SocketAddr>,
-    /// Tied to another user's session by a cookie that may be cut (`cut_guess.rs`).
+    /// Tied to its session by a cookie that may be cut, a guess (`cut_guess.rs`).
     pub guess: Option<Box<CutGuess>>,
 }
 

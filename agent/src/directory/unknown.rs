@@ -102,7 +102,6 @@ pub(super) fn match_connection(
             session_id: Some(session_id),
             pending_logon: false,
             matched: true,
-            reported: true,
             guess,
             ..live.clone()
         },

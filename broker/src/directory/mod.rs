@@ -289,20 +289,20 @@ fn lookup_in(
 ) -> Option<DirectoryAnswer> {
     {
         let user_key = model::user_key(user_name);
-        let by_client = || {
-            model::client_ip(client_address)
-                .map(|ip| index.users_from_client(farm, ip, &user_key, 2))
+        let answer = |user_key: String| {
+            let sessions = index.sessions_of(farm, &user_key);
+            Some(DirectoryAnswer { user_key, sessions })
         };
-        // A name mstsc may have cut that is also someone's whole name (`valentina`, and the
-        // cut `valentina.r`): the one user the cut name starts with a session from the
-        // client's address is the one coming back, as among several longer names.
-        let longer_by_client = || by_client().and_then(only).filter(|key| *key != user_key);
-        if may_be_cut && let Some(full_key) = longer_by_client() {
-            let sessions = index.sessions_of(farm, &full_key);
-            return Some(DirectoryAnswer {
-                user_key: full_key,
-                sessions,
-            });
+        // For a name mstsc may have cut: the one user it starts with who has a session from
+        // the client's address. Among several longer names, that one is coming back; so it is
+        // when it is a longer name and the name is also someone's whole name (`valentina`,
+        // and the cut `valentina.r`).
+        let from_client = may_be_cut
+            .then(|| model::client_ip(client_address))
+            .flatten()
+            .and_then(|ip| only(index.users_from_client(farm, ip, &user_key, 2)));
+        if let Some(full_key) = from_client.clone().filter(|key| *key != user_key) {
+            return answer(full_key);
         }
         let sessions = index.sessions_of(farm, &user_key);
         if !sessions.is_empty() {
@@ -312,14 +312,10 @@ fn lookup_in(
             let full_key = match index.users_with_prefix(farm, &user_key, 2).as_slice() {
                 [full_key] => Some(full_key.clone()),
                 [] => None,
-                _ => by_client().and_then(only),
+                _ => from_client,
             };
             if let Some(full_key) = full_key {
-                let sessions = index.sessions_of(farm, &full_key);
-                return Some(DirectoryAnswer {
-                    user_key: full_key,
-                    sessions,
-                });
+                return answer(full_key);
             }
         }
         if let Some(user) = model::upn_user_part(user_name) {
