@@ -55,11 +55,12 @@ USERS=(tsb-ann tsb-ben tsb-cat tsb-dan tsb-chris tsb-christa)
 FARM=default
 CONTROL_SOCKET=/run/tsagent/control.sock
 LOGON_SECONDS=90 # from xfreerdp's start to PAM's logon: Xorg and the session start first
+XFREERDP=${TSB_XFREERDP:-xfreerdp} # FreeRDP 3: TSB_XFREERDP=xfreerdp3
 
 path_append /usr/sbin
 path_append /sbin
 if dir=$(find_grpcurl_dir); then path_append "$dir"; fi
-for tool in xfreerdp Xvfb python3 grpcurl; do
+for tool in "$XFREERDP" Xvfb python3 grpcurl; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool missing (scripts/install-test-deps.sh installs it)"
 done
 need=()
@@ -239,7 +240,7 @@ client=""
 # Starts a real client through the front door at PORT (this machine's unless given; it stays
 # connected until stop_client).
 start_client() {
-    HOME=$work DISPLAY=$display xfreerdp "/v:127.0.0.1:${3:-$front_door_port}" "/u:$1" "/p:$2" /cert:ignore \
+    HOME=$work DISPLAY=$display "$XFREERDP" "/v:127.0.0.1:${3:-$front_door_port}" "/u:$1" "/p:$2" /cert:ignore \
         /log-level:INFO >>"$work/client-$1.log" 2>&1 &
     client=$!
     pids+=("$client")
@@ -257,6 +258,7 @@ dan=${USERS[3]}
 chris=${USERS[4]}
 christa=${USERS[5]}
 
+log "clients: $XFREERDP ($(DISPLAY=$display "$XFREERDP" --version 2>&1 | grep -m1 -o 'FreeRDP version [^ ]*')) and rdesktop"
 log "1. $ann logs on through the front door"
 start_client "$ann" "$PASSWORD"
 # xrdp numbers sessions by X display from 10; ids the agent allocates itself start at 100000.
@@ -353,7 +355,7 @@ log "7. $dan logs on with a collection instead of a user cookie, leaves and come
 # The front door cannot tell whose connection it hands to xrdp: it is the one PAM's logon and
 # the reconnect hook report because it is the only one open.
 start_collection_client() {
-    HOME=$work DISPLAY=$display xfreerdp "/v:127.0.0.1:$front_door_port" "/u:$1" "/p:$PASSWORD" \
+    HOME=$work DISPLAY=$display "$XFREERDP" "/v:127.0.0.1:$front_door_port" "/u:$1" "/p:$PASSWORD" \
         /cert:ignore "/load-balance-info:tsv://MS Terminal Services Plugin.1.$FARM" \
         /log-level:INFO >>"$work/client-$1.log" 2>&1 &
     client=$!

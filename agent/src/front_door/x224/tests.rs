@@ -169,6 +169,43 @@ fn captured_client_packets() {
     }
 }
 
+/// First packets of FreeRDP 3.10's xfreerdp3 (Debian 12's bookworm-backports), captured as
+/// above: for `/u:`, `/d:`, `/u:DOMAIN\user`, `/u:user@domain` and `/load-balance-info` the
+/// same bytes as xfreerdp 2.11. Without `/u:` it sends the local account's name; `/sec:tls`
+/// asks for TLS alone, and `/sec:rdp` sends no rdpNegReq at all (Standard RDP Security).
+#[test]
+fn captured_freerdp3_packets() {
+    let captured: [(&str, &[u8], RoutingHint, Option<u32>); 3] = [
+        (
+            "xfreerdp3 /p:x (as root)",
+            b"\x03\x00\x00\x2a\x25\xe0\x00\x00\x00\x00\x00Cookie: mstshash=root\r\n\
+              \x01\x00\x08\x00\x03\x00\x00\x00",
+            RoutingHint::UserName("root".into()),
+            Some(PROTOCOL_SSL | PROTOCOL_HYBRID),
+        ),
+        (
+            "xfreerdp3 /u:alice /sec:tls",
+            b"\x03\x00\x00\x2b\x26\xe0\x00\x00\x00\x00\x00Cookie: mstshash=alice\r\n\
+              \x01\x00\x08\x00\x01\x00\x00\x00",
+            RoutingHint::UserName("alice".into()),
+            Some(PROTOCOL_SSL),
+        ),
+        (
+            "xfreerdp3 /u:alice /sec:rdp",
+            b"\x03\x00\x00\x23\x1e\xe0\x00\x00\x00\x00\x00Cookie: mstshash=alice\r\n",
+            RoutingHint::UserName("alice".into()),
+            None,
+        ),
+    ];
+    for (client, packet, hint, protocols) in captured {
+        let req = complete(packet);
+        assert_eq!(req.hint, hint, "{client}");
+        assert_eq!(req.requested_protocols, protocols, "{client}");
+        assert_eq!(req.packet_len, packet.len(), "{client}");
+        assert_eq!(req.trailing_bytes, 0, "{client}");
+    }
+}
+
 /// A bare Connection Request: no cookie, no negotiation.
 #[test]
 fn no_cookie_no_negotiation() {
