@@ -196,6 +196,7 @@ impl pb::broker_server::Broker for BrokerApi {
             .await?;
             filter.machine = Some(machine.id);
         }
+        upn_fallback(core.store.as_ref(), &mut filter).await?;
         let page_size = filter.limit as usize;
         // One row more than the page: whether another page follows, so that the last page
         // (even a full one) comes without a token.
@@ -273,6 +274,29 @@ fn fitting_in_a_page(sessions: &[pb::Session]) -> usize {
         }
     }
     sessions.len()
+}
+
+/// A user named in `user@domain` form (`alice@corp.example`) is taken as `Redirect` takes it:
+/// the sessions reported under that name, or, when it has none (in the farm named, if one is),
+/// those of its user part (`alice`: how PAM reports a Linux logon). Each page decides it again.
+async fn upn_fallback(
+    store: &dyn crate::store::Store,
+    filter: &mut SessionFilter,
+) -> Result<(), ApiError> {
+    let Some(user) = filter.user_key.as_deref().and_then(model::upn_user_part) else {
+        return Ok(());
+    };
+    let user = model::user_key(user);
+    let probe = SessionFilter {
+        farm: filter.farm.clone(),
+        user_key: filter.user_key.clone(),
+        limit: 1,
+        ..Default::default()
+    };
+    if store.list_sessions(&probe).await?.is_empty() {
+        filter.user_key = Some(user);
+    }
+    Ok(())
 }
 
 /// NOT_FOUND unless `farm` is one the broker knows (one a machine has joined, or with a policy

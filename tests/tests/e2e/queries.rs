@@ -17,6 +17,7 @@ on_both_stores!(
     messages_far_larger_than_a_call_buffer_arrive_whole,
     a_machine_named_two_ways_must_be_one_machine,
     a_page_stays_under_what_clients_accept,
+    a_user_principal_name_lists_its_user_parts_sessions_when_it_has_none,
 );
 
 /// `GetMachine` by id alone.
@@ -197,6 +198,65 @@ async fn every_session_comes_once_and_the_last_page_says_so(database: &TestDatab
     };
     let listed = client.list_sessions(nobody).await.unwrap().into_inner();
     assert!(listed.sessions.is_empty());
+}
+
+/// `alice@corp.example` is listed as `Redirect` takes it: that name's sessions, or when it has
+/// none, `alice`'s (how PAM reports the Linux logon), page after page.
+async fn a_user_principal_name_lists_its_user_parts_sessions_when_it_has_none(
+    database: &TestDatabase,
+) {
+    let broker = spawn_broker(&database.url, |_| {}).await;
+    let mut client = broker.broker_client().await;
+    let sessions = vec![
+        session(1, "alice", pb::SessionState::Active),
+        session(2, "Alice", pb::SessionState::Disconnected),
+        session(3, "bob@corp.example", pb::SessionState::Active),
+        session(4, "bob", pb::SessionState::Active),
+    ];
+    let _agent = FakeAgent::join(&broker.url(), description("ts-u", "farm-u", 100), sessions).await;
+    let mut list = async |user: &str, farm: &str, page_size: u32, token: String| {
+        client
+            .list_sessions(pb::ListSessionsRequest {
+                user_name: user.into(),
+                farm: farm.into(),
+                page_size,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("ListSessions")
+            .into_inner()
+    };
+    let ids = |page: &pb::ListSessionsResponse| -> Vec<u32> {
+        page.sessions
+            .iter()
+            .map(|session| session.session_id)
+            .collect()
+    };
+    // None of its own: the user part's, also one page at a time.
+    let first = list("Alice@Corp.Example", "", 1, String::new()).await;
+    assert_eq!(ids(&first), [1]);
+    assert!(!first.next_page_token.is_empty());
+    let second = list("Alice@Corp.Example", "", 1, first.next_page_token).await;
+    assert_eq!(ids(&second), [2]);
+    assert!(second.next_page_token.is_empty());
+    assert_eq!(
+        ids(&list("alice@corp.example", "farm-u", 0, String::new()).await),
+        [1, 2]
+    );
+    // Sessions of its own: only those.
+    assert_eq!(
+        ids(&list("bob@corp.example", "", 0, String::new()).await),
+        [3]
+    );
+    // Neither has any.
+    assert!(
+        list("carol@corp.example", "", 0, String::new())
+            .await
+            .sessions
+            .is_empty()
+    );
+    broker.stop().await;
 }
 
 async fn a_machine_named_two_ways_must_be_one_machine(database: &TestDatabase) {
