@@ -33,6 +33,7 @@
 #      is DISCONNECTED when the client leaves and ACTIVE again when it comes back.
 #
 #   scripts/xrdp-check.sh --yes
+#   TSB_XFREERDP=xfreerdp3 scripts/xrdp-check.sh --yes    # with FreeRDP 3's client instead of 2's
 #
 # It changes the system, so it runs only as root and with --yes (CI, on a throwaway machine,
 # passes it): it installs xrdp, xorgxrdp, xterm, sudo and rdesktop when missing, adds the users
@@ -61,7 +62,8 @@ path_append /usr/sbin
 path_append /sbin
 if dir=$(find_grpcurl_dir); then path_append "$dir"; fi
 for tool in "$XFREERDP" Xvfb python3 grpcurl; do
-    command -v "$tool" >/dev/null 2>&1 || die "$tool missing (scripts/install-test-deps.sh installs it)"
+    command -v "$tool" >/dev/null 2>&1 ||
+        die "$tool missing (scripts/install-test-deps.sh installs it; xfreerdp3, scripts/install-freerdp3.sh)"
 done
 need=()
 for pkg in xrdp xorgxrdp xterm sudo rdesktop; do dpkg_installed "$pkg" || need+=("$pkg"); done
