@@ -19,7 +19,7 @@
 use tsbroker_common::model::{SessionEventKind, user_key};
 
 use super::rules::{CookieName, LiveConnection, domains_agree};
-use super::{RecordState, Table};
+use super::{RecordState, SessionRecord, Table};
 
 /// A connection's tie to a session made by a cookie that may be cut.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +101,71 @@ pub(super) fn move_to(
          reported another user's session it names: the connection is that one's"
     );
     (Some(moved), restored)
+}
+
+/// The client address of `record` to keep in a new guess about it: the one it had before open
+/// connections' guesses lent it theirs, when every connection holding it is such a guess
+/// (several clients with one cut cookie), else the one it has.
+pub(super) fn address_before_guesses(table: &Table, record: &SessionRecord) -> String {
+    let mut holders = table
+        .live
+        .iter()
+        .filter(|(_, live)| live.session_id == Some(record.session_id))
+        .peekable();
+    if holders.peek().is_none() {
+        return record.client_address.clone();
+    }
+    let mut guesses: Vec<(u64, &CutGuess)> = Vec::new();
+    for (&attachment, live) in holders {
+        match &live.guess {
+            Some(guess) => guesses.push((attachment, guess)),
+            None => return record.client_address.clone(),
+        }
+    }
+    guesses
+        .into_iter()
+        .min_by_key(|(attachment, _)| *attachment)
+        .map(|(_, guess)| guess.replaced_address.clone())
+        .unwrap_or_default()
+}
+
+/// Connection `live` (number `attachment`), tied by a guess, is ending while a local source's
+/// report of another session its cookie names could be its own (several connections could
+/// be that one, so none was moved: `unknown.rs`): the guess is in doubt. When it is the last
+/// connection holding its session and lent the session its address, the session gets back
+/// the address it had before, which the disconnection then tells the broker: else the
+/// address of a client that may have been a newcomer stayed on it, and sent that client back
+/// to this session.
+pub(super) fn give_back_address(table: &mut Table, attachment: u64, live: &LiveConnection) {
+    let (Some(guess), Some(session_id)) = (&live.guess, live.session_id) else {
+        return;
+    };
+    let in_doubt = table
+        .unheld
+        .values()
+        .any(|candidates| candidates.contains(&attachment));
+    let others_hold = table
+        .live
+        .values()
+        .any(|other| other.session_id == Some(session_id));
+    if !in_doubt || others_hold {
+        return;
+    }
+    let lent = live.client.map(|client| client.to_string());
+    let Some(record) = table.sessions.get_mut(&session_id) else {
+        return;
+    };
+    let disconnects = record.attachment == attachment && record.state == RecordState::Active;
+    if disconnects && lent.as_deref() == Some(record.client_address.as_str()) {
+        tracing::info!(
+            session_id,
+            user = %record.user_name,
+            "a connection a cookie that may be cut tied to this session ended while another \
+             session it names could have been its client's: the session's address before it \
+             is given back"
+        );
+        record.client_address.clone_from(&guess.replaced_address);
+    }
 }
 
 /// Tells the broker the session's address changed (after [`move_to`]), when nothing else did:

@@ -265,3 +265,54 @@ fn two_clients_with_one_cut_cookie_back_at_once_leave_no_session_active() {
         assert_eq!(seen(&directory, session_id).0, RecordState::Disconnected);
     }
 }
+
+#[test]
+fn newcomers_with_one_cut_cookie_at_once_leave_the_session_they_were_tied_to_its_own_address() {
+    for last_to_leave in [0, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let (directory, mut receiver) = Directory::open(dir.path()).unwrap();
+        jones_left(&directory);
+        // Two new users whose cookies are jones's cut come at once: both tied to his session,
+        // the second lending it its address.
+        let clients = [
+            cut_cookie_from(&directory, "10.0.0.41:40000"),
+            cut_cookie_from(&directory, "10.0.0.42:40000"),
+        ];
+        assert_eq!((clients[0].session_id, clients[1].session_id), (12, 12));
+        expect(&directory, 12, RecordState::Active, "10.0.0.42:40000");
+        // PAM reports both logons: either connection could be either, so none is moved.
+        christoph_logs_on(&directory);
+        let christophe = report("christophe", 15, "127.0.0.1");
+        directory.apply(Logon, christophe).unwrap();
+        said(&mut receiver);
+        let [first, second] = clients;
+        let (early, late) = match last_to_leave {
+            0 => (second, first),
+            _ => (first, second),
+        };
+        directory.front_door_detach(early, LONG);
+        directory.front_door_detach(late, LONG);
+        // jones's session is as he left it, and the broker hears so: a newcomer's address
+        // would send that newcomer back to it.
+        expect(&directory, 12, RecordState::Disconnected, "10.0.0.5");
+        let told = said(&mut receiver);
+        assert!(
+            told.contains(&(Disconnect, 12, "10.0.0.5".into())),
+            "{last_to_leave}: {told:?}"
+        );
+        for newcomer in [13, 15] {
+            assert_eq!(seen(&directory, newcomer).0, RecordState::Disconnected);
+        }
+    }
+}
+
+#[test]
+fn a_guess_nothing_put_in_doubt_keeps_its_clients_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (directory, _receiver) = Directory::open(dir.path()).unwrap();
+    jones_left(&directory);
+    // jones comes back from a new address without a reconnect hook to say so: the guess stands.
+    let jones = cut_cookie_from(&directory, "10.0.0.7:40000");
+    directory.front_door_detach(jones, LONG);
+    expect(&directory, 12, RecordState::Disconnected, "10.0.0.7:40000");
+}

@@ -486,7 +486,8 @@ pub(super) fn front_door_attach(
         SessionEventKind::Reconnect => table.sessions.get(&session_id).and_then(|record| {
             let sent = cookie_name.map(|name| CookieName::new(name, &request.domain));
             let cookie = sent.as_ref().unwrap_or(&cookie);
-            CutGuess::new(cookie, &request.domain, &record.client_address)
+            let address = cut_guess::address_before_guesses(table, record);
+            CutGuess::new(cookie, &request.domain, &address)
         }),
         _ => None,
     };
@@ -613,6 +614,7 @@ pub(super) fn front_door_detach(table: &mut Table, end: ConnectionEnd, now: i64)
     let Some(live) = table.live.remove(&end.attachment) else {
         return false;
     };
+    cut_guess::give_back_address(table, end.attachment, &live);
     let changed = live
         .session_id
         .is_some_and(|session_id| detach_held(table, session_id, end, now));
