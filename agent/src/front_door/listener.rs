@@ -161,7 +161,7 @@ async fn count_client(
     let since = per_client.looked_up_since(peer.ip(), STRANGER_RECHECK);
     if shared
         .machines
-        .peer_listed_after(peer.ip(), since)
+        .peer_listed_after(peer.ip(), since, &shared.settings.machine_id.to_string())
         .await
         .is_some()
     {
@@ -235,8 +235,9 @@ pub async fn handle(
 
     if let Some(header) = first.proxied {
         // Already routed by another front door: never ask the broker again (no loops).
+        let this_machine = shared.settings.machine_id.to_string();
         let Some(super::machines::Peer { machine, shares_ip }) =
-            shared.machines.peer(peer.ip()).await
+            shared.machines.peer(peer.ip(), &this_machine).await
         else {
             let why = "proxy header from a peer that is not a machine of the farm";
             say_refused(Refusal::Proxy, why, "connection refused");

@@ -76,9 +76,14 @@ pub struct Peer {
     pub shares_ip: bool,
 }
 
-/// The machine of `machines` at `ip` (canonical form): see [`Peer`].
-fn machine_at(machines: &[KnownMachine], ip: IpAddr) -> Option<Peer> {
-    let mut at_ip = machines.iter().filter(|machine| machine.ips.contains(&ip));
+/// The machine of `machines` at `ip` (canonical form) other than `this_machine` (an id: a
+/// machine never relays to itself, and a PROXY header from its own address alone comes from
+/// one of its users, or from a machine advertising an address of the other IP family): see
+/// [`Peer`].
+fn machine_at(machines: &[KnownMachine], ip: IpAddr, this_machine: &str) -> Option<Peer> {
+    let mut at_ip = machines
+        .iter()
+        .filter(|machine| machine.ips.contains(&ip) && machine.id != this_machine);
     let first = at_ip.next()?;
     let mut front_doors = std::iter::once(first)
         .chain(at_ip)
@@ -271,17 +276,23 @@ impl MachineCache {
         pick(&state.machines)
     }
 
-    /// The machine of the farm at `ip`, if any (refreshing on a miss, so that a machine that
-    /// joined moments ago is known).
-    pub async fn peer(&self, ip: IpAddr) -> Option<Peer> {
-        self.peer_listed_after(ip, Instant::now()).await
+    /// The machine of the farm at `ip` other than `this_machine` (its id), if any (refreshing
+    /// on a miss, so that a machine that joined moments ago is known).
+    pub async fn peer(&self, ip: IpAddr, this_machine: &str) -> Option<Peer> {
+        self.peer_listed_after(ip, Instant::now(), this_machine)
+            .await
     }
 
-    /// The machine of the farm at `ip`, from a list fetched after `since` (refreshing on a
-    /// miss when the list is older).
-    pub async fn peer_listed_after(&self, ip: IpAddr, since: Instant) -> Option<Peer> {
+    /// The machine of the farm at `ip` other than `this_machine`, from a list fetched after
+    /// `since` (refreshing on a miss when the list is older).
+    pub async fn peer_listed_after(
+        &self,
+        ip: IpAddr,
+        since: Instant,
+        this_machine: &str,
+    ) -> Option<Peer> {
         let ip = ip.to_canonical();
-        let lookup = |machines: &[KnownMachine]| machine_at(machines, ip);
+        let lookup = |machines: &[KnownMachine]| machine_at(machines, ip, this_machine);
         if let Some(machine) = self.find(lookup) {
             return Some(machine);
         }
@@ -352,7 +363,12 @@ mod tests {
         .unwrap();
         let cache = MachineCache::new(link, "default".into());
         cache.refresh().await.unwrap();
-        assert!(cache.peer("127.0.0.1".parse().unwrap()).await.is_some());
+        assert!(
+            cache
+                .peer("127.0.0.1".parse().unwrap(), "elsewhere")
+                .await
+                .is_some()
+        );
 
         fake.with(|state| state.machines.push(ready("ts2.example", "192.0.2.5:3389")));
         let token: SocketAddrV4 = "192.0.2.5:3389".parse().unwrap();
@@ -363,7 +379,12 @@ mod tests {
             Some("ts2.example".into())
         );
         assert!(started.elapsed() < Duration::from_secs(3));
-        assert!(cache.peer("192.0.2.5".parse().unwrap()).await.is_some());
+        assert!(
+            cache
+                .peer("192.0.2.5".parse().unwrap(), "elsewhere")
+                .await
+                .is_some()
+        );
 
         // A machine that joins at the IP of a known one: its token finds it, not the other.
         fake.with(|state| state.machines.push(ready("ts3.example", "127.0.0.1:5000")));
@@ -386,7 +407,12 @@ mod tests {
         let token: SocketAddrV4 = "127.0.0.1:3389".parse().unwrap();
         assert!(cache.routing_target(token).await.is_none());
         // Still nobody at an address of no machine.
-        assert!(cache.peer("198.51.100.1".parse().unwrap()).await.is_none());
+        assert!(
+            cache
+                .peer("198.51.100.1".parse().unwrap(), "elsewhere")
+                .await
+                .is_none()
+        );
     }
 
     /// With several replicas, one that does not answer (frozen: it takes connections and says
@@ -411,7 +437,12 @@ mod tests {
         let started = Instant::now();
         cache.refresh().await.unwrap();
         assert!(started.elapsed() < LIST_TIMEOUT, "{:?}", started.elapsed());
-        assert!(cache.peer("127.0.0.1".parse().unwrap()).await.is_some());
+        assert!(
+            cache
+                .peer("127.0.0.1".parse().unwrap(), "elsewhere")
+                .await
+                .is_some()
+        );
     }
 
     /// Refreshes every few seconds (and after misses) do not resolve the farm's names each
@@ -441,12 +472,25 @@ mod tests {
         }
         // ts1.farm (its name and host), ts2.farm (its name; its host is an address): once each.
         assert_eq!(asked.load(Ordering::SeqCst), 2);
-        let ts1 = cache.peer("192.0.2.1".parse().unwrap()).await.unwrap();
+        let ts1 = cache
+            .peer("192.0.2.1".parse().unwrap(), "elsewhere")
+            .await
+            .unwrap();
         assert_eq!(ts1.machine.name, "ts1.farm");
-        assert!(cache.peer("192.0.2.2".parse().unwrap()).await.is_some());
+        assert!(
+            cache
+                .peer("192.0.2.2".parse().unwrap(), "elsewhere")
+                .await
+                .is_some()
+        );
         assert_eq!(asked.load(Ordering::SeqCst), 2);
         // A miss refreshes the list at once, asking again only for answers over 5 s old.
-        assert!(cache.peer("198.51.100.7".parse().unwrap()).await.is_none());
+        assert!(
+            cache
+                .peer("198.51.100.7".parse().unwrap(), "elsewhere")
+                .await
+                .is_none()
+        );
         assert_eq!(asked.load(Ordering::SeqCst), 2);
     }
 
@@ -470,14 +514,21 @@ mod tests {
             at("alone", "10.0.0.3", false),
         ];
         let peer = |machines: &[KnownMachine], ip: &str| {
-            let peer = machine_at(machines, ip.parse().unwrap()).unwrap();
+            let peer = machine_at(machines, ip.parse().unwrap(), "elsewhere").unwrap();
             (peer.machine.name, peer.shares_ip)
         };
         assert_eq!(peer(&machines, "10.0.0.1"), ("door".into(), false));
         assert_eq!(peer(&machines, "10.0.0.3"), ("alone".into(), false));
-        assert!(machine_at(&machines, "10.0.0.9".parse().unwrap()).is_none());
+        assert!(machine_at(&machines, "10.0.0.9".parse().unwrap(), "elsewhere").is_none());
         machines.push(at("door2", "10.0.0.1", true));
         assert_eq!(peer(&machines, "10.0.0.1"), ("door".into(), true));
+        // Never this machine itself: relayed by the other front door there, or by none.
+        let from_door = machine_at(&machines, "10.0.0.1".parse().unwrap(), "door").unwrap();
+        assert_eq!(
+            (from_door.machine.name, from_door.shares_ip),
+            ("door2".into(), false)
+        );
+        assert!(machine_at(&machines, "10.0.0.3".parse().unwrap(), "alone").is_none());
     }
 
     #[test]

@@ -517,6 +517,18 @@ async fn one_client_address_cannot_take_every_connection() {
     };
     let relayed = |user: &'static str| relayed_from("127.0.0.7", user);
     let _first_relayed = relayed("carol").await;
+    // A header from this machine's own address, where no other machine is, is one of its
+    // users' (a machine never relays to itself): refused, not taken as its own front door's.
+    let mut own = tokio::net::TcpStream::connect(door).await.unwrap();
+    let client = "192.0.2.11:50000".parse().unwrap();
+    let header = tsagent::front_door::proxy_header::encode(client, door, None, 0);
+    own.write_all(&[header, connection_request("mallory")].concat())
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), own.read(&mut byte))
+        .await
+        .expect("refused at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let _silent = from("127.0.0.7").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
