@@ -49,7 +49,9 @@ pub struct AgentArgs {
     #[arg(long, env = "TSAGENT_FARM", value_name = "FARM")]
     pub farm: Option<String>,
     /// Where clients and other front doors reach this machine: its front door, or its RDP
-    /// service where no front door runs [default: <machine-name>:<front door port, else 3389>]
+    /// service where no front door runs; a name or an address of this host, not 0.0.0.0 or
+    /// [::]; the farm's machines advertise addresses of one IP family
+    /// [default: <machine-name>:<front door port, else 3389>]
     #[arg(long, env = "TSAGENT_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
     /// Relative capacity, 1..10000: weight 200 takes twice the sessions of weight 100

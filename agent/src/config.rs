@@ -166,6 +166,13 @@ impl AgentConfig {
             .map_err(|e| named("machine-name", e))?;
         validate::farm_name("farm", &self.farm).map_err(|e| named("farm", e))?;
         validate::address("advertise", &self.advertise).map_err(|e| named("advertise", e))?;
+        if let Some(ip) = unspecified_host(&self.advertise) {
+            return Err(format!(
+                "--advertise: {ip} is no address another machine can reach this one at (it \
+                 means every address of this host, as --front-door may listen on it): give \
+                 this machine's own address or name"
+            ));
+        }
         validate::weight("weight", self.weight, false).map_err(|e| named("weight", e))?;
         validate::address("local_rdp", &self.local_rdp).map_err(|e| named("local-rdp", e))?;
         if self.single_session && self.session_limit > 1 {
@@ -264,6 +271,15 @@ impl fmt::Debug for AgentConfig {
     }
 }
 
+/// The IP of a "host:port" whose host is the unspecified address (`0.0.0.0`, `[::]`).
+fn unspecified_host(address: &str) -> Option<std::net::IpAddr> {
+    let (host, _) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>()
+        .ok()
+        .filter(|ip| ip.is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,6 +330,22 @@ mod tests {
         assert!(config.validate().is_ok());
         config.broker_tls.cert = None;
         assert!(config.validate().unwrap_err().starts_with("--tls-key"));
+    }
+
+    #[test]
+    fn an_advertised_address_must_be_one_others_reach() {
+        for unspecified in ["0.0.0.0:3389", "[::]:3389", "[0:0::0]:3389"] {
+            let mut config = AgentConfig::new("ts1", "/tmp/x");
+            config.advertise = unspecified.into();
+            let error = config.validate().unwrap_err();
+            assert!(error.starts_with("--advertise"), "{error}");
+            assert!(error.contains("this machine's own address"), "{error}");
+        }
+        for reachable in ["10.0.0.1:3389", "[fd00::2]:3389", "ts1.example.com:3389"] {
+            let mut config = AgentConfig::new("ts1", "/tmp/x");
+            config.advertise = reachable.into();
+            assert_eq!(config.validate(), Ok(()), "{reachable}");
+        }
     }
 
     #[test]
