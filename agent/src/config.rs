@@ -271,12 +271,18 @@ impl fmt::Debug for AgentConfig {
     }
 }
 
-/// The IP of a "host:port" whose host is the unspecified address (`0.0.0.0`, `[::]`).
+/// The IP of a "host:port" whose host is the unspecified address (`0.0.0.0`, `[::]`,
+/// `[::ffff:0.0.0.0]`, or a short form the resolver takes for 0.0.0.0: `0`, `0.0`, `0x0`).
 fn unspecified_host(address: &str) -> Option<std::net::IpAddr> {
     let (host, _) = address.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
+    let zeros = host.contains('0') && host.chars().all(|c| matches!(c, '0' | '.' | 'x' | 'X'));
+    if zeros {
+        return Some(std::net::Ipv4Addr::UNSPECIFIED.into());
+    }
     host.parse::<std::net::IpAddr>()
         .ok()
+        .map(|ip| ip.to_canonical())
         .filter(|ip| ip.is_unspecified())
 }
 
@@ -334,14 +340,29 @@ mod tests {
 
     #[test]
     fn an_advertised_address_must_be_one_others_reach() {
-        for unspecified in ["0.0.0.0:3389", "[::]:3389", "[0:0::0]:3389"] {
+        let unspecified = [
+            "0.0.0.0:3389",
+            "[::]:3389",
+            "[0:0::0]:3389",
+            "[::ffff:0.0.0.0]:3389",
+            "0:3389",
+            "0.0:3389",
+            "0x0:3389",
+        ];
+        for unspecified in unspecified {
             let mut config = AgentConfig::new("ts1", "/tmp/x");
             config.advertise = unspecified.into();
             let error = config.validate().unwrap_err();
             assert!(error.starts_with("--advertise"), "{error}");
             assert!(error.contains("this machine's own address"), "{error}");
         }
-        for reachable in ["10.0.0.1:3389", "[fd00::2]:3389", "ts1.example.com:3389"] {
+        let reachable = [
+            "10.0.0.1:3389",
+            "[fd00::2]:3389",
+            "ts1.example.com:3389",
+            "10.0.0.0:3389",
+        ];
+        for reachable in reachable {
             let mut config = AgentConfig::new("ts1", "/tmp/x");
             config.advertise = reachable.into();
             assert_eq!(config.validate(), Ok(()), "{reachable}");
