@@ -187,8 +187,17 @@ impl AgentConfig {
             let url_ok = (url.starts_with("https://") || url.starts_with("http://"))
                 && tonic::transport::Endpoint::from_shared(url.clone()).is_ok();
             if !url_ok {
+                // `http://::1:50051`: an IPv6 host without its brackets.
+                let bare_v6 = url
+                    .split_once("://")
+                    .is_some_and(|(_, rest)| !rest.contains('[') && rest.matches(':').count() > 1);
+                let hint = if bare_v6 {
+                    " (an IPv6 host in brackets: http://[::1]:50051)"
+                } else {
+                    ""
+                };
                 return Err(format!(
-                    "--broker: {url:?} is not an http:// or https:// URL"
+                    "--broker: {url:?} is not an http:// or https:// URL{hint}"
                 ));
             }
             if url.starts_with("https://") != https {
@@ -336,6 +345,19 @@ mod tests {
         assert!(config.validate().is_ok());
         config.broker_tls.cert = None;
         assert!(config.validate().unwrap_err().starts_with("--tls-key"));
+    }
+
+    #[test]
+    fn a_broker_url_with_a_bare_ipv6_host_says_how_to_write_it() {
+        let mut config = AgentConfig::new("ts1", "/tmp/x");
+        config.broker_url = "http://::1:50051".into();
+        let error = config.validate().unwrap_err();
+        assert!(error.contains("in brackets: http://[::1]:50051"), "{error}");
+        config.broker_url = "ftp://broker:50051".into();
+        let error = config.validate().unwrap_err();
+        assert!(!error.contains("brackets"), "{error}");
+        config.broker_url = "http://[::1]:50051".into();
+        assert_eq!(config.validate(), Ok(()));
     }
 
     #[test]
