@@ -107,26 +107,21 @@ pub(super) fn move_to(
 /// connections' guesses lent it theirs, when every connection holding it is such a guess
 /// (several clients with one cut cookie), else the one it has.
 pub(super) fn address_before_guesses(table: &Table, record: &SessionRecord) -> String {
-    let mut holders = table
-        .live
-        .iter()
-        .filter(|(_, live)| live.session_id == Some(record.session_id))
-        .peekable();
-    if holders.peek().is_none() {
-        return record.client_address.clone();
-    }
     let mut guesses: Vec<(u64, &CutGuess)> = Vec::new();
-    for (&attachment, live) in holders {
-        match &live.guess {
-            Some(guess) => guesses.push((attachment, guess)),
-            None => return record.client_address.clone(),
+    for (&attachment, live) in &table.live {
+        match (&live.guess, live.session_id == Some(record.session_id)) {
+            (_, false) => {}
+            (Some(guess), true) => guesses.push((attachment, guess)),
+            (None, true) => return record.client_address.clone(),
         }
     }
     guesses
         .into_iter()
         .min_by_key(|(attachment, _)| *attachment)
-        .map(|(_, guess)| guess.replaced_address.clone())
-        .unwrap_or_default()
+        .map_or_else(
+            || record.client_address.clone(),
+            |(_, guess)| guess.replaced_address.clone(),
+        )
 }
 
 /// Connection `live` (number `attachment`), tied by a guess, is ending while a local source's
@@ -144,10 +139,7 @@ pub(super) fn give_back_address(table: &mut Table, attachment: u64, live: &LiveC
         .unheld
         .values()
         .any(|candidates| candidates.contains(&attachment));
-    let others_hold = table
-        .live
-        .values()
-        .any(|other| other.session_id == Some(session_id));
+    let others_hold = table.is_held(session_id);
     if !in_doubt || others_hold {
         return;
     }

@@ -550,10 +550,7 @@ impl Directory {
             let mut table = self.lock();
             let mut removed = Vec::new();
             for session_id in undecided {
-                let held = table
-                    .live
-                    .values()
-                    .any(|live| live.session_id == Some(session_id));
+                let held = table.is_held(session_id);
                 let unconfirmed = table
                     .sessions
                     .get(&session_id)
@@ -662,6 +659,13 @@ impl Table {
         self.attachments += 1;
         self.live.insert(self.attachments, connection);
         self.attachments
+    }
+
+    /// Whether an open front-door connection holds session `session_id`.
+    fn is_held(&self, session_id: u32) -> bool {
+        self.live
+            .values()
+            .any(|live| live.session_id == Some(session_id))
     }
 
     /// Counts a change for the writer; returns its generation.

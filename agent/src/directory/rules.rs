@@ -632,10 +632,7 @@ fn detach_held(table: &mut Table, session_id: u32, end: ConnectionEnd, now: i64)
         pending_logon,
         ..
     } = end;
-    let others_open = table
-        .live
-        .values()
-        .any(|live| live.session_id == Some(session_id));
+    let others_open = table.is_held(session_id);
     let local_source = table.local_source_seen;
     let Some(record) = table.sessions.get_mut(&session_id) else {
         return false;

@@ -181,10 +181,7 @@ pub(super) fn candidate_ended(table: &mut Table, attachment: u64, now: i64) -> b
     let mut changed = false;
     for session_id in settled {
         table.unheld.remove(&session_id);
-        let held = table
-            .live
-            .values()
-            .any(|live| live.session_id == Some(session_id));
+        let held = table.is_held(session_id);
         let active = table
             .sessions
             .get(&session_id)
