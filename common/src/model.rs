@@ -46,6 +46,31 @@ pub fn client_ip(address: &str) -> Option<std::net::IpAddr> {
     Some(ip.to_canonical())
 }
 
+/// `address` with an IPv4-mapped IPv6 address (`[::ffff:10.0.0.5]:3389`, as a dual-stack
+/// socket sees an IPv4 peer) as the plain IPv4 address; any other address as it is.
+pub fn canonical_socket_address(address: std::net::SocketAddr) -> std::net::SocketAddr {
+    match address {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => address,
+        },
+        v4 => v4,
+    }
+}
+
+/// A client address ("ip:port", "[v6]:port" or a bare IP) in the one form the front door
+/// writes its own clients' addresses in: an IPv4-mapped address as IPv4, an IPv6 address in
+/// its short lower-case form (`2001:db8::a`); `None` for what is not an address. One client
+/// is then shown one way, wherever its address came from (the front door, PAM, a PROXY
+/// header).
+pub fn canonical_client_address(address: &str) -> Option<String> {
+    if let Ok(socket) = address.parse::<std::net::SocketAddr>() {
+        return Some(canonical_socket_address(socket).to_string());
+    }
+    let ip = address.parse::<std::net::IpAddr>().ok()?;
+    Some(ip.to_canonical().to_string())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MachineState {
     Joining,
@@ -238,12 +263,14 @@ impl TryFrom<pb::SessionInfo> for SessionInfo {
         let client_address = if session.client_address.is_empty() {
             String::new()
         } else {
-            validate::plain_name(
+            let address = validate::plain_name(
                 "client_address",
                 &session.client_address,
                 validate::MAX_ADDRESS,
                 true,
-            )?
+            )?;
+            // An agent of this version sends the canonical form already; an older one may not.
+            canonical_client_address(&address).unwrap_or(address)
         };
         Ok(SessionInfo {
             session_id: session.session_id,
@@ -376,6 +403,28 @@ mod tests {
         );
         assert_eq!(client_ip(""), None);
         assert_eq!(client_ip("laptop.example.com:3389"), None);
+    }
+
+    #[test]
+    fn a_sessions_client_address_is_kept_in_its_canonical_form() {
+        let session = |client_address: &str| pb::SessionInfo {
+            session_id: 1,
+            user_name: "ann".into(),
+            state: pb::SessionState::Active as i32,
+            client_address: client_address.into(),
+            ..Default::default()
+        };
+        for (given, kept) in [
+            ("[::ffff:10.0.0.5]:4000", "10.0.0.5:4000"),
+            ("2001:DB8::A", "2001:db8::a"),
+            ("10.0.0.5:4000", "10.0.0.5:4000"),
+            ("", ""),
+            // Not an address: kept as it is, as before (it matches no client).
+            ("laptop.example.com", "laptop.example.com"),
+        ] {
+            let session = SessionInfo::try_from(session(given)).unwrap();
+            assert_eq!(session.client_address, kept, "{given}");
+        }
     }
 
     #[test]

@@ -163,11 +163,15 @@ pub fn address(field: &'static str, text: &str) -> Result<String, ValidationErro
 }
 
 /// A client's address as the front door and PAM give it: "ip:port", "[v6]:port" or a bare IP
-/// address (empty: not known). Clients are told apart by it, so what is not an address is
-/// refused rather than kept as a string that matches nothing.
+/// address (empty: not known), in its canonical form
+/// ([`crate::model::canonical_client_address`]). Clients are told apart by it, so what is not
+/// an address is refused rather than kept as a string that matches nothing.
 pub fn client_address(field: &'static str, text: &str) -> Result<String, ValidationError> {
-    if text.is_empty() || crate::model::client_ip(text).is_some() {
-        return Ok(text.to_owned());
+    if text.is_empty() {
+        return Ok(String::new());
+    }
+    if let Some(canonical) = crate::model::canonical_client_address(text) {
+        return Ok(canonical);
     }
     Err(ValidationError::new(
         field,
@@ -218,14 +222,18 @@ mod tests {
 
     #[test]
     fn client_addresses_are_ip_addresses() {
-        for good in [
-            "",
-            "10.0.0.5:4000",
-            "10.0.0.5",
-            "[2001:db8::1]:3389",
-            "::ffff:10.0.0.5",
-        ] {
+        for good in ["", "10.0.0.5:4000", "10.0.0.5", "[2001:db8::1]:3389"] {
             assert_eq!(client_address("client_address", good).unwrap(), good);
+        }
+        // Each client one way, however it was written.
+        for (given, canonical) in [
+            ("::ffff:10.0.0.5", "10.0.0.5"),
+            ("[::ffff:10.0.0.5]:1", "10.0.0.5:1"),
+            ("2001:DB8::A", "2001:db8::a"),
+            ("[fd00:0:0:0::2]:9", "[fd00::2]:9"),
+            ("[fe80::1%2]:5", "[fe80::1%2]:5"),
+        ] {
+            assert_eq!(client_address("client_address", given).unwrap(), canonical);
         }
         for bad in [
             "garbage",

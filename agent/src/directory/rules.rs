@@ -47,9 +47,12 @@ pub(super) fn checked_cookie(request: SessionRequest) -> Result<SessionRequest, 
 fn checked_but_the_name(mut request: SessionRequest) -> Result<SessionRequest, DirectoryError> {
     let invalid = |error: validate::ValidationError| DirectoryError::Invalid(error.to_string());
     validate::domain("domain", &request.domain).map_err(invalid)?;
-    if let Err(error) = validate::client_address("client_address", &request.client_address) {
-        tracing::warn!(%error, user = %request.user_name, "client address left out");
-        request.client_address.clear();
+    match validate::client_address("client_address", &request.client_address) {
+        Ok(canonical) => request.client_address = canonical,
+        Err(error) => {
+            tracing::warn!(%error, user = %request.user_name, "client address left out");
+            request.client_address.clear();
+        }
     }
     Ok(request)
 }

@@ -15,6 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 use ppp::v2;
 use ring::hmac;
 
+use super::route::canonical;
+
 /// Bytes of the fixed part: 12-byte signature, version/command, family/protocol, length.
 pub const FIXED_LEN: usize = 16;
 /// Longest address-and-TLV part accepted (addresses take at most 216 bytes).
@@ -39,10 +41,6 @@ pub enum ProxyHeaderError {
     TooLong(usize),
     #[error("malformed proxy header: {0}")]
     Malformed(String),
-}
-
-fn canonical(address: SocketAddr) -> SocketAddr {
-    SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 
 /// Signs and checks headers with the farm's agent token.
@@ -183,12 +181,17 @@ pub fn parse(header: &[u8]) -> Result<ProxyHeader, ProxyHeaderError> {
                 ip.destination_port,
             ))),
         ),
+        // An IPv4 client given as IPv4-mapped IPv6 (by a sender other than `encode`, which
+        // never writes one) is that IPv4 address, as a front door writes its own clients'.
         (v2::Command::Proxy, v2::Addresses::IPv6(ip)) => (
-            Some(SocketAddr::from((ip.source_address, ip.source_port))),
-            Some(SocketAddr::from((
+            Some(canonical(SocketAddr::from((
+                ip.source_address,
+                ip.source_port,
+            )))),
+            Some(canonical(SocketAddr::from((
                 ip.destination_address,
                 ip.destination_port,
-            ))),
+            )))),
         ),
         _ => (None, None),
     };
@@ -234,6 +237,22 @@ mod tests {
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:4000".parse().unwrap();
         let header = encode(mapped, destination, None, NOW);
         assert_eq!(source_of(&header), Some("192.0.2.1:4000".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_mapped_address_from_another_sender_is_read_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:4444".parse().unwrap();
+        let door: SocketAddr = "[::ffff:10.9.9.9]:3389".parse().unwrap();
+        let header = v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Proxy,
+            v2::Protocol::Stream,
+            (mapped, door),
+        )
+        .build()
+        .unwrap();
+        let parsed = parse(&header).unwrap();
+        assert_eq!(parsed.source, Some("10.1.2.3:4444".parse().unwrap()));
+        assert_eq!(parsed.destination, Some("10.9.9.9:3389".parse().unwrap()));
     }
 
     #[test]

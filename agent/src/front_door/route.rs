@@ -139,9 +139,7 @@ pub(super) fn user_from_cookie(name: &str) -> Option<ConnectingUser> {
 }
 
 /// `address` with an IPv4-mapped IPv6 address (`[::ffff:10.0.0.5]:3389`) as plain IPv4.
-pub(super) fn canonical(address: SocketAddr) -> SocketAddr {
-    SocketAddr::new(address.ip().to_canonical(), address.port())
-}
+pub(super) use tsbroker_common::model::canonical_socket_address as canonical;
 
 /// Decides for a connection that did not come from another front door; `arrived_at` gives
 /// the address the client connected to (asked of the socket only for a routing token);

@@ -55,9 +55,10 @@ impl AdminApi {
 /// Who made an administrator's change, for the log: the caller's address, and whether it
 /// presented the admin token (the only identity `Admin` knows).
 fn caller<T>(request: &Request<T>) -> String {
-    let address = request
-        .remote_addr()
-        .map_or_else(|| "-".to_owned(), |address| address.ip().to_string());
+    let address = request.remote_addr().map_or_else(
+        || "-".to_owned(),
+        |address| address.ip().to_canonical().to_string(),
+    );
     if request.metadata().contains_key("authorization") {
         format!("{address} (admin token)")
     } else {

@@ -146,6 +146,7 @@ impl AccessGuard {
     fn refused<T>(&self, request: &Request<T>, why: &str) {
         let peer = request
             .remote_addr()
+            .map(tsbroker_common::model::canonical_socket_address)
             .map_or_else(|| "-".to_owned(), |peer| peer.to_string());
         match self.refusals.warn_now() {
             Some(unwarned) => tracing::warn!(

@@ -46,7 +46,7 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
     if !request.receiving_machine_id.is_empty() {
         validate::machine_id("receiving_machine_id", &request.receiving_machine_id)?;
     }
-    validate::client_address("client_address", &request.client_address)?;
+    let client_address = validate::client_address("client_address", &request.client_address)?;
     if request.exclude_machine_ids.len() > MAX_EXCLUDED_MACHINES {
         return Err(tsbroker_common::ValidationError::new(
             "exclude_machine_ids",
@@ -67,7 +67,7 @@ fn redirect_query(request: &pb::RedirectRequest) -> Result<RedirectQuery, ApiErr
         user_name,
         domain: validate::domain("domain", domain)?,
         user_name_may_be_truncated: request.user_name_may_be_truncated,
-        client_address: request.client_address.clone(),
+        client_address,
         excluded_machines,
         plugin_budget: Default::default(),
     })

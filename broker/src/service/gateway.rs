@@ -75,7 +75,10 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer = request.remote_addr();
+        // An IPv4 agent of a dual-stack [::] listener logged as IPv4, not `[::ffff:…]`.
+        let peer = request
+            .remote_addr()
+            .map(tsbroker_common::model::canonical_socket_address);
         let certificate = request
             .peer_certs()
             .and_then(|chain| chain.first().cloned());

@@ -170,7 +170,8 @@ async fn an_agent_joins_and_its_control_socket_sessions_reach_the_broker(databas
             "--session-id",
             "12",
             "--client-address",
-            "192.0.2.7",
+            // As a dual-stack service may see an IPv4 client: kept as 192.0.2.7.
+            "::ffff:192.0.2.7",
         ])
         .await;
     let mine = session_list(&agent).await;
