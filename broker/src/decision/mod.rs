@@ -262,6 +262,7 @@ impl Decider {
         let known = self.directory.lookup(
             &query.farm,
             &query.user_name,
+            &query.domain,
             may_be_cut(
                 &query.user_name,
                 &query.domain,
@@ -354,7 +355,13 @@ impl Decider {
             query.user_name_may_be_truncated,
         );
         self.directory
-            .lookup(&query.farm, &query.user_name, cut, &query.client_address)
+            .lookup(
+                &query.farm,
+                &query.user_name,
+                &query.domain,
+                cut,
+                &query.client_address,
+            )
             .is_some_and(|known| !known.sessions.is_empty())
     }
 
@@ -442,8 +449,8 @@ impl Decider {
     /// The user's sessions in the farm; a truncated name that is the unique prefix of a user
     /// with sessions becomes that user (of several, the one with a session from the client's
     /// address, when only one has — also when the name is someone's whole name), and a name in
-    /// user principal form without sessions of its own (`ann@example.com`) becomes its user
-    /// part (`ann`) when that one has sessions.
+    /// user principal form without sessions of its own (`ann@example.com`; with a domain, none
+    /// of that domain) becomes its user part (`ann`) when that one has sessions (of the domain).
     async fn sessions_of(
         &self,
         query: &RedirectQuery,
@@ -464,7 +471,7 @@ impl Decider {
             if cut && let Some(found) = by_client().await? {
                 return Ok(found);
             }
-            return Ok((user_key, sessions));
+            return self.or_user_part(query, (user_key, sessions)).await;
         }
         if cut {
             let matches = self
@@ -485,14 +492,35 @@ impl Decider {
                 _ => {}
             }
         }
-        if let Some(user) = model::upn_user_part(&query.user_name) {
-            let short_key = model::user_key(user);
-            let sessions = self.store.user_sessions(&query.farm, &short_key).await?;
-            if !sessions.is_empty() {
-                return Ok((short_key, sessions));
-            }
+        self.or_user_part(query, (user_key, sessions)).await
+    }
+
+    /// A name in user principal form whose sessions are none of the domain asked for (or who
+    /// has none): its user part's, when that one has sessions
+    /// ([`crate::directory::upn_fallback`]).
+    async fn or_user_part(
+        &self,
+        query: &RedirectQuery,
+        whole: (String, Vec<SessionRecord>),
+    ) -> Result<(String, Vec<SessionRecord>), ApiError> {
+        let in_domain = |sessions: &[SessionRecord]| {
+            sessions
+                .iter()
+                .any(|session| session.is_of_domain(&query.domain))
+        };
+        if in_domain(&whole.1) {
+            return Ok(whole);
         }
-        Ok((user_key, sessions))
+        let Some(user) = model::upn_user_part(&query.user_name) else {
+            return Ok(whole);
+        };
+        let short_key = model::user_key(user);
+        let sessions = self.store.user_sessions(&query.farm, &short_key).await?;
+        Ok(crate::directory::upn_fallback(
+            whole,
+            (short_key, sessions),
+            in_domain,
+        ))
     }
 
     /// Places a new logon; `None` when `check_sessions` found that the user has a session.
@@ -653,12 +681,7 @@ pub fn best_session<'a>(
 ) -> Option<&'a SessionRecord> {
     sessions
         .iter()
-        .filter(|session| eligible(session))
-        .filter(|session| {
-            domain.is_empty()
-                || session.domain.is_empty()
-                || session.domain.eq_ignore_ascii_case(domain)
-        })
+        .filter(|session| eligible(session) && session.is_of_domain(domain))
         .max_by_key(|session| {
             (
                 session.session_state() == SessionState::Disconnected,

@@ -254,14 +254,20 @@ impl SessionDirectory {
         &self,
         farm: &str,
         user_name: &str,
+        domain: &str,
         may_be_cut: bool,
         client_address: &str,
     ) -> Option<DirectoryAnswer> {
         if !self.shared.awake.trusted() {
             return None;
         }
+        let name = UserName {
+            user_name,
+            domain,
+            may_be_cut,
+        };
         self.shared
-            .read(|index| lookup_in(index, farm, user_name, may_be_cut, client_address))
+            .read(|index| lookup_in(index, farm, &name, client_address))
     }
 
     /// The sessions of the one user with sessions in the farm from the client's IP (for a
@@ -279,16 +285,23 @@ impl SessionDirectory {
     }
 }
 
+/// A user as a redirect names them.
+struct UserName<'a> {
+    user_name: &'a str,
+    domain: &'a str,
+    may_be_cut: bool,
+}
+
 /// [`SessionDirectory::lookup`] in a loaded index.
 fn lookup_in(
     index: &DirectoryIndex,
     farm: &str,
-    user_name: &str,
-    may_be_cut: bool,
+    name: &UserName,
     client_address: &str,
 ) -> Option<DirectoryAnswer> {
     {
-        let user_key = model::user_key(user_name);
+        let may_be_cut = name.may_be_cut;
+        let user_key = model::user_key(name.user_name);
         let answer = |user_key: String| {
             let sessions = index.sessions_of(farm, &user_key);
             Some(DirectoryAnswer { user_key, sessions })
@@ -306,7 +319,7 @@ fn lookup_in(
         }
         let sessions = index.sessions_of(farm, &user_key);
         if !sessions.is_empty() {
-            return Some(DirectoryAnswer { user_key, sessions });
+            return Some(or_user_part(index, farm, name, (user_key, sessions)));
         }
         if may_be_cut {
             let full_key = match index.users_with_prefix(farm, &user_key, 2).as_slice() {
@@ -318,17 +331,47 @@ fn lookup_in(
                 return answer(full_key);
             }
         }
-        if let Some(user) = model::upn_user_part(user_name) {
+        Some(or_user_part(index, farm, name, (user_key, sessions)))
+    }
+}
+
+/// A name in user principal form whose sessions are none of the domain asked for (or who has
+/// none): its user part's, when that one has sessions ([`upn_fallback`]).
+fn or_user_part(
+    index: &DirectoryIndex,
+    farm: &str,
+    name: &UserName,
+    whole: (String, Vec<SessionRecord>),
+) -> DirectoryAnswer {
+    let in_domain = |sessions: &[SessionRecord]| {
+        sessions
+            .iter()
+            .any(|session| session.is_of_domain(name.domain))
+    };
+    let (user_key, sessions) = match model::upn_user_part(name.user_name) {
+        Some(user) if !in_domain(&whole.1) => {
             let short_key = model::user_key(user);
             let sessions = index.sessions_of(farm, &short_key);
-            if !sessions.is_empty() {
-                return Some(DirectoryAnswer {
-                    user_key: short_key,
-                    sessions,
-                });
-            }
+            upn_fallback(whole, (short_key, sessions), in_domain)
         }
-        Some(DirectoryAnswer { user_key, sessions })
+        _ => whole,
+    };
+    DirectoryAnswer { user_key, sessions }
+}
+
+/// Of a `user@domain` name's sessions (`whole`) with none of the domain asked for
+/// (`in_domain`), and its user part's (`part`): the user part's when it has some of that
+/// domain, or when the whole name has no session at all and the user part has some (a new
+/// logon is then held under the user part's name); the whole name's otherwise.
+pub fn upn_fallback<T>(
+    whole: (String, Vec<T>),
+    part: (String, Vec<T>),
+    in_domain: impl Fn(&[T]) -> bool,
+) -> (String, Vec<T>) {
+    if in_domain(&part.1) || (whole.1.is_empty() && !part.1.is_empty()) {
+        part
+    } else {
+        whole
     }
 }
 

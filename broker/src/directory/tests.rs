@@ -1,9 +1,10 @@
 //! The directory's states: a read of everything that fails (the database went away) leaves
 //! the index in use answering, and one that succeeds installs the new index with the commits
-//! made while it read.
+//! made while it read; a user principal name asked with a domain.
 
 use super::index::tests::{machine, row};
 use super::*;
+use crate::store::SessionRow;
 
 fn shared() -> Shared {
     let (reloads, _requests) = mpsc::unbounded_channel();
@@ -92,4 +93,42 @@ fn a_reread_answers_meanwhile_and_installs_the_new_index_with_the_commits_it_mis
     }
     assert!(!shared.install(index_with(&[])));
     assert_eq!(sessions(&shared, "alice"), Some(vec![7]));
+}
+
+#[test]
+fn a_principal_name_with_no_session_of_the_domain_asked_is_its_user_part() {
+    let mut index = index_with(&[(2, 2, "erin")]);
+    index.set_machine(uuid::Uuid::from_u128(1), Some(machine(1)));
+    index.upsert_session(SessionRow {
+        domain: "OTHER".into(),
+        ..row(1, 1, "erin@corp.example", "disconnected")
+    });
+    let user_key = |user_name: &str, domain: &str| {
+        let name = UserName {
+            user_name,
+            domain,
+            may_be_cut: false,
+        };
+        lookup_in(&index, "f", &name, "").map(|answer| answer.user_key)
+    };
+    assert_eq!(user_key("erin@corp.example", "CORP").unwrap(), "erin");
+    for domain in ["OTHER", "other", ""] {
+        assert_eq!(
+            user_key("erin@corp.example", domain).unwrap(),
+            "erin@corp.example",
+            "{domain}"
+        );
+    }
+    // The user part has nothing of the domain either: the whole name stays.
+    index.upsert_session(SessionRow {
+        domain: "ELSE".into(),
+        ..row(2, 2, "erin", "disconnected")
+    });
+    let name = UserName {
+        user_name: "erin@corp.example",
+        domain: "CORP",
+        may_be_cut: false,
+    };
+    let answer = lookup_in(&index, "f", &name, "").unwrap();
+    assert_eq!(answer.user_key, "erin@corp.example");
 }

@@ -277,8 +277,9 @@ fn fitting_in_a_page(sessions: &[pb::Session]) -> usize {
 }
 
 /// A user named in `user@domain` form (`alice@corp.example`) is taken as `Redirect` takes it:
-/// the sessions reported under that name, or, when it has none (in the farm named, if one is),
-/// those of its user part (`alice`: how PAM reports a Linux logon). Each page decides it again.
+/// the sessions reported under that name, or, when it has none (in the farm named, if one is;
+/// of the domain asked for, if one is), those of its user part (`alice`: how PAM reports a
+/// Linux logon). Each page decides it again.
 async fn upn_fallback(
     store: &dyn crate::store::Store,
     filter: &mut SessionFilter,
@@ -290,6 +291,7 @@ async fn upn_fallback(
     let probe = SessionFilter {
         farm: filter.farm.clone(),
         user_key: filter.user_key.clone(),
+        domain: filter.domain.clone(),
         limit: 1,
         ..Default::default()
     };

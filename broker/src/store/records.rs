@@ -129,6 +129,13 @@ impl SessionRecord {
         SessionState::parse(&self.state).unwrap_or(SessionState::Active)
     }
 
+    /// Whether a user asking under `domain` may be sent back to this session: any session when
+    /// no domain is given; else one reported with that domain (case-insensitive) or with none
+    /// (its source named no domain: it may be any domain's).
+    pub fn is_of_domain(&self, domain: &str) -> bool {
+        domain.is_empty() || self.domain.is_empty() || self.domain.eq_ignore_ascii_case(domain)
+    }
+
     /// Whether the session's machine was READY when last heard of, however long ago.
     pub fn machine_was_ready(&self) -> bool {
         MachineState::parse(&self.machine_state) == Some(MachineState::Ready)

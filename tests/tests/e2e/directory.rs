@@ -49,7 +49,7 @@ async fn loaded(store: Arc<dyn Store>) -> (SessionDirectory, CancellationToken) 
 
 /// Where the directory has the user's sessions: (machine, session id, machine state).
 fn sessions_of(directory: &SessionDirectory, user: &str) -> Vec<(Uuid, i64, String)> {
-    let answer = directory.lookup(FARM, user, false, "").expect("loaded");
+    let answer = directory.lookup(FARM, user, "", false, "").expect("loaded");
     let mut found: Vec<(Uuid, i64, String)> = answer
         .sessions
         .into_iter()
@@ -90,7 +90,7 @@ async fn the_directory_follows_every_commit(database: &TestDatabase) {
     let (directory, stop) = loaded(store.clone()).await;
     let ready_state = || "ready".to_owned();
     // Loaded from the database, with the machine's redirect details.
-    let answer = directory.lookup(FARM, "ALICE", false, "").unwrap();
+    let answer = directory.lookup(FARM, "ALICE", "", false, "").unwrap();
     assert_eq!(answer.user_key, "alice");
     assert_eq!(answer.sessions.len(), 1);
     assert_eq!(answer.sessions[0].machine_address, "ts1:3389");
@@ -113,7 +113,11 @@ async fn the_directory_follows_every_commit(database: &TestDatabase) {
         .unwrap();
     assert_sessions(&directory, "bob", vec![(first, 2, ready_state())]);
     assert_eq!(
-        directory.lookup(FARM, "alice", false, "").unwrap().sessions[0].state,
+        directory
+            .lookup(FARM, "alice", "", false, "")
+            .unwrap()
+            .sessions[0]
+            .state,
         "disconnected"
     );
     let logoff = [SessionEvent {
@@ -195,23 +199,23 @@ async fn truncated_names_resolve_in_memory(database: &TestDatabase) {
     .await;
     let (directory, stop) = loaded(store.clone()).await;
     // mstsc cut "christopher" to 9 characters: the one user with that prefix.
-    let answer = directory.lookup(FARM, "christoph", true, "").unwrap();
+    let answer = directory.lookup(FARM, "christoph", "", true, "").unwrap();
     assert_eq!(answer.user_key, "christopher");
     assert_eq!(answer.sessions[0].machine_id, machine);
     // Not flagged as possibly cut: an unknown user.
     assert!(
         directory
-            .lookup(FARM, "christoph", false, "")
+            .lookup(FARM, "christoph", "", false, "")
             .unwrap()
             .sessions
             .is_empty()
     );
     // Two users share the prefix: the one with a session from the client's IP, else no guess.
-    let ambiguous = directory.lookup(FARM, "jonathan_", true, "").unwrap();
+    let ambiguous = directory.lookup(FARM, "jonathan_", "", true, "").unwrap();
     assert!(ambiguous.sessions.is_empty());
-    let a1 = directory.lookup(FARM, "jonathan_", true, "10.0.0.5:4000");
+    let a1 = directory.lookup(FARM, "jonathan_", "", true, "10.0.0.5:4000");
     assert_eq!(a1.unwrap().user_key, "jonathan_a1");
-    let elsewhere = directory.lookup(FARM, "jonathan_", true, "10.0.0.9:4000");
+    let elsewhere = directory.lookup(FARM, "jonathan_", "", true, "10.0.0.9:4000");
     assert!(elsewhere.unwrap().sessions.is_empty());
     // A client that names no user: the one user with sessions from its IP.
     let b2 = directory
@@ -229,14 +233,16 @@ async fn truncated_names_resolve_in_memory(database: &TestDatabase) {
     // A 9-character name that is a user's whole name is that user, but from the address of
     // the one longer name's session it starts: there mstsc cut that user's name.
     for client in ["", "10.0.0.9:4000"] {
-        let exact = directory.lookup(FARM, "alexander", true, client).unwrap();
+        let exact = directory
+            .lookup(FARM, "alexander", "", true, client)
+            .unwrap();
         assert_eq!(exact.sessions.len(), 1);
         assert_eq!(exact.sessions[0].session_id, 4, "from {client:?}");
     }
-    let longer = directory.lookup(FARM, "alexander", true, "10.0.0.7:4001");
+    let longer = directory.lookup(FARM, "alexander", "", true, "10.0.0.7:4001");
     assert_eq!(longer.unwrap().user_key, "alexander.b");
     // Not flagged as possibly cut: the whole name, wherever from.
-    let whole = directory.lookup(FARM, "alexander", false, "10.0.0.7:4001");
+    let whole = directory.lookup(FARM, "alexander", "", false, "10.0.0.7:4001");
     assert_eq!(whole.unwrap().user_key, "alexander");
     stop.cancel();
 }
@@ -256,24 +262,26 @@ async fn principal_names_find_the_user_pam_names(database: &TestDatabase) {
     let (directory, stop) = loaded(store.clone()).await;
     // A Windows client sends the name as typed; PAM reported the logon as "ann".
     let ann = directory
-        .lookup(FARM, "Ann@Example.com", false, "")
+        .lookup(FARM, "Ann@Example.com", "", false, "")
         .unwrap();
     assert_eq!((ann.user_key.as_str(), ann.sessions.len()), ("ann", 1));
     // mstsc's 9 characters of it still name ann.
-    let cut = directory.lookup(FARM, "ann@examp", true, "").unwrap();
+    let cut = directory.lookup(FARM, "ann@examp", "", true, "").unwrap();
     assert_eq!(
         (cut.user_key.as_str(), cut.sessions[0].session_id),
         ("ann", 1)
     );
     // A user with sessions under the whole name is that user, not the user part.
-    let bo = directory.lookup(FARM, "bo@example.com", false, "").unwrap();
+    let bo = directory
+        .lookup(FARM, "bo@example.com", "", false, "")
+        .unwrap();
     assert_eq!(
         (bo.user_key.as_str(), bo.sessions[0].session_id),
         ("bo@example.com", 2)
     );
     // Nobody under either name: an unknown user, placed under the name sent.
     let carl = directory
-        .lookup(FARM, "carl@example.com", false, "")
+        .lookup(FARM, "carl@example.com", "", false, "")
         .unwrap();
     assert_eq!(carl.user_key, "carl@example.com");
     assert!(carl.sessions.is_empty());

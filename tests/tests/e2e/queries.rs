@@ -212,6 +212,11 @@ async fn a_user_principal_name_lists_its_user_parts_sessions_when_it_has_none(
         session(2, "Alice", pb::SessionState::Disconnected),
         session(3, "bob@corp.example", pb::SessionState::Active),
         session(4, "bob", pb::SessionState::Active),
+        pb::SessionInfo {
+            domain: "OTHER".into(),
+            ..session(5, "erin@corp.example", pb::SessionState::Active)
+        },
+        session(6, "erin", pb::SessionState::Active),
     ];
     let _agent = FakeAgent::join(&broker.url(), description("ts-u", "farm-u", 100), sessions).await;
     let mut list = async |user: &str, farm: &str, page_size: u32, token: String| {
@@ -248,6 +253,15 @@ async fn a_user_principal_name_lists_its_user_parts_sessions_when_it_has_none(
     assert_eq!(
         ids(&list("bob@corp.example", "", 0, String::new()).await),
         [3]
+    );
+    // With a domain, none of its own of that domain: the user part's.
+    assert_eq!(
+        ids(&list("CORP\\erin@corp.example", "", 0, String::new()).await),
+        [6]
+    );
+    assert_eq!(
+        ids(&list("OTHER\\erin@corp.example", "", 0, String::new()).await),
+        [5]
     );
     // Neither has any.
     assert!(

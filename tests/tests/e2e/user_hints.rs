@@ -44,7 +44,18 @@ async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
                 domain: "CORP".into(),
                 ..session(5, "pmiller", pb::SessionState::Disconnected)
             },
+            session(7, "erin", pb::SessionState::Disconnected),
         ],
+    )
+    .await;
+    // erin@corp.example's only session is of another domain.
+    let _c = FakeAgent::join(
+        &broker.url(),
+        description("ts-c", "farm", 100),
+        vec![pb::SessionInfo {
+            domain: "OTHER".into(),
+            ..session(8, "erin@corp.example", pb::SessionState::Disconnected)
+        }],
     )
     .await;
     let alexander = client
@@ -153,6 +164,32 @@ async fn cut_and_principal_names_find_their_user(database: &TestDatabase) {
             ),
             ("ts-b", "ann", pb::RedirectReason::ExistingSession),
             "{name}"
+        );
+    }
+    // With a domain, a user principal name whose sessions are all another domain's is its
+    // user part, when that one has a session of the domain (or of none).
+    for (user, domain, expected) in [
+        ("CORP\\erin@corp.example", "", ("ts-b", "erin")),
+        ("erin@corp.example", "corp", ("ts-b", "erin")),
+        (
+            "OTHER\\erin@corp.example",
+            "",
+            ("ts-c", "erin@corp.example"),
+        ),
+        ("erin@corp.example", "", ("ts-c", "erin@corp.example")),
+    ] {
+        let request = pb::RedirectRequest {
+            domain: domain.into(),
+            ..upn(user)
+        };
+        let erin = client.redirect(request).await.unwrap().into_inner();
+        assert_eq!(
+            (
+                (erin.machine_name.as_str(), erin.user_name.as_str()),
+                reason(&erin)
+            ),
+            (expected, pb::RedirectReason::ExistingSession),
+            "{domain}\\{user}"
         );
     }
     // No session under either name: a new logon.
