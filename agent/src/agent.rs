@@ -175,7 +175,8 @@ pub async fn start(
         stop.clone(),
     )));
     if let Some(listener) = front_door_listener {
-        let machines = MachineCache::new(link.clone(), config.farm.clone());
+        let machines =
+            MachineCache::new(link.clone(), config.farm.clone()).of_machine(machine_id.to_string());
         parts.push(tokio::spawn(
             machines
                 .clone()

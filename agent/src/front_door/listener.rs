@@ -239,7 +239,14 @@ pub async fn handle(
         let Some(super::machines::Peer { machine, shares_ip }) =
             shared.machines.peer(peer.ip(), &this_machine).await
         else {
-            let why = "proxy header from a peer that is not a machine of the farm";
+            let why = if shared.machines.is_own_address(peer.ip(), &this_machine) {
+                // A machine never relays to itself.
+                "proxy header from this machine's own address, where no other machine of the \
+                 farm is: from one of its users, or from a machine that advertises an address \
+                 of the other IP family"
+            } else {
+                "proxy header from a peer that is not a machine of the farm"
+            };
             say_refused(Refusal::Proxy, why, "connection refused");
             shared.metrics.connection(Outcome::Refused);
             return;

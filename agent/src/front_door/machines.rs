@@ -19,6 +19,7 @@ use tsbroker_common::proto::v1 as pb;
 
 use super::broker_absence::broker_away;
 use super::host_cache::HostCache;
+use super::ip_families::FamilyWarnings;
 use super::route::REPLICA_PATIENCE;
 use crate::broker_link::BrokerLink;
 
@@ -63,6 +64,10 @@ pub struct MachineCache {
     state: Arc<RwLock<CacheState>>,
     refreshing: Arc<tokio::sync::Mutex<()>>,
     hosts: Arc<HostCache>,
+    /// This machine's id, when it is known: machines of another IP family are then warned
+    /// about.
+    this_machine: Option<String>,
+    families: Arc<FamilyWarnings>,
 }
 
 /// The machine a connection from another machine's address comes from.
@@ -138,7 +143,16 @@ impl MachineCache {
             state: Arc::new(RwLock::new(CacheState::default())),
             refreshing: Arc::new(tokio::sync::Mutex::new(())),
             hosts: Arc::new(hosts),
+            this_machine: None,
+            families: Arc::default(),
         }
+    }
+
+    /// Of the front door of `this_machine` (its id): warns of the farm's machines that
+    /// advertise addresses of another IP family (`ip_families.rs`), and knows its own address.
+    pub fn of_machine(mut self, this_machine: String) -> Self {
+        self.this_machine = Some(this_machine);
+        self
     }
 
     /// Asks the broker for the farm's machines; the previous list stays on failure.
@@ -166,10 +180,13 @@ impl MachineCache {
             .flatten()
             .collect();
         let addresses = self.hosts.addresses(&hosts, host_ttl).await;
-        let machines = listed
+        let machines: Vec<KnownMachine> = listed
             .into_iter()
             .filter_map(|machine| known(machine, &addresses))
             .collect();
+        if let Some(this_machine) = &self.this_machine {
+            self.families.check(&machines, this_machine);
+        }
         let mut state = self
             .state
             .write()
@@ -300,6 +317,19 @@ impl MachineCache {
         self.find(lookup)
     }
 
+    /// Whether `ip` is one of `this_machine`'s (an id) addresses, as the list last read says.
+    pub fn is_own_address(&self, ip: IpAddr, this_machine: &str) -> bool {
+        let ip = ip.to_canonical();
+        self.find(|machines| {
+            Some(
+                machines
+                    .iter()
+                    .any(|machine| machine.id == this_machine && machine.ips.contains(&ip)),
+            )
+        })
+        .unwrap_or(false)
+    }
+
     /// The READY machine a routing token names: one whose host resolves to the token's IP
     /// and whose advertised port is the token's port. Without such an exact match the list is
     /// refreshed first (the machine may have joined moments ago, and another machine at the
@@ -348,11 +378,12 @@ mod tests {
         }
     }
 
-    /// A machine that joins right after a refresh is found at once, not after the next one.
-    #[tokio::test]
-    async fn a_miss_moments_after_a_refresh_refreshes_again() {
+    /// A fake broker listing `machines`, and a link to it.
+    async fn broker_with(
+        machines: Vec<pb::Machine>,
+    ) -> (crate::test_support::FakeBroker, Arc<BrokerLink>) {
         let fake = crate::test_support::FakeBroker::default();
-        fake.with(|state| state.machines = vec![ready("ts1.example", "127.0.0.1:4000")]);
+        fake.with(|state| state.machines = machines);
         let url = fake.serve(CancellationToken::new()).await;
         let link = BrokerLink::new(
             std::slice::from_ref(&url),
@@ -361,6 +392,28 @@ mod tests {
             Default::default(),
         )
         .unwrap();
+        (fake, link)
+    }
+
+    /// A machine's own address is told apart from a stranger's (for the refusal's log line).
+    #[tokio::test]
+    async fn a_machine_knows_its_own_address() {
+        let (_fake, link) = broker_with(vec![ready("ts1.example", "127.0.0.1:4000")]).await;
+        let ts1 = tsbroker_common::model::machine_id("default", "ts1.example").to_string();
+        let cache = MachineCache::new(link, "default".into()).of_machine(ts1.clone());
+        cache.refresh().await.unwrap();
+        let own: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(cache.is_own_address(own, &ts1));
+        assert!(cache.is_own_address("::ffff:127.0.0.1".parse().unwrap(), &ts1));
+        assert!(!cache.is_own_address(own, "another machine"));
+        assert!(!cache.is_own_address("127.0.0.2".parse().unwrap(), &ts1));
+        assert!(cache.peer(own, &ts1).await.is_none());
+    }
+
+    /// A machine that joins right after a refresh is found at once, not after the next one.
+    #[tokio::test]
+    async fn a_miss_moments_after_a_refresh_refreshes_again() {
+        let (fake, link) = broker_with(vec![ready("ts1.example", "127.0.0.1:4000")]).await;
         let cache = MachineCache::new(link, "default".into());
         cache.refresh().await.unwrap();
         assert!(
@@ -450,21 +503,11 @@ mod tests {
     #[tokio::test]
     async fn refreshes_reuse_what_names_resolved_to() {
         use std::sync::atomic::Ordering;
-        let fake = crate::test_support::FakeBroker::default();
-        fake.with(|state| {
-            state.machines = vec![
-                ready("ts1.farm", "ts1.farm:3389"),
-                ready("ts2.farm", "192.0.2.2:3389"),
-            ]
-        });
-        let url = fake.serve(CancellationToken::new()).await;
-        let link = BrokerLink::new(
-            std::slice::from_ref(&url),
-            0,
-            &Default::default(),
-            Default::default(),
-        )
-        .unwrap();
+        let (_fake, link) = broker_with(vec![
+            ready("ts1.farm", "ts1.farm:3389"),
+            ready("ts2.farm", "192.0.2.2:3389"),
+        ])
+        .await;
         let (hosts, asked) = super::super::host_cache::tests::counting();
         let cache = MachineCache::with_hosts(link, "default".into(), hosts);
         for _ in 0..3 {

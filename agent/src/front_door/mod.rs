@@ -5,6 +5,7 @@ pub mod broker_absence;
 pub mod descriptors;
 pub mod first_packet;
 pub mod host_cache;
+pub mod ip_families;
 pub mod listener;
 pub mod machines;
 pub mod per_client;
