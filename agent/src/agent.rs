@@ -113,6 +113,17 @@ pub async fn start(
         single_session: config.single_session,
         ..LinkStatus::default()
     }));
+    // Until a broker answers, the settings it sent last (a drained machine stays drained).
+    let saved_settings = Arc::new(stream::saved_settings::SettingsFile::new(&config.state_dir));
+    if let Some(saved) = saved_settings.load() {
+        tracing::info!(
+            draining = saved.draining,
+            weight = saved.weight,
+            session_limit = saved.session_limit,
+            "machine settings as the broker last sent them, until it answers"
+        );
+        stream::set_status(&status, &saved);
+    }
 
     let front_door_listener = match config.front_door {
         None => None,
@@ -223,6 +234,7 @@ pub async fn start(
         home_check: config.home_check,
         directory: directory.clone(),
         status: status.clone(),
+        saved_settings,
         leave_on_stop: config.leave_on_stop,
     };
     tracing::info!(

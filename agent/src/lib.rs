@@ -17,6 +17,7 @@ pub mod front_door;
 pub mod load;
 pub mod metrics;
 pub mod settings;
+pub mod state_file;
 pub mod stream;
 #[cfg(test)]
 mod test_support;

@@ -1,8 +1,8 @@
 //! The session table on disk: one JSON file in the state directory, replaced atomically
-//! (write a temporary file, sync it, rename it over the old one, sync the directory).
+//! (`state_file::write_atomically`).
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -156,32 +156,7 @@ impl TableFile {
             sessions,
         };
         let bytes = serde_json::to_vec_pretty(&table).context("encode session table")?;
-        let temporary = self.path.with_extension("json.tmp");
-        // Users' names and their clients' addresses: for the agent's user only, whatever the
-        // umask (a leftover temporary file keeps its mode: set again).
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .and_then(|file| {
-                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-                Ok(file)
-            })
-            .with_context(|| format!("create {}", temporary.display()))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .with_context(|| format!("write {}", temporary.display()))?;
-        drop(file);
-        std::fs::rename(&temporary, &self.path)
-            .with_context(|| format!("rename {} into place", temporary.display()))?;
-        if let Some(parent) = self.path.parent()
-            && let Ok(directory) = std::fs::File::open(parent)
-        {
-            // Makes the rename itself durable; not every file system allows it.
-            let _ = directory.sync_all();
-        }
+        crate::state_file::write_atomically(&self.path, &bytes)?;
         Ok(())
     }
 }

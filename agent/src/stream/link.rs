@@ -133,7 +133,7 @@ pub(super) async fn run_once(
     }
     .max(MIN_HEARTBEAT);
     if let Some(settings) = &welcome.settings {
-        apply_settings(&context.status, settings);
+        apply_settings(context, settings);
     }
     // Everything in the table up to `version` goes in the RESYNC; later changes follow it.
     let (version, sessions) = context.directory.snapshot();
@@ -257,7 +257,7 @@ fn handle_command(
     ready_seq: u64,
 ) -> Option<Outcome> {
     match message.body? {
-        Command::Settings(settings) => apply_settings(&context.status, &settings),
+        Command::Settings(settings) => apply_settings(context, &settings),
         Command::Shutdown(shutdown) => return Some(shutdown_outcome(&shutdown)),
         Command::Welcome(_) => tracing::debug!("second welcome ignored"),
         Command::Ack(ack) if ack.seq == ready_seq => {

@@ -4,6 +4,7 @@
 
 mod displaced;
 mod link;
+pub mod saved_settings;
 #[cfg(test)]
 mod tests;
 mod tls_probe;
@@ -70,6 +71,8 @@ pub struct StreamContext {
     pub home_check: Duration,
     pub directory: Directory,
     pub status: SharedStatus,
+    /// Where the broker's settings for the machine are kept for the next start.
+    pub saved_settings: Arc<saved_settings::SettingsFile>,
     /// On shutdown, REMOVED (leave the farm) rather than only closing the stream.
     pub leave_on_stop: bool,
 }
@@ -299,14 +302,20 @@ fn retry_after(error: &anyhow::Error) -> Option<Duration> {
     Some(Duration::from_millis(millis))
 }
 
-/// The settings the broker sent, applied and logged.
-pub(crate) fn apply_settings(status: &SharedStatus, settings: &pb::MachineSettings) {
+/// The settings the broker sent, applied, logged and saved for the next start.
+pub(crate) fn apply_settings(context: &StreamContext, settings: &pb::MachineSettings) {
     tracing::info!(
         draining = settings.draining,
         weight = settings.weight,
         session_limit = settings.session_limit,
         "machine settings from the broker"
     );
+    set_status(&context.status, settings);
+    context.saved_settings.save(settings);
+}
+
+/// `settings` as the machine's current ones in `status`.
+pub(crate) fn set_status(status: &SharedStatus, settings: &pb::MachineSettings) {
     update_status(status, |status| {
         status.draining = settings.draining;
         status.weight = settings.weight;

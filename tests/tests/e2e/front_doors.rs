@@ -16,7 +16,7 @@ use tsbroker_common::proto::v1 as pb;
 use tsbroker_tests::{TestAgent, TestBroker, TestDatabase, spawn_broker};
 
 /// A stand-in RDP service: echoes what it gets, and reports each connection's first bytes.
-async fn rdp_stand_in() -> (String, mpsc::UnboundedReceiver<Vec<u8>>) {
+pub(crate) async fn rdp_stand_in() -> (String, mpsc::UnboundedReceiver<Vec<u8>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let (seen, receiver) = mpsc::unbounded_channel();
@@ -41,7 +41,7 @@ async fn rdp_stand_in() -> (String, mpsc::UnboundedReceiver<Vec<u8>>) {
 
 /// TPKT + X.224 Connection Request with the user's `mstshash` cookie and an RDP negotiation
 /// request (MS-RDPBCGR 2.2.1.1).
-fn connection_request(user: &str) -> Vec<u8> {
+pub(crate) fn connection_request(user: &str) -> Vec<u8> {
     with_cookie(&format!("Cookie: mstshash={user}\r\n"))
 }
 
@@ -306,7 +306,7 @@ async fn a_client_naming_no_user_returns_to_the_session_opened_from_its_address(
 
 /// Sends `request` to `front_door` and returns whether the front door closed the connection
 /// without an answer (refused) rather than splicing it to an RDP service.
-async fn refused(front_door: std::net::SocketAddr, request: &[u8]) -> bool {
+pub(crate) async fn refused(front_door: std::net::SocketAddr, request: &[u8]) -> bool {
     let mut connection = tokio::net::TcpStream::connect(front_door).await.unwrap();
     connection.write_all(request).await.unwrap();
     let mut back = Vec::new();
