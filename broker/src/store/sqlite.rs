@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 use tsbroker_common::model::{LoadReport, MachineDescription, SessionInfo, SessionState};
 use uuid::Uuid;
 
+mod damage;
 mod file;
 pub use file::may_clear_up;
 use file::{BUSY_TIMEOUT, WAL_KEPT_BYTES, WAL_LIMIT_FRAMES, checkpoint_wal, own_database_file};
@@ -46,6 +47,8 @@ pub struct SqliteStore {
     owner: std::sync::Mutex<Option<std::fs::File>>,
     /// This machine's clock (the database is a file here): no offset.
     clock: crate::clock::Clock,
+    /// The file's structure read every few minutes (`damage.rs`).
+    damage: damage::DamageCheck,
 }
 
 /// What the three pools share: a 10 s wait for a connection, and no connection reused that a
@@ -89,13 +92,15 @@ impl Drop for SqliteStore {
 impl SqliteStore {
     /// Opens (creating it if missing) and migrates the database file the URL names.
     pub async fn open(database_url: &str) -> anyhow::Result<Self> {
-        Self::open_with_wal_limit(database_url, WAL_LIMIT_FRAMES).await
+        Self::open_with(database_url, WAL_LIMIT_FRAMES, damage::CHECK_INTERVAL).await
     }
 
-    /// [`SqliteStore::open`], starting the WAL over past `wal_limit_frames` (tests use less).
-    async fn open_with_wal_limit(
+    /// [`SqliteStore::open`], starting the WAL over past `wal_limit_frames` and reading the
+    /// file's structure every `damage_check` (tests use less).
+    async fn open_with(
         database_url: &str,
         wal_limit_frames: i64,
+        damage_check: Duration,
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
         let options = SqliteConnectOptions::from_str(database_url)
@@ -116,6 +121,13 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
+        let file = options.get_filename().display().to_string();
+        if let Some(problems) = damage::problems(&options)
+            .await
+            .with_context(|| format!("check sqlite database {database_url:?}"))?
+        {
+            anyhow::bail!(damage::damaged(&file, &problems));
+        }
         sqlx::migrate!("./migrations/sqlite")
             .run(&pool)
             .await
@@ -130,7 +142,7 @@ impl SqliteStore {
             // A connection to a local file does not go stale: no round trip to the
             // connection's thread before each batch.
             .test_before_acquire(false)
-            .connect_with(options.synchronous(SqliteSynchronous::Normal))
+            .connect_with(options.clone().synchronous(SqliteSynchronous::Normal))
             .await
             .with_context(|| format!("open sqlite database {database_url:?}"))?;
         let (changes, _) = broadcast::channel(1024);
@@ -150,6 +162,7 @@ impl SqliteStore {
             directory: SinkSlot::default(),
             writer,
             clock: crate::clock::Clock::default(),
+            damage: damage::DamageCheck::new(options, file, damage_check),
         })
     }
 
@@ -169,7 +182,7 @@ impl SqliteStore {
         sqlx::query(sqlx::AssertSqlSafe(probe))
             .execute(&self.pool)
             .await?;
-        Ok(())
+        self.damage.check_if_due()
     }
 
     /// A database file deleted (or replaced) under the running broker is still written, by its

@@ -430,3 +430,37 @@ async fn a_second_broker_on_the_same_sqlite_file_is_refused() {
     assert!(!second.status.success(), "{said}");
     assert!(said.contains("in use by another process"), "{said}");
 }
+
+/// A database file whose pages are damaged (a bad sector, a copy taken while it was written) is
+/// refused at start, naming the file and what to do, rather than served from while every
+/// stream fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_sqlite_file_is_refused_at_start() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _log) =
+        tsbroker_tests::process::plain_broker_process(dir.path(), free_port()).await;
+    assert!(first.terminate(Duration::from_secs(15)).await.success());
+    let path = dir.path().join("b.db");
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // Pages 2 to 5 (of 4 KiB): the first tables' and indexes' roots.
+    file.seek(SeekFrom::Start(4096)).unwrap();
+    file.write_all(&[0x5a; 4 * 4096]).unwrap();
+    drop(file);
+    let damaged = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(workspace_binary("tsbroker"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--database-url")
+            .arg(format!("sqlite://{}", path.display()))
+            .output(),
+    )
+    .await
+    .expect("the broker exits")
+    .unwrap();
+    let said = String::from_utf8_lossy(&damaged.stderr);
+    assert_eq!(damaged.status.code(), Some(1), "{said}");
+    assert!(said.contains("is damaged"), "{said}");
+    assert!(said.contains(&path.display().to_string()), "{said}");
+}

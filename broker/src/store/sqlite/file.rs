@@ -185,10 +185,13 @@ mod tests {
         let path = dir.join("b.db");
         // 16 MiB here (the file is cut back to 64 MiB when the WAL starts over).
         let limit_frames = 4096;
-        let store =
-            SqliteStore::open_with_wal_limit(&format!("sqlite://{}", path.display()), limit_frames)
-                .await
-                .unwrap();
+        let store = SqliteStore::open_with(
+            &format!("sqlite://{}", path.display()),
+            limit_frames,
+            super::super::damage::CHECK_INTERVAL,
+        )
+        .await
+        .unwrap();
         sqlx::query("CREATE TABLE scratch (x BLOB)")
             .execute(&store.pool)
             .await
