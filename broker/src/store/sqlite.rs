@@ -264,6 +264,27 @@ impl StoreHooks for SqliteStore {
 sql::impl_store!(SqliteStore, sqlx::Sqlite);
 ingest::sql::impl_ingest!(SqliteStore, sqlx::Sqlite, sqlite, "");
 
+/// A store on a new file in a directory of its own, with an empty table `scratch (x BLOB)`;
+/// and the file's path.
+#[cfg(test)]
+async fn scratch_store(
+    wal_limit_frames: i64,
+    damage_check: Duration,
+) -> (SqliteStore, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tsbroker-sqlite-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("b.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = SqliteStore::open_with(&url, wal_limit_frames, damage_check)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE scratch (x BLOB)")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    (store, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -155,23 +155,9 @@ mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
 
-    /// A database file's path in a new directory of its own.
-    fn new_file() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("tsbroker-damage-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("b.db")
-    }
-
     /// A store on a new file with a few hundred pages of rows, all in the file itself.
-    async fn filled(path: &std::path::Path, check_every: Duration) -> SqliteStore {
-        let url = format!("sqlite://{}", path.display());
-        let store = SqliteStore::open_with(&url, 16_384, check_every)
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE scratch (x BLOB)")
-            .execute(&store.pool)
-            .await
-            .unwrap();
+    async fn filled(check_every: Duration) -> (SqliteStore, std::path::PathBuf) {
+        let (store, path) = super::super::scratch_store(16_384, check_every).await;
         for _ in 0..400 {
             sqlx::query("INSERT INTO scratch VALUES (zeroblob(2000))")
                 .execute(&store.pool)
@@ -182,7 +168,7 @@ mod tests {
             .execute(&store.pool)
             .await
             .unwrap();
-        store
+        (store, path)
     }
 
     /// Garbage over pages 20 to 29 (of 4 KiB), as a bad sector leaves them.
@@ -196,8 +182,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_damaged_file_is_refused_at_start() {
-        let path = new_file();
-        let store = filled(&path, CHECK_INTERVAL).await;
+        let (store, path) = filled(CHECK_INTERVAL).await;
         store.pool.close().await;
         store.ingest_pool.close().await;
         store.placement_pool.close().await;
@@ -214,8 +199,7 @@ mod tests {
 
     #[tokio::test]
     async fn damage_found_while_running_is_reported_at_every_probe() {
-        let path = new_file();
-        let store = filled(&path, Duration::ZERO).await;
+        let (store, path) = filled(Duration::ZERO).await;
         store.probe_database().await.unwrap();
         store.damage.settled().await;
         damage(&path);

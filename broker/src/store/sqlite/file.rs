@@ -145,7 +145,6 @@ pub fn may_clear_up(error: &anyhow::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::SqliteStore;
     use super::*;
 
     #[test]
@@ -166,7 +165,6 @@ mod tests {
         let in_use = anyhow::anyhow!("sqlite database b.db is in use by another process");
         assert!(!may_clear_up(&in_use));
     }
-    use uuid::Uuid;
 
     #[test]
     fn only_a_wal_past_the_limit_and_copied_whole_starts_over() {
@@ -180,22 +178,10 @@ mod tests {
     /// start the WAL over by itself, and otherwise its file grows with every write.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_stays_bounded_under_continuous_reads_and_writes() {
-        let dir = std::env::temp_dir().join(format!("tsbroker-wal-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("b.db");
         // 16 MiB here (the file is cut back to 64 MiB when the WAL starts over).
         let limit_frames = 4096;
-        let store = SqliteStore::open_with(
-            &format!("sqlite://{}", path.display()),
-            limit_frames,
-            super::super::damage::CHECK_INTERVAL,
-        )
-        .await
-        .unwrap();
-        sqlx::query("CREATE TABLE scratch (x BLOB)")
-            .execute(&store.pool)
-            .await
-            .unwrap();
+        let (store, path) =
+            super::super::scratch_store(limit_frames, super::super::damage::CHECK_INTERVAL).await;
         let stop = tokio_util::sync::CancellationToken::new();
         let readers: Vec<_> = (0..2)
             .map(|_| {
@@ -209,7 +195,7 @@ mod tests {
                 })
             })
             .collect();
-        let wal = dir.join("b.db-wal");
+        let wal = path.with_extension("db-wal");
         let mut largest = 0;
         // 384 MiB written in 1 MiB rows, each deleted again (the database stays small).
         for _ in 0..384 {
@@ -231,7 +217,9 @@ mod tests {
             reader.await.unwrap();
         }
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         // Bounded: the size it is cut back to, plus what the writers add between two
         // checkpoints that start it over (every 250 ms, or later when readers stay on it: on
         // a loaded machine one CI run saw 126 MB where 3 limits' worth, 112 MiB, was allowed).
