@@ -363,7 +363,37 @@ fn farm_book(
         .iter()
         .map(|(name, file)| Ok((name.clone(), file.resolve(&defaults, name)?)))
         .collect::<Result<BTreeMap<_, _>, String>>()?;
+    one_setting_per_plugin(&farms)?;
     Ok(FarmBook { defaults, farms })
+}
+
+/// Farms that name one plug-in address share its link, and so its deadline, batch size and CA:
+/// different ones would hold for one of them only, so they are refused.
+fn one_setting_per_plugin(
+    farms: &BTreeMap<String, crate::decision::farm_settings::FarmSettings>,
+) -> Result<(), String> {
+    let mut seen: BTreeMap<&str, (&str, &crate::decision::farm_settings::PluginSettings)> =
+        BTreeMap::new();
+    for (farm, settings) in farms {
+        let Some(plugin) = &settings.plugin else {
+            continue;
+        };
+        match seen.get(plugin.address.as_str()) {
+            Some((first, theirs)) if *theirs != plugin => {
+                return Err(format!(
+                    "farms {first:?} and {farm:?} name the plug-in {:?} with different \
+                     deadline, batch_size or ca_file: farms that share a plug-in share its \
+                     settings (give them the same, or give the plug-in a second address)",
+                    plugin.address
+                ));
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(&plugin.address, (farm, plugin));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -460,6 +490,27 @@ mod tests {
             .into_config()
             .unwrap_err();
         assert!(error.contains("unknown policy"), "{error}");
+
+        // Two farms on one plug-in: one set of its settings.
+        let shared = |deadline: &str| {
+            format!(
+                "[farms.a.plugin]\naddress = \"http://127.0.0.1:50070\"\n\
+                 [farms.b.plugin]\naddress = \"http://127.0.0.1:50070\"\n{deadline}"
+            )
+        };
+        std::fs::write(&path, shared("")).unwrap();
+        let config = Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
+            .into_config()
+            .unwrap();
+        assert!(config.farms.get("b").plugin.is_some());
+        std::fs::write(&path, shared("deadline = \"300ms\"\n")).unwrap();
+        let error = Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
+            .into_config()
+            .unwrap_err();
+        assert!(
+            error.contains("\"a\" and \"b\"") && error.contains("share its settings"),
+            "{error}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

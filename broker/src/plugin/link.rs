@@ -72,7 +72,11 @@ pub struct PluginLink {
     /// answered over a later connection may have reached a plug-in that restarted.
     connections: ConnectionCount,
     initialized_on: AtomicU64,
+    /// Initialized: notifications are queued for it.
     up: AtomicBool,
+    /// Initialized and sent its full resync: decisions ask it (before, it would answer from a
+    /// part of the farm).
+    answering: AtomicBool,
     supports_external: AtomicBool,
     /// Set when notifications were dropped: the link re-initializes and resyncs.
     overflowed: AtomicBool,
@@ -126,6 +130,7 @@ impl PluginLink {
             connections,
             initialized_on: AtomicU64::new(0),
             up: AtomicBool::new(false),
+            answering: AtomicBool::new(false),
             supports_external: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
             reinitialize: tokio::sync::Notify::new(),
@@ -143,8 +148,20 @@ impl PluginLink {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Whether decisions ask the plug-in: initialized and resynced.
+    pub fn is_answering(&self) -> bool {
+        self.answering.load(Ordering::Relaxed)
+    }
+
+    /// Down: neither notified nor asked until initialized and resynced again. Whether it was
+    /// up.
+    fn set_down(&self) -> bool {
+        self.answering.store(false, Ordering::Relaxed);
+        self.up.swap(false, Ordering::Relaxed)
+    }
+
     pub fn supports_external(&self) -> bool {
-        self.is_up() && self.supports_external.load(Ordering::Relaxed)
+        self.is_answering() && self.supports_external.load(Ordering::Relaxed)
     }
 
     /// Queues a notification without waiting; a full queue turns into a RESYNC later.
@@ -178,16 +195,23 @@ impl PluginLink {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// A call answered FAILED_PRECONDITION (the plug-in restarted and wants `Initialize`) or
-    /// UNAVAILABLE (it is gone): start over, so that it is initialized and resynced as soon as
-    /// it answers, even in a farm where no notification would fail.
+    /// A decision call answered FAILED_PRECONDITION (the plug-in restarted and wants
+    /// `Initialize`): start over, so that it is initialized and resynced at once, even in a farm
+    /// where no notification would fail. (UNAVAILABLE is not asked for that: an overloaded
+    /// plug-in says it of itself, and one that is gone fails the link's health check within
+    /// `PROBE_INTERVAL`, while a restarted one answers over a new connection.)
     fn check_status(&self, status: &tonic::Status) {
-        if matches!(
-            status.code(),
-            tonic::Code::FailedPrecondition | tonic::Code::Unavailable
-        ) && self.up.swap(false, Ordering::Relaxed)
-        {
-            tracing::warn!(plugin = %self.address, code = ?status.code(), "plug-in needs initializing again");
+        if status.code() == tonic::Code::FailedPrecondition && self.set_down() {
+            static ASKED: std::sync::LazyLock<WarningLimit> =
+                std::sync::LazyLock::new(WarningLimit::default);
+            match ASKED.warn_now() {
+                Some(unwarned) => {
+                    tracing::warn!(plugin = %self.address, since_last_warning = unwarned, "plug-in answered FAILED_PRECONDITION: initializing it again (said at most once a minute)")
+                }
+                None => {
+                    tracing::debug!(plugin = %self.address, "plug-in answered FAILED_PRECONDITION: initializing it again")
+                }
+            }
             self.reinitialize.notify_one();
         }
     }
@@ -216,7 +240,6 @@ impl PluginLink {
                 .await
             {
                 Ok(cutoffs) => {
-                    pause = RETRY_MIN;
                     if said.is_some() {
                         tracing::info!(
                             plugin = %self.address, failed_attempts,
@@ -225,15 +248,39 @@ impl PluginLink {
                     }
                     said = None;
                     failed_attempts = 0;
+                    self.answering.store(true, Ordering::Relaxed);
+                    let up_since = Instant::now();
                     let reason = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         reason = self.forward(&mut receiver, cutoffs, store.as_ref()) => reason,
                     };
-                    self.up.store(false, Ordering::Relaxed);
-                    tracing::warn!(plugin = %self.address, %reason, "plug-in link lost; will initialize and resync again");
+                    self.set_down();
+                    // A link lost moments after it came up (a plug-in that keeps asking for
+                    // `Initialize`, or fails right after its resync) is brought up again after
+                    // a growing pause, and said once a minute: not a resync of the whole farm,
+                    // and a log line, at every decision.
+                    static LOST: std::sync::LazyLock<WarningLimit> =
+                        std::sync::LazyLock::new(WarningLimit::default);
+                    match LOST.warn_now() {
+                        Some(unwarned) => {
+                            tracing::warn!(plugin = %self.address, %reason, since_last_warning = unwarned, "plug-in link lost; will initialize and resync again (said at most once a minute)")
+                        }
+                        None => {
+                            tracing::debug!(plugin = %self.address, %reason, "plug-in link lost; will initialize and resync again")
+                        }
+                    }
+                    if up_since.elapsed() >= RETRY_MAX {
+                        pause = RETRY_MIN;
+                    } else {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(RETRY_MAX);
+                    }
                 }
                 Err((stage, reason)) => {
-                    self.up.store(false, Ordering::Relaxed);
+                    self.set_down();
                     failed_attempts = failed_attempts.saturating_add(1);
                     let what = match stage {
                         LinkStage::Initialize => {
@@ -422,7 +469,7 @@ impl PluginLink {
         if self.connections.get() == self.initialized_on.load(Ordering::Acquire) {
             return false;
         }
-        if self.up.swap(false, Ordering::Relaxed) {
+        if self.set_down() {
             tracing::warn!(plugin = %self.address, "plug-in reached over a new connection (it may have restarted); initializing it again");
             self.reinitialize.notify_one();
         }
@@ -460,6 +507,6 @@ impl PluginLink {
             reason: reason.to_owned(),
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), client.terminated(request)).await;
-        self.up.store(false, Ordering::Relaxed);
+        self.set_down();
     }
 }

@@ -14,7 +14,9 @@
 //!   of `keep` (empty answer; also when the file is missing or empty), `pick NAME` (the candidate
 //!   of that name, else the id of a machine of that name from the notifications, else keep),
 //!   `pick-upper NAME` (as `pick`, the id in upper case), `not-candidate` (a random UUID),
-//!   `error` (INTERNAL), `hang` (10 s, then keep), `external HOST:PORT [NAME]`
+//!   `error` (INTERNAL), `unavailable` (UNAVAILABLE, as an overloaded plug-in says),
+//!   `failed-precondition` (FAILED_PRECONDITION, asking to be initialized again; decisions
+//!   only), `hang` (10 s, then keep), `external HOST:PORT [NAME]`
 //!   (`GetUserExternalSession` answers it, with NAME or HOST as its host name;
 //!   `GetMostSuitableServer` keeps), `fail-notifications` (notifications answer INTERNAL;
 //!   decisions keep).
@@ -64,6 +66,8 @@ enum Mode {
     PickUpper(String),
     NotCandidate,
     Error,
+    Unavailable,
+    FailedPrecondition,
     Hang,
     External(String),
     FailNotifications,
@@ -81,6 +85,8 @@ impl Mode {
             ("pick-upper", false) => Mode::PickUpper(argument.to_owned()),
             ("not-candidate", true) => Mode::NotCandidate,
             ("error", true) => Mode::Error,
+            ("unavailable", true) => Mode::Unavailable,
+            ("failed-precondition", true) => Mode::FailedPrecondition,
             ("hang", true) => Mode::Hang,
             ("external", false) => Mode::External(argument.to_owned()),
             ("fail-notifications", true) => Mode::FailNotifications,
@@ -283,6 +289,8 @@ impl Plugin for Scripted {
         }));
         match mode {
             Mode::Error => Err(Status::internal("scripted error")),
+            Mode::Unavailable => Err(Status::unavailable("scripted: overloaded")),
+            Mode::FailedPrecondition => Err(Status::failed_precondition("scripted: initialize me")),
             Mode::Invalid(text) => Err(Status::internal(format!("unknown mode {text:?}"))),
             Mode::Hang => {
                 tokio::time::sleep(HANG).await;
@@ -452,6 +460,8 @@ mod tests {
         );
         assert_eq!(Mode::parse("not-candidate"), Mode::NotCandidate);
         assert_eq!(Mode::parse("error"), Mode::Error);
+        assert_eq!(Mode::parse("unavailable"), Mode::Unavailable);
+        assert_eq!(Mode::parse("failed-precondition"), Mode::FailedPrecondition);
         assert_eq!(Mode::parse(" hang "), Mode::Hang);
         assert_eq!(Mode::parse("fail-notifications\n"), Mode::FailNotifications);
         assert_eq!(

@@ -15,6 +15,7 @@ use tsbroker_tests::fake_agent::{machine as description, session};
 use tsbroker_tests::process::{ChildGuard, free_port};
 use tsbroker_tests::{FakeAgent, TestBroker, TestDatabase, spawn_broker};
 
+mod failing;
 mod replicas;
 mod restarts;
 
@@ -123,6 +124,43 @@ async fn broker_with_plugin_and_policy(plugin: &PluginProcess, policy: Option<&s
         metrics_port,
         _database: database,
     }
+}
+
+/// A broker (on SQLite) whose farm "farm" has the plug-in at `address`, and its database.
+async fn broker_for_plugin_at(address: String, deadline: Duration) -> (TestBroker, TestDatabase) {
+    let database = TestDatabase::sqlite();
+    let farm = FarmSettings {
+        slow_start: Duration::ZERO,
+        plugin: Some(PluginSettings {
+            address,
+            deadline,
+            batch_size: 25,
+            ca_file: None,
+        }),
+        ..FarmSettings::default()
+    };
+    let broker = spawn_broker(&database.url, move |config| {
+        config.heartbeat_timeout = Duration::from_secs(60);
+        config.farms.farms.insert("farm".to_owned(), farm);
+    })
+    .await;
+    (broker, database)
+}
+
+/// ts-a and ts-b, without sessions, join "farm"; back once the plug-in heard ts-b is READY.
+async fn two_machines_the_plugin_knows(
+    broker: &TestBroker,
+    plugin: &PluginProcess,
+) -> [FakeAgent; 2] {
+    let agents = [
+        FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await,
+        FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await,
+    ];
+    wait_for_call(plugin, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-b" && call["state"] == "READY"
+    })
+    .await;
+    agents
 }
 
 async fn wait_for_call(plugin: &PluginProcess, method: &str, matching: impl Fn(&Value) -> bool) {
@@ -262,14 +300,7 @@ async fn round_robin_takes_one_turn_per_logon_with_a_plugin() {
     let plugin = PluginProcess::start(dir.path(), free_port(), false, "rr");
     let setup = broker_with_plugin_and_policy(&plugin, Some("round-robin")).await;
     let broker = &setup.broker;
-    let _agents = [
-        FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await,
-        FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await,
-    ];
-    wait_for_call(&plugin, "MachineChangeNotification", |call| {
-        call["machine_name"] == "ts-b" && call["state"] == "READY"
-    })
-    .await;
+    let _agents = two_machines_the_plugin_knows(broker, &plugin).await;
     plugin.set_mode("keep");
     let mut placed = Vec::new();
     for user in 0..6 {
@@ -577,22 +608,7 @@ async fn the_example_plugin_overrides_and_is_reinitialized_after_a_restart() {
     let example = start_example();
     wait_listening().await;
     let address = format!("http://127.0.0.1:{port}");
-    let database = TestDatabase::sqlite();
-    let farm = FarmSettings {
-        slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings {
-            address,
-            deadline: Duration::from_millis(300),
-            batch_size: 25,
-            ca_file: None,
-        }),
-        ..FarmSettings::default()
-    };
-    let broker = spawn_broker(&database.url, move |config| {
-        config.heartbeat_timeout = Duration::from_secs(60);
-        config.farms.farms.insert("farm".to_owned(), farm);
-    })
-    .await;
+    let (broker, _database) = broker_for_plugin_at(address, Duration::from_millis(300)).await;
     // The broker counts every session: ts-idle (12 disconnected) is busier than ts-busy (10
     // active). The example plug-in counts active sessions only, and prefers ts-idle.
     let idle = (1..=12)

@@ -81,7 +81,8 @@ impl PluginLink {
         request: pb::GetMostSuitableServerRequest,
         budget: &PluginBudget,
     ) -> Suggestion {
-        if !self.is_up() {
+        if !self.is_answering() {
+            // Down, or not yet sent the whole farm.
             return self.fallback("down");
         }
         // Named in warnings: the Redirect's own span is only kept at debug level.
