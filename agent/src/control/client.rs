@@ -24,30 +24,72 @@ pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> 
 /// [`call`], waiting up to `wait` for an agent that is not running (no socket, or nobody
 /// listening on it): an agent restarting (`systemctl restart`, or after a crash) is back
 /// within seconds, and a session event it would miss meanwhile is lost for good (a logoff
-/// missed leaves a session that never ends).
+/// missed leaves a session that never ends). An agent that closes the connection without an
+/// answer (it stopped or was killed while the request waited) is asked again, within the same
+/// `wait`: the event may have been applied already, which applying it again leaves as it is
+/// (a logoff asked again finds no session, and says so).
 pub async fn call_waiting(
     socket: &Path,
     request: &Request,
     wait: Duration,
 ) -> anyhow::Result<Response> {
     let deadline = tokio::time::Instant::now() + wait;
-    let stream = loop {
-        match UnixStream::connect(socket).await {
-            Ok(stream) => break stream,
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    ErrorKind::NotFound | ErrorKind::ConnectionRefused
-                ) && tokio::time::Instant::now() + RETRY_PAUSE <= deadline =>
-            {
+    loop {
+        let stream = loop {
+            match UnixStream::connect(socket).await {
+                Ok(stream) => break stream,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        ErrorKind::NotFound | ErrorKind::ConnectionRefused
+                    ) && tokio::time::Instant::now() + RETRY_PAUSE <= deadline =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(error) => return Err(connect_error(socket, &error, wait)),
+            }
+        };
+        let exchanged = tokio::time::timeout(CALL_TIMEOUT, exchange(stream, request))
+            .await
+            .map_err(|_| anyhow!("the agent at {} did not answer in time", socket.display()))?;
+        match exchanged {
+            Ok(response) => return Ok(response),
+            Err(Exchange::Closed(_)) if tokio::time::Instant::now() + RETRY_PAUSE <= deadline => {
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
-            Err(error) => return Err(connect_error(socket, &error, wait)),
+            Err(Exchange::Closed(error)) => {
+                return Err(error.context(format!(
+                    "the agent at {} closed the connection without answering (it stopped or \
+                     restarted): the event may not have been applied",
+                    socket.display()
+                )));
+            }
+            Err(Exchange::Failed(error)) => return Err(error),
         }
-    };
-    tokio::time::timeout(CALL_TIMEOUT, exchange(stream, request))
-        .await
-        .map_err(|_| anyhow!("the agent at {} did not answer in time", socket.display()))?
+    }
+}
+
+/// How an exchange with the agent failed.
+enum Exchange {
+    /// The agent closed the connection before it answered.
+    Closed(anyhow::Error),
+    Failed(anyhow::Error),
+}
+
+impl Exchange {
+    /// `error` while doing `what`: the connection closed by the agent, or another failure.
+    fn of_io(error: std::io::Error, what: &'static str) -> Exchange {
+        let closed = matches!(
+            error.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+        );
+        let error = anyhow::Error::from(error).context(what);
+        if closed {
+            Exchange::Closed(error)
+        } else {
+            Exchange::Failed(error)
+        }
+    }
 }
 
 fn connect_error(socket: &Path, error: &std::io::Error, waited: Duration) -> anyhow::Error {
@@ -69,17 +111,28 @@ fn connect_error(socket: &Path, error: &std::io::Error, waited: Duration) -> any
     }
 }
 
-async fn exchange(stream: UnixStream, request: &Request) -> anyhow::Result<Response> {
+async fn exchange(stream: UnixStream, request: &Request) -> Result<Response, Exchange> {
     let (reader, mut writer) = stream.into_split();
-    let mut bytes = serde_json::to_vec(request).context("encode request")?;
+    let mut bytes = serde_json::to_vec(request)
+        .context("encode request")
+        .map_err(Exchange::Failed)?;
     bytes.push(b'\n');
-    writer.write_all(&bytes).await.context("send request")?;
+    if let Err(error) = writer.write_all(&bytes).await {
+        return Err(Exchange::of_io(error, "send request"));
+    }
     let mut line = Vec::new();
-    BufReader::new(reader.take(MAX_LINE as u64))
+    if let Err(error) = BufReader::new(reader.take(MAX_LINE as u64))
         .read_until(b'\n', &mut line)
         .await
-        .context("read response")?;
-    serde_json::from_slice(&line).context("the agent's response is not understood")
+    {
+        return Err(Exchange::of_io(error, "read response"));
+    }
+    if line.is_empty() {
+        return Err(Exchange::Closed(anyhow!("no response")));
+    }
+    serde_json::from_slice(&line)
+        .context("the agent's response is not understood")
+        .map_err(Exchange::Failed)
 }
 
 /// Human-readable text for a response; `Err` carries the agent's error message.

@@ -18,6 +18,9 @@ use crate::front_door::x224::split_domain;
 use crate::stream::SharedStatus;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long requests under way when the agent stops get to be answered (within the agent's
+/// own stop grace).
+const ANSWER_AT_STOP: Duration = Duration::from_secs(3);
 
 /// Answers control requests.
 #[derive(Clone)]
@@ -145,9 +148,14 @@ pub async fn serve(
     let mut check = tokio::time::interval(SOCKET_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut rebind_failed = false;
+    // Requests being answered: on shutdown each gets its answer (an event applied and not
+    // answered would be sent again by `tsagent session …`, and a logoff then says there is no
+    // such session).
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
             _ = check.tick() => {
                 let now = socket_identity(&path);
                 if now.is_some() && now == ours {
@@ -174,7 +182,7 @@ pub async fn serve(
             Ok((stream, _)) => {
                 pause.after_success();
                 let handler = handler.clone();
-                tokio::spawn(async move {
+                in_flight.spawn(async move {
                     let answered =
                         tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &handler)).await;
                     match answered {
@@ -191,6 +199,14 @@ pub async fn serve(
             }
             Err(error) => pause.after_error(&error).await,
         }
+    }
+    drop(listener);
+    let answered = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(ANSWER_AT_STOP, answered)
+        .await
+        .is_err()
+    {
+        tracing::warn!("control requests still unanswered at the agent's stop");
     }
     if ours.is_some() && socket_identity(&path) == ours {
         let _ = std::fs::remove_file(&path);

@@ -223,3 +223,46 @@ fn wire_format_is_stable() {
     let list: Request = serde_json::from_str(r#"{"op":"list"}"#).unwrap();
     assert_eq!(list, Request::List);
 }
+
+/// An agent that closes the connection without answering (stopped, or killed, while the
+/// request waited) is asked again within `--wait`; without a wait, the error says what
+/// happened.
+#[tokio::test]
+async fn a_request_the_agent_dropped_unanswered_is_sent_again() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let agent = tokio::spawn(async move {
+        let mut requests = Vec::new();
+        for answers in [false, true, false] {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (reader, mut writer) = stream.into_split();
+            let mut line = String::new();
+            BufReader::new(reader).read_line(&mut line).await.unwrap();
+            requests.push(line);
+            if answers {
+                let mut answer = serde_json::to_vec(&Response::Error {
+                    message: "answered".into(),
+                })
+                .unwrap();
+                answer.push(b'\n');
+                writer.write_all(&answer).await.unwrap();
+            }
+        }
+        requests
+    });
+    let logoff = Request::Logoff(args("alice", Some(10)));
+    let answered = super::client::call_waiting(&path, &logoff, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(answered, Response::Error { message } if message == "answered"));
+    let error = call(&path, &logoff).await.unwrap_err();
+    assert!(
+        format!("{error:#}").contains("closed the connection without answering"),
+        "{error:#}"
+    );
+    let requests = agent.await.unwrap();
+    assert_eq!(requests.len(), 3);
+    assert!(requests.iter().all(|request| request == &requests[0]));
+}
