@@ -419,12 +419,13 @@ fn after_error(
             }
         }
     }
-    undecided(
-        shared,
-        user,
-        client,
-        format!("broker answered {:?}", status.code()),
-    )
+    // "Unavailable" is both a broker's answer and tonic's word for no broker reached.
+    let why = if super::broker_absence::broker_away(&status) {
+        format!("no broker reached: {}", status.message())
+    } else {
+        format!("broker answered {:?}", status.code())
+    };
+    undecided(shared, user, client, why)
 }
 
 /// No broker decided (none answered, its database is away, it refused the hint): the local
