@@ -420,7 +420,7 @@ fn after_error(
         }
     }
     // "Unavailable" is both a broker's answer and tonic's word for no broker reached.
-    let why = if super::broker_absence::broker_away(&status) {
+    let why = if super::broker_absence::broker_away(status) {
         format!("no broker reached: {}", status.message())
     } else {
         format!("broker answered {:?}", status.code())
