@@ -31,6 +31,11 @@ pub struct PluginCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginMethodLabels {
     pub plugin: String,
     pub method: &'static str,
@@ -60,7 +65,7 @@ pub struct Metrics {
     pub plugin_calls: Family<PluginCallLabels, Counter>,
     pub plugin_call_seconds: Family<PluginMethodLabels, Histogram>,
     pub plugin_fallbacks: Family<PluginFallbackLabels, Counter>,
-    pub plugin_resyncs: Family<PluginMethodLabels, Counter>,
+    pub plugin_resyncs: Family<PluginLabels, Counter>,
     pub agent_streams: Gauge,
     pub agent_messages: Family<KindLabels, Counter>,
     /// kind: memory (the session directory answered), database, or memory_degraded.
@@ -110,7 +115,7 @@ impl Default for Metrics {
             "Decisions that kept the broker's pick because the plug-in failed, was late or answered a non-candidate",
             plugin_fallbacks.clone(),
         );
-        let plugin_resyncs = Family::<PluginMethodLabels, Counter>::default();
+        let plugin_resyncs = Family::<PluginLabels, Counter>::default();
         registry.register(
             "plugin_resyncs",
             "Full resyncs sent to plug-ins",

@@ -4,7 +4,7 @@
 //! when it was read, so that what the snapshot already holds is not sent again after it.
 
 use super::{PluginLink, Queued};
-use crate::metrics::PluginMethodLabels;
+use crate::metrics::PluginLabels;
 use crate::plugin::notices::{self, Notice};
 use crate::store::{MachineRecord, SessionFilter, Store};
 use std::collections::HashMap;
@@ -44,9 +44,8 @@ impl PluginLink {
     pub(super) async fn full_resync(&self, store: &dyn Store) -> Result<ResyncCutoffs, String> {
         self.metrics
             .plugin_resyncs
-            .get_or_create(&PluginMethodLabels {
+            .get_or_create(&PluginLabels {
                 plugin: self.address.clone(),
-                method: "resync",
             })
             .inc();
         let mut cutoffs = ResyncCutoffs::default();
