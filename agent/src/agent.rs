@@ -94,7 +94,10 @@ pub async fn start(
         front_door: config.front_door.is_some(),
     };
     let machine_id = model::machine_id(&config.farm, &config.machine_name);
-    let (directory, events) = Directory::open(&config.state_dir)?;
+    let (directory, events) = Directory::open_for(
+        &config.state_dir,
+        format!("{}/{}", config.farm, config.machine_name),
+    )?;
     let directory = directory.with_unconfirmed_logon_grace(config.unconfirmed_logon_grace);
     if !config.unconfirmed_logon_grace.is_zero() {
         let (directory, grace) = (directory.clone(), config.unconfirmed_logon_grace);

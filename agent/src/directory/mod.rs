@@ -249,17 +249,31 @@ pub type DirectoryEvents = mpsc::UnboundedReceiver<NumberedEvent>;
 impl Directory {
     /// Loads the table of `state_dir` (creating the directory if needed).
     pub fn open(state_dir: &Path) -> anyhow::Result<(Directory, DirectoryEvents)> {
-        Self::open_paced(state_dir, Pacing::default())
+        Self::open_paced(state_dir, None, Pacing::default())
+    }
+
+    /// [`Directory::open`] for machine `machine` (`farm/name`), which the file then names: a
+    /// table another machine's agent wrote (a state directory shared or copied by mistake) is
+    /// refused rather than reported to the broker as this machine's sessions.
+    pub fn open_for(
+        state_dir: &Path,
+        machine: String,
+    ) -> anyhow::Result<(Directory, DirectoryEvents)> {
+        Self::open_paced(state_dir, Some(machine), Pacing::default())
     }
 
     /// [`Directory::open`] with the writer's pacing given (tests).
     fn open_paced(
         state_dir: &Path,
+        machine: Option<String>,
         pacing: Pacing,
     ) -> anyhow::Result<(Directory, DirectoryEvents)> {
-        let file = TableFile::open(state_dir)?;
+        let file = TableFile::open(state_dir)?.of_machine(machine.clone());
         let state_dir_lock = TableFile::lock_directory(state_dir)?;
         let stored = file.load()?;
+        // A table that does not name this machine yet (an older agent's) is written at once
+        // with its name.
+        let name_it = machine.is_some() && stored.machine.is_none();
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut sessions = BTreeMap::new();
         let mut clients_lost = 0;
@@ -335,6 +349,8 @@ impl Directory {
                 "the state directory cannot be written: session events will not survive a \
                  restart of the agent until it can"
             );
+            persister.changed(lock(&table).changed());
+        } else if name_it {
             persister.changed(lock(&table).changed());
         }
         let directory = Directory {

@@ -133,7 +133,7 @@ fn changes_nobody_waits_for_are_written_once_per_interval_and_a_waiter_is_not_he
     let pacing = persist::Pacing {
         unwaited_interval: interval,
     };
-    let (directory, _events) = Directory::open_paced(dir.path(), pacing).unwrap();
+    let (directory, _events) = Directory::open_paced(dir.path(), None, pacing).unwrap();
     // The first change is written at once (no write to space it from).
     directory.front_door_attach("first", "", "").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -320,4 +320,31 @@ fn a_state_directory_that_cannot_be_written_is_said_at_start() {
     // The writer has tried at once, before any event.
     assert!(!directory.flush());
     assert!(directory.save_failing());
+}
+
+/// The table names its machine: another machine's agent on the same state directory (shared
+/// or copied by mistake) is refused instead of reporting these sessions as its own; a table
+/// from before the name was written is taken, and named from then on.
+#[test]
+fn a_table_is_its_machines_only() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (directory, _events) = Directory::open(dir.path()).unwrap();
+        directory.apply(Logon, logon("alice", 7)).unwrap();
+    }
+    assert_eq!(on_disk(dir.path()).machine, None);
+    {
+        let (_directory, _events) = Directory::open_for(dir.path(), "f/ts1".into()).unwrap();
+    }
+    assert_eq!(on_disk(dir.path()).machine.as_deref(), Some("f/ts1"));
+    let refused = Directory::open_for(dir.path(), "f/ts2".into())
+        .err()
+        .expect("another machine's table");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("machine f/ts1, not of this one (f/ts2)"),
+        "{message}"
+    );
+    let (directory, _events) = Directory::open_for(dir.path(), "f/TS1".into()).unwrap();
+    assert_eq!(directory.list().len(), 1);
 }

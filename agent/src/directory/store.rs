@@ -16,6 +16,10 @@ const FORMAT: u32 = 1;
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(super) struct StoredTable {
     pub format: u32,
+    /// The machine whose sessions these are (`farm/name`); absent in a file of an agent from
+    /// before it was written, or of one not told its machine (tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
     pub next_session_id: u32,
     pub sessions: Vec<SessionRecord>,
 }
@@ -24,6 +28,8 @@ pub(super) struct StoredTable {
 #[derive(Deserialize)]
 struct RawTable {
     format: u32,
+    #[serde(default)]
+    machine: Option<String>,
     next_session_id: u32,
     sessions: Vec<serde_json::Value>,
 }
@@ -32,6 +38,8 @@ struct RawTable {
 #[derive(Debug, Clone)]
 pub(super) struct TableFile {
     path: PathBuf,
+    /// This agent's machine (`farm/name`), written into the file and checked against it.
+    machine: Option<String>,
 }
 
 impl TableFile {
@@ -44,7 +52,14 @@ impl TableFile {
             .with_context(|| format!("create state directory {}", state_dir.display()))?;
         Ok(TableFile {
             path: state_dir.join(FILE_NAME),
+            machine: None,
         })
+    }
+
+    /// Of machine `machine` (`farm/name`): a file another machine's agent wrote is refused.
+    pub fn of_machine(mut self, machine: Option<String>) -> Self {
+        self.machine = machine;
+        self
     }
 
     /// Locks the state directory (`flock`; released when the returned file is dropped): a
@@ -103,6 +118,16 @@ impl TableFile {
             Ok(raw) => raw,
             Err(error) => return self.move_aside(&error),
         };
+        if let (Some(theirs), Some(ours)) = (&raw.machine, &self.machine)
+            && !theirs.eq_ignore_ascii_case(ours)
+        {
+            anyhow::bail!(
+                "{} holds the sessions of machine {theirs}, not of this one ({ours}): give each \
+                 agent its own --state-dir (or move the file aside to start this machine with an \
+                 empty table)",
+                self.path.display()
+            );
+        }
         if raw.format != FORMAT {
             anyhow::bail!(
                 "{} has format {}, this agent reads format {FORMAT} (written by a newer agent? \
@@ -125,6 +150,7 @@ impl TableFile {
         }
         Ok(StoredTable {
             format: raw.format,
+            machine: raw.machine,
             next_session_id: raw.next_session_id,
             sessions,
         })
@@ -152,6 +178,7 @@ impl TableFile {
     pub fn save(&self, next_session_id: u32, sessions: Vec<SessionRecord>) -> anyhow::Result<()> {
         let table = StoredTable {
             format: FORMAT,
+            machine: self.machine.clone(),
             next_session_id,
             sessions,
         };

@@ -436,14 +436,30 @@ async fn a_second_broker_on_the_same_sqlite_file_is_refused() {
 /// stream fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_sqlite_file_is_refused_at_start() {
+    use sqlx::Connection;
     use std::io::{Seek, SeekFrom, Write};
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, _log) =
-        tsbroker_tests::process::plain_broker_process(dir.path(), free_port()).await;
-    assert!(first.terminate(Duration::from_secs(15)).await.success());
     let path = dir.path().join("b.db");
+    // A database of a few dozen pages, all in the file (no WAL left beside it).
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let mut connection = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE filler (x BLOB)")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        sqlx::query("INSERT INTO filler VALUES (zeroblob(3000))")
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    connection.close().await.unwrap();
     let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    // Pages 2 to 5 (of 4 KiB): the first tables' and indexes' roots.
+    // Pages 2 to 5 (of 4 KiB): the table's first pages.
     file.seek(SeekFrom::Start(4096)).unwrap();
     file.write_all(&[0x5a; 4 * 4096]).unwrap();
     drop(file);

@@ -84,7 +84,9 @@ async fn a_drained_machine_stays_drained_through_an_agent_restart_without_a_brok
     // Said as what it is: no broker reached, not a broker's UNAVAILABLE answer.
     let refusal = agent.log.lines_with("has no session here to return to");
     assert!(
-        refusal.iter().any(|line| line.contains("no broker reached")),
+        refusal
+            .iter()
+            .any(|line| line.contains("no broker reached")),
         "{refusal:?}"
     );
     let mut bob = tokio::net::TcpStream::connect(door).await.unwrap();
