@@ -84,6 +84,8 @@ pub struct PluginLink {
     reinitialize: tokio::sync::Notify,
     /// Rate limits of the fallback warnings: late, failed, not a candidate.
     warnings: [WarningLimit; 3],
+    /// Rate limits of the link's own warnings: lost, asked to initialize again.
+    link_warnings: [WarningLimit; 2],
     queue: mpsc::Sender<Queued>,
     /// The number the next queued notice gets.
     next_seq: AtomicU64,
@@ -135,6 +137,7 @@ impl PluginLink {
             overflowed: AtomicBool::new(false),
             reinitialize: tokio::sync::Notify::new(),
             warnings: Default::default(),
+            link_warnings: Default::default(),
             queue,
             next_seq: AtomicU64::new(0),
             told_states: Default::default(),
@@ -202,9 +205,7 @@ impl PluginLink {
     /// `PROBE_INTERVAL`, while a restarted one answers over a new connection.)
     fn check_status(&self, status: &tonic::Status) {
         if status.code() == tonic::Code::FailedPrecondition && self.set_down() {
-            static ASKED: std::sync::LazyLock<WarningLimit> =
-                std::sync::LazyLock::new(WarningLimit::default);
-            match ASKED.warn_now() {
+            match self.link_warnings[1].warn_now() {
                 Some(unwarned) => {
                     tracing::warn!(plugin = %self.address, since_last_warning = unwarned, "plug-in answered FAILED_PRECONDITION: initializing it again (said at most once a minute)")
                 }
@@ -259,9 +260,7 @@ impl PluginLink {
                     // `Initialize`, or fails right after its resync) is brought up again after
                     // a growing pause, and said once a minute: not a resync of the whole farm,
                     // and a log line, at every decision.
-                    static LOST: std::sync::LazyLock<WarningLimit> =
-                        std::sync::LazyLock::new(WarningLimit::default);
-                    match LOST.warn_now() {
+                    match self.link_warnings[0].warn_now() {
                         Some(unwarned) => {
                             tracing::warn!(plugin = %self.address, %reason, since_last_warning = unwarned, "plug-in link lost; will initialize and resync again (said at most once a minute)")
                         }
