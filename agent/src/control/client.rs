@@ -25,9 +25,9 @@ pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> 
 /// listening on it): an agent restarting (`systemctl restart`, or after a crash) is back
 /// within seconds, and a session event it would miss meanwhile is lost for good (a logoff
 /// missed leaves a session that never ends). An agent that closes the connection without an
-/// answer (it stopped or was killed while the request waited) is asked again, within the same
-/// `wait`: the event may have been applied already, which applying it again leaves as it is
-/// (a logoff asked again finds no session, and says so).
+/// answer (it was killed while the request waited) is asked again, within the same `wait`,
+/// when that is safe ([`Request::may_be_repeated`]: the event names its session, so applying
+/// it again leaves it as it is; a logoff asked again finds no session, and says so).
 pub async fn call_waiting(
     socket: &Path,
     request: &Request,
@@ -54,7 +54,10 @@ pub async fn call_waiting(
             .map_err(|_| anyhow!("the agent at {} did not answer in time", socket.display()))?;
         match exchanged {
             Ok(response) => return Ok(response),
-            Err(Exchange::Closed(_)) if tokio::time::Instant::now() + RETRY_PAUSE <= deadline => {
+            Err(Exchange::Closed(_))
+                if request.may_be_repeated()
+                    && tokio::time::Instant::now() + RETRY_PAUSE <= deadline =>
+            {
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
             Err(Exchange::Closed(error)) => {

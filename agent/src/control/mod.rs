@@ -42,6 +42,22 @@ pub enum Request {
     Status,
 }
 
+impl Request {
+    /// Whether sending the request again after the agent may already have applied it leaves
+    /// things as once would: a read, or an event that names its session. An event without a
+    /// session number picks the user's session (a logon makes a new one), so a second copy
+    /// could end or make another.
+    pub fn may_be_repeated(&self) -> bool {
+        match self {
+            Request::List | Request::Status => true,
+            Request::Logon(args)
+            | Request::Disconnect(args)
+            | Request::Reconnect(args)
+            | Request::Logoff(args) => args.session_id.is_some(),
+        }
+    }
+}
+
 /// The machine and its link to the broker, for `tsagent status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {

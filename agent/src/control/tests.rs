@@ -266,3 +266,34 @@ async fn a_request_the_agent_dropped_unanswered_is_sent_again() {
     assert_eq!(requests.len(), 3);
     assert!(requests.iter().all(|request| request == &requests[0]));
 }
+
+/// An event that names no session is not sent again: the agent may have applied it, and a
+/// second logon would make a second session, a second logoff end another one.
+#[tokio::test]
+async fn an_event_without_a_session_number_is_not_sent_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let agent = tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok(Ok((stream, _))) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), listener.accept()).await
+        {
+            accepted += 1;
+            drop(stream);
+        }
+        accepted
+    });
+    let logon = Request::Logon(args("alice", None));
+    let error = super::client::call_waiting(&path, &logon, std::time::Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("may not have been applied"),
+        "{error:#}"
+    );
+    assert_eq!(agent.await.unwrap(), 1);
+    assert!(Request::Logoff(args("alice", Some(3))).may_be_repeated());
+    assert!(!Request::Logoff(args("alice", None)).may_be_repeated());
+    assert!(Request::Status.may_be_repeated());
+}
