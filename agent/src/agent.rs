@@ -94,10 +94,8 @@ pub async fn start(
         front_door: config.front_door.is_some(),
     };
     let machine_id = model::machine_id(&config.farm, &config.machine_name);
-    let (directory, events) = Directory::open_for(
-        &config.state_dir,
-        format!("{}/{}", config.farm, config.machine_name),
-    )?;
+    let this_machine = format!("{}/{}", config.farm, config.machine_name);
+    let (directory, events) = Directory::open_for(&config.state_dir, this_machine.clone())?;
     let directory = directory.with_unconfirmed_logon_grace(config.unconfirmed_logon_grace);
     if !config.unconfirmed_logon_grace.is_zero() {
         let (directory, grace) = (directory.clone(), config.unconfirmed_logon_grace);
@@ -117,7 +115,10 @@ pub async fn start(
         ..LinkStatus::default()
     }));
     // Until a broker answers, the settings it sent last (a drained machine stays drained).
-    let saved_settings = Arc::new(stream::saved_settings::SettingsFile::new(&config.state_dir));
+    let saved_settings = Arc::new(stream::saved_settings::SettingsFile::new(
+        &config.state_dir,
+        this_machine,
+    ));
     if let Some(saved) = saved_settings.load() {
         tracing::info!(
             draining = saved.draining,

@@ -443,7 +443,7 @@ async fn monitor_store(
                     Ok(Err(error)) => error.to_string(),
                     _ => format!("no answer within {HEALTH_CHECK_INTERVAL:?}"),
                 };
-                tracing::error!(%why, "database does not answer (or, SQLite, take a write): not serving");
+                tracing::error!(%why, "database does not answer, takes no write or is damaged: not serving");
                 set_health(&health, ServingStatus::NotServing).await;
             }
         }

@@ -14,9 +14,12 @@ use tsbroker_common::proto::v1 as pb;
 const FILE_NAME: &str = "settings.json";
 const FORMAT: u32 = 1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Stored {
     format: u32,
+    /// The machine they are the settings of (`farm/name`): a copied state directory does not
+    /// pass one server's drain to another.
+    machine: String,
     draining: bool,
     weight: u32,
     session_limit: u32,
@@ -26,14 +29,17 @@ struct Stored {
 #[derive(Debug)]
 pub struct SettingsFile {
     path: PathBuf,
+    machine: String,
     /// What the file holds, as far as this agent knows (written only when it changes).
     written: Mutex<Option<Stored>>,
 }
 
 impl SettingsFile {
-    pub fn new(state_dir: &Path) -> Self {
+    /// The file of `state_dir`, for machine `machine` (`farm/name`).
+    pub fn new(state_dir: &Path, machine: String) -> Self {
         SettingsFile {
             path: state_dir.join(FILE_NAME),
+            machine,
             written: Mutex::new(None),
         }
     }
@@ -51,7 +57,16 @@ impl SettingsFile {
             }
         };
         let stored = match serde_json::from_slice::<Stored>(&bytes) {
-            Ok(stored) if stored.format == FORMAT => stored,
+            Ok(stored)
+                if stored.format == FORMAT
+                    && stored.machine.eq_ignore_ascii_case(&self.machine) =>
+            {
+                stored
+            }
+            Ok(stored) if stored.format == FORMAT => {
+                tracing::warn!(path = %self.path.display(), of = %stored.machine, "saved machine settings of another machine: none until the broker sends them");
+                return None;
+            }
             Ok(stored) => {
                 tracing::warn!(path = %self.path.display(), format = stored.format, "saved machine settings of another format: none until the broker sends them");
                 return None;
@@ -61,12 +76,13 @@ impl SettingsFile {
                 return None;
             }
         };
-        *self.lock() = Some(stored);
-        Some(pb::MachineSettings {
+        let settings = pb::MachineSettings {
             draining: stored.draining,
             weight: stored.weight,
             session_limit: stored.session_limit,
-        })
+        };
+        *self.lock() = Some(stored);
+        Some(settings)
     }
 
     /// Saves `settings` when they differ from what the file holds. A failed write is logged
@@ -74,12 +90,13 @@ impl SettingsFile {
     pub fn save(&self, settings: &pb::MachineSettings) {
         let stored = Stored {
             format: FORMAT,
+            machine: self.machine.clone(),
             draining: settings.draining,
             weight: settings.weight,
             session_limit: settings.session_limit,
         };
         let mut written = self.lock();
-        if *written == Some(stored) {
+        if written.as_ref() == Some(&stored) {
             return;
         }
         let saved = serde_json::to_vec_pretty(&stored)
@@ -119,13 +136,20 @@ mod tests {
     #[test]
     fn settings_outlive_the_agent() {
         let directory = tempfile::tempdir().unwrap();
-        assert_eq!(SettingsFile::new(directory.path()).load(), None);
-        SettingsFile::new(directory.path()).save(&settings(true));
-        let file = SettingsFile::new(directory.path());
-        assert_eq!(file.load(), Some(settings(true)));
-        file.save(&settings(false));
+        let file = || SettingsFile::new(directory.path(), "f/ts1".into());
+        assert_eq!(file().load(), None);
+        file().save(&settings(true));
+        let saved = file();
+        assert_eq!(saved.load(), Some(settings(true)));
+        saved.save(&settings(false));
+        assert_eq!(file().load(), Some(settings(false)));
+        // Another machine's agent on a copy of the directory does not take them.
         assert_eq!(
-            SettingsFile::new(directory.path()).load(),
+            SettingsFile::new(directory.path(), "f/ts2".into()).load(),
+            None
+        );
+        assert_eq!(
+            SettingsFile::new(directory.path(), "F/TS1".into()).load(),
             Some(settings(false))
         );
     }
@@ -136,13 +160,16 @@ mod tests {
         let path = directory.path().join(FILE_NAME);
         for bad in [
             &b"not json"[..],
-            br#"{"format": 2, "draining": true, "weight": 1, "session_limit": 0}"#,
+            br#"{"format": 2, "machine": "f/ts1", "draining": true, "weight": 1, "session_limit": 0}"#,
         ] {
             std::fs::write(&path, bad).unwrap();
-            assert_eq!(SettingsFile::new(directory.path()).load(), None);
+            assert_eq!(
+                SettingsFile::new(directory.path(), "f/ts1".into()).load(),
+                None
+            );
         }
         // The next settings the broker sends replace it.
-        let file = SettingsFile::new(directory.path());
+        let file = SettingsFile::new(directory.path(), "f/ts1".into());
         file.save(&settings(true));
         assert_eq!(file.load(), Some(settings(true)));
     }

@@ -230,12 +230,15 @@ impl PluginLink {
         // What failed last, said once at warning level (again when it changes).
         let mut said: Option<LinkStage> = None;
         let mut failed_attempts = 0u32;
+        // The link was lost moments after it came up: its next "initialized" line is not said
+        // again either (a plug-in that keeps asking for `Initialize`).
+        let mut flapping = false;
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             // A resync that keeps failing does not repeat its "initialized" line every retry.
-            let quiet = said == Some(LinkStage::Resync);
+            let quiet = said == Some(LinkStage::Resync) || flapping;
             match self
                 .connect_and_resync(&mut receiver, store.as_ref(), &broker_id, quiet)
                 .await
@@ -268,7 +271,8 @@ impl PluginLink {
                             tracing::debug!(plugin = %self.address, %reason, "plug-in link lost; will initialize and resync again")
                         }
                     }
-                    if up_since.elapsed() >= RETRY_MAX {
+                    flapping = up_since.elapsed() < RETRY_MAX;
+                    if !flapping {
                         pause = RETRY_MIN;
                     } else {
                         tokio::select! {
