@@ -491,18 +491,27 @@ mod tests {
             .unwrap_err();
         assert!(error.contains("unknown policy"), "{error}");
 
-        // Two farms on one plug-in: one set of its settings.
+        // Two farms on one plug-in (with a slash after the port or not): one set of its
+        // settings.
         let shared = |deadline: &str| {
             format!(
                 "[farms.a.plugin]\naddress = \"http://127.0.0.1:50070\"\n\
-                 [farms.b.plugin]\naddress = \"http://127.0.0.1:50070\"\n{deadline}"
+                 [farms.b.plugin]\naddress = \"http://127.0.0.1:50070/\"\n{deadline}"
             )
         };
         std::fs::write(&path, shared("")).unwrap();
         let config = Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
             .into_config()
             .unwrap();
-        assert!(config.farms.get("b").plugin.is_some());
+        let address = |farm: &str| {
+            config
+                .farms
+                .get(farm)
+                .plugin
+                .as_ref()
+                .map(|plugin| plugin.address.clone())
+        };
+        assert_eq!(address("b"), address("a"));
         std::fs::write(&path, shared("deadline = \"300ms\"\n")).unwrap();
         let error = Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
             .into_config()

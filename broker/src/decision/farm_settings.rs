@@ -221,7 +221,8 @@ impl FarmFileSettings {
                     ));
                 }
                 Some(PluginSettings {
-                    address: plugin.address.clone(),
+                    // `http://host:port/` is `http://host:port`: one plug-in, one link.
+                    address: plugin.address.trim_end_matches('/').to_owned(),
                     deadline,
                     batch_size,
                     ca_file: plugin.ca_file.clone(),
