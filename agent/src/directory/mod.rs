@@ -238,9 +238,6 @@ struct Shared {
     /// Front-door logons the previous agent process left unconfirmed: settled once, the
     /// grace after the start ([`Directory::settle_undecided`]).
     undecided: Mutex<Vec<u32>>,
-    /// The state directory's lock, released after the writer's last write (fields drop in
-    /// order): one agent per state directory.
-    _state_dir_lock: std::fs::File,
 }
 
 /// The receiving end of the table's changes, owned by the stream task.
@@ -269,7 +266,7 @@ impl Directory {
         pacing: Pacing,
     ) -> anyhow::Result<(Directory, DirectoryEvents)> {
         let file = TableFile::open(state_dir)?.of_machine(machine.clone());
-        let state_dir_lock = TableFile::lock_directory(state_dir)?;
+        file.lock_directory()?;
         let stored = file.load()?;
         // A table that does not name this machine yet (an older agent's) is written at once
         // with its name.
@@ -358,7 +355,6 @@ impl Directory {
                 table,
                 persister,
                 undecided: Mutex::new(undecided),
-                _state_dir_lock: state_dir_lock,
             }),
             unconfirmed_logon_grace: DEFAULT_UNCONFIRMED_LOGON_GRACE,
         };

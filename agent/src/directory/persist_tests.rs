@@ -348,3 +348,35 @@ fn a_table_is_its_machines_only() {
     let (directory, _events) = Directory::open_for(dir.path(), "f/TS1".into()).unwrap();
     assert_eq!(directory.list().len(), 1);
 }
+
+/// A state directory removed and made again under the running agent: the agent locks the new
+/// one at its next write and writes there; if another agent started there meanwhile, it does
+/// not write its table over that one's.
+#[test]
+fn a_state_directory_made_again_is_locked_again() {
+    let parent = tempfile::tempdir().unwrap();
+    let state = parent.path().join("state");
+    let (first, _first_events) = Directory::open_for(&state, "f/ts1".into()).unwrap();
+    first.apply(Logon, logon("alice", 7)).unwrap();
+    std::fs::rename(&state, parent.path().join("old")).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    first.apply(Logon, logon("bob", 8)).unwrap();
+    assert_eq!(
+        on_disk_ids(&state),
+        [7, 8],
+        "written into the new directory"
+    );
+    // Locked: a second agent is refused there.
+    assert!(Directory::open_for(&state, "f/ts2".into()).is_err());
+
+    // Made again once more, and another agent starts in it first.
+    std::fs::rename(&state, parent.path().join("older")).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let (second, _second_events) = Directory::open_for(&state, "f/ts2".into()).unwrap();
+    second.apply(Logon, logon("carol", 9)).unwrap();
+    // The first agent's next change is not written over the second's table.
+    let _ = first.apply(Logon, logon("dave", 10));
+    assert!(first.save_failing(), "said, as any failed save is");
+    assert_eq!(on_disk(&state).machine.as_deref(), Some("f/ts2"));
+    assert_eq!(on_disk_ids(&state), [9]);
+}

@@ -35,11 +35,21 @@ struct RawTable {
 }
 
 /// Reads and writes the table file of one state directory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct TableFile {
     path: PathBuf,
     /// This agent's machine (`farm/name`), written into the file and checked against it.
     machine: Option<String>,
+    /// The state directory's lock, and which directory it is on (device, inode): a directory
+    /// removed and made again under the running agent is another one, not locked.
+    dir_lock: std::sync::Mutex<Option<(std::fs::File, (u64, u64))>>,
+}
+
+/// A directory's device and inode.
+fn identity(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = file.metadata()?;
+    Ok((metadata.dev(), metadata.ino()))
 }
 
 impl TableFile {
@@ -53,6 +63,7 @@ impl TableFile {
         Ok(TableFile {
             path: state_dir.join(FILE_NAME),
             machine: None,
+            dir_lock: std::sync::Mutex::new(None),
         })
     }
 
@@ -62,13 +73,13 @@ impl TableFile {
         self
     }
 
-    /// Locks the state directory (`flock`; released when the returned file is dropped): a
-    /// second agent on the same directory would report the first one's sessions as its own,
-    /// and each would overwrite the other's table. The directory itself is locked, which
-    /// needs nothing written into it (a full or read-only state directory still starts, and
-    /// says so when it is written to). A file system without `flock` is warned about, not
-    /// refused.
-    pub fn lock_directory(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    /// Locks the state directory (`flock`, held as long as this file is): a second agent on
+    /// the same directory would report the first one's sessions as its own, and each would
+    /// overwrite the other's table. The directory itself is locked, which needs nothing written
+    /// into it (a full or read-only state directory still starts, and says so when it is
+    /// written to). A file system without `flock` is warned about, not refused.
+    pub fn lock_directory(&self) -> anyhow::Result<()> {
+        let state_dir = self.path.parent().unwrap_or(Path::new("."));
         let directory = std::fs::File::open(state_dir)
             .with_context(|| format!("open state directory {}", state_dir.display()))?;
         match directory.try_lock() {
@@ -78,13 +89,59 @@ impl TableFile {
                  --state-dir",
                 state_dir.display()
             ),
-            Err(std::fs::TryLockError::Error(error)) => tracing::warn!(
-                path = %state_dir.display(),
-                %error,
-                "the state directory cannot be locked: make sure no other tsagent uses it"
-            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                tracing::warn!(
+                    path = %state_dir.display(),
+                    %error,
+                    "the state directory cannot be locked: make sure no other tsagent uses it"
+                );
+                return Ok(());
+            }
         }
-        Ok(directory)
+        let held = identity(&directory).ok().map(|id| (directory, id));
+        *self.lock_state() = held;
+        Ok(())
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, Option<(std::fs::File, (u64, u64))>> {
+        self.dir_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Before a write: the state directory is still the one this agent locked. One removed and
+    /// made again (by hand, a cleanup) is locked in turn; if another agent holds it already
+    /// (started there meanwhile), this agent does not write its table over that one's.
+    fn still_ours(&self) -> anyhow::Result<()> {
+        let mut held = self.lock_state();
+        let Some((_, locked)) = held.as_ref() else {
+            return Ok(());
+        };
+        let state_dir = self.path.parent().unwrap_or(Path::new("."));
+        let Ok(directory) = std::fs::File::open(state_dir) else {
+            // Gone: the write fails and says so.
+            return Ok(());
+        };
+        let Ok(now) = identity(&directory) else {
+            return Ok(());
+        };
+        if now == *locked {
+            return Ok(());
+        }
+        match directory.try_lock() {
+            Ok(()) => {
+                tracing::warn!(path = %state_dir.display(), "the state directory was removed and made again: this agent locked the new one");
+                *held = Some((directory, now));
+                Ok(())
+            }
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "the state directory {} was removed and made again, and another tsagent uses \
+                 the new one: this agent does not write its table over that one's (stop one of \
+                 them; give each agent its own --state-dir)",
+                state_dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(_)) => Ok(()),
+        }
     }
 
     /// Whether a table can be written now: a few bytes in the temporary file, removed again.
@@ -183,6 +240,7 @@ impl TableFile {
             sessions,
         };
         let bytes = serde_json::to_vec_pretty(&table).context("encode session table")?;
+        self.still_ours()?;
         crate::state_file::write_atomically(&self.path, &bytes)?;
         Ok(())
     }
