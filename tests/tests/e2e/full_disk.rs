@@ -67,7 +67,7 @@ async fn a_database_that_takes_no_writes_is_an_outage_and_users_are_sent_back_af
     limit_file_size(broker.pid(), "4096");
     wait_for_health(&channel, ServingStatus::NotServing).await;
     assert!(
-        log.wait_for("take a write", 1, Duration::from_secs(1), None)
+        log.wait_for("takes no write", 1, Duration::from_secs(1), None)
             .await,
         "{}",
         log.tail(10)
