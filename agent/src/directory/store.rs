@@ -46,10 +46,9 @@ pub(super) struct TableFile {
 }
 
 /// A directory's device and inode.
-fn identity(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
+fn identity(metadata: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    let metadata = file.metadata()?;
-    Ok((metadata.dev(), metadata.ino()))
+    (metadata.dev(), metadata.ino())
 }
 
 impl TableFile {
@@ -98,7 +97,10 @@ impl TableFile {
                 return Ok(());
             }
         }
-        let held = identity(&directory).ok().map(|id| (directory, id));
+        let held = directory
+            .metadata()
+            .ok()
+            .map(|metadata| (directory, identity(&metadata)));
         *self.lock_state() = held;
         Ok(())
     }
@@ -118,16 +120,20 @@ impl TableFile {
             return Ok(());
         };
         let state_dir = self.path.parent().unwrap_or(Path::new("."));
-        let Ok(directory) = std::fs::File::open(state_dir) else {
+        // One stat a write; the directory is opened only when it is another one.
+        match std::fs::metadata(state_dir) {
+            Ok(metadata) if identity(&metadata) == *locked => return Ok(()),
+            Ok(_) => {}
             // Gone: the write fails and says so.
-            return Ok(());
-        };
-        let Ok(now) = identity(&directory) else {
-            return Ok(());
-        };
-        if now == *locked {
-            return Ok(());
+            Err(_) => return Ok(()),
         }
+        let Ok(directory) = std::fs::File::open(state_dir) else {
+            return Ok(());
+        };
+        let Ok(metadata) = directory.metadata() else {
+            return Ok(());
+        };
+        let now = identity(&metadata);
         match directory.try_lock() {
             Ok(()) => {
                 tracing::warn!(path = %state_dir.display(), "the state directory was removed and made again: this agent locked the new one");
