@@ -1,5 +1,7 @@
 //! Store errors, sorted by what the caller can do about them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,6 +40,11 @@ impl From<sqlx::Error> for StoreError {
                     StoreError::NotFound(database_error.message().to_owned())
                 } else if is_transient(database_error.as_ref()) {
                     StoreError::Unavailable(error)
+                } else if is_sqlite_damage(database_error.as_ref()) {
+                    // Not the request's fault nor the broker's: the file needs its operator,
+                    // who hears it from the health check (`sqlite/damage.rs`), run at once.
+                    SQLITE_DAMAGE_SEEN.fetch_add(1, Ordering::Relaxed);
+                    StoreError::Unavailable(error)
                 } else {
                     StoreError::Internal(error)
                 }
@@ -51,6 +58,29 @@ impl From<sqlx::Error> for StoreError {
             _ => StoreError::Internal(error),
         }
     }
+}
+
+/// How many statements of this process have found a SQLite file damaged: the running broker's
+/// check of the whole file (`sqlite/damage.rs`) runs at its next health probe when this moves,
+/// not minutes later.
+static SQLITE_DAMAGE_SEEN: AtomicU64 = AtomicU64::new(0);
+
+/// See [`SQLITE_DAMAGE_SEEN`].
+pub(super) fn sqlite_damage_seen() -> u64 {
+    SQLITE_DAMAGE_SEEN.load(Ordering::Relaxed)
+}
+
+/// SQLite's CORRUPT (11) and NOTADB (26), by primary result code: the file is damaged, or is
+/// no database at all.
+pub(super) fn is_sqlite_damage(error: &dyn sqlx::error::DatabaseError) -> bool {
+    let sqlite = error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some();
+    sqlite
+        && error
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 11 | 26))
 }
 
 /// Whether a PostgreSQL error is a lock held past `lock_timeout` (55P03: another replica

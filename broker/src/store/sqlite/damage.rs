@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
+use crate::store::error::{is_sqlite_damage, sqlite_damage_seen};
 use crate::store::{StoreError, StoreResult};
 
 /// How often the running broker reads the whole file's structure.
@@ -44,19 +45,11 @@ pub(super) async fn problems(
             }
             Ok(Some(shown.join("; ")))
         }
-        Err(sqlx::Error::Database(error)) if is_damage(error.as_ref()) => {
+        Err(sqlx::Error::Database(error)) if is_sqlite_damage(error.as_ref()) => {
             Ok(Some(error.message().to_owned()))
         }
         Err(error) => Err(error),
     }
-}
-
-/// SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), by primary result code.
-fn is_damage(error: &dyn sqlx::error::DatabaseError) -> bool {
-    error
-        .code()
-        .and_then(|code| code.parse::<i32>().ok())
-        .is_some_and(|code| matches!(code & 0xff, 11 | 26))
 }
 
 /// What an operator reads about a damaged file.
@@ -84,6 +77,9 @@ pub(super) struct DamageCheck {
 struct CheckState {
     last: Instant,
     running: bool,
+    /// [`sqlite_damage_seen`] when the last check started: a statement that found damage
+    /// since makes the next one due at once.
+    damage_seen: u64,
     /// What a check found: a damaged file does not mend, so damage once found is reported at
     /// every probe after.
     damaged: Option<String>,
@@ -98,17 +94,20 @@ impl DamageCheck {
             state: Arc::new(Mutex::new(CheckState {
                 last: Instant::now(),
                 running: false,
+                damage_seen: sqlite_damage_seen(),
                 damaged: None,
             })),
         }
     }
 
     /// UNAVAILABLE naming the damage when a check found the file damaged; starts a check when
-    /// one is due.
+    /// one is due: every `interval`, and after a statement found damage.
     pub fn check_if_due(&self) -> StoreResult<()> {
         let mut state = lock(&self.state);
-        if state.damaged.is_none() && !state.running && state.last.elapsed() >= self.interval {
-            state.running = true;
+        let damage_seen = sqlite_damage_seen();
+        let due = state.last.elapsed() >= self.interval || damage_seen != state.damage_seen;
+        if state.damaged.is_none() && !state.running && due {
+            (state.running, state.damage_seen) = (true, damage_seen);
             let (options, file, shared) = (
                 self.options.clone(),
                 self.file.clone(),
@@ -210,5 +209,27 @@ mod tests {
             let error = store.probe_database().await.unwrap_err().to_string();
             assert!(error.contains("is damaged"), "{error}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_statement_that_finds_damage_makes_the_check_run_at_once() {
+        let (store, path) = filled(CHECK_INTERVAL).await;
+        store.probe_database().await.unwrap();
+        damage(&path);
+        // A statement reads the damaged pages (on a connection of its own, whose cache holds
+        // none of them), minutes before the next check would be due.
+        let mut reader = SqliteConnection::connect_with(&store.damage.options)
+            .await
+            .unwrap();
+        let read = sqlx::query("SELECT sum(length(x)) FROM scratch")
+            .fetch_one(&mut reader)
+            .await
+            .unwrap_err();
+        let error = StoreError::from(read);
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        let _ = store.probe_database().await;
+        store.damage.settled().await;
+        let error = store.probe_database().await.unwrap_err().to_string();
+        assert!(error.contains("is damaged"), "{error}");
     }
 }
