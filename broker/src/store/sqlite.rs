@@ -23,7 +23,9 @@ use uuid::Uuid;
 mod damage;
 mod file;
 pub use file::may_clear_up;
-use file::{BUSY_TIMEOUT, WAL_KEPT_BYTES, WAL_LIMIT_FRAMES, checkpoint_wal, own_database_file};
+use file::{
+    BUSY_TIMEOUT, WAL_KEPT_BYTES, WAL_LIMIT_FRAMES, WalWatch, checkpoint_wal, own_database_file,
+};
 
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
@@ -45,6 +47,8 @@ pub struct SqliteStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// The database file, locked while this broker runs (see `own_database_file`).
     owner: std::sync::Mutex<Option<std::fs::File>>,
+    /// Its WAL file, watched for deletion (see `WalWatch`).
+    wal: Option<WalWatch>,
     /// This machine's clock (the database is a file here): no offset.
     clock: crate::clock::Clock,
     /// The file's structure read every few minutes (`damage.rs`).
@@ -152,8 +156,10 @@ impl SqliteStore {
             Arc::clone(&writer),
             wal_limit_frames,
         ));
+        let wal = WalWatch::start(&options, owner.as_ref()).await;
         Ok(SqliteStore {
             owner: std::sync::Mutex::new(owner),
+            wal,
             checkpointer,
             pool,
             ingest_pool,
@@ -186,7 +192,8 @@ impl SqliteStore {
     }
 
     /// A database file deleted (or replaced) under the running broker is still written, by its
-    /// open descriptors, and lost at the next start: an outage until someone restarts it.
+    /// open descriptors, and lost at the next start: an outage until someone restarts it. So is
+    /// its WAL file, less badly.
     fn check_file_still_there(&self) -> StoreResult<()> {
         use std::os::unix::fs::MetadataExt;
         let Ok(owner) = self.owner.lock() else {
@@ -200,7 +207,10 @@ impl SqliteStore {
                 "the database file was deleted or replaced while the broker ran: restart it \
                      (what it wrote since is in the deleted file)",
             )),
-            _ => Ok(()),
+            _ => match self.wal.as_ref().and_then(WalWatch::gone) {
+                Some(gone) => Err(StoreError::unavailable(gone)),
+                None => Ok(()),
+            },
         }
     }
 

@@ -91,16 +91,27 @@ async fn a_database_that_takes_no_writes_is_an_outage_and_users_are_sent_back_af
 /// at the next start. That is an outage too, and the log says what happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_file_deleted_while_the_broker_runs_is_an_outage() {
+    deleting_is_an_outage("b.db", "database file was deleted or replaced").await;
+}
+
+/// The same for the database's WAL file: what the last checkpoint had not copied would be lost
+/// at a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_file_deleted_while_the_broker_runs_is_an_outage() {
+    deleting_is_an_outage("b.db-wal", "WAL file").await;
+}
+
+/// Deletes `file` of the running broker's database: NOT_SERVING, and `words` in the log.
+async fn deleting_is_an_outage(file: &str, words: &str) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let (_broker, log) = plain_broker_process(dir.path(), port).await;
     let channel = connect(&format!("http://127.0.0.1:{port}")).await;
     wait_for_health(&channel, ServingStatus::Serving).await;
-    std::fs::remove_file(dir.path().join("b.db")).unwrap();
+    std::fs::remove_file(dir.path().join(file)).unwrap();
     wait_for_health(&channel, ServingStatus::NotServing).await;
     assert!(
-        log.wait_for("deleted or replaced", 1, Duration::from_secs(1), None)
-            .await,
+        log.wait_for(words, 1, Duration::from_secs(1), None).await,
         "{}",
         log.tail(10)
     );

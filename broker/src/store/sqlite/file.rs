@@ -1,9 +1,12 @@
 //! The SQLite database file itself: one broker's at a time (locked while it runs), its WAL
-//! checkpointed off the commit path and kept bounded.
+//! checkpointed off the commit path, kept bounded, and watched for deletion.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+use sqlx::Connection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
 /// How long a statement waits for SQLite's locks.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,6 +117,78 @@ pub(super) fn own_database_file(url: &str, path: &Path) -> anyhow::Result<Option
     }
 }
 
+/// The WAL file as this broker's SQLite connections have it open, to notice it deleted or
+/// replaced under them (`rm tsbroker.db-wal`): they would go on writing to the deleted file,
+/// and a crash would lose what the last checkpoint had not yet copied. SQLite deletes the WAL
+/// itself only when the process's last connection to the file closes, which pools do when
+/// idle; `keeper`, a connection that stays open and unused, makes that never happen while the
+/// broker runs, so a WAL that is gone is one someone else removed.
+pub(super) struct WalWatch {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    _keeper: std::sync::Mutex<SqliteConnection>,
+}
+
+impl std::fmt::Debug for WalWatch {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("WalWatch")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WalWatch {
+    /// Once the database is open (its WAL made); `None` for a database in memory, or a WAL
+    /// this process cannot open (said at debug level: the file's own check still runs).
+    pub(super) async fn start(
+        options: &SqliteConnectOptions,
+        database: Option<&std::fs::File>,
+    ) -> Option<Self> {
+        database?;
+        let path = wal_path(options.get_filename());
+        let keeper = match SqliteConnection::connect_with(options).await {
+            Ok(keeper) => keeper,
+            Err(error) => {
+                tracing::debug!(%error, "no connection to keep the SQLite WAL open");
+                return None;
+            }
+        };
+        match std::fs::File::open(&path) {
+            Ok(file) => Some(WalWatch {
+                path,
+                file,
+                _keeper: std::sync::Mutex::new(keeper),
+            }),
+            Err(error) => {
+                tracing::debug!(%error, path = %path.display(), "the SQLite WAL is not watched");
+                None
+            }
+        }
+    }
+
+    /// What went wrong, when the WAL file was deleted or replaced.
+    pub(super) fn gone(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        match self.file.metadata() {
+            Ok(metadata) if metadata.nlink() == 0 => Some(format!(
+                "the database's WAL file {} was deleted or replaced while the broker ran: restart \
+                 it (its changes are copied from the deleted file into the database within a \
+                 second; those of the last moments before a crash would be lost)",
+                self.path.display()
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Where SQLite keeps the WAL of the database file at `database`.
+fn wal_path(database: &Path) -> std::path::PathBuf {
+    let mut path = database.as_os_str().to_owned();
+    path.push("-wal");
+    path.into()
+}
+
 /// Whether opening the database failed for a condition of the disk that clears up without
 /// the operator changing a setting: no space (or quota, or a file-size limit), a read-only file
 /// system (remounted so after errors), an I/O error — or SQLite's own words for these (FULL,
@@ -172,6 +247,41 @@ mod tests {
         assert!(!must_restart(limit, limit, limit));
         assert!(must_restart(limit + 1, limit + 1, limit));
         assert!(!must_restart(limit + 1, limit, limit));
+    }
+
+    /// `rm b.db-wal` under the running broker: its health probe says so. Before, the broker's
+    /// own pools closing and opening connections leave the WAL where it is.
+    #[tokio::test]
+    async fn a_wal_deleted_while_the_broker_runs_is_an_outage() {
+        let (store, path) =
+            super::super::scratch_store(WAL_LIMIT_FRAMES, super::super::damage::CHECK_INTERVAL)
+                .await;
+        store.placement_pool.close().await;
+        store.ingest_pool.close().await;
+        sqlx::query("INSERT INTO scratch VALUES (zeroblob(10))")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.probe_database().await.unwrap();
+        std::fs::remove_file(wal_path(&path)).unwrap();
+        let error = store.probe_database().await.unwrap_err().to_string();
+        assert!(error.contains("WAL file"), "{error}");
+        assert!(error.contains("deleted or replaced"), "{error}");
+    }
+
+    /// The WAL is kept while every pool's connections close and open again (as idle and aged
+    /// ones do): SQLite deletes it only after the process's last connection to the file.
+    #[tokio::test]
+    async fn the_brokers_own_pools_closing_do_not_delete_the_wal() {
+        let (store, path) =
+            super::super::scratch_store(WAL_LIMIT_FRAMES, super::super::damage::CHECK_INTERVAL)
+                .await;
+        store.checkpointer.abort();
+        for pool in [&store.pool, &store.ingest_pool, &store.placement_pool] {
+            pool.close().await;
+        }
+        assert!(wal_path(&path).exists());
+        assert!(store.wal.as_ref().unwrap().gone().is_none());
     }
 
     /// Writers that never stop while readers keep overlapping: SQLite never finds a moment to
