@@ -48,9 +48,19 @@ const NO_JIT: Setting = ("jit", "off");
 /// broker's transactions run their statements back to back, in milliseconds.
 const IDLE_IN_TRANSACTION: Setting = ("idle_in_transaction_session_timeout", "5s");
 
+/// [`IDLE_IN_TRANSACTION`] for placements, whose transaction holds the farm's lock: ended
+/// sooner than the other replicas' placements give up waiting for it ([`LOCK_WAIT`]), so that
+/// they go on and answer within a front door's wait for a `Redirect` (3 s): a replica frozen
+/// in the middle of a placement then delays the farm's new logons by at most this, instead of
+/// having every front door decide alone (a user connecting twice at once, through two front
+/// doors, would get two sessions).
+const PLACEMENT_IDLE_IN_TRANSACTION: Setting = ("idle_in_transaction_session_timeout", "1500ms");
+
 /// The longest wait for a row or farm lock on placement and ingest connections; past it the
-/// call fails as UNAVAILABLE (retry) instead of waiting on a frozen replica's lock until
-/// [`IDLE_IN_TRANSACTION`] ends it. Under load, locks are held for milliseconds.
+/// call fails as UNAVAILABLE (retry) instead of waiting on a lock until [`IDLE_IN_TRANSACTION`]
+/// ends a frozen replica's transaction (a farm's lock, which replicas' placements hold, is let
+/// go sooner: [`PLACEMENT_IDLE_IN_TRANSACTION`]), or for ever on another client's (an
+/// operator's `psql` left in a transaction). Under load, locks are held for milliseconds.
 const LOCK_WAIT: Setting = ("lock_timeout", "2s");
 
 /// The ingest connections' settings. Every ingest statement finds its rows by key (a table of
@@ -76,7 +86,7 @@ pub const PLACEMENT_SETTINGS: [Setting; 6] = [
     ("enable_seqscan", "off"),
     ("plan_cache_mode", "force_generic_plan"),
     NO_JIT,
-    IDLE_IN_TRANSACTION,
+    PLACEMENT_IDLE_IN_TRANSACTION,
     LOCK_WAIT,
 ];
 
