@@ -71,6 +71,8 @@ pub struct FakeState {
     pub reject_resyncs: usize,
     /// The Welcome says the machine drains.
     pub draining: bool,
+    /// Messages are read and no longer answered (a replica whose database is cut off).
+    pub answer_nothing: bool,
 }
 
 #[derive(Clone, Default)]
@@ -206,10 +208,17 @@ impl AgentGateway for FakeBroker {
             while let Ok(Some(message)) = inbound.message().await {
                 let seq = message.seq;
                 let body = message.body.clone();
-                let (heartbeat, draining) = fake.with(|state| {
+                let (heartbeat, draining, silent) = fake.with(|state| {
                     state.received.push((number, message));
-                    (state.heartbeat_interval_ms, state.draining)
+                    (
+                        state.heartbeat_interval_ms,
+                        state.draining,
+                        state.answer_nothing,
+                    )
                 });
+                if silent {
+                    continue;
+                }
                 if let Some(Body::Added(description)) = &body {
                     let welcome = pb::Welcome {
                         machine_id: tsbroker_common::model::machine_id(

@@ -53,6 +53,17 @@ pub fn broker_away(status: &tonic::Status) -> bool {
         || status.metadata().contains_key(BROKER_STARTING_METADATA)
 }
 
+/// Whether `status` says this replica cannot answer now, so that another one is asked: no
+/// broker answered ([`broker_away`]), or one did with its retry hint (its database away, or a
+/// farm's lock held too long): another replica, on a database it reaches, may decide.
+pub fn replica_cannot_answer(status: &tonic::Status) -> bool {
+    broker_away(status)
+        || (status.code() == tonic::Code::Unavailable
+            && status
+                .metadata()
+                .contains_key(tsbroker_common::proto::RETRY_AFTER_MS_METADATA))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,8 +115,18 @@ mod tests {
         );
         assert!(broker_away(&starting));
         // What a running broker says (no machine ready, its database away) is an answer.
-        assert!(!broker_away(&tonic::Status::unavailable(
-            "no machine is ready"
-        )));
+        let nothing_ready = tonic::Status::unavailable("no machine is ready");
+        assert!(!broker_away(&nothing_ready));
+        // Of which its database away, with its retry hint, sends the question to another
+        // replica; nothing ready is the farm's state, the same at every replica.
+        let mut database_away = tonic::Status::unavailable("the broker's database is unavailable");
+        database_away.metadata_mut().insert(
+            tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
+            tonic::metadata::MetadataValue::from(1000u64),
+        );
+        assert!(!broker_away(&database_away));
+        assert!(replica_cannot_answer(&database_away));
+        assert!(!replica_cannot_answer(&nothing_ready));
+        assert!(replica_cannot_answer(&refused));
     }
 }

@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tsbroker_common::proto::v1 as pb;
 
-use super::broker_absence::broker_away;
+use super::broker_absence::replica_cannot_answer;
 use super::host_cache::HostCache;
 use super::ip_families::FamilyWarnings;
 use super::route::REPLICA_PATIENCE;
@@ -218,7 +218,7 @@ impl MachineCache {
                 // A farm the broker does not know yet has no machines (this one's ADDED may be
                 // on its way: the first agent of a new farm asks before it is stored).
                 Ok(Err(status)) if status.code() == tonic::Code::NotFound => return Ok(Vec::new()),
-                Ok(Err(status)) if !broker_away(&status) => {
+                Ok(Err(status)) if !replica_cannot_answer(&status) => {
                     return Err(anyhow::Error::from(status).context("list machines"));
                 }
                 Ok(Err(status)) => failed = anyhow::Error::from(status).context("list machines"),

@@ -262,6 +262,9 @@ async fn ask_broker(
     let mut attempts = 0u32;
     // With several replicas, one that does not answer (frozen, cut off, gone) is given
     // `REPLICA_PATIENCE` before the next is asked: the stream's replica may be the one away.
+    // One that answers that its database is away is passed over at once: the others may
+    // reach theirs (decided alone here, a new user connecting twice through two front doors
+    // would get two sessions).
     let mut replica = 0;
     let answer = loop {
         attempts += 1;
@@ -275,7 +278,7 @@ async fn ask_broker(
         let answer = tokio::time::timeout_at(patience, broker.redirect(request.clone())).await;
         let replica_away = match &answer {
             Ok(Ok(_)) => false,
-            Ok(Err(status)) => broker_absence::broker_away(status),
+            Ok(Err(status)) => broker_absence::replica_cannot_answer(status),
             Err(_) => true,
         };
         if replica_away && !last_replica && tokio::time::Instant::now() < deadline {

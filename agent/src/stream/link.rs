@@ -26,12 +26,32 @@ const LAST_CHANGES_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// Unacknowledged messages remembered for the log; older ones are forgotten.
 const MAX_UNACKED: usize = 4096;
+/// What moving to another replica takes (the pause before it, the stream's opening, RESYNC and
+/// READY), with room to spare: see [`stall_limit`].
+const MOVE_TIME: Duration = Duration::from_secs(3);
 
-/// The sending half of a stream: numbers messages and remembers which are not yet acked.
+/// How long a broker replica may leave a message unacknowledged before the agent moves to the
+/// next one. The broker acknowledges a message once it is committed, and a load report's
+/// commit is the machine's lease, which the other replicas read: a replica that takes the
+/// stream but can no longer commit (its database cut off, or stalled) would let the lease run
+/// out while the agent is alive, and the other replicas would send its users to new sessions
+/// elsewhere. The limit leaves time to move before that: the heartbeat timeout, less a
+/// heartbeat interval (the load report that goes unacknowledged may come that long after the
+/// last one that was) and [`MOVE_TIME`]; and never less than a heartbeat interval, so that a
+/// busy broker's slower commits do not make its agents move.
+pub(super) fn stall_limit(heartbeat_interval: Duration, heartbeat_timeout: Duration) -> Duration {
+    heartbeat_timeout
+        .saturating_sub(heartbeat_interval)
+        .saturating_sub(MOVE_TIME)
+        .max(heartbeat_interval)
+}
+
+/// The sending half of a stream: numbers messages and remembers which are not yet acked (what
+/// they were, and when they were sent).
 struct Outbox {
     sender: mpsc::Sender<pb::AgentMessage>,
     seq: u64,
-    unacked: BTreeMap<u64, &'static str>,
+    unacked: BTreeMap<u64, (&'static str, std::time::Instant)>,
 }
 
 impl Outbox {
@@ -47,7 +67,7 @@ impl Outbox {
             .await
             .map_err(|_| anyhow!("broker not reading the stream"))?
             .map_err(|_| anyhow!("stream closed"))?;
-        self.unacked.insert(seq, kind);
+        self.unacked.insert(seq, (kind, std::time::Instant::now()));
         if self.unacked.len() > MAX_UNACKED {
             self.unacked.pop_first();
         }
@@ -61,7 +81,10 @@ impl Outbox {
                 self.unacked.remove(&ack.seq);
             }
             Command::Reject(reject) => {
-                let kind = self.unacked.remove(&reject.seq).unwrap_or("unknown");
+                let kind = self
+                    .unacked
+                    .remove(&reject.seq)
+                    .map_or("unknown", |(kind, _)| kind);
                 tracing::warn!(
                     seq = reject.seq,
                     message_kind = kind,
@@ -72,6 +95,11 @@ impl Outbox {
             }
             _ => {}
         }
+    }
+
+    /// When the oldest message the broker has not acknowledged was sent.
+    fn oldest_unacked(&self) -> Option<std::time::Instant> {
+        self.unacked.first_key_value().map(|(_, (_, sent))| *sent)
     }
 }
 
@@ -158,6 +186,13 @@ pub(super) async fn run_once(
 
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let heartbeat_timeout = match welcome.heartbeat_timeout_ms {
+        0 => heartbeat * 3,
+        millis => Duration::from_millis(u64::from(millis)),
+    };
+    // Only where there is another replica to move to.
+    let stall_limit =
+        (context.link.replicas() > 1).then(|| stall_limit(heartbeat, heartbeat_timeout));
     let away_from_home = context.link.away_from_home();
     let home_is_back = home_is_back(context);
     tokio::pin!(home_is_back);
@@ -188,6 +223,15 @@ pub(super) async fn run_once(
                 }
             }
             () = &mut home_is_back, if away_from_home => return Ok(Outcome::HomeIsBack),
+            // Once READY is acknowledged (a RESYNC's commit may take long in a farm's restart).
+            () = stalled(&outbox, stall_limit), if !outbox.unacked.contains_key(&ready_seq) => {
+                let limit = stall_limit.unwrap_or_default();
+                return Ok(Outcome::Ended(format!(
+                    "the broker acknowledged nothing for {:.1} s (its database cut off or \
+                     stalled?): moving to another replica before this machine's lease runs out",
+                    limit.as_secs_f64()
+                )));
+            }
             _ = ticker.tick() => {
                 let (session_count, pending_logons) = context.directory.counts();
                 let (cpu_percent, memory_percent) = sampler.sample();
@@ -195,6 +239,17 @@ pub(super) async fn run_once(
                 outbox.send(Body::Load(load)).await?;
             }
         }
+    }
+}
+
+/// Returns once the oldest message the broker has not acknowledged is `limit` old; never
+/// without a limit or such a message.
+async fn stalled(outbox: &Outbox, limit: Option<Duration>) {
+    match (outbox.oldest_unacked(), limit) {
+        (Some(sent), Some(limit)) => {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(sent + limit)).await;
+        }
+        _ => std::future::pending().await,
     }
 }
 

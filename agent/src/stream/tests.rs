@@ -211,6 +211,69 @@ async fn with_several_broker_urls_a_broken_stream_moves_to_the_next_replica() {
     stop.cancel();
 }
 
+/// A replica that keeps the stream but acknowledges nothing (its database cut off): the agent
+/// moves to the next one before the machine's lease runs out. With no other replica, it stays.
+#[tokio::test]
+async fn a_replica_that_acknowledges_nothing_is_left_for_the_next_one() {
+    let (first, second) = (FakeBroker::default(), FakeBroker::default());
+    for fake in [&first, &second] {
+        fake.with(|state| state.heartbeat_interval_ms = 100);
+    }
+    let stop = CancellationToken::new();
+    let first_url = first.serve(stop.clone()).await;
+    let second_url = second.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, shutdown) =
+        started(config(&format!("{first_url}, {second_url}"), dir.path())).await;
+    assert!(agent.wait_until_connected(Duration::from_secs(10)).await);
+    let (stuck, other) = match first.with(|state| state.streams) {
+        0 => (&second, &first),
+        _ => (&first, &second),
+    };
+    stuck.with(|state| state.answer_nothing = true);
+    other
+        .wait_for("ready on the other replica", |state| {
+            state.streams > 0 && kinds(state, state.streams).contains(&"ready")
+        })
+        .await;
+    stopped(agent, shutdown).await;
+
+    // One replica only: nowhere to go, so the stream stays (load reports go on).
+    let lone = FakeBroker::default();
+    lone.with(|state| state.heartbeat_interval_ms = 100);
+    let url = lone.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, shutdown) = started(config(&url, dir.path())).await;
+    assert!(agent.wait_until_connected(Duration::from_secs(10)).await);
+    lone.with(|state| state.answer_nothing = true);
+    let loads = |state: &crate::test_support::FakeState| {
+        kinds(state, 1)
+            .iter()
+            .filter(|kind| **kind == "load")
+            .count()
+    };
+    let before = lone.with(|state| loads(state));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(lone.with(|state| state.streams), 1);
+    assert!(lone.with(|state| loads(state)) >= before + 10);
+    stopped(agent, shutdown).await;
+    stop.cancel();
+}
+
+#[test]
+fn the_stall_limit_leaves_time_to_move_before_the_lease_runs_out() {
+    use super::link::stall_limit;
+    let seconds = Duration::from_secs;
+    // The defaults: a 15 s timeout, a report every 5 s.
+    assert_eq!(stall_limit(seconds(5), seconds(15)), seconds(7));
+    // Never shorter than a heartbeat interval.
+    assert_eq!(stall_limit(seconds(2), seconds(6)), seconds(2));
+    assert_eq!(
+        stall_limit(Duration::from_millis(100), Duration::from_millis(300)),
+        Duration::from_millis(100)
+    );
+}
+
 /// An agent moved off its own replica (it refused streams) goes back once that one serves
 /// again, so that a farm's agents spread over the replicas again.
 #[tokio::test]
