@@ -73,6 +73,8 @@ pub struct FakeState {
     pub draining: bool,
     /// Messages are read and no longer answered (a replica whose database is cut off).
     pub answer_nothing: bool,
+    /// `Redirect` answers UNAVAILABLE with the broker's retry hint (its database away).
+    pub database_away: bool,
 }
 
 #[derive(Clone, Default)]
@@ -267,6 +269,14 @@ impl Broker for FakeBroker {
         &self,
         request: Request<pb::RedirectRequest>,
     ) -> Result<Response<pb::RedirectResponse>, Status> {
+        if self.with(|state| state.database_away) {
+            let mut status = Status::unavailable("the broker's database is unavailable");
+            status.metadata_mut().insert(
+                tsbroker_common::proto::RETRY_AFTER_MS_METADATA,
+                tonic::metadata::MetadataValue::from(1000u64),
+            );
+            return Err(status);
+        }
         let answer = self.with(|state| {
             state.redirect_requests.push(request.into_inner());
             match state.queued_answers.pop_front() {

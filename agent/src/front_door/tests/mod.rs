@@ -875,6 +875,51 @@ async fn a_frozen_replica_is_passed_over_for_the_other() {
     }
 }
 
+/// With two broker replicas, one whose database is away (it answers UNAVAILABLE with its
+/// retry hint): a new user goes where the other one places them, at once, whichever of the
+/// two the agent uses — not to this machine's RDP service, as if no broker could decide.
+#[tokio::test]
+async fn a_replica_whose_database_is_away_is_passed_over_for_the_other() {
+    for away_first in [true, false] {
+        let away = FakeBroker::default();
+        away.with(|state| state.database_away = true);
+        let stop = CancellationToken::new();
+        let away_url = away.serve(stop.clone()).await;
+        let urls = |url: &str| match away_first {
+            true => format!("{away_url},{url}"),
+            false => format!("{url},{away_url}"),
+        };
+        let settings = (Duration::ZERO, None, None);
+        let harness = harness_on_replicas(FakeBroker::default(), true, urls, settings).await;
+        assert!(
+            harness
+                .agent
+                .wait_until_connected(Duration::from_secs(10))
+                .await
+        );
+        let (remote_address, mut remote) = echo_server().await;
+        harness.answer_with(answer(
+            "ts2.example",
+            &remote_address.to_string(),
+            pb::RedirectReason::LoadBalanced,
+        ));
+        let (_, bytes) = request_with_tail(Some("Cookie: mstshash=newuser"));
+        let started = tokio::time::Instant::now();
+        exchange(harness.front_door, &bytes).await;
+        assert!(
+            next(&mut remote).await.ends_with(&bytes),
+            "database away first: {away_first}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "database away first: {away_first}, {:?}",
+            started.elapsed()
+        );
+        harness.shutdown.cancel();
+        stop.cancel();
+    }
+}
+
 /// A machine whose RDP service takes the connection but never answers the request (hung)
 /// counts as refusing: the new logon goes to the next candidate, that machine left out.
 #[tokio::test]
