@@ -39,9 +39,32 @@ pub fn logon_key<'a>(query: &RedirectQuery, user_key: &'a str) -> Cow<'a, str> {
         query.user_name_may_be_truncated,
     ) && user_key == model::user_key(&query.user_name);
     match unresolved_cut.then(|| client_ip(&query.client_address)) {
-        Some(Some(ip)) => Cow::Owned(format!("{user_key} from {ip}")),
+        Some(Some(ip)) => Cow::Owned(cut_logon_key(user_key, ip)),
         _ => Cow::Borrowed(user_key),
     }
+}
+
+/// [`logon_key`] of a cut name that is no known user's, from the client's `ip`.
+fn cut_logon_key(user_key: &str, ip: std::net::IpAddr) -> String {
+    format!("{user_key} from {ip}")
+}
+
+/// The key a logon in flight may be held under for a session of `user_name` (of `domain`)
+/// opened from `client_address`, besides the user's own: a front door hands a new user whose
+/// cookie may be cut to its RDP service and reports the session under that cut name, which
+/// must end the logon in flight [`logon_key`] holds for it (else it would hold a place in the
+/// machine's cap of logons in flight for its whole time to live). `None` for a name that
+/// cannot be cut, or without the client's address.
+pub fn cut_logon_key_of_session(
+    user_name: &str,
+    domain: &str,
+    client_address: &str,
+) -> Option<String> {
+    if !may_be_cut(user_name, domain, true) {
+        return None;
+    }
+    let ip = client_ip(client_address)?;
+    Some(cut_logon_key(&model::user_key(user_name), ip))
 }
 
 /// The one user whose key starts with the cut `prefix` and who has a session opened (or last

@@ -2,7 +2,7 @@
 //! (disconnected first, newest first, drain never blocks it); a logon sent moments ago that has
 //! not shown up yet; else the farm's policy among the machines that can take a new logon.
 
-mod cut_name;
+pub(crate) mod cut_name;
 pub mod farm_settings;
 mod placement_queue;
 mod plugin_step;

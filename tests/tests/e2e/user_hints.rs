@@ -211,8 +211,8 @@ async fn people_who_share_a_cut_name_that_is_no_users_are_not_one_users_retries(
 ) {
     let broker = spawn_broker(&database.url, |_| {}).await;
     let client = broker.broker_client().await;
-    let _a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
-    let _b = FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await;
+    let mut a = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    let mut b = FakeAgent::join(&broker.url(), description("ts-b", "farm", 100), vec![]).await;
     let ask = |client_address: &str| {
         let request = pb::RedirectRequest {
             client_address: client_address.to_owned(),
@@ -241,6 +241,40 @@ async fn people_who_share_a_cut_name_that_is_no_users_are_not_one_users_retries(
         other.machine_name, first.machine_name,
         "the fewest sessions and logons in flight"
     );
+
+    // The front door hands the first client to its machine's RDP service and reports the
+    // session under the cut name, from the client's address: that logon in flight ends there
+    // (it would otherwise hold a place in the machine's cap for its whole time to live); the
+    // other client's stays.
+    let agent = if first.machine_name == "ts-a" {
+        &mut a
+    } else {
+        &mut b
+    };
+    let logon = pb::SessionEvent {
+        r#type: pb::SessionEventType::Logon as i32,
+        session: Some(session_from(5, "CORPORATE", "10.0.0.7:50001")),
+    };
+    agent.request(Body::SessionEvent(logon)).await.unwrap();
+    let pending = |name: String| {
+        let mut client = client.clone();
+        async move {
+            let listed = client
+                .list_machines(pb::ListMachinesRequest {
+                    farm: "farm".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            listed
+                .machines
+                .iter()
+                .find(|machine| machine.name == name)
+                .map(|machine| machine.pending_logons)
+        }
+    };
+    assert_eq!(pending(first.machine_name.clone()).await, Some(0));
+    assert_eq!(pending(other.machine_name.clone()).await, Some(1));
     broker.stop().await;
 }
 

@@ -43,7 +43,8 @@ pub(crate) struct EventPlan {
     pub deletes: Vec<(Uuid, i64)>,
     /// Sessions as they are after the events (created or changed).
     pub upserts: Vec<SessionRow>,
-    /// (farm, user key) of every LOGON and RECONNECT: that user's pending logon is resolved.
+    /// (farm, user key) of every LOGON and RECONNECT: that user's pending logon is resolved
+    /// (and, for a name that may be cut, the one held for it from the session's client).
     pub resolved_pending: Vec<(String, String)>,
 }
 
@@ -113,6 +114,13 @@ pub(crate) fn plan_events(
                     };
                     if state == SessionState::Active {
                         resolved.insert((run.farm.to_owned(), user_key.clone()));
+                        if let Some(cut_key) = crate::decision::cut_name::cut_logon_key_of_session(
+                            &session.user_name,
+                            &session.domain,
+                            &client_address,
+                        ) {
+                            resolved.insert((run.farm.to_owned(), cut_key));
+                        }
                     }
                     slot.current = Some(SessionRow {
                         machine_id: run.machine,
