@@ -322,9 +322,19 @@ async fn ask_broker(
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => return after_error(shared, user, client, &status),
         Err(_) => {
-            tracing::warn!(
-                "broker did not answer the redirect in time: this front door decides alone (its RDP service, unless this machine drains)"
-            );
+            // Each connection's own line says where it went: said once a minute with how many
+            // came since, so that a partition or a burst cannot fill the log.
+            static LATE: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+            match LATE.warn_now() {
+                Some(unwarned) => tracing::warn!(
+                    since_last_warning = unwarned,
+                    "broker did not answer the redirect in time: this front door decides alone (its RDP service, unless this machine drains) \
+                     (warned at most once a minute)"
+                ),
+                None => tracing::info!(
+                    "broker did not answer the redirect in time: this front door decides alone (its RDP service, unless this machine drains)"
+                ),
+            }
             return undecided(shared, user, client, "broker timed out".to_owned());
         }
     };
