@@ -75,6 +75,9 @@ pub struct FakeState {
     pub answer_nothing: bool,
     /// `Redirect` answers UNAVAILABLE with the broker's retry hint (its database away).
     pub database_away: bool,
+    /// `Redirect`s for these users are answered after this long (a broker's queue).
+    pub slow_users: Vec<String>,
+    pub slow_answer: Duration,
 }
 
 #[derive(Clone, Default)]
@@ -269,6 +272,16 @@ impl Broker for FakeBroker {
         &self,
         request: Request<pb::RedirectRequest>,
     ) -> Result<Response<pb::RedirectResponse>, Status> {
+        let user = request.get_ref().user_name.clone();
+        let delay = self.with(|state| {
+            state
+                .slow_users
+                .contains(&user)
+                .then_some(state.slow_answer)
+        });
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         if self.with(|state| state.database_away) {
             let mut status = Status::unavailable("the broker's database is unavailable");
             status.metadata_mut().insert(

@@ -16,10 +16,12 @@ pub const RIDE_OUT: Duration = Duration::from_secs(10);
 /// The pause between two attempts.
 pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
-/// When the broker was first found away (shared by the front door's connections).
+/// When the broker was first found away, and when one last answered (shared by the front
+/// door's connections).
 #[derive(Debug, Default)]
 pub struct BrokerAbsence {
     since: Mutex<Option<Instant>>,
+    last_answer: Mutex<Option<Instant>>,
 }
 
 impl BrokerAbsence {
@@ -43,6 +45,18 @@ impl BrokerAbsence {
             .since
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        *self
+            .last_answer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether a broker answered one of the front door's calls within the last `moment`.
+    pub fn answered_within(&self, moment: Duration) -> bool {
+        self.last_answer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some_and(|at| at.elapsed() < moment)
     }
 }
 

@@ -27,6 +27,24 @@ const FULL_RETRY: Duration = Duration::from_millis(500);
 /// How long one replica of several is given to answer before the next is asked.
 pub(super) const REPLICA_PATIENCE: Duration = Duration::from_secs(1);
 
+/// How long a `Redirect` may wait in all while a broker keeps answering the front door's other
+/// calls (see [`broker_busy`]), as a client waits for a full farm ([`FULL_PATIENCE`]).
+const BUSY_PATIENCE: Duration = Duration::from_secs(10);
+/// A broker that answered another call within this is there, and busy.
+const BUSY_SIGN: Duration = Duration::from_secs(1);
+/// How much longer such a call is given each time.
+const BUSY_STEP: Duration = Duration::from_millis(500);
+
+/// Whether a `Redirect` past the front door's wait ([`REDIRECT_TIMEOUT`]) waits on: a broker
+/// answered another of this front door's calls a moment ago, so it is there and the calls are
+/// queued (a burst of connections on this front door's channel to it, or on its CPU), and
+/// deciding alone would send a returning user to a second session; at most [`BUSY_PATIENCE`]
+/// from `asked`. A broker away (stopped, frozen, cut off) answers none: its clients still go
+/// to the local RDP service after the usual wait.
+fn broker_busy(shared: &FrontDoorShared, asked: std::time::Instant) -> bool {
+    asked.elapsed() < BUSY_PATIENCE && shared.broker_absence.answered_within(BUSY_SIGN)
+}
+
 /// The user a connection is for, as far as the front door can tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectingUser {
@@ -275,7 +293,18 @@ async fn ask_broker(
         } else {
             deadline.min(tokio::time::Instant::now() + REPLICA_PATIENCE)
         };
-        let answer = tokio::time::timeout_at(patience, broker.redirect(request.clone())).await;
+        let call = broker.redirect(request.clone());
+        tokio::pin!(call);
+        let mut patience = patience;
+        let answer = loop {
+            match tokio::time::timeout_at(patience, &mut call).await {
+                Err(_) if last_replica && broker_busy(shared, asked) => {
+                    let longest = tokio::time::Instant::from_std(asked + BUSY_PATIENCE);
+                    patience = (tokio::time::Instant::now() + BUSY_STEP).min(longest);
+                }
+                answer => break answer,
+            }
+        };
         let replica_away = match &answer {
             Ok(Ok(_)) => false,
             Ok(Err(status)) => broker_absence::replica_cannot_answer(status),

@@ -2,6 +2,7 @@
 //! the place of RDP services and other front doors, and an agent whose front door listens on
 //! 127.0.0.1:0 (with its `/metrics` on another; `metrics.rs` reads it).
 
+mod busy_broker;
 mod metrics;
 
 use std::net::{SocketAddr, SocketAddrV4};
