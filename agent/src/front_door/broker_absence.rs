@@ -22,6 +22,8 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub struct BrokerAbsence {
     since: Mutex<Option<Instant>>,
     last_answer: Mutex<Option<Instant>>,
+    /// A call's whole wait ran out with no answer, and none came since.
+    unanswered: Mutex<bool>,
 }
 
 impl BrokerAbsence {
@@ -49,6 +51,31 @@ impl BrokerAbsence {
             .last_answer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+        *self
+            .unanswered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+    }
+
+    /// A call's whole wait ran out, with no answer from any broker.
+    pub fn went_unanswered(&self) {
+        *self
+            .unanswered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+    }
+
+    /// Whether the brokers are silent, not slow: the agent's stream has been down for
+    /// [`RIDE_OUT`] (since `stream_down_since`) and the last call that waited its whole time
+    /// had no answer, none since. (Packets dropped on the way, as in a network partition, make
+    /// no refused connection that [`BrokerAbsence::away`] would count.)
+    pub fn silent(&self, now: Instant, stream_down_since: Option<Instant>) -> bool {
+        let unanswered = *self
+            .unanswered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        unanswered
+            && stream_down_since.is_some_and(|down| now.saturating_duration_since(down) >= RIDE_OUT)
     }
 
     /// Whether a broker answered one of the front door's calls within the last `moment`.
@@ -105,6 +132,23 @@ mod tests {
         // The stream went down a moment ago: ridden out from then.
         assert!(absence.away(down + Duration::from_secs(1), Some(down)));
         assert!(!absence.away(down + RIDE_OUT, Some(down)));
+    }
+
+    #[test]
+    fn brokers_are_silent_once_the_stream_is_long_down_and_a_call_went_unanswered() {
+        let absence = BrokerAbsence::default();
+        let down = Instant::now();
+        let later = down + RIDE_OUT;
+        assert!(
+            !absence.silent(later, Some(down)),
+            "no call has gone unanswered"
+        );
+        absence.went_unanswered();
+        assert!(!absence.silent(down + Duration::from_secs(1), Some(down)));
+        assert!(!absence.silent(later, None), "the stream is up");
+        assert!(absence.silent(later, Some(down)));
+        absence.answered();
+        assert!(!absence.silent(later, Some(down)));
     }
 
     #[tokio::test]

@@ -27,6 +27,11 @@ const FULL_RETRY: Duration = Duration::from_millis(500);
 /// How long one replica of several is given to answer before the next is asked.
 pub(super) const REPLICA_PATIENCE: Duration = Duration::from_secs(1);
 
+/// How long a `Redirect` waits while the brokers are silent ([`BrokerAbsence::silent`]).
+///
+/// [`BrokerAbsence::silent`]: broker_absence::BrokerAbsence::silent
+const SILENT_PATIENCE: Duration = Duration::from_millis(500);
+
 /// How long a `Redirect` may wait in all while a broker keeps answering the front door's other
 /// calls (see [`broker_busy`]), as a client waits for a full farm ([`FULL_PATIENCE`]).
 const BUSY_PATIENCE: Duration = Duration::from_secs(10);
@@ -274,7 +279,17 @@ async fn ask_broker(
         exclude_machine_ids: refused.to_vec(),
     };
     let asked = std::time::Instant::now();
-    let deadline = tokio::time::Instant::from_std(asked + REDIRECT_TIMEOUT);
+    // Brokers silent for a while (a partition drops the packets): each client waits a moment,
+    // not the whole wait, before the local RDP service (a broker back answers within it).
+    let wait = if shared
+        .broker_absence
+        .silent(asked, shared.stream_down_since())
+    {
+        SILENT_PATIENCE
+    } else {
+        REDIRECT_TIMEOUT
+    };
+    let deadline = tokio::time::Instant::from_std(asked + wait);
     let replicas = shared.link.replicas();
     let mut first_replica = shared.link.in_use();
     let mut attempts = 0u32;
@@ -351,6 +366,7 @@ async fn ask_broker(
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => return after_error(shared, user, client, &status),
         Err(_) => {
+            shared.broker_absence.went_unanswered();
             // Each connection's own line says where it went: said once a minute with how many
             // came since, so that a partition or a burst cannot fill the log.
             static LATE: LazyLock<WarningLimit> = LazyLock::new(Default::default);
