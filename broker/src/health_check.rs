@@ -45,12 +45,10 @@ pub async fn check(listen: SocketAddr, tls: Option<&ServerTls>) -> Result<Servin
                 )
                 .map_err(|error| format!("TLS settings: {error}"))?;
         }
-        let channel = endpoint.connect().await.map_err(|error| {
-            format!(
-                "cannot connect to {address}: {:#}",
-                anyhow::Error::new(error)
-            )
-        })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| format!("cannot connect to {address}: {}", causes(&error)))?;
         let answer = HealthClient::new(channel)
             .check(HealthCheckRequest::default())
             .await
@@ -70,6 +68,21 @@ pub async fn check(listen: SocketAddr, tls: Option<&ServerTls>) -> Result<Servin
     tokio::time::timeout(TIMEOUT, ask)
         .await
         .unwrap_or_else(|_| Err(format!("no answer from {address} within {TIMEOUT:?}")))
+}
+
+/// `error` and its causes, joined by ": ", each said once where two layers say the same
+/// (tonic's and hyper-util's "tcp connect error").
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        next = cause.source();
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -216,12 +216,13 @@ pub async fn run(
         let again = last_said.as_ref().is_some_and(|(said, at)| {
             *said == reason && (lasting || at.elapsed() < FAILURE_REMINDER)
         });
+        let broker = context.link.url().to_owned();
         if again {
-            tracing::debug!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still down");
+            tracing::debug!(%broker, error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still down");
         } else if credentials_refused {
-            tracing::error!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker refuses this agent; retrying until it is fixed");
+            tracing::error!(%broker, error = %reason, retry_in_ms = delay.as_millis() as u64, "broker refuses this agent; retrying until it is fixed");
         } else {
-            tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
+            tracing::warn!(%broker, error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
         }
         if !again {
             last_said = Some((reason.clone(), Instant::now()));
