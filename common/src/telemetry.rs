@@ -26,8 +26,12 @@ impl std::str::FromStr for LogFormat {
 
 /// The log filter without `RUST_LOG`: `info`, but for the database library's lines that only
 /// repeat what the broker says itself (each pooled connection's failed ping while the database
-/// is away; PostgreSQL's notice at every start that the migrations' table exists).
-pub const DEFAULT_FILTER: &str = "info,sqlx_core::pool::inner=warn,sqlx::postgres::notice=warn";
+/// is away; PostgreSQL's notice at every start that the migrations' table exists; a warning
+/// with the whole statement for every statement slower than a second, dozens a second after a
+/// replica was frozen or the database stalled, where the broker's own warnings come once a
+/// minute).
+pub const DEFAULT_FILTER: &str =
+    "info,sqlx_core::pool::inner=warn,sqlx::postgres::notice=warn,sqlx::query=error";
 
 /// Installs the global subscriber. Calling it twice is harmless (the second call is ignored).
 pub fn init_logging(format: LogFormat) {
