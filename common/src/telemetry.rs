@@ -24,19 +24,41 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// The log filter without `RUST_LOG`: `info`, but for the database library's lines that only
-/// repeat what the broker says itself (each pooled connection's failed ping while the database
-/// is away; PostgreSQL's notice at every start that the migrations' table exists; a warning
-/// with the whole statement for every statement slower than a second, dozens a second after a
-/// replica was frozen or the database stalled, where the broker's own warnings come once a
-/// minute).
-pub const DEFAULT_FILTER: &str =
-    "info,sqlx_core::pool::inner=warn,sqlx::postgres::notice=warn,sqlx::query=error";
+/// The database library's lines that only repeat what the broker says itself (each pooled
+/// connection's failed ping while the database is away; PostgreSQL's notice at every start that
+/// the migrations' table exists; a warning with the whole statement for every statement slower
+/// than a second, dozens a second after a replica was frozen or the database stalled, where the
+/// broker's own warnings come once a minute): quieter, unless `RUST_LOG` names that library.
+const QUIET_LIBRARY: [&str; 3] = [
+    "sqlx_core::pool::inner=warn",
+    "sqlx::postgres::notice=warn",
+    "sqlx::query=error",
+];
+
+/// The log filter without `RUST_LOG`: `info`, with [`QUIET_LIBRARY`].
+const DEFAULT_FILTER: &str = "info";
+
+/// `RUST_LOG`'s filter (or [`DEFAULT_FILTER`] without it, or when it does not parse), with
+/// [`QUIET_LIBRARY`] unless it names `sqlx` itself: the shipped units and images set
+/// `RUST_LOG=info`, which means the broker's lines, not the library's repetitions of them.
+fn filter(rust_log: Option<&str>) -> EnvFilter {
+    let given = rust_log.filter(|directives| !directives.trim().is_empty());
+    let mut filter = given
+        .and_then(|directives| EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
+    if !given.is_some_and(|directives| directives.contains("sqlx")) {
+        for directive in QUIET_LIBRARY {
+            if let Ok(directive) = directive.parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
+    filter
+}
 
 /// Installs the global subscriber. Calling it twice is harmless (the second call is ignored).
 pub fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -54,8 +76,21 @@ pub fn init_logging(format: LogFormat) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn the_default_filter_parses() {
-        tracing_subscriber::EnvFilter::try_new(super::DEFAULT_FILTER).unwrap();
+    fn the_library_is_quieter_unless_rust_log_names_it() {
+        for directive in QUIET_LIBRARY {
+            directive
+                .parse::<tracing_subscriber::filter::Directive>()
+                .unwrap();
+        }
+        let quiet = "sqlx::query=error";
+        for rust_log in [None, Some("info"), Some(""), Some("debug,tsbroker=trace")] {
+            let shown = filter(rust_log).to_string();
+            assert!(shown.contains(quiet), "{rust_log:?}: {shown}");
+        }
+        let shown = filter(Some("info,sqlx::query=warn")).to_string();
+        assert!(!shown.contains(quiet), "{shown}");
     }
 }
