@@ -249,8 +249,7 @@ mod tests {
         assert!(!must_restart(limit + 1, limit, limit));
     }
 
-    /// `rm b.db-wal` under the running broker: its health probe says so. Before, the broker's
-    /// own pools closing and opening connections leave the WAL where it is.
+    /// `rm b.db-wal` under the running broker: its health probe says so.
     #[tokio::test]
     async fn a_wal_deleted_while_the_broker_runs_is_an_outage() {
         let (store, path) =
