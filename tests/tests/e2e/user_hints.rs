@@ -4,7 +4,7 @@
 //! (mstsc with a collection's load-balancing info), are told apart by the client's address, as
 //! are new users who share a cut name that is no one's.
 
-use crate::support::{on_both_stores, reason};
+use crate::support::{machine, on_both_stores, reason};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::agent_message::Body;
 use tsbroker_tests::fake_agent::{machine as description, session};
@@ -256,25 +256,11 @@ async fn people_who_share_a_cut_name_that_is_no_users_are_not_one_users_retries(
         session: Some(session_from(5, "CORPORATE", "10.0.0.7:50001")),
     };
     agent.request(Body::SessionEvent(logon)).await.unwrap();
-    let pending = |name: String| {
-        let mut client = client.clone();
-        async move {
-            let listed = client
-                .list_machines(pb::ListMachinesRequest {
-                    farm: "farm".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            listed
-                .machines
-                .iter()
-                .find(|machine| machine.name == name)
-                .map(|machine| machine.pending_logons)
-        }
-    };
-    assert_eq!(pending(first.machine_name.clone()).await, Some(0));
-    assert_eq!(pending(other.machine_name.clone()).await, Some(1));
+    let mut client = client.clone();
+    let first_machine = machine(&mut client, "farm", &first.machine_name).await;
+    let other_machine = machine(&mut client, "farm", &other.machine_name).await;
+    assert_eq!(first_machine.pending_logons, 0);
+    assert_eq!(other_machine.pending_logons, 1);
     broker.stop().await;
 }
 
