@@ -590,6 +590,13 @@ impl Decider {
         } else {
             RedirectReason::LoadBalanced
         };
+        if preferred.is_some()
+            && !by_plugin
+            && matches!(placement, Placement::Placed(_))
+            && let Some(link) = self.plugins.for_farm(&query.farm)
+        {
+            link.pick_overtaken(&query.farm, user_key);
+        }
         match placement {
             Placement::AlreadyPending(machine) => Ok(Some(pending_answer(&machine, query))),
             Placement::Placed(machine) => Ok(Some(RedirectAnswer {

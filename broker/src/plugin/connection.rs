@@ -1,7 +1,8 @@
 //! The plug-in's connection, counted: tonic's channel connects again by itself when a
 //! connection ends, so a plug-in that restarted between two calls (and lost everything it was
 //! told) would otherwise be called as if nothing happened. Every connection made is counted;
-//! the link compares the count with the one its `Initialize` went over.
+//! the link compares the count with the one its `Initialize` went over. The count outlives a
+//! channel: a channel built again (a changed CA file) counts on from where the last one was.
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
@@ -22,19 +23,21 @@ pub struct CountingConnector {
 }
 
 impl CountingConnector {
-    pub fn new() -> (CountingConnector, ConnectionCount) {
+    /// A connector that adds the connections it makes to `count`.
+    pub fn counting_into(count: &ConnectionCount) -> CountingConnector {
         let mut inner = HttpConnector::new();
         // The scheme may be https: the endpoint's TLS layer wraps this connection.
         inner.enforce_http(false);
         inner.set_nodelay(true);
-        let made = Arc::new(AtomicU64::new(0));
-        let count = ConnectionCount(made.clone());
-        (CountingConnector { inner, made }, count)
+        CountingConnector {
+            inner,
+            made: count.0.clone(),
+        }
     }
 }
 
-/// How many connections the connector has made so far.
-#[derive(Clone, Debug)]
+/// How many connections the connectors counting into it have made so far.
+#[derive(Clone, Debug, Default)]
 pub struct ConnectionCount(Arc<AtomicU64>);
 
 impl ConnectionCount {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::plugin_client::PluginClient;
+use tsbroker_common::renewal::Renewable;
 use tsbroker_common::validate::excerpt;
 use tsbroker_common::warning_limit::WarningLimit;
 use uuid::Uuid;
@@ -35,6 +36,8 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often the link checks that the plug-in is still the one it initialized (and follows
 /// the machines' leases).
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a link that keeps failing the same way says so again.
+const REPEAT_FAILURE: Duration = Duration::from_secs(60);
 
 /// Where bringing the link up failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +46,31 @@ enum LinkStage {
     Initialize,
     /// The full resync after `Initialize` failed.
     Resync,
+}
+
+/// The link's last failure said at warning level, and when.
+#[derive(Default)]
+struct FailureSaid(Option<(LinkStage, String, Instant)>);
+
+impl FailureSaid {
+    fn now(stage: LinkStage, reason: String) -> FailureSaid {
+        FailureSaid(Some((stage, reason, Instant::now())))
+    }
+
+    fn stage(&self) -> Option<LinkStage> {
+        self.0.as_ref().map(|(stage, ..)| *stage)
+    }
+
+    /// Whether this failure is to be said: another than the last one said (a plug-in that is
+    /// reachable now but refused, say, for its certificate), or the same a minute on.
+    fn is_due(&self, stage: LinkStage, reason: &str) -> bool {
+        match &self.0 {
+            Some((said_stage, said_reason, at)) => {
+                *said_stage != stage || said_reason != reason || at.elapsed() >= REPEAT_FAILURE
+            }
+            None => true,
+        }
+    }
 }
 
 /// A notice in the queue, numbered in the order notices were given to it.
@@ -66,8 +94,8 @@ pub struct PluginLink {
     pub address: String,
     pub settings: PluginSettings,
     pub farms: Vec<String>,
-    client: PluginClient<Channel>,
-    channel: Channel,
+    /// The channel to the plug-in and its client, built again when the CA file changes.
+    current: Renewable<PluginChannel>,
     /// Connections made to the plug-in so far, and the one `Initialize` went over: a call
     /// answered over a later connection may have reached a plug-in that restarted.
     connections: ConnectionCount,
@@ -82,8 +110,9 @@ pub struct PluginLink {
     overflowed: AtomicBool,
     /// Woken when a decision call shows the plug-in lost its state or its connection.
     reinitialize: tokio::sync::Notify,
-    /// Rate limits of the fallback warnings: late, failed, not a candidate.
-    warnings: [WarningLimit; 3],
+    /// Rate limits of the decision warnings: late, failed, not a candidate; an external session
+    /// not used.
+    warnings: [WarningLimit; 4],
     /// Rate limits of the link's own warnings: lost, asked to initialize again.
     link_warnings: [WarningLimit; 2],
     queue: mpsc::Sender<Queued>,
@@ -96,6 +125,39 @@ pub struct PluginLink {
     metrics: Arc<Metrics>,
 }
 
+/// A channel to the plug-in (connected lazily) and its client.
+struct PluginChannel {
+    client: PluginClient<Channel>,
+    channel: Channel,
+}
+
+/// The plug-in's channel, with its TLS settings read now (the CA file included); its
+/// connections counted into `connections`.
+fn open(settings: &PluginSettings, connections: &ConnectionCount) -> anyhow::Result<PluginChannel> {
+    use anyhow::Context;
+    let mut endpoint = Endpoint::from_shared(settings.address.clone())
+        .with_context(|| format!("plug-in address {:?}", settings.address))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if settings.address.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_native_roots();
+        if let Some(ca_file) = &settings.ca_file {
+            let pem = std::fs::read(ca_file)
+                .with_context(|| format!("read plug-in CA {}", ca_file.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).context("plug-in TLS settings")?;
+    }
+    let channel =
+        endpoint.connect_with_connector_lazy(CountingConnector::counting_into(connections));
+    Ok(PluginChannel {
+        client: PluginClient::new(channel.clone()),
+        channel,
+    })
+}
+
 impl PluginLink {
     /// Builds the link (no connection is made yet) and the receiving end of its queue.
     pub fn new(
@@ -104,31 +166,19 @@ impl PluginLink {
         decision: DecisionSettings,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<(Arc<PluginLink>, mpsc::Receiver<Queued>)> {
-        use anyhow::Context;
-        let mut endpoint = Endpoint::from_shared(settings.address.clone())
-            .with_context(|| format!("plug-in address {:?}", settings.address))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10));
-        if settings.address.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_native_roots();
-            if let Some(ca_file) = &settings.ca_file {
-                let pem = std::fs::read(ca_file)
-                    .with_context(|| format!("read plug-in CA {}", ca_file.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls).context("plug-in TLS settings")?;
-        }
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let (connector, connections) = CountingConnector::new();
-        let channel = endpoint.connect_with_connector_lazy(connector);
+        let connections = ConnectionCount::default();
+        // The CA file is read again when it changes (a CA put right, or rotated).
+        let ca_files = match &settings.ca_file {
+            Some(ca_file) if settings.address.starts_with("https://") => vec![ca_file.clone()],
+            _ => Vec::new(),
+        };
+        let current = Renewable::new(ca_files, || open(&settings, &connections))?;
         let link = PluginLink {
             address: settings.address.clone(),
             settings,
             farms,
-            client: PluginClient::new(channel.clone()),
-            channel,
+            current,
             connections,
             initialized_on: AtomicU64::new(0),
             up: AtomicBool::new(false),
@@ -145,6 +195,16 @@ impl PluginLink {
             metrics,
         };
         Ok((Arc::new(link), receiver))
+    }
+
+    /// The client of the plug-in's channel in use.
+    fn client(&self) -> PluginClient<Channel> {
+        self.current.with(|current| current.client.clone())
+    }
+
+    /// The channel in use (for the health check).
+    fn channel(&self) -> Channel {
+        self.current.with(|current| current.channel.clone())
     }
 
     pub fn is_up(&self) -> bool {
@@ -175,7 +235,10 @@ impl PluginLink {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
         let queued = Queued { seq, notice };
-        if self.queue.try_send(queued).is_err() && !self.overflowed.swap(true, Ordering::Relaxed) {
+        // Closed: the link's task ended (the broker is stopping), nothing to say.
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(queued)
+            && !self.overflowed.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(plugin = %self.address, "plug-in notification queue full; a full resync will follow");
         }
     }
@@ -227,8 +290,9 @@ impl PluginLink {
         shutdown: CancellationToken,
     ) {
         let mut pause = RETRY_MIN;
-        // What failed last, said once at warning level (again when it changes).
-        let mut said: Option<LinkStage> = None;
+        // What failed last, said at warning level when it changes, and again once a minute
+        // while it goes on.
+        let mut said = FailureSaid::default();
         let mut failed_attempts = 0u32;
         // The link was lost moments after it came up: its next "initialized" line is not said
         // again either (a plug-in that keeps asking for `Initialize`).
@@ -237,20 +301,27 @@ impl PluginLink {
             if shutdown.is_cancelled() {
                 return;
             }
+            // A CA file put right (or rotated) is used from the next attempt on.
+            if self
+                .current
+                .renew_if_changed(|| open(&self.settings, &self.connections))
+            {
+                tracing::info!(plugin = %self.address, "plug-in's CA file changed: connecting with it");
+            }
             // A resync that keeps failing does not repeat its "initialized" line every retry.
-            let quiet = said == Some(LinkStage::Resync) || flapping;
+            let quiet = said.stage() == Some(LinkStage::Resync) || flapping;
             match self
                 .connect_and_resync(&mut receiver, store.as_ref(), &broker_id, quiet)
                 .await
             {
                 Ok(cutoffs) => {
-                    if said.is_some() {
+                    if said.stage().is_some() {
                         tracing::info!(
                             plugin = %self.address, failed_attempts,
                             "plug-in initialized and resynced after failed attempts; its answers are used again"
                         );
                     }
-                    said = None;
+                    said = FailureSaid::default();
                     failed_attempts = 0;
                     self.answering.store(true, Ordering::Relaxed);
                     let up_since = Instant::now();
@@ -293,11 +364,14 @@ impl PluginLink {
                             "plug-in initialized, but its full resync failed; the broker's own picks stand until it works"
                         }
                     };
-                    if said == Some(stage) {
-                        tracing::debug!(plugin = %self.address, %reason, retry_in = ?pause, "{what}");
+                    if said.is_due(stage, &reason) {
+                        tracing::warn!(
+                            plugin = %self.address, %reason, failed_attempts,
+                            "{what} (trying again; said again when the reason changes, and once a minute)"
+                        );
+                        said = FailureSaid::now(stage, reason);
                     } else {
-                        tracing::warn!(plugin = %self.address, %reason, "{what} (trying again)");
-                        said = Some(stage);
+                        tracing::debug!(plugin = %self.address, %reason, retry_in = ?pause, "{what}");
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -322,7 +396,7 @@ impl PluginLink {
             farms: self.farms.clone(),
         };
         let started = Instant::now();
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let answer = tokio::time::timeout(CALL_TIMEOUT, client.initialize(request)).await;
         let answer = match answer {
             Ok(Ok(answer)) => {
@@ -332,6 +406,7 @@ impl PluginLink {
                 answer.into_inner()
             }
             Ok(Err(status)) => {
+                self.record("Initialize", "error", started);
                 // An HTTP server that is not gRPC shows up as a protocol error.
                 let hint = if status.message().contains("protocol error") {
                     " (is a gRPC server listening at this address?)"
@@ -346,6 +421,7 @@ impl PluginLink {
                 return Err((LinkStage::Initialize, reason));
             }
             Err(_) => {
+                self.record("Initialize", "timeout", started);
                 let reason = format!("Initialize got no answer within {CALL_TIMEOUT:?}");
                 return Err((LinkStage::Initialize, reason));
             }
@@ -428,7 +504,7 @@ impl PluginLink {
 
     async fn send(&self, notice: Notice) -> Result<(), String> {
         let started = Instant::now();
-        let mut client = self.client.clone();
+        let mut client = self.client();
         if let Notice::Machine(request) = &notice {
             self.note_state_told(request);
         }
@@ -484,7 +560,7 @@ impl PluginLink {
     /// as good), so that a plug-in that restarted in a quiet farm is initialized again before
     /// the next decision asks it.
     async fn probe(&self) -> Result<(), String> {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel());
         let request = tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         };
@@ -505,7 +581,7 @@ impl PluginLink {
         if !self.is_up() {
             return;
         }
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let request = pb::TerminatedRequest {
             reason: reason.to_owned(),
         };

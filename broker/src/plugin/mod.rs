@@ -45,11 +45,6 @@ impl PluginHub {
                 entry.1.push(farm.clone());
             }
         }
-        if farms.defaults.plugin.is_some() {
-            tracing::warn!(
-                "a plug-in in [farm_defaults] is ignored: name the farms it serves under [farms.NAME]"
-            );
-        }
         let broker_id = uuid::Uuid::new_v4().to_string();
         let mut hub = PluginHub::default();
         for (address, (settings, served)) in farms_by_plugin {

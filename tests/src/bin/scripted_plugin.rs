@@ -22,6 +22,7 @@
 //!   decisions keep).
 //! - `--external`: `Initialize` answers `supports_external_sessions = true`.
 //! - `--slow-notifications`: every notification takes 10 s to answer (recorded on arrival).
+//! - `--tls-cert FILE --tls-key FILE`: serves over TLS with that certificate and key.
 //!
 //! Notifications are acknowledged but in `fail-notifications`. Runs until SIGTERM or SIGINT.
 
@@ -57,6 +58,10 @@ struct Args {
     external: bool,
     #[arg(long)]
     slow_notifications: bool,
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -434,7 +439,18 @@ async fn main() -> anyhow::Result<()> {
         slow_notifications: args.slow_notifications,
         names: Mutex::new(HashMap::new()),
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        use tonic::transport::{Identity, ServerTlsConfig};
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("read {}", path.display()))
+        };
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .context("TLS settings")?;
+    }
+    let server = builder
         .add_service(PluginServer::new(plugin))
         .serve_with_incoming(accepted_connections(listener));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -18,6 +18,7 @@ use tsbroker_tests::{FakeAgent, TestBroker, TestDatabase, spawn_broker};
 mod failing;
 mod replicas;
 mod restarts;
+mod tls;
 
 const DEADLINE: Duration = Duration::from_millis(100);
 
@@ -544,6 +545,30 @@ async fn external_sessions_come_back_as_external() {
     };
     assert_eq!(asked_fay("GetUserExternalSession"), 1);
     assert_eq!(asked_fay("GetMostSuitableServer"), 0);
+    // A decision that keeps the broker's pick is one fallback: erin's unusable external
+    // session was none (the placement then asked the plug-in, which kept the pick), fay's
+    // spent deadline one. The calls' outcomes say what the external-session calls did.
+    let metrics = scrape(setup.metrics_port).await;
+    // Every cause whose name starts so (all of them for "").
+    let fallbacks = |cause: &str| {
+        let cause = format!("cause=\"{cause}");
+        counter(&metrics, &["tsbroker_plugin_fallbacks_total", &cause])
+    };
+    assert_eq!(
+        (fallbacks(""), fallbacks("timeout")),
+        (1.0, 1.0),
+        "{metrics}"
+    );
+    let external_calls = |outcome: &str| {
+        let outcome = format!("outcome=\"{outcome}\"");
+        let method = "method=\"GetUserExternalSession\"";
+        counter(&metrics, &["tsbroker_plugin_calls_total", method, &outcome])
+    };
+    assert_eq!(
+        (external_calls("unusable"), external_calls("timeout")),
+        (1.0, 1.0),
+        "{metrics}"
+    );
     setup.broker.stop().await;
 }
 

@@ -99,7 +99,7 @@ impl PluginLink {
             let detail = "the deadline was spent on GetUserExternalSession";
             return self.fallback_said("timeout", &farm, &user, detail);
         }
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let answer =
             tokio::time::timeout_at(until.into(), client.get_most_suitable_server(request)).await;
         let method = "GetMostSuitableServer";
@@ -129,9 +129,10 @@ impl PluginLink {
                 // compared as UUIDs everywhere.
                 match Uuid::parse_str(&chosen) {
                     Ok(machine) if candidates.contains(&machine) => Suggestion::Machine(machine),
-                    _ => {
+                    parsed => {
+                        let what = self.not_a_candidate(parsed.ok(), &farm);
                         let chosen = excerpt(&chosen);
-                        let detail = format!("it named {chosen}, which is not a candidate");
+                        let detail = format!("it named {chosen}, {what}");
                         self.fallback_said("not_candidate", &farm, &user, &detail)
                     }
                 }
@@ -139,8 +140,44 @@ impl PluginLink {
         }
     }
 
+    /// The plug-in named a candidate that was no longer one when the logon was placed (logons
+    /// placed meanwhile filled it, or it was drained): the policy's pick stood. Counted (cause
+    /// `no_longer_candidate`), not warned about: a race, not the plug-in's fault.
+    pub fn pick_overtaken(&self, farm: &str, user: &str) {
+        tracing::debug!(plugin = %self.address, %farm, %user, "the plug-in's pick was no longer a candidate when the logon was placed; the policy's pick stands");
+        self.fallback("no_longer_candidate");
+    }
+
+    /// What a machine the plug-in named, which is not one of the candidates, is: as far as the
+    /// plug-in was told.
+    fn not_a_candidate(&self, machine: Option<Uuid>, farm: &str) -> String {
+        let Some(machine) = machine else {
+            return "which is not a machine id".to_owned();
+        };
+        let told = self.told_states.lock().ok().and_then(|told| {
+            told.get(&machine.to_string())
+                .map(|told| (told.name.clone(), told.farm.clone(), told.state))
+        });
+        match told {
+            None => "a machine the plug-in was never told of".to_owned(),
+            Some((name, other, _)) if other != farm => {
+                format!("machine {name:?} of farm {other:?}, not of this farm")
+            }
+            Some((name, _, state)) => {
+                let state = pb::MachineState::try_from(state)
+                    .map_or("unknown", |state| state.as_str_name());
+                format!(
+                    "machine {name:?} ({state}), which is not a candidate: draining, at its session \
+                     limit or cap of logons in flight, excluded by the caller, or not ready"
+                )
+            }
+        }
+    }
+
     /// GetUserExternalSession within the deadline: `Some((address, host name))` when the
-    /// plug-in has a host outside the farm for the user.
+    /// plug-in has a host outside the farm for the user. A failure here is not a decision's
+    /// fallback (the decision goes on to place the user in the farm, where the plug-in is asked
+    /// again, and that counts): it is counted in the call's outcome and warned about.
     pub async fn external_session(
         &self,
         request: pb::GetUserExternalSessionRequest,
@@ -152,20 +189,21 @@ impl PluginLink {
         let (farm, user) = (request.farm.clone(), request.user_name.clone());
         let until = budget.until(self.settings.deadline);
         let started = Instant::now();
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let answer =
             tokio::time::timeout_at(until.into(), client.get_user_external_session(request)).await;
         let method = "GetUserExternalSession";
-        match answer {
+        let failure = match answer {
             Ok(Ok(_)) if self.reconnected() => {
+                // Not used: the link initializes the plug-in again, and the placement that
+                // follows counts the decision's fallback (`down`).
                 self.record(method, "ok", started);
-                self.fallback("reconnected");
-                None
+                return None;
             }
             Ok(Ok(answer)) => {
-                self.record(method, "ok", started);
                 let answer = answer.into_inner();
                 if answer.address.is_empty() {
+                    self.record(method, "ok", started);
                     return None;
                 }
                 // Shown to clients and written to logs: a machine name's rules.
@@ -177,31 +215,37 @@ impl PluginLink {
                     Ok((address, name))
                 });
                 match checked {
-                    Ok(external) => Some(external),
+                    Ok(external) => {
+                        self.record(method, "ok", started);
+                        return Some(external);
+                    }
                     Err(error) => {
-                        let detail = format!("an unusable external session: {error}");
-                        self.fallback_said("error", &farm, &user, &detail);
-                        None
+                        self.record(method, "unusable", started);
+                        format!("an unusable external session: {error}")
                     }
                 }
             }
             Ok(Err(status)) => {
                 self.record(method, "error", started);
-                let detail = format!(
-                    "GetUserExternalSession: {:?}: {}",
-                    status.code(),
-                    excerpt(status.message())
-                );
                 self.check_status(&status);
-                self.fallback_said("error", &farm, &user, &detail);
-                None
+                format!("{:?}: {}", status.code(), excerpt(status.message()))
             }
             Err(_) => {
                 self.record(method, "timeout", started);
-                let detail = format!("GetUserExternalSession: {}", self.late(started));
-                self.fallback_said("timeout", &farm, &user, &detail);
-                None
+                self.late(started)
             }
+        };
+        let plugin = &self.address;
+        match self.warnings[3].warn_now() {
+            Some(unwarned) => tracing::warn!(
+                %plugin, %farm, %user, detail = failure, since_last_warning = unwarned,
+                "plug-in's GetUserExternalSession answer not used; the user is placed in the farm (said at most once a minute)"
+            ),
+            None => tracing::debug!(
+                %plugin, %farm, %user, detail = failure,
+                "plug-in's GetUserExternalSession answer not used; the user is placed in the farm"
+            ),
         }
+        None
     }
 }
