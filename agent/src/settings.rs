@@ -180,14 +180,14 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
     if let Some(timeout) = args.client_timeout {
         config.client_timeout = timeout.into();
     } else if let Some(text) = file.client_timeout {
-        config.client_timeout = humantime::parse_duration(&text)
-            .map_err(|error| format!("--client-timeout: {text:?}: {error}"))?;
+        config.client_timeout = tsbroker_common::validate::duration(&text)
+            .map_err(|error| format!("--client-timeout: {error}"))?;
     }
     if let Some(grace) = args.unconfirmed_logon_grace {
         config.unconfirmed_logon_grace = grace.into();
     } else if let Some(text) = file.unconfirmed_logon_grace {
-        config.unconfirmed_logon_grace = humantime::parse_duration(&text)
-            .map_err(|error| format!("--unconfirmed-logon-grace: {text:?}: {error}"))?;
+        config.unconfirmed_logon_grace = tsbroker_common::validate::duration(&text)
+            .map_err(|error| format!("--unconfirmed-logon-grace: {error}"))?;
     }
     config.agent_token = args.agent_token.or(file.agent_token);
     config.metrics_listen = args.metrics_listen.or(file.metrics_listen);

@@ -169,10 +169,10 @@ pub struct Cli {
     #[arg(long, env = "TSBROKER_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Silence after which a machine's agent is declared unreachable, e.g. 15s [default: 15s].
-    #[arg(long, env = "TSBROKER_HEARTBEAT_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TSBROKER_HEARTBEAT_TIMEOUT", value_parser = tsbroker_common::validate::duration)]
     pub heartbeat_timeout: Option<Duration>,
     /// How long a placed logon counts as pending (same user, same machine) [default: 30s].
-    #[arg(long, env = "TSBROKER_PENDING_LOGON_TTL", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TSBROKER_PENDING_LOGON_TTL", value_parser = tsbroker_common::validate::duration)]
     pub pending_logon_ttl: Option<Duration>,
     /// Most logons in flight to one machine [default: 20].
     #[arg(long, env = "TSBROKER_MAX_PENDING_LOGONS_PER_MACHINE")]
@@ -190,7 +190,7 @@ pub struct Cli {
     #[arg(long, env = "TSBROKER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     /// How long shutdown waits for streams and calls to finish [default: 10s].
-    #[arg(long, env = "TSBROKER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TSBROKER_SHUTDOWN_GRACE", value_parser = tsbroker_common::validate::duration)]
     pub shutdown_grace: Option<Duration>,
     /// Address to serve Prometheus metrics on (/metrics), e.g. 127.0.0.1:9150 [default: none].
     #[arg(long, env = "TSBROKER_METRICS_LISTEN")]
@@ -257,8 +257,10 @@ pub(crate) mod humantime_option {
         deserializer: D,
     ) -> Result<Option<Duration>, D::Error> {
         let text: Option<String> = Option::deserialize(deserializer)?;
-        text.map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
-            .transpose()
+        text.map(|text| {
+            tsbroker_common::validate::duration(&text).map_err(serde::de::Error::custom)
+        })
+        .transpose()
     }
 }
 
@@ -354,6 +356,15 @@ fn farm_book(
     defaults: Option<&FarmFileSettings>,
     farms: &BTreeMap<String, FarmFileSettings>,
 ) -> Result<FarmBook, String> {
+    if defaults.is_some_and(|defaults| defaults.plugin.is_some()) {
+        // It would serve only the farms listed under [farms.NAME] (which take it over), never
+        // the others: a plug-in names the farms it serves at `Initialize`.
+        return Err(
+            "[farm_defaults.plugin]: a plug-in serves the farms named in the file; put \
+                    it under [farms.NAME] for each farm it serves"
+                .into(),
+        );
+    }
     let builtin = crate::decision::farm_settings::FarmSettings::default();
     let defaults = match defaults {
         Some(file) => file.resolve(&builtin, "farm_defaults")?,
@@ -485,11 +496,22 @@ mod tests {
             (Some("round-robin"), 80.0)
         );
         assert_eq!(config.farms.get("other").cpu_threshold, 80.0);
-        std::fs::write(&path, "[farms.sales]\npolicy = \"fastest\"\n").unwrap();
-        let error = Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
-            .into_config()
-            .unwrap_err();
+        // The file's error, for a file that is refused.
+        let refused = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Cli::parse_from(["tsbroker", "--config", path.to_str().unwrap()])
+                .into_config()
+                .unwrap_err()
+        };
+        let error = refused("[farms.sales]\npolicy = \"fastest\"\n");
         assert!(error.contains("unknown policy"), "{error}");
+        // A plug-in in [farm_defaults] would serve no farm the file does not list.
+        let error = refused("[farm_defaults.plugin]\naddress = \"http://127.0.0.1:50070\"\n");
+        assert!(error.contains("[farms.NAME]"), "{error}");
+        // A duration that is not one says what one looks like.
+        let error =
+            refused("[farms.a.plugin]\naddress = \"http://127.0.0.1:50070\"\ndeadline = \"abc\"\n");
+        assert!(error.contains("such as \"100ms\""), "{error}");
 
         // Two farms on one plug-in (with a slash after the port or not): one set of its
         // settings.

@@ -28,11 +28,14 @@ impl std::str::FromStr for LogFormat {
 /// connection's failed ping while the database is away; PostgreSQL's notice at every start that
 /// the migrations' table exists; a warning with the whole statement for every statement slower
 /// than a second, dozens a second after a replica was frozen or the database stalled, where the
-/// broker's own warnings come once a minute): quieter, unless `RUST_LOG` names that library.
-const QUIET_LIBRARY: [&str; 3] = [
+/// broker's own warnings come once a minute; the same for a connection taken from the pool
+/// after more than its slow threshold, as the database comes back): quieter, unless `RUST_LOG`
+/// names that library.
+const QUIET_LIBRARY: [&str; 4] = [
     "sqlx_core::pool::inner=warn",
     "sqlx::postgres::notice=warn",
     "sqlx::query=error",
+    "sqlx::pool::acquire=error",
 ];
 
 /// The log filter without `RUST_LOG`: `info`, with [`QUIET_LIBRARY`].

@@ -204,6 +204,18 @@ pub fn machine_id(field: &'static str, text: &str) -> Result<uuid::Uuid, Validat
         .map_err(|_| ValidationError::new(field, format!("{} is not a UUID", excerpt(text))))
 }
 
+/// A duration in a setting (`100ms`, `30s`, `5m`, `1h 30m`); the error says what one looks
+/// like, not only where the parser stopped.
+pub fn duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|error| {
+        format!(
+            "{} is not a duration ({error}): write a number and a unit, such as \"100ms\", \"30s\" \
+             or \"5m\"",
+            excerpt(text)
+        )
+    })
+}
+
 /// Longest part of a refused value an error message repeats, in characters.
 const EXCERPT_CHARS: usize = 64;
 
@@ -219,6 +231,16 @@ pub fn excerpt(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_need_a_unit_and_say_so() {
+        assert_eq!(duration("100ms"), Ok(std::time::Duration::from_millis(100)));
+        assert_eq!(duration("1m 30s"), Ok(std::time::Duration::from_secs(90)));
+        for bad in ["abc", "100", ""] {
+            let error = duration(bad).unwrap_err();
+            assert!(error.contains("such as \"100ms\""), "{error}");
+        }
+    }
 
     #[test]
     fn client_addresses_are_ip_addresses() {

@@ -774,6 +774,24 @@ async fn machines_front_doors_could_not_reach_get_no_new_logons_for_a_while(
         (last.machine_name.as_str(), reason(&last)),
         ("ts-a", pb::RedirectReason::LoadBalanced)
     );
+    // Left out by the caller too, nothing is left; the answer counts every machine.
+    let ts_a = machine(&mut client, "farm", "ts-a").await.id;
+    let refused = client
+        .redirect(pb::RedirectRequest {
+            user_name: "nobody".into(),
+            farm: "farm".into(),
+            exclude_machine_ids: vec![ts_a],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("(2 machines: 0 not ready, 1 draining, 0 at their session limit, 0 at their cap of logons in flight, 1 unreachable from the caller)"),
+        "{refused:?}"
+    );
     broker.stop().await;
 }
 
