@@ -16,6 +16,7 @@ use tsbroker_tests::process::{ChildGuard, free_port};
 use tsbroker_tests::{FakeAgent, TestBroker, TestDatabase, spawn_broker};
 
 mod failing;
+mod overtaken;
 mod replicas;
 mod restarts;
 mod tls;
