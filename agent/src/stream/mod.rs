@@ -9,6 +9,7 @@ pub mod saved_settings;
 mod tests;
 mod tls_probe;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,9 +117,7 @@ pub async fn run(
 ) -> StreamExit {
     let mut backoff = Backoff::new(context.backoff);
     let mut sampler = LoadSampler::default();
-    // The last failure said, and when: one that is expected to last (the broker's retry
-    // hint, a refused credential) is said once, any other once a minute while it repeats.
-    let mut last_said: Option<(String, Instant)> = None;
+    let mut last_said = SaidFailures::default();
     loop {
         let started = Instant::now();
         let outcome = link::run_once(&context, &mut events, &mut sampler, &shutdown).await;
@@ -132,8 +131,7 @@ pub async fn run(
             status.connected = false;
         });
         if was_ready {
-            // Connected in between: a refusal from here on is news again, even one said before.
-            last_said = None;
+            last_said.clear();
         }
         let mut credentials_refused = false;
         let (reason, retry_after) = match outcome {
@@ -213,19 +211,14 @@ pub async fn run(
         // credential), then the same refusal again only at debug. A broker that is down is
         // asked every few seconds: said again once a minute.
         let lasting = retry_after.is_some() || credentials_refused;
-        let again = last_said.as_ref().is_some_and(|(said, at)| {
-            *said == reason && (lasting || at.elapsed() < FAILURE_REMINDER)
-        });
         let broker = context.link.url().to_owned();
+        let again = last_said.is_repeat(&broker, &reason, lasting);
         if again {
             tracing::debug!(%broker, error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still down");
         } else if credentials_refused {
             tracing::error!(%broker, error = %reason, retry_in_ms = delay.as_millis() as u64, "broker refuses this agent; retrying until it is fixed");
         } else {
             tracing::warn!(%broker, error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream down");
-        }
-        if !again {
-            last_said = Some((reason.clone(), Instant::now()));
         }
         update_status(&context.status, |status| status.last_error = reason);
         // With several replicas given, the next attempt (and the front door's calls) go to the
@@ -250,6 +243,32 @@ pub async fn run(
 
 /// How often a failure that repeats (the broker down) is said again.
 const FAILURE_REMINDER: Duration = Duration::from_secs(60);
+
+/// The last failure said of each replica, and when: one that is expected to last (the broker's
+/// retry hint, a refused credential) is said once, any other once a minute while it repeats.
+/// Kept per replica: with two replicas failing in turn for different reasons (one's database
+/// away, the other starting or down), each says its own once, not every other attempt.
+#[derive(Default)]
+struct SaidFailures(HashMap<String, (String, Instant)>);
+
+impl SaidFailures {
+    /// Connected in between: a failure from here on is news again, even one said before.
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Whether `broker`'s failure is one said already (and not due again); noted when not.
+    fn is_repeat(&mut self, broker: &str, reason: &str, lasting: bool) -> bool {
+        let repeat = self.0.get(broker).is_some_and(|(said, at)| {
+            said == reason && (lasting || at.elapsed() < FAILURE_REMINDER)
+        });
+        if !repeat {
+            self.0
+                .insert(broker.to_owned(), (reason.to_owned(), Instant::now()));
+        }
+        repeat
+    }
+}
 
 /// What to fix when the broker refused this agent's credentials.
 const CREDENTIALS_HINT: &str = "the agent's token (--agent-token, TSAGENT_AGENT_TOKEN) must be the \

@@ -127,8 +127,15 @@ fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
     {
         code.parse().is_ok_and(sqlite_transient)
     } else {
-        postgres_transient(&code)
+        postgres_transient(&code) || refuses_connections(&code, error.message())
     }
+}
+
+/// A database that takes no new connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`, as
+/// when it is being dropped or restored): SQLSTATE 55000, which PostgreSQL also gives for
+/// faults of a session's own state, so the message tells this one.
+fn refuses_connections(sqlstate: &str, message: &str) -> bool {
+    sqlstate == "55000" && message.contains("not currently accepting connections")
 }
 
 /// SQLite, by primary result code (the low byte of the extended code sqlx reports): BUSY and
@@ -194,5 +201,11 @@ mod tests {
         for code in ["23505", "22P02", "42P01", "XX000"] {
             assert!(!postgres_transient(code), "{code}");
         }
+        let refusing = "database \"tsb\" is not currently accepting connections";
+        assert!(refuses_connections("55000", refusing));
+        assert!(!refuses_connections(
+            "55000",
+            "lastval is not yet defined in this session"
+        ));
     }
 }
