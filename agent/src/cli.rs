@@ -88,8 +88,8 @@ pub struct AgentArgs {
     #[arg(long, env = "TSAGENT_LOCAL_RDP", value_name = "HOST:PORT")]
     pub local_rdp: Option<String>,
     /// How long a client may take to send its first packet before it is cut off [default: 10s]
-    #[arg(long, env = "TSAGENT_CLIENT_TIMEOUT", value_name = "DURATION")]
-    pub client_timeout: Option<humantime::Duration>,
+    #[arg(long, env = "TSAGENT_CLIENT_TIMEOUT", value_name = "DURATION", value_parser = tsbroker_common::validate::duration)]
+    pub client_timeout: Option<std::time::Duration>,
     /// Most client connections through the front door at once (each takes two file
     /// descriptors; the agent raises its soft open-files limit to fit, within the hard one,
     /// and lowers this to what that allows) [default: 10000]
@@ -105,8 +105,8 @@ pub struct AgentArgs {
     /// cookie naming anyone) when its connection ends sooner than this; a longer connection
     /// leaves it disconnected. 0 keeps every such session. Only until a local source reports a
     /// logon (PAM): from then on only its report keeps such a session [default: 30s]
-    #[arg(long, env = "TSAGENT_UNCONFIRMED_LOGON_GRACE", value_name = "DURATION")]
-    pub unconfirmed_logon_grace: Option<humantime::Duration>,
+    #[arg(long, env = "TSAGENT_UNCONFIRMED_LOGON_GRACE", value_name = "DURATION", value_parser = tsbroker_common::validate::duration)]
+    pub unconfirmed_logon_grace: Option<std::time::Duration>,
     /// Token sent to the broker as `authorization: Bearer <token>`
     #[arg(
         long,
@@ -245,11 +245,11 @@ mod tests {
         assert_eq!(cli.agent.farm.as_deref(), Some("f1"));
         assert_eq!(cli.agent.single_session, Some(true));
         assert_eq!(
-            *cli.agent.client_timeout.unwrap(),
+            cli.agent.client_timeout.unwrap(),
             std::time::Duration::from_secs(3)
         );
         assert_eq!(
-            *cli.agent.unconfirmed_logon_grace.unwrap(),
+            cli.agent.unconfirmed_logon_grace.unwrap(),
             std::time::Duration::from_secs(5)
         );
         let cli = Cli::try_parse_from([

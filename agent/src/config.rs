@@ -166,7 +166,7 @@ impl AgentConfig {
             .map_err(|e| named("machine-name", e))?;
         validate::farm_name("farm", &self.farm).map_err(|e| named("farm", e))?;
         validate::address("advertise", &self.advertise).map_err(|e| named("advertise", e))?;
-        if let Some(ip) = unspecified_host(&self.advertise) {
+        if let Some(ip) = validate::unspecified_host(&self.advertise) {
             return Err(format!(
                 "--advertise: {ip} is no address another machine can reach this one at (it \
                  means every address of this host, as --front-door may listen on it): give \
@@ -278,21 +278,6 @@ impl fmt::Debug for AgentConfig {
             .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
-}
-
-/// The IP of a "host:port" whose host is the unspecified address (`0.0.0.0`, `[::]`,
-/// `[::ffff:0.0.0.0]`, or a short form the resolver takes for 0.0.0.0: `0`, `0.0`, `0x0`).
-fn unspecified_host(address: &str) -> Option<std::net::IpAddr> {
-    let (host, _) = address.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let zeros = host.contains('0') && host.chars().all(|c| matches!(c, '0' | '.' | 'x' | 'X'));
-    if zeros {
-        return Some(std::net::Ipv4Addr::UNSPECIFIED.into());
-    }
-    host.parse::<std::net::IpAddr>()
-        .ok()
-        .map(|ip| ip.to_canonical())
-        .filter(|ip| ip.is_unspecified())
 }
 
 #[cfg(test)]

@@ -178,13 +178,13 @@ pub fn agent_config(args: AgentArgs) -> Result<(AgentConfig, LogFormat), String>
         config.max_connections_per_client = max;
     }
     if let Some(timeout) = args.client_timeout {
-        config.client_timeout = timeout.into();
+        config.client_timeout = timeout;
     } else if let Some(text) = file.client_timeout {
         config.client_timeout = tsbroker_common::validate::duration(&text)
             .map_err(|error| format!("--client-timeout: {error}"))?;
     }
     if let Some(grace) = args.unconfirmed_logon_grace {
-        config.unconfirmed_logon_grace = grace.into();
+        config.unconfirmed_logon_grace = grace;
     } else if let Some(text) = file.unconfirmed_logon_grace {
         config.unconfirmed_logon_grace = tsbroker_common::validate::duration(&text)
             .map_err(|error| format!("--unconfirmed-logon-grace: {error}"))?;

@@ -162,6 +162,22 @@ pub fn address(field: &'static str, text: &str) -> Result<String, ValidationErro
     Ok(text.to_owned())
 }
 
+/// The IP of a "host:port" whose host is the unspecified address (`0.0.0.0`, `[::]`,
+/// `[::ffff:0.0.0.0]`, or a short form the resolver takes for 0.0.0.0: `0`, `0.0`, `0x0`): an
+/// address to listen on, never one to connect to.
+pub fn unspecified_host(address: &str) -> Option<std::net::IpAddr> {
+    let (host, _) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let zeros = host.contains('0') && host.chars().all(|c| matches!(c, '0' | '.' | 'x' | 'X'));
+    if zeros {
+        return Some(std::net::Ipv4Addr::UNSPECIFIED.into());
+    }
+    host.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
+        .filter(|ip| ip.is_unspecified())
+}
+
 /// A client's address as the front door and PAM give it: "ip:port", "[v6]:port" or a bare IP
 /// address (empty: not known), in its canonical form
 /// ([`crate::model::canonical_client_address`]). Clients are told apart by it, so what is not

@@ -144,9 +144,20 @@ fn open(settings: &PluginSettings, connections: &ConnectionCount) -> anyhow::Res
     if settings.address.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_native_roots();
         if let Some(ca_file) = &settings.ca_file {
-            let pem = std::fs::read(ca_file)
-                .with_context(|| format!("read plug-in CA {}", ca_file.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
+            // Checked here, not by tonic (which leaves out what it cannot parse, trusting no
+            // private CA): a file of garbage is an error at start, and a renewal half written
+            // keeps the channel that works.
+            let file = tsbroker_common::pem::read_certificates(ca_file, "plug-in ca_file")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in file.certificates {
+                roots.add(certificate).with_context(|| {
+                    format!(
+                        "plug-in ca_file {}: not a CA certificate",
+                        ca_file.display()
+                    )
+                })?;
+            }
+            tls = tls.ca_certificate(Certificate::from_pem(file.pem));
         }
         endpoint = endpoint.tls_config(tls).context("plug-in TLS settings")?;
     }
@@ -195,6 +206,17 @@ impl PluginLink {
             metrics,
         };
         Ok((Arc::new(link), receiver))
+    }
+
+    /// Builds the channel again when its CA file changed (and loads); whether it did.
+    fn renew_channel(&self) -> bool {
+        let renewed = self
+            .current
+            .renew_if_changed(|| open(&self.settings, &self.connections));
+        if renewed {
+            tracing::info!(plugin = %self.address, "plug-in's CA file changed: connecting with it");
+        }
+        renewed
     }
 
     /// The client of the plug-in's channel in use.
@@ -302,12 +324,7 @@ impl PluginLink {
                 return;
             }
             // A CA file put right (or rotated) is used from the next attempt on.
-            if self
-                .current
-                .renew_if_changed(|| open(&self.settings, &self.connections))
-            {
-                tracing::info!(plugin = %self.address, "plug-in's CA file changed: connecting with it");
-            }
+            self.renew_channel();
             // A resync that keeps failing does not repeat its "initialized" line every retry.
             let quiet = said.stage() == Some(LinkStage::Resync) || flapping;
             match self
@@ -468,13 +485,22 @@ impl PluginLink {
             let received = tokio::select! {
                 received = receiver.recv() => received,
                 _ = self.reinitialize.notified() => return "a call showed the plug-in needs initializing".to_owned(),
-                _ = probe.tick() => match self.probe().await {
-                    Ok(()) => {
-                        self.follow_leases(store).await;
-                        continue;
+                _ = probe.tick() => {
+                    // A CA file changed while the link works: initialized again over a channel
+                    // that uses it (one that does not load is warned about, and the channel in
+                    // use kept).
+                    if self.renew_channel() {
+                        return "its CA file changed: initializing it over a connection that uses it"
+                            .to_owned();
                     }
-                    Err(reason) => return reason,
-                },
+                    match self.probe().await {
+                        Ok(()) => {
+                            self.follow_leases(store).await;
+                            continue;
+                        }
+                        Err(reason) => return reason,
+                    }
+                }
             };
             let Some(first) = received else {
                 return "queue closed".to_owned();
@@ -587,5 +613,36 @@ impl PluginLink {
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), client.terminated(request)).await;
         self.set_down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA file with no certificate in it (garbage, a broken block, nothing) is refused: at
+    /// start an error, at a renewal the channel in use is kept.
+    #[tokio::test]
+    async fn a_ca_file_without_a_certificate_is_refused() {
+        let path = std::env::temp_dir().join(format!("tsbroker-plugin-ca-{}", Uuid::new_v4()));
+        let settings = PluginSettings {
+            address: "https://127.0.0.1:50070".to_owned(),
+            deadline: Duration::from_millis(100),
+            batch_size: 25,
+            ca_file: Some(path.clone()),
+        };
+        let broken = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n";
+        for text in ["garbage", "", broken] {
+            std::fs::write(&path, text).unwrap();
+            let refused = open(&settings, &ConnectionCount::default()).err();
+            let refused = refused.map(|error| format!("{error:#}"));
+            assert!(
+                refused
+                    .as_deref()
+                    .is_some_and(|error| error.contains("ca_file")),
+                "{text:?}: {refused:?}"
+            );
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -531,6 +531,10 @@ async fn external_sessions_come_back_as_external() {
         (erin.machine_name.as_str(), reason(&erin)),
         ("ts-a", pb::RedirectReason::LoadBalanced)
     );
+    // An address to listen on, not to connect to, is not used either.
+    plugin.set_mode("external 0.0.0.0:3389");
+    let (gil, _) = redirect(broker, "gil").await;
+    assert_eq!(reason(&gil), pb::RedirectReason::LoadBalanced);
     // Both of a decision's calls share the deadline: after GetUserExternalSession took all of
     // it, GetMostSuitableServer is not asked (the decision would wait twice the deadline).
     plugin.set_mode("hang");
@@ -546,8 +550,8 @@ async fn external_sessions_come_back_as_external() {
     };
     assert_eq!(asked_fay("GetUserExternalSession"), 1);
     assert_eq!(asked_fay("GetMostSuitableServer"), 0);
-    // A decision that keeps the broker's pick is one fallback: erin's unusable external
-    // session was none (the placement then asked the plug-in, which kept the pick), fay's
+    // A decision that keeps the broker's pick is one fallback: erin's and gil's unusable
+    // external sessions were none (the placement then asked the plug-in, which kept the pick), fay's
     // spent deadline one. The calls' outcomes say what the external-session calls did.
     let metrics = scrape(setup.metrics_port).await;
     // Every cause whose name starts so (all of them for "").
@@ -567,7 +571,7 @@ async fn external_sessions_come_back_as_external() {
     };
     assert_eq!(
         (external_calls("unusable"), external_calls("timeout")),
-        (1.0, 1.0),
+        (2.0, 1.0),
         "{metrics}"
     );
     setup.broker.stop().await;

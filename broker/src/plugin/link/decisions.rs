@@ -208,6 +208,10 @@ impl PluginLink {
                 }
                 // Shown to clients and written to logs: a machine name's rules.
                 let checked = validate::address("address", &answer.address).and_then(|address| {
+                    if let Some(ip) = validate::unspecified_host(&address) {
+                        let why = format!("{ip} is no address a client can connect to");
+                        return Err(validate::ValidationError::new("address", why));
+                    }
                     if answer.host_name.is_empty() {
                         return Ok((address.clone(), address));
                     }

@@ -1,14 +1,17 @@
 //! A plug-in over TLS, checked against a private CA (`ca_file`): a CA file that does not
 //! match (or is put right later, or rotated) is read again when it changes, and the plug-in is
-//! initialized once it does; meanwhile each failed `Initialize` is counted.
+//! initialized once it does; meanwhile each failed `Initialize` is counted. A file that does not
+//! load is not used; one changed while the link works is used from then on.
 
-use super::{DEADLINE, PluginProcess, wait_for_call};
-use crate::support::{counter, scrape};
+use super::{DEADLINE, PluginProcess, redirect, wait_for_call};
+use crate::support::{counter, reason, scrape};
 use std::time::Duration;
 use tsbroker::decision::farm_settings::{FarmSettings, PluginSettings};
+use tsbroker_common::proto::v1 as pb;
+use tsbroker_tests::fake_agent::machine as description;
 use tsbroker_tests::process::free_port;
 use tsbroker_tests::tls::TestCa;
-use tsbroker_tests::{TestDatabase, spawn_broker};
+use tsbroker_tests::{FakeAgent, TestDatabase, spawn_broker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_plugin_ca_file_put_right_is_read_again() {
@@ -74,5 +77,30 @@ async fn a_plugin_ca_file_put_right_is_read_again() {
     std::fs::copy(ca.cert(), &next).unwrap();
     std::fs::rename(&next, &ca_in_use).unwrap();
     wait_for_call(&plugin, "Initialize", |_| true).await;
+
+    // A CA file that does not load (garbage written over it) is not used: past the link's next
+    // look at it, the plug-in still answers decisions over the channel that works.
+    let _agent = FakeAgent::join(&broker.url(), description("ts-a", "farm", 100), vec![]).await;
+    wait_for_call(&plugin, "MachineChangeNotification", |call| {
+        call["machine_name"] == "ts-a" && call["state"] == "READY"
+    })
+    .await;
+    plugin.set_mode("pick ts-a");
+    std::fs::write(&ca_in_use, "garbage").unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (answer, _) = redirect(&broker, "after-garbage").await;
+    assert_eq!(reason(&answer), pb::RedirectReason::Plugin, "{answer:?}");
+    assert_eq!(plugin.calls("Initialize").len(), 1);
+    // Put right again (a rotation): the link initializes the plug-in over a channel using it.
+    std::fs::copy(ca.cert(), &next).unwrap();
+    std::fs::rename(&next, &ca_in_use).unwrap();
+    let started = std::time::Instant::now();
+    while plugin.calls("Initialize").len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "not initialized again over the rotated CA"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     broker.stop().await;
 }
