@@ -212,7 +212,7 @@ pub async fn run(
         // asked every few seconds: said again once a minute.
         let lasting = retry_after.is_some() || credentials_refused;
         let broker = context.link.url().to_owned();
-        let again = last_said.is_repeat(&broker, &reason, lasting);
+        let again = last_said.is_repeat(&reason, lasting);
         if again {
             tracing::debug!(%broker, error = %reason, retry_in_ms = delay.as_millis() as u64, "broker stream still down");
         } else if credentials_refused {
@@ -244,12 +244,16 @@ pub async fn run(
 /// How often a failure that repeats (the broker down) is said again.
 const FAILURE_REMINDER: Duration = Duration::from_secs(60);
 
-/// The last failure said of each replica, and when: one that is expected to last (the broker's
-/// retry hint, a refused credential) is said once, any other once a minute while it repeats.
-/// Kept per replica: with two replicas failing in turn for different reasons (one's database
-/// away, the other starting or down), each says its own once, not every other attempt.
+/// The failures said, and when: one that is expected to last (the broker's retry hint, a
+/// refused credential) is said once, any other once a minute while it repeats. Kept by what
+/// was said, whichever replica said it: with two replicas failing in turn for different
+/// reasons (one's database away, the other starting or down), each reason is said once, not
+/// at every other attempt; replicas that fail alike (all down) say it once between them.
 #[derive(Default)]
-struct SaidFailures(HashMap<String, (String, Instant)>);
+struct SaidFailures(HashMap<String, Instant>);
+
+/// Most reasons remembered: more (reasons that never repeat) start the memory afresh.
+const MOST_SAID: usize = 32;
 
 impl SaidFailures {
     /// Connected in between: a failure from here on is news again, even one said before.
@@ -257,14 +261,17 @@ impl SaidFailures {
         self.0.clear();
     }
 
-    /// Whether `broker`'s failure is one said already (and not due again); noted when not.
-    fn is_repeat(&mut self, broker: &str, reason: &str, lasting: bool) -> bool {
-        let repeat = self.0.get(broker).is_some_and(|(said, at)| {
-            said == reason && (lasting || at.elapsed() < FAILURE_REMINDER)
-        });
+    /// Whether `reason` was said already (and is not due again); noted when not.
+    fn is_repeat(&mut self, reason: &str, lasting: bool) -> bool {
+        let repeat = self
+            .0
+            .get(reason)
+            .is_some_and(|at| lasting || at.elapsed() < FAILURE_REMINDER);
         if !repeat {
-            self.0
-                .insert(broker.to_owned(), (reason.to_owned(), Instant::now()));
+            if self.0.len() >= MOST_SAID {
+                self.0.clear();
+            }
+            self.0.insert(reason.to_owned(), Instant::now());
         }
         repeat
     }
