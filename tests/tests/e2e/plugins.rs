@@ -106,14 +106,7 @@ async fn broker_with_plugin_and_policy(plugin: &PluginProcess, policy: Option<&s
     let metrics_port = free_port();
     let farm = FarmSettings {
         policy: policy.map(str::to_owned),
-        slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings {
-            address: plugin.address(),
-            deadline: DEADLINE,
-            batch_size: 25,
-            ca_file: None,
-        }),
-        ..FarmSettings::default()
+        ..farm_with_plugin(plugin.address(), DEADLINE, None)
     };
     let broker = spawn_broker(&database.url, move |config| {
         config.heartbeat_timeout = Duration::from_secs(60);
@@ -128,19 +121,25 @@ async fn broker_with_plugin_and_policy(plugin: &PluginProcess, policy: Option<&s
     }
 }
 
-/// A broker (on SQLite) whose farm "farm" has the plug-in at `address`, and its database.
-async fn broker_for_plugin_at(address: String, deadline: Duration) -> (TestBroker, TestDatabase) {
-    let database = TestDatabase::sqlite();
-    let farm = FarmSettings {
+/// A farm served by the plug-in at `address` (batches of 25, a CA file for https), without
+/// slow start.
+fn farm_with_plugin(address: String, deadline: Duration, ca_file: Option<PathBuf>) -> FarmSettings {
+    FarmSettings {
         slow_start: Duration::ZERO,
         plugin: Some(PluginSettings {
             address,
             deadline,
             batch_size: 25,
-            ca_file: None,
+            ca_file,
         }),
         ..FarmSettings::default()
-    };
+    }
+}
+
+/// A broker (on SQLite) whose farm "farm" has the plug-in at `address`, and its database.
+async fn broker_for_plugin_at(address: String, deadline: Duration) -> (TestBroker, TestDatabase) {
+    let database = TestDatabase::sqlite();
+    let farm = farm_with_plugin(address, deadline, None);
     let broker = spawn_broker(&database.url, move |config| {
         config.heartbeat_timeout = Duration::from_secs(60);
         config.farms.farms.insert("farm".to_owned(), farm);
@@ -700,16 +699,7 @@ async fn a_slow_plugin_delays_nobody_else() {
         PluginProcess::start_with(dir.path(), free_port(), &["--slow-notifications"], "slow");
     let quick = PluginProcess::start_with(dir.path(), free_port(), &[], "quick");
     let database = TestDatabase::sqlite();
-    let plugin = |process: &PluginProcess| FarmSettings {
-        slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings {
-            address: process.address(),
-            deadline: DEADLINE,
-            batch_size: 25,
-            ca_file: None,
-        }),
-        ..FarmSettings::default()
-    };
+    let plugin = |process: &PluginProcess| farm_with_plugin(process.address(), DEADLINE, None);
     let (slow_farm, quick_farm) = (plugin(&slow), plugin(&quick));
     let broker = spawn_broker(&database.url, move |config| {
         config.heartbeat_timeout = Duration::from_secs(60);

@@ -4,10 +4,8 @@
 //! (`no_longer_candidate` when the machine was a candidate as the plug-in was asked,
 //! `not_candidate` when it was full already; before, the first went uncounted), so that the plug-in's log and the decisions agree.
 
-use super::{DEADLINE, PluginProcess, wait_for_call};
+use super::{DEADLINE, PluginProcess, farm_with_plugin, wait_for_call};
 use crate::support::{counter, reason, scrape};
-use std::time::Duration;
-use tsbroker::decision::farm_settings::{FarmSettings, PluginSettings};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_tests::fake_agent::machine as description;
 use tsbroker_tests::process::free_port;
@@ -20,16 +18,7 @@ async fn a_plugin_pick_filled_before_its_placement_is_a_counted_fallback() {
     plugin.set_mode("pick ts-a");
     let database = TestDatabase::sqlite();
     let metrics_port = free_port();
-    let farm = FarmSettings {
-        slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings {
-            address: plugin.address(),
-            deadline: DEADLINE,
-            batch_size: 25,
-            ca_file: None,
-        }),
-        ..FarmSettings::default()
-    };
+    let farm = farm_with_plugin(plugin.address(), DEADLINE, None);
     let broker = spawn_broker(&database.url, move |config| {
         config.max_pending_logons_per_machine = 3;
         config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());

@@ -4,23 +4,13 @@
 
 use super::{PluginProcess, wait_for_call};
 use std::time::Duration;
-use tsbroker::decision::farm_settings::{FarmSettings, PluginSettings};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_tests::fake_agent::{machine as description, session};
 use tsbroker_tests::process::free_port;
 use tsbroker_tests::{FakeAgent, TestBroker, TestDatabase, spawn_broker};
 
 async fn replica(database: &TestDatabase, plugin: &PluginProcess) -> TestBroker {
-    let farm = FarmSettings {
-        slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings {
-            address: plugin.address(),
-            deadline: super::DEADLINE,
-            batch_size: 25,
-            ca_file: None,
-        }),
-        ..FarmSettings::default()
-    };
+    let farm = super::farm_with_plugin(plugin.address(), super::DEADLINE, None);
     spawn_broker(&database.url, move |config| {
         config.heartbeat_timeout = Duration::from_secs(60);
         config.farms.farms.insert("farm".to_owned(), farm);

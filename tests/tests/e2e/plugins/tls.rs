@@ -3,10 +3,9 @@
 //! initialized once it does; meanwhile each failed `Initialize` is counted. A file that does not
 //! load is not used; one changed while the link works is used from then on.
 
-use super::{DEADLINE, PluginProcess, redirect, wait_for_call};
+use super::{DEADLINE, PluginProcess, farm_with_plugin, redirect, wait_for_call};
 use crate::support::{counter, reason, scrape};
 use std::time::Duration;
-use tsbroker::decision::farm_settings::{FarmSettings, PluginSettings};
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_tests::fake_agent::machine as description;
 use tsbroker_tests::process::free_port;
@@ -31,16 +30,8 @@ async fn a_plugin_ca_file_put_right_is_read_again() {
 
     let database = TestDatabase::sqlite();
     let metrics_port = free_port();
-    let farm = FarmSettings {
-        slow_start: Duration::ZERO,
-        plugin: Some(PluginSettings {
-            address: format!("https://127.0.0.1:{}", plugin.port),
-            deadline: DEADLINE,
-            batch_size: 25,
-            ca_file: Some(ca_in_use.clone()),
-        }),
-        ..FarmSettings::default()
-    };
+    let address = format!("https://127.0.0.1:{}", plugin.port);
+    let farm = farm_with_plugin(address, DEADLINE, Some(ca_in_use.clone()));
     let broker = spawn_broker(&database.url, move |config| {
         config.metrics_listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
         config.farms.farms.insert("farm".to_owned(), farm);
