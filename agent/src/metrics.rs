@@ -123,14 +123,15 @@ impl Default for AgentMetrics {
         let redirect_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(
             "front_door_redirect_seconds",
-            "How long the broker took to answer the front door's Redirect calls, failures included",
+            "How long each connection waited for the broker's answer (its wait in a full farm's \
+             queue included), failures included",
             redirect_seconds.clone(),
         );
         let redirect_failures = Family::<CauseLabels, Counter>::default();
         registry.register(
             "front_door_redirect_failures",
-            "Redirect calls the broker did not answer with a machine, by gRPC code or timeout \
-             (the connection then goes to this machine's RDP service)",
+            "Connections the broker gave no machine, by its last answer's gRPC code or timeout \
+             (the connection then goes to this machine's RDP service, or is refused)",
             redirect_failures.clone(),
         );
         let byte_family = Family::<DirectionLabels, Counter>::default();
@@ -201,8 +202,9 @@ impl AgentMetrics {
         OpenConnection(self.open_connections.clone())
     }
 
-    /// One Redirect call's time, and its failure (a gRPC code's name, or `timeout`) if it did
-    /// not answer with a machine.
+    /// How long one connection waited for the broker's answer (the calls of a full farm's
+    /// queue together), and its failure (a gRPC code's name, or `timeout`) if it gave no
+    /// machine.
     pub fn redirect(&self, seconds: f64, failure: Option<String>) {
         self.redirect_seconds.observe(seconds);
         if let Some(cause) = failure {

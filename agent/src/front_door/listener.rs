@@ -14,7 +14,7 @@ use tsbroker_common::warning_limit::WarningLimit;
 
 use super::per_client::{ClientCounts, Held};
 use super::route::{self, Decision};
-use super::{FrontDoorShared, first_packet, proxy_header, splice};
+use super::{FrontDoorShared, first_packet, proxy_header, splice, x224};
 use crate::metrics::Outcome;
 
 /// Most times one new logon is sent somewhere (the broker's pick, then its next candidates)
@@ -295,10 +295,7 @@ pub async fn handle(
                 .await;
             }
             Err(error) => {
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "local rdp service refused the connection, closing"
-                );
+                say_target_refused(&error, &first.request, "");
                 shared.metrics.connection(Outcome::Refused);
             }
         }
@@ -310,6 +307,7 @@ pub async fn handle(
     // Machines that refused this connection; a new logon is placed again without them.
     let mut refused: Vec<String> = Vec::new();
     let packet = &first.packet;
+    let request = &first.request;
     let mut attempts = 0;
     let user = loop {
         attempts += 1;
@@ -344,12 +342,11 @@ pub async fn handle(
                     short_of_resources(shared, &error);
                     return;
                 }
-                Err(error) if new_logon => (this_machine.clone(), true, error, user),
+                Err(error) if new_logon && refused_the_request(&error, request).is_none() => {
+                    (this_machine.clone(), true, error, user)
+                }
                 Err(error) => {
-                    tracing::error!(
-                        error = format!("{error:#}"),
-                        "local rdp service refused the connection, closing"
-                    );
+                    say_target_refused(&error, request, "");
                     shared.metrics.connection(Outcome::Refused);
                     return;
                 }
@@ -377,6 +374,11 @@ pub async fn handle(
                     Err(error) if reconnection => {
                         // The user's session is there: another machine would open a second one.
                         tracing::warn!(machine = %machine_name, error = format!("{error:#}"), "machine of the user's session refused the connection, closing");
+                        shared.metrics.connection(Outcome::Refused);
+                        return;
+                    }
+                    Err(error) if refused_the_request(&error, request).is_some() => {
+                        say_target_refused(&error, request, "");
                         shared.metrics.connection(Outcome::Refused);
                         return;
                     }
@@ -413,12 +415,52 @@ pub async fn handle(
             splice::to_local(shared, &mut client, upstream, peer, user, shutdown).await;
         }
         Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "local rdp service refused the connection too, closing"
-            );
+            say_target_refused(&error, request, " too");
             shared.metrics.connection(Outcome::Refused);
         }
+    }
+}
+
+/// The oddity of `request` ([`x224::ConnectionRequest::oddity`]) when the target ended the
+/// connection on it without answering (`splice::ended_on_the_request`): then it refused that
+/// request, not the connection (RDP services answer what clients send), and the machine is
+/// neither left out of a new logon's placement nor said to be failing — a stranger's odd
+/// bytes must not keep new logons off healthy machines.
+fn refused_the_request(
+    error: &anyhow::Error,
+    request: &x224::ConnectionRequest,
+) -> Option<&'static str> {
+    request
+        .oddity()
+        .filter(|_| splice::ended_on_the_request(error))
+}
+
+/// A connection closed because a target refused it: a request with an oddity that the target
+/// ended at once is said as the client's doing (at info, at most once a minute); anything else
+/// is this machine's RDP service failing (`too`: after every other machine refused a new
+/// logon), said as an error at most once a minute with how many came since, so that a
+/// service down under a logon storm cannot fill the log.
+fn say_target_refused(error: &anyhow::Error, request: &x224::ConnectionRequest, too: &str) {
+    if let Some(oddity) = refused_the_request(error, request) {
+        static ODD: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+        let why = format!("{error:#}, on a request with {oddity}");
+        let message = "the target ended the connection on this client's request without \
+                       answering (it answers what RDP clients send), closing";
+        say_bad_request(&ODD, &why, message);
+        return;
+    }
+    static DOWN: LazyLock<WarningLimit> = LazyLock::new(Default::default);
+    let error = format!("{error:#}");
+    match DOWN.warn_now() {
+        Some(unwarned) => tracing::error!(
+            error,
+            since_last_said = unwarned,
+            "local rdp service refused the connection{too}, closing (said at most once a minute)"
+        ),
+        None => tracing::debug!(
+            error,
+            "local rdp service refused the connection{too}, closing"
+        ),
     }
 }
 

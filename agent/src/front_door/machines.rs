@@ -76,8 +76,9 @@ pub struct Peer {
     /// One of the farm's machines at the address, one with a front door first (the one that
     /// may relay clients).
     pub machine: KnownMachine,
-    /// Other machines with front doors share the address (several agents on one host): which
-    /// one relayed a connection is not known.
+    /// Other machines with front doors share the address, or this machine does (several agents
+    /// on one host, some perhaps joined since the list was read): which one relayed a
+    /// connection is not known.
     pub shares_ip: bool,
 }
 
@@ -94,7 +95,12 @@ fn machine_at(machines: &[KnownMachine], ip: IpAddr, this_machine: &str) -> Opti
         .chain(at_ip)
         .filter(|machine| machine.front_door);
     let machine = front_doors.next().unwrap_or(first).clone();
-    let shares_ip = front_doors.next().is_some();
+    let this_one_there = || {
+        machines
+            .iter()
+            .any(|machine| machine.id == this_machine && machine.ips.contains(&ip))
+    };
+    let shares_ip = front_doors.next().is_some() || this_one_there();
     Some(Peer { machine, shares_ip })
 }
 
@@ -539,7 +545,7 @@ mod tests {
 
     /// Agents on one host share its address: the machine a relayed connection comes from is
     /// one of them with a front door (an agent without one there must not refuse it), and the
-    /// log is told when several have one.
+    /// log is told when several have one, or this machine is there too.
     #[test]
     fn a_peer_address_several_machines_share_is_the_front_doors() {
         let at = |name: &str, ip: &str, front_door: bool| KnownMachine {
@@ -565,11 +571,12 @@ mod tests {
         assert!(machine_at(&machines, "10.0.0.9".parse().unwrap(), "elsewhere").is_none());
         machines.push(at("door2", "10.0.0.1", true));
         assert_eq!(peer(&machines, "10.0.0.1"), ("door".into(), true));
-        // Never this machine itself: relayed by the other front door there, or by none.
+        // Never this machine itself: relayed by the other front door there, or by none; which
+        // one is not sure (another agent there may have joined since the list was read).
         let from_door = machine_at(&machines, "10.0.0.1".parse().unwrap(), "door").unwrap();
         assert_eq!(
             (from_door.machine.name, from_door.shares_ip),
-            ("door2".into(), false)
+            ("door2".into(), true)
         );
         assert!(machine_at(&machines, "10.0.0.3".parse().unwrap(), "alone").is_none());
     }

@@ -232,7 +232,8 @@ pub async fn decide(
 /// in flight or its session limit, or a group's: RESOURCE_EXHAUSTED) is asked again every
 /// [`FULL_RETRY`] for up to [`FULL_PATIENCE`], the client waiting for its Connection Confirm
 /// meanwhile, as in a queue: a logon storm's logons complete within seconds and free their
-/// machines' caps.
+/// machines' caps. The metrics count the connection's answer once, its wait in the queue
+/// included: a storm whose logons all got a machine counts no failure.
 async fn redirect(
     shared: &FrontDoorShared,
     user: Option<ConnectingUser>,
@@ -241,26 +242,31 @@ async fn redirect(
 ) -> Decision {
     let started = std::time::Instant::now();
     loop {
-        let decision = ask_broker(shared, user.clone(), client, refused).await;
+        let (decision, failure) = ask_broker(shared, user.clone(), client, refused).await;
         match &decision {
             Decision::Refuse { full: true, .. }
                 if started.elapsed() + FULL_RETRY < FULL_PATIENCE =>
             {
                 tokio::time::sleep(FULL_RETRY).await;
             }
-            _ => return decision,
+            _ => {
+                let waited = started.elapsed().as_secs_f64();
+                shared.metrics.redirect(waited, failure);
+                return decision;
+            }
         }
     }
 }
 
 /// Asks the broker once (each replica in turn when several do not answer); the local RDP
-/// service when it cannot answer.
+/// service when it cannot answer. With the decision, why the broker gave no machine (a gRPC
+/// code's name, or `timeout`), if it did not.
 async fn ask_broker(
     shared: &FrontDoorShared,
     user: Option<ConnectingUser>,
     client: SocketAddr,
     refused: &[String],
-) -> Decision {
+) -> (Decision, Option<String>) {
     let (user_name, domain, user_name_may_be_truncated) = match &user {
         Some(user) => (
             user.user_name.clone(),
@@ -359,12 +365,9 @@ async fn ask_broker(
         Ok(Err(status)) => Some(format!("{:?}", status.code())),
         Err(_) => Some("timeout".to_owned()),
     };
-    shared
-        .metrics
-        .redirect(asked.elapsed().as_secs_f64(), failure);
     let response = match answer {
         Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return after_error(shared, user, client, &status),
+        Ok(Err(status)) => return (after_error(shared, user, client, &status), failure),
         Err(_) => {
             shared.broker_absence.went_unanswered();
             // Each connection's own line says where it went: said once a minute with how many
@@ -380,7 +383,8 @@ async fn ask_broker(
                     "broker did not answer the redirect in time: this front door decides alone (its RDP service, unless this machine drains)"
                 ),
             }
-            return undecided(shared, user, client, "broker timed out".to_owned());
+            let decision = undecided(shared, user, client, "broker timed out".to_owned());
+            return (decision, failure);
         }
     };
     // The broker may have resolved a truncated cookie to the user's full name.
@@ -394,13 +398,14 @@ async fn ask_broker(
     };
     let reason = pb::RedirectReason::try_from(response.reason).unwrap_or_default();
     if shared.is_this_machine(&response.machine_id) {
-        return Decision::Local {
+        let decision = Decision::Local {
             user,
             why: format!("broker chose this machine ({})", reason.as_str_name()),
             new_logon: reason != pb::RedirectReason::ExistingSession,
         };
+        return (decision, None);
     }
-    Decision::Remote {
+    let decision = Decision::Remote {
         machine_id: response.machine_id,
         machine_name: response.machine_name,
         address: response.address,
@@ -408,7 +413,8 @@ async fn ask_broker(
         external: reason == pb::RedirectReason::External || !response.front_door,
         user,
         why: format!("broker: {}", reason.as_str_name()),
-    }
+    };
+    (decision, None)
 }
 
 /// What a broker's error means for the connection: a refusal when it is the broker's answer

@@ -96,10 +96,11 @@ async fn open(
         .with_context(|| format!("replay the first packet to {address}"))?;
     let mut answer = Vec::with_capacity(ANSWER_BUFFER);
     match tokio::time::timeout(FIRST_ANSWER_TIMEOUT, stream.read_buf(&mut answer)).await {
-        Ok(Ok(0)) => anyhow::bail!("{address} closed the connection without answering"),
+        Ok(Ok(0)) => return Err(ClosedOnTheRequest(address.to_owned()).into()),
         Ok(Ok(_)) => {}
         Ok(Err(error)) => {
-            return Err(error).with_context(|| format!("{address} reset the connection"));
+            let address = address.to_owned();
+            return Err(ResetOnTheRequest { address, error }.into());
         }
         Err(_) => anyhow::bail!(
             "{address} did not answer the connection request within {} s",
@@ -155,6 +156,30 @@ pub async fn open_remote(
     // Across the network the other machine can vanish too (the local service cannot).
     keep_alive(&upstream.stream);
     Ok(upstream)
+}
+
+/// A target that took the TCP connection and the replayed request, then closed without
+/// answering: its RDP service is down behind a front door, or it refused that request.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} closed the connection without answering")]
+struct ClosedOnTheRequest(String);
+
+/// A target that reset the connection after the replayed request, without answering.
+#[derive(Debug, thiserror::Error)]
+#[error("{address} reset the connection")]
+struct ResetOnTheRequest {
+    address: String,
+    #[source]
+    error: io::Error,
+}
+
+/// Whether the target took the TCP connection and ended it on the request without answering
+/// (closed or reset), rather than refusing or timing out the connection or not answering in
+/// time: the one refusal that may be the request's, not the machine's.
+pub fn ended_on_the_request(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.is::<ClosedOnTheRequest>() || cause.is::<ResetOnTheRequest>())
 }
 
 /// Whether `error` is this agent's own shortage — no file descriptor (`EMFILE`, `ENFILE`),

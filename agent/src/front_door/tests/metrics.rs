@@ -31,12 +31,7 @@ fn sample(text: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn front_door_connections_are_counted_by_what_became_of_them() {
     let mut harness = harness(Vec::new(), true).await;
-    assert!(
-        harness
-            .agent
-            .wait_until_connected(Duration::from_secs(5))
-            .await
-    );
+    harness.connected().await;
     let (remote_address, mut remote) = echo_server().await;
     let (_, local_bytes) = request_with_tail(Some("Cookie: mstshash=alice"));
 
@@ -136,5 +131,31 @@ async fn front_door_connections_are_counted_by_what_became_of_them() {
         1.0
     );
     assert_eq!(sample(&text, "tsagent_sessions{state=\"active\"}"), 0.0);
+    harness.shutdown.cancel();
+}
+
+/// A connection that waits in a full farm's queue (RESOURCE_EXHAUSTED, asked again every half
+/// second) and then gets a machine is one answer, its wait included, and no failure.
+#[tokio::test]
+async fn a_wait_in_a_full_farms_queue_is_one_answer_not_failures() {
+    let harness = harness(Vec::new(), true).await;
+    harness.connected().await;
+    let (remote_address, mut remote) = echo_server().await;
+    harness.full_twice_then_on(&remote_address.to_string());
+    let (_, bytes) = request_with_tail(Some("Cookie: mstshash=queued"));
+    exchange(harness.front_door, &bytes).await;
+    assert!(next(&mut remote).await.ends_with(&bytes));
+    assert_eq!(harness.fake.with(|state| state.redirect_requests.len()), 3);
+    let text = scrape(&harness).await;
+    assert_eq!(
+        sample(&text, "tsagent_front_door_redirect_seconds_count"),
+        1.0
+    );
+    let waited = sample(&text, "tsagent_front_door_redirect_seconds_sum");
+    assert!(waited >= 0.9, "{waited}");
+    assert!(
+        !text.contains("tsagent_front_door_redirect_failures_total{"),
+        "{text}"
+    );
     harness.shutdown.cancel();
 }

@@ -4,6 +4,7 @@
 
 mod busy_broker;
 mod metrics;
+mod odd_requests;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -201,6 +202,23 @@ impl Harness {
         let second = answer("ts3.example", second, pb::RedirectReason::LoadBalanced);
         self.fake
             .with(|state| state.queued_answers = [Ok(first), Ok(second)].into());
+    }
+
+    /// The fake broker finds the farm full twice (RESOURCE_EXHAUSTED: the front door asks
+    /// again after half a second each time), then places new logons on ts2 at `address`.
+    fn full_twice_then_on(&self, address: &str) {
+        let there = answer("ts2.example", address, pb::RedirectReason::LoadBalanced);
+        let full = || Err(tonic::Code::ResourceExhausted);
+        self.fake.with(|state| {
+            state.queued_answers = [full(), full()].into();
+            state.redirect_answer = Some(Ok(there));
+        });
+    }
+
+    /// Waits until the agent's stream to the fake broker is up.
+    async fn connected(&self) {
+        let up = self.agent.wait_until_connected(Duration::from_secs(10));
+        assert!(up.await, "the agent's stream did not connect");
     }
 
     /// What the fake broker answers every `Redirect` with from now on.
@@ -704,12 +722,7 @@ async fn falls_back_to_the_local_service_but_never_moves_a_reconnection() {
 #[tokio::test]
 async fn a_cookie_the_broker_would_refuse_is_decided_by_the_broker_as_naming_no_user() {
     let mut harness = harness(Vec::new(), true).await;
-    assert!(
-        harness
-            .agent
-            .wait_until_connected(Duration::from_secs(10))
-            .await
-    );
+    harness.connected().await;
     let (remote_address, mut remote) = echo_server().await;
     harness.answer_with(answer(
         "ts2.example",
@@ -743,26 +756,12 @@ async fn a_broker_that_takes_no_new_logons_refuses_the_client() {
             .with(|state| state.redirect_answer = Some(Err(tonic::Code::ResourceExhausted)))
     };
     let mut harness = harness(Vec::new(), true).await;
-    assert!(
-        harness
-            .agent
-            .wait_until_connected(Duration::from_secs(10))
-            .await
-    );
+    harness.connected().await;
     let (_, bytes) = request_with_tail(Some("Cookie: mstshash=newbie"));
     // Full for a second (a logon storm's caps): the client waits, and goes where the broker
     // then says.
     let (remote_address, mut remote) = echo_server().await;
-    let there = answer(
-        "ts2.example",
-        &remote_address.to_string(),
-        pb::RedirectReason::LoadBalanced,
-    );
-    let full = || Err(tonic::Code::ResourceExhausted);
-    harness.fake.with(|state| {
-        state.queued_answers = [full(), full()].into();
-        state.redirect_answer = Some(Ok(there));
-    });
+    harness.full_twice_then_on(&remote_address.to_string());
     let started = tokio::time::Instant::now();
     exchange(harness.front_door, &bytes).await;
     assert!(next(&mut remote).await.ends_with(&bytes));
@@ -792,12 +791,7 @@ async fn a_broker_that_takes_no_new_logons_refuses_the_client() {
     let fake = FakeBroker::default();
     fake.with(|state| state.draining = true);
     let mut draining = harness_on_fake(fake, true, Duration::ZERO, None, None).await;
-    assert!(
-        draining
-            .agent
-            .wait_until_connected(Duration::from_secs(10))
-            .await
-    );
+    draining.connected().await;
     assert!(draining.agent.link_status().draining);
     draining
         .fake
@@ -890,12 +884,7 @@ async fn a_replica_whose_database_is_away_is_passed_over_for_the_other() {
         };
         let settings = (Duration::ZERO, None, None);
         let harness = harness_on_replicas(FakeBroker::default(), true, urls, settings).await;
-        assert!(
-            harness
-                .agent
-                .wait_until_connected(Duration::from_secs(10))
-                .await
-        );
+        harness.connected().await;
         let took = sent_where_the_broker_says(&harness, pb::RedirectReason::LoadBalanced).await;
         assert!(
             took < Duration::from_millis(900),

@@ -89,6 +89,22 @@ pub struct ConnectionRequest {
     pub trailing_bytes: usize,
 }
 
+impl ConnectionRequest {
+    /// What about this request, if anything, no RDP client sends: an unrecognized cookie or
+    /// routing token line (`Cookie:mstshash=x`, an empty name), or unknown bytes after it (a
+    /// second cookie line). Parsed liberally, such a request is sent on, and an RDP service
+    /// may close the connection on it without answering while it answers every client's.
+    pub fn oddity(&self) -> Option<&'static str> {
+        if matches!(self.hint, RoutingHint::Unrecognized(_)) {
+            Some("an unrecognized cookie or routing token line")
+        } else if self.trailing_bytes > 0 {
+            Some("unknown bytes after its cookie and negotiation request")
+        } else {
+            None
+        }
+    }
+}
+
 /// The routing information carried by the cookie or routing token line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoutingHint {
@@ -125,8 +141,8 @@ pub enum Parsed {
 #[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum X224Error {
     /// The first bytes are not a TPKT header (version 3, reserved 0).
-    #[error("not a tpkt packet (expected version 3 and a zero reserved byte)")]
-    NotTpkt,
+    #[error("not a tpkt packet (expected version 3 and a zero reserved byte){0}")]
+    NotTpkt(LooksLike),
     /// The TPKT length exceeds [`MAX_REQUEST_LEN`].
     #[error("tpkt length {0} exceeds 259 bytes, the most an x.224 connection request can have")]
     TooLarge(usize),
@@ -152,6 +168,42 @@ pub enum X224Error {
     MalformedNegotiation,
 }
 
+/// What a first packet that is not TPKT looks like, said with the error: the two mistakes an
+/// operator can fix (a client, gateway or check that speaks TLS or HTTP to the front door).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LooksLike {
+    /// A TLS record header (0x16): TLS from the first byte, where RDP starts in the clear.
+    TlsHandshake,
+    /// An ASCII letter: an HTTP request (a browser, an HTTP health check, an RD Gateway
+    /// client), or a PROXY v1 header.
+    Text,
+    /// Anything else.
+    Other,
+}
+
+impl LooksLike {
+    fn of(buf: &[u8]) -> Self {
+        match buf.first() {
+            Some(0x16) => LooksLike::TlsHandshake,
+            Some(byte) if byte.is_ascii_alphabetic() => LooksLike::Text,
+            _ => LooksLike::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for LooksLike {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            LooksLike::TlsHandshake => {
+                ": it starts a tls handshake (rdp begins in the clear, and tls follows the \
+                 connection request)"
+            }
+            LooksLike::Text => ": it is text (an http request, or a proxy v1 header?)",
+            LooksLike::Other => "",
+        })
+    }
+}
+
 /// Parses the start of a client connection: returns [`Parsed::NeedMore`] while `buf` is a valid
 /// but incomplete beginning, the request once the whole TPKT packet is there, or an error as
 /// soon as a byte received so far is invalid. Never looks past the TPKT length.
@@ -159,10 +211,10 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, X224Error> {
     // Fixed header fields are checked as soon as they arrive, so that garbage (TLS, HTTP, a
     // scanner) is rejected without waiting for the length it claims.
     if buf.first().is_some_and(|&version| version != TPKT_VERSION) {
-        return Err(X224Error::NotTpkt);
+        return Err(X224Error::NotTpkt(LooksLike::of(buf)));
     }
     if buf.get(1).is_some_and(|&reserved| reserved != 0) {
-        return Err(X224Error::NotTpkt);
+        return Err(X224Error::NotTpkt(LooksLike::Other));
     }
     let [_, _, len_hi, len_lo, ..] = *buf else {
         return Ok(Parsed::NeedMore {

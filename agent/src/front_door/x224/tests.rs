@@ -578,13 +578,18 @@ fn ignores_bytes_after_packet() {
 /// A wrong version or reserved byte is rejected as soon as it is seen.
 #[test]
 fn not_tpkt() {
-    assert_eq!(parse(&[2]), Err(X224Error::NotTpkt));
-    assert_eq!(parse(&[0x16, 0x03, 0x01]), Err(X224Error::NotTpkt));
-    assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(X224Error::NotTpkt));
-    assert_eq!(parse(&[3, 1]), Err(X224Error::NotTpkt));
+    let other = Err(X224Error::NotTpkt(LooksLike::Other));
+    assert_eq!(parse(&[2]), other);
+    let tls = parse(&[0x16, 0x03, 0x01]);
+    assert_eq!(tls, Err(X224Error::NotTpkt(LooksLike::TlsHandshake)));
+    assert!(tls.unwrap_err().to_string().contains("tls handshake"));
+    let http = parse(b"GET / HTTP/1.1\r\n");
+    assert_eq!(http, Err(X224Error::NotTpkt(LooksLike::Text)));
+    assert!(http.unwrap_err().to_string().contains("http request"));
+    assert_eq!(parse(&[3, 1]), other);
     let mut packet = SPEC_EXAMPLE;
     packet[1] = 0x80;
-    assert_eq!(parse(&packet), Err(X224Error::NotTpkt));
+    assert_eq!(parse(&packet), other);
 }
 
 /// A TPKT length above the limit is rejected from the header alone.
@@ -654,7 +659,8 @@ fn wrong_tpdu_code() {
 #[test]
 fn error_messages_lowercase() {
     for err in [
-        X224Error::NotTpkt,
+        X224Error::NotTpkt(LooksLike::TlsHandshake),
+        X224Error::NotTpkt(LooksLike::Text),
         X224Error::TooLarge(5000),
         X224Error::TooShort,
         X224Error::NotConnectionRequest(0xD0),
@@ -883,4 +889,32 @@ fn control_characters_in_the_cookie_line() {
             "{line:?}"
         );
     }
+}
+
+#[test]
+fn requests_no_client_sends_have_an_oddity() {
+    let oddity = |packet: &[u8]| match parse(packet).unwrap() {
+        Parsed::Complete(request) => request.oddity(),
+        Parsed::NeedMore { .. } => panic!("incomplete"),
+    };
+    let usual = [
+        build_connection_request(Some("Cookie: mstshash=alice"), Some(PROTOCOL_HYBRID)),
+        build_connection_request(Some("Cookie: msts=16777343.15629.0000"), None),
+        build_connection_request(Some("tsv://MS Terminal Services Plugin.1.farm"), Some(3)),
+        build_connection_request(None, Some(PROTOCOL_SSL)),
+        build_connection_request(None, None),
+    ];
+    for packet in &usual {
+        assert_eq!(oddity(packet), None, "{packet:?}");
+    }
+    let unrecognized = build_connection_request(Some("Cookie:mstshash=x"), Some(3));
+    assert!(oddity(&unrecognized).unwrap().contains("unrecognized"));
+    let empty_name = build_connection_request(Some("Cookie: mstshash="), Some(3));
+    assert!(oddity(&empty_name).unwrap().contains("unrecognized"));
+    let mut two_lines = build_connection_request(Some("Cookie: mstshash=a"), None);
+    two_lines.extend_from_slice(b"Cookie: mstshash=b\r\n");
+    let total = u16::try_from(two_lines.len()).unwrap();
+    two_lines[2..4].copy_from_slice(&total.to_be_bytes());
+    two_lines[4] = u8::try_from(two_lines.len() - 5).unwrap();
+    assert!(oddity(&two_lines).unwrap().contains("unknown bytes"));
 }
