@@ -561,6 +561,7 @@ impl Outbox {
         self.seq += 1;
         let message = pb::AgentMessage {
             seq: self.seq,
+            sent_at: Some(std::time::SystemTime::now().into()),
             body: Some(body),
         };
         if self.sender.try_send(message).is_ok() {

@@ -67,6 +67,7 @@ impl FakeAgent {
         let mut agent_sender = sender.clone();
         let first = pb::AgentMessage {
             seq: 1,
+            sent_at: None,
             body: Some(Body::Added(description.clone())),
         };
         agent_sender
@@ -120,6 +121,7 @@ impl FakeAgent {
         self.next_seq += 1;
         self.send_raw(pb::AgentMessage {
             seq,
+            sent_at: None,
             body: Some(body),
         })
         .await;
@@ -283,7 +285,12 @@ impl FakeAgent {
     pub async fn request_raw_body_none(&mut self) -> Result<(), Status> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.send_raw(pb::AgentMessage { seq, body: None }).await;
+        self.send_raw(pb::AgentMessage {
+            seq,
+            sent_at: None,
+            body: None,
+        })
+        .await;
         self.answer_to(seq).await
     }
 }

@@ -61,6 +61,7 @@ impl Outbox {
         let kind = body_kind(&body);
         let message = pb::AgentMessage {
             seq,
+            sent_at: Some(std::time::SystemTime::now().into()),
             body: Some(body),
         };
         tokio::time::timeout(SEND_TIMEOUT, self.sender.send(message))

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub plugin_fallbacks: Family<PluginFallbackLabels, Counter>,
     pub plugin_resyncs: Family<PluginLabels, Counter>,
     pub agent_streams: Gauge,
+    /// Agent streams whose agent's clock is a second or more off this broker's.
+    pub agent_clocks_off: Gauge,
     pub agent_messages: Family<KindLabels, Counter>,
     /// kind: memory (the session directory answered), database, or memory_degraded.
     pub session_lookups: Family<KindLabels, Counter>,
@@ -127,6 +129,14 @@ impl Default for Metrics {
             "Agent streams open on this broker",
             agent_streams.clone(),
         );
+        let agent_clocks_off = Gauge::default();
+        registry.register(
+            "agent_clocks_off",
+            "Agent streams on this broker whose machine's clock is a second or more off the \
+             broker's (the database server's, on PostgreSQL): their logon times are corrected, \
+             and the log names them",
+            agent_clocks_off.clone(),
+        );
         let agent_messages = Family::<KindLabels, Counter>::default();
         registry.register(
             "agent_messages",
@@ -176,6 +186,7 @@ impl Default for Metrics {
             plugin_fallbacks,
             plugin_resyncs,
             agent_streams,
+            agent_clocks_off,
             agent_messages,
             session_lookups,
         }

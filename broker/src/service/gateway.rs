@@ -12,6 +12,7 @@ use crate::decision::policy::SESSION_COUNT;
 use crate::error::ApiError;
 use crate::metrics::{KindLabels, Metrics};
 use crate::plugin::{PluginHub, notices};
+use crate::service::agent_clock::{self, AgentClock};
 use crate::service::changes::{ChangeRouter, ChangeSubscription};
 use crate::service::hearing::Hearing;
 use crate::service::inbound::{Inbound, InboundEnd};
@@ -107,6 +108,7 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             resynced: false,
             hearing: Hearing::new(tokio::time::Instant::now()),
             settings_sent: None,
+            clock: AgentClock::new(self.core.get()?.metrics.agent_clocks_off.clone()),
         };
         stream.metrics.agent_streams.inc();
         let inbound = Inbound::new(request.into_inner());
@@ -214,6 +216,8 @@ struct AgentStream {
     hearing: Hearing,
     /// The settings the agent last heard, so unchanged settings are not sent again.
     settings_sent: Option<pb::MachineSettings>,
+    /// The agent's clock against the broker's: its logon times are corrected by it.
+    clock: AgentClock,
 }
 
 impl AgentStream {
@@ -349,10 +353,19 @@ impl AgentStream {
             let Some(seq) = self.accept_seq(message.seq).await? else {
                 continue;
             };
+            let now = self.store.now();
+            let clock_news = message
+                .sent_at
+                .as_ref()
+                .and_then(|sent_at| self.clock.heard(model::timestamp_to_millis(sent_at), now));
             match message.body {
                 Some(Body::SessionEvent(event)) if self.machine.is_some() => {
                     match SessionEvent::try_from(event) {
-                        Ok(event) => events.push((seq, event)),
+                        Ok(mut event) => {
+                            let logon = event.session.logon_time_ms;
+                            event.session.logon_time_ms = self.clock.logon_time(logon, now);
+                            events.push((seq, event));
+                        }
                         Err(error) => {
                             self.flush_events(&mut events).await?;
                             self.reject(seq, Code::InvalidArgument, error.to_string())
@@ -364,6 +377,10 @@ impl AgentStream {
                     self.flush_events(&mut events).await?;
                     self.handle(seq, body).await?;
                 }
+            }
+            // After the message: an ADDED has named the machine by then.
+            if let Some(news) = clock_news {
+                agent_clock::say(self.who(), news);
             }
         }
         self.flush_events(&mut events).await
@@ -408,10 +425,13 @@ impl AgentStream {
         match body {
             Body::Added(_) => unreachable!("handled above"),
             Body::Resync(resync) => {
-                let sessions = match validate_sessions(resync.sessions) {
+                let mut sessions = match validate_sessions(resync.sessions) {
                     Ok(sessions) => sessions,
                     Err(message) => return self.reject(seq, Code::InvalidArgument, message).await,
                 };
+                for session in &mut sessions {
+                    session.logon_time_ms = self.clock.logon_time(session.logon_time_ms, now);
+                }
                 // The plug-in's copy, made before the store takes the list, only for a farm
                 // with a plug-in: after a broker's restart every agent's list is in flight at
                 // once.

@@ -134,6 +134,7 @@ mod tests {
     fn event(seq: u64) -> pb::AgentMessage {
         pb::AgentMessage {
             seq,
+            sent_at: None,
             body: Some(Body::SessionEvent(pb::SessionEvent::default())),
         }
     }
@@ -141,6 +142,7 @@ mod tests {
     fn load(seq: u64) -> pb::AgentMessage {
         pb::AgentMessage {
             seq,
+            sent_at: None,
             body: Some(Body::Load(pb::LoadReport::default())),
         }
     }

@@ -2,6 +2,7 @@
 //! (the agents' streams), with the conversions and guards they share.
 
 pub mod admin_api;
+mod agent_clock;
 pub mod auth;
 pub mod broker_api;
 pub mod changes;

@@ -2,7 +2,9 @@
 //! libfaketime (Debian's `faketime`) preloaded, its clock 40 s ahead, keeps the farm's times by the database server's clock,
 //! so the machines the other replica serves are alive to it (a returning user goes back to her
 //! session, not to a second one on a machine of its own), its own machines are alive to the
-//! other replica, and it says how far off its clock is, in its log and its metrics.
+//! other replica, and it says how far off its clock is, in its log and its metrics. An agent
+//! whose clock is off has its sessions' logon times corrected by the broker, which measures
+//! its clock with the times its messages say they were sent.
 
 use std::process::Command;
 use std::time::Duration;
@@ -10,10 +12,11 @@ use std::time::Duration;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
 use tsbroker_tests::binaries::workspace_binary;
-use tsbroker_tests::process::{ChildGuard, LogFile, free_port};
+use tsbroker_tests::process::{ChildGuard, LogFile, free_port, plain_broker_process};
+use tsbroker_tests::spawn_agent::{AgentProcess, tsagent_cli};
 use tsbroker_tests::{TestAgent, TestDatabase, spawn_broker};
 
-use crate::support::{eventually, reason, redirect, scrape};
+use crate::support::{eventually, listed_sessions, reason, redirect, scrape};
 
 const FARM: &str = "default";
 
@@ -148,4 +151,116 @@ async fn a_replica_whose_clock_is_off_keeps_the_farms_time() {
     ahead.terminate(Duration::from_secs(10)).await;
     steady.stop().await;
     database.drop_database().await;
+}
+
+/// A real `tsagent` whose clock (not its timers) is 2 h ahead: the broker says so and corrects
+/// its sessions' logon times, so a returning user with two disconnected sessions goes back to
+/// the one she really opened last, not to the one the fast clock dates later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_clock_is_off_has_its_logon_times_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut broker, broker_log) = plain_broker_process(dir.path(), port).await;
+    let url = format!("http://127.0.0.1:{port}");
+    let state_dir = dir.path().join("ahead-state").display().to_string();
+    let args = [
+        "--broker",
+        &url,
+        "--machine-name",
+        "ahead",
+        "--advertise",
+        "127.0.0.1:9",
+        "--state-dir",
+        &state_dir,
+    ]
+    .map(str::to_owned);
+    let socket = dir.path().join("ahead.sock");
+    let library = libfaketime();
+    let env: [(&str, &std::path::Path); 3] = [
+        ("LD_PRELOAD", &library),
+        ("FAKETIME", "+2h".as_ref()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+    ];
+    let log = dir.path().join("ahead.log");
+    let mut ahead = AgentProcess::spawn_with_env(&args, &socket, &log, &env);
+    ahead.wait_until_connected(Duration::from_secs(30)).await;
+    let steady = TestAgent::start(&url, "steady", |_| {}).await;
+
+    // carol logs on at the machine ahead, then (later) at the steady one; both disconnect.
+    let at_ahead = |verb: &'static str| {
+        let socket = socket.clone();
+        async move {
+            let args = ["session", verb, "--user", "carol", "--session-id", "5"];
+            tsagent_cli(&args, &socket).await
+        }
+    };
+    at_ahead("logon").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    steady
+        .cli(&["session", "logon", "--user", "carol", "--session-id", "6"])
+        .await;
+    at_ahead("disconnect").await;
+    steady
+        .cli(&[
+            "session",
+            "disconnect",
+            "--user",
+            "carol",
+            "--session-id",
+            "6",
+        ])
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = BrokerClient::new(channel);
+    let carols = |client: BrokerClient<tonic::transport::Channel>| {
+        let request = pb::ListSessionsRequest {
+            user_name: "carol".to_owned(),
+            ..Default::default()
+        };
+        listed_sessions(client, request)
+    };
+    eventually(10, || async {
+        let sessions = carols(client.clone()).await;
+        sessions.len() == 2
+            && sessions
+                .iter()
+                .all(|session| session.state == pb::SessionState::Disconnected as i32)
+    })
+    .await;
+
+    assert_eq!(
+        placed(&mut client, "carol").await,
+        ("steady".to_owned(), pb::RedirectReason::ExistingSession)
+    );
+    // Dated by the broker's clock: the machine ahead's logon is not in the future, and came
+    // first.
+    let logon = |session: &pb::Session| session.logon_time.as_ref().unwrap().seconds;
+    let sessions = carols(client.clone()).await;
+    let on = |name: &str| {
+        sessions
+            .iter()
+            .find(|session| session.machine_name == name)
+            .map(logon)
+            .unwrap()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(on("ahead") <= now + 1, "{sessions:?}");
+    assert!(on("ahead") <= on("steady"), "{sessions:?}");
+    // Said once: 2 h, less the first message's time in transit.
+    let said = ["clock is 7200.0 s ahead", "clock is 7199.9 s ahead"]
+        .map(|line| broker_log.count(line))
+        .iter()
+        .sum::<usize>();
+    assert_eq!(said, 1, "{}", broker_log.tail(20));
+
+    steady.stop().await;
+    ahead.terminate(Duration::from_secs(10)).await;
+    broker.terminate(Duration::from_secs(10)).await;
 }

@@ -6,7 +6,7 @@
 //! (127.0.0.1 here). Clients connect from addresses of their own too, which is how a cut
 //! cookie two users share is told apart.
 
-use crate::support::eventually;
+use crate::support::{eventually, listed_sessions};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -394,21 +394,12 @@ async fn with_an_agent_token_the_broker_answers_only_callers_that_have_one() {
         .cli(&["session", "logon", "--user", "bob", "--session-id", "7"])
         .await;
     eventually(10, || {
-        let mut client = client.clone();
-        async move {
-            let request = with_token(pb::ListSessionsRequest {
-                farm: "default".into(),
-                ..Default::default()
-            });
-            client
-                .list_sessions(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .sessions
-                .len()
-                == 1
-        }
+        let request = with_token(pb::ListSessionsRequest {
+            farm: "default".into(),
+            ..Default::default()
+        });
+        let listed = listed_sessions(client.clone(), request);
+        async move { listed.await.len() == 1 }
     })
     .await;
     let returning = connection_request("bob");

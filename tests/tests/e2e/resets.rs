@@ -107,6 +107,7 @@ async fn an_agent_stream_full_of_small_unread_messages_goes_on() {
         sender
             .send(pb::AgentMessage {
                 seq,
+                sent_at: None,
                 body: Some(body),
             })
             .await
@@ -123,6 +124,7 @@ async fn an_agent_stream_full_of_small_unread_messages_goes_on() {
             };
             let message = pb::AgentMessage {
                 seq,
+                sent_at: None,
                 body: Some(Body::Load(load)),
             };
             if sender.send(message).await.is_err() {

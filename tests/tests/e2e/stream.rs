@@ -523,6 +523,7 @@ async fn protocol_violations_get_precise_answers(database: &TestDatabase) {
     agent
         .send_raw(pb::AgentMessage {
             seq: 3,
+            sent_at: None,
             body: Some(Body::Removed(pb::MachineRemoved::default())),
         })
         .await;
@@ -547,6 +548,7 @@ async fn protocol_violations_get_precise_answers(database: &TestDatabase) {
         tsbroker_common::proto::v1::agent_gateway_client::AgentGatewayClient::new(channel);
     let early = pb::AgentMessage {
         seq: 1,
+        sent_at: None,
         body: Some(Body::Ready(pb::MachineReady {})),
     };
     let mut replies = client
@@ -561,6 +563,7 @@ async fn protocol_violations_get_precise_answers(database: &TestDatabase) {
     // ended with OK, as if the connection had failed).
     let huge = pb::AgentMessage {
         seq: 1,
+        sent_at: None,
         body: Some(Body::Added(pb::MachineDescription {
             name: "x".repeat(5 << 20),
             ..description("ts-b", "farm", 100)

@@ -68,6 +68,15 @@ pub async fn machine(client: &mut BrokerClient<Channel>, farm: &str, name: &str)
         .into_inner()
 }
 
+/// The sessions `ListSessions` answers for `request` (one page).
+pub async fn listed_sessions(
+    mut client: BrokerClient<Channel>,
+    request: impl tonic::IntoRequest<pb::ListSessionsRequest>,
+) -> Vec<pb::Session> {
+    let listed = client.list_sessions(request).await.expect("ListSessions");
+    listed.into_inner().sessions
+}
+
 /// Polls `check` until it holds or `seconds` pass.
 pub async fn eventually<F, Fut>(seconds: u64, mut check: F)
 where

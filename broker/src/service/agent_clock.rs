@@ -1,0 +1,214 @@
+//! An agent's clock against the broker's (the database server's, on PostgreSQL), measured with
+//! the time each of its messages says it was sent (`AgentMessage.sent_at`). A session's logon
+//! time is the agent's, and it decides which of a user's disconnected sessions is the newest,
+//! the one a returning user is sent to: a machine whose clock is off has its logon times
+//! corrected by the difference, is warned about, and is counted in `tsbroker_agent_clocks_off`.
+//! A message's transit and the broker's queue only ever make the agent look behind: a clock a
+//! second or more ahead is taken from one measure, one behind only when it is 5 s or more so in
+//! every one of the last [`SAMPLES`] (a broker overloaded for a moment, all its agents' messages
+//! late, must not shift every logon time). No logon time is taken from the future either (an
+//! agent too old to send its time, a clock that jumped ahead).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+
+/// How far ahead an agent's clock may be and still be taken as agreeing: logons a second apart
+/// on two machines are not told apart anyway.
+const AHEAD_TOLERANCE_MS: i64 = 1_000;
+/// How far behind: more, since every measure holds the message's time in transit and queued.
+const BEHIND_TOLERANCE_MS: i64 = 5_000;
+/// Measures kept; the smallest is the offset (transit and queueing only ever add to one).
+const SAMPLES: usize = 8;
+/// A machine still off is warned about again after this.
+const WARN_AGAIN: Duration = Duration::from_secs(3600);
+
+/// What the log should say after a measure.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClockNews {
+    /// The machine's clock is off by this much (broker's minus the agent's, milliseconds):
+    /// newly, by another second or more than was said, or for another hour.
+    Off(i64),
+    /// Its clock agrees with the broker's again.
+    Agrees,
+}
+
+/// One stream's measures of its agent's clock.
+pub struct AgentClock {
+    /// The latest measures (the broker's time of arrival minus the agent's of sending).
+    samples: VecDeque<i64>,
+    /// What logon times are corrected by: 0 while within the tolerances.
+    offset_ms: i64,
+    /// The offset last said, and when.
+    said: Option<(i64, Instant)>,
+    /// Streams whose agent's clock is off: this one while it is.
+    clocks_off: Gauge,
+}
+
+impl AgentClock {
+    pub fn new(clocks_off: Gauge) -> Self {
+        AgentClock {
+            samples: VecDeque::new(),
+            offset_ms: 0,
+            said: None,
+            clocks_off,
+        }
+    }
+
+    /// Takes a message sent at `sent_at_ms` by the agent's clock and heard at `now_ms` by the
+    /// broker's; what to say about the clock, if anything.
+    pub fn heard(&mut self, sent_at_ms: i64, now_ms: i64) -> Option<ClockNews> {
+        if self.samples.len() == SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(now_ms.saturating_sub(sent_at_ms));
+        let measured = self.samples.iter().copied().min().unwrap_or(0);
+        let was_off = self.offset_ms != 0;
+        let ahead = measured <= -AHEAD_TOLERANCE_MS;
+        let behind = measured >= BEHIND_TOLERANCE_MS && self.samples.len() == SAMPLES;
+        self.offset_ms = if ahead || behind { measured } else { 0 };
+        match (was_off, self.offset_ms != 0) {
+            (false, true) => {
+                self.clocks_off.inc();
+            }
+            (true, false) => {
+                self.clocks_off.dec();
+            }
+            _ => {}
+        }
+        match self.said {
+            None if self.offset_ms != 0 => {}
+            Some(_) if self.offset_ms == 0 => {
+                self.said = None;
+                return Some(ClockNews::Agrees);
+            }
+            Some((said, at))
+                if (self.offset_ms - said).abs() >= AHEAD_TOLERANCE_MS
+                    || at.elapsed() >= WARN_AGAIN => {}
+            _ => return None,
+        }
+        self.said = Some((self.offset_ms, Instant::now()));
+        Some(ClockNews::Off(self.offset_ms))
+    }
+
+    /// A logon time by the agent's clock (milliseconds since the epoch), by the broker's:
+    /// corrected by the offset, and never after `now_ms`.
+    pub fn logon_time(&self, logon_ms: Option<i64>, now_ms: i64) -> Option<i64> {
+        logon_ms.map(|logon| logon.saturating_add(self.offset_ms).min(now_ms))
+    }
+}
+
+impl Drop for AgentClock {
+    fn drop(&mut self) {
+        if self.offset_ms != 0 {
+            self.clocks_off.dec();
+        }
+    }
+}
+
+/// How a machine's clock news reads in the log.
+pub fn say(machine: &str, news: ClockNews) {
+    match news {
+        ClockNews::Off(offset_ms) => {
+            let direction = if offset_ms < 0 { "ahead of" } else { "behind" };
+            tracing::warn!(
+                machine,
+                offset_seconds = offset_ms as f64 / 1000.0,
+                "this machine's clock is {:.1} s {direction} the broker's: its sessions' logon \
+                 times (which decide a returning user's newest session) are corrected by it, \
+                 but keep its clock synchronized (NTP): front doors refuse signed PROXY headers \
+                 more than 120 s off",
+                offset_ms.unsigned_abs() as f64 / 1000.0
+            );
+        }
+        ClockNews::Agrees => {
+            tracing::info!(
+                machine,
+                "this machine's clock agrees with the broker's again"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn a_clock_within_a_second_is_taken_as_it_is() {
+        let gauge = Gauge::default();
+        let mut clock = AgentClock::new(gauge.clone());
+        assert_eq!(clock.heard(NOW - 300, NOW), None);
+        assert_eq!(clock.heard(NOW + 900, NOW), None);
+        assert_eq!(gauge.get(), 0);
+        assert_eq!(clock.logon_time(Some(NOW - 5_000), NOW), Some(NOW - 5_000));
+        // Never in the future, however it came.
+        assert_eq!(clock.logon_time(Some(NOW + 700), NOW), Some(NOW));
+        assert_eq!(clock.logon_time(None, NOW), None);
+    }
+
+    #[test]
+    fn a_clock_off_is_said_corrected_for_and_counted() {
+        let gauge = Gauge::default();
+        let mut clock = AgentClock::new(gauge.clone());
+        let two_hours = 7_200_000;
+        // Two hours ahead; the quickest message is the measure (queueing only adds).
+        assert_eq!(
+            clock.heard(NOW + two_hours, NOW + 40),
+            Some(ClockNews::Off(-two_hours + 40))
+        );
+        assert_eq!(clock.heard(NOW + two_hours + 100, NOW + 100), None);
+        assert_eq!(gauge.get(), 1);
+        assert_eq!(
+            clock.logon_time(Some(NOW + two_hours - 60_000), NOW),
+            Some(NOW - 60_000)
+        );
+        // Said again when it moves by a second or more.
+        let mut later = None;
+        for step in 0..SAMPLES as i64 {
+            later = later.or(clock.heard(NOW + two_hours / 2 + step, NOW + step));
+        }
+        assert_eq!(later, Some(ClockNews::Off(-two_hours / 2)));
+        // Set right: said once, no longer counted, logon times as sent.
+        let mut back = Vec::new();
+        for step in 0..SAMPLES as i64 {
+            back.extend(clock.heard(NOW + step, NOW + step + 5));
+        }
+        assert_eq!(back, [ClockNews::Agrees]);
+        assert_eq!(gauge.get(), 0);
+        assert_eq!(clock.logon_time(Some(NOW - 10), NOW), Some(NOW - 10));
+        // Behind: taken only when every one of a full window of measures says so.
+        for _ in 0..SAMPLES - 1 {
+            assert_eq!(clock.heard(NOW - 5_000, NOW), None);
+        }
+        assert_eq!(
+            clock.heard(NOW - 5_000, NOW + 20),
+            Some(ClockNews::Off(5_000))
+        );
+        assert_eq!(gauge.get(), 1);
+        assert_eq!(
+            clock.logon_time(Some(NOW - 65_000), NOW),
+            Some(NOW - 60_000)
+        );
+        // The stream ends: no longer counted.
+        drop(clock);
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[test]
+    fn late_messages_do_not_make_a_clock_behind() {
+        let gauge = Gauge::default();
+        let mut clock = AgentClock::new(gauge.clone());
+        // A broker busy for a while: the first messages (ADDED, RESYNC) arrive seconds late.
+        assert_eq!(clock.heard(NOW - 9_000, NOW), None);
+        assert_eq!(clock.heard(NOW - 7_000, NOW), None);
+        for step in 0..SAMPLES as i64 {
+            assert_eq!(clock.heard(NOW + step * 1000, NOW + step * 1000 + 30), None);
+        }
+        assert_eq!(gauge.get(), 0);
+        assert_eq!(clock.logon_time(Some(NOW - 9_000), NOW), Some(NOW - 9_000));
+    }
+}
