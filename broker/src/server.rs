@@ -301,6 +301,7 @@ pub async fn run(
     // Agent streams watch `shutdown` and are ending now; then the server drains its calls.
     server_stop.cancel();
     let served = tokio::time::timeout(config.shutdown_grace, server_task).await;
+    store.close().await;
     // Another broker may open the database now (a restart in the same process).
     store.release_database();
     match served {

@@ -46,6 +46,10 @@ pub trait Store: Send + Sync + 'static {
     /// is this process's while it runs).
     fn release_database(&self) {}
 
+    /// A clean stop, once the calls have ended: every connection closed, within a few seconds
+    /// (SQLite's WAL copied into the file and deleted with them; see `SqliteStore`).
+    async fn close(&self) {}
+
     /// The farm's clock (`crate::clock`): every time this broker writes or compares with what
     /// is stored is taken from it.
     fn clock(&self) -> &crate::clock::Clock;

@@ -270,6 +270,14 @@ impl PostgresStore {
     /// Nothing to release: PostgreSQL is shared by every replica.
     fn release_database_file(&self) {}
 
+    /// Says goodbye on every connection (the server logs no connection lost).
+    async fn close_database(&self) {
+        self.listener.abort();
+        self.placement_pool.close().await;
+        self.ingest_pool.close().await;
+        self.pool.close().await;
+    }
+
     /// The server's clock against this machine's (see `crate::clock`): the offset, taken up.
     async fn measure_database_clock(&self) -> StoreResult<Option<i64>> {
         let before = model::now_millis();

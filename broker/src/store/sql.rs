@@ -157,9 +157,13 @@ pub(super) fn prefix_upper_bound(prefix: &str) -> String {
     format!("{prefix}{}", char::MAX)
 }
 
+/// How long a stopping broker waits for its database connections to close.
+pub(super) const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`),
 /// `write_turn()`, `begin_write()`, `begin_placement()`, `announce_change(id)`,
 /// `publish_directory(delta)`, `tell_other_replicas(ids)`, `release_database_file()`,
+/// `close_database()`,
 /// `probe_database()` and the const `LOCK_OWNER`.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
@@ -175,6 +179,19 @@ macro_rules! impl_store {
 
             fn release_database(&self) {
                 self.release_database_file();
+            }
+
+            async fn close(&self) {
+                let closing = self.close_database();
+                if tokio::time::timeout($crate::store::sql::CLOSE_WAIT, closing)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "database connections still busy {:?} into the stop: left to the exit",
+                        $crate::store::sql::CLOSE_WAIT
+                    );
+                }
             }
 
             fn clock(&self) -> &$crate::clock::Clock {

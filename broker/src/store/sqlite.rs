@@ -214,6 +214,27 @@ impl SqliteStore {
         }
     }
 
+    /// Closes every connection, the WAL copied into the database file first, so that SQLite
+    /// deletes the WAL and its index as the last one closes. A WAL left behind (a crash leaves
+    /// one) is read again at the next open, its pages taken over the file's: over a backup
+    /// copied in meanwhile, that would undo the restore, or damage it.
+    async fn close_database(&self) {
+        self.checkpointer.abort();
+        let _turn = self.write_turn().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+        {
+            tracing::debug!(%error, "WAL not checkpointed at the stop");
+        }
+        self.placement_pool.close().await;
+        self.ingest_pool.close().await;
+        self.pool.close().await;
+        if let Some(keeper) = self.wal.as_ref().and_then(WalWatch::take_keeper) {
+            let _ = sqlx::Connection::close(keeper).await;
+        }
+    }
+
     /// Unlocks the database file (the pools stay open for whatever still finishes).
     fn release_database_file(&self) {
         if let Ok(mut owner) = self.owner.lock() {

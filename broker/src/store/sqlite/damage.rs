@@ -56,7 +56,9 @@ pub(super) async fn problems(
 pub(super) fn damaged(file: &str, problems: &str) -> String {
     format!(
         "the database file {file} is damaged (PRAGMA quick_check: {problems}): restore it from \
-         a backup, or move it aside to start with an empty one, and start the broker again (on \
+         a backup (`sqlite3 {file} \".restore COPY\"`; a copy put in its place needs \
+         {file}-wal and {file}-shm removed first), or move it aside with those two to start \
+         with an empty one, and start the broker again (on \
          an empty one the agents report their machines and sessions again; drains, weights, \
          session limits and policies set through Admin are lost)"
     )

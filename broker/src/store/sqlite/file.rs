@@ -126,7 +126,7 @@ pub(super) fn own_database_file(url: &str, path: &Path) -> anyhow::Result<Option
 pub(super) struct WalWatch {
     path: std::path::PathBuf,
     file: std::fs::File,
-    _keeper: std::sync::Mutex<SqliteConnection>,
+    keeper: std::sync::Mutex<Option<SqliteConnection>>,
 }
 
 impl std::fmt::Debug for WalWatch {
@@ -158,13 +158,18 @@ impl WalWatch {
             Ok(file) => Some(WalWatch {
                 path,
                 file,
-                _keeper: std::sync::Mutex::new(keeper),
+                keeper: std::sync::Mutex::new(Some(keeper)),
             }),
             Err(error) => {
                 tracing::debug!(%error, path = %path.display(), "the SQLite WAL is not watched");
                 None
             }
         }
+    }
+
+    /// The connection that keeps the WAL open, to close it at the stop (the last one).
+    pub(super) fn take_keeper(&self) -> Option<SqliteConnection> {
+        self.keeper.lock().ok()?.take()
     }
 
     /// What went wrong, when the WAL file was deleted or replaced.
