@@ -436,7 +436,10 @@ async fn monitor_store(
             serving = healthy;
             if healthy {
                 database.came_back(now);
-                tracing::info!("database answers again: serving");
+                tracing::info!(
+                    "database answers again: serving (the agents' streams here ask for their \
+                     sessions again, in case it lost changes it had acknowledged)"
+                );
                 set_health(&health, ServingStatus::Serving).await;
             } else {
                 database.went_away(last_up);

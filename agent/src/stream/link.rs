@@ -165,12 +165,7 @@ pub(super) async fn run_once(
         apply_settings(context, settings);
     }
     // Everything in the table up to `version` goes in the RESYNC; later changes follow it.
-    let (version, sessions) = context.directory.snapshot();
-    let session_count = sessions.len();
-    let sessions = sessions.iter().map(pb::SessionInfo::from).collect();
-    outbox
-        .send(Body::Resync(pb::SessionResync { sessions }))
-        .await?;
+    let (mut version, session_count) = resync(context, &mut outbox).await?;
     let ready_seq = outbox.send(Body::Ready(pb::MachineReady {})).await?;
     tracing::info!(
         machine_id = %welcome.machine_id,
@@ -214,6 +209,11 @@ pub(super) async fn run_once(
                 let Some(message) = message.context("broker stream")? else {
                     return Ok(Outcome::Ended("broker ended the stream".to_owned()));
                 };
+                if let Some(Command::Resync(request)) = &message.body {
+                    tracing::info!(reason = %request.reason, "the broker asks for this machine's sessions again: resyncing");
+                    (version, _) = resync(context, &mut outbox).await?;
+                    continue;
+                }
                 if let Some(outcome) = handle_command(context, &mut outbox, message, ready_seq) {
                     return Ok(outcome);
                 }
@@ -241,6 +241,18 @@ pub(super) async fn run_once(
             }
         }
     }
+}
+
+/// Sends a RESYNC of the whole session table; returns the table's version it holds (the
+/// changes up to it are in it: only later ones follow) and how many sessions it lists.
+async fn resync(context: &StreamContext, outbox: &mut Outbox) -> anyhow::Result<(u64, usize)> {
+    let (version, sessions) = context.directory.snapshot();
+    let session_count = sessions.len();
+    let sessions = sessions.iter().map(pb::SessionInfo::from).collect();
+    outbox
+        .send(Body::Resync(pb::SessionResync { sessions }))
+        .await?;
+    Ok((version, session_count))
 }
 
 /// Returns once the oldest message the broker has not acknowledged is `limit` old; never

@@ -49,6 +49,11 @@ fn logon(user: &str, session_id: u32) -> SessionRequest {
     }
 }
 
+/// How many messages of `kind` the agent sent on its first stream.
+fn sent(state: &crate::test_support::FakeState, kind: &str) -> usize {
+    kinds(state, 1).iter().filter(|sent| **sent == kind).count()
+}
+
 fn resync_users(message: &pb::AgentMessage) -> Option<Vec<String>> {
     match &message.body {
         Some(Body::Resync(resync)) => {
@@ -607,4 +612,62 @@ fn replicas_failing_in_turn_each_say_their_failure_once() {
     assert!(said.is_repeat("tcp connect error", false));
     said.clear();
     assert!(!said.is_repeat(starting, true));
+}
+
+/// The broker's database was away and may have lost what it had acknowledged: asked, the
+/// agent sends its whole table again on the same stream, and the changes after it follow.
+#[tokio::test]
+async fn a_resync_request_sends_the_sessions_again() {
+    let fake = FakeBroker::default();
+    let stop = CancellationToken::new();
+    let url = fake.serve(stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, shutdown) = started(config(&url, dir.path())).await;
+    fake.wait_for("ready", |state| kinds(state, 1).contains(&"ready"))
+        .await;
+    let directory = agent.directory();
+    directory
+        .apply(SessionEventKind::Logon, logon("alice", 10))
+        .unwrap();
+    directory
+        .apply(SessionEventKind::Logon, logon("bob", 11))
+        .unwrap();
+    fake.wait_for("two logons", |state| sent(state, "event") == 2)
+        .await;
+
+    let request = pb::ResyncRequest {
+        reason: "database back".to_owned(),
+    };
+    fake.command(Command::Resync(request)).await;
+    fake.wait_for("a second resync", |state| sent(state, "resync") == 2)
+        .await;
+    directory
+        .apply(SessionEventKind::Logon, logon("carol", 12))
+        .unwrap();
+    fake.wait_for("carol's logon", |state| sent(state, "event") == 3)
+        .await;
+    fake.with(|state| {
+        let on_stream: Vec<_> = state
+            .received
+            .iter()
+            .filter(|(stream, _)| *stream == 1)
+            .collect();
+        let resyncs: Vec<_> = on_stream
+            .iter()
+            .filter_map(|(_, message)| resync_users(message))
+            .collect();
+        assert_eq!(resyncs[1], ["alice", "bob"]);
+        // One stream, its messages numbered on.
+        let seqs: Vec<u64> = on_stream.iter().map(|(_, message)| message.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        // Every message says when it was sent.
+        assert!(
+            on_stream
+                .iter()
+                .all(|(_, message)| message.sent_at.is_some())
+        );
+    });
+    assert_eq!(fake.with(|state| state.streams), 1);
+    stopped(agent, shutdown).await;
+    stop.cancel();
 }

@@ -112,7 +112,8 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
         };
         stream.metrics.agent_streams.inc();
         let inbound = Inbound::new(request.into_inner());
-        tokio::spawn(stream.run(inbound, self.shutdown.clone()));
+        let database_returns = self.core.get()?.database.returns();
+        tokio::spawn(stream.run(inbound, database_returns, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
@@ -228,6 +229,7 @@ impl AgentStream {
     async fn run(
         mut self,
         mut inbound: Inbound<Streaming<pb::AgentMessage>>,
+        mut database_returns: tokio::sync::watch::Receiver<u64>,
         shutdown: CancellationToken,
     ) {
         let end = loop {
@@ -258,6 +260,19 @@ impl AgentStream {
                         }
                         Err(end) => break end,
                         Ok(()) => {}
+                    }
+                },
+                // The database is back after an outage, and may have lost commits it had
+                // acknowledged (a crash with asynchronous commit, a failover to a standby that
+                // lagged): the agent sends its sessions again.
+                Ok(()) = database_returns.changed() => {
+                    if self.machine.is_some() {
+                        let reason = "the broker's database was away and is back: it may have \
+                                      lost changes it had acknowledged";
+                        let request = pb::ResyncRequest { reason: reason.to_owned() };
+                        if let Err(end) = self.send(Reply::Resync(request)).await {
+                            break end;
+                        }
                     }
                 },
                 // From the last message heard, not from this wake: settings changes must not

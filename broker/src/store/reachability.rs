@@ -96,6 +96,9 @@ pub struct Reachability {
     /// The agents' writes failing though the database answers (a table locked by another
     /// client, a connection pool starved): leases stop as surely as in an outage.
     writes: Outage,
+    /// How many times the database came back: agent streams ask their agents for a RESYNC
+    /// at each (a database that crashed may have lost commits it had acknowledged).
+    returns: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Reachability {
@@ -114,7 +117,13 @@ impl Reachability {
             probing: AtomicBool::new(false),
             database: Outage::default(),
             writes: Outage::default(),
+            returns: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes each time the database comes back after an outage.
+    pub fn returns(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.returns.subscribe()
     }
 
     pub fn is_up(&self) -> bool {
@@ -132,6 +141,7 @@ impl Reachability {
     pub fn came_back(&self, now: i64) {
         if self.database.ended(now) {
             self.settle_from(now);
+            self.returns.send_modify(|returns| *returns += 1);
         }
     }
 

@@ -20,6 +20,7 @@ mod frozen_replica;
 mod full_disk;
 mod hooks;
 mod ingest_conformance;
+mod lost_commits;
 mod maintenance;
 mod outage;
 mod plugins;

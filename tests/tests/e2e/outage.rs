@@ -24,7 +24,7 @@ use crate::support::{counter, eventually, reason, redirect, scrape};
 const FRONT_DOOR_WAIT: Duration = Duration::from_secs(3);
 
 /// Relays TCP connections to the database; `cut` closes them all and turns new ones away.
-struct DatabaseLink {
+pub(crate) struct DatabaseLink {
     address: std::net::SocketAddr,
     cut: Arc<AtomicBool>,
     relays: Arc<Mutex<Vec<AbortHandle>>>,
@@ -67,14 +67,14 @@ impl DatabaseLink {
         }
     }
 
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         for relay in self.relays.lock().unwrap().drain(..) {
             relay.abort();
         }
     }
 
-    fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
 
@@ -105,7 +105,7 @@ fn split_url(url: &str) -> (String, impl Fn(std::net::SocketAddr) -> String + '_
 
 /// A PostgreSQL database, a relay to it, and a broker (with `adjust`) that reaches the database
 /// through the relay only.
-async fn broker_through_a_link(
+pub(crate) async fn broker_through_a_link(
     adjust: impl FnOnce(&mut tsbroker::BrokerConfig),
 ) -> (TestDatabase, DatabaseLink, tsbroker_tests::TestBroker) {
     let database = TestDatabase::postgres().await;
