@@ -25,15 +25,16 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// The database library's lines that only repeat what the broker says itself (each pooled
-/// connection's failed ping while the database is away; PostgreSQL's notice at every start that
-/// the migrations' table exists; a warning with the whole statement for every statement slower
+/// connection's failed ping while the database is away; PostgreSQL's notices, at every start
+/// that the migrations' table exists, and on every pooled connection when the server shuts
+/// down (dozens at once, where the broker says the outage once); a warning with the whole statement for every statement slower
 /// than a second, dozens a second after a replica was frozen or the database stalled, where the
 /// broker's own warnings come once a minute; the same for a connection taken from the pool
 /// after more than its slow threshold, as the database comes back): quieter, unless `RUST_LOG`
 /// names that library.
 const QUIET_LIBRARY: [&str; 4] = [
     "sqlx_core::pool::inner=warn",
-    "sqlx::postgres::notice=warn",
+    "sqlx::postgres::notice=error",
     "sqlx::query=error",
     "sqlx::pool::acquire=error",
 ];

@@ -171,7 +171,7 @@ pub(super) async fn run_once(
         machine_id = %welcome.machine_id,
         sessions = session_count,
         heartbeat_ms = heartbeat.as_millis() as u64,
-        "connected to the broker, sessions resynced"
+        "connected to the broker, sessions sent (RESYNC); waiting for it to take the machine ready"
     );
     // `connected` waits for the broker's acknowledgement of READY (see `handle_command`).
     update_status(&context.status, |status| {
