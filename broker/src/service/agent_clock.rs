@@ -84,7 +84,7 @@ impl AgentClock {
                 return Some(ClockNews::Agrees);
             }
             Some((said, at))
-                if (self.offset_ms - said).abs() >= AHEAD_TOLERANCE_MS
+                if self.offset_ms.saturating_sub(said).saturating_abs() >= AHEAD_TOLERANCE_MS
                     || at.elapsed() >= WARN_AGAIN => {}
             _ => return None,
         }
@@ -196,6 +196,22 @@ mod tests {
         // The stream ends: no longer counted.
         drop(clock);
         assert_eq!(gauge.get(), 0);
+    }
+
+    /// Whatever time a message claims (it comes from the network), nothing overflows.
+    #[test]
+    fn absurd_times_are_taken_without_overflow() {
+        let mut clock = AgentClock::new(Gauge::default());
+        for sent_at in [i64::MAX, i64::MIN, 0, i64::MAX, i64::MIN] {
+            clock.heard(sent_at, NOW);
+            let logon = clock.logon_time(Some(i64::MIN), NOW);
+            assert!(logon.is_some_and(|logon| logon <= NOW));
+            assert!(clock.logon_time(Some(i64::MAX), NOW) <= Some(NOW));
+        }
+        for _ in 0..SAMPLES {
+            clock.heard(i64::MIN, NOW);
+        }
+        clock.heard(i64::MAX, NOW);
     }
 
     #[test]
