@@ -71,6 +71,9 @@ const COOKIE_PREFIX: &[u8] = b"Cookie: ";
 const USER_NAME_KEY: &[u8] = b"mstshash=";
 /// Key of the IP routing token, after [`COOKIE_PREFIX`] (case-insensitive).
 const ROUTING_TOKEN_KEY: &[u8] = b"msts=";
+/// The user-name cookie's and the routing token's beginnings as MS-RDPBCGR spells them.
+const USER_NAME_PREFIX: &[u8] = b"Cookie: mstshash=";
+const ROUTING_TOKEN_PREFIX: &[u8] = b"Cookie: msts=";
 /// Prefix of an RD Connection Broker collection token (case-insensitive).
 const COLLECTION_PREFIX: &[u8] = b"tsv://MS Terminal Services Plugin.1.";
 /// Longest text kept in [`RoutingHint::Unrecognized`], in characters.
@@ -87,16 +90,22 @@ pub struct ConnectionRequest {
     pub requested_protocols: Option<u32>,
     /// Unknown bytes after the cookie line and negotiation structures (accepted, worth logging).
     pub trailing_bytes: usize,
+    /// The cookie's or token's fixed words in another case than MS-RDPBCGR spells them
+    /// (`cookie: MSTSHASH=`): understood here, refused by some RDP servers.
+    pub unusual_case: bool,
 }
 
 impl ConnectionRequest {
     /// What about this request, if anything, no RDP client sends: an unrecognized cookie or
     /// routing token line (`Cookie:mstshash=x`, an empty name), or unknown bytes after it (a
     /// second cookie line). Parsed liberally, such a request is sent on, and an RDP service
-    /// may close the connection on it without answering while it answers every client's.
+    /// may close the connection on it without answering while it answers every client's
+    /// (FreeRDP's servers close on a cookie spelled in another case).
     pub fn oddity(&self) -> Option<&'static str> {
         if matches!(self.hint, RoutingHint::Unrecognized(_)) {
             Some("an unrecognized cookie or routing token line")
+        } else if self.unusual_case {
+            Some("a cookie or token spelled in another case than the protocol's")
         } else if self.trailing_bytes > 0 {
             Some("unknown bytes after its cookie and negotiation request")
         } else {
@@ -247,12 +256,21 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, X224Error> {
     // front door receives the same bytes and judges them.
     let variable = packet.get(MIN_PACKET_LEN..).unwrap_or_default();
     let (hint, after_line) = parse_cookie_line(variable)?;
+    let unusual_case = match hint {
+        RoutingHint::UserName(_) | RoutingHint::RoutingToken(_) | RoutingHint::Collection(_) => {
+            ![USER_NAME_PREFIX, ROUTING_TOKEN_PREFIX, COLLECTION_PREFIX]
+                .iter()
+                .any(|prefix| variable.starts_with(prefix))
+        }
+        RoutingHint::None | RoutingHint::Unrecognized(_) => false,
+    };
     let (requested_protocols, trailing_bytes) = parse_negotiation(after_line)?;
     Ok(Parsed::Complete(ConnectionRequest {
         packet_len,
         hint,
         requested_protocols,
         trailing_bytes,
+        unusual_case,
     }))
 }
 

@@ -99,6 +99,7 @@ fn spec_example() {
             hint: RoutingHint::UserName("eltons".into()),
             requested_protocols: Some(PROTOCOL_RDP),
             trailing_bytes: 0,
+            unusual_case: false,
         }
     );
 }
@@ -846,6 +847,7 @@ proptest! {
             hint,
             requested_protocols: protocols,
             trailing_bytes: 0,
+            unusual_case: false,
         });
         for n in 0..packet.len() {
             let prefix = parse(&packet[..n]);
@@ -911,6 +913,18 @@ fn requests_no_client_sends_have_an_oddity() {
     assert!(oddity(&unrecognized).unwrap().contains("unrecognized"));
     let empty_name = build_connection_request(Some("Cookie: mstshash="), Some(3));
     assert!(oddity(&empty_name).unwrap().contains("unrecognized"));
+    for other_case in [
+        "cookie: mstshash=alice",
+        "Cookie: MSTSHASH=alice",
+        "COOKIE: msts=16777343.15629.0000",
+        "TSV://MS Terminal Services Plugin.1.farm",
+    ] {
+        let packet = build_connection_request(Some(other_case), Some(3));
+        assert!(
+            oddity(&packet).unwrap().contains("another case"),
+            "{other_case}"
+        );
+    }
     let mut two_lines = build_connection_request(Some("Cookie: mstshash=a"), None);
     two_lines.extend_from_slice(b"Cookie: mstshash=b\r\n");
     let total = u16::try_from(two_lines.len()).unwrap();
