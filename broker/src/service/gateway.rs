@@ -395,7 +395,18 @@ impl AgentStream {
             }
             // After the message: an ADDED has named the machine by then.
             if let Some(news) = clock_news {
+                let off = matches!(news, agent_clock::ClockNews::Off(_));
                 agent_clock::say(self.who(), news);
+                if off && self.resynced {
+                    // Its sessions were taken before this offset was known (a clock behind
+                    // shows only after several messages): again, corrected.
+                    let reason = "this machine's clock is off the broker's: its sessions again, \
+                                  their logon times corrected";
+                    let request = pb::ResyncRequest {
+                        reason: reason.to_owned(),
+                    };
+                    self.send(Reply::Resync(request)).await?;
+                }
             }
         }
         self.flush_events(&mut events).await

@@ -12,7 +12,9 @@ use std::time::Duration;
 use tsbroker_common::proto::v1 as pb;
 use tsbroker_common::proto::v1::broker_client::BrokerClient;
 use tsbroker_tests::binaries::workspace_binary;
-use tsbroker_tests::process::{ChildGuard, LogFile, free_port, plain_broker_process};
+use tsbroker_tests::process::{
+    ChildGuard, LogFile, broker_process, free_port, plain_broker_process,
+};
 use tsbroker_tests::spawn_agent::{AgentProcess, tsagent_cli};
 use tsbroker_tests::{TestAgent, TestDatabase, spawn_broker};
 
@@ -153,6 +155,33 @@ async fn a_replica_whose_clock_is_off_keeps_the_farms_time() {
     database.drop_database().await;
 }
 
+/// A real `tsagent` named `name` reporting to `url`, its clock (not its timers) moved by
+/// `offset` (libfaketime's `+2h`, `-2h`), its state directory and control socket
+/// (`NAME.sock`) in `dir`.
+fn agent_with_clock(url: &str, name: &str, dir: &std::path::Path, offset: &str) -> AgentProcess {
+    let state_dir = dir.join(format!("{name}-state")).display().to_string();
+    let args = [
+        "--broker",
+        url,
+        "--machine-name",
+        name,
+        "--advertise",
+        "127.0.0.1:9",
+        "--state-dir",
+        &state_dir,
+    ]
+    .map(str::to_owned);
+    let library = libfaketime();
+    let env: [(&str, &std::path::Path); 3] = [
+        ("LD_PRELOAD", &library),
+        ("FAKETIME", offset.as_ref()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+    ];
+    let socket = dir.join(format!("{name}.sock"));
+    let log = dir.join(format!("{name}.log"));
+    AgentProcess::spawn_with_env(&args, &socket, &log, &env)
+}
+
 /// A real `tsagent` whose clock (not its timers) is 2 h ahead: the broker says so and corrects
 /// its sessions' logon times, so a returning user with two disconnected sessions goes back to
 /// the one she really opened last, not to the one the fast clock dates later.
@@ -162,27 +191,8 @@ async fn an_agent_whose_clock_is_off_has_its_logon_times_corrected() {
     let port = free_port();
     let (mut broker, broker_log) = plain_broker_process(dir.path(), port).await;
     let url = format!("http://127.0.0.1:{port}");
-    let state_dir = dir.path().join("ahead-state").display().to_string();
-    let args = [
-        "--broker",
-        &url,
-        "--machine-name",
-        "ahead",
-        "--advertise",
-        "127.0.0.1:9",
-        "--state-dir",
-        &state_dir,
-    ]
-    .map(str::to_owned);
     let socket = dir.path().join("ahead.sock");
-    let library = libfaketime();
-    let env: [(&str, &std::path::Path); 3] = [
-        ("LD_PRELOAD", &library),
-        ("FAKETIME", "+2h".as_ref()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
-    ];
-    let log = dir.path().join("ahead.log");
-    let mut ahead = AgentProcess::spawn_with_env(&args, &socket, &log, &env);
+    let mut ahead = agent_with_clock(&url, "ahead", dir.path(), "+2h");
     ahead.wait_until_connected(Duration::from_secs(30)).await;
     let steady = TestAgent::start(&url, "steady", |_| {}).await;
 
@@ -262,5 +272,87 @@ async fn an_agent_whose_clock_is_off_has_its_logon_times_corrected() {
 
     steady.stop().await;
     ahead.terminate(Duration::from_secs(10)).await;
+    broker.terminate(Duration::from_secs(10)).await;
+}
+
+/// A real `tsagent` whose clock is 2 h behind, restarted with a session: its RESYNC comes
+/// before the broker can tell it is behind (that takes a full window of its messages, since
+/// time in transit looks the same), so once it can, the broker asks for the sessions again and
+/// dates them right — the user is sent to her newer session, the one on that machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_whose_clock_is_behind_has_its_sessions_dated_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Load reports every half second: the window of eight fills within seconds.
+    let (mut broker, broker_log) = broker_process(dir.path(), port, |binary, args| {
+        let mut command = Command::new(binary);
+        command.args(args).args(["--heartbeat-timeout", "1500ms"]);
+        command
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{port}");
+    let steady = TestAgent::start(&url, "steady", |_| {}).await;
+    let mut behind = agent_with_clock(&url, "behind", dir.path(), "-2h");
+    behind.wait_until_connected(Duration::from_secs(30)).await;
+    let socket = dir.path().join("behind.sock");
+
+    // dave logs on at the steady machine, then (later) at the one behind; both disconnect.
+    steady
+        .cli(&["session", "logon", "--user", "dave", "--session-id", "3"])
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dave = |verb: &'static str| {
+        let socket = socket.clone();
+        async move {
+            let args = ["session", verb, "--user", "dave", "--session-id", "8"];
+            tsagent_cli(&args, &socket).await
+        }
+    };
+    dave("logon").await;
+    dave("disconnect").await;
+    steady
+        .cli(&[
+            "session",
+            "disconnect",
+            "--user",
+            "dave",
+            "--session-id",
+            "3",
+        ])
+        .await;
+    // The agent restarts: its RESYNC carries dave's session with its own clock's time.
+    behind.terminate(Duration::from_secs(10)).await;
+    let mut behind = agent_with_clock(&url, "behind", dir.path(), "-2h");
+    behind.wait_until_connected(Duration::from_secs(30)).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = BrokerClient::new(channel);
+    eventually(20, || {
+        let mut client = client.clone();
+        async move {
+            placed(&mut client, "dave").await
+                == ("behind".to_owned(), pb::RedirectReason::ExistingSession)
+        }
+    })
+    .await;
+    assert!(
+        broker_log.count("s behind the broker's") >= 1,
+        "{}",
+        broker_log.tail(20)
+    );
+    assert!(
+        behind
+            .log
+            .count("the broker asks for this machine's sessions again")
+            >= 1,
+        "{}",
+        behind.log.tail(20)
+    );
+    steady.stop().await;
+    behind.terminate(Duration::from_secs(10)).await;
     broker.terminate(Duration::from_secs(10)).await;
 }
