@@ -408,6 +408,22 @@ fn round_to_ms(duration: Duration) -> Duration {
     Duration::from_millis(duration.as_millis() as u64)
 }
 
+/// Asks when the database server started (`Reachability::server_seen`): one restarted between
+/// two looks, or another that took over, is said, and taken as a return.
+async fn server_seen(store: &dyn Store, database: &Reachability, now: i64, after_outage: bool) {
+    let asked = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.server_started_at()).await;
+    if let Ok(Ok(Some(started))) = asked
+        && database.server_seen(started, now, after_outage)
+        && !after_outage
+    {
+        tracing::warn!(
+            "the database server restarted (or another took over) since the last look, unseen \
+             away: the agents' streams here ask for their sessions again, in case it lost \
+             changes it had acknowledged"
+        );
+    }
+}
+
 /// Flips health to NOT_SERVING (and `database` to away) while the database does not answer,
 /// and back; checks every second while it is away, so that agents come back soon.
 async fn monitor_store(
@@ -419,6 +435,8 @@ async fn monitor_store(
 ) {
     // The last check that found the database answering: an outage began after it.
     let mut last_up = store.now();
+    // The server serving now, to tell another later.
+    server_seen(store.as_ref(), &database, last_up, true).await;
     loop {
         let interval = if serving {
             HEALTH_CHECK_INTERVAL
@@ -432,6 +450,10 @@ async fn monitor_store(
         let checked = tokio::time::timeout(HEALTH_CHECK_INTERVAL, store.ping()).await;
         let healthy = matches!(checked, Ok(Ok(())));
         let now = store.now();
+        let back = healthy && !serving;
+        if healthy {
+            server_seen(store.as_ref(), &database, now, back).await;
+        }
         if healthy != serving {
             serving = healthy;
             if healthy {

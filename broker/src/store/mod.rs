@@ -64,6 +64,10 @@ pub trait Store: Send + Sync + 'static {
     /// the round trip was too slow to tell.
     async fn measure_clock(&self) -> StoreResult<Option<i64>>;
 
+    /// When the database server started (ms since the epoch), to tell a server restarted, or
+    /// another taken over, between two looks; `None` where there is no server (SQLite).
+    async fn server_started_at(&self) -> StoreResult<Option<i64>>;
+
     /// ADDED: creates or updates the machine (and its farm, with `new_farm_policy` if the farm
     /// is new), binds it to `connection`, and puts it in the JOINING state. Administrators'
     /// settings (drain, overrides) are kept.

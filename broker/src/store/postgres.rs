@@ -270,6 +270,16 @@ impl PostgresStore {
     /// Nothing to release: PostgreSQL is shared by every replica.
     fn release_database_file(&self) {}
 
+    /// `pg_postmaster_start_time()`: another after a crash and restart, or a failover.
+    async fn database_server_started_at(&self) -> StoreResult<Option<i64>> {
+        let started: i64 = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000)::int8",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(started))
+    }
+
     /// Says goodbye on every connection (the server logs no connection lost).
     async fn close_database(&self) {
         self.listener.abort();

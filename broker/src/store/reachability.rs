@@ -99,6 +99,8 @@ pub struct Reachability {
     /// How many times the database came back: agent streams ask their agents for a RESYNC
     /// at each (a database that crashed may have lost commits it had acknowledged).
     returns: tokio::sync::watch::Sender<u64>,
+    /// When the database server last seen started (0: not seen yet).
+    server_started: AtomicI64,
 }
 
 impl Default for Reachability {
@@ -118,6 +120,7 @@ impl Reachability {
             database: Outage::default(),
             writes: Outage::default(),
             returns: tokio::sync::watch::Sender::new(0),
+            server_started: AtomicI64::new(0),
         }
     }
 
@@ -143,6 +146,22 @@ impl Reachability {
             self.settle_from(now);
             self.returns.send_modify(|returns| *returns += 1);
         }
+    }
+
+    /// The database server answering at `now` started at `started` (see
+    /// `Store::server_started_at`). Another start than the last one seen is a server that
+    /// restarted, or another that took over, between two looks (a crash and a quick restart
+    /// that no health check saw away): it may have lost commits it had acknowledged, so it is
+    /// taken as a return (the agents asked for their sessions, new logons wait for them) —
+    /// unless `after_outage`, a return already. Whether it was another start.
+    pub fn server_seen(&self, started: i64, now: i64, after_outage: bool) -> bool {
+        let known = self.server_started.swap(started, Ordering::Relaxed);
+        let another = known != 0 && known != started;
+        if another && !after_outage {
+            self.settle_from(now);
+            self.returns.send_modify(|returns| *returns += 1);
+        }
+        another
     }
 
     /// New logons wait [`SETTLE_AFTER_OUTAGE`] from `now` for the agents' resyncs.
@@ -227,6 +246,29 @@ impl Reachability {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn another_server_start_between_two_looks_is_a_return() {
+        let reachability = Reachability::default();
+        let mut returns = reachability.returns();
+        // The first look, and the same server again: nothing.
+        assert!(!reachability.server_seen(1_000, 50_000, false));
+        assert!(!reachability.server_seen(1_000, 55_000, false));
+        assert!(!returns.has_changed().unwrap());
+        assert_eq!(reachability.settling(55_000), None);
+        // Restarted unseen: a return, new logons wait for the agents.
+        assert!(reachability.server_seen(58_000, 60_000, false));
+        assert!(returns.has_changed().unwrap());
+        returns.mark_unchanged();
+        assert!(reachability.settling(60_000).is_some());
+        // Restarted during an outage the monitor saw: that return said it already.
+        reachability.went_away(61_000);
+        reachability.came_back(70_000);
+        assert!(returns.has_changed().unwrap());
+        returns.mark_unchanged();
+        assert!(reachability.server_seen(69_000, 70_000, true));
+        assert!(!returns.has_changed().unwrap());
+    }
+
     use super::*;
 
     #[test]

@@ -163,7 +163,7 @@ pub(super) const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_sec
 /// Implements `Store` for a backend struct that has `pool`, `directory` (its `SinkSlot`),
 /// `write_turn()`, `begin_write()`, `begin_placement()`, `announce_change(id)`,
 /// `publish_directory(delta)`, `tell_other_replicas(ids)`, `release_database_file()`,
-/// `close_database()`,
+/// `close_database()`, `database_server_started_at()`,
 /// `probe_database()` and the const `LOCK_OWNER`.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
@@ -200,6 +200,10 @@ macro_rules! impl_store {
 
             async fn measure_clock(&self) -> StoreResult<Option<i64>> {
                 self.measure_database_clock().await
+            }
+
+            async fn server_started_at(&self) -> StoreResult<Option<i64>> {
+                self.database_server_started_at().await
             }
 
             async fn apply_ingest(

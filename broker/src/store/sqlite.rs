@@ -172,6 +172,11 @@ impl SqliteStore {
         })
     }
 
+    /// No server: the file is this broker's.
+    async fn database_server_started_at(&self) -> StoreResult<Option<i64>> {
+        Ok(None)
+    }
+
     /// Nothing to measure: the file is on this machine, and this broker alone writes it.
     async fn measure_database_clock(&self) -> StoreResult<Option<i64>> {
         Ok(None)
