@@ -114,7 +114,7 @@ pub fn say(machine: &str, news: ClockNews) {
             let direction = if offset_ms < 0 { "ahead of" } else { "behind" };
             tracing::warn!(
                 machine,
-                offset_seconds = offset_ms as f64 / 1000.0,
+                ahead_seconds = -(offset_ms as f64) / 1000.0,
                 "this machine's clock is {:.1} s {direction} the broker's: its sessions' logon \
                  times (which decide a returning user's newest session) are corrected by it, \
                  but keep its clock synchronized (NTP): front doors refuse signed PROXY headers \
