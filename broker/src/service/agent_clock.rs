@@ -7,12 +7,22 @@
 //! second or more ahead is taken from one measure, one behind only when it is 5 s or more so in
 //! every one of the last [`SAMPLES`] (a broker overloaded for a moment, all its agents' messages
 //! late, must not shift every logon time). No logon time is taken from the future either (an
-//! agent too old to send its time, a clock that jumped ahead).
+//! agent too old to send its time, a clock that jumped ahead). A machine's last measures are
+//! kept when its stream ends and taken up by its next one (`ClockMemory`): a clock still behind
+//! dates that stream's RESYNC right at once, one set right in between shows in its first measure.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
+use uuid::Uuid;
+
+/// Each machine's measures when its last stream ended, for its next one (on this broker).
+#[derive(Default)]
+pub struct ClockMemory(Mutex<HashMap<Uuid, VecDeque<i64>>>);
 
 /// How far ahead an agent's clock may be and still be taken as agreeing: logons a second apart
 /// on two machines are not told apart anyway.
@@ -44,15 +54,45 @@ pub struct AgentClock {
     said: Option<(i64, Instant)>,
     /// Streams whose agent's clock is off: this one while it is.
     clocks_off: Gauge,
+    /// The machine, once its ADDED named it, and where its measures go at the end (once the
+    /// broker took that ADDED: a stream refused the name leaves nothing for the machine's).
+    machine: Option<Uuid>,
+    memory: Arc<ClockMemory>,
+    keep: bool,
 }
 
 impl AgentClock {
-    pub fn new(clocks_off: Gauge) -> Self {
+    pub fn new(clocks_off: Gauge, memory: Arc<ClockMemory>) -> Self {
         AgentClock {
             samples: VecDeque::new(),
             offset_ms: 0,
             said: None,
             clocks_off,
+            machine: None,
+            memory,
+            keep: false,
+        }
+    }
+
+    /// The broker took the stream's ADDED: its measures are the machine's.
+    pub fn keep_for_next_stream(&mut self) {
+        self.keep = true;
+    }
+
+    /// The stream is `machine`'s: its last stream's measures are taken up, before this one's.
+    pub fn machine(&mut self, machine: Uuid) {
+        if self.machine.replace(machine).is_some() {
+            return;
+        }
+        let Ok(mut memory) = self.memory.0.lock() else {
+            return;
+        };
+        if let Some(mut previous) = memory.remove(&machine) {
+            previous.extend(self.samples.drain(..));
+            while previous.len() > SAMPLES {
+                previous.pop_front();
+            }
+            self.samples = previous;
         }
     }
 
@@ -104,6 +144,11 @@ impl Drop for AgentClock {
         if self.offset_ms != 0 {
             self.clocks_off.dec();
         }
+        if let (Some(machine), true, Ok(mut memory)) =
+            (self.machine, self.keep, self.memory.0.lock())
+        {
+            memory.insert(machine, std::mem::take(&mut self.samples));
+        }
     }
 }
 
@@ -140,7 +185,7 @@ mod tests {
     #[test]
     fn a_clock_within_a_second_is_taken_as_it_is() {
         let gauge = Gauge::default();
-        let mut clock = AgentClock::new(gauge.clone());
+        let mut clock = AgentClock::new(gauge.clone(), Arc::default());
         assert_eq!(clock.heard(NOW - 300, NOW), None);
         assert_eq!(clock.heard(NOW + 900, NOW), None);
         assert_eq!(gauge.get(), 0);
@@ -153,7 +198,7 @@ mod tests {
     #[test]
     fn a_clock_off_is_said_corrected_for_and_counted() {
         let gauge = Gauge::default();
-        let mut clock = AgentClock::new(gauge.clone());
+        let mut clock = AgentClock::new(gauge.clone(), Arc::default());
         let two_hours = 7_200_000;
         // Two hours ahead; the quickest message is the measure (queueing only adds).
         assert_eq!(
@@ -198,10 +243,57 @@ mod tests {
         assert_eq!(gauge.get(), 0);
     }
 
+    /// A machine's next stream starts from its last one's measures: still behind, its RESYNC
+    /// is dated right from the first message; set right meanwhile, that shows at once.
+    #[test]
+    fn a_machines_next_stream_takes_up_its_last_measures() {
+        let memory = Arc::new(ClockMemory::default());
+        let gauge = Gauge::default();
+        let machine = Uuid::from_u128(7);
+        // A stream the broker refused leaves nothing.
+        let mut refused = AgentClock::new(gauge.clone(), memory.clone());
+        refused.machine(machine);
+        refused.heard(NOW + 7_200_000, NOW);
+        drop(refused);
+        let mut first = AgentClock::new(gauge.clone(), memory.clone());
+        first.machine(machine);
+        first.keep_for_next_stream();
+        assert_eq!(first.heard(NOW - 10, NOW), None);
+        for _ in 0..SAMPLES {
+            first.heard(NOW - 7_200_000, NOW);
+        }
+        assert_eq!(gauge.get(), 1);
+        drop(first);
+        assert_eq!(gauge.get(), 0);
+
+        let mut still_behind = AgentClock::new(gauge.clone(), memory.clone());
+        still_behind.machine(machine);
+        still_behind.keep_for_next_stream();
+        assert_eq!(
+            still_behind.heard(NOW - 7_200_000, NOW + 3),
+            Some(ClockNews::Off(7_200_000))
+        );
+        assert_eq!(
+            still_behind.logon_time(Some(NOW - 7_260_000), NOW),
+            Some(NOW - 60_000)
+        );
+        drop(still_behind);
+
+        let mut set_right = AgentClock::new(gauge.clone(), memory.clone());
+        set_right.machine(machine);
+        assert_eq!(set_right.heard(NOW, NOW + 3), None);
+        assert_eq!(set_right.logon_time(Some(NOW - 10), NOW), Some(NOW - 10));
+        assert_eq!(gauge.get(), 0);
+        // Another machine starts afresh.
+        let mut other = AgentClock::new(gauge.clone(), memory);
+        other.machine(Uuid::from_u128(8));
+        assert_eq!(other.heard(NOW - 7_200_000, NOW), None);
+    }
+
     /// Whatever time a message claims (it comes from the network), nothing overflows.
     #[test]
     fn absurd_times_are_taken_without_overflow() {
-        let mut clock = AgentClock::new(Gauge::default());
+        let mut clock = AgentClock::new(Gauge::default(), Arc::default());
         for sent_at in [i64::MAX, i64::MIN, 0, i64::MAX, i64::MIN] {
             clock.heard(sent_at, NOW);
             let logon = clock.logon_time(Some(i64::MIN), NOW);
@@ -217,7 +309,7 @@ mod tests {
     #[test]
     fn late_messages_do_not_make_a_clock_behind() {
         let gauge = Gauge::default();
-        let mut clock = AgentClock::new(gauge.clone());
+        let mut clock = AgentClock::new(gauge.clone(), Arc::default());
         // A broker busy for a while: the first messages (ADDED, RESYNC) arrive seconds late.
         assert_eq!(clock.heard(NOW - 9_000, NOW), None);
         assert_eq!(clock.heard(NOW - 7_000, NOW), None);

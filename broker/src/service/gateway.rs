@@ -12,7 +12,7 @@ use crate::decision::policy::SESSION_COUNT;
 use crate::error::ApiError;
 use crate::metrics::{KindLabels, Metrics};
 use crate::plugin::{PluginHub, notices};
-use crate::service::agent_clock::{self, AgentClock};
+use crate::service::agent_clock::{self, AgentClock, ClockMemory};
 use crate::service::changes::{ChangeRouter, ChangeSubscription};
 use crate::service::hearing::Hearing;
 use crate::service::inbound::{Inbound, InboundEnd};
@@ -56,6 +56,8 @@ pub struct GatewayApi {
     core: CoreCell,
     settings: GatewaySettings,
     shutdown: CancellationToken,
+    /// Each machine's clock measures, from one of its streams to the next.
+    clocks: Arc<ClockMemory>,
 }
 
 impl GatewayApi {
@@ -64,6 +66,7 @@ impl GatewayApi {
             core,
             settings,
             shutdown,
+            clocks: Arc::default(),
         }
     }
 }
@@ -108,7 +111,10 @@ impl pb::agent_gateway_server::AgentGateway for GatewayApi {
             resynced: false,
             hearing: Hearing::new(tokio::time::Instant::now()),
             settings_sent: None,
-            clock: AgentClock::new(self.core.get()?.metrics.agent_clocks_off.clone()),
+            clock: AgentClock::new(
+                self.core.get()?.metrics.agent_clocks_off.clone(),
+                self.clocks.clone(),
+            ),
         };
         stream.metrics.agent_streams.inc();
         let inbound = Inbound::new(request.into_inner());
@@ -369,6 +375,10 @@ impl AgentStream {
                 continue;
             };
             let now = self.store.now();
+            if let Some(Body::Added(added)) = &message.body {
+                self.clock
+                    .machine(model::machine_id(&added.farm, &added.name));
+            }
             let clock_news = message
                 .sent_at
                 .as_ref()
@@ -603,6 +613,7 @@ impl AgentStream {
         self.plugins
             .notify(&record.farm, notices::machine_added(&record));
         self.count("added");
+        self.clock.keep_for_next_stream();
         self.machine = Some(record);
         self.ack(seq).await
     }

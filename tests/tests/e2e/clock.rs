@@ -275,21 +275,25 @@ async fn an_agent_whose_clock_is_off_has_its_logon_times_corrected() {
     broker.terminate(Duration::from_secs(10)).await;
 }
 
-/// A real `tsagent` whose clock is 2 h behind, restarted with a session: its RESYNC comes
-/// before the broker can tell it is behind (that takes a full window of its messages, since
-/// time in transit looks the same), so once it can, the broker asks for the sessions again and
-/// dates them right — the user is sent to her newer session, the one on that machine.
+/// A real `tsagent` whose clock is 2 h behind, with a session. After a broker restart its
+/// RESYNC comes before the new broker can tell it is behind (that takes a full window of its
+/// messages, since time in transit looks the same), so once it can, it asks for the sessions
+/// again and dates them right: the user is sent to her newer session, the one on that
+/// machine. After the agent's own restart the broker still has its last measures, and the
+/// RESYNC is dated right at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_agent_whose_clock_is_behind_has_its_sessions_dated_again() {
+async fn an_agent_whose_clock_is_behind_has_its_resynced_sessions_dated_right() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // Load reports every half second: the window of eight fills within seconds.
-    let (mut broker, broker_log) = broker_process(dir.path(), port, |binary, args| {
-        let mut command = Command::new(binary);
-        command.args(args).args(["--heartbeat-timeout", "1500ms"]);
-        command
-    })
-    .await;
+    let start_broker = || {
+        broker_process(dir.path(), port, |binary, args| {
+            let mut command = Command::new(binary);
+            command.args(args).args(["--heartbeat-timeout", "1500ms"]);
+            command
+        })
+    };
+    let (mut broker, _) = start_broker().await;
     let url = format!("http://127.0.0.1:{port}");
     let steady = TestAgent::start(&url, "steady", |_| {}).await;
     let mut behind = agent_with_clock(&url, "behind", dir.path(), "-2h");
@@ -320,30 +324,23 @@ async fn a_restarted_agent_whose_clock_is_behind_has_its_sessions_dated_again() 
             "3",
         ])
         .await;
-    // The agent restarts: its RESYNC carries dave's session with its own clock's time.
-    behind.terminate(Duration::from_secs(10)).await;
-    let mut behind = agent_with_clock(&url, "behind", dir.path(), "-2h");
-    behind.wait_until_connected(Duration::from_secs(30)).await;
+    let to_dave = || async {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        placed(&mut BrokerClient::new(channel), "dave").await
+    };
+    let dave_back = ("behind".to_owned(), pb::RedirectReason::ExistingSession);
 
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let client = BrokerClient::new(channel);
-    eventually(20, || {
-        let mut client = client.clone();
-        async move {
-            placed(&mut client, "dave").await
-                == ("behind".to_owned(), pb::RedirectReason::ExistingSession)
-        }
-    })
-    .await;
-    assert!(
-        broker_log.count("s behind the broker's") >= 1,
-        "{}",
-        broker_log.tail(20)
-    );
+    // A new broker: the agents' RESYNCs reach it before it knows the clock.
+    broker.terminate(Duration::from_secs(10)).await;
+    let (mut broker, broker_log) = start_broker().await;
+    let wait = Duration::from_secs(20);
+    let told = broker_log.wait_for("s behind the broker's", 1, wait, Some(&mut broker));
+    assert!(told.await, "{}", broker_log.tail(20));
+    eventually(10, || async { to_dave().await == dave_back }).await;
     assert!(
         behind
             .log
@@ -352,6 +349,13 @@ async fn a_restarted_agent_whose_clock_is_behind_has_its_sessions_dated_again() 
         "{}",
         behind.log.tail(20)
     );
+
+    // The agent restarts: its RESYNC is dated right as it comes.
+    behind.terminate(Duration::from_secs(10)).await;
+    let mut behind = agent_with_clock(&url, "behind", dir.path(), "-2h");
+    behind.wait_until_connected(Duration::from_secs(30)).await;
+    assert_eq!(to_dave().await, dave_back);
+
     steady.stop().await;
     behind.terminate(Duration::from_secs(10)).await;
     broker.terminate(Duration::from_secs(10)).await;
