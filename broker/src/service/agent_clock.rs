@@ -11,10 +11,8 @@
 //! kept when its stream ends and taken up by its next one (`ClockMemory`): a clock still behind
 //! dates that stream's RESYNC right at once, one set right in between shows in its first measure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -84,10 +82,14 @@ impl AgentClock {
         if self.machine.replace(machine).is_some() {
             return;
         }
-        let Ok(mut memory) = self.memory.0.lock() else {
-            return;
-        };
-        if let Some(mut previous) = memory.remove(&machine) {
+        // Copied, not taken: a stream refused the name must not erase the machine's.
+        let previous = self
+            .memory
+            .0
+            .lock()
+            .ok()
+            .and_then(|memory| memory.get(&machine).cloned());
+        if let Some(mut previous) = previous {
             previous.extend(self.samples.drain(..));
             while previous.len() > SAMPLES {
                 previous.pop_front();
