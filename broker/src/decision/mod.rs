@@ -223,7 +223,9 @@ impl Decider {
     /// Remembers the machines the caller could not connect to (see [`refusals`]).
     fn note_refusals(&self, query: &RedirectQuery) {
         if !query.excluded_machines.is_empty() {
-            self.refusals.note(&query.farm, &query.excluded_machines);
+            let label = |id| self.directory.machine_label(id);
+            self.refusals
+                .note(&query.farm, &query.excluded_machines, label);
         }
     }
 

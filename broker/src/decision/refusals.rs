@@ -72,8 +72,8 @@ impl RecentRefusals {
     }
 
     /// Records `machines` of `farm` as refusing now, and warns (at most once a minute) of
-    /// those newly avoided.
-    pub fn note(&self, farm: &str, machines: &[Uuid]) {
+    /// those newly avoided, each as `label` names it.
+    pub fn note(&self, farm: &str, machines: &[Uuid], label: impl Fn(Uuid) -> String) {
         let new = self.record(machines, Instant::now());
         if new.is_empty() {
             return;
@@ -82,7 +82,7 @@ impl RecentRefusals {
             std::sync::LazyLock::new(Default::default);
         let machines = new
             .iter()
-            .map(|id| id.to_string())
+            .map(|id| label(*id))
             .collect::<Vec<_>>()
             .join(", ");
         match REFUSED.warn_now() {

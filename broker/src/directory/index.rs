@@ -82,6 +82,11 @@ impl DirectoryIndex {
         self.sessions
     }
 
+    /// The machine's name, when the index has it.
+    pub fn machine_name(&self, id: Uuid) -> Option<&str> {
+        self.machines.get(&id).map(|machine| machine.name.as_str())
+    }
+
     pub fn machine_count(&self) -> usize {
         self.machines.len()
     }

@@ -134,6 +134,15 @@ impl Shared {
     }
 
     /// The index in use, if any.
+    /// See [`SessionDirectory::machine_label`].
+    fn machine_label(&self, id: uuid::Uuid) -> String {
+        let name = self.read(|index| index.machine_name(id).map(str::to_owned));
+        match name {
+            Some(name) => format!("{name} ({id})"),
+            None => id.to_string(),
+        }
+    }
+
     fn read<R>(&self, answer: impl FnOnce(&DirectoryIndex) -> Option<R>) -> Option<R> {
         let state = self.state.read().ok()?;
         match &*state {
@@ -250,6 +259,12 @@ impl SessionDirectory {
     /// (`ann@example.com`, as Windows clients send it) as its user part (`ann`, as PAM reports
     /// Linux logons) when that one has sessions. `None` when the directory is not loaded, or
     /// not trusted just after this broker was paused (`wakefulness.rs`).
+    /// `id`'s machine as the log names it: its name and id (the id alone when the directory
+    /// does not know it, or is loading).
+    pub fn machine_label(&self, id: uuid::Uuid) -> String {
+        self.shared.machine_label(id)
+    }
+
     pub fn lookup(
         &self,
         farm: &str,

@@ -132,3 +132,16 @@ fn a_principal_name_with_no_session_of_the_domain_asked_is_its_user_part() {
     let answer = lookup_in(&index, "f", &name, "").unwrap();
     assert_eq!(answer.user_key, "erin@corp.example");
 }
+
+/// The log names a machine the directory knows by name and id, else by id.
+#[test]
+fn machines_are_labelled_by_name_once_known() {
+    let shared = shared();
+    let known = uuid::Uuid::from_u128(1);
+    assert_eq!(shared.machine_label(known), known.to_string());
+    assert!(shared.install(index_with(&[(1, 3, "bob")])));
+    let name = machine(1).name;
+    assert_eq!(shared.machine_label(known), format!("{name} ({known})"));
+    let unknown = uuid::Uuid::from_u128(9);
+    assert_eq!(shared.machine_label(unknown), unknown.to_string());
+}
