@@ -275,8 +275,7 @@ impl AgentStream {
                     if self.machine.is_some() {
                         let reason = "the broker's database was away and is back: it may have \
                                       lost changes it had acknowledged";
-                        let request = pb::ResyncRequest { reason: reason.to_owned() };
-                        if let Err(end) = self.send(Reply::Resync(request)).await {
+                        if let Err(end) = self.ask_resync(reason).await {
                             break end;
                         }
                     }
@@ -333,6 +332,12 @@ impl AgentStream {
             .send(Ok(message))
             .await
             .map_err(|_| StreamEnd::Closed)
+    }
+
+    /// Asks the agent for a RESYNC of its sessions, saying why.
+    async fn ask_resync(&self, reason: &str) -> Result<(), StreamEnd> {
+        let reason = reason.to_owned();
+        self.send(Reply::Resync(pb::ResyncRequest { reason })).await
     }
 
     async fn ack(&self, seq: u64) -> Result<(), StreamEnd> {
@@ -412,10 +417,7 @@ impl AgentStream {
                     // shows only after several messages): again, corrected.
                     let reason = "this machine's clock is off the broker's: its sessions again, \
                                   their logon times corrected";
-                    let request = pb::ResyncRequest {
-                        reason: reason.to_owned(),
-                    };
-                    self.send(Reply::Resync(request)).await?;
+                    self.ask_resync(reason).await?;
                 }
             }
         }

@@ -182,6 +182,12 @@ fn agent_with_clock(url: &str, name: &str, dir: &std::path::Path, offset: &str) 
     AgentProcess::spawn_with_env(&args, &socket, &log, &env)
 }
 
+/// `tsagent session VERB --user USER --session-id ID` against the agent at `socket`.
+async fn session_cli(socket: &std::path::Path, verb: &str, user: &str, id: &str) -> String {
+    let args = ["session", verb, "--user", user, "--session-id", id];
+    tsagent_cli(&args, socket).await
+}
+
 /// A real `tsagent` whose clock (not its timers) is 2 h ahead: the broker says so and corrects
 /// its sessions' logon times, so a returning user with two disconnected sessions goes back to
 /// the one she really opened last, not to the one the fast clock dates later.
@@ -197,13 +203,7 @@ async fn an_agent_whose_clock_is_off_has_its_logon_times_corrected() {
     let steady = TestAgent::start(&url, "steady", |_| {}).await;
 
     // carol logs on at the machine ahead, then (later) at the steady one; both disconnect.
-    let at_ahead = |verb: &'static str| {
-        let socket = socket.clone();
-        async move {
-            let args = ["session", verb, "--user", "carol", "--session-id", "5"];
-            tsagent_cli(&args, &socket).await
-        }
-    };
+    let at_ahead = |verb| session_cli(&socket, verb, "carol", "5");
     at_ahead("logon").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     steady
@@ -305,13 +305,7 @@ async fn an_agent_whose_clock_is_behind_has_its_resynced_sessions_dated_right() 
         .cli(&["session", "logon", "--user", "dave", "--session-id", "3"])
         .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let dave = |verb: &'static str| {
-        let socket = socket.clone();
-        async move {
-            let args = ["session", verb, "--user", "dave", "--session-id", "8"];
-            tsagent_cli(&args, &socket).await
-        }
-    };
+    let dave = |verb| session_cli(&socket, verb, "dave", "8");
     dave("logon").await;
     dave("disconnect").await;
     steady

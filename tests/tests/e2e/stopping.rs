@@ -81,10 +81,17 @@ async fn a_clean_stop_leaves_no_sqlite_wal_and_a_backup_copied_back_is_what_star
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let file = |suffix: &str| dir.path().join(format!("b.db{suffix}"));
+    // A clean stop: exit 0, and neither the WAL nor its index left beside the file.
     let stop = |mut broker: ChildGuard| async move {
         broker.signal("TERM");
         let status = broker.wait_exit(Duration::from_secs(15)).await;
         assert_eq!(status.and_then(|status| status.code()), Some(0));
+        for suffix in ["-wal", "-shm"] {
+            assert!(
+                !file(suffix).exists(),
+                "b.db{suffix} left after a clean stop"
+            );
+        }
     };
     let draining = || async {
         let mut client = BrokerClient::new(connect(&url).await);
@@ -106,12 +113,6 @@ async fn a_clean_stop_leaves_no_sqlite_wal_and_a_backup_copied_back_is_what_star
         .unwrap();
     ts1.stop().await;
     stop(broker).await;
-    for suffix in ["-wal", "-shm"] {
-        assert!(
-            !file(suffix).exists(),
-            "b.db{suffix} left after a clean stop"
-        );
-    }
     std::fs::copy(file(""), dir.path().join("backup.db")).unwrap();
 
     // Undrained, more sessions, stopped again: no WAL either.
@@ -127,12 +128,6 @@ async fn a_clean_stop_leaves_no_sqlite_wal_and_a_backup_copied_back_is_what_star
     assert!(!draining().await);
     ts1.stop().await;
     stop(broker).await;
-    for suffix in ["-wal", "-shm"] {
-        assert!(
-            !file(suffix).exists(),
-            "b.db{suffix} left after a clean stop"
-        );
-    }
 
     // The backup copied back is what the broker starts on: ts1 drained.
     std::fs::copy(dir.path().join("backup.db"), file("")).unwrap();
